@@ -1,0 +1,1 @@
+//! kscale: a Kubernetes autoscaler and external metrics adapter.
