@@ -1,8 +1,16 @@
-//! Backtest plots (SVG or PNG). OWNED BY the trace/plot helper: fill in.
+//! Backtest plots (SVG or PNG).
+//!
+//! The SVG is written by hand; a PNG is that same SVG rasterised with `resvg` (pure Rust), using
+//! whatever system fonts are installed (text is left out if there are none, the chart still renders).
+//!
+//! Long runs are downsampled to the plot's pixel width while keeping extremes: demand keeps the
+//! first, lowest, highest and last sample of each pixel column; step lines keep every change in a
+//! column with at most two changes, otherwise a vertical stroke over the column's range.
 
-use std::path::Path;
+use std::fmt::{self, Write as _};
+use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Duration, TimeZone, Timelike, Utc};
 
 /// One simulated run to draw.
 #[derive(Debug, Clone)]
@@ -36,13 +44,938 @@ pub struct PlotData {
 /// Plot failures, naming the output file.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    /// Placeholder until implemented.
-    #[error("{0}: not implemented")]
-    Todo(String),
+    /// The output path's extension is neither `.svg` nor `.png`.
+    #[error("{}: unsupported plot format {ext:?}; use a path ending in .svg or .png", .path.display())]
+    Extension {
+        /// Output file.
+        path: PathBuf,
+        /// The extension found (empty when there is none).
+        ext: String,
+    },
+    /// There are no evaluation times to draw.
+    #[error("{}: nothing to plot: the backtest has no evaluation times", .path.display())]
+    NoData {
+        /// Output file.
+        path: PathBuf,
+    },
+    /// A series does not have one value per evaluation time.
+    #[error("{}: {series} has {found} values but there are {expected} evaluation times", .path.display())]
+    Length {
+        /// Output file.
+        path: PathBuf,
+        /// Which series, e.g. ``run `target` replicas``.
+        series: String,
+        /// Number of values in the series.
+        found: usize,
+        /// Number of evaluation times.
+        expected: usize,
+    },
+    /// Rasterising the SVG into a PNG failed.
+    #[error("{}: cannot render PNG: {message}", .path.display())]
+    Render {
+        /// Output file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The file could not be written.
+    #[error("{}: cannot write plot: {source}", .path.display())]
+    Write {
+        /// Output file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Writes the plot; the format follows the extension (`.svg` or `.png`).
 pub fn write_plot(data: &PlotData, path: &Path) -> Result<(), PlotError> {
-    let _ = data;
-    Err(PlotError::Todo(path.display().to_string()))
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let png = match ext.as_str() {
+        "svg" => false,
+        "png" => true,
+        _ => {
+            return Err(PlotError::Extension {
+                path: path.to_path_buf(),
+                ext,
+            });
+        }
+    };
+    validate(data, path)?;
+    let render_error = |message: String| PlotError::Render {
+        path: path.to_path_buf(),
+        message,
+    };
+    let svg = render_svg(data).map_err(|e| render_error(e.to_string()))?;
+    let bytes = if png {
+        render_png(&svg, &font_options()).map_err(render_error)?
+    } else {
+        svg.into_bytes()
+    };
+    std::fs::write(path, bytes).map_err(|source| PlotError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Checks there is something to draw and that every series matches the times.
+fn validate(data: &PlotData, path: &Path) -> Result<(), PlotError> {
+    let expected = data.times.len();
+    if expected == 0 {
+        return Err(PlotError::NoData {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut series: Vec<(String, usize)> = vec![("demand".to_string(), data.demand.len())];
+    for run in &data.runs {
+        series.push((format!("run `{}` replicas", run.label), run.replicas.len()));
+        series.push((format!("run `{}` ready", run.label), run.ready.len()));
+    }
+    match series.into_iter().find(|(_, found)| *found != expected) {
+        Some((series, found)) => Err(PlotError::Length {
+            path: path.to_path_buf(),
+            series,
+            found,
+            expected,
+        }),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout and style
+
+/// Canvas width in pixels (also the PNG's width).
+const WIDTH: f64 = 1280.0;
+/// Canvas height in pixels (also the PNG's height).
+const HEIGHT: f64 = 640.0;
+/// Left edge of the plot area.
+const PLOT_LEFT: f64 = 76.0;
+/// Top edge of the plot area.
+const PLOT_TOP: f64 = 96.0;
+/// Bottom edge of the plot area.
+const PLOT_BOTTOM: f64 = HEIGHT - 104.0;
+/// Right margin with and without a right-hand demand axis.
+const RIGHT_MARGIN_AXIS: f64 = 84.0;
+const RIGHT_MARGIN_PLAIN: f64 = 36.0;
+
+const FONT: &str = "DejaVu Sans, Liberation Sans, Arial, Helvetica, sans-serif";
+/// Fonts tried, in order, for `sans-serif` when rasterising.
+const PREFERRED_FONTS: [&str; 5] = [
+    "DejaVu Sans",
+    "Liberation Sans",
+    "Noto Sans",
+    "Arial",
+    "Helvetica",
+];
+const TEXT: &str = "#374151";
+const TEXT_STRONG: &str = "#111827";
+const TEXT_MUTED: &str = "#6b7280";
+const GRID: &str = "#e5e7eb";
+const AXIS: &str = "#9ca3af";
+const DEMAND_FILL: &str = "#d3dce7";
+const DEMAND_LINE: &str = "#a9b6c6";
+/// One colour per run; a third run and beyond reuse them.
+const RUN_COLOURS: [&str; 4] = ["#1d4ed8", "#ea580c", "#059669", "#9333ea"];
+
+/// A linear map from data values to pixel rows.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    lo: f64,
+    hi: f64,
+}
+
+impl Scale {
+    fn y(self, v: f64) -> f64 {
+        PLOT_BOTTOM - (v - self.lo) / (self.hi - self.lo) * (PLOT_BOTTOM - PLOT_TOP)
+    }
+}
+
+/// Maps times to pixel columns and x positions.
+#[derive(Debug, Clone, Copy)]
+struct TimeAxis {
+    t0: DateTime<Utc>,
+    t1: DateTime<Utc>,
+    right: f64,
+}
+
+impl TimeAxis {
+    fn span_ms(self) -> f64 {
+        (self.t1 - self.t0).num_milliseconds() as f64
+    }
+
+    fn x(self, t: DateTime<Utc>) -> f64 {
+        let frac = (t - self.t0).num_milliseconds() as f64 / self.span_ms();
+        PLOT_LEFT + frac.clamp(0.0, 1.0) * (self.right - PLOT_LEFT)
+    }
+
+    /// The pixel column an x position falls in.
+    fn column(x: f64) -> i64 {
+        (x - PLOT_LEFT).floor() as i64
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SVG
+
+/// Builds the whole SVG document. `data` must have passed [`validate`].
+fn render_svg(data: &PlotData) -> Result<String, fmt::Error> {
+    let capacity = data.capacity.filter(|c| c.is_finite() && *c > 0.0);
+    let demand: Vec<Option<f64>> = data
+        .demand
+        .iter()
+        .map(|d| {
+            d.filter(|v| v.is_finite())
+                .map(|v| capacity.map_or(v, |c| v / c))
+        })
+        .collect();
+    let demand_range = demand
+        .iter()
+        .flatten()
+        .fold(None, |acc: Option<(f64, f64)>, &v| {
+            Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
+        });
+
+    let right_axis = capacity.is_none();
+    let right = WIDTH
+        - if right_axis {
+            RIGHT_MARGIN_AXIS
+        } else {
+            RIGHT_MARGIN_PLAIN
+        };
+    let (mut t0, mut t1) = data
+        .times
+        .iter()
+        .fold((data.times[0], data.times[0]), |(lo, hi), &t| {
+            (lo.min(t), hi.max(t))
+        });
+    if t1 <= t0 {
+        t0 -= Duration::minutes(30);
+        t1 += Duration::minutes(30);
+    }
+    let time = TimeAxis { t0, t1, right };
+
+    // Left axis: replicas (and demand in replica units when the capacity is known).
+    let max_replicas = data
+        .runs
+        .iter()
+        .flat_map(|r| r.replicas.iter().chain(&r.ready))
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let min_replicas = data
+        .runs
+        .iter()
+        .flat_map(|r| r.replicas.iter().chain(&r.ready))
+        .copied()
+        .min()
+        .unwrap_or(0);
+    let (mut left_lo, mut left_hi) = (f64::from(min_replicas.min(0)), f64::from(max_replicas));
+    if let (false, Some((lo, hi))) = (right_axis, demand_range) {
+        left_lo = left_lo.min(lo);
+        left_hi = left_hi.max(hi);
+    }
+    let left_ticks = nice_ticks(left_lo, left_hi.max(1.0), true);
+    let left = left_ticks.scale;
+    let right_ticks = match (right_axis, demand_range) {
+        (true, Some((lo, hi))) => Some(nice_ticks(lo.min(0.0), hi, false)),
+        (true, None) => Some(nice_ticks(0.0, 1.0, false)),
+        _ => None,
+    };
+    let demand_scale = right_ticks.as_ref().map_or(left, |t| t.scale);
+
+    let mut s = String::with_capacity(64 * 1024);
+    writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="{FONT}">"#,
+        w = WIDTH,
+        h = HEIGHT
+    )?;
+    writeln!(
+        s,
+        r#"<defs><clipPath id="plot-area"><rect x="{x}" y="{y}" width="{w}" height="{h}"/></clipPath></defs>"#,
+        x = PLOT_LEFT,
+        y = PLOT_TOP - 2.0,
+        w = right - PLOT_LEFT,
+        h = PLOT_BOTTOM - PLOT_TOP + 2.0
+    )?;
+    writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##)?;
+
+    // Title and subtitle.
+    writeln!(
+        s,
+        r#"<text x="{PLOT_LEFT}" y="34" font-size="19" font-weight="bold" fill="{TEXT_STRONG}">{}</text>"#,
+        escape(&data.title)
+    )?;
+    writeln!(
+        s,
+        r#"<text x="{PLOT_LEFT}" y="60" font-size="13" fill="{TEXT_MUTED}">{}</text>"#,
+        escape(&data.subtitle)
+    )?;
+
+    // Grid, axes and tick labels.
+    writeln!(s, r#"<g stroke="{GRID}" stroke-width="1">"#)?;
+    for &v in &left_ticks.values {
+        let y = left.y(v);
+        writeln!(
+            s,
+            r#"<line x1="{PLOT_LEFT}" y1="{y:.1}" x2="{right}" y2="{y:.1}"/>"#
+        )?;
+    }
+    let ticks = time_ticks(
+        t0,
+        t1,
+        ((right - PLOT_LEFT) / 105.0).floor().max(2.0) as i64,
+    );
+    for (t, _) in &ticks {
+        let x = time.x(*t);
+        writeln!(
+            s,
+            r#"<line x1="{x:.1}" y1="{PLOT_TOP}" x2="{x:.1}" y2="{PLOT_BOTTOM}"/>"#
+        )?;
+    }
+    writeln!(s, "</g>")?;
+
+    writeln!(s, r#"<g font-size="12" fill="{TEXT}" text-anchor="end">"#)?;
+    for &v in &left_ticks.values {
+        writeln!(
+            s,
+            r#"<text x="{x}" y="{y:.1}">{}</text>"#,
+            format_number(v, left_ticks.step),
+            x = PLOT_LEFT - 8.0,
+            y = left.y(v) + 4.0
+        )?;
+    }
+    writeln!(s, "</g>")?;
+    writeln!(
+        s,
+        r#"<text transform="translate(22 {y:.1}) rotate(-90)" font-size="13" fill="{TEXT}" text-anchor="middle">replicas</text>"#,
+        y = (PLOT_TOP + PLOT_BOTTOM) / 2.0
+    )?;
+    if let Some(rt) = &right_ticks {
+        writeln!(s, r#"<g font-size="12" fill="{TEXT}" text-anchor="start">"#)?;
+        for &v in &rt.values {
+            let y = rt.scale.y(v);
+            writeln!(
+                s,
+                r#"<line x1="{right}" y1="{y:.1}" x2="{x2}" y2="{y:.1}" stroke="{AXIS}"/><text x="{x}" y="{ty:.1}">{}</text>"#,
+                format_number(v, rt.step),
+                x2 = right + 5.0,
+                x = right + 8.0,
+                ty = y + 4.0
+            )?;
+        }
+        writeln!(s, "</g>")?;
+        writeln!(
+            s,
+            r#"<text transform="translate({x} {y:.1}) rotate(90)" font-size="13" fill="{TEXT}" text-anchor="middle">demand</text>"#,
+            x = WIDTH - 18.0,
+            y = (PLOT_TOP + PLOT_BOTTOM) / 2.0
+        )?;
+    }
+    writeln!(
+        s,
+        r#"<g font-size="12" fill="{TEXT}" text-anchor="middle">"#
+    )?;
+    for (t, label) in &ticks {
+        let x = time.x(*t);
+        writeln!(
+            s,
+            r#"<line x1="{x:.1}" y1="{PLOT_BOTTOM}" x2="{x:.1}" y2="{y2}" stroke="{AXIS}"/><text x="{x:.1}" y="{y}">{}</text>"#,
+            escape(label),
+            y2 = PLOT_BOTTOM + 5.0,
+            y = PLOT_BOTTOM + 20.0
+        )?;
+    }
+    writeln!(s, "</g>")?;
+    writeln!(
+        s,
+        r#"<text x="{x:.1}" y="{y}" font-size="12" fill="{TEXT_MUTED}" text-anchor="middle">{} – {} (UTC)</text>"#,
+        t0.format("%Y-%m-%d %H:%M"),
+        t1.format("%Y-%m-%d %H:%M"),
+        x = (PLOT_LEFT + right) / 2.0,
+        y = PLOT_BOTTOM + 42.0
+    )?;
+
+    // Data, clipped to the plot area.
+    writeln!(s, r#"<g clip-path="url(#plot-area)" fill="none">"#)?;
+    let (area, outline) = demand_paths(&data.times, &demand, time, demand_scale)?;
+    if !area.is_empty() {
+        writeln!(
+            s,
+            r#"<path d="{area}" fill="{DEMAND_FILL}" stroke="none"/>"#
+        )?;
+        writeln!(
+            s,
+            r#"<path d="{outline}" stroke="{DEMAND_LINE}" stroke-width="0.8" stroke-linejoin="round"/>"#
+        )?;
+    }
+    for (i, run) in data.runs.iter().enumerate() {
+        let colour = RUN_COLOURS[i % RUN_COLOURS.len()];
+        writeln!(
+            s,
+            r#"<path d="{}" stroke="{colour}" stroke-width="1.3" stroke-dasharray="5 3" stroke-opacity="0.85"/>"#,
+            step_path(&data.times, &run.ready, time, left)?
+        )?;
+        writeln!(
+            s,
+            r#"<path d="{}" stroke="{colour}" stroke-width="2" stroke-linejoin="round"/>"#,
+            step_path(&data.times, &run.replicas, time, left)?
+        )?;
+    }
+    writeln!(s, "</g>")?;
+    writeln!(
+        s,
+        r#"<rect x="{PLOT_LEFT}" y="{PLOT_TOP}" width="{w}" height="{h}" fill="none" stroke="{AXIS}"/>"#,
+        w = right - PLOT_LEFT,
+        h = PLOT_BOTTOM - PLOT_TOP
+    )?;
+
+    write_legend(&mut s, data, capacity)?;
+    writeln!(s, "</svg>")?;
+    Ok(s)
+}
+
+/// One legend entry: its swatch and label.
+enum Swatch {
+    Area,
+    Line { colour: &'static str, dashed: bool },
+}
+
+/// Draws the legend as one centred row below the time axis.
+fn write_legend(s: &mut String, data: &PlotData, capacity: Option<f64>) -> fmt::Result {
+    let mut items = vec![(
+        Swatch::Area,
+        match capacity {
+            Some(c) => format!("demand ÷ capacity ({} per replica)", format_plain(c)),
+            None => "demand (right axis)".to_string(),
+        },
+    )];
+    for (i, run) in data.runs.iter().enumerate() {
+        let colour = RUN_COLOURS[i % RUN_COLOURS.len()];
+        let prefix = if run.label.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", run.label)
+        };
+        items.push((
+            Swatch::Line {
+                colour,
+                dashed: false,
+            },
+            format!("{prefix}replicas"),
+        ));
+        items.push((
+            Swatch::Line {
+                colour,
+                dashed: true,
+            },
+            format!("{prefix}ready"),
+        ));
+    }
+    // Widths are estimated (about 7 px a character at 12 px), enough to centre the row.
+    let width_of = |label: &str| 30.0 + 7.0 * label.chars().count() as f64 + 22.0;
+    let total: f64 = items.iter().map(|(_, l)| width_of(l)).sum();
+    let mut x = ((WIDTH - total) / 2.0).max(8.0);
+    let y = HEIGHT - 26.0;
+    writeln!(s, r#"<g font-size="12" fill="{TEXT}">"#)?;
+    for (swatch, label) in &items {
+        match swatch {
+            Swatch::Area => writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{y0}" width="22" height="10" fill="{DEMAND_FILL}" stroke="{DEMAND_LINE}"/>"#,
+                y0 = y - 9.0
+            )?,
+            Swatch::Line { colour, dashed } => writeln!(
+                s,
+                r#"<line x1="{x:.1}" y1="{y0}" x2="{x2:.1}" y2="{y0}" stroke="{colour}" stroke-width="{w}"{dash}/>"#,
+                y0 = y - 4.0,
+                x2 = x + 22.0,
+                w = if *dashed { 1.3 } else { 2.0 },
+                dash = if *dashed {
+                    r#" stroke-dasharray="5 3""#
+                } else {
+                    ""
+                }
+            )?,
+        }
+        writeln!(
+            s,
+            r#"<text x="{tx:.1}" y="{y}">{}</text>"#,
+            escape(label),
+            tx = x + 30.0
+        )?;
+        x += width_of(label);
+    }
+    writeln!(s, "</g>")
+}
+
+/// Appends a coordinate with at most one decimal, dropping a trailing `.0`.
+fn push_coord(out: &mut String, v: f64) -> fmt::Result {
+    let tenths = (v * 10.0).round();
+    if tenths % 10.0 == 0.0 {
+        write!(out, "{}", tenths / 10.0)
+    } else {
+        write!(out, "{:.1}", tenths / 10.0)
+    }
+}
+
+/// Area (fill) and outline paths for demand, downsampled to first/min/max/last per pixel column.
+///
+/// A missing sample breaks the area, except inside a pixel column that already has data
+/// (a gap narrower than a pixel would not show, and breaking there could bloat the file).
+fn demand_paths(
+    times: &[DateTime<Utc>],
+    demand: &[Option<f64>],
+    time: TimeAxis,
+    scale: Scale,
+) -> Result<(String, String), fmt::Error> {
+    let base = scale.y(0.0_f64.clamp(scale.lo, scale.hi));
+    let mut area = String::new();
+    let mut outline = String::new();
+    let mut segment: Vec<(f64, f64)> = Vec::new();
+    let mut bucket = ColumnBucket::default();
+    let mut gap = false;
+
+    let flush_segment =
+        |segment: &mut Vec<(f64, f64)>, area: &mut String, outline: &mut String| -> fmt::Result {
+            let (Some(&(x0, _)), Some(&(x1, _))) = (segment.first(), segment.last()) else {
+                return Ok(());
+            };
+            // A lone point still gets a sliver so it shows.
+            let (x0, x1) = if x1 - x0 < 1.0 {
+                (x0 - 0.75, x1 + 0.75)
+            } else {
+                (x0, x1)
+            };
+            area.push('M');
+            push_coord(area, x0)?;
+            area.push(' ');
+            push_coord(area, base)?;
+            if segment.len() == 1 {
+                let y = segment[0].1;
+                for (x, y) in [(x0, y), (x1, y)] {
+                    area.push('L');
+                    push_point(area, x, y)?;
+                }
+                outline.push('M');
+                push_point(outline, x0, y)?;
+                outline.push('L');
+                push_point(outline, x1, y)?;
+            } else {
+                for (i, &(x, y)) in segment.iter().enumerate() {
+                    area.push('L');
+                    push_point(area, x, y)?;
+                    outline.push(if i == 0 { 'M' } else { 'L' });
+                    push_point(outline, x, y)?;
+                }
+            }
+            area.push('L');
+            push_coord(area, x1)?;
+            area.push(' ');
+            push_coord(area, base)?;
+            area.push('Z');
+            segment.clear();
+            Ok(())
+        };
+
+    for (i, (&t, &d)) in times.iter().zip(demand).enumerate() {
+        let Some(v) = d else {
+            gap = true;
+            continue;
+        };
+        let x = time.x(t);
+        let column = TimeAxis::column(x);
+        if bucket.column != Some(column) {
+            bucket.flush(&mut segment);
+            if gap {
+                flush_segment(&mut segment, &mut area, &mut outline)?;
+            }
+            bucket.column = Some(column);
+        }
+        gap = false;
+        bucket.add(i, x, scale.y(v));
+    }
+    bucket.flush(&mut segment);
+    flush_segment(&mut segment, &mut area, &mut outline)?;
+    Ok((area, outline))
+}
+
+fn push_point(out: &mut String, x: f64, y: f64) -> fmt::Result {
+    push_coord(out, x)?;
+    out.push(' ');
+    push_coord(out, y)
+}
+
+/// First, min, max and last sample of one pixel column (in y pixels: min y is the highest value).
+#[derive(Default)]
+struct ColumnBucket {
+    column: Option<i64>,
+    /// `(index, x, y)` of each kept sample.
+    first: Option<(usize, f64, f64)>,
+    top: Option<(usize, f64, f64)>,
+    bottom: Option<(usize, f64, f64)>,
+    last: Option<(usize, f64, f64)>,
+}
+
+impl ColumnBucket {
+    fn add(&mut self, i: usize, x: f64, y: f64) {
+        let p = (i, x, y);
+        self.first.get_or_insert(p);
+        if self.top.is_none_or(|(_, _, ty)| y < ty) {
+            self.top = Some(p);
+        }
+        if self.bottom.is_none_or(|(_, _, by)| y > by) {
+            self.bottom = Some(p);
+        }
+        self.last = Some(p);
+    }
+
+    /// Appends the kept samples in time order to `out` and empties the bucket.
+    fn flush(&mut self, out: &mut Vec<(f64, f64)>) {
+        let mut kept: Vec<(usize, f64, f64)> = [self.first, self.top, self.bottom, self.last]
+            .into_iter()
+            .flatten()
+            .collect();
+        kept.sort_by_key(|p| p.0);
+        kept.dedup_by_key(|p| p.0);
+        out.extend(kept.into_iter().map(|(_, x, y)| (x, y)));
+        *self = ColumnBucket::default();
+    }
+}
+
+/// A step line (`H`/`V` path) for an integer series, downsampled per pixel column.
+fn step_path(
+    times: &[DateTime<Utc>],
+    values: &[i32],
+    time: TimeAxis,
+    scale: Scale,
+) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    let (Some(&v0), Some(&t_first), Some(&t_last)) = (values.first(), times.first(), times.last())
+    else {
+        return Ok(out);
+    };
+    let y = |v: i32| scale.y(f64::from(v));
+    out.push('M');
+    push_point(&mut out, time.x(t_first), y(v0))?;
+
+    /// The changes that fell into one pixel column.
+    struct Changes {
+        column: i64,
+        first_x: f64,
+        last_x: f64,
+        first: i32,
+        last: i32,
+        min: (usize, i32),
+        max: (usize, i32),
+        count: usize,
+    }
+    fn flush(out: &mut String, c: &Changes, y: impl Fn(i32) -> f64) -> fmt::Result {
+        out.push('H');
+        push_coord(out, c.first_x)?;
+        out.push('V');
+        push_coord(out, y(c.first))?;
+        if c.count == 2 {
+            out.push('H');
+            push_coord(out, c.last_x)?;
+        } else if c.count > 2 {
+            let (a, b) = if c.min.0 <= c.max.0 {
+                (c.min.1, c.max.1)
+            } else {
+                (c.max.1, c.min.1)
+            };
+            for v in [a, b] {
+                out.push('V');
+                push_coord(out, y(v))?;
+            }
+        }
+        if c.count > 1 {
+            out.push('V');
+            push_coord(out, y(c.last))?;
+        }
+        Ok(())
+    }
+
+    let mut pending: Option<Changes> = None;
+    for (i, pair) in values.windows(2).enumerate() {
+        let (prev, v) = (pair[0], pair[1]);
+        if v == prev {
+            continue;
+        }
+        let x = time.x(times[i + 1]);
+        let column = TimeAxis::column(x);
+        match &mut pending {
+            Some(c) if c.column == column => {
+                c.last_x = x;
+                c.last = v;
+                c.count += 1;
+                if v < c.min.1 {
+                    c.min = (i, v);
+                }
+                if v > c.max.1 {
+                    c.max = (i, v);
+                }
+            }
+            _ => {
+                if let Some(c) = pending.take() {
+                    flush(&mut out, &c, y)?;
+                }
+                pending = Some(Changes {
+                    column,
+                    first_x: x,
+                    last_x: x,
+                    first: v,
+                    last: v,
+                    min: (i, v.min(prev)),
+                    max: (i, v.max(prev)),
+                    count: 1,
+                });
+            }
+        }
+    }
+    if let Some(c) = pending.take() {
+        flush(&mut out, &c, y)?;
+    }
+    out.push('H');
+    push_coord(&mut out, time.x(t_last))?;
+    Ok(out)
+}
+
+/// Escapes text for XML content and attributes; drops control characters XML 1.0 forbids.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ticks
+
+/// Tick values for a value axis and the scale that spans them.
+struct Ticks {
+    values: Vec<f64>,
+    step: f64,
+    scale: Scale,
+}
+
+/// About five round ticks covering `lo..=hi`; whole-number steps when `integer`.
+fn nice_ticks(lo: f64, hi: f64, integer: bool) -> Ticks {
+    let (lo, hi) = if hi > lo {
+        (lo, hi)
+    } else {
+        (lo - 0.5, hi + 0.5)
+    };
+    // Headroom, so the highest line does not run along the frame.
+    let hi = hi + (hi - lo) * 0.06;
+    let raw = (hi - lo) / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let mut step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .filter(|s| !integer || s.fract() == 0.0)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    if integer {
+        step = step.max(1.0);
+    }
+    let first = (lo / step).floor();
+    let last = (hi / step).ceil();
+    let values: Vec<f64> = (0..=((last - first) as i64))
+        .map(|k| (first + k as f64) * step)
+        .collect();
+    Ticks {
+        scale: Scale {
+            lo: first * step,
+            hi: last * step,
+        },
+        values,
+        step,
+    }
+}
+
+/// Formats an axis value with the decimals its step needs, abbreviating thousands and millions.
+fn format_number(v: f64, step: f64) -> String {
+    let (div, suffix) = if step >= 1e6 || v.abs() >= 1e7 {
+        (1e6, "M")
+    } else if step >= 1e3 || v.abs() >= 1e4 {
+        (1e3, "k")
+    } else {
+        (1.0, "")
+    };
+    let s = step / div;
+    let decimals = (0..6)
+        .find(|&d| {
+            let scaled = s * 10f64.powi(d);
+            (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0)
+        })
+        .unwrap_or(6);
+    format!("{:.*}{suffix}", decimals as usize, v / div)
+}
+
+/// Formats a number without trailing zeros (for the capacity in the legend).
+fn format_plain(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Steps a time axis may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TimeStep {
+    Seconds(i64),
+    Months(i32),
+    Years(i32),
+}
+
+const SECOND_STEPS: [i64; 21] = [
+    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1_800, 3_600, 7_200, 10_800, 21_600, 43_200,
+    86_400, 172_800, 604_800, 1_209_600,
+];
+const DAY: i64 = 86_400;
+
+/// Picks the finest step giving at most `max_ticks` ticks over `t0..=t1`.
+fn time_step(t0: DateTime<Utc>, t1: DateTime<Utc>, max_ticks: i64) -> TimeStep {
+    let span = (t1 - t0).num_seconds().max(1);
+    if let Some(&s) = SECOND_STEPS.iter().find(|&&s| span / s <= max_ticks) {
+        return TimeStep::Seconds(s);
+    }
+    let months = span / (30 * DAY);
+    if let Some(&m) = [1, 2, 3, 6].iter().find(|&&m| months / m <= max_ticks) {
+        return TimeStep::Months(m as i32);
+    }
+    let years = span / (365 * DAY);
+    let step = (0..9)
+        .flat_map(|e| [1, 2, 5].map(|m| m * 10i64.pow(e)))
+        .find(|&y| years / y <= max_ticks)
+        .unwrap_or(1_000_000_000);
+    TimeStep::Years(i32::try_from(step).unwrap_or(i32::MAX))
+}
+
+/// Tick times in `t0..=t1` with their labels (`12:00`, `Mar 03`, `Jul 2014`, `2015`).
+fn time_ticks(
+    t0: DateTime<Utc>,
+    t1: DateTime<Utc>,
+    max_ticks: i64,
+) -> Vec<(DateTime<Utc>, String)> {
+    let mut ticks = Vec::new();
+    match time_step(t0, t1, max_ticks) {
+        TimeStep::Seconds(step) => {
+            // Weeks start on Monday: 1970-01-05 was one.
+            let offset = if step % (7 * DAY) == 0 { 4 * DAY } else { 0 };
+            let start = t0.timestamp() - offset;
+            let mut k = start.div_euclid(step) + i64::from(start.rem_euclid(step) != 0);
+            loop {
+                let Some(t) = Utc.timestamp_opt(k * step + offset, 0).single() else {
+                    break;
+                };
+                if t > t1 {
+                    break;
+                }
+                let label = if step < 60 {
+                    t.format("%H:%M:%S").to_string()
+                } else if step < DAY && (t.hour(), t.minute()) != (0, 0) {
+                    t.format("%H:%M").to_string()
+                } else {
+                    t.format("%b %d").to_string()
+                };
+                ticks.push((t, label));
+                k += 1;
+            }
+        }
+        TimeStep::Months(step) => {
+            let mut month = t0.year() * 12 + t0.month0() as i32;
+            let mut first = true;
+            loop {
+                let (y, m0) = (month.div_euclid(12), month.rem_euclid(12));
+                month += 1;
+                if m0 % step != 0 {
+                    continue;
+                }
+                let Some(t) = Utc.with_ymd_and_hms(y, m0 as u32 + 1, 1, 0, 0, 0).single() else {
+                    break;
+                };
+                if t < t0 {
+                    continue;
+                }
+                if t > t1 {
+                    break;
+                }
+                let label = if first || m0 == 0 {
+                    t.format("%b %Y").to_string()
+                } else {
+                    t.format("%b").to_string()
+                };
+                first = false;
+                ticks.push((t, label));
+            }
+        }
+        TimeStep::Years(step) => {
+            let mut year = t0.year();
+            while let Some(t) = Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0).single() {
+                if t > t1 {
+                    break;
+                }
+                if t >= t0 && year % step == 0 {
+                    ticks.push((t, year.to_string()));
+                }
+                year += 1;
+            }
+        }
+    }
+    ticks
+}
+
+// ---------------------------------------------------------------------------------------------
+// PNG
+
+/// Rendering options with the system fonts loaded and `sans-serif` set to a font that exists.
+fn font_options() -> resvg::usvg::Options<'static> {
+    let mut options = resvg::usvg::Options::default();
+    let db = options.fontdb_mut();
+    db.load_system_fonts();
+    let has = |name: &str| {
+        db.faces()
+            .any(|face| face.families.iter().any(|(family, _)| family == name))
+    };
+    let family = PREFERRED_FONTS
+        .iter()
+        .find(|name| has(name))
+        .map(|name| (*name).to_string())
+        .or_else(|| {
+            db.faces()
+                .find_map(|face| face.families.first().map(|(family, _)| family.clone()))
+        });
+    if let Some(family) = family {
+        db.set_sans_serif_family(family.clone());
+        options.font_family = family;
+    }
+    options
+}
+
+/// Rasterises the SVG at its own size into PNG bytes.
+fn render_png(svg: &str, options: &resvg::usvg::Options<'_>) -> Result<Vec<u8>, String> {
+    let tree = resvg::usvg::Tree::from_str(svg, options).map_err(|e| e.to_string())?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height())
+        .ok_or_else(|| format!("cannot allocate a {}x{} image", size.width(), size.height()))?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::identity(),
+        &mut pixmap.as_mut(),
+    );
+    pixmap.encode_png().map_err(|e| e.to_string())
 }
