@@ -878,10 +878,7 @@ fn time_ticks(
             let offset = if step % (7 * DAY) == 0 { 4 * DAY } else { 0 };
             let start = t0.timestamp() - offset;
             let mut k = start.div_euclid(step) + i64::from(start.rem_euclid(step) != 0);
-            loop {
-                let Some(t) = Utc.timestamp_opt(k * step + offset, 0).single() else {
-                    break;
-                };
+            while let Some(t) = Utc.timestamp_opt(k * step + offset, 0).single() {
                 if t > t1 {
                     break;
                 }
@@ -978,4 +975,337 @@ fn render_png(svg: &str, options: &resvg::usvg::Options<'_>) -> Result<Vec<u8>, 
         &mut pixmap.as_mut(),
     );
     pixmap.encode_png().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resvg::usvg::roxmltree;
+
+    fn t(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("test time")
+            .with_timezone(&Utc)
+    }
+
+    /// A small two-run backtest with a gap in demand.
+    fn small_data() -> PlotData {
+        let t0 = t("2014-07-01T00:00:00Z");
+        let times: Vec<_> = (0..48).map(|i| t0 + Duration::minutes(30 * i)).collect();
+        let demand = (0..48)
+            .map(|i| (!(20..23).contains(&i)).then(|| 1000.0 + 800.0 * ((i as f64) / 6.0).sin()))
+            .collect();
+        let replicas: Vec<i32> = (0..48).map(|i| 3 + (i % 12) / 3).collect();
+        let ready: Vec<i32> = (0..48usize)
+            .map(|i| replicas[i.saturating_sub(1)])
+            .collect();
+        PlotData {
+            title: "policy <web> & \"friends\"".to_string(),
+            subtitle: "p95 latency ok · 3 scale-ups".to_string(),
+            times,
+            demand,
+            capacity: Some(400.0),
+            runs: vec![
+                PlotRun {
+                    label: "baseline".to_string(),
+                    replicas: replicas.clone(),
+                    ready: ready.clone(),
+                },
+                PlotRun {
+                    label: "compare".to_string(),
+                    replicas: replicas.iter().map(|r| r + 1).collect(),
+                    ready: ready.iter().map(|r| r + 1).collect(),
+                },
+            ],
+        }
+    }
+
+    /// `n` evaluations 10 s apart with noisy demand and replicas that change often.
+    fn large_data(n: usize) -> PlotData {
+        let t0 = t("2024-01-01T00:00:00Z");
+        let times = (0..n)
+            .map(|i| t0 + Duration::seconds(10 * i as i64))
+            .collect();
+        let demand = (0..n)
+            .map(|i| {
+                (i % 997 != 0).then(|| {
+                    let x = i as f64;
+                    5000.0 + 3000.0 * (x / 8640.0).sin() + 700.0 * (x * 12.9898).sin()
+                })
+            })
+            .collect();
+        let replicas: Vec<i32> = (0..n).map(|i| 10 + ((i * 7919) % 13) as i32).collect();
+        let ready = replicas.iter().map(|r| r - 1).collect();
+        PlotData {
+            title: "large".to_string(),
+            subtitle: String::new(),
+            times,
+            demand,
+            capacity: None,
+            runs: vec![
+                PlotRun {
+                    label: "a".to_string(),
+                    replicas: replicas.clone(),
+                    ready,
+                },
+                PlotRun {
+                    label: "b".to_string(),
+                    ready: replicas.clone(),
+                    replicas,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn svg_is_well_formed_with_legend_and_escaped_title() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("plot.svg");
+        write_plot(&small_data(), &path).expect("write svg");
+        let svg = std::fs::read_to_string(&path).expect("read svg");
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
+        let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        let texts: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .collect();
+        assert!(texts.contains(&"policy <web> & \"friends\""), "{texts:?}");
+        for label in [
+            "baseline: replicas",
+            "baseline: ready",
+            "compare: replicas",
+            "compare: ready",
+            "demand ÷ capacity (400 per replica)",
+        ] {
+            assert!(texts.contains(&label), "legend lacks {label:?}: {texts:?}");
+        }
+        // Two runs, two colours.
+        assert!(svg.contains(RUN_COLOURS[0]) && svg.contains(RUN_COLOURS[1]));
+        // A day of 30-minute steps gets clock-time ticks.
+        assert!(texts.contains(&"12:00"), "{texts:?}");
+    }
+
+    #[test]
+    fn demand_without_capacity_gets_its_own_axis() {
+        let mut data = small_data();
+        data.capacity = None;
+        let svg = render_svg(&data).expect("render");
+        assert!(svg.contains(">demand (right axis)<"));
+        assert!(svg.contains(">demand</text>"));
+    }
+
+    #[test]
+    fn png_has_signature_and_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("plot.PNG");
+        write_plot(&small_data(), &path).expect("write png");
+        let bytes = std::fs::read(&path).expect("read png");
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+        let image = resvg::tiny_skia::Pixmap::decode_png(&bytes).expect("decode png");
+        assert_eq!(
+            (f64::from(image.width()), f64::from(image.height())),
+            (WIDTH, HEIGHT)
+        );
+    }
+
+    #[test]
+    fn png_renders_without_any_font() {
+        let svg = render_svg(&small_data()).expect("render");
+        let bytes = render_png(&svg, &resvg::usvg::Options::default()).expect("png");
+        let image = resvg::tiny_skia::Pixmap::decode_png(&bytes).expect("decode png");
+        assert_eq!(f64::from(image.width()), WIDTH);
+    }
+
+    #[test]
+    fn long_run_gives_a_small_svg() {
+        let data = large_data(350_000);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("large.svg");
+        let started = std::time::Instant::now();
+        write_plot(&data, &path).expect("write svg");
+        let took = started.elapsed();
+        let size = std::fs::metadata(&path).expect("stat").len();
+        eprintln!("350 000 points: {size} bytes in {took:?}");
+        assert!(size < 500_000, "{size} bytes");
+        let svg = std::fs::read_to_string(&path).expect("read svg");
+        roxmltree::Document::parse(&svg).expect("well-formed XML");
+    }
+
+    #[test]
+    fn downsampling_keeps_single_sample_spikes() {
+        let n = 350_000;
+        let t0 = t("2024-01-01T00:00:00Z");
+        let times: Vec<_> = (0..n).map(|i| t0 + Duration::seconds(i)).collect();
+        let time = TimeAxis {
+            t0,
+            t1: times[n as usize - 1],
+            right: 1000.0,
+        };
+        let scale = Scale { lo: 0.0, hi: 100.0 };
+        let mut demand = vec![Some(10.0); n as usize];
+        demand[123_457] = Some(90.0);
+        demand[223_457] = Some(0.0);
+        let (area, outline) = demand_paths(&times, &demand, time, scale).expect("paths");
+        let y = |v: f64| {
+            let mut s = String::new();
+            push_coord(&mut s, scale.y(v)).expect("fmt");
+            format!(" {s}")
+        };
+        for p in [&area, &outline] {
+            assert!(p.contains(&y(90.0)) && p.contains(&y(0.0)), "spikes lost");
+        }
+        assert!(outline.len() < 60_000, "{} bytes", outline.len());
+
+        let mut replicas = vec![2; n as usize];
+        replicas[200_001] = 9;
+        let path = step_path(&times, &replicas, time, scale).expect("step path");
+        assert!(path.contains(&format!("V{}", &y(9.0)[1..])), "{path}");
+        assert!(path.len() < 200, "{path}");
+    }
+
+    #[test]
+    fn gaps_break_the_demand_area() {
+        let data = small_data();
+        let time = TimeAxis {
+            t0: data.times[0],
+            t1: data.times[47],
+            right: 1200.0,
+        };
+        let scale = Scale {
+            lo: 0.0,
+            hi: 2000.0,
+        };
+        let (area, outline) = demand_paths(&data.times, &data.demand, time, scale).expect("paths");
+        assert_eq!(area.matches('M').count(), 2, "{area}");
+        assert_eq!(outline.matches('M').count(), 2, "{outline}");
+        // All-missing demand draws no area at all.
+        let none = vec![None; data.times.len()];
+        let (area, _) = demand_paths(&data.times, &none, time, scale).expect("paths");
+        assert!(area.is_empty());
+    }
+
+    #[test]
+    fn unsupported_extension_names_it() {
+        let data = small_data();
+        for name in ["plot.jpg", "plot"] {
+            let path = Path::new("/nonexistent").join(name);
+            let err = write_plot(&data, &path).expect_err("bad extension");
+            assert!(matches!(err, PlotError::Extension { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains(".svg or .png"), "{msg}");
+        }
+        let err = write_plot(&data, Path::new("/plot.jpg")).expect_err("bad extension");
+        assert!(err.to_string().contains("\"jpg\""), "{err}");
+    }
+
+    #[test]
+    fn write_failure_names_the_path() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("missing-dir").join("plot.svg");
+        let err = write_plot(&small_data(), &path).expect_err("no such directory");
+        assert!(matches!(err, PlotError::Write { .. }), "{err}");
+        assert!(err.to_string().contains(&path.display().to_string()));
+    }
+
+    #[test]
+    fn mismatched_or_empty_series_are_rejected() {
+        let mut data = small_data();
+        data.runs[1].ready.pop();
+        let err = write_plot(&data, Path::new("out.svg")).expect_err("length");
+        assert_eq!(
+            err.to_string(),
+            "out.svg: run `compare` ready has 47 values but there are 48 evaluation times"
+        );
+        let mut data = small_data();
+        data.times.clear();
+        let err = write_plot(&data, Path::new("out.svg")).expect_err("empty");
+        assert!(matches!(err, PlotError::NoData { .. }), "{err}");
+    }
+
+    #[test]
+    fn single_evaluation_still_plots() {
+        let mut data = small_data();
+        data.times.truncate(1);
+        data.demand.truncate(1);
+        for run in &mut data.runs {
+            run.replicas.truncate(1);
+            run.ready.truncate(1);
+        }
+        let svg = render_svg(&data).expect("render");
+        roxmltree::Document::parse(&svg).expect("well-formed XML");
+    }
+
+    #[test]
+    fn time_ticks_follow_the_span() {
+        let labels = |a: &str, b: &str| -> Vec<String> {
+            time_ticks(t(a), t(b), 10)
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect()
+        };
+        assert_eq!(
+            labels("2024-03-03T06:10:00Z", "2024-03-03T18:00:00Z"),
+            ["08:00", "10:00", "12:00", "14:00", "16:00", "18:00"]
+        );
+        // Midnight shows the date instead of 00:00.
+        assert_eq!(
+            labels("2024-03-02T20:00:00Z", "2024-03-03T12:00:00Z"),
+            [
+                "20:00", "22:00", "Mar 03", "02:00", "04:00", "06:00", "08:00", "10:00", "12:00"
+            ]
+        );
+        // Multi-day steps count days from the Unix epoch, so ticks stay put as the span moves.
+        assert_eq!(
+            labels("2024-03-01T00:00:00Z", "2024-03-14T00:00:00Z"),
+            [
+                "Mar 02", "Mar 04", "Mar 06", "Mar 08", "Mar 10", "Mar 12", "Mar 14"
+            ]
+        );
+        assert_eq!(
+            labels("2014-07-01T00:00:00Z", "2015-01-31T23:30:00Z"),
+            ["Jul 2014", "Aug", "Sep", "Oct", "Nov", "Dec", "Jan 2015"]
+        );
+        assert_eq!(
+            labels("2001-06-01T00:00:00Z", "2024-01-01T00:00:00Z"),
+            ["2005", "2010", "2015", "2020"]
+        );
+        // Week ticks fall on Mondays.
+        for (tick, _) in time_ticks(t("2024-01-01T00:00:00Z"), t("2024-03-31T00:00:00Z"), 14) {
+            assert_eq!(tick.weekday(), chrono::Weekday::Mon);
+        }
+    }
+
+    #[test]
+    fn value_ticks_are_round() {
+        let ticks = nice_ticks(0.0, 23.0, true);
+        assert_eq!(ticks.values, [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]);
+        let ticks = nice_ticks(0.0, 2.0, true);
+        assert_eq!(ticks.values, [0.0, 1.0, 2.0, 3.0]);
+        assert!(
+            nice_ticks(0.0, 3.0, true)
+                .values
+                .iter()
+                .all(|v| v.fract() == 0.0)
+        );
+        let ticks = nice_ticks(0.0, 0.9, false);
+        assert_eq!(ticks.step, 0.2);
+        assert_eq!(format_number(0.4, 0.2), "0.4");
+        assert_eq!(format_number(25_000.0, 5_000.0), "25k");
+        assert_eq!(format_number(2_500.0, 2_500.0), "2.5k");
+        assert_eq!(format_number(3_000_000.0, 1_000_000.0), "3M");
+        assert_eq!(format_number(15.0, 5.0), "15");
+        assert_eq!(format_plain(1500.0), "1500");
+        assert_eq!(format_plain(0.25), "0.25");
+    }
+
+    #[test]
+    fn escape_handles_markup_and_controls() {
+        assert_eq!(
+            escape("a<b>&\"c\"'\u{7}\n"),
+            "a&lt;b&gt;&amp;&quot;c&quot;&apos; "
+        );
+    }
 }
