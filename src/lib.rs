@@ -1,1 +1,18 @@
 //! kscale: a Kubernetes autoscaler and external metrics adapter.
+//!
+//! Code map, following the data flow (sources → evaluation → actuation, serving or backtest):
+//! - [`crd`]: the `ScalingPolicy` resource (spec, status, CRD with CEL validation).
+//! - [`model`]: samples, observations: what sources hand to the evaluator.
+//! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
+//! - [`source`]: metric sources (recorded traces for now).
+//! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
+//! - [`cli`]: the `kscale` command line.
+//! - [`units`]: Kubernetes quantities and Go-style durations.
+
+pub mod backtest;
+pub mod cli;
+pub mod crd;
+pub mod model;
+pub mod policy;
+pub mod source;
+pub mod units;

@@ -1,0 +1,3 @@
+//! Backtests: replay recorded demand through a policy with a simulated clock.
+
+pub mod plot;

@@ -1,0 +1,1 @@
+//! The `kscale` command line.

@@ -1,0 +1,253 @@
+//! The `ScalingPolicy` custom resource (`kscale.dev/v1alpha1`): spec, status and the CRD.
+//!
+//! The Rust types are the only source of the schema: `kscale crd` prints it, and the OpenAPI
+//! constraints plus CEL `x-kubernetes-validations` rules here are what the apiserver enforces at
+//! admission. Shapes are reused from `autoscaling/v2` wherever one exists: `targetRef` is the HPA's
+//! `scaleTargetRef`, `metrics[].target` is `MetricTarget`, `behavior` is
+//! `HorizontalPodAutoscalerBehavior`.
+
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscalerBehavior, MetricTarget,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::state::PolicyState;
+
+/// Pattern for Go-style durations accepted by `interval`, `duration` and `staleAfter`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$";
+
+/// What a ScalingPolicy does with its decision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Mode {
+    /// kscale is the writer: it patches the target's `scale` subresource.
+    #[default]
+    Controller,
+    /// kscale evaluates and publishes the metrics and the decision through
+    /// `external.metrics.k8s.io`; an HPA stays the writer.
+    ExternalMetric,
+    /// kscale evaluates and reports in status, events and metrics, and never writes.
+    DryRun,
+}
+
+/// Desired state of a ScalingPolicy.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kscale.dev",
+    version = "v1alpha1",
+    kind = "ScalingPolicy",
+    plural = "scalingpolicies",
+    shortname = "sp",
+    namespaced,
+    status = "ScalingPolicyStatus",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minReplicas"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxReplicas"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentReplicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("spec.maxReplicas must be at least spec.minReplicas").field_path(".maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicySpec {
+    /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.
+    pub target_ref: CrossVersionObjectReference,
+    /// What kscale does with its decision (default `Controller`).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Lower bound for the replica count (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    /// Upper bound for the replica count.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// How often the policy is evaluated, a Go-style duration (default `15s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub interval: Option<String>,
+    /// The signals to scale on; each proposes a replica count.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.name == m.name))").message("metric names must be unique"))]
+    pub metrics: Vec<MetricSpec>,
+    /// A CEL expression over the metrics' proposals (each metric's name) and values
+    /// (`values.<name>`), plus `current` and `ready`; its result is the desired replica count.
+    /// Default: the largest proposal, as the HPA does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub formula: Option<String>,
+    /// Scaling behavior, exactly the HPA's (`autoscaling/v2`), per-direction tolerance included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<HorizontalPodAutoscalerBehavior>,
+    /// Time windows that override the replica bounds (for example, more replicas in working hours).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub schedules: Vec<ScheduleSpec>,
+    /// What to do when metrics are missing, stale, invalid or failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackSpec>,
+}
+
+/// One signal of a policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.prometheus) != has(self.resource)").message("exactly one of prometheus or resource must be set"))]
+#[x_kube(validation = Rule::new("self.target.type in ['Value', 'AverageValue', 'Utilization']").message("target.type must be one of Value, AverageValue, Utilization").field_path(".target.type"))]
+#[x_kube(validation = Rule::new("self.target.type != 'Value' || has(self.target.value)").message("target.value is required when target.type is Value").field_path(".target"))]
+#[x_kube(validation = Rule::new("self.target.type != 'AverageValue' || has(self.target.averageValue)").message("target.averageValue is required when target.type is AverageValue").field_path(".target"))]
+#[x_kube(validation = Rule::new("self.target.type != 'Utilization' || has(self.target.averageUtilization)").message("target.averageUtilization is required when target.type is Utilization").field_path(".target"))]
+#[x_kube(validation = Rule::new("self.target.type != 'Utilization' || has(self.resource)").message("target.type Utilization is only valid for resource metrics").field_path(".target.type"))]
+#[x_kube(validation = Rule::new("!has(self.resource) || self.target.type != 'Value'").message("resource metrics take a Utilization or AverageValue target").field_path(".target.type"))]
+#[serde(rename_all = "camelCase")]
+pub struct MetricSpec {
+    /// Name of the metric, used in the formula, status and exported metrics.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    pub name: String,
+    /// A PromQL query; its result (summed over series) is the metric's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
+    /// A resource metric of the target's pods from `metrics.k8s.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<ResourceSource>,
+    /// The target value, exactly the HPA's `MetricTarget`.
+    pub target: MetricTarget,
+}
+
+/// A Prometheus metric source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// An instant PromQL query.
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: String,
+}
+
+/// A resource metric source (`metrics.k8s.io`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSource {
+    /// `cpu` or `memory`.
+    #[x_kube(validation = Rule::new("self in ['cpu', 'memory']").message("resource.name must be cpu or memory"))]
+    pub name: String,
+    /// Only this container's usage and requests count (like `ContainerResource`); all when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// A time window that overrides the replica bounds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.minReplicas) || has(self.maxReplicas)").message("a schedule must set minReplicas or maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("schedule maxReplicas must be at least its minReplicas").field_path(".maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    /// A label for status and reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When the window opens: a five-field cron expression (minute hour day-of-month month day-of-week).
+    #[schemars(length(min = 1, max = 256))]
+    pub cron: String,
+    /// How long the window stays open after each start, a Go-style duration.
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub duration: String,
+    /// IANA time zone the cron expression is read in (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Replica floor while the window is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    /// Replica ceiling while the window is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: Option<i32>,
+}
+
+/// What a failing metric leads to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum OnFailure {
+    /// Keep the current replica count (never scale down on bad data).
+    #[default]
+    Hold,
+    /// Go up to `fallback.replicas` (never down: a higher current count is held).
+    Replicas,
+}
+
+/// Safe behavior when metrics fail.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.onFailure) || self.onFailure != 'Replicas' || has(self.replicas)").message("fallback.replicas is required when onFailure is Replicas").field_path(".replicas"))]
+#[x_kube(validation = Rule::new("!has(self.replicas) || !has(self.onFailure) || self.onFailure == 'Replicas'").message("fallback.replicas only applies with onFailure: Replicas").field_path(".replicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackSpec {
+    /// A sample older than this counts as missing (default: Prometheus' 5m lookback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub stale_after: Option<String>,
+    /// `Hold` (default) or `Replicas` (with `replicas`, or implied when `replicas` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+    /// The replica count to go up to while metrics fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+}
+
+/// Observed state of a ScalingPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicyStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replica count of the target when last evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_replicas: Option<i32>,
+    /// Replica count the last evaluation decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the last evaluation ran (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluation_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last decision's reason, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Per-metric values and proposals of the last evaluation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricStatus>,
+    /// Ready, AbleToScale, ScalingActive, ScalingLimited, MetricsAvailable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Stabilization and rate-limit history, kept so a restart or failover does not flap.
+    #[serde(flatten)]
+    pub history: PolicyState,
+}
+
+/// One metric's last observation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricStatus {
+    /// The metric's name.
+    pub name: String,
+    /// `Valid`, `Missing`, `Stale` or `Invalid`.
+    pub state: String,
+    /// The value as a quantity string, when valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The replica count this metric proposed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal: Option<i32>,
+    /// Why the metric is not valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The CRD as the apiserver gets it.
+pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    ScalingPolicy::crd()
+}
+
+/// The CRD as YAML, as `kscale crd` prints it and `deploy/` commits it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&crd())
+}

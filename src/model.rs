@@ -1,0 +1,105 @@
+//! The evaluation core's inputs and outputs: samples, observations, decisions.
+//!
+//! Missing data is a value here, never a zero: a source that cannot produce a number returns
+//! [`Sample::Missing`] or [`Sample::Error`] with the reason, and the evaluator decides what that
+//! means (the policy's fallback).
+
+use chrono::{DateTime, Utc};
+
+/// One metric's reading, as a source delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    /// A scalar from Prometheus (or a trace): the values of every returned series and the
+    /// timestamp of the oldest one. The evaluator sums the series, as the HPA does for External
+    /// metrics, and checks the timestamp against the staleness bound.
+    Series {
+        /// One value per series; an empty vector means the query returned nothing.
+        values: Vec<f64>,
+        /// When the sample was taken.
+        timestamp: DateTime<Utc>,
+    },
+    /// Resource usage of the target's pods from `metrics.k8s.io`, with the pods themselves.
+    Pods(Vec<PodSample>),
+    /// The source had nothing for this metric (for example an empty query result).
+    Missing {
+        /// Why, for a person.
+        reason: String,
+    },
+    /// The source failed (timeout, HTTP or query error).
+    Error {
+        /// The error text.
+        message: String,
+    },
+}
+
+/// A pod phase, as far as the HPA cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    /// Not yet running.
+    Pending,
+    /// Running.
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Unknown.
+    Unknown,
+}
+
+/// A pod of the target with its resource usage, for resource metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodSample {
+    /// Pod name.
+    pub name: String,
+    /// Pod phase.
+    pub phase: PodPhase,
+    /// The pod has a deletion timestamp.
+    pub deleting: bool,
+    /// The PodReady condition: `Some((is_true, last_transition_time))`, `None` if absent.
+    pub ready: Option<(bool, DateTime<Utc>)>,
+    /// `status.startTime`.
+    pub start_time: Option<DateTime<Utc>>,
+    /// Sum of the relevant containers' requests for the resource, in milli-units;
+    /// `None` if a container has no request.
+    pub request_milli: Option<i64>,
+    /// Usage from metrics.k8s.io, `None` if the pod has no metrics.
+    pub usage: Option<PodUsage>,
+}
+
+/// One pod's usage from metrics.k8s.io.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PodUsage {
+    /// Usage in milli-units (millicores, or milli-bytes as the HPA counts memory).
+    pub milli: i64,
+    /// When the usage was measured.
+    pub timestamp: DateTime<Utc>,
+    /// The measurement window, in seconds.
+    pub window_seconds: i64,
+}
+
+/// What the evaluator sees of the target and its metrics at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// `scale.spec.replicas`: the count the target is asked to run.
+    pub spec_replicas: i32,
+    /// `scale.status.replicas`: the count that exists.
+    pub status_replicas: i32,
+    /// Pods that are Running and Ready.
+    pub ready_replicas: i32,
+    /// One sample per `spec.metrics` entry, in the same order.
+    pub samples: Vec<Sample>,
+}
+
+/// A condition of the decision, mirroring the HPA's condition types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionCondition {
+    /// `AbleToScale`, `ScalingActive`, `ScalingLimited` or `MetricsAvailable`.
+    pub type_: &'static str,
+    /// Whether the condition holds.
+    pub status: bool,
+    /// CamelCase reason, as the HPA writes it.
+    pub reason: &'static str,
+    /// A sentence.
+    pub message: &'static str,
+}

@@ -1,0 +1,491 @@
+//! Validation: a `ScalingPolicySpec` becomes a [`CompiledPolicy`] or a list of problems, each
+//! naming its field. `kscale validate`, the backtest and the controller all go through here, so a
+//! policy that validates is a policy that evaluates.
+
+use std::fmt;
+
+use chrono::TimeDelta;
+use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, MetricTarget};
+
+use super::behavior::{Behavior, RateKind, RatePolicy, Rules, SelectPolicy};
+use super::formula::Formula;
+use super::replicas::{ReadinessSettings, Tolerances};
+use super::schedule::Schedule;
+use crate::crd::{Mode, OnFailure, ScalingPolicy, ScalingPolicySpec};
+use crate::units::{Quantity, parse_duration};
+
+/// The HPA controller's default tolerance (`--horizontal-pod-autoscaler-tolerance`).
+pub const DEFAULT_TOLERANCE: f64 = 0.1;
+/// The HPA controller's default scale-down stabilization (`--horizontal-pod-autoscaler-downscale-stabilization`).
+pub const DEFAULT_DOWNSCALE_WINDOW: TimeDelta = TimeDelta::seconds(300);
+/// Default evaluation interval (the HPA's sync period).
+pub const DEFAULT_INTERVAL: TimeDelta = TimeDelta::seconds(15);
+/// Default staleness bound: Prometheus' instant-query lookback.
+pub const DEFAULT_STALE_AFTER: TimeDelta = TimeDelta::seconds(300);
+
+/// One problem with a policy, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, such as `spec.metrics[0].target.type`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+/// Where a metric's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricSource {
+    /// An instant PromQL query.
+    Prometheus {
+        /// The query.
+        query: String,
+    },
+    /// Pod resource usage from metrics.k8s.io.
+    Resource {
+        /// `true` for cpu, `false` for memory.
+        cpu: bool,
+        /// Only this container, if set.
+        container: Option<String>,
+    },
+}
+
+/// A metric target in milli-units, as the HPA compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The whole metric against a value.
+    Value(i64),
+    /// The metric per replica against a value.
+    AverageValue(i64),
+    /// Percent of the pods' requests.
+    Utilization(i32),
+}
+
+/// A validated metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledMetric {
+    /// Its name.
+    pub name: String,
+    /// Its source.
+    pub source: MetricSource,
+    /// Its target.
+    pub target: Target,
+}
+
+/// What failing metrics lead to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureAction {
+    /// Keep the current count.
+    Hold,
+    /// Go up to this count (never down).
+    Replicas(i32),
+}
+
+/// A validated policy, ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    /// `namespace/name` (or just the name), for messages.
+    pub name: String,
+    /// What to do with decisions.
+    pub mode: Mode,
+    /// Lower bound.
+    pub min_replicas: i32,
+    /// Upper bound.
+    pub max_replicas: i32,
+    /// Evaluation interval.
+    pub interval: TimeDelta,
+    /// Metrics, in spec order.
+    pub metrics: Vec<CompiledMetric>,
+    /// Optional formula.
+    pub formula: Option<Formula>,
+    /// Behavior with HPA defaults filled in; `None` means the HPA's legacy normalization.
+    pub behavior: Option<Behavior>,
+    /// Tolerance per direction.
+    pub tolerances: Tolerances,
+    /// Legacy (no `behavior`) downscale stabilization window.
+    pub downscale_window: TimeDelta,
+    /// Pod readiness timings for CPU metrics.
+    pub readiness: ReadinessSettings,
+    /// Schedules.
+    pub schedules: Vec<Schedule>,
+    /// Samples older than this are stale.
+    pub stale_after: TimeDelta,
+    /// What failing metrics lead to.
+    pub on_failure: FailureAction,
+}
+
+impl CompiledPolicy {
+    /// Validates and compiles a ScalingPolicy object.
+    pub fn from_resource(policy: &ScalingPolicy) -> Result<CompiledPolicy, ValidationErrors> {
+        let mut errors = Vec::new();
+        let name = match (&policy.metadata.namespace, &policy.metadata.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (None, Some(n)) => n.clone(),
+            (_, None) => {
+                errors.push(err("metadata.name", "is required".into()));
+                String::new()
+            }
+        };
+        match compile_spec(&policy.spec, name) {
+            Ok(c) if errors.is_empty() => Ok(c),
+            Ok(_) => Err(ValidationErrors(errors)),
+            Err(ValidationErrors(more)) => {
+                errors.extend(more);
+                Err(ValidationErrors(errors))
+            }
+        }
+    }
+}
+
+fn err(path: impl Into<String>, message: String) -> FieldError {
+    FieldError {
+        path: path.into(),
+        message,
+    }
+}
+
+fn duration_field(errors: &mut Vec<FieldError>, path: &str, text: &str) -> Option<TimeDelta> {
+    match parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            errors.push(err(path, format!("must be longer than zero, got {text:?}")));
+            None
+        }
+        Ok(d) => TimeDelta::from_std(d).ok(),
+        Err(e) => {
+            errors.push(err(path, e.to_string()));
+            None
+        }
+    }
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+fn positive_quantity(errors: &mut Vec<FieldError>, path: String, q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>, type_: &str) -> Option<i64> {
+    match q {
+        None => {
+            errors.push(err(path, format!("is required when target.type is {type_}")));
+            None
+        }
+        Some(q) => match Quantity::parse(&q.0) {
+            Ok(v) if v.milli() > 0 => Some(v.milli()),
+            Ok(_) => {
+                errors.push(err(path, format!("must be greater than zero, got {:?}", q.0)));
+                None
+            }
+            Err(e) => {
+                errors.push(err(path, e.to_string()));
+                None
+            }
+        },
+    }
+}
+
+fn compile_target(errors: &mut Vec<FieldError>, path: &str, target: &MetricTarget, is_resource: bool) -> Option<Target> {
+    match target.type_.as_str() {
+        "Value" => {
+            if is_resource {
+                errors.push(err(
+                    format!("{path}.type"),
+                    "Value is not valid for a resource metric; use Utilization or AverageValue".into(),
+                ));
+                return None;
+            }
+            positive_quantity(errors, format!("{path}.value"), &target.value, "Value").map(Target::Value)
+        }
+        "AverageValue" => positive_quantity(errors, format!("{path}.averageValue"), &target.average_value, "AverageValue")
+            .map(Target::AverageValue),
+        "Utilization" => {
+            if !is_resource {
+                errors.push(err(
+                    format!("{path}.type"),
+                    "Utilization is only valid for resource metrics; use Value or AverageValue".into(),
+                ));
+                return None;
+            }
+            match target.average_utilization {
+                None => {
+                    errors.push(err(format!("{path}.averageUtilization"), "is required when target.type is Utilization".into()));
+                    None
+                }
+                Some(u) if u <= 0 => {
+                    errors.push(err(format!("{path}.averageUtilization"), format!("must be greater than zero, got {u}")));
+                    None
+                }
+                Some(u) => Some(Target::Utilization(u)),
+            }
+        }
+        other => {
+            errors.push(err(
+                format!("{path}.type"),
+                format!("unknown value {other:?} (expected Value, AverageValue or Utilization)"),
+            ));
+            None
+        }
+    }
+}
+
+fn compile_rules(errors: &mut Vec<FieldError>, path: &str, rules: Option<&HPAScalingRules>, up: bool) -> (Rules, Option<f64>) {
+    // autoscaling/v2 defaults (SetDefaults_HorizontalPodAutoscalerBehavior).
+    let default_policies = if up {
+        vec![
+            RatePolicy { kind: RateKind::Pods, value: 4, period: TimeDelta::seconds(15) },
+            RatePolicy { kind: RateKind::Percent, value: 100, period: TimeDelta::seconds(15) },
+        ]
+    } else {
+        vec![RatePolicy { kind: RateKind::Percent, value: 100, period: TimeDelta::seconds(15) }]
+    };
+    let default_window = if up { TimeDelta::zero() } else { DEFAULT_DOWNSCALE_WINDOW };
+    let Some(rules) = rules else {
+        return (
+            Rules { stabilization: default_window, select: SelectPolicy::Max, policies: default_policies },
+            None,
+        );
+    };
+    let stabilization = match rules.stabilization_window_seconds {
+        None => default_window,
+        Some(s) if !(0..=3600).contains(&s) => {
+            errors.push(err(format!("{path}.stabilizationWindowSeconds"), format!("must be between 0 and 3600, got {s}")));
+            default_window
+        }
+        Some(s) => TimeDelta::seconds(i64::from(s)),
+    };
+    let select = match rules.select_policy.as_deref() {
+        None | Some("Max") => SelectPolicy::Max,
+        Some("Min") => SelectPolicy::Min,
+        Some("Disabled") => SelectPolicy::Disabled,
+        Some(other) => {
+            errors.push(err(format!("{path}.selectPolicy"), format!("unknown value {other:?} (expected Max, Min or Disabled)")));
+            SelectPolicy::Max
+        }
+    };
+    let policies = match &rules.policies {
+        None => default_policies,
+        Some(list) if list.is_empty() => {
+            errors.push(err(format!("{path}.policies"), "must hold at least one policy when set".into()));
+            default_policies
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let ppath = format!("{path}.policies[{i}]");
+                let kind = match p.type_.as_str() {
+                    "Pods" => Some(RateKind::Pods),
+                    "Percent" => Some(RateKind::Percent),
+                    other => {
+                        errors.push(err(format!("{ppath}.type"), format!("unknown value {other:?} (expected Pods or Percent)")));
+                        None
+                    }
+                };
+                if p.value <= 0 {
+                    errors.push(err(format!("{ppath}.value"), format!("must be greater than zero, got {}", p.value)));
+                }
+                if !(1..=1800).contains(&p.period_seconds) {
+                    errors.push(err(format!("{ppath}.periodSeconds"), format!("must be between 1 and 1800, got {}", p.period_seconds)));
+                }
+                kind.map(|kind| RatePolicy { kind, value: p.value, period: TimeDelta::seconds(i64::from(p.period_seconds)) })
+            })
+            .collect(),
+    };
+    let tolerance = rules.tolerance.as_ref().and_then(|q| match Quantity::parse(&q.0) {
+        Ok(v) if v.as_f64() >= 0.0 => Some(v.as_f64()),
+        Ok(_) => {
+            errors.push(err(format!("{path}.tolerance"), format!("must not be negative, got {:?}", q.0)));
+            None
+        }
+        Err(e) => {
+            errors.push(err(format!("{path}.tolerance"), e.to_string()));
+            None
+        }
+    });
+    (Rules { stabilization, select, policies }, tolerance)
+}
+
+/// Validates a spec; `name` is used in messages only.
+pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPolicy, ValidationErrors> {
+    let mut errors = Vec::new();
+    if spec.target_ref.kind.is_empty() {
+        errors.push(err("spec.targetRef.kind", "is required".into()));
+    }
+    if spec.target_ref.name.is_empty() {
+        errors.push(err("spec.targetRef.name", "is required".into()));
+    }
+    let min_replicas = spec.min_replicas.unwrap_or(1);
+    if min_replicas < 0 {
+        errors.push(err("spec.minReplicas", format!("must not be negative, got {min_replicas}")));
+    }
+    if spec.max_replicas < 1 {
+        errors.push(err("spec.maxReplicas", format!("must be at least 1, got {}", spec.max_replicas)));
+    }
+    if spec.max_replicas < min_replicas {
+        errors.push(err(
+            "spec.maxReplicas",
+            format!("{} is below spec.minReplicas ({min_replicas})", spec.max_replicas),
+        ));
+    }
+    let interval = spec
+        .interval
+        .as_deref()
+        .map_or(Some(DEFAULT_INTERVAL), |text| duration_field(&mut errors, "spec.interval", text))
+        .unwrap_or(DEFAULT_INTERVAL);
+
+    if spec.metrics.is_empty() {
+        errors.push(err("spec.metrics", "must hold at least one metric".into()));
+    }
+    if spec.metrics.len() > 16 {
+        errors.push(err("spec.metrics", format!("holds {} metrics; at most 16 are allowed", spec.metrics.len())));
+    }
+    let mut metrics = Vec::with_capacity(spec.metrics.len());
+    for (i, m) in spec.metrics.iter().enumerate() {
+        let path = format!("spec.metrics[{i}]");
+        if !is_metric_name(&m.name) {
+            errors.push(err(
+                format!("{path}.name"),
+                format!("{:?} is not a valid metric name (lowercase letters, digits and _, not starting with a digit, at most 63)", m.name),
+            ));
+        } else if spec.metrics[..i].iter().any(|o| o.name == m.name) {
+            errors.push(err(format!("{path}.name"), format!("{:?} is used by an earlier metric; names must be unique", m.name)));
+        }
+        let source = match (&m.prometheus, &m.resource) {
+            (Some(p), None) => {
+                if p.query.trim().is_empty() {
+                    errors.push(err(format!("{path}.prometheus.query"), "must not be empty".into()));
+                }
+                Some(MetricSource::Prometheus { query: p.query.clone() })
+            }
+            (None, Some(r)) => match r.name.as_str() {
+                "cpu" | "memory" => Some(MetricSource::Resource { cpu: r.name == "cpu", container: r.container.clone() }),
+                other => {
+                    errors.push(err(format!("{path}.resource.name"), format!("unknown value {other:?} (expected cpu or memory)")));
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                errors.push(err(path.clone(), "sets both prometheus and resource; set exactly one".into()));
+                None
+            }
+            (None, None) => {
+                errors.push(err(path.clone(), "sets no source; set prometheus or resource".into()));
+                None
+            }
+        };
+        let target = compile_target(&mut errors, &format!("{path}.target"), &m.target, m.resource.is_some() && m.prometheus.is_none());
+        if let (Some(source), Some(target)) = (source, target) {
+            metrics.push(CompiledMetric { name: m.name.clone(), source, target });
+        }
+    }
+
+    let formula = spec.formula.as_deref().and_then(|text| {
+        let names: Vec<&str> = spec.metrics.iter().map(|m| m.name.as_str()).collect();
+        Formula::compile(text, &names)
+            .map_err(|e| errors.push(err("spec.formula", format!("{text:?} {e}"))))
+            .ok()
+    });
+
+    let (behavior, tolerances) = match &spec.behavior {
+        None => (None, Tolerances { down: DEFAULT_TOLERANCE, up: DEFAULT_TOLERANCE }),
+        Some(b) => {
+            let (up, up_tol) = compile_rules(&mut errors, "spec.behavior.scaleUp", b.scale_up.as_ref(), true);
+            let (down, down_tol) = compile_rules(&mut errors, "spec.behavior.scaleDown", b.scale_down.as_ref(), false);
+            (
+                Some(Behavior { up, down }),
+                Tolerances { down: down_tol.unwrap_or(DEFAULT_TOLERANCE), up: up_tol.unwrap_or(DEFAULT_TOLERANCE) },
+            )
+        }
+    };
+
+    let mut schedules = Vec::with_capacity(spec.schedules.len());
+    for (i, s) in spec.schedules.iter().enumerate() {
+        let path = format!("spec.schedules[{i}]");
+        if s.min_replicas.is_none() && s.max_replicas.is_none() {
+            errors.push(err(path.clone(), "sets neither minReplicas nor maxReplicas".into()));
+        }
+        if let Some(m) = s.min_replicas {
+            if m > spec.max_replicas {
+                errors.push(err(format!("{path}.minReplicas"), format!("{m} is above spec.maxReplicas ({})", spec.max_replicas)));
+            }
+            if m < 0 {
+                errors.push(err(format!("{path}.minReplicas"), format!("must not be negative, got {m}")));
+            }
+        }
+        if let Some(m) = s.max_replicas {
+            if m < 1 {
+                errors.push(err(format!("{path}.maxReplicas"), format!("must be at least 1, got {m}")));
+            }
+            if let Some(lo) = s.min_replicas.filter(|lo| *lo > m) {
+                errors.push(err(format!("{path}.maxReplicas"), format!("{m} is below its minReplicas ({lo})")));
+            }
+        }
+        let duration = duration_field(&mut errors, &format!("{path}.duration"), &s.duration);
+        let label = s.name.clone().unwrap_or_else(|| format!("schedule {:?}", s.cron));
+        match Schedule::new(label, &s.cron, duration.unwrap_or(TimeDelta::zero()), s.timezone.as_deref(), s.min_replicas, s.max_replicas) {
+            Ok(schedule) => schedules.push(schedule),
+            Err((field, message)) => errors.push(err(format!("{path}.{field}"), message)),
+        }
+    }
+
+    let mut stale_after = DEFAULT_STALE_AFTER;
+    let mut on_failure = FailureAction::Hold;
+    if let Some(f) = &spec.fallback {
+        if let Some(text) = &f.stale_after {
+            if let Some(d) = duration_field(&mut errors, "spec.fallback.staleAfter", text) {
+                stale_after = d;
+            }
+        }
+        on_failure = match (f.on_failure, f.replicas) {
+            (None | Some(OnFailure::Hold), None) => FailureAction::Hold,
+            (Some(OnFailure::Hold), Some(_)) => {
+                errors.push(err("spec.fallback.replicas", "only applies with onFailure: Replicas".into()));
+                FailureAction::Hold
+            }
+            (Some(OnFailure::Replicas), None) => {
+                errors.push(err("spec.fallback.replicas", "is required when onFailure is Replicas".into()));
+                FailureAction::Hold
+            }
+            (None | Some(OnFailure::Replicas), Some(n)) => {
+                if n < min_replicas || n > spec.max_replicas {
+                    errors.push(err(
+                        "spec.fallback.replicas",
+                        format!("{n} is outside [spec.minReplicas, spec.maxReplicas] = [{min_replicas}, {}]", spec.max_replicas),
+                    ));
+                }
+                FailureAction::Replicas(n)
+            }
+        };
+    }
+
+    if !errors.is_empty() {
+        return Err(ValidationErrors(errors));
+    }
+    Ok(CompiledPolicy {
+        name,
+        mode: spec.mode,
+        min_replicas,
+        max_replicas: spec.max_replicas,
+        interval,
+        metrics,
+        formula,
+        behavior,
+        tolerances,
+        downscale_window: DEFAULT_DOWNSCALE_WINDOW,
+        readiness: ReadinessSettings::default(),
+        schedules,
+        stale_after,
+        on_failure,
+    })
+}

@@ -1,0 +1,158 @@
+//! The optional CEL formula that combines the metrics' proposals into one replica count.
+//!
+//! Variables: each metric's name is bound to its proposal (an int); `values` maps each metric's
+//! name to its value (a double); `current` and `ready` are the current and ready replica counts.
+//! Functions: CEL's standard library, its math extension (`math.greatest`, `math.ceil`, ...), and
+//! `max(...)` / `min(...)`. The result must be a number; it is rounded up to a whole replica count.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::objects::{Key, Value};
+use cel::{Context, Env, Program};
+
+/// A compiled formula.
+#[derive(Clone)]
+pub struct Formula {
+    source: String,
+    names: Vec<String>,
+    program: Arc<Program>,
+    env: Arc<Env>,
+}
+
+impl std::fmt::Debug for Formula {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Formula").field(&self.source).finish()
+    }
+}
+
+/// Variable names a formula may use besides the metric names.
+pub const BUILTIN_VARIABLES: [&str; 3] = ["values", "current", "ready"];
+
+impl Formula {
+    /// Parses `source` and checks that every variable it names is a metric or a built-in, and
+    /// that it evaluates to a number on sample inputs (which catches unknown functions).
+    pub fn compile(source: &str, metric_names: &[&str]) -> Result<Formula, String> {
+        let mut env = Env::stdlib();
+        env.add_extension(cel::extensions::math)
+            .map_err(|e| format!("could not set up CEL: {e}"))?;
+        let env = Arc::new(env);
+        let program = env
+            .compile(source)
+            .map_err(|e| format!("does not parse as CEL: {}", one_line(&e.to_string())))?;
+        let references = program.references();
+        let mut unknown: Vec<&str> = references
+            .variables()
+            .into_iter()
+            .filter(|v| !metric_names.contains(v) && !BUILTIN_VARIABLES.contains(v))
+            .collect();
+        unknown.sort_unstable();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "names unknown {} {}; known metrics: {}; built-ins: {}",
+                if unknown.len() == 1 { "metric" } else { "metrics" },
+                unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", "),
+                metric_names.join(", "),
+                BUILTIN_VARIABLES.join(", ")
+            ));
+        }
+        let formula = Formula {
+            source: source.to_string(),
+            names: metric_names.iter().map(|n| (*n).to_string()).collect(),
+            program: Arc::new(program),
+            env,
+        };
+        let proposals: Vec<i32> = metric_names.iter().map(|_| 1).collect();
+        let values: Vec<f64> = metric_names.iter().map(|_| 1.0).collect();
+        formula.evaluate(&proposals, &values, 1, 1)?;
+        Ok(formula)
+    }
+
+    /// The formula's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates the formula with one proposal and one value per metric, in spec order; the result is rounded up and kept within `i32`.
+    pub fn evaluate(&self, proposals: &[i32], values: &[f64], current: i32, ready: i32) -> Result<i32, String> {
+        let mut ctx = Context::with_env(Arc::clone(&self.env));
+        // `max(a, b, ...)` and `min(...)` read naturally in a policy; cel-go spells them
+        // `math.greatest` / `math.least`, which work too.
+        ctx.add_function("max", cel::functions::max)
+            .map_err(|e| format!("could not set up CEL: {e}"))?;
+        ctx.add_function("min", cel::functions::min)
+            .map_err(|e| format!("could not set up CEL: {e}"))?;
+        let mut map: HashMap<Key, Value> = HashMap::with_capacity(self.names.len());
+        for ((name, proposal), value) in self.names.iter().zip(proposals).zip(values) {
+            ctx.add_variable_from_value(name.as_str(), Value::Int(i64::from(*proposal)));
+            map.insert(Key::from(name.as_str()), Value::Float(*value));
+        }
+        ctx.add_variable_from_value("values", Value::Map(map.into()));
+        ctx.add_variable_from_value("current", Value::Int(i64::from(current)));
+        ctx.add_variable_from_value("ready", Value::Int(i64::from(ready)));
+        let result = self
+            .program
+            .execute(&ctx)
+            .map_err(|e| format!("failed to evaluate: {}", one_line(&e.to_string())))?;
+        let number = match result {
+            Value::Int(i) => i as f64,
+            Value::UInt(u) => u as f64,
+            Value::Float(f) => f,
+            other => return Err(format!("must evaluate to a number, got {}", type_name(&other))),
+        };
+        if !number.is_finite() {
+            return Err(format!("evaluated to {number}, not a finite number"));
+        }
+        Ok(number.ceil().clamp(0.0, f64::from(i32::MAX)) as i32)
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::List(_) => "a list",
+        Value::Map(_) => "a map",
+        Value::String(_) => "a string",
+        Value::Bool(_) => "a bool",
+        Value::Null => "null",
+        _ => "a non-number",
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_of_proposals() {
+        let f = Formula::compile("max(rps, cpu)", &["rps", "cpu"]).unwrap();
+        assert_eq!(f.evaluate(&[3, 7], &[1.0, 2.0], 1, 1).unwrap(), 7);
+    }
+
+    #[test]
+    fn uses_values_and_current() {
+        let f = Formula::compile("values.rps / 100.0 + double(current)", &["rps"]).unwrap();
+        assert_eq!(f.evaluate(&[0], &[250.0], 2, 2).unwrap(), 5);
+    }
+
+    #[test]
+    fn rejects_unknown_metric() {
+        let e = Formula::compile("max(rsp, cpu)", &["rps", "cpu"]).unwrap_err();
+        assert!(e.contains("\"rsp\""), "{e}");
+    }
+
+    #[test]
+    fn rejects_parse_error() {
+        let e = Formula::compile("max(rps,", &["rps"]).unwrap_err();
+        assert!(e.contains("does not parse"), "{e}");
+    }
+
+    #[test]
+    fn rejects_non_number() {
+        let e = Formula::compile("'x'", &["rps"]).unwrap_err();
+        assert!(e.contains("number"), "{e}");
+    }
+}

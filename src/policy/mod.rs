@@ -1,0 +1,507 @@
+//! The evaluation core: one pure, deterministic function from (policy, observation, state, now)
+//! to a [`Decision`]. No I/O, no clock reads, no randomness. The controller, the metrics adapter
+//! and the backtest all call [`evaluate`].
+//!
+//! In its default (HPA-compatible) form the arithmetic is the HorizontalPodAutoscaler
+//! controller's: per-metric proposals, the max across metrics, no scale-down on partial data,
+//! direct clamps when the current count is outside the bounds, then stabilization, rate limits
+//! and bounds. On top: the CEL formula, schedules and the failure fallback.
+
+pub mod behavior;
+pub mod compile;
+pub mod formula;
+pub mod replicas;
+pub mod schedule;
+pub mod state;
+
+use std::fmt::{self, Write as _};
+
+use chrono::{DateTime, Utc};
+
+pub use compile::{CompiledMetric, CompiledPolicy, FailureAction, FieldError, MetricSource, Target, ValidationErrors, compile_spec};
+pub use state::PolicyState;
+
+use crate::model::{DecisionCondition, Observation, Sample};
+use behavior::{Limit, Normalized, Stabilization};
+use replicas::ResourceTarget;
+
+/// How usable one metric's sample was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricState {
+    /// A number the evaluator used.
+    Valid,
+    /// No data (empty result, no sample).
+    Missing,
+    /// Data older than the staleness bound.
+    Stale,
+    /// NaN, infinite, or unusable for the target (for example no ready pods).
+    Invalid,
+    /// The source failed.
+    Error,
+}
+
+impl MetricState {
+    /// The name used in status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricState::Valid => "Valid",
+            MetricState::Missing => "Missing",
+            MetricState::Stale => "Stale",
+            MetricState::Invalid => "Invalid",
+            MetricState::Error => "Error",
+        }
+    }
+}
+
+/// What one metric contributed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricOutcome {
+    /// Usable or why not.
+    pub state: MetricState,
+    /// The value: sum of series (Prometheus), utilization percent or average usage (resource).
+    pub value: Option<f64>,
+    /// Replicas this metric proposes.
+    pub proposal: Option<i32>,
+    /// Why the metric is not usable.
+    pub message: Option<String>,
+}
+
+impl MetricOutcome {
+    fn failed(state: MetricState, message: String) -> MetricOutcome {
+        MetricOutcome {
+            state,
+            value: None,
+            proposal: None,
+            message: Some(message),
+        }
+    }
+}
+
+/// Which rule produced the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// The target runs 0 replicas and `minReplicas` is not 0: autoscaling is off, as in the HPA.
+    ScalingDisabled,
+    /// Current count above the (effective) maximum: clamped directly.
+    AboveMax,
+    /// Current count below the (effective) minimum: clamped directly.
+    BelowMin,
+    /// The metrics' proposals, combined by max; `Some(i)` names the winning metric.
+    Metrics(Option<usize>),
+    /// The CEL formula.
+    Formula,
+    /// Metrics failed and the fallback decided.
+    Fallback(FailureAction),
+}
+
+/// The result of one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The replica count to run.
+    pub replicas: i32,
+    /// The count the target ran (`scale.spec.replicas`).
+    pub current: i32,
+    /// The combined proposal before stabilization and limits, when metrics decided.
+    pub proposal: Option<i32>,
+    /// The rule that decided.
+    pub rule: Rule,
+    /// Per-metric outcomes, in spec order.
+    pub metrics: Vec<MetricOutcome>,
+    /// Stabilization and limits, when they ran.
+    pub normalized: Option<Normalized>,
+    /// Effective bounds (after schedules).
+    pub min_replicas: i32,
+    /// Effective upper bound.
+    pub max_replicas: i32,
+    /// The schedule that set the bounds, if one was active.
+    pub schedule: Option<usize>,
+    /// Some metric was not valid.
+    pub degraded: bool,
+    /// The formula failed (its error), when there is one.
+    pub formula_error: Option<String>,
+    /// The state to keep for the next evaluation.
+    pub state: PolicyState,
+}
+
+fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, Option<usize>) {
+    let mut min = policy.min_replicas;
+    let mut max = policy.max_replicas;
+    let mut active = None;
+    for (i, s) in policy.schedules.iter().enumerate() {
+        if s.is_active(now) {
+            if let Some(m) = s.min_replicas {
+                min = min.max(m);
+            }
+            if let Some(m) = s.max_replicas {
+                max = max.min(m);
+            }
+            active.get_or_insert(i);
+        }
+    }
+    // A schedule ceiling never goes under the floor.
+    (min, max.max(min), active)
+}
+
+fn metric_outcome(policy: &CompiledPolicy, metric: &CompiledMetric, sample: Option<&Sample>, obs: &Observation, now: DateTime<Utc>) -> MetricOutcome {
+    let tol = policy.tolerances;
+    match sample {
+        None => MetricOutcome::failed(MetricState::Missing, "no sample was taken".into()),
+        Some(Sample::Missing { reason }) => MetricOutcome::failed(MetricState::Missing, reason.clone()),
+        Some(Sample::Error { message }) => MetricOutcome::failed(MetricState::Error, message.clone()),
+        Some(Sample::Series { values, timestamp }) => {
+            let age = now.signed_duration_since(*timestamp);
+            if age > policy.stale_after {
+                return MetricOutcome::failed(
+                    MetricState::Stale,
+                    format!("sample is {}s old, older than the {}s staleness bound", age.num_seconds(), policy.stale_after.num_seconds()),
+                );
+            }
+            if values.is_empty() {
+                return MetricOutcome::failed(MetricState::Missing, "query returned no series".into());
+            }
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return MetricOutcome::failed(MetricState::Invalid, format!("query returned {bad}"));
+            }
+            let value: f64 = values.iter().sum();
+            let usage = replicas::sum_milli(values);
+            let proposal = match metric.target {
+                Target::Value(t) => replicas::external_value(usage, t, obs.spec_replicas, obs.ready_replicas, tol),
+                Target::AverageValue(t) => replicas::external_average(usage, t, obs.status_replicas, tol),
+                Target::Utilization(_) => {
+                    return MetricOutcome::failed(MetricState::Invalid, "Utilization needs a resource metric".into());
+                }
+            };
+            MetricOutcome {
+                state: MetricState::Valid,
+                value: Some(value),
+                proposal: Some(proposal),
+                message: None,
+            }
+        }
+        Some(Sample::Pods(pods)) => {
+            let (is_cpu, target) = match (&metric.source, metric.target) {
+                (MetricSource::Resource { cpu, .. }, Target::Utilization(u)) => (*cpu, ResourceTarget::Utilization(u)),
+                (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => (*cpu, ResourceTarget::AverageMilli(v)),
+                _ => return MetricOutcome::failed(MetricState::Invalid, "pod samples need a resource metric with a Utilization or AverageValue target".into()),
+            };
+            match replicas::resource(pods, is_cpu, target, obs.spec_replicas, tol, now, policy.readiness) {
+                Ok(p) => MetricOutcome {
+                    state: MetricState::Valid,
+                    value: Some(p.value),
+                    proposal: Some(p.replicas),
+                    message: None,
+                },
+                Err(message) => MetricOutcome::failed(MetricState::Invalid, message),
+            }
+        }
+    }
+}
+
+/// Evaluates `policy` against `obs` at `now`, starting from `state`.
+///
+/// Pure and deterministic. The returned decision carries the next state; after the decision is
+/// acted on (the target rescaled), record it with [`PolicyState::record_scale`] through
+/// [`Decision::record_applied`].
+pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState, now: DateTime<Utc>) -> Decision {
+    let current = obs.spec_replicas;
+    let (min, max, schedule) = effective_bounds(policy, now);
+    let mut next = state.clone();
+    if next.recommendations.is_empty() {
+        next.record_recommendation(current, now, None);
+    }
+    let metrics: Vec<MetricOutcome> = policy
+        .metrics
+        .iter()
+        .enumerate()
+        .map(|(i, m)| metric_outcome(policy, m, obs.samples.get(i), obs, now))
+        .collect();
+    let invalid = metrics.iter().filter(|m| m.state != MetricState::Valid).count();
+    let mut decision = Decision {
+        replicas: current,
+        current,
+        proposal: None,
+        rule: Rule::Metrics(None),
+        metrics,
+        normalized: None,
+        min_replicas: min,
+        max_replicas: max,
+        schedule,
+        degraded: invalid > 0,
+        formula_error: None,
+        state: next,
+    };
+
+    if current == 0 && min != 0 {
+        decision.rule = Rule::ScalingDisabled;
+        decision.replicas = 0;
+        return decision;
+    }
+    if current > max {
+        decision.rule = Rule::AboveMax;
+        decision.replicas = max;
+        return decision;
+    }
+    if current < min {
+        decision.rule = Rule::BelowMin;
+        decision.replicas = min;
+        return decision;
+    }
+
+    // Combine the valid proposals: the formula, or the max as the HPA does (first metric wins ties).
+    let (raw, rule) = match &policy.formula {
+        Some(formula) if invalid == 0 => {
+            let proposals: Vec<i32> = decision.metrics.iter().map(|m| m.proposal.unwrap_or(0)).collect();
+            let values: Vec<f64> = decision.metrics.iter().map(|m| m.value.unwrap_or(0.0)).collect();
+            match formula.evaluate(&proposals, &values, current, obs.ready_replicas) {
+                Ok(r) => (Some(r), Rule::Formula),
+                Err(e) => {
+                    decision.formula_error = Some(e);
+                    (None, Rule::Formula)
+                }
+            }
+        }
+        Some(_) => (None, Rule::Formula),
+        None => {
+            let mut best: Option<(i32, usize)> = None;
+            for (i, m) in decision.metrics.iter().enumerate() {
+                if let Some(p) = m.proposal {
+                    if best.is_none_or(|(b, _)| p > b) {
+                        best = Some((p, i));
+                    }
+                }
+            }
+            (best.map(|(p, _)| p), Rule::Metrics(best.map(|(_, i)| i)))
+        }
+    };
+
+    // Never scale down on partial data; the fallback decides instead.
+    let failed = match raw {
+        None => true,
+        Some(r) => invalid > 0 && r < current,
+    };
+    if failed {
+        decision.rule = Rule::Fallback(policy.on_failure);
+        decision.proposal = raw;
+        decision.replicas = match policy.on_failure {
+            FailureAction::Replicas(n) if n > current => n.min(max),
+            _ => current,
+        };
+        return decision;
+    }
+    let mut raw = raw.unwrap_or(current).max(0);
+    if let (true, FailureAction::Replicas(n)) = (invalid > 0, policy.on_failure) {
+        raw = raw.max(n);
+    }
+    decision.rule = rule;
+    decision.proposal = Some(raw);
+    let normalized = match &policy.behavior {
+        Some(b) => behavior::normalize_with_behavior(b, &mut decision.state, current, raw, min, max, now),
+        None => behavior::normalize_legacy(policy.downscale_window, &mut decision.state, current, raw, min, max, now),
+    };
+    decision.replicas = normalized.replicas;
+    decision.normalized = Some(normalized);
+    decision
+}
+
+impl Decision {
+    /// Records in the state that the decision was carried out at `now` (the target now runs
+    /// `self.replicas`), so rate limits count it. Only policies with `behavior` keep scale
+    /// events, as in the HPA; every policy keeps the last scale time.
+    pub fn record_applied(&mut self, policy: &CompiledPolicy, now: DateTime<Utc>) {
+        if self.replicas == self.current {
+            return;
+        }
+        match &policy.behavior {
+            Some(b) => self.state.record_scale(self.current, self.replicas, now, b.up.longest_period(), b.down.longest_period()),
+            None => self.state.last_scale_time = Some(now),
+        }
+    }
+
+    /// The HPA-style conditions of this decision.
+    pub fn conditions(&self) -> Vec<DecisionCondition> {
+        let mut out = Vec::with_capacity(4);
+        let able = match self.normalized.map(|n| n.stabilization) {
+            Some(Stabilization::ScaleUpStabilized) => DecisionCondition {
+                type_: "AbleToScale",
+                status: true,
+                reason: "ScaleUpStabilized",
+                message: "recent recommendations were lower than current one, applying the lowest recent recommendation",
+            },
+            Some(Stabilization::ScaleDownStabilized) => DecisionCondition {
+                type_: "AbleToScale",
+                status: true,
+                reason: "ScaleDownStabilized",
+                message: "recent recommendations were higher than current one, applying the highest recent recommendation",
+            },
+            _ => DecisionCondition {
+                type_: "AbleToScale",
+                status: true,
+                reason: "ReadyForNewScale",
+                message: "recommended size matches current size",
+            },
+        };
+        out.push(able);
+        out.push(match self.rule {
+            Rule::ScalingDisabled => DecisionCondition {
+                type_: "ScalingActive",
+                status: false,
+                reason: "ScalingDisabled",
+                message: "scaling is disabled since the replica count of the target is zero",
+            },
+            Rule::Fallback(_) => DecisionCondition {
+                type_: "ScalingActive",
+                status: false,
+                reason: "FailedGetMetrics",
+                message: "the metrics needed for a decision are missing, stale or invalid; the fallback applies",
+            },
+            _ => DecisionCondition {
+                type_: "ScalingActive",
+                status: true,
+                reason: "ValidMetricFound",
+                message: "the replica count was calculated from valid metrics",
+            },
+        });
+        let limit = self.normalized.map_or(
+            match self.rule {
+                Rule::AboveMax => Limit::TooManyReplicas,
+                Rule::BelowMin => Limit::TooFewReplicas,
+                _ => Limit::DesiredWithinRange,
+            },
+            |n| n.limit,
+        );
+        out.push(DecisionCondition {
+            type_: "ScalingLimited",
+            status: limit != Limit::DesiredWithinRange,
+            reason: limit.reason(),
+            message: limit.message(),
+        });
+        out.push(if self.degraded {
+            DecisionCondition {
+                type_: "MetricsAvailable",
+                status: false,
+                reason: "MetricsDegraded",
+                message: "some metrics are missing, stale, invalid or failing",
+            }
+        } else {
+            DecisionCondition {
+                type_: "MetricsAvailable",
+                status: true,
+                reason: "AllMetricsValid",
+                message: "every metric returned a valid, fresh value",
+            }
+        });
+        out
+    }
+
+    /// One line a person can read: the values, the proposals, which rule won and what clipped it.
+    pub fn reason(&self, policy: &CompiledPolicy) -> String {
+        let mut s = String::with_capacity(160);
+        // Writing to a String cannot fail.
+        let _ = self.write_reason(policy, &mut s);
+        s
+    }
+
+    fn write_reason(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
+        let verb = match self.replicas.cmp(&self.current) {
+            std::cmp::Ordering::Greater => "scale up",
+            std::cmp::Ordering::Less => "scale down",
+            std::cmp::Ordering::Equal => "hold",
+        };
+        write!(s, "{verb} {}→{}", self.current, self.replicas)?;
+        match self.rule {
+            Rule::ScalingDisabled => return write!(s, ": target runs 0 replicas and minReplicas is {}, autoscaling is off until it is scaled up", self.min_replicas),
+            Rule::AboveMax => {
+                write!(s, ": current count is above maxReplicas {}", self.max_replicas)?;
+                return self.write_schedule(policy, s);
+            }
+            Rule::BelowMin => {
+                write!(s, ": current count is below minReplicas {}", self.min_replicas)?;
+                return self.write_schedule(policy, s);
+            }
+            _ => {}
+        }
+        s.push_str(": ");
+        for (i, (m, o)) in policy.metrics.iter().zip(&self.metrics).enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            match (o.value, o.proposal) {
+                (Some(v), Some(p)) => {
+                    write!(s, "{}={}", m.name, Num(v))?;
+                    match m.target {
+                        Target::Value(t) => write!(s, " (target {})", Num(t as f64 / 1000.0))?,
+                        Target::AverageValue(t) => write!(s, " (target {}/replica)", Num(t as f64 / 1000.0))?,
+                        Target::Utilization(u) => write!(s, "% (target {u}%)")?,
+                    }
+                    write!(s, " → {p}")?;
+                }
+                _ => write!(s, "{} {}: {}", m.name, o.state.as_str().to_lowercase(), o.message.as_deref().unwrap_or("unusable"))?,
+            }
+        }
+        match self.rule {
+            Rule::Fallback(action) => {
+                match (&self.formula_error, policy.formula.is_some()) {
+                    (Some(e), _) => write!(s, "; formula {e}")?,
+                    (None, true) => s.push_str("; the formula needs every metric"),
+                    (None, false) if self.proposal.is_some() => s.push_str("; valid metrics alone would scale down, which partial data never does"),
+                    _ => s.push_str("; no valid metric"),
+                }
+                match action {
+                    FailureAction::Hold => s.push_str("; fallback Hold keeps the current count"),
+                    FailureAction::Replicas(n) if self.replicas > self.current => write!(s, "; fallback goes up to {n} replicas")?,
+                    FailureAction::Replicas(n) => write!(s, "; fallback of {n} replicas is not above the current count, holding")?,
+                }
+            }
+            Rule::Formula => write!(s, "; formula {:?} → {}", policy.formula.as_ref().map_or("", |f| f.source()), self.proposal.unwrap_or(0))?,
+            Rule::Metrics(Some(i)) => {
+                if policy.metrics.len() > 1 {
+                    write!(s, "; max → {} ({})", self.proposal.unwrap_or(0), policy.metrics[i].name)?;
+                }
+            }
+            _ => {}
+        }
+        if self.degraded && !matches!(self.rule, Rule::Fallback(_)) {
+            match policy.on_failure {
+                FailureAction::Replicas(n) => write!(s, "; some metrics failed, fallback floor {n}")?,
+                FailureAction::Hold => s.push_str("; some metrics failed, scaling up on the valid ones"),
+            }
+        }
+        if let Some(n) = self.normalized {
+            match n.stabilization {
+                Stabilization::ScaleUpStabilized => write!(s, "; scale-up stabilized to {}", n.stabilized)?,
+                Stabilization::ScaleDownStabilized => write!(s, "; scale-down stabilized to {} (highest recommendation in the window)", n.stabilized)?,
+                Stabilization::ReadyForNewScale => {}
+            }
+            match n.limit {
+                Limit::DesiredWithinRange => {}
+                Limit::ScaleUpLimit => write!(s, "; scale-up rate limit allows {}", n.replicas)?,
+                Limit::ScaleDownLimit => write!(s, "; scale-down rate limit allows {}", n.replicas)?,
+                Limit::TooManyReplicas => write!(s, "; clipped to maxReplicas {}", self.max_replicas)?,
+                Limit::TooFewReplicas => write!(s, "; raised to minReplicas {}", self.min_replicas)?,
+            }
+        }
+        self.write_schedule(policy, s)
+    }
+
+    fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
+        if let Some(sched) = self.schedule.and_then(|i| policy.schedules.get(i)) {
+            write!(s, "; {} active (bounds {}–{})", sched.label, self.min_replicas, self.max_replicas)?;
+        }
+        Ok(())
+    }
+}
+
+/// A number printed compactly (no trailing zeros, at most 3 decimals).
+struct Num(f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        if v == v.trunc() && v.abs() < 1e15 {
+            write!(f, "{}", v as i64)
+        } else {
+            let text = format!("{v:.3}");
+            f.write_str(text.trim_end_matches('0').trim_end_matches('.'))
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Metric sources: where samples come from. Each returns typed [`crate::model::Sample`]s with
+//! timestamps; missing data is a value, never a zero.
+
+pub mod trace;
