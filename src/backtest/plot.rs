@@ -177,7 +177,8 @@ const TEXT_MUTED: &str = "#6b7280";
 const GRID: &str = "#e5e7eb";
 const AXIS: &str = "#9ca3af";
 const DEMAND_FILL: &str = "#d3dce7";
-const DEMAND_LINE: &str = "#a9b6c6";
+const DEMAND_BAND: &str = "#b9c6d6";
+const DEMAND_LINE: &str = "#94a3b8";
 /// One colour per run; a third run and beyond reuse them.
 const RUN_COLOURS: [&str; 4] = ["#1d4ed8", "#ea580c", "#059669", "#9333ea"];
 
@@ -402,28 +403,39 @@ fn render_svg(data: &PlotData) -> Result<String, fmt::Error> {
 
     // Data, clipped to the plot area.
     writeln!(s, r#"<g clip-path="url(#plot-area)" fill="none">"#)?;
-    let (area, outline) = demand_paths(&data.times, &demand, time, demand_scale)?;
-    if !area.is_empty() {
+    let demand_paths = demand_paths(&data.times, &demand, time, demand_scale)?;
+    if !demand_paths.area.is_empty() {
         writeln!(
             s,
-            r#"<path d="{area}" fill="{DEMAND_FILL}" stroke="none"/>"#
+            r#"<path d="{}" fill="{DEMAND_FILL}" stroke="none"/>"#,
+            demand_paths.area
         )?;
         writeln!(
             s,
-            r#"<path d="{outline}" stroke="{DEMAND_LINE}" stroke-width="0.8" stroke-linejoin="round"/>"#
+            r#"<path d="{}" fill="{DEMAND_BAND}" stroke="none"/>"#,
+            demand_paths.band
+        )?;
+        writeln!(
+            s,
+            r#"<path d="{}" stroke="{DEMAND_LINE}" stroke-width="1" stroke-linejoin="round"/>"#,
+            demand_paths.outline
         )?;
     }
+    // Dense runs (several evaluations a pixel) get thinner lines so demand shows through.
+    let styles = LineStyles::for_density(data.times.len() as f64 / (right - PLOT_LEFT));
     for (i, run) in data.runs.iter().enumerate() {
         let colour = RUN_COLOURS[i % RUN_COLOURS.len()];
         writeln!(
             s,
-            r#"<path d="{}" stroke="{colour}" stroke-width="1.3" stroke-dasharray="5 3" stroke-opacity="0.85"/>"#,
-            step_path(&data.times, &run.ready, time, left)?
+            r#"<path d="{}" stroke="{colour}"{}/>"#,
+            step_path(&data.times, &run.ready, time, left)?,
+            styles.ready
         )?;
         writeln!(
             s,
-            r#"<path d="{}" stroke="{colour}" stroke-width="2" stroke-linejoin="round"/>"#,
-            step_path(&data.times, &run.replicas, time, left)?
+            r#"<path d="{}" stroke="{colour}" stroke-linejoin="round"{}/>"#,
+            step_path(&data.times, &run.replicas, time, left)?,
+            styles.replicas
         )?;
     }
     writeln!(s, "</g>")?;
@@ -434,19 +446,90 @@ fn render_svg(data: &PlotData) -> Result<String, fmt::Error> {
         h = PLOT_BOTTOM - PLOT_TOP
     )?;
 
-    write_legend(&mut s, data, capacity)?;
+    write_legend(&mut s, data, capacity, styles)?;
     writeln!(s, "</svg>")?;
     Ok(s)
+}
+
+/// How a step line is stroked.
+#[derive(Debug, Clone, Copy)]
+struct LineStyle {
+    width: f64,
+    dash: Option<&'static str>,
+    opacity: f64,
+}
+
+impl fmt::Display for LineStyle {
+    /// The stroke attributes, each with a leading space.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, r#" stroke-width="{}""#, self.width)?;
+        if let Some(dash) = self.dash {
+            write!(f, r#" stroke-dasharray="{dash}""#)?;
+        }
+        if self.opacity < 1.0 {
+            write!(f, r#" stroke-opacity="{}""#, self.opacity)?;
+        }
+        Ok(())
+    }
+}
+
+/// The styles of a run's two lines.
+#[derive(Debug, Clone, Copy)]
+struct LineStyles {
+    replicas: LineStyle,
+    ready: LineStyle,
+}
+
+impl LineStyles {
+    /// Bold replicas and dashed ready lines, thinned when there are several evaluations a pixel
+    /// (dashes would only add noise there).
+    fn for_density(per_pixel: f64) -> LineStyles {
+        if per_pixel > 2.0 {
+            LineStyles {
+                replicas: LineStyle {
+                    width: 1.2,
+                    dash: None,
+                    opacity: 0.9,
+                },
+                ready: LineStyle {
+                    width: 0.8,
+                    dash: None,
+                    opacity: 0.5,
+                },
+            }
+        } else {
+            LineStyles {
+                replicas: LineStyle {
+                    width: 2.0,
+                    dash: None,
+                    opacity: 1.0,
+                },
+                ready: LineStyle {
+                    width: 1.3,
+                    dash: Some("5 3"),
+                    opacity: 0.85,
+                },
+            }
+        }
+    }
 }
 
 /// One legend entry: its swatch and label.
 enum Swatch {
     Area,
-    Line { colour: &'static str, dashed: bool },
+    Line {
+        colour: &'static str,
+        style: LineStyle,
+    },
 }
 
 /// Draws the legend as one centred row below the time axis.
-fn write_legend(s: &mut String, data: &PlotData, capacity: Option<f64>) -> fmt::Result {
+fn write_legend(
+    s: &mut String,
+    data: &PlotData,
+    capacity: Option<f64>,
+    styles: LineStyles,
+) -> fmt::Result {
     let mut items = vec![(
         Swatch::Area,
         match capacity {
@@ -464,14 +547,14 @@ fn write_legend(s: &mut String, data: &PlotData, capacity: Option<f64>) -> fmt::
         items.push((
             Swatch::Line {
                 colour,
-                dashed: false,
+                style: styles.replicas,
             },
             format!("{prefix}replicas"),
         ));
         items.push((
             Swatch::Line {
                 colour,
-                dashed: true,
+                style: styles.ready,
             },
             format!("{prefix}ready"),
         ));
@@ -489,17 +572,11 @@ fn write_legend(s: &mut String, data: &PlotData, capacity: Option<f64>) -> fmt::
                 r#"<rect x="{x:.1}" y="{y0}" width="22" height="10" fill="{DEMAND_FILL}" stroke="{DEMAND_LINE}"/>"#,
                 y0 = y - 9.0
             )?,
-            Swatch::Line { colour, dashed } => writeln!(
+            Swatch::Line { colour, style } => writeln!(
                 s,
-                r#"<line x1="{x:.1}" y1="{y0}" x2="{x2:.1}" y2="{y0}" stroke="{colour}" stroke-width="{w}"{dash}/>"#,
+                r#"<line x1="{x:.1}" y1="{y0}" x2="{x2:.1}" y2="{y0}" stroke="{colour}"{style}/>"#,
                 y0 = y - 4.0,
                 x2 = x + 22.0,
-                w = if *dashed { 1.3 } else { 2.0 },
-                dash = if *dashed {
-                    r#" stroke-dasharray="5 3""#
-                } else {
-                    ""
-                }
             )?,
         }
         writeln!(
@@ -523,7 +600,37 @@ fn push_coord(out: &mut String, v: f64) -> fmt::Result {
     }
 }
 
-/// Area (fill) and outline paths for demand, downsampled to first/min/max/last per pixel column.
+/// Demand drawn as SVG path data, downsampled to one highest and one lowest sample per pixel column.
+#[derive(Debug, Default)]
+struct DemandPaths {
+    /// Filled from the baseline up to the highest sample of each column.
+    area: String,
+    /// Filled between the lowest and highest sample of each column (shows the spread in dense data).
+    band: String,
+    /// The line along the highest samples.
+    outline: String,
+}
+
+/// The highest and lowest sample of one pixel column, as `(x, y)` pixels.
+#[derive(Debug, Clone, Copy)]
+struct Extremes {
+    top: (f64, f64),
+    bottom: (f64, f64),
+}
+
+impl Extremes {
+    fn add(&mut self, x: f64, y: f64) {
+        // Pixel y grows downwards: the highest value has the smallest y.
+        if y < self.top.1 {
+            self.top = (x, y);
+        }
+        if y > self.bottom.1 {
+            self.bottom = (x, y);
+        }
+    }
+}
+
+/// Builds the demand paths.
 ///
 /// A missing sample breaks the area, except inside a pixel column that already has data
 /// (a gap narrower than a pixel would not show, and breaking there could bloat the file).
@@ -532,119 +639,94 @@ fn demand_paths(
     demand: &[Option<f64>],
     time: TimeAxis,
     scale: Scale,
-) -> Result<(String, String), fmt::Error> {
+) -> Result<DemandPaths, fmt::Error> {
     let base = scale.y(0.0_f64.clamp(scale.lo, scale.hi));
-    let mut area = String::new();
-    let mut outline = String::new();
-    let mut segment: Vec<(f64, f64)> = Vec::new();
-    let mut bucket = ColumnBucket::default();
+    let mut paths = DemandPaths::default();
+    let mut segment: Vec<Extremes> = Vec::new();
+    let mut column: Option<(i64, Extremes)> = None;
     let mut gap = false;
 
-    let flush_segment =
-        |segment: &mut Vec<(f64, f64)>, area: &mut String, outline: &mut String| -> fmt::Result {
-            let (Some(&(x0, _)), Some(&(x1, _))) = (segment.first(), segment.last()) else {
-                return Ok(());
-            };
-            // A lone point still gets a sliver so it shows.
-            let (x0, x1) = if x1 - x0 < 1.0 {
-                (x0 - 0.75, x1 + 0.75)
-            } else {
-                (x0, x1)
-            };
-            area.push('M');
-            push_coord(area, x0)?;
-            area.push(' ');
-            push_coord(area, base)?;
-            if segment.len() == 1 {
-                let y = segment[0].1;
-                for (x, y) in [(x0, y), (x1, y)] {
-                    area.push('L');
-                    push_point(area, x, y)?;
-                }
-                outline.push('M');
-                push_point(outline, x0, y)?;
-                outline.push('L');
-                push_point(outline, x1, y)?;
-            } else {
-                for (i, &(x, y)) in segment.iter().enumerate() {
-                    area.push('L');
-                    push_point(area, x, y)?;
-                    outline.push(if i == 0 { 'M' } else { 'L' });
-                    push_point(outline, x, y)?;
-                }
-            }
-            area.push('L');
-            push_coord(area, x1)?;
-            area.push(' ');
-            push_coord(area, base)?;
-            area.push('Z');
-            segment.clear();
-            Ok(())
-        };
-
-    for (i, (&t, &d)) in times.iter().zip(demand).enumerate() {
+    for (&t, &d) in times.iter().zip(demand) {
         let Some(v) = d else {
             gap = true;
             continue;
         };
-        let x = time.x(t);
-        let column = TimeAxis::column(x);
-        if bucket.column != Some(column) {
-            bucket.flush(&mut segment);
-            if gap {
-                flush_segment(&mut segment, &mut area, &mut outline)?;
+        let (x, y) = (time.x(t), scale.y(v));
+        let c = TimeAxis::column(x);
+        match &mut column {
+            Some((current, extremes)) if *current == c => extremes.add(x, y),
+            _ => {
+                segment.extend(column.map(|(_, e)| e));
+                if gap {
+                    paths.push_segment(&segment, base)?;
+                    segment.clear();
+                }
+                column = Some((
+                    c,
+                    Extremes {
+                        top: (x, y),
+                        bottom: (x, y),
+                    },
+                ));
             }
-            bucket.column = Some(column);
         }
         gap = false;
-        bucket.add(i, x, scale.y(v));
     }
-    bucket.flush(&mut segment);
-    flush_segment(&mut segment, &mut area, &mut outline)?;
-    Ok((area, outline))
+    segment.extend(column.map(|(_, e)| e));
+    paths.push_segment(&segment, base)?;
+    Ok(paths)
+}
+
+impl DemandPaths {
+    /// Appends one unbroken stretch of columns to the three paths.
+    fn push_segment(&mut self, segment: &[Extremes], base: f64) -> fmt::Result {
+        let Some(first) = segment.first() else {
+            return Ok(());
+        };
+        // A lone column is widened to a sliver so it shows.
+        let lone = [
+            Extremes {
+                top: (first.top.0 - 0.75, first.top.1),
+                bottom: (first.bottom.0 - 0.75, first.bottom.1),
+            },
+            Extremes {
+                top: (first.top.0 + 0.75, first.top.1),
+                bottom: (first.bottom.0 + 0.75, first.bottom.1),
+            },
+        ];
+        let segment = if segment.len() == 1 {
+            &lone[..]
+        } else {
+            segment
+        };
+        let (x0, x1) = (segment[0].top.0, segment[segment.len() - 1].top.0);
+
+        self.area.push('M');
+        push_point(&mut self.area, x0, base)?;
+        for (i, e) in segment.iter().enumerate() {
+            self.area.push('L');
+            push_point(&mut self.area, e.top.0, e.top.1)?;
+            self.outline.push(if i == 0 { 'M' } else { 'L' });
+            push_point(&mut self.outline, e.top.0, e.top.1)?;
+            self.band.push(if i == 0 { 'M' } else { 'L' });
+            push_point(&mut self.band, e.top.0, e.top.1)?;
+        }
+        self.area.push('L');
+        push_point(&mut self.area, x1, base)?;
+        self.area.push('Z');
+        for e in segment.iter().rev() {
+            self.band.push('L');
+            push_point(&mut self.band, e.bottom.0, e.bottom.1)?;
+        }
+        self.band.push('Z');
+        Ok(())
+    }
 }
 
 fn push_point(out: &mut String, x: f64, y: f64) -> fmt::Result {
     push_coord(out, x)?;
     out.push(' ');
     push_coord(out, y)
-}
-
-/// First, min, max and last sample of one pixel column (in y pixels: min y is the highest value).
-#[derive(Default)]
-struct ColumnBucket {
-    column: Option<i64>,
-    /// `(index, x, y)` of each kept sample.
-    first: Option<(usize, f64, f64)>,
-    top: Option<(usize, f64, f64)>,
-    bottom: Option<(usize, f64, f64)>,
-    last: Option<(usize, f64, f64)>,
-}
-
-impl ColumnBucket {
-    fn add(&mut self, i: usize, x: f64, y: f64) {
-        let p = (i, x, y);
-        self.first.get_or_insert(p);
-        if self.top.is_none_or(|(_, _, ty)| y < ty) {
-            self.top = Some(p);
-        }
-        if self.bottom.is_none_or(|(_, _, by)| y > by) {
-            self.bottom = Some(p);
-        }
-        self.last = Some(p);
-    }
-
-    /// Appends the kept samples in time order to `out` and empties the bucket.
-    fn flush(&mut self, out: &mut Vec<(f64, f64)>) {
-        let mut kept: Vec<(usize, f64, f64)> = [self.first, self.top, self.bottom, self.last]
-            .into_iter()
-            .flatten()
-            .collect();
-        kept.sort_by_key(|p| p.0);
-        kept.dedup_by_key(|p| p.0);
-        out.extend(kept.into_iter().map(|(_, x, y)| (x, y)));
-        *self = ColumnBucket::default();
-    }
 }
 
 /// A step line (`H`/`V` path) for an integer series, downsampled per pixel column.
@@ -1147,16 +1229,26 @@ mod tests {
         let mut demand = vec![Some(10.0); n as usize];
         demand[123_457] = Some(90.0);
         demand[223_457] = Some(0.0);
-        let (area, outline) = demand_paths(&times, &demand, time, scale).expect("paths");
+        let paths = demand_paths(&times, &demand, time, scale).expect("paths");
         let y = |v: f64| {
             let mut s = String::new();
             push_coord(&mut s, scale.y(v)).expect("fmt");
             format!(" {s}")
         };
-        for p in [&area, &outline] {
-            assert!(p.contains(&y(90.0)) && p.contains(&y(0.0)), "spikes lost");
-        }
-        assert!(outline.len() < 60_000, "{} bytes", outline.len());
+        assert!(
+            paths.area.contains(&y(90.0)),
+            "high spike lost from the area"
+        );
+        assert!(
+            paths.outline.contains(&y(90.0)),
+            "high spike lost from the line"
+        );
+        assert!(
+            paths.band.contains(&y(90.0)),
+            "high spike lost from the band"
+        );
+        assert!(paths.band.contains(&y(0.0)), "low spike lost from the band");
+        assert!(paths.band.len() < 40_000, "{} bytes", paths.band.len());
 
         let mut replicas = vec![2; n as usize];
         replicas[200_001] = 9;
@@ -1177,13 +1269,14 @@ mod tests {
             lo: 0.0,
             hi: 2000.0,
         };
-        let (area, outline) = demand_paths(&data.times, &data.demand, time, scale).expect("paths");
-        assert_eq!(area.matches('M').count(), 2, "{area}");
-        assert_eq!(outline.matches('M').count(), 2, "{outline}");
+        let paths = demand_paths(&data.times, &data.demand, time, scale).expect("paths");
+        for p in [&paths.area, &paths.band, &paths.outline] {
+            assert_eq!(p.matches('M').count(), 2, "{p}");
+        }
         // All-missing demand draws no area at all.
         let none = vec![None; data.times.len()];
-        let (area, _) = demand_paths(&data.times, &none, time, scale).expect("paths");
-        assert!(area.is_empty());
+        let paths = demand_paths(&data.times, &none, time, scale).expect("paths");
+        assert!(paths.area.is_empty() && paths.band.is_empty() && paths.outline.is_empty());
     }
 
     #[test]
