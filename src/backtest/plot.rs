@@ -247,34 +247,27 @@ fn render_svg(data: &PlotData) -> Result<String, fmt::Error> {
         } else {
             RIGHT_MARGIN_PLAIN
         };
-    let (mut t0, mut t1) = data
+    let (first, last) = data
         .times
         .iter()
         .fold((data.times[0], data.times[0]), |(lo, hi), &t| {
             (lo.min(t), hi.max(t))
         });
-    if t1 <= t0 {
-        t0 -= Duration::minutes(30);
-        t1 += Duration::minutes(30);
-    }
+    // A single evaluation (or a sub-second run) gets an hour around it.
+    let (t0, t1) = if last - first < Duration::seconds(1) {
+        (first - Duration::minutes(30), first + Duration::minutes(30))
+    } else {
+        (first, last)
+    };
     let time = TimeAxis { t0, t1, right };
 
     // Left axis: replicas (and demand in replica units when the capacity is known).
-    let max_replicas = data
+    let (min_replicas, max_replicas) = data
         .runs
         .iter()
         .flat_map(|r| r.replicas.iter().chain(&r.ready))
-        .copied()
-        .max()
-        .unwrap_or(0);
-    let min_replicas = data
-        .runs
-        .iter()
-        .flat_map(|r| r.replicas.iter().chain(&r.ready))
-        .copied()
-        .min()
-        .unwrap_or(0);
-    let (mut left_lo, mut left_hi) = (f64::from(min_replicas.min(0)), f64::from(max_replicas));
+        .fold((0, 0), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (mut left_lo, mut left_hi) = (f64::from(min_replicas), f64::from(max_replicas));
     if let (false, Some((lo, hi))) = (right_axis, demand_range) {
         left_lo = left_lo.min(lo);
         left_hi = left_hi.max(hi);
@@ -395,8 +388,8 @@ fn render_svg(data: &PlotData) -> Result<String, fmt::Error> {
     writeln!(
         s,
         r#"<text x="{x:.1}" y="{y}" font-size="12" fill="{TEXT_MUTED}" text-anchor="middle">{} – {} (UTC)</text>"#,
-        t0.format("%Y-%m-%d %H:%M"),
-        t1.format("%Y-%m-%d %H:%M"),
+        first.format("%Y-%m-%d %H:%M"),
+        last.format("%Y-%m-%d %H:%M"),
         x = (PLOT_LEFT + right) / 2.0,
         y = PLOT_BOTTOM + 42.0
     )?;
@@ -877,7 +870,8 @@ fn nice_ticks(lo: f64, hi: f64, integer: bool) -> Ticks {
     }
     let first = (lo / step).floor();
     let last = (hi / step).ceil();
-    let values: Vec<f64> = (0..=((last - first) as i64))
+    // Capped, so a degenerate range cannot ask for millions of ticks.
+    let values: Vec<f64> = (0..=((last - first) as i64).clamp(0, 100))
         .map(|k| (first + k as f64) * step)
         .collect();
     Ticks {
