@@ -6,12 +6,14 @@
 //! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
 //! - [`source`]: metric sources (recorded traces for now).
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
+//! - [`load`]: reading policy files, with errors naming file, document and field.
 //! - [`cli`]: the `kscale` command line.
 //! - [`units`]: Kubernetes quantities and Go-style durations.
 
 pub mod backtest;
 pub mod cli;
 pub mod crd;
+pub mod load;
 pub mod model;
 pub mod policy;
 pub mod source;
