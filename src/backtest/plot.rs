@@ -625,8 +625,8 @@ impl Extremes {
 
 /// Builds the demand paths.
 ///
-/// A missing sample breaks the area, except inside a pixel column that already has data
-/// (a gap narrower than a pixel would not show, and breaking there could bloat the file).
+/// Missing samples break the area where the samples on either side are more than a pixel apart
+/// (a narrower gap would not show, and breaking there would only bloat the file).
 fn demand_paths(
     times: &[DateTime<Utc>],
     demand: &[Option<f64>],
@@ -638,6 +638,7 @@ fn demand_paths(
     let mut segment: Vec<Extremes> = Vec::new();
     let mut column: Option<(i64, Extremes)> = None;
     let mut gap = false;
+    let mut last_x: Option<f64> = None;
 
     for (&t, &d) in times.iter().zip(demand) {
         let Some(v) = d else {
@@ -645,12 +646,15 @@ fn demand_paths(
             continue;
         };
         let (x, y) = (time.x(t), scale.y(v));
+        let breaks = gap && last_x.is_some_and(|last| x - last > 1.0);
+        gap = false;
+        last_x = Some(x);
         let c = TimeAxis::column(x);
         match &mut column {
-            Some((current, extremes)) if *current == c => extremes.add(x, y),
+            Some((current, extremes)) if *current == c && !breaks => extremes.add(x, y),
             _ => {
                 segment.extend(column.map(|(_, e)| e));
-                if gap {
+                if breaks {
                     paths.push_segment(&segment, base)?;
                     segment.clear();
                 }
@@ -663,7 +667,6 @@ fn demand_paths(
                 ));
             }
         }
-        gap = false;
     }
     segment.extend(column.map(|(_, e)| e));
     paths.push_segment(&segment, base)?;
@@ -1223,6 +1226,10 @@ mod tests {
         let mut demand = vec![Some(10.0); n as usize];
         demand[123_457] = Some(90.0);
         demand[223_457] = Some(0.0);
+        // Single missing samples, far narrower than a pixel, do not break the area.
+        for i in (997..n as usize).step_by(997) {
+            demand[i] = None;
+        }
         let paths = demand_paths(&times, &demand, time, scale).expect("paths");
         let y = |v: f64| {
             let mut s = String::new();
@@ -1243,6 +1250,7 @@ mod tests {
         );
         assert!(paths.band.contains(&y(0.0)), "low spike lost from the band");
         assert!(paths.band.len() < 40_000, "{} bytes", paths.band.len());
+        assert_eq!(paths.area.matches('M').count(), 1);
 
         let mut replicas = vec![2; n as usize];
         replicas[200_001] = 9;
