@@ -1,1 +1,365 @@
-//! The `kscale` command line.
+//! The `kscale` command line: `validate`, `backtest`, `crd`, `completions`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::TimeDelta;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::backtest::plot::{PlotData, PlotRun, write_plot};
+use crate::backtest::{BacktestConfig, Run, run};
+use crate::load::load_policies;
+use crate::policy::CompiledPolicy;
+use crate::source::trace::Trace;
+use crate::units::parse_duration;
+
+/// kscale: scale Kubernetes workloads on the signals that matter.
+#[derive(Debug, Parser)]
+#[command(name = "kscale", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check policy files; prints every problem with its field path, exits 1 on any.
+    Validate {
+        /// Policy files (YAML; several documents per file are fine).
+        #[arg(long = "policy", short = 'p', required = true, num_args = 1..)]
+        policies: Vec<PathBuf>,
+    },
+    /// Replay a recorded trace through a policy and report what it would have done.
+    Backtest(BacktestArgs),
+    /// Print the ScalingPolicy CustomResourceDefinition (YAML).
+    Crd,
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Output format of a backtest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A summary table for people.
+    Table,
+    /// `{"summary": {...}, "steps": [...]}` for programs.
+    Json,
+}
+
+/// `kscale backtest` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BacktestArgs {
+    /// The policy file (its first ScalingPolicy is used).
+    #[arg(long, short = 'p')]
+    pub policy: PathBuf,
+    /// The trace: CSV with a `timestamp` column and one column per metric.
+    #[arg(long, short = 't')]
+    pub trace: PathBuf,
+    /// Feed a metric from a column: NAME=COLUMN (repeatable).
+    #[arg(long = "metric", value_name = "NAME=COLUMN", value_parser = parse_mapping)]
+    pub metrics: Vec<(String, String)>,
+    /// The demand column (for capacity, SLO and oracle); default: the first metric's column.
+    #[arg(long, value_name = "COLUMN")]
+    pub demand: Option<String>,
+    /// Multiply every trace value by this (for example to turn counts per step into a rate).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Demand one ready replica absorbs; enables SLO-violation minutes and the oracle.
+    #[arg(long)]
+    pub capacity: Option<f64>,
+    /// Time from adding a replica to it being ready (Go-style duration, e.g. 60s).
+    #[arg(long, default_value = "0s", value_parser = parse_delta)]
+    pub startup: TimeDelta,
+    /// Replicas at the start (default: the policy's minReplicas).
+    #[arg(long)]
+    pub initial_replicas: Option<i32>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Write a plot (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// A second policy to run on the same data, side by side.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<PathBuf>,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=COLUMN, got {s:?}")),
+    }
+}
+
+fn parse_delta(s: &str) -> Result<TimeDelta, String> {
+    parse_duration(s)
+        .map_err(|e| e.to_string())
+        .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
+}
+
+/// A failure the CLI reports; the message names the file, flag or field.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Policy file problems.
+    #[error(transparent)]
+    Load(#[from] crate::load::LoadError),
+    /// The policy is invalid.
+    #[error("{path}: policy {name} is invalid:\n{problems}")]
+    InvalidPolicy {
+        /// File.
+        path: PathBuf,
+        /// Policy name.
+        name: String,
+        /// One problem per line.
+        problems: String,
+    },
+    /// Trace problems.
+    #[error(transparent)]
+    Trace(#[from] crate::source::trace::TraceError),
+    /// Backtest setup problems.
+    #[error(transparent)]
+    Backtest(#[from] crate::backtest::BacktestError),
+    /// Plot problems.
+    #[error(transparent)]
+    Plot(#[from] crate::backtest::plot::PlotError),
+    /// Writing output.
+    #[error("cannot write output: {0}")]
+    Output(String),
+    /// Validation found problems (already printed).
+    #[error("{0} invalid {policies}", policies = if *.0 == 1 { "policy" } else { "policies" })]
+    ValidationFailed(usize),
+}
+
+/// Runs a parsed command line; output goes to `out`.
+pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    match cli.command {
+        Command::Validate { policies } => validate(&policies, out),
+        Command::Backtest(args) => backtest(&args, out),
+        Command::Crd => {
+            let yaml = crate::crd::crd_yaml().map_err(|e| CliError::Output(e.to_string()))?;
+            out.write_all(yaml.as_bytes()).map_err(|e| CliError::Output(e.to_string()))
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kscale", out);
+            Ok(())
+        }
+    }
+}
+
+fn io(e: std::io::Error) -> CliError {
+    CliError::Output(e.to_string())
+}
+
+fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
+    let mut invalid = 0;
+    let mut first_error = None;
+    for path in paths {
+        match load_policies(path) {
+            Err(e) => {
+                writeln!(out, "{e}").map_err(io)?;
+                invalid += 1;
+                first_error.get_or_insert(e);
+            }
+            Ok(docs) => {
+                for doc in docs {
+                    let name = doc.name.as_deref().unwrap_or("(unnamed)");
+                    match doc.result {
+                        Ok(_) => writeln!(out, "{}: {name}: valid", path.display()).map_err(io)?,
+                        Err(problems) => {
+                            invalid += 1;
+                            writeln!(out, "{}: {name} (document {}): {} problem{}", path.display(), doc.document, problems.len(), if problems.len() == 1 { "" } else { "s" }).map_err(io)?;
+                            for p in problems {
+                                writeln!(out, "  {p}").map_err(io)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if invalid > 0 {
+        return Err(CliError::ValidationFailed(invalid));
+    }
+    Ok(())
+}
+
+fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
+    let docs = load_policies(path)?;
+    let mut docs = docs.into_iter();
+    let Some(doc) = docs.next() else {
+        return Err(crate::load::LoadError::NoPolicy { path: path.to_path_buf() }.into());
+    };
+    match doc.result {
+        Ok((_, compiled)) => Ok(compiled),
+        Err(problems) => Err(CliError::InvalidPolicy {
+            path: path.to_path_buf(),
+            name: doc.name.unwrap_or_else(|| "(unnamed)".into()),
+            problems: problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"),
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct JsonStep<'a> {
+    time: String,
+    replicas: i32,
+    ready_replicas: i32,
+    metrics: serde_json::Map<String, serde_json::Value>,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct JsonRun<'a> {
+    summary: &'a crate::backtest::Summary,
+    steps: Vec<JsonStep<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<Box<JsonRun<'a>>>,
+}
+
+fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
+    JsonRun {
+        summary: &r.summary,
+        steps: r
+            .steps
+            .iter()
+            .map(|s| JsonStep {
+                time: s.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                replicas: s.replicas,
+                ready_replicas: s.ready_replicas,
+                metrics: policy
+                    .metrics
+                    .iter()
+                    .zip(&s.metrics)
+                    .map(|(m, v)| (m.name.clone(), v.and_then(serde_json::Number::from_f64).map_or(serde_json::Value::Null, serde_json::Value::Number)))
+                    .collect(),
+                reason: s.reason.as_deref().unwrap_or(""),
+            })
+            .collect(),
+        compare: None,
+    }
+}
+
+fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let policy = first_policy(&args.policy)?;
+    let compare = args.compare.as_deref().map(first_policy).transpose()?;
+    let trace = Trace::load(&args.trace)?;
+    let config = BacktestConfig {
+        metric_columns: args.metrics.clone(),
+        demand_column: args.demand.clone(),
+        scale: args.scale,
+        capacity: args.capacity,
+        startup: args.startup,
+        initial_replicas: args.initial_replicas,
+        keep_reasons: args.format == Format::Json,
+    };
+    let main_run = run_with_progress(&policy, &trace, &config)?;
+    let compare_run = compare.as_ref().map(|c| run_with_progress(c, &trace, &config)).transpose()?;
+
+    match args.format {
+        Format::Json => {
+            let mut doc = json_run(&policy, &main_run);
+            if let (Some(c), Some(r)) = (&compare, &compare_run) {
+                doc.compare = Some(Box::new(json_run(c, r)));
+            }
+            serde_json::to_writer(&mut *out, &doc).map_err(|e| CliError::Output(e.to_string()))?;
+            writeln!(out).map_err(io)?;
+        }
+        Format::Table => {
+            let mut runs = vec![&main_run];
+            runs.extend(compare_run.as_ref());
+            write_table(&trace, args, &runs, out).map_err(io)?;
+        }
+    }
+    if let Some(path) = &args.plot {
+        let mut runs = vec![PlotRun { label: policy.name.clone(), replicas: main_run.steps.iter().map(|s| s.replicas).collect(), ready: main_run.steps.iter().map(|s| s.ready_replicas).collect() }];
+        if let (Some(c), Some(r)) = (&compare, &compare_run) {
+            runs.push(PlotRun { label: c.name.clone(), replicas: r.steps.iter().map(|s| s.replicas).collect(), ready: r.steps.iter().map(|s| s.ready_replicas).collect() });
+        }
+        let s = &main_run.summary;
+        let data = PlotData {
+            title: format!("{} on {}", policy.name, trace.path.file_name().map_or_else(|| trace.path.display().to_string(), |f| f.to_string_lossy().into_owned())),
+            subtitle: format!(
+                "{:.1} replica-hours, {} scaling actions{}{}",
+                s.replica_hours,
+                s.scaling_actions,
+                s.slo_violation_minutes.map_or(String::new(), |v| format!(", {v:.1} SLO-violation minutes")),
+                s.ratio_to_oracle.map_or(String::new(), |r| format!(", {r:.2}× the oracle's replica-hours")),
+            ),
+            times: main_run.steps.iter().map(|s| s.time).collect(),
+            demand: main_run.demand.clone(),
+            capacity: args.capacity,
+            runs,
+        };
+        write_plot(&data, path)?;
+        if args.format == Format::Table {
+            writeln!(out, "plot written to {}", path.display()).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_with_progress(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig) -> Result<Run, CliError> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} evaluations ({eta})")
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(policy.name.clone());
+        Some(bar)
+    } else {
+        None
+    };
+    let result = run(policy, trace, config, &mut |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(result?)
+}
+
+fn write_table(trace: &Trace, args: &BacktestArgs, runs: &[&Run], out: &mut dyn Write) -> std::io::Result<()> {
+    let first = &runs[0].summary;
+    writeln!(out, "trace     {} ({} rows, {} → {})", trace.path.display(), trace.times.len(), first.start.format("%Y-%m-%d %H:%M"), first.end.format("%Y-%m-%d %H:%M"))?;
+    writeln!(
+        out,
+        "model     scale {}, capacity {}, startup {}s",
+        args.scale,
+        args.capacity.map_or("none".to_string(), |c| c.to_string()),
+        args.startup.num_seconds()
+    )?;
+    writeln!(out)?;
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    let rows: Vec<(&str, Vec<String>)> = vec![
+        ("policy", runs.iter().map(|r| r.summary.policy.clone()).collect()),
+        ("evaluations", runs.iter().map(|r| r.summary.evaluations.to_string()).collect()),
+        ("replica-hours", runs.iter().map(|r| format!("{:.1}", r.summary.replica_hours)).collect()),
+        ("scaling actions", runs.iter().map(|r| format!("{} ({} up, {} down)", r.summary.scaling_actions, r.summary.scale_ups, r.summary.scale_downs)).collect()),
+        ("replicas min/max", runs.iter().map(|r| format!("{}/{}", r.summary.min_replicas, r.summary.max_replicas)).collect()),
+        ("degraded evaluations", runs.iter().map(|r| r.summary.degraded_evaluations.to_string()).collect()),
+        ("SLO-violation minutes", runs.iter().map(|r| opt(r.summary.slo_violation_minutes, 1)).collect()),
+        ("oracle replica-hours", runs.iter().map(|r| opt(r.summary.oracle_replica_hours, 1)).collect()),
+        ("ratio to oracle", runs.iter().map(|r| opt(r.summary.ratio_to_oracle, 3)).collect()),
+    ];
+    let width = runs.iter().map(|r| r.summary.policy.len()).max().unwrap_or(0).max(24);
+    for (label, values) in rows {
+        write!(out, "{label:<22}")?;
+        for v in values {
+            write!(out, "  {v:<width$}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
