@@ -75,35 +75,70 @@ fn observation(replicas: i32, rps: f64, now: DateTime<Utc>) -> Observation {
         status_replicas: replicas,
         ready_replicas: replicas,
         samples: vec![
-            Sample::Series { values: vec![rps], timestamp: now - TimeDelta::seconds(5) },
-            Sample::Series { values: vec![0.21], timestamp: now - TimeDelta::seconds(5) },
-            Sample::Series { values: vec![120.0, 80.0], timestamp: now - TimeDelta::seconds(5) },
+            Sample::Series {
+                values: vec![rps],
+                timestamp: now - TimeDelta::seconds(5),
+            },
+            Sample::Series {
+                values: vec![0.21],
+                timestamp: now - TimeDelta::seconds(5),
+            },
+            Sample::Series {
+                values: vec![120.0, 80.0],
+                timestamp: now - TimeDelta::seconds(5),
+            },
         ],
     }
 }
 
 fn bench_evaluate(c: &mut Criterion) {
-    for (name, formula) in [("evaluate/3-metrics+behavior", None), ("evaluate/3-metrics+behavior+cel", Some("max(rps, p99, queue)"))] {
+    for (name, formula) in [
+        ("evaluate/3-metrics+behavior", None),
+        (
+            "evaluate/3-metrics+behavior+cel",
+            Some("max(rps, p99, queue)"),
+        ),
+    ] {
         let policy = compile(formula);
         let state = warm_state(&policy);
         let now = t(21 * 15);
         let obs = observation(10, 1234.0, now);
-        c.bench_function(name, |b| b.iter(|| black_box(evaluate(black_box(&policy), black_box(&obs), black_box(&state), now))));
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(evaluate(
+                    black_box(&policy),
+                    black_box(&obs),
+                    black_box(&state),
+                    now,
+                ))
+            })
+        });
     }
 }
 
 fn bench_backtest(c: &mut Criterion) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/traces/elb_request_count_8c0756.csv");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/traces/elb_request_count_8c0756.csv");
     let trace = Trace::load(&path).expect("bundled trace loads");
     let mut p: ScalingPolicy = serde_yaml::from_str(POLICY).expect("bench policy parses");
     p.spec.metrics.truncate(1);
     let policy = CompiledPolicy::from_resource(&p).expect("valid");
-    let config = BacktestConfig { scale: 30.0, capacity: Some(100.0), startup: TimeDelta::seconds(60), ..BacktestConfig::default() };
-    let evaluations = run(&policy, &trace, &config, &mut |_, _| {}).expect("runs").summary.evaluations;
+    let config = BacktestConfig {
+        scale: 30.0,
+        capacity: Some(100.0),
+        startup: TimeDelta::seconds(60),
+        ..BacktestConfig::default()
+    };
+    let evaluations = run(&policy, &trace, &config, &mut |_, _| {})
+        .expect("runs")
+        .summary
+        .evaluations;
     let mut group = c.benchmark_group("backtest");
     group.throughput(Throughput::Elements(evaluations));
     group.sample_size(10);
-    group.bench_function("elb-14-days-15s", |b| b.iter(|| black_box(run(&policy, &trace, &config, &mut |_, _| {}).expect("runs"))));
+    group.bench_function("elb-14-days-15s", |b| {
+        b.iter(|| black_box(run(&policy, &trace, &config, &mut |_, _| {}).expect("runs")))
+    });
     group.finish();
 }
 

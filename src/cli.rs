@@ -143,7 +143,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Backtest(args) => backtest(&args, out),
         Command::Crd => {
             let yaml = crate::crd::crd_yaml().map_err(|e| CliError::Output(e.to_string()))?;
-            out.write_all(yaml.as_bytes()).map_err(|e| CliError::Output(e.to_string()))
+            out.write_all(yaml.as_bytes())
+                .map_err(|e| CliError::Output(e.to_string()))
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -174,7 +175,15 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
                         Ok(_) => writeln!(out, "{}: {name}: valid", path.display()).map_err(io)?,
                         Err(problems) => {
                             invalid += 1;
-                            writeln!(out, "{}: {name} (document {}): {} problem{}", path.display(), doc.document, problems.len(), if problems.len() == 1 { "" } else { "s" }).map_err(io)?;
+                            writeln!(
+                                out,
+                                "{}: {name} (document {}): {} problem{}",
+                                path.display(),
+                                doc.document,
+                                problems.len(),
+                                if problems.len() == 1 { "" } else { "s" }
+                            )
+                            .map_err(io)?;
                             for p in problems {
                                 writeln!(out, "  {p}").map_err(io)?;
                             }
@@ -194,14 +203,21 @@ fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
     let docs = load_policies(path)?;
     let mut docs = docs.into_iter();
     let Some(doc) = docs.next() else {
-        return Err(crate::load::LoadError::NoPolicy { path: path.to_path_buf() }.into());
+        return Err(crate::load::LoadError::NoPolicy {
+            path: path.to_path_buf(),
+        }
+        .into());
     };
     match doc.result {
         Ok((_, compiled)) => Ok(compiled),
         Err(problems) => Err(CliError::InvalidPolicy {
             path: path.to_path_buf(),
             name: doc.name.unwrap_or_else(|| "(unnamed)".into()),
-            problems: problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"),
+            problems: problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
         }),
     }
 }
@@ -237,7 +253,13 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
                     .metrics
                     .iter()
                     .zip(&s.metrics)
-                    .map(|(m, v)| (m.name.clone(), v.and_then(serde_json::Number::from_f64).map_or(serde_json::Value::Null, serde_json::Value::Number)))
+                    .map(|(m, v)| {
+                        (
+                            m.name.clone(),
+                            v.and_then(serde_json::Number::from_f64)
+                                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                        )
+                    })
                     .collect(),
                 reason: s.reason.as_deref().unwrap_or(""),
             })
@@ -260,7 +282,10 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
         keep_reasons: args.format == Format::Json,
     };
     let main_run = run_with_progress(&policy, &trace, &config)?;
-    let compare_run = compare.as_ref().map(|c| run_with_progress(c, &trace, &config)).transpose()?;
+    let compare_run = compare
+        .as_ref()
+        .map(|c| run_with_progress(c, &trace, &config))
+        .transpose()?;
 
     match args.format {
         Format::Json => {
@@ -278,19 +303,37 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
     }
     if let Some(path) = &args.plot {
-        let mut runs = vec![PlotRun { label: policy.name.clone(), replicas: main_run.steps.iter().map(|s| s.replicas).collect(), ready: main_run.steps.iter().map(|s| s.ready_replicas).collect() }];
+        let mut runs = vec![PlotRun {
+            label: policy.name.clone(),
+            replicas: main_run.steps.iter().map(|s| s.replicas).collect(),
+            ready: main_run.steps.iter().map(|s| s.ready_replicas).collect(),
+        }];
         if let (Some(c), Some(r)) = (&compare, &compare_run) {
-            runs.push(PlotRun { label: c.name.clone(), replicas: r.steps.iter().map(|s| s.replicas).collect(), ready: r.steps.iter().map(|s| s.ready_replicas).collect() });
+            runs.push(PlotRun {
+                label: c.name.clone(),
+                replicas: r.steps.iter().map(|s| s.replicas).collect(),
+                ready: r.steps.iter().map(|s| s.ready_replicas).collect(),
+            });
         }
         let s = &main_run.summary;
         let data = PlotData {
-            title: format!("{} on {}", policy.name, trace.path.file_name().map_or_else(|| trace.path.display().to_string(), |f| f.to_string_lossy().into_owned())),
+            title: format!(
+                "{} on {}",
+                policy.name,
+                trace.path.file_name().map_or_else(
+                    || trace.path.display().to_string(),
+                    |f| f.to_string_lossy().into_owned()
+                )
+            ),
             subtitle: format!(
                 "{:.1} replica-hours, {} scaling actions{}{}",
                 s.replica_hours,
                 s.scaling_actions,
-                s.slo_violation_minutes.map_or(String::new(), |v| format!(", {v:.1} SLO-violation minutes")),
-                s.ratio_to_oracle.map_or(String::new(), |r| format!(", {r:.2}× the oracle's replica-hours")),
+                s.slo_violation_minutes
+                    .map_or(String::new(), |v| format!(", {v:.1} SLO-violation minutes")),
+                s.ratio_to_oracle.map_or(String::new(), |r| format!(
+                    ", {r:.2}× the oracle's replica-hours"
+                )),
             ),
             times: main_run.steps.iter().map(|s| s.time).collect(),
             demand: main_run.demand.clone(),
@@ -305,13 +348,19 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_with_progress(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig) -> Result<Run, CliError> {
+fn run_with_progress(
+    policy: &CompiledPolicy,
+    trace: &Trace,
+    config: &BacktestConfig,
+) -> Result<Run, CliError> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} evaluations ({eta})")
-                .map(|s| s.progress_chars("=> "))
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} evaluations ({eta})",
+            )
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(policy.name.clone());
         Some(bar)
@@ -330,9 +379,21 @@ fn run_with_progress(policy: &CompiledPolicy, trace: &Trace, config: &BacktestCo
     Ok(result?)
 }
 
-fn write_table(trace: &Trace, args: &BacktestArgs, runs: &[&Run], out: &mut dyn Write) -> std::io::Result<()> {
+fn write_table(
+    trace: &Trace,
+    args: &BacktestArgs,
+    runs: &[&Run],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let first = &runs[0].summary;
-    writeln!(out, "trace     {} ({} rows, {} → {})", trace.path.display(), trace.times.len(), first.start.format("%Y-%m-%d %H:%M"), first.end.format("%Y-%m-%d %H:%M"))?;
+    writeln!(
+        out,
+        "trace     {} ({} rows, {} → {})",
+        trace.path.display(),
+        trace.times.len(),
+        first.start.format("%Y-%m-%d %H:%M"),
+        first.end.format("%Y-%m-%d %H:%M")
+    )?;
     writeln!(
         out,
         "model     scale {}, capacity {}, startup {}s",
@@ -343,17 +404,70 @@ fn write_table(trace: &Trace, args: &BacktestArgs, runs: &[&Run], out: &mut dyn 
     writeln!(out)?;
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     let rows: Vec<(&str, Vec<String>)> = vec![
-        ("policy", runs.iter().map(|r| r.summary.policy.clone()).collect()),
-        ("evaluations", runs.iter().map(|r| r.summary.evaluations.to_string()).collect()),
-        ("replica-hours", runs.iter().map(|r| format!("{:.1}", r.summary.replica_hours)).collect()),
-        ("scaling actions", runs.iter().map(|r| format!("{} ({} up, {} down)", r.summary.scaling_actions, r.summary.scale_ups, r.summary.scale_downs)).collect()),
-        ("replicas min/max", runs.iter().map(|r| format!("{}/{}", r.summary.min_replicas, r.summary.max_replicas)).collect()),
-        ("degraded evaluations", runs.iter().map(|r| r.summary.degraded_evaluations.to_string()).collect()),
-        ("SLO-violation minutes", runs.iter().map(|r| opt(r.summary.slo_violation_minutes, 1)).collect()),
-        ("oracle replica-hours", runs.iter().map(|r| opt(r.summary.oracle_replica_hours, 1)).collect()),
-        ("ratio to oracle", runs.iter().map(|r| opt(r.summary.ratio_to_oracle, 3)).collect()),
+        (
+            "policy",
+            runs.iter().map(|r| r.summary.policy.clone()).collect(),
+        ),
+        (
+            "evaluations",
+            runs.iter()
+                .map(|r| r.summary.evaluations.to_string())
+                .collect(),
+        ),
+        (
+            "replica-hours",
+            runs.iter()
+                .map(|r| format!("{:.1}", r.summary.replica_hours))
+                .collect(),
+        ),
+        (
+            "scaling actions",
+            runs.iter()
+                .map(|r| {
+                    format!(
+                        "{} ({} up, {} down)",
+                        r.summary.scaling_actions, r.summary.scale_ups, r.summary.scale_downs
+                    )
+                })
+                .collect(),
+        ),
+        (
+            "replicas min/max",
+            runs.iter()
+                .map(|r| format!("{}/{}", r.summary.min_replicas, r.summary.max_replicas))
+                .collect(),
+        ),
+        (
+            "degraded evaluations",
+            runs.iter()
+                .map(|r| r.summary.degraded_evaluations.to_string())
+                .collect(),
+        ),
+        (
+            "SLO-violation minutes",
+            runs.iter()
+                .map(|r| opt(r.summary.slo_violation_minutes, 1))
+                .collect(),
+        ),
+        (
+            "oracle replica-hours",
+            runs.iter()
+                .map(|r| opt(r.summary.oracle_replica_hours, 1))
+                .collect(),
+        ),
+        (
+            "ratio to oracle",
+            runs.iter()
+                .map(|r| opt(r.summary.ratio_to_oracle, 3))
+                .collect(),
+        ),
     ];
-    let width = runs.iter().map(|r| r.summary.policy.len()).max().unwrap_or(0).max(24);
+    let width = runs
+        .iter()
+        .map(|r| r.summary.policy.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     for (label, values) in rows {
         write!(out, "{label:<22}")?;
         for v in values {

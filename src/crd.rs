@@ -19,7 +19,9 @@ use crate::policy::state::PolicyState;
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$";
 
 /// What a ScalingPolicy does with its decision.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Mode {
     /// kscale is the writer: it patches the target's `scale` subresource.
     #[default]
@@ -165,7 +167,9 @@ pub struct ScheduleSpec {
 }
 
 /// What a failing metric leads to.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum OnFailure {
     /// Keep the current replica count (never scale down on bad data).
     #[default]
@@ -243,7 +247,8 @@ pub struct MetricStatus {
 }
 
 /// The CRD as the apiserver gets it.
-pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     ScalingPolicy::crd()
 }
 

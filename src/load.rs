@@ -51,11 +51,18 @@ pub struct LoadedPolicy {
 /// Reads every ScalingPolicy in `path`. Documents of other kinds are skipped; a file with none is
 /// an error.
 pub fn load_policies(path: &Path) -> Result<Vec<LoadedPolicy>, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let document = i + 1;
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| LoadError::Yaml { path: path.to_path_buf(), document, message: e.to_string() })?;
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| LoadError::Yaml {
+            path: path.to_path_buf(),
+            document,
+            message: e.to_string(),
+        })?;
         if value.is_null() {
             continue;
         }
@@ -64,29 +71,52 @@ pub fn load_policies(path: &Path) -> Result<Vec<LoadedPolicy>, LoadError> {
         if kind != Some("ScalingPolicy") {
             continue;
         }
-        let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).map(str::to_string);
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
         let result = parse_one(&value, api_version);
-        out.push(LoadedPolicy { document, name, result });
+        out.push(LoadedPolicy {
+            document,
+            name,
+            result,
+        });
     }
     if out.is_empty() {
-        return Err(LoadError::NoPolicy { path: path.to_path_buf() });
+        return Err(LoadError::NoPolicy {
+            path: path.to_path_buf(),
+        });
     }
     Ok(out)
 }
 
-fn parse_one(value: &serde_yaml::Value, api_version: Option<&str>) -> Result<(ScalingPolicy, CompiledPolicy), Vec<FieldError>> {
+fn parse_one(
+    value: &serde_yaml::Value,
+    api_version: Option<&str>,
+) -> Result<(ScalingPolicy, CompiledPolicy), Vec<FieldError>> {
     let mut errors = Vec::new();
     if api_version != Some("kscale.dev/v1alpha1") {
         errors.push(FieldError {
             path: "apiVersion".into(),
-            message: format!("{:?} is not served; use kscale.dev/v1alpha1", api_version.unwrap_or("")),
+            message: format!(
+                "{:?} is not served; use kscale.dev/v1alpha1",
+                api_version.unwrap_or("")
+            ),
         });
     }
     let policy: ScalingPolicy = match serde_path_to_error::deserialize(value.clone()) {
         Ok(p) => p,
         Err(e) => {
             let path = e.path().to_string();
-            errors.push(FieldError { path: if path == "." { "(document)".into() } else { path }, message: e.into_inner().to_string() });
+            errors.push(FieldError {
+                path: if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            });
             return Err(errors);
         }
     };
@@ -105,18 +135,33 @@ fn parse_one(value: &serde_yaml::Value, api_version: Option<&str>) -> Result<(Sc
 }
 
 /// Keys present in `original` but absent after a parse and re-serialization are unknown fields.
-fn unknown_fields(original: &serde_yaml::Value, parsed: &serde_yaml::Value, path: String, errors: &mut Vec<FieldError>) {
+fn unknown_fields(
+    original: &serde_yaml::Value,
+    parsed: &serde_yaml::Value,
+    path: String,
+    errors: &mut Vec<FieldError>,
+) {
     use serde_yaml::Value;
     match (original, parsed) {
         (Value::Mapping(o), Value::Mapping(p)) => {
             for (k, v) in o {
                 let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
-                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
                 match p.get(k) {
                     Some(pv) => unknown_fields(v, pv, child, errors),
                     None if v.is_null() => {}
-                    None if path == "metadata" || path.starts_with("metadata.") || path == "status" || path.starts_with("status") => {}
-                    None => errors.push(FieldError { path: child, message: "unknown field".into() }),
+                    None if path == "metadata"
+                        || path.starts_with("metadata.")
+                        || path == "status"
+                        || path.starts_with("status") => {}
+                    None => errors.push(FieldError {
+                        path: child,
+                        message: "unknown field".into(),
+                    }),
                 }
             }
         }
@@ -163,12 +208,22 @@ spec:
 
     #[test]
     fn every_problem_is_reported_with_its_path() {
-        let bad = GOOD.replace("minReplicas: 3", "minReplicas: 5").replace("maxReplicas: 10", "maxReplicas: 2").replace("type: AverageValue", "type: Sometimes");
+        let bad = GOOD
+            .replace("minReplicas: 3", "minReplicas: 5")
+            .replace("maxReplicas: 10", "maxReplicas: 2")
+            .replace("type: AverageValue", "type: Sometimes");
         let p = load(&bad).unwrap();
         let errs = p[0].result.as_ref().unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert!(text.contains(&"spec.maxReplicas: 2 is below spec.minReplicas (5)".to_string()), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("spec.metrics[0].target.type: unknown value \"Sometimes\"")), "{text:?}");
+        assert!(
+            text.contains(&"spec.maxReplicas: 2 is below spec.minReplicas (5)".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("spec.metrics[0].target.type: unknown value \"Sometimes\"")),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -184,12 +239,21 @@ spec:
         let bad = GOOD.replace("maxReplicas: 10", "maxReplicas: ten");
         let p = load(&bad).unwrap();
         let errs = p[0].result.as_ref().unwrap_err();
-        assert!(errs[0].to_string().starts_with("spec.maxReplicas: invalid type"), "{}", errs[0]);
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("spec.maxReplicas: invalid type"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
     fn no_policy_and_bad_yaml() {
-        assert!(matches!(load("kind: ConfigMap\n"), Err(LoadError::NoPolicy { .. })));
+        assert!(matches!(
+            load("kind: ConfigMap\n"),
+            Err(LoadError::NoPolicy { .. })
+        ));
         let e = load("a: [\n").unwrap_err();
         assert!(e.to_string().contains("not valid YAML"), "{e}");
     }

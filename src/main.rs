@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     match execute(cli, &mut out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::ValidationFailed(n)) => {
-            eprintln!("kscale: {n} invalid {}", if n == 1 { "policy" } else { "policies" });
+            eprintln!(
+                "kscale: {n} invalid {}",
+                if n == 1 { "policy" } else { "policies" }
+            );
             ExitCode::FAILURE
         }
         Err(e) => {

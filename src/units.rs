@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(Quantity::parse("100").unwrap().milli(), 100_000);
         assert_eq!(Quantity::parse("250m").unwrap().milli(), 250);
         assert_eq!(Quantity::parse("1.5k").unwrap().as_f64(), 1500.0);
-        assert_eq!(Quantity::parse("2Gi").unwrap().as_f64(), 2.0 * 1024.0 * 1024.0 * 1024.0);
+        assert_eq!(
+            Quantity::parse("2Gi").unwrap().as_f64(),
+            2.0 * 1024.0 * 1024.0 * 1024.0
+        );
         assert_eq!(Quantity::parse("1e3").unwrap().as_f64(), 1000.0);
         assert_eq!(Quantity::parse("0.1").unwrap().milli(), 100);
         assert_eq!(Quantity::parse("0.0001").unwrap().milli(), 1);

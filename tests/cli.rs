@@ -4,11 +4,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn kscale(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kscale")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("kscale runs")
+    Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("kscale runs")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -21,7 +29,13 @@ const ELB: &str = "examples/traces/elb_request_count_8c0756.csv";
 
 #[test]
 fn examples_validate() {
-    let o = kscale(&["validate", "-p", "examples/backend-hpa-cpu.yaml", "examples/backend-rps.yaml", "examples/backend-rich.yaml"]);
+    let o = kscale(&[
+        "validate",
+        "-p",
+        "examples/backend-hpa-cpu.yaml",
+        "examples/backend-rps.yaml",
+        "examples/backend-rich.yaml",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o).matches(": valid").count(), 3, "{}", text(&o));
 }
@@ -67,44 +81,86 @@ spec:
     let out = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("ok: valid"), "{out}");
-    assert!(out.contains("spec.maxReplicas: 2 is below spec.minReplicas (5)"), "{out}");
-    assert!(out.contains("spec.metrics[0].target.type: unknown value \"Sometimes\""), "{out}");
-    assert!(out.contains("spec.formula: \"max(rps, latency\" does not parse as CEL"), "{out}");
-    assert!(out.contains("spec.schedules[0].cron: \"0 25 * * *\" does not parse"), "{out}");
+    assert!(
+        out.contains("spec.maxReplicas: 2 is below spec.minReplicas (5)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("spec.metrics[0].target.type: unknown value \"Sometimes\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("spec.formula: \"max(rps, latency\" does not parse as CEL"),
+        "{out}"
+    );
+    assert!(
+        out.contains("spec.schedules[0].cron: \"0 25 * * *\" does not parse"),
+        "{out}"
+    );
     assert!(out.contains("kscale: 1 invalid policy"), "{out}");
 }
 
 #[test]
 fn validate_names_unknown_formula_metric() {
     let dir = tempfile::tempdir().unwrap();
-    let body = std::fs::read_to_string("examples/backend-rich.yaml").unwrap().replace("max(rps, p99, cpu)", "max(rps, latency)");
+    let body = std::fs::read_to_string("examples/backend-rich.yaml")
+        .unwrap()
+        .replace("max(rps, p99, cpu)", "max(rps, latency)");
     let f = write(dir.path(), "p.yaml", &body);
     let out = text(&kscale(&["validate", "-p", f.to_str().unwrap()]));
-    assert!(out.contains("spec.formula: \"max(rps, latency)\" names unknown metric \"latency\""), "{out}");
+    assert!(
+        out.contains("spec.formula: \"max(rps, latency)\" names unknown metric \"latency\""),
+        "{out}"
+    );
 }
 
 #[test]
 fn validate_missing_file() {
     let o = kscale(&["validate", "-p", "/nonexistent/policy.yaml"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("/nonexistent/policy.yaml: cannot read"), "{}", text(&o));
+    assert!(
+        text(&o).contains("/nonexistent/policy.yaml: cannot read"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn backtest_json_on_a_real_trace() {
-    let o = kscale(&["backtest", "-p", "examples/backend-rps.yaml", "-t", ELB, "--scale", "1.5", "--capacity", "100", "--startup", "60s", "--format", "json"]);
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        "examples/backend-rps.yaml",
+        "-t",
+        ELB,
+        "--scale",
+        "1.5",
+        "--capacity",
+        "100",
+        "--startup",
+        "60s",
+        "--format",
+        "json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let summary = &v["summary"];
     let steps = v["steps"].as_array().unwrap();
-    assert_eq!(summary["evaluations"].as_u64().unwrap() as usize, steps.len());
+    assert_eq!(
+        summary["evaluations"].as_u64().unwrap() as usize,
+        steps.len()
+    );
     // 14 days at 15 s: 80 000-odd evaluations.
     assert!(steps.len() > 80_000, "{}", steps.len());
     let first = &steps[0];
     assert_eq!(first["time"], "2014-04-10T00:04:00Z");
     assert!(first["replicas"].as_i64().unwrap() >= 3);
     assert!(first["metrics"]["rps"].is_number());
-    assert!(first["reason"].as_str().unwrap().contains("rps="), "{}", first["reason"]);
+    assert!(
+        first["reason"].as_str().unwrap().contains("rps="),
+        "{}",
+        first["reason"]
+    );
     for s in steps {
         let r = s["replicas"].as_i64().unwrap();
         assert!((3..=10).contains(&r));
@@ -118,7 +174,19 @@ fn backtest_json_on_a_real_trace() {
 
 #[test]
 fn backtest_is_deterministic() {
-    let args = ["backtest", "-p", "examples/backend-hpa-cpu.yaml", "-t", ELB, "--capacity", "100", "--scale", "1.5", "--format", "json"];
+    let args = [
+        "backtest",
+        "-p",
+        "examples/backend-hpa-cpu.yaml",
+        "-t",
+        ELB,
+        "--capacity",
+        "100",
+        "--scale",
+        "1.5",
+        "--format",
+        "json",
+    ];
     let a = kscale(&args);
     let b = kscale(&args);
     assert!(a.status.success(), "{}", text(&a));
@@ -131,21 +199,40 @@ fn backtest_writes_svg_and_png_plots() {
     for ext in ["svg", "png"] {
         let plot = dir.path().join(format!("plot.{ext}"));
         let o = kscale(&[
-            "backtest", "-p", "examples/backend-rps.yaml", "-t", ELB, "--scale", "1.5", "--capacity", "100",
-            "--compare", "examples/backend-hpa-cpu.yaml", "--plot", plot.to_str().unwrap(),
+            "backtest",
+            "-p",
+            "examples/backend-rps.yaml",
+            "-t",
+            ELB,
+            "--scale",
+            "1.5",
+            "--capacity",
+            "100",
+            "--compare",
+            "examples/backend-hpa-cpu.yaml",
+            "--plot",
+            plot.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", text(&o));
         let bytes = std::fs::read(&plot).unwrap();
         if ext == "svg" {
             let s = String::from_utf8(bytes).unwrap();
-            assert!(s.trim_start().starts_with("<svg") || s.starts_with("<?xml"), "not an SVG");
+            assert!(
+                s.trim_start().starts_with("<svg") || s.starts_with("<?xml"),
+                "not an SVG"
+            );
             assert!(s.trim_end().ends_with("</svg>"));
             assert!(s.contains("shop/backend-hpa-cpu"));
         } else {
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         }
         let out = text(&o);
-        assert!(out.contains("shop/backend") && out.contains("shop/backend-hpa-cpu") && out.contains("replica-hours"), "{out}");
+        assert!(
+            out.contains("shop/backend")
+                && out.contains("shop/backend-hpa-cpu")
+                && out.contains("replica-hours"),
+            "{out}"
+        );
     }
 }
 
@@ -153,15 +240,29 @@ fn backtest_writes_svg_and_png_plots() {
 fn backtest_bad_traces_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("garbage.csv", "timestamp,value\n2024-01-01 00:00:00,1\n2024-01-01 00:05:00,lots\n", "line 3"),
+        (
+            "garbage.csv",
+            "timestamp,value\n2024-01-01 00:00:00,1\n2024-01-01 00:05:00,lots\n",
+            "line 3",
+        ),
         ("empty.csv", "", "empty"),
         ("header.csv", "timestamp,value\n", "no rows"),
-        ("backwards.csv", "timestamp,value\n2024-01-01 00:05:00,1\n2024-01-01 00:00:00,2\n", "line 3"),
+        (
+            "backwards.csv",
+            "timestamp,value\n2024-01-01 00:05:00,1\n2024-01-01 00:00:00,2\n",
+            "line 3",
+        ),
         ("badtime.csv", "timestamp,value\nyesterday,1\n", "yesterday"),
     ];
     for (name, body, needle) in cases {
         let f = write(dir.path(), name, body);
-        let o = kscale(&["backtest", "-p", "examples/backend-rps.yaml", "-t", f.to_str().unwrap()]);
+        let o = kscale(&[
+            "backtest",
+            "-p",
+            "examples/backend-rps.yaml",
+            "-t",
+            f.to_str().unwrap(),
+        ]);
         let out = text(&o);
         assert_eq!(o.status.code(), Some(1), "{name}: {out}");
         assert!(out.contains(name) && out.contains(needle), "{name}: {out}");
@@ -171,12 +272,37 @@ fn backtest_bad_traces_name_file_and_line() {
 
 #[test]
 fn backtest_bad_flags_are_named() {
-    let o = kscale(&["backtest", "-p", "examples/backend-rps.yaml", "-t", ELB, "--metric", "latency=value"]);
-    assert!(text(&o).contains("--metric latency=value: the policy shop/backend has no metric \"latency\""), "{}", text(&o));
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        "examples/backend-rps.yaml",
+        "-t",
+        ELB,
+        "--metric",
+        "latency=value",
+    ]);
+    assert!(
+        text(&o)
+            .contains("--metric latency=value: the policy shop/backend has no metric \"latency\""),
+        "{}",
+        text(&o)
+    );
     let o = kscale(&["backtest", "-p", "examples/backend-hpa-cpu.yaml", "-t", ELB]);
     assert!(text(&o).contains("give --capacity"), "{}", text(&o));
-    let o = kscale(&["backtest", "-p", "examples/backend-rps.yaml", "-t", ELB, "--startup", "soon"]);
-    assert!(!o.status.success() && text(&o).contains("--startup"), "{}", text(&o));
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        "examples/backend-rps.yaml",
+        "-t",
+        ELB,
+        "--startup",
+        "soon",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("--startup"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -189,6 +315,10 @@ fn crd_prints_schema_with_cel_rules() {
     assert!(s.contains("x-kubernetes-validations"));
     assert!(s.contains("self.minReplicas <= self.maxReplicas"));
     // The committed copy is current.
-    let committed = std::fs::read_to_string("deploy/crd/scalingpolicies.kscale.dev.yaml").expect("deploy/crd/scalingpolicies.kscale.dev.yaml is committed");
-    assert_eq!(committed, s, "deploy/crd is stale: run `cargo run -- crd > deploy/crd/scalingpolicies.kscale.dev.yaml`");
+    let committed = std::fs::read_to_string("deploy/crd/scalingpolicies.kscale.dev.yaml")
+        .expect("deploy/crd/scalingpolicies.kscale.dev.yaml is committed");
+    assert_eq!(
+        committed, s,
+        "deploy/crd is stale: run `cargo run -- crd > deploy/crd/scalingpolicies.kscale.dev.yaml`"
+    );
 }

@@ -35,10 +35,20 @@ spec:
 
 fn obs(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>) -> Observation {
     let s = |v: Option<f64>| match v {
-        Some(v) => Sample::Series { values: vec![v], timestamp: now - TimeDelta::seconds(1) },
-        None => Sample::Missing { reason: "query returned no series".into() },
+        Some(v) => Sample::Series {
+            values: vec![v],
+            timestamp: now - TimeDelta::seconds(1),
+        },
+        None => Sample::Missing {
+            reason: "query returned no series".into(),
+        },
     };
-    Observation { spec_replicas: replicas, status_replicas: replicas, ready_replicas: replicas, samples: vec![s(rps), s(queue)] }
+    Observation {
+        spec_replicas: replicas,
+        status_replicas: replicas,
+        ready_replicas: replicas,
+        samples: vec![s(rps), s(queue)],
+    }
 }
 
 /// Runs a sequence of (seconds, rps) through the policy, applying each decision.
@@ -59,7 +69,12 @@ fn replay(p: &CompiledPolicy, start: i32, seq: &[(i64, f64)]) -> Vec<i32> {
 #[test]
 fn max_across_metrics_like_the_hpa() {
     let p = policy("");
-    let d = evaluate(&p, &obs(4, Some(400.0), Some(80.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(4, Some(400.0), Some(80.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     // rps proposes 4 (within tolerance), queue proposes ceil(80/10) = 8; legacy rule allows up to max(2*4, 4) = 8.
     assert_eq!(d.replicas, 8);
     assert_eq!(d.rule, Rule::Metrics(Some(1)));
@@ -70,9 +85,19 @@ fn max_across_metrics_like_the_hpa() {
 #[test]
 fn legacy_scale_up_is_capped_at_double_or_four() {
     let p = policy("");
-    let d = evaluate(&p, &obs(2, Some(5000.0), Some(0.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(2, Some(5000.0), Some(0.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 4); // max(2*2, 4)
-    let d = evaluate(&p, &obs(5, Some(5000.0), Some(0.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(5, Some(5000.0), Some(0.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 10); // 2*5
 }
 
@@ -81,7 +106,9 @@ fn legacy_scale_down_waits_for_the_five_minute_window() {
     let p = policy("");
     // 10 replicas, then demand drops to 2 replicas' worth: held at 10 while the first
     // recommendation (10) is inside the window, which includes its boundary.
-    let seq: Vec<(i64, f64)> = (0..=22).map(|i| (i * 15, if i == 0 { 1000.0 } else { 200.0 })).collect();
+    let seq: Vec<(i64, f64)> = (0..=22)
+        .map(|i| (i * 15, if i == 0 { 1000.0 } else { 200.0 }))
+        .collect();
     let r = replay(&p, 10, &seq);
     assert_eq!(r[0], 10);
     // t=300: the recommendation at t=0 is exactly at the cutoff and still counts (Before is strict).
@@ -145,7 +172,12 @@ fn per_direction_tolerance() {
 "#,
     );
     // 4 replicas at 140 rps each = ratio 1.4, within an up-tolerance of 50 %.
-    let d = evaluate(&p, &obs(4, Some(560.0), Some(0.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(4, Some(560.0), Some(0.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 4);
 }
 
@@ -153,12 +185,27 @@ fn per_direction_tolerance() {
 fn partial_data_never_scales_down() {
     let p = policy("");
     // queue missing, rps says 2: HPA refuses to scale down on partial data.
-    let d = evaluate(&p, &obs(8, Some(200.0), None, t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(8, Some(200.0), None, t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 8);
     assert!(matches!(d.rule, Rule::Fallback(_)));
-    assert!(d.reason(&p).contains("queue missing: query returned no series"), "{}", d.reason(&p));
+    assert!(
+        d.reason(&p)
+            .contains("queue missing: query returned no series"),
+        "{}",
+        d.reason(&p)
+    );
     // but scales up on the valid metrics.
-    let d = evaluate(&p, &obs(8, Some(1200.0), None, t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(8, Some(1200.0), None, t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 12);
 }
 
@@ -167,13 +214,29 @@ fn stale_nan_and_errors_hold() {
     let p = policy("  fallback: {staleAfter: 1m}\n");
     let now = t(1000);
     let mut o = obs(6, Some(100.0), Some(0.0), now);
-    o.samples[0] = Sample::Series { values: vec![100.0], timestamp: now - TimeDelta::seconds(61) };
-    o.samples[1] = Sample::Series { values: vec![f64::NAN], timestamp: now };
+    o.samples[0] = Sample::Series {
+        values: vec![100.0],
+        timestamp: now - TimeDelta::seconds(61),
+    };
+    o.samples[1] = Sample::Series {
+        values: vec![f64::NAN],
+        timestamp: now,
+    };
     let d = evaluate(&p, &o, &PolicyState::default(), now);
     assert_eq!(d.replicas, 6);
     let r = d.reason(&p);
-    assert!(r.contains("rps stale") && r.contains("queue invalid: query returned NaN"), "{r}");
-    o.samples = vec![Sample::Error { message: "timeout".into() }, Sample::Error { message: "timeout".into() }];
+    assert!(
+        r.contains("rps stale") && r.contains("queue invalid: query returned NaN"),
+        "{r}"
+    );
+    o.samples = vec![
+        Sample::Error {
+            message: "timeout".into(),
+        },
+        Sample::Error {
+            message: "timeout".into(),
+        },
+    ];
     assert_eq!(evaluate(&p, &o, &PolicyState::default(), now).replicas, 6);
 }
 
@@ -189,26 +252,64 @@ fn fallback_replicas_goes_up_never_down() {
 #[test]
 fn outside_bounds_is_clamped_directly() {
     let p = policy("");
-    assert_eq!(evaluate(&p, &obs(30, Some(9999.0), Some(0.0), t(0)), &PolicyState::default(), t(0)).replicas, 20);
-    assert_eq!(evaluate(&p, &obs(1, Some(0.0), Some(0.0), t(0)), &PolicyState::default(), t(0)).replicas, 2);
+    assert_eq!(
+        evaluate(
+            &p,
+            &obs(30, Some(9999.0), Some(0.0), t(0)),
+            &PolicyState::default(),
+            t(0)
+        )
+        .replicas,
+        20
+    );
+    assert_eq!(
+        evaluate(
+            &p,
+            &obs(1, Some(0.0), Some(0.0), t(0)),
+            &PolicyState::default(),
+            t(0)
+        )
+        .replicas,
+        2
+    );
     // Target manually at 0 with min != 0: autoscaling is off.
-    let d = evaluate(&p, &obs(0, Some(9999.0), Some(0.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(0, Some(9999.0), Some(0.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!((d.replicas, d.rule), (0, Rule::ScalingDisabled));
 }
 
 #[test]
 fn schedule_raises_the_floor() {
     // Every day 00:00-23:59 UTC: always active for this test.
-    let p = policy("  schedules: [{name: always, cron: '0 0 * * *', duration: 24h, minReplicas: 7}]\n");
-    let d = evaluate(&p, &obs(7, Some(10.0), Some(0.0), t(0)), &PolicyState::default(), t(0));
+    let p =
+        policy("  schedules: [{name: always, cron: '0 0 * * *', duration: 24h, minReplicas: 7}]\n");
+    let d = evaluate(
+        &p,
+        &obs(7, Some(10.0), Some(0.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     assert_eq!(d.replicas, 7);
-    assert!(d.reason(&p).contains("always active (bounds 7–20)"), "{}", d.reason(&p));
+    assert!(
+        d.reason(&p).contains("always active (bounds 7–20)"),
+        "{}",
+        d.reason(&p)
+    );
 }
 
 #[test]
 fn formula_combines_proposals() {
     let p = policy("  formula: 'rps + queue'\n");
-    let d = evaluate(&p, &obs(4, Some(400.0), Some(20.0), t(0)), &PolicyState::default(), t(0));
+    let d = evaluate(
+        &p,
+        &obs(4, Some(400.0), Some(20.0), t(0)),
+        &PolicyState::default(),
+        t(0),
+    );
     // rps 4 + queue 2 = 6
     assert_eq!(d.replicas, 6);
     assert_eq!(d.rule, Rule::Formula);
@@ -240,11 +341,11 @@ proptest! {
                 prop_assert_eq!(d.replicas, 0);
             }
             // No scale-down on missing data.
-            if (rps.is_none() || queue.is_none()) && replicas >= 2 && replicas <= 20 {
+            if (rps.is_none() || queue.is_none()) && (2..=20).contains(&replicas) {
                 prop_assert!(d.replicas >= replicas, "scaled down {} -> {} on partial data", replicas, d.replicas);
             }
             // Scale-down rate limit: at most 2 pods per 30 s.
-            if with_behavior && replicas <= 20 && replicas >= 2 {
+            if with_behavior && (2..=20).contains(&replicas) {
                 prop_assert!(replicas - d.replicas <= 2, "removed {} pods at once", replicas - d.replicas);
             }
             let mut d = d;

@@ -27,7 +27,9 @@ pub const PROMETHEUS_LOOKBACK: TimeDelta = TimeDelta::seconds(300);
 #[derive(Debug, thiserror::Error)]
 pub enum BacktestError {
     /// A `--metric NAME=COLUMN` names a metric the policy does not have.
-    #[error("--metric {metric}={column}: the policy {policy} has no metric {metric:?} (it has: {known})")]
+    #[error(
+        "--metric {metric}={column}: the policy {policy} has no metric {metric:?} (it has: {known})"
+    )]
     UnknownMetric {
         /// Policy name.
         policy: String,
@@ -51,7 +53,9 @@ pub enum BacktestError {
         by: String,
     },
     /// A Prometheus metric with no column.
-    #[error("metric {metric:?} of policy {policy} has no trace column: name one with --metric {metric}=COLUMN (columns: {known})")]
+    #[error(
+        "metric {metric:?} of policy {policy} has no trace column: name one with --metric {metric}=COLUMN (columns: {known})"
+    )]
     UnmappedMetric {
         /// Policy name.
         policy: String,
@@ -61,7 +65,9 @@ pub enum BacktestError {
         known: String,
     },
     /// A resource metric with neither a column nor a capacity.
-    #[error("metric {metric:?} of policy {policy} is a resource metric: give --capacity to derive utilization from demand, or map a column of utilization percent with --metric {metric}=COLUMN")]
+    #[error(
+        "metric {metric:?} of policy {policy} is a resource metric: give --capacity to derive utilization from demand, or map a column of utilization percent with --metric {metric}=COLUMN"
+    )]
     ResourceNeedsCapacity {
         /// Policy name.
         policy: String,
@@ -207,19 +213,26 @@ impl<'a> Cursor<'a> {
             }
             self.next += 1;
         }
-        self.last.filter(|(_, ts)| t.signed_duration_since(*ts) <= PROMETHEUS_LOOKBACK)
+        self.last
+            .filter(|(_, ts)| t.signed_duration_since(*ts) <= PROMETHEUS_LOOKBACK)
     }
 }
 
-fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig) -> Result<(Vec<Feed>, Option<usize>), BacktestError> {
+fn resolve_feeds(
+    policy: &CompiledPolicy,
+    trace: &Trace,
+    config: &BacktestConfig,
+) -> Result<(Vec<Feed>, Option<usize>), BacktestError> {
     let known_columns = || trace.columns.join(", ");
     let column = |name: &str, by: String| {
-        trace.column(name).ok_or_else(|| BacktestError::UnknownColumn {
-            trace: trace.path.display().to_string(),
-            column: name.to_string(),
-            known: known_columns(),
-            by,
-        })
+        trace
+            .column(name)
+            .ok_or_else(|| BacktestError::UnknownColumn {
+                trace: trace.path.display().to_string(),
+                column: name.to_string(),
+                known: known_columns(),
+                by,
+            })
     };
     let mut feeds: Vec<Option<Feed>> = vec![None; policy.metrics.len()];
     for (metric, col) in &config.metric_columns {
@@ -228,7 +241,12 @@ fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig
                 policy: policy.name.clone(),
                 metric: metric.clone(),
                 column: col.clone(),
-                known: policy.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+                known: policy
+                    .metrics
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
         let c = column(col, format!("--metric {metric}={col}"))?;
@@ -237,7 +255,11 @@ fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig
             MetricSource::Resource { .. } => Feed::Utilization(c),
         });
     }
-    let prometheus_count = policy.metrics.iter().filter(|m| matches!(m.source, MetricSource::Prometheus { .. })).count();
+    let prometheus_count = policy
+        .metrics
+        .iter()
+        .filter(|m| matches!(m.source, MetricSource::Prometheus { .. }))
+        .count();
     for (i, m) in policy.metrics.iter().enumerate() {
         if feeds[i].is_some() {
             continue;
@@ -267,7 +289,10 @@ fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig
             }
         });
     }
-    let feeds: Vec<Feed> = feeds.into_iter().map(|f| f.unwrap_or(Feed::Derived)).collect();
+    let feeds: Vec<Feed> = feeds
+        .into_iter()
+        .map(|f| f.unwrap_or(Feed::Derived))
+        .collect();
     let demand = match &config.demand_column {
         Some(name) => Some(column(name, "--demand".to_string())?),
         None => feeds
@@ -276,12 +301,19 @@ fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig
                 Feed::Column(c) => Some(*c),
                 _ => None,
             })
-            .or(if trace.columns.len() == 1 { Some(0) } else { None }),
+            .or(if trace.columns.len() == 1 {
+                Some(0)
+            } else {
+                None
+            }),
     };
     if feeds.contains(&Feed::Derived) && demand.is_none() {
         return Err(BacktestError::BadOption {
             flag: "--demand",
-            message: format!("resource metrics are derived from demand; name the demand column (columns: {})", known_columns()),
+            message: format!(
+                "resource metrics are derived from demand; name the demand column (columns: {})",
+                known_columns()
+            ),
         });
     }
     Ok((feeds, demand))
@@ -289,24 +321,43 @@ fn resolve_feeds(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig
 
 /// Replays `trace` through `policy`. Deterministic: the same inputs give the same run.
 /// `progress` is called with (done, total) evaluations every few thousand steps.
-pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, progress: &mut dyn FnMut(u64, u64)) -> Result<Run, BacktestError> {
+pub fn run(
+    policy: &CompiledPolicy,
+    trace: &Trace,
+    config: &BacktestConfig,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Run, BacktestError> {
     if !(config.scale.is_finite() && config.scale > 0.0) {
-        return Err(BacktestError::BadOption { flag: "--scale", message: format!("must be a positive number, got {}", config.scale) });
+        return Err(BacktestError::BadOption {
+            flag: "--scale",
+            message: format!("must be a positive number, got {}", config.scale),
+        });
     }
-    if let Some(c) = config.capacity {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(BacktestError::BadOption { flag: "--capacity", message: format!("must be a positive number, got {c}") });
-        }
+    if let Some(c) = config.capacity
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(BacktestError::BadOption {
+            flag: "--capacity",
+            message: format!("must be a positive number, got {c}"),
+        });
     }
     if config.startup < TimeDelta::zero() {
-        return Err(BacktestError::BadOption { flag: "--startup", message: "must not be negative".into() });
+        return Err(BacktestError::BadOption {
+            flag: "--startup",
+            message: "must not be negative".into(),
+        });
     }
     let (feeds, demand_col) = resolve_feeds(policy, trace, config)?;
     let (Some(&t0), Some(&t_end)) = (trace.times.first(), trace.times.last()) else {
-        return Err(BacktestError::BadOption { flag: "--trace", message: format!("{}: trace has no rows", trace.path.display()) });
+        return Err(BacktestError::BadOption {
+            flag: "--trace",
+            message: format!("{}: trace has no rows", trace.path.display()),
+        });
     };
     let interval = policy.interval;
-    let total = (t_end.signed_duration_since(t0).num_milliseconds() / interval.num_milliseconds().max(1)) as u64 + 1;
+    let total = (t_end.signed_duration_since(t0).num_milliseconds()
+        / interval.num_milliseconds().max(1)) as u64
+        + 1;
 
     let mut cursors: Vec<Option<Cursor>> = feeds
         .iter()
@@ -317,7 +368,10 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         .collect();
     let mut demand_cursor = demand_col.map(|c| Cursor::new(trace, c));
 
-    let initial = config.initial_replicas.unwrap_or(policy.min_replicas).max(0);
+    let initial = config
+        .initial_replicas
+        .unwrap_or(policy.min_replicas)
+        .max(0);
     // Birth times of the running replicas, oldest first; initial ones are ready at t0.
     let mut births: Vec<DateTime<Utc>> = vec![t0 - config.startup; initial as usize];
     let mut replicas = initial;
@@ -348,7 +402,9 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         oracle_replica_hours: None,
         ratio_to_oracle: None,
     };
-    let ready_at = |births: &[DateTime<Utc>], t: DateTime<Utc>| births.partition_point(|b| *b + config.startup <= t) as i32;
+    let ready_at = |births: &[DateTime<Utc>], t: DateTime<Utc>| {
+        births.partition_point(|b| *b + config.startup <= t) as i32
+    };
 
     let mut k: i64 = 0;
     loop {
@@ -356,7 +412,10 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         if t > t_end {
             break;
         }
-        let demand = demand_cursor.as_mut().and_then(|c| c.at(t)).map(|(v, _)| v * config.scale);
+        let demand = demand_cursor
+            .as_mut()
+            .and_then(|c| c.at(t))
+            .map(|(v, _)| v * config.scale);
         let ready = ready_at(&births, t);
         obs.spec_replicas = replicas;
         obs.status_replicas = replicas;
@@ -364,17 +423,32 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         obs.samples.clear();
         for (feed, cursor) in feeds.iter().zip(cursors.iter_mut()) {
             let sample = match (feed, cursor.as_mut().and_then(|c| c.at(t))) {
-                (Feed::Column(_), Some((v, ts))) => Sample::Series { values: vec![v * config.scale], timestamp: ts },
-                (Feed::Utilization(_), Some((v, ts))) => pods_sample(replicas, ready, &births, config.startup, t, ts, |_| (v * 10.0).round() as i64),
+                (Feed::Column(_), Some((v, ts))) => Sample::Series {
+                    values: vec![v * config.scale],
+                    timestamp: ts,
+                },
+                (Feed::Utilization(_), Some((v, ts))) => {
+                    pods_sample(replicas, ready, &births, config.startup, t, ts, |_| {
+                        (v * 10.0).round() as i64
+                    })
+                }
                 (Feed::Derived, _) => match (demand, config.capacity) {
                     (Some(d), Some(c)) if ready > 0 => {
                         let per_pod_milli = (1000.0 * d / (f64::from(ready) * c)).round() as i64;
-                        pods_sample(replicas, ready, &births, config.startup, t, t, |_| per_pod_milli)
+                        pods_sample(replicas, ready, &births, config.startup, t, t, |_| {
+                            per_pod_milli
+                        })
                     }
-                    (Some(_), Some(_)) => pods_sample(replicas, 0, &births, config.startup, t, t, |_| 0),
-                    _ => Sample::Missing { reason: "no demand sample within the 5m lookback".into() },
+                    (Some(_), Some(_)) => {
+                        pods_sample(replicas, 0, &births, config.startup, t, t, |_| 0)
+                    }
+                    _ => Sample::Missing {
+                        reason: "no demand sample within the 5m lookback".into(),
+                    },
                 },
-                (_, None) => Sample::Missing { reason: "no sample within Prometheus' 5m lookback".into() },
+                (_, None) => Sample::Missing {
+                    reason: "no sample within Prometheus' 5m lookback".into(),
+                },
             };
             obs.samples.push(sample);
         }
@@ -402,16 +476,25 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         summary.replica_hours += f64::from(replicas) * step_hours;
         summary.min_replicas = summary.min_replicas.min(replicas);
         summary.max_replicas = summary.max_replicas.max(replicas);
-        if let (Some(c), Some(d), Some(v)) = (config.capacity, demand, summary.slo_violation_minutes.as_mut()) {
-            if d > f64::from(ready) * c {
-                *v += step_minutes;
-            }
+        if let (Some(c), Some(d), Some(v)) = (
+            config.capacity,
+            demand,
+            summary.slo_violation_minutes.as_mut(),
+        ) && d > f64::from(ready) * c
+        {
+            *v += step_minutes;
         }
         summary.evaluations += 1;
         summary.end = t;
-        steps.push(Step { time: t, replicas, ready_replicas: ready, metrics, reason });
+        steps.push(Step {
+            time: t,
+            replicas,
+            ready_replicas: ready,
+            metrics,
+            reason,
+        });
         demand_series.push(demand);
-        if summary.evaluations % 8192 == 0 {
+        if summary.evaluations.is_multiple_of(8192) {
             progress(summary.evaluations, total);
         }
         k += 1;
@@ -422,7 +505,11 @@ pub fn run(policy: &CompiledPolicy, trace: &Trace, config: &BacktestConfig, prog
         summary.oracle_replica_hours = Some(oracle);
         summary.ratio_to_oracle = (oracle > 0.0).then(|| summary.replica_hours / oracle);
     }
-    Ok(Run { summary, steps, demand: demand_series })
+    Ok(Run {
+        summary,
+        steps,
+        demand: demand_series,
+    })
 }
 
 /// Builds the pod list a metrics.k8s.io source would see: `ready` pods ready and measured,
@@ -442,12 +529,20 @@ fn pods_sample(
             let is_ready = (i as i32) < ready;
             PodSample {
                 name: format!("pod-{i}"),
-                phase: if is_ready { PodPhase::Running } else { PodPhase::Pending },
+                phase: if is_ready {
+                    PodPhase::Running
+                } else {
+                    PodPhase::Pending
+                },
                 deleting: false,
                 ready: Some((is_ready, long_ago)),
                 start_time: Some(long_ago),
                 request_milli: Some(1000),
-                usage: is_ready.then(|| PodUsage { milli: usage(i), timestamp: measured, window_seconds: 15 }),
+                usage: is_ready.then(|| PodUsage {
+                    milli: usage(i),
+                    timestamp: measured,
+                    window_seconds: 15,
+                }),
             }
         })
         .collect();
@@ -457,9 +552,18 @@ fn pods_sample(
 /// Replica-hours of a perfect-foresight oracle: at each step it runs exactly the replicas needed
 /// (`ceil(demand / capacity)`) for every moment up to `startup` ahead, so each replica is ready
 /// when its demand arrives.
-pub fn oracle_replica_hours(demand: &[Option<f64>], capacity: f64, startup: TimeDelta, interval: TimeDelta) -> f64 {
-    let needed: Vec<i64> = demand.iter().map(|d| d.map_or(0, |d| (d / capacity).ceil().max(0.0) as i64)).collect();
-    let ahead = (startup.num_milliseconds() as f64 / interval.num_milliseconds().max(1) as f64).ceil() as usize;
+pub fn oracle_replica_hours(
+    demand: &[Option<f64>],
+    capacity: f64,
+    startup: TimeDelta,
+    interval: TimeDelta,
+) -> f64 {
+    let needed: Vec<i64> = demand
+        .iter()
+        .map(|d| d.map_or(0, |d| (d / capacity).ceil().max(0.0) as i64))
+        .collect();
+    let ahead = (startup.num_milliseconds() as f64 / interval.num_milliseconds().max(1) as f64)
+        .ceil() as usize;
     // Sliding-window maximum over [i, i + ahead] with a monotonic deque.
     let mut deque: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     let mut total: i64 = 0;

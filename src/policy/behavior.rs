@@ -112,10 +112,18 @@ impl Limit {
     pub fn message(self) -> &'static str {
         match self {
             Limit::DesiredWithinRange => "the desired count is within the acceptable range",
-            Limit::ScaleUpLimit => "the desired replica count is increasing faster than the maximum scale rate",
-            Limit::TooManyReplicas => "the desired replica count is more than the maximum replica count",
-            Limit::ScaleDownLimit => "the desired replica count is decreasing faster than the maximum scale rate",
-            Limit::TooFewReplicas => "the desired replica count is less than the minimum replica count",
+            Limit::ScaleUpLimit => {
+                "the desired replica count is increasing faster than the maximum scale rate"
+            }
+            Limit::TooManyReplicas => {
+                "the desired replica count is more than the maximum replica count"
+            }
+            Limit::ScaleDownLimit => {
+                "the desired replica count is decreasing faster than the maximum scale rate"
+            }
+            Limit::TooFewReplicas => {
+                "the desired replica count is less than the minimum replica count"
+            }
         }
     }
 }
@@ -170,7 +178,12 @@ pub fn scale_up_limit(current: i32, rules: &Rules, state: &PolicyState, now: Dat
 }
 
 /// The lowest count the scale-down policies allow from `current`.
-pub fn scale_down_limit(current: i32, rules: &Rules, state: &PolicyState, now: DateTime<Utc>) -> i32 {
+pub fn scale_down_limit(
+    current: i32,
+    rules: &Rules,
+    state: &PolicyState,
+    now: DateTime<Utc>,
+) -> i32 {
     let (mut result, pick): (i32, fn(i32, i32) -> i32) = match rules.select {
         SelectPolicy::Disabled => return current,
         SelectPolicy::Min => (i32::MIN, std::cmp::max),
@@ -181,7 +194,9 @@ pub fn scale_down_limit(current: i32, rules: &Rules, state: &PolicyState, now: D
         let proposed = match policy.kind {
             RateKind::Pods => start.saturating_sub(policy.value),
             // Go's int32(float64) conversion truncates toward zero.
-            RateKind::Percent => (f64::from(start) * (1.0 - f64::from(policy.value) / 100.0)).trunc() as i32,
+            RateKind::Percent => {
+                (f64::from(start) * (1.0 - f64::from(policy.value) / 100.0)).trunc() as i32
+            }
         };
         result = pick(result, proposed);
     }

@@ -175,16 +175,27 @@ fn is_metric_name(name: &str) -> bool {
         && name.len() <= 63
 }
 
-fn positive_quantity(errors: &mut Vec<FieldError>, path: String, q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>, type_: &str) -> Option<i64> {
+fn positive_quantity(
+    errors: &mut Vec<FieldError>,
+    path: String,
+    q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    type_: &str,
+) -> Option<i64> {
     match q {
         None => {
-            errors.push(err(path, format!("is required when target.type is {type_}")));
+            errors.push(err(
+                path,
+                format!("is required when target.type is {type_}"),
+            ));
             None
         }
         Some(q) => match Quantity::parse(&q.0) {
             Ok(v) if v.milli() > 0 => Some(v.milli()),
             Ok(_) => {
-                errors.push(err(path, format!("must be greater than zero, got {:?}", q.0)));
+                errors.push(err(
+                    path,
+                    format!("must be greater than zero, got {:?}", q.0),
+                ));
                 None
             }
             Err(e) => {
@@ -195,35 +206,54 @@ fn positive_quantity(errors: &mut Vec<FieldError>, path: String, q: &Option<k8s_
     }
 }
 
-fn compile_target(errors: &mut Vec<FieldError>, path: &str, target: &MetricTarget, is_resource: bool) -> Option<Target> {
+fn compile_target(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    target: &MetricTarget,
+    is_resource: bool,
+) -> Option<Target> {
     match target.type_.as_str() {
         "Value" => {
             if is_resource {
                 errors.push(err(
                     format!("{path}.type"),
-                    "Value is not valid for a resource metric; use Utilization or AverageValue".into(),
+                    "Value is not valid for a resource metric; use Utilization or AverageValue"
+                        .into(),
                 ));
                 return None;
             }
-            positive_quantity(errors, format!("{path}.value"), &target.value, "Value").map(Target::Value)
+            positive_quantity(errors, format!("{path}.value"), &target.value, "Value")
+                .map(Target::Value)
         }
-        "AverageValue" => positive_quantity(errors, format!("{path}.averageValue"), &target.average_value, "AverageValue")
-            .map(Target::AverageValue),
+        "AverageValue" => positive_quantity(
+            errors,
+            format!("{path}.averageValue"),
+            &target.average_value,
+            "AverageValue",
+        )
+        .map(Target::AverageValue),
         "Utilization" => {
             if !is_resource {
                 errors.push(err(
                     format!("{path}.type"),
-                    "Utilization is only valid for resource metrics; use Value or AverageValue".into(),
+                    "Utilization is only valid for resource metrics; use Value or AverageValue"
+                        .into(),
                 ));
                 return None;
             }
             match target.average_utilization {
                 None => {
-                    errors.push(err(format!("{path}.averageUtilization"), "is required when target.type is Utilization".into()));
+                    errors.push(err(
+                        format!("{path}.averageUtilization"),
+                        "is required when target.type is Utilization".into(),
+                    ));
                     None
                 }
                 Some(u) if u <= 0 => {
-                    errors.push(err(format!("{path}.averageUtilization"), format!("must be greater than zero, got {u}")));
+                    errors.push(err(
+                        format!("{path}.averageUtilization"),
+                        format!("must be greater than zero, got {u}"),
+                    ));
                     None
                 }
                 Some(u) => Some(Target::Utilization(u)),
@@ -239,27 +269,55 @@ fn compile_target(errors: &mut Vec<FieldError>, path: &str, target: &MetricTarge
     }
 }
 
-fn compile_rules(errors: &mut Vec<FieldError>, path: &str, rules: Option<&HPAScalingRules>, up: bool) -> (Rules, Option<f64>) {
+fn compile_rules(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    rules: Option<&HPAScalingRules>,
+    up: bool,
+) -> (Rules, Option<f64>) {
     // autoscaling/v2 defaults (SetDefaults_HorizontalPodAutoscalerBehavior).
     let default_policies = if up {
         vec![
-            RatePolicy { kind: RateKind::Pods, value: 4, period: TimeDelta::seconds(15) },
-            RatePolicy { kind: RateKind::Percent, value: 100, period: TimeDelta::seconds(15) },
+            RatePolicy {
+                kind: RateKind::Pods,
+                value: 4,
+                period: TimeDelta::seconds(15),
+            },
+            RatePolicy {
+                kind: RateKind::Percent,
+                value: 100,
+                period: TimeDelta::seconds(15),
+            },
         ]
     } else {
-        vec![RatePolicy { kind: RateKind::Percent, value: 100, period: TimeDelta::seconds(15) }]
+        vec![RatePolicy {
+            kind: RateKind::Percent,
+            value: 100,
+            period: TimeDelta::seconds(15),
+        }]
     };
-    let default_window = if up { TimeDelta::zero() } else { DEFAULT_DOWNSCALE_WINDOW };
+    let default_window = if up {
+        TimeDelta::zero()
+    } else {
+        DEFAULT_DOWNSCALE_WINDOW
+    };
     let Some(rules) = rules else {
         return (
-            Rules { stabilization: default_window, select: SelectPolicy::Max, policies: default_policies },
+            Rules {
+                stabilization: default_window,
+                select: SelectPolicy::Max,
+                policies: default_policies,
+            },
             None,
         );
     };
     let stabilization = match rules.stabilization_window_seconds {
         None => default_window,
         Some(s) if !(0..=3600).contains(&s) => {
-            errors.push(err(format!("{path}.stabilizationWindowSeconds"), format!("must be between 0 and 3600, got {s}")));
+            errors.push(err(
+                format!("{path}.stabilizationWindowSeconds"),
+                format!("must be between 0 and 3600, got {s}"),
+            ));
             default_window
         }
         Some(s) => TimeDelta::seconds(i64::from(s)),
@@ -269,14 +327,20 @@ fn compile_rules(errors: &mut Vec<FieldError>, path: &str, rules: Option<&HPASca
         Some("Min") => SelectPolicy::Min,
         Some("Disabled") => SelectPolicy::Disabled,
         Some(other) => {
-            errors.push(err(format!("{path}.selectPolicy"), format!("unknown value {other:?} (expected Max, Min or Disabled)")));
+            errors.push(err(
+                format!("{path}.selectPolicy"),
+                format!("unknown value {other:?} (expected Max, Min or Disabled)"),
+            ));
             SelectPolicy::Max
         }
     };
     let policies = match &rules.policies {
         None => default_policies,
         Some(list) if list.is_empty() => {
-            errors.push(err(format!("{path}.policies"), "must hold at least one policy when set".into()));
+            errors.push(err(
+                format!("{path}.policies"),
+                "must hold at least one policy when set".into(),
+            ));
             default_policies
         }
         Some(list) => list
@@ -288,36 +352,65 @@ fn compile_rules(errors: &mut Vec<FieldError>, path: &str, rules: Option<&HPASca
                     "Pods" => Some(RateKind::Pods),
                     "Percent" => Some(RateKind::Percent),
                     other => {
-                        errors.push(err(format!("{ppath}.type"), format!("unknown value {other:?} (expected Pods or Percent)")));
+                        errors.push(err(
+                            format!("{ppath}.type"),
+                            format!("unknown value {other:?} (expected Pods or Percent)"),
+                        ));
                         None
                     }
                 };
                 if p.value <= 0 {
-                    errors.push(err(format!("{ppath}.value"), format!("must be greater than zero, got {}", p.value)));
+                    errors.push(err(
+                        format!("{ppath}.value"),
+                        format!("must be greater than zero, got {}", p.value),
+                    ));
                 }
                 if !(1..=1800).contains(&p.period_seconds) {
-                    errors.push(err(format!("{ppath}.periodSeconds"), format!("must be between 1 and 1800, got {}", p.period_seconds)));
+                    errors.push(err(
+                        format!("{ppath}.periodSeconds"),
+                        format!("must be between 1 and 1800, got {}", p.period_seconds),
+                    ));
                 }
-                kind.map(|kind| RatePolicy { kind, value: p.value, period: TimeDelta::seconds(i64::from(p.period_seconds)) })
+                kind.map(|kind| RatePolicy {
+                    kind,
+                    value: p.value,
+                    period: TimeDelta::seconds(i64::from(p.period_seconds)),
+                })
             })
             .collect(),
     };
-    let tolerance = rules.tolerance.as_ref().and_then(|q| match Quantity::parse(&q.0) {
-        Ok(v) if v.as_f64() >= 0.0 => Some(v.as_f64()),
-        Ok(_) => {
-            errors.push(err(format!("{path}.tolerance"), format!("must not be negative, got {:?}", q.0)));
-            None
-        }
-        Err(e) => {
-            errors.push(err(format!("{path}.tolerance"), e.to_string()));
-            None
-        }
-    });
-    (Rules { stabilization, select, policies }, tolerance)
+    let tolerance = rules
+        .tolerance
+        .as_ref()
+        .and_then(|q| match Quantity::parse(&q.0) {
+            Ok(v) if v.as_f64() >= 0.0 => Some(v.as_f64()),
+            Ok(_) => {
+                errors.push(err(
+                    format!("{path}.tolerance"),
+                    format!("must not be negative, got {:?}", q.0),
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(err(format!("{path}.tolerance"), e.to_string()));
+                None
+            }
+        });
+    (
+        Rules {
+            stabilization,
+            select,
+            policies,
+        },
+        tolerance,
+    )
 }
 
 /// Validates a spec; `name` is used in messages only.
-pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPolicy, ValidationErrors> {
+pub fn compile_spec(
+    spec: &ScalingPolicySpec,
+    name: String,
+) -> Result<CompiledPolicy, ValidationErrors> {
     let mut errors = Vec::new();
     if spec.target_ref.kind.is_empty() {
         errors.push(err("spec.targetRef.kind", "is required".into()));
@@ -327,28 +420,45 @@ pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPo
     }
     let min_replicas = spec.min_replicas.unwrap_or(1);
     if min_replicas < 0 {
-        errors.push(err("spec.minReplicas", format!("must not be negative, got {min_replicas}")));
+        errors.push(err(
+            "spec.minReplicas",
+            format!("must not be negative, got {min_replicas}"),
+        ));
     }
     if spec.max_replicas < 1 {
-        errors.push(err("spec.maxReplicas", format!("must be at least 1, got {}", spec.max_replicas)));
+        errors.push(err(
+            "spec.maxReplicas",
+            format!("must be at least 1, got {}", spec.max_replicas),
+        ));
     }
     if spec.max_replicas < min_replicas {
         errors.push(err(
             "spec.maxReplicas",
-            format!("{} is below spec.minReplicas ({min_replicas})", spec.max_replicas),
+            format!(
+                "{} is below spec.minReplicas ({min_replicas})",
+                spec.max_replicas
+            ),
         ));
     }
     let interval = spec
         .interval
         .as_deref()
-        .map_or(Some(DEFAULT_INTERVAL), |text| duration_field(&mut errors, "spec.interval", text))
+        .map_or(Some(DEFAULT_INTERVAL), |text| {
+            duration_field(&mut errors, "spec.interval", text)
+        })
         .unwrap_or(DEFAULT_INTERVAL);
 
     if spec.metrics.is_empty() {
         errors.push(err("spec.metrics", "must hold at least one metric".into()));
     }
     if spec.metrics.len() > 16 {
-        errors.push(err("spec.metrics", format!("holds {} metrics; at most 16 are allowed", spec.metrics.len())));
+        errors.push(err(
+            "spec.metrics",
+            format!(
+                "holds {} metrics; at most 16 are allowed",
+                spec.metrics.len()
+            ),
+        ));
     }
     let mut metrics = Vec::with_capacity(spec.metrics.len());
     for (i, m) in spec.metrics.iter().enumerate() {
@@ -359,34 +469,66 @@ pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPo
                 format!("{:?} is not a valid metric name (lowercase letters, digits and _, not starting with a digit, at most 63)", m.name),
             ));
         } else if spec.metrics[..i].iter().any(|o| o.name == m.name) {
-            errors.push(err(format!("{path}.name"), format!("{:?} is used by an earlier metric; names must be unique", m.name)));
+            errors.push(err(
+                format!("{path}.name"),
+                format!(
+                    "{:?} is used by an earlier metric; names must be unique",
+                    m.name
+                ),
+            ));
         }
         let source = match (&m.prometheus, &m.resource) {
             (Some(p), None) => {
                 if p.query.trim().is_empty() {
-                    errors.push(err(format!("{path}.prometheus.query"), "must not be empty".into()));
+                    errors.push(err(
+                        format!("{path}.prometheus.query"),
+                        "must not be empty".into(),
+                    ));
                 }
-                Some(MetricSource::Prometheus { query: p.query.clone() })
+                Some(MetricSource::Prometheus {
+                    query: p.query.clone(),
+                })
             }
             (None, Some(r)) => match r.name.as_str() {
-                "cpu" | "memory" => Some(MetricSource::Resource { cpu: r.name == "cpu", container: r.container.clone() }),
+                "cpu" | "memory" => Some(MetricSource::Resource {
+                    cpu: r.name == "cpu",
+                    container: r.container.clone(),
+                }),
                 other => {
-                    errors.push(err(format!("{path}.resource.name"), format!("unknown value {other:?} (expected cpu or memory)")));
+                    errors.push(err(
+                        format!("{path}.resource.name"),
+                        format!("unknown value {other:?} (expected cpu or memory)"),
+                    ));
                     None
                 }
             },
             (Some(_), Some(_)) => {
-                errors.push(err(path.clone(), "sets both prometheus and resource; set exactly one".into()));
+                errors.push(err(
+                    path.clone(),
+                    "sets both prometheus and resource; set exactly one".into(),
+                ));
                 None
             }
             (None, None) => {
-                errors.push(err(path.clone(), "sets no source; set prometheus or resource".into()));
+                errors.push(err(
+                    path.clone(),
+                    "sets no source; set prometheus or resource".into(),
+                ));
                 None
             }
         };
-        let target = compile_target(&mut errors, &format!("{path}.target"), &m.target, m.resource.is_some() && m.prometheus.is_none());
+        let target = compile_target(
+            &mut errors,
+            &format!("{path}.target"),
+            &m.target,
+            m.resource.is_some() && m.prometheus.is_none(),
+        );
         if let (Some(source), Some(target)) = (source, target) {
-            metrics.push(CompiledMetric { name: m.name.clone(), source, target });
+            metrics.push(CompiledMetric {
+                name: m.name.clone(),
+                source,
+                target,
+            });
         }
     }
 
@@ -398,13 +540,32 @@ pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPo
     });
 
     let (behavior, tolerances) = match &spec.behavior {
-        None => (None, Tolerances { down: DEFAULT_TOLERANCE, up: DEFAULT_TOLERANCE }),
+        None => (
+            None,
+            Tolerances {
+                down: DEFAULT_TOLERANCE,
+                up: DEFAULT_TOLERANCE,
+            },
+        ),
         Some(b) => {
-            let (up, up_tol) = compile_rules(&mut errors, "spec.behavior.scaleUp", b.scale_up.as_ref(), true);
-            let (down, down_tol) = compile_rules(&mut errors, "spec.behavior.scaleDown", b.scale_down.as_ref(), false);
+            let (up, up_tol) = compile_rules(
+                &mut errors,
+                "spec.behavior.scaleUp",
+                b.scale_up.as_ref(),
+                true,
+            );
+            let (down, down_tol) = compile_rules(
+                &mut errors,
+                "spec.behavior.scaleDown",
+                b.scale_down.as_ref(),
+                false,
+            );
             (
                 Some(Behavior { up, down }),
-                Tolerances { down: down_tol.unwrap_or(DEFAULT_TOLERANCE), up: up_tol.unwrap_or(DEFAULT_TOLERANCE) },
+                Tolerances {
+                    down: down_tol.unwrap_or(DEFAULT_TOLERANCE),
+                    up: up_tol.unwrap_or(DEFAULT_TOLERANCE),
+                },
             )
         }
     };
@@ -413,27 +574,52 @@ pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPo
     for (i, s) in spec.schedules.iter().enumerate() {
         let path = format!("spec.schedules[{i}]");
         if s.min_replicas.is_none() && s.max_replicas.is_none() {
-            errors.push(err(path.clone(), "sets neither minReplicas nor maxReplicas".into()));
+            errors.push(err(
+                path.clone(),
+                "sets neither minReplicas nor maxReplicas".into(),
+            ));
         }
         if let Some(m) = s.min_replicas {
             if m > spec.max_replicas {
-                errors.push(err(format!("{path}.minReplicas"), format!("{m} is above spec.maxReplicas ({})", spec.max_replicas)));
+                errors.push(err(
+                    format!("{path}.minReplicas"),
+                    format!("{m} is above spec.maxReplicas ({})", spec.max_replicas),
+                ));
             }
             if m < 0 {
-                errors.push(err(format!("{path}.minReplicas"), format!("must not be negative, got {m}")));
+                errors.push(err(
+                    format!("{path}.minReplicas"),
+                    format!("must not be negative, got {m}"),
+                ));
             }
         }
         if let Some(m) = s.max_replicas {
             if m < 1 {
-                errors.push(err(format!("{path}.maxReplicas"), format!("must be at least 1, got {m}")));
+                errors.push(err(
+                    format!("{path}.maxReplicas"),
+                    format!("must be at least 1, got {m}"),
+                ));
             }
             if let Some(lo) = s.min_replicas.filter(|lo| *lo > m) {
-                errors.push(err(format!("{path}.maxReplicas"), format!("{m} is below its minReplicas ({lo})")));
+                errors.push(err(
+                    format!("{path}.maxReplicas"),
+                    format!("{m} is below its minReplicas ({lo})"),
+                ));
             }
         }
         let duration = duration_field(&mut errors, &format!("{path}.duration"), &s.duration);
-        let label = s.name.clone().unwrap_or_else(|| format!("schedule {:?}", s.cron));
-        match Schedule::new(label, &s.cron, duration.unwrap_or(TimeDelta::zero()), s.timezone.as_deref(), s.min_replicas, s.max_replicas) {
+        let label = s
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("schedule {:?}", s.cron));
+        match Schedule::new(
+            label,
+            &s.cron,
+            duration.unwrap_or(TimeDelta::zero()),
+            s.timezone.as_deref(),
+            s.min_replicas,
+            s.max_replicas,
+        ) {
             Ok(schedule) => schedules.push(schedule),
             Err((field, message)) => errors.push(err(format!("{path}.{field}"), message)),
         }
@@ -442,19 +628,25 @@ pub fn compile_spec(spec: &ScalingPolicySpec, name: String) -> Result<CompiledPo
     let mut stale_after = DEFAULT_STALE_AFTER;
     let mut on_failure = FailureAction::Hold;
     if let Some(f) = &spec.fallback {
-        if let Some(text) = &f.stale_after {
-            if let Some(d) = duration_field(&mut errors, "spec.fallback.staleAfter", text) {
-                stale_after = d;
-            }
+        if let Some(text) = &f.stale_after
+            && let Some(d) = duration_field(&mut errors, "spec.fallback.staleAfter", text)
+        {
+            stale_after = d;
         }
         on_failure = match (f.on_failure, f.replicas) {
             (None | Some(OnFailure::Hold), None) => FailureAction::Hold,
             (Some(OnFailure::Hold), Some(_)) => {
-                errors.push(err("spec.fallback.replicas", "only applies with onFailure: Replicas".into()));
+                errors.push(err(
+                    "spec.fallback.replicas",
+                    "only applies with onFailure: Replicas".into(),
+                ));
                 FailureAction::Hold
             }
             (Some(OnFailure::Replicas), None) => {
-                errors.push(err("spec.fallback.replicas", "is required when onFailure is Replicas".into()));
+                errors.push(err(
+                    "spec.fallback.replicas",
+                    "is required when onFailure is Replicas".into(),
+                ));
                 FailureAction::Hold
             }
             (None | Some(OnFailure::Replicas), Some(n)) => {

@@ -50,8 +50,16 @@ impl Formula {
         if !unknown.is_empty() {
             return Err(format!(
                 "names unknown {} {}; known metrics: {}; built-ins: {}",
-                if unknown.len() == 1 { "metric" } else { "metrics" },
-                unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", "),
+                if unknown.len() == 1 {
+                    "metric"
+                } else {
+                    "metrics"
+                },
+                unknown
+                    .iter()
+                    .map(|u| format!("{u:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 metric_names.join(", "),
                 BUILTIN_VARIABLES.join(", ")
             ));
@@ -74,7 +82,13 @@ impl Formula {
     }
 
     /// Evaluates the formula with one proposal and one value per metric, in spec order; the result is rounded up and kept within `i32`.
-    pub fn evaluate(&self, proposals: &[i32], values: &[f64], current: i32, ready: i32) -> Result<i32, String> {
+    pub fn evaluate(
+        &self,
+        proposals: &[i32],
+        values: &[f64],
+        current: i32,
+        ready: i32,
+    ) -> Result<i32, String> {
         let mut ctx = Context::with_env(Arc::clone(&self.env));
         // `max(a, b, ...)` and `min(...)` read naturally in a policy; cel-go spells them
         // `math.greatest` / `math.least`, which work too.
@@ -98,7 +112,12 @@ impl Formula {
             Value::Int(i) => i as f64,
             Value::UInt(u) => u as f64,
             Value::Float(f) => f,
-            other => return Err(format!("must evaluate to a number, got {}", type_name(&other))),
+            other => {
+                return Err(format!(
+                    "must evaluate to a number, got {}",
+                    type_name(&other)
+                ));
+            }
         };
         if !number.is_finite() {
             return Err(format!("evaluated to {number}, not a finite number"));

@@ -18,7 +18,10 @@ use std::fmt::{self, Write as _};
 
 use chrono::{DateTime, Utc};
 
-pub use compile::{CompiledMetric, CompiledPolicy, FailureAction, FieldError, MetricSource, Target, ValidationErrors, compile_spec};
+pub use compile::{
+    CompiledMetric, CompiledPolicy, FailureAction, FieldError, MetricSource, Target,
+    ValidationErrors, compile_spec,
+};
 pub use state::PolicyState;
 
 use crate::model::{DecisionCondition, Observation, Sample};
@@ -142,33 +145,60 @@ fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, O
     (min, max.max(min), active)
 }
 
-fn metric_outcome(policy: &CompiledPolicy, metric: &CompiledMetric, sample: Option<&Sample>, obs: &Observation, now: DateTime<Utc>) -> MetricOutcome {
+fn metric_outcome(
+    policy: &CompiledPolicy,
+    metric: &CompiledMetric,
+    sample: Option<&Sample>,
+    obs: &Observation,
+    now: DateTime<Utc>,
+) -> MetricOutcome {
     let tol = policy.tolerances;
     match sample {
         None => MetricOutcome::failed(MetricState::Missing, "no sample was taken".into()),
-        Some(Sample::Missing { reason }) => MetricOutcome::failed(MetricState::Missing, reason.clone()),
-        Some(Sample::Error { message }) => MetricOutcome::failed(MetricState::Error, message.clone()),
+        Some(Sample::Missing { reason }) => {
+            MetricOutcome::failed(MetricState::Missing, reason.clone())
+        }
+        Some(Sample::Error { message }) => {
+            MetricOutcome::failed(MetricState::Error, message.clone())
+        }
         Some(Sample::Series { values, timestamp }) => {
             let age = now.signed_duration_since(*timestamp);
             if age > policy.stale_after {
                 return MetricOutcome::failed(
                     MetricState::Stale,
-                    format!("sample is {}s old, older than the {}s staleness bound", age.num_seconds(), policy.stale_after.num_seconds()),
+                    format!(
+                        "sample is {}s old, older than the {}s staleness bound",
+                        age.num_seconds(),
+                        policy.stale_after.num_seconds()
+                    ),
                 );
             }
             if values.is_empty() {
-                return MetricOutcome::failed(MetricState::Missing, "query returned no series".into());
+                return MetricOutcome::failed(
+                    MetricState::Missing,
+                    "query returned no series".into(),
+                );
             }
             if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                return MetricOutcome::failed(MetricState::Invalid, format!("query returned {bad}"));
+                return MetricOutcome::failed(
+                    MetricState::Invalid,
+                    format!("query returned {bad}"),
+                );
             }
             let value: f64 = values.iter().sum();
             let usage = replicas::sum_milli(values);
             let proposal = match metric.target {
-                Target::Value(t) => replicas::external_value(usage, t, obs.spec_replicas, obs.ready_replicas, tol),
-                Target::AverageValue(t) => replicas::external_average(usage, t, obs.status_replicas, tol),
+                Target::Value(t) => {
+                    replicas::external_value(usage, t, obs.spec_replicas, obs.ready_replicas, tol)
+                }
+                Target::AverageValue(t) => {
+                    replicas::external_average(usage, t, obs.status_replicas, tol)
+                }
                 Target::Utilization(_) => {
-                    return MetricOutcome::failed(MetricState::Invalid, "Utilization needs a resource metric".into());
+                    return MetricOutcome::failed(
+                        MetricState::Invalid,
+                        "Utilization needs a resource metric".into(),
+                    );
                 }
             };
             MetricOutcome {
@@ -180,11 +210,27 @@ fn metric_outcome(policy: &CompiledPolicy, metric: &CompiledMetric, sample: Opti
         }
         Some(Sample::Pods(pods)) => {
             let (is_cpu, target) = match (&metric.source, metric.target) {
-                (MetricSource::Resource { cpu, .. }, Target::Utilization(u)) => (*cpu, ResourceTarget::Utilization(u)),
-                (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => (*cpu, ResourceTarget::AverageMilli(v)),
-                _ => return MetricOutcome::failed(MetricState::Invalid, "pod samples need a resource metric with a Utilization or AverageValue target".into()),
+                (MetricSource::Resource { cpu, .. }, Target::Utilization(u)) => {
+                    (*cpu, ResourceTarget::Utilization(u))
+                }
+                (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => {
+                    (*cpu, ResourceTarget::AverageMilli(v))
+                }
+                _ => return MetricOutcome::failed(
+                    MetricState::Invalid,
+                    "pod samples need a resource metric with a Utilization or AverageValue target"
+                        .into(),
+                ),
             };
-            match replicas::resource(pods, is_cpu, target, obs.spec_replicas, tol, now, policy.readiness) {
+            match replicas::resource(
+                pods,
+                is_cpu,
+                target,
+                obs.spec_replicas,
+                tol,
+                now,
+                policy.readiness,
+            ) {
                 Ok(p) => MetricOutcome {
                     state: MetricState::Valid,
                     value: Some(p.value),
@@ -202,7 +248,12 @@ fn metric_outcome(policy: &CompiledPolicy, metric: &CompiledMetric, sample: Opti
 /// Pure and deterministic. The returned decision carries the next state; after the decision is
 /// acted on (the target rescaled), record it with [`PolicyState::record_scale`] through
 /// [`Decision::record_applied`].
-pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState, now: DateTime<Utc>) -> Decision {
+pub fn evaluate(
+    policy: &CompiledPolicy,
+    obs: &Observation,
+    state: &PolicyState,
+    now: DateTime<Utc>,
+) -> Decision {
     let current = obs.spec_replicas;
     let (min, max, schedule) = effective_bounds(policy, now);
     let mut next = state.clone();
@@ -215,7 +266,10 @@ pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState,
         .enumerate()
         .map(|(i, m)| metric_outcome(policy, m, obs.samples.get(i), obs, now))
         .collect();
-    let invalid = metrics.iter().filter(|m| m.state != MetricState::Valid).count();
+    let invalid = metrics
+        .iter()
+        .filter(|m| m.state != MetricState::Valid)
+        .count();
     let mut decision = Decision {
         replicas: current,
         current,
@@ -250,8 +304,16 @@ pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState,
     // Combine the valid proposals: the formula, or the max as the HPA does (first metric wins ties).
     let (raw, rule) = match &policy.formula {
         Some(formula) if invalid == 0 => {
-            let proposals: Vec<i32> = decision.metrics.iter().map(|m| m.proposal.unwrap_or(0)).collect();
-            let values: Vec<f64> = decision.metrics.iter().map(|m| m.value.unwrap_or(0.0)).collect();
+            let proposals: Vec<i32> = decision
+                .metrics
+                .iter()
+                .map(|m| m.proposal.unwrap_or(0))
+                .collect();
+            let values: Vec<f64> = decision
+                .metrics
+                .iter()
+                .map(|m| m.value.unwrap_or(0.0))
+                .collect();
             match formula.evaluate(&proposals, &values, current, obs.ready_replicas) {
                 Ok(r) => (Some(r), Rule::Formula),
                 Err(e) => {
@@ -264,10 +326,10 @@ pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState,
         None => {
             let mut best: Option<(i32, usize)> = None;
             for (i, m) in decision.metrics.iter().enumerate() {
-                if let Some(p) = m.proposal {
-                    if best.is_none_or(|(b, _)| p > b) {
-                        best = Some((p, i));
-                    }
+                if let Some(p) = m.proposal
+                    && best.is_none_or(|(b, _)| p > b)
+                {
+                    best = Some((p, i));
                 }
             }
             (best.map(|(p, _)| p), Rule::Metrics(best.map(|(_, i)| i)))
@@ -295,8 +357,18 @@ pub fn evaluate(policy: &CompiledPolicy, obs: &Observation, state: &PolicyState,
     decision.rule = rule;
     decision.proposal = Some(raw);
     let normalized = match &policy.behavior {
-        Some(b) => behavior::normalize_with_behavior(b, &mut decision.state, current, raw, min, max, now),
-        None => behavior::normalize_legacy(policy.downscale_window, &mut decision.state, current, raw, min, max, now),
+        Some(b) => {
+            behavior::normalize_with_behavior(b, &mut decision.state, current, raw, min, max, now)
+        }
+        None => behavior::normalize_legacy(
+            policy.downscale_window,
+            &mut decision.state,
+            current,
+            raw,
+            min,
+            max,
+            now,
+        ),
     };
     decision.replicas = normalized.replicas;
     decision.normalized = Some(normalized);
@@ -312,7 +384,13 @@ impl Decision {
             return;
         }
         match &policy.behavior {
-            Some(b) => self.state.record_scale(self.current, self.replicas, now, b.up.longest_period(), b.down.longest_period()),
+            Some(b) => self.state.record_scale(
+                self.current,
+                self.replicas,
+                now,
+                b.up.longest_period(),
+                b.down.longest_period(),
+            ),
             None => self.state.last_scale_time = Some(now),
         }
     }
@@ -409,13 +487,27 @@ impl Decision {
         };
         write!(s, "{verb} {}→{}", self.current, self.replicas)?;
         match self.rule {
-            Rule::ScalingDisabled => return write!(s, ": target runs 0 replicas and minReplicas is {}, autoscaling is off until it is scaled up", self.min_replicas),
+            Rule::ScalingDisabled => {
+                return write!(
+                    s,
+                    ": target runs 0 replicas and minReplicas is {}, autoscaling is off until it is scaled up",
+                    self.min_replicas
+                );
+            }
             Rule::AboveMax => {
-                write!(s, ": current count is above maxReplicas {}", self.max_replicas)?;
+                write!(
+                    s,
+                    ": current count is above maxReplicas {}",
+                    self.max_replicas
+                )?;
                 return self.write_schedule(policy, s);
             }
             Rule::BelowMin => {
-                write!(s, ": current count is below minReplicas {}", self.min_replicas)?;
+                write!(
+                    s,
+                    ": current count is below minReplicas {}",
+                    self.min_replicas
+                )?;
                 return self.write_schedule(policy, s);
             }
             _ => {}
@@ -430,12 +522,20 @@ impl Decision {
                     write!(s, "{}={}", m.name, Num(v))?;
                     match m.target {
                         Target::Value(t) => write!(s, " (target {})", Num(t as f64 / 1000.0))?,
-                        Target::AverageValue(t) => write!(s, " (target {}/replica)", Num(t as f64 / 1000.0))?,
+                        Target::AverageValue(t) => {
+                            write!(s, " (target {}/replica)", Num(t as f64 / 1000.0))?
+                        }
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
                     write!(s, " → {p}")?;
                 }
-                _ => write!(s, "{} {}: {}", m.name, o.state.as_str().to_lowercase(), o.message.as_deref().unwrap_or("unusable"))?,
+                _ => write!(
+                    s,
+                    "{} {}: {}",
+                    m.name,
+                    o.state.as_str().to_lowercase(),
+                    o.message.as_deref().unwrap_or("unusable")
+                )?,
             }
         }
         match self.rule {
@@ -443,41 +543,72 @@ impl Decision {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
                     (None, true) => s.push_str("; the formula needs every metric"),
-                    (None, false) if self.proposal.is_some() => s.push_str("; valid metrics alone would scale down, which partial data never does"),
+                    (None, false) if self.proposal.is_some() => s.push_str(
+                        "; valid metrics alone would scale down, which partial data never does",
+                    ),
                     _ => s.push_str("; no valid metric"),
                 }
                 match action {
                     FailureAction::Hold => s.push_str("; fallback Hold keeps the current count"),
-                    FailureAction::Replicas(n) if self.replicas > self.current => write!(s, "; fallback goes up to {n} replicas")?,
-                    FailureAction::Replicas(n) => write!(s, "; fallback of {n} replicas is not above the current count, holding")?,
+                    FailureAction::Replicas(n) if self.replicas > self.current => {
+                        write!(s, "; fallback goes up to {n} replicas")?
+                    }
+                    FailureAction::Replicas(n) => write!(
+                        s,
+                        "; fallback of {n} replicas is not above the current count, holding"
+                    )?,
                 }
             }
-            Rule::Formula => write!(s, "; formula {:?} → {}", policy.formula.as_ref().map_or("", |f| f.source()), self.proposal.unwrap_or(0))?,
-            Rule::Metrics(Some(i)) => {
-                if policy.metrics.len() > 1 {
-                    write!(s, "; max → {} ({})", self.proposal.unwrap_or(0), policy.metrics[i].name)?;
-                }
+            Rule::Formula => write!(
+                s,
+                "; formula {:?} → {}",
+                policy.formula.as_ref().map_or("", |f| f.source()),
+                self.proposal.unwrap_or(0)
+            )?,
+            Rule::Metrics(Some(i)) if policy.metrics.len() > 1 => {
+                write!(
+                    s,
+                    "; max → {} ({})",
+                    self.proposal.unwrap_or(0),
+                    policy.metrics[i].name
+                )?;
             }
             _ => {}
         }
         if self.degraded && !matches!(self.rule, Rule::Fallback(_)) {
             match policy.on_failure {
-                FailureAction::Replicas(n) => write!(s, "; some metrics failed, fallback floor {n}")?,
-                FailureAction::Hold => s.push_str("; some metrics failed, scaling up on the valid ones"),
+                FailureAction::Replicas(n) => {
+                    write!(s, "; some metrics failed, fallback floor {n}")?
+                }
+                FailureAction::Hold => {
+                    s.push_str("; some metrics failed, scaling up on the valid ones")
+                }
             }
         }
         if let Some(n) = self.normalized {
             match n.stabilization {
-                Stabilization::ScaleUpStabilized => write!(s, "; scale-up stabilized to {}", n.stabilized)?,
-                Stabilization::ScaleDownStabilized => write!(s, "; scale-down stabilized to {} (highest recommendation in the window)", n.stabilized)?,
+                Stabilization::ScaleUpStabilized => {
+                    write!(s, "; scale-up stabilized to {}", n.stabilized)?
+                }
+                Stabilization::ScaleDownStabilized => write!(
+                    s,
+                    "; scale-down stabilized to {} (highest recommendation in the window)",
+                    n.stabilized
+                )?,
                 Stabilization::ReadyForNewScale => {}
             }
             match n.limit {
                 Limit::DesiredWithinRange => {}
                 Limit::ScaleUpLimit => write!(s, "; scale-up rate limit allows {}", n.replicas)?,
-                Limit::ScaleDownLimit => write!(s, "; scale-down rate limit allows {}", n.replicas)?,
-                Limit::TooManyReplicas => write!(s, "; clipped to maxReplicas {}", self.max_replicas)?,
-                Limit::TooFewReplicas => write!(s, "; raised to minReplicas {}", self.min_replicas)?,
+                Limit::ScaleDownLimit => {
+                    write!(s, "; scale-down rate limit allows {}", n.replicas)?
+                }
+                Limit::TooManyReplicas => {
+                    write!(s, "; clipped to maxReplicas {}", self.max_replicas)?
+                }
+                Limit::TooFewReplicas => {
+                    write!(s, "; raised to minReplicas {}", self.min_replicas)?
+                }
             }
         }
         self.write_schedule(policy, s)
@@ -485,7 +616,11 @@ impl Decision {
 
     fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
         if let Some(sched) = self.schedule.and_then(|i| policy.schedules.get(i)) {
-            write!(s, "; {} active (bounds {}–{})", sched.label, self.min_replicas, self.max_replicas)?;
+            write!(
+                s,
+                "; {} active (bounds {}–{})",
+                sched.label, self.min_replicas, self.max_replicas
+            )?;
         }
         Ok(())
     }

@@ -55,14 +55,20 @@ fn ceil_to_replicas(x: f64) -> i32 {
 
 /// Sum of series in milli-units, saturating, as the HPA sums External metric values.
 pub fn sum_milli(values: &[f64]) -> i64 {
-    values
-        .iter()
-        .fold(0i64, |acc, v| acc.saturating_add(crate::units::to_milli(*v)))
+    values.iter().fold(0i64, |acc, v| {
+        acc.saturating_add(crate::units::to_milli(*v))
+    })
 }
 
 /// External metric with a `Value` target: `ratio = usage / target`; with replicas running,
 /// `ceil(ratio * ready)` unless within tolerance; from zero, `ceil(ratio)`.
-pub fn external_value(usage_milli: i64, target_milli: i64, spec_replicas: i32, ready: i32, tol: Tolerances) -> i32 {
+pub fn external_value(
+    usage_milli: i64,
+    target_milli: i64,
+    spec_replicas: i32,
+    ready: i32,
+    tol: Tolerances,
+) -> i32 {
     let ratio = usage_milli as f64 / target_milli as f64;
     if spec_replicas != 0 {
         if tol.within(ratio) {
@@ -76,7 +82,12 @@ pub fn external_value(usage_milli: i64, target_milli: i64, spec_replicas: i32, r
 
 /// External metric with an `AverageValue` target: `ratio = usage / (target * status replicas)`;
 /// outside tolerance, `ceil(usage / target)`; within, the status replica count.
-pub fn external_average(usage_milli: i64, target_milli: i64, status_replicas: i32, tol: Tolerances) -> i32 {
+pub fn external_average(
+    usage_milli: i64,
+    target_milli: i64,
+    status_replicas: i32,
+    tol: Tolerances,
+) -> i32 {
     let ratio = usage_milli as f64 / (target_milli as f64 * f64::from(status_replicas));
     if tol.within(ratio) {
         status_replicas
@@ -113,7 +124,12 @@ enum Group {
     Ready,
 }
 
-fn group_pod(pod: &PodSample, is_cpu: bool, now: DateTime<Utc>, settings: ReadinessSettings) -> Group {
+fn group_pod(
+    pod: &PodSample,
+    is_cpu: bool,
+    now: DateTime<Utc>,
+    settings: ReadinessSettings,
+) -> Group {
     if pod.deleting || pod.phase == PodPhase::Failed {
         return Group::Ignored;
     }
@@ -129,7 +145,8 @@ fn group_pod(pod: &PodSample, is_cpu: bool, now: DateTime<Utc>, settings: Readin
                 if start + settings.cpu_initialization > now {
                     // Still initializing: skip unready pods and samples taken too soon after the
                     // last readiness change.
-                    !ready || usage.timestamp < transition + TimeDelta::seconds(usage.window_seconds)
+                    !ready
+                        || usage.timestamp < transition + TimeDelta::seconds(usage.window_seconds)
                 } else {
                     // Skip pods that are unready and never became ready.
                     !ready && start + settings.initial_readiness_delay > transition
@@ -153,14 +170,17 @@ fn usage_ratio(
 ) -> Option<(f64, f64)> {
     match target {
         ResourceTarget::Utilization(pct) => {
-            let (usage, request) = pods
-                .iter()
-                .fold((0i64, 0i64), |(u, r), (pu, pr)| (u.saturating_add(*pu), r.saturating_add(*pr)));
+            let (usage, request) = pods.iter().fold((0i64, 0i64), |(u, r), (pu, pr)| {
+                (u.saturating_add(*pu), r.saturating_add(*pr))
+            });
             if request == 0 {
                 return None;
             }
             let utilization = (usage.saturating_mul(100) / request) as i32;
-            Some((f64::from(utilization) / f64::from(pct), f64::from(utilization)))
+            Some((
+                f64::from(utilization) / f64::from(pct),
+                f64::from(utilization),
+            ))
         }
         ResourceTarget::AverageMilli(t) => {
             if pods.is_empty() {
@@ -207,14 +227,14 @@ pub fn resource(
     if counted.is_empty() {
         return Err("did not receive metrics for targeted pods (pods might be unready)".into());
     }
-    if matches!(target, ResourceTarget::Utilization(_)) {
-        if let Some(pod) = pods.iter().find(|p| p.request_milli.is_none()) {
-            return Err(format!(
-                "missing request for {} in a container of Pod {}",
-                if is_cpu { "cpu" } else { "memory" },
-                pod.name
-            ));
-        }
+    if matches!(target, ResourceTarget::Utilization(_))
+        && let Some(pod) = pods.iter().find(|p| p.request_milli.is_none())
+    {
+        return Err(format!(
+            "missing request for {} in a container of Pod {}",
+            if is_cpu { "cpu" } else { "memory" },
+            pod.name
+        ));
     }
     let (ratio, value) = usage_ratio(&counted, target)
         .ok_or_else(|| "no metrics returned matched known pods".to_string())?;
@@ -252,7 +272,8 @@ pub fn resource(
     }
     let (new_ratio, _) = usage_ratio(&counted, target)
         .ok_or_else(|| "no metrics returned matched known pods".to_string())?;
-    if tol.within(new_ratio) || (ratio < 1.0 && new_ratio > 1.0) || (ratio > 1.0 && new_ratio < 1.0) {
+    if tol.within(new_ratio) || (ratio < 1.0 && new_ratio > 1.0) || (ratio > 1.0 && new_ratio < 1.0)
+    {
         return Ok(proposal(current));
     }
     let new_replicas = ceil_to_replicas(new_ratio * counted.len() as f64);
@@ -319,7 +340,16 @@ mod tests {
     #[test]
     fn cpu_utilization_simple() {
         let pods = [pod("a", Some(900), 1000), pod("b", Some(900), 1000)];
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 2, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            2,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.value, 90.0);
         assert_eq!(p.replicas, 4); // ceil(1.8 * 2)
     }
@@ -327,8 +357,21 @@ mod tests {
     #[test]
     fn utilization_truncates_to_integer_percent() {
         // 100/300 = 33% (not 33.3), ratio 0.66 -> ceil(0.66*3) = 2.
-        let pods = [pod("a", Some(100), 100), pod("b", Some(0), 100), pod("c", Some(0), 100)];
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 3, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let pods = [
+            pod("a", Some(100), 100),
+            pod("b", Some(0), 100),
+            pod("c", Some(0), 100),
+        ];
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            3,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.value, 33.0);
         assert_eq!(p.replicas, 2);
     }
@@ -337,16 +380,42 @@ mod tests {
     fn missing_pods_assumed_busy_on_scale_down() {
         // Two pods at 10%, one missing: on scale-down the missing one counts as 100%:
         // (10+10+100)/3 = 40% -> ratio 0.8 -> ceil(0.8*3) = 3 >= current -> keep 3.
-        let pods = [pod("a", Some(100), 1000), pod("b", Some(100), 1000), pod("c", None, 1000)];
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 3, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let pods = [
+            pod("a", Some(100), 1000),
+            pod("b", Some(100), 1000),
+            pod("c", None, 1000),
+        ];
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            3,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.replicas, 3);
     }
 
     #[test]
     fn missing_pods_assumed_idle_on_scale_up() {
         // Two pods at 100% of a 50% target, one missing (idle): (100+100+0)/3 = 66% -> 1.33 -> 4.
-        let pods = [pod("a", Some(1000), 1000), pod("b", Some(1000), 1000), pod("c", None, 1000)];
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 3, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let pods = [
+            pod("a", Some(1000), 1000),
+            pod("b", Some(1000), 1000),
+            pod("c", None, 1000),
+        ];
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            3,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.replicas, 4);
     }
 
@@ -355,46 +424,111 @@ mod tests {
         let mut unready = pod("c", Some(1000), 1000);
         unready.ready = Some((false, t(-10)));
         unready.start_time = Some(t(-20));
-        let pods = [pod("a", Some(1000), 1000), pod("b", Some(1000), 1000), unready];
+        let pods = [
+            pod("a", Some(1000), 1000),
+            pod("b", Some(1000), 1000),
+            unready,
+        ];
         // ready pods: 200% of 50% target... (1000+1000)/2000=100% -> ratio 2;
         // unready counted as 0: (1000+1000+0)/3000 = 66% -> 1.32 -> ceil(1.32*3)=4.
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 3, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            3,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.replicas, 4);
     }
 
     #[test]
     fn direction_flip_keeps_current() {
         // Ready pods say scale down (20% of 50), but the missing pods assumed at 100% flip it up.
-        let pods = [pod("a", Some(200), 1000), pod("b", None, 1000), pod("c", None, 1000)];
-        let p = resource(&pods, true, ResourceTarget::Utilization(50), 3, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let pods = [
+            pod("a", Some(200), 1000),
+            pod("b", None, 1000),
+            pod("c", None, 1000),
+        ];
+        let p = resource(
+            &pods,
+            true,
+            ResourceTarget::Utilization(50),
+            3,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.replicas, 3);
     }
 
     #[test]
     fn errors_use_hpa_messages() {
         let settings = ReadinessSettings::default();
-        assert!(resource(&[], true, ResourceTarget::Utilization(50), 1, TOL, t(0), settings)
+        assert!(
+            resource(
+                &[],
+                true,
+                ResourceTarget::Utilization(50),
+                1,
+                TOL,
+                t(0),
+                settings
+            )
             .unwrap_err()
-            .contains("no pods returned"));
+            .contains("no pods returned")
+        );
         let mut p = pod("a", Some(100), 100);
         p.request_milli = None;
-        assert!(resource(&[p], true, ResourceTarget::Utilization(50), 1, TOL, t(0), settings)
+        assert!(
+            resource(
+                &[p],
+                true,
+                ResourceTarget::Utilization(50),
+                1,
+                TOL,
+                t(0),
+                settings
+            )
             .unwrap_err()
-            .contains("missing request for cpu in a container of Pod a"));
+            .contains("missing request for cpu in a container of Pod a")
+        );
         let pending = PodSample {
             phase: PodPhase::Pending,
             ..pod("a", None, 100)
         };
-        assert!(resource(&[pending], true, ResourceTarget::Utilization(50), 1, TOL, t(0), settings)
+        assert!(
+            resource(
+                &[pending],
+                true,
+                ResourceTarget::Utilization(50),
+                1,
+                TOL,
+                t(0),
+                settings
+            )
             .unwrap_err()
-            .contains("did not receive metrics"));
+            .contains("did not receive metrics")
+        );
     }
 
     #[test]
     fn average_value_uses_integer_average() {
         // (100 + 201)/2 = 150 (integer) -> ratio 1.5 against 100 -> ceil(1.5*2)=3
         let pods = [pod("a", Some(100), 0), pod("b", Some(201), 0)];
-        let p = resource(&pods, false, ResourceTarget::AverageMilli(100), 2, TOL, t(0), ReadinessSettings::default()).unwrap();
+        let p = resource(
+            &pods,
+            false,
+            ResourceTarget::AverageMilli(100),
+            2,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+        .unwrap();
         assert_eq!(p.replicas, 3);
     }
 }

@@ -33,7 +33,9 @@ impl Schedule {
         if fields != 5 {
             return Err((
                 "cron",
-                format!("{cron:?} has {fields} fields; expected 5 (minute hour day-of-month month day-of-week)"),
+                format!(
+                    "{cron:?} has {fields} fields; expected 5 (minute hour day-of-month month day-of-week)"
+                ),
             ));
         }
         let parsed = CronParser::builder()
@@ -44,9 +46,12 @@ impl Schedule {
             .map_err(|e| ("cron", format!("{cron:?} does not parse: {e}")))?;
         let tz: Tz = match tz {
             None => Tz::UTC,
-            Some(name) => name
-                .parse()
-                .map_err(|_| ("timezone", format!("unknown time zone {name:?} (use an IANA name like Europe/Berlin)")))?,
+            Some(name) => name.parse().map_err(|_| {
+                (
+                    "timezone",
+                    format!("unknown time zone {name:?} (use an IANA name like Europe/Berlin)"),
+                )
+            })?,
         };
         Ok(Schedule {
             label,
@@ -76,7 +81,15 @@ mod tests {
 
     #[test]
     fn working_hours_in_berlin() {
-        let s = Schedule::new("work".into(), "0 8 * * 1-5", TimeDelta::hours(10), Some("Europe/Berlin"), Some(6), None).unwrap();
+        let s = Schedule::new(
+            "work".into(),
+            "0 8 * * 1-5",
+            TimeDelta::hours(10),
+            Some("Europe/Berlin"),
+            Some(6),
+            None,
+        )
+        .unwrap();
         // Monday 2026-11-23 08:30 Berlin = 07:30 UTC.
         assert!(s.is_active(Utc.with_ymd_and_hms(2026, 11, 23, 7, 30, 0).unwrap()));
         // 06:59 UTC = 07:59 Berlin: not yet.
@@ -89,8 +102,44 @@ mod tests {
 
     #[test]
     fn bad_cron_and_zone() {
-        assert_eq!(Schedule::new("x".into(), "61 8 * * *", TimeDelta::hours(1), None, Some(1), None).unwrap_err().0, "cron");
-        assert_eq!(Schedule::new("x".into(), "0 8 * *", TimeDelta::hours(1), None, Some(1), None).unwrap_err().0, "cron");
-        assert_eq!(Schedule::new("x".into(), "0 8 * * *", TimeDelta::hours(1), Some("Mars/Base"), Some(1), None).unwrap_err().0, "timezone");
+        assert_eq!(
+            Schedule::new(
+                "x".into(),
+                "61 8 * * *",
+                TimeDelta::hours(1),
+                None,
+                Some(1),
+                None
+            )
+            .unwrap_err()
+            .0,
+            "cron"
+        );
+        assert_eq!(
+            Schedule::new(
+                "x".into(),
+                "0 8 * *",
+                TimeDelta::hours(1),
+                None,
+                Some(1),
+                None
+            )
+            .unwrap_err()
+            .0,
+            "cron"
+        );
+        assert_eq!(
+            Schedule::new(
+                "x".into(),
+                "0 8 * * *",
+                TimeDelta::hours(1),
+                Some("Mars/Base"),
+                Some(1),
+                None
+            )
+            .unwrap_err()
+            .0,
+            "timezone"
+        );
     }
 }

@@ -45,8 +45,16 @@ pub struct PolicyState {
 impl PolicyState {
     /// Records a raw recommendation, reusing the slot of one older than `cutoff` (the last such
     /// slot, as the HPA controller does) so the history stays bounded.
-    pub(crate) fn record_recommendation(&mut self, replicas: i32, now: DateTime<Utc>, old_slot: Option<usize>) {
-        let rec = Recommendation { replicas, time: now };
+    pub(crate) fn record_recommendation(
+        &mut self,
+        replicas: i32,
+        now: DateTime<Utc>,
+        old_slot: Option<usize>,
+    ) {
+        let rec = Recommendation {
+            replicas,
+            time: now,
+        };
         match old_slot.and_then(|i| self.recommendations.get_mut(i)) {
             Some(slot) => *slot = rec,
             None => self.recommendations.push(rec),
@@ -56,7 +64,14 @@ impl PolicyState {
     /// Records that the target was rescaled from `from` to `to` at `now`. `longest_up` and
     /// `longest_down` are the longest policy periods of each direction: an event older than that
     /// has its slot reused, as the HPA controller does.
-    pub fn record_scale(&mut self, from: i32, to: i32, now: DateTime<Utc>, longest_up: TimeDelta, longest_down: TimeDelta) {
+    pub fn record_scale(
+        &mut self,
+        from: i32,
+        to: i32,
+        now: DateTime<Utc>,
+        longest_up: TimeDelta,
+        longest_down: TimeDelta,
+    ) {
         if from == to {
             return;
         }
