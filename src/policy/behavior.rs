@@ -156,25 +156,64 @@ fn period_start(current: i32, policy: &RatePolicy, state: &PolicyState, now: Dat
     current - added + removed
 }
 
-/// The highest count the scale-up policies allow from `current`.
-pub fn scale_up_limit(current: i32, rules: &Rules, state: &PolicyState, now: DateTime<Utc>) -> i32 {
-    let (mut result, pick): (i32, fn(i32, i32) -> i32) = match rules.select {
-        SelectPolicy::Disabled => return current,
-        SelectPolicy::Min => (i32::MAX, std::cmp::min),
-        SelectPolicy::Max => (i32::MIN, std::cmp::max),
+/// A scaling direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// The furthest count the direction's rate policies allow from `current`: the highest for
+/// scale-up, the lowest for scale-down. `Max` picks the policy allowing the largest change and
+/// `Min` the smallest, so their combining functions swap between directions.
+fn rate_limit(
+    direction: Direction,
+    current: i32,
+    rules: &Rules,
+    state: &PolicyState,
+    now: DateTime<Utc>,
+) -> i32 {
+    let largest_change = match direction {
+        Direction::Up => std::cmp::max,
+        Direction::Down => std::cmp::min,
     };
+    let smallest_change = match direction {
+        Direction::Up => std::cmp::min,
+        Direction::Down => std::cmp::max,
+    };
+    let pick: fn(i32, i32) -> i32 = match rules.select {
+        SelectPolicy::Disabled => return current,
+        SelectPolicy::Max => largest_change,
+        SelectPolicy::Min => smallest_change,
+    };
+    let mut result: Option<i32> = None;
     for policy in &rules.policies {
         let start = period_start(current, policy, state, now);
-        let proposed = match policy.kind {
-            RateKind::Pods => start.saturating_add(policy.value),
-            RateKind::Percent => {
+        let proposed = match (direction, policy.kind) {
+            (Direction::Up, RateKind::Pods) => start.saturating_add(policy.value),
+            (Direction::Down, RateKind::Pods) => start.saturating_sub(policy.value),
+            // Rounded up, or a small percentage would never add a replica.
+            (Direction::Up, RateKind::Percent) => {
                 let p = (f64::from(start) * (1.0 + f64::from(policy.value) / 100.0)).ceil();
                 p.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
             }
+            // Go's int32(float64) conversion truncates toward zero.
+            (Direction::Down, RateKind::Percent) => {
+                (f64::from(start) * (1.0 - f64::from(policy.value) / 100.0)).trunc() as i32
+            }
         };
-        result = pick(result, proposed);
+        result = Some(result.map_or(proposed, |r| pick(r, proposed)));
     }
-    result
+    // With no policies the controller's fold returns its starting sentinel.
+    result.unwrap_or(match (direction, rules.select) {
+        (Direction::Up, SelectPolicy::Min) | (Direction::Down, SelectPolicy::Max) => i32::MAX,
+        _ => i32::MIN,
+    })
+}
+
+/// The highest count the scale-up policies allow from `current`.
+pub fn scale_up_limit(current: i32, rules: &Rules, state: &PolicyState, now: DateTime<Utc>) -> i32 {
+    rate_limit(Direction::Up, current, rules, state, now)
 }
 
 /// The lowest count the scale-down policies allow from `current`.
@@ -184,23 +223,7 @@ pub fn scale_down_limit(
     state: &PolicyState,
     now: DateTime<Utc>,
 ) -> i32 {
-    let (mut result, pick): (i32, fn(i32, i32) -> i32) = match rules.select {
-        SelectPolicy::Disabled => return current,
-        SelectPolicy::Min => (i32::MIN, std::cmp::max),
-        SelectPolicy::Max => (i32::MAX, std::cmp::min),
-    };
-    for policy in &rules.policies {
-        let start = period_start(current, policy, state, now);
-        let proposed = match policy.kind {
-            RateKind::Pods => start.saturating_sub(policy.value),
-            // Go's int32(float64) conversion truncates toward zero.
-            RateKind::Percent => {
-                (f64::from(start) * (1.0 - f64::from(policy.value) / 100.0)).trunc() as i32
-            }
-        };
-        result = pick(result, proposed);
-    }
-    result
+    rate_limit(Direction::Down, current, rules, state, now)
 }
 
 /// `normalizeDesiredReplicasWithBehaviors`: stabilize, record the raw recommendation, then apply

@@ -294,6 +294,23 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
     }
 
+    fn calc(
+        pods: &[PodSample],
+        cpu: bool,
+        target: ResourceTarget,
+        current: i32,
+    ) -> Result<ResourceProposal, String> {
+        resource(
+            pods,
+            cpu,
+            target,
+            current,
+            TOL,
+            t(0),
+            ReadinessSettings::default(),
+        )
+    }
+
     fn pod(name: &str, usage: Option<i64>, request: i64) -> PodSample {
         PodSample {
             name: name.into(),
@@ -340,16 +357,7 @@ mod tests {
     #[test]
     fn cpu_utilization_simple() {
         let pods = [pod("a", Some(900), 1000), pod("b", Some(900), 1000)];
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            2,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 2).unwrap();
         assert_eq!(p.value, 90.0);
         assert_eq!(p.replicas, 4); // ceil(1.8 * 2)
     }
@@ -362,16 +370,7 @@ mod tests {
             pod("b", Some(0), 100),
             pod("c", Some(0), 100),
         ];
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            3,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 3).unwrap();
         assert_eq!(p.value, 33.0);
         assert_eq!(p.replicas, 2);
     }
@@ -385,16 +384,7 @@ mod tests {
             pod("b", Some(100), 1000),
             pod("c", None, 1000),
         ];
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            3,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 3).unwrap();
         assert_eq!(p.replicas, 3);
     }
 
@@ -406,16 +396,7 @@ mod tests {
             pod("b", Some(1000), 1000),
             pod("c", None, 1000),
         ];
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            3,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 3).unwrap();
         assert_eq!(p.replicas, 4);
     }
 
@@ -431,16 +412,7 @@ mod tests {
         ];
         // ready pods: 200% of 50% target... (1000+1000)/2000=100% -> ratio 2;
         // unready counted as 0: (1000+1000+0)/3000 = 66% -> 1.32 -> ceil(1.32*3)=4.
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            3,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 3).unwrap();
         assert_eq!(p.replicas, 4);
     }
 
@@ -452,16 +424,7 @@ mod tests {
             pod("b", None, 1000),
             pod("c", None, 1000),
         ];
-        let p = resource(
-            &pods,
-            true,
-            ResourceTarget::Utilization(50),
-            3,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, true, ResourceTarget::Utilization(50), 3).unwrap();
         assert_eq!(p.replicas, 3);
     }
 
@@ -519,16 +482,7 @@ mod tests {
     fn average_value_uses_integer_average() {
         // (100 + 201)/2 = 150 (integer) -> ratio 1.5 against 100 -> ceil(1.5*2)=3
         let pods = [pod("a", Some(100), 0), pod("b", Some(201), 0)];
-        let p = resource(
-            &pods,
-            false,
-            ResourceTarget::AverageMilli(100),
-            2,
-            TOL,
-            t(0),
-            ReadinessSettings::default(),
-        )
-        .unwrap();
+        let p = calc(&pods, false, ResourceTarget::AverageMilli(100), 2).unwrap();
         assert_eq!(p.replicas, 3);
     }
 }
