@@ -4,6 +4,7 @@
 //! - [`crd`]: the `ScalingPolicy` resource (spec, status, CRD with CEL validation).
 //! - [`model`]: samples, observations: what sources hand to the evaluator.
 //! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
+//! - [`status`]: a decision as a ScalingPolicy status (conditions, metrics, history).
 //! - [`source`]: metric sources (recorded traces for now).
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
 //! - [`load`]: reading policy files, with errors naming file, document and field.
@@ -17,4 +18,5 @@ pub mod load;
 pub mod model;
 pub mod policy;
 pub mod source;
+pub mod status;
 pub mod units;
