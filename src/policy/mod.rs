@@ -188,6 +188,18 @@ fn metric_outcome(
             let value: f64 = values.iter().sum();
             let usage = replicas::sum_milli(values);
             let proposal = match metric.target {
+                Target::Value(t)
+                    if obs.spec_replicas != 0
+                        && obs.status_replicas == 0
+                        && !tol.within(usage as f64 / t as f64) =>
+                {
+                    // The HPA counts ready pods only when it must rescale, and errors when the
+                    // selector matches none.
+                    return MetricOutcome::failed(
+                        MetricState::Invalid,
+                        "no pods returned by selector while calculating replica count".into(),
+                    );
+                }
                 Target::Value(t) => {
                     replicas::external_value(usage, t, obs.spec_replicas, obs.ready_replicas, tol)
                 }

@@ -1,0 +1,210 @@
+//! The ScalingPolicy CRD on a real kube-apiserver: it installs, the examples are admitted, and
+//! the CEL and OpenAPI rules reject bad policies with messages naming the field.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kscale::crd::ScalingPolicy;
+use kscale::model::{Observation, Sample};
+use kscale::policy::{CompiledPolicy, PolicyState, evaluate};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+
+async fn install_crd(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = kscale::crd::crd();
+    let name = crd.metadata.name.clone().expect("CRD has a name");
+    crds.patch(
+        &name,
+        &PatchParams::apply("kscale-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the apiserver rejected the CRD: {e}"));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established within 30s")
+    .expect("watching the CRD");
+}
+
+fn example(path: &str, namespace: &str) -> ScalingPolicy {
+    let text = std::fs::read_to_string(support::repo_root().join(path)).expect("example exists");
+    let mut p: ScalingPolicy = serde_yaml::from_str(&text).expect("example parses");
+    p.metadata.namespace = Some(namespace.to_string());
+    p
+}
+
+/// Creates a policy, retrying while the new resource is not yet served (discovery lag).
+async fn create(api: &Api<ScalingPolicy>, p: &ScalingPolicy) -> Result<ScalingPolicy, kube::Error> {
+    let mut tries = 0;
+    loop {
+        match api.create(&PostParams::default(), p).await {
+            Err(kube::Error::Api(e)) if e.code == 404 && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test]
+async fn crd_installs_and_admits_the_examples() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "crd-ok").await;
+    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    for path in [
+        "examples/backend-hpa-cpu.yaml",
+        "examples/backend-rps.yaml",
+        "examples/backend-rich.yaml",
+    ] {
+        let p = example(path, &ns.name);
+        create(&api, &p)
+            .await
+            .unwrap_or_else(|e| panic!("{path} was rejected: {e}"));
+    }
+
+    // The status subresource takes what the evaluator reports, history included.
+    let p = example("examples/backend-rps.yaml", &ns.name);
+    let policy = CompiledPolicy::from_resource(&p).expect("valid");
+    let now = chrono::Utc::now();
+    let obs = Observation {
+        spec_replicas: 3,
+        status_replicas: 3,
+        ready_replicas: 3,
+        samples: vec![Sample::Series {
+            values: vec![450.0],
+            timestamp: now,
+        }],
+    };
+    let mut decision = evaluate(&policy, &obs, &PolicyState::default(), now);
+    decision.record_applied(&policy, now);
+    let status = kscale::status::status_from_decision(&policy, &decision, None, Some(1), now);
+    let patched = api
+        .patch_status(
+            "backend",
+            &PatchParams::apply("kscale-tests").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy", "status": status
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("status rejected: {e}"));
+    let got = patched.status.expect("status stored");
+    assert_eq!(got.desired_replicas, Some(decision.replicas));
+    assert_eq!(
+        got.history, decision.state,
+        "recommendation history survives the round trip"
+    );
+}
+
+#[tokio::test]
+async fn admission_rejects_bad_policies_naming_the_field() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "crd-bad").await;
+    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let base = example("examples/backend-rps.yaml", &ns.name);
+
+    type Mutation = fn(&mut ScalingPolicy);
+    let cases: Vec<(&str, Mutation, &[&str])> = vec![
+        (
+            "min-above-max",
+            |p| {
+                p.spec.min_replicas = Some(5);
+                p.spec.max_replicas = 2;
+            },
+            &["spec.maxReplicas", "must be at least spec.minReplicas"],
+        ),
+        (
+            "unknown-target-type",
+            |p| p.spec.metrics[0].target.type_ = "Sometimes".into(),
+            &[
+                "spec.metrics[0].target.type",
+                "must be one of Value, AverageValue, Utilization",
+            ],
+        ),
+        (
+            "two-sources",
+            |p| {
+                p.spec.metrics[0].resource = Some(kscale::crd::ResourceSource {
+                    name: "cpu".into(),
+                    container: None,
+                })
+            },
+            &["spec.metrics[0]", "exactly one of prometheus or resource"],
+        ),
+        (
+            "duplicate-names",
+            |p| {
+                let m = p.spec.metrics[0].clone();
+                p.spec.metrics.push(m);
+            },
+            &["spec.metrics", "metric names must be unique"],
+        ),
+        (
+            "bad-interval",
+            |p| p.spec.interval = Some("soon".into()),
+            &["spec.interval"],
+        ),
+        (
+            "bad-metric-name",
+            |p| p.spec.metrics[0].name = "Requests-Per-Second".into(),
+            &["spec.metrics[0].name"],
+        ),
+        (
+            "utilization-on-prometheus",
+            |p| {
+                p.spec.metrics[0].target.type_ = "Utilization".into();
+                p.spec.metrics[0].target.average_utilization = Some(50);
+            },
+            &["target.type Utilization is only valid for resource metrics"],
+        ),
+        (
+            "fallback-replicas-missing",
+            |p| {
+                p.spec.fallback = Some(kscale::crd::FallbackSpec {
+                    stale_after: None,
+                    on_failure: Some(kscale::crd::OnFailure::Replicas),
+                    replicas: None,
+                })
+            },
+            &[
+                "spec.fallback.replicas",
+                "required when onFailure is Replicas",
+            ],
+        ),
+    ];
+    for (name, mutate, needles) in cases {
+        let mut p = base.clone();
+        p.metadata.name = Some(name.to_string());
+        mutate(&mut p);
+        match create(&api, &p).await {
+            Ok(_) => panic!("{name}: the apiserver admitted an invalid policy"),
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{name}: {e:?}");
+                for needle in needles {
+                    assert!(
+                        e.message.contains(needle),
+                        "{name}: {:?} not in {:?}",
+                        needle,
+                        e.message
+                    );
+                }
+            }
+            Err(e) => panic!("{name}: unexpected error {e}"),
+        }
+    }
+}
