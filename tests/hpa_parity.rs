@@ -108,7 +108,7 @@ fn tolerances(rng: &mut Rng) -> Tolerances {
 // ---------------------------------------------------------------------------------------------
 // Cases and kscale's answers.
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Case {
     ExtValue {
         series: Vec<i64>,
@@ -128,7 +128,7 @@ enum Case {
     Normalize(NormalizeCase),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ResourceCase {
     cpu: bool,
     target: ResourceTarget,
@@ -138,7 +138,7 @@ struct ResourceCase {
     pods: Vec<GenPod>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct GenPod {
     phase: PodPhase,
     deleting: bool,
@@ -148,7 +148,7 @@ struct GenPod {
     usage: Option<(i64, i64, i64)>, // (milli, age_ms, window_s)
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct NormalizeCase {
     /// `None`: legacy normalization (no `behavior`).
     behavior: Option<GenBehavior>,
@@ -161,15 +161,17 @@ struct NormalizeCase {
     desired: i32,
     min: i32,
     max: i32,
+    /// A second step, starting from the state a first step left.
+    step2: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct GenBehavior {
     up: GenRules,
     down: GenRules,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct GenRules {
     /// `None` (scale-down only): the controller's window applies.
     window_s: Option<i64>,
@@ -252,8 +254,12 @@ impl Case {
             Case::ExtValue { .. } => "ext_value",
             Case::ExtAverage { .. } => "ext_average",
             Case::Resource(_) => "resource",
-            Case::Normalize(n) if n.behavior.is_some() => "normalize",
-            Case::Normalize(_) => "normalize_legacy",
+            Case::Normalize(n) => match (n.behavior.is_some(), n.step2) {
+                (true, false) => "normalize",
+                (true, true) => "normalize_step2",
+                (false, false) => "normalize_legacy",
+                (false, true) => "normalize_legacy_step2",
+            },
         }
     }
 
@@ -790,16 +796,19 @@ fn gen_normalize(rng: &mut Rng) -> Case {
         rng.range(0, i64::from(max) * 2 + 5) as i32
     };
 
-    // Windows and periods the HPA compares ages with (ms).
-    let mut windows = vec![down_window_s * 1000];
-    let mut periods = vec![];
-    if let Some(b) = &behavior {
-        windows.extend(b.up.window_s.iter().map(|w| w * 1000));
-        windows.extend(b.down.window_s.iter().map(|w| w * 1000));
-        for r in [&b.up, &b.down] {
-            periods.extend(r.policies.iter().map(|(_, _, p)| p * 1000));
-        }
-    }
+    let mut case = NormalizeCase {
+        behavior,
+        down_window_s,
+        recs: vec![],
+        up_events: vec![],
+        down_events: vec![],
+        current,
+        desired,
+        min,
+        max,
+        step2: false,
+    };
+    let (windows, periods) = case.boundaries();
     let longest_window = windows.iter().copied().max().unwrap_or(0).max(30_000);
     let longest_period = periods.iter().copied().max().unwrap_or(0).max(30_000);
     let recs = (0..rng.range(0, 25))
@@ -811,7 +820,7 @@ fn gen_normalize(rng: &mut Rng) -> Case {
         })
         .collect();
     let events = |rng: &mut Rng| -> Vec<(i32, i64)> {
-        if behavior.is_none() {
+        if case.behavior.is_none() {
             return vec![];
         }
         (0..rng.range(0, 10))
@@ -825,17 +834,54 @@ fn gen_normalize(rng: &mut Rng) -> Case {
     };
     let up_events = events(rng);
     let down_events = events(rng);
-    Case::Normalize(NormalizeCase {
-        behavior,
-        down_window_s,
-        recs,
-        up_events,
-        down_events,
-        current,
-        desired,
-        min,
-        max,
-    })
+    case.recs = recs;
+    case.up_events = up_events;
+    case.down_events = down_events;
+    Case::Normalize(case)
+}
+
+impl NormalizeCase {
+    /// Windows and periods (ms) the HPA compares this case's ages with, using `time.Now()`.
+    fn boundaries(&self) -> (Vec<i64>, Vec<i64>) {
+        let mut windows = vec![self.down_window_s * 1000];
+        let mut periods = vec![];
+        if let Some(b) = &self.behavior {
+            windows.extend(b.up.window_s.iter().map(|w| w * 1000));
+            windows.extend(b.down.window_s.iter().map(|w| w * 1000));
+            for r in [&b.up, &b.down] {
+                periods.extend(r.policies.iter().map(|(_, _, p)| p * 1000));
+            }
+        }
+        (windows, periods)
+    }
+
+    /// The next evaluation, `dt_ms` later, with `desired` and the state one side left behind.
+    fn step2(&self, replicas: i32, desired: i32, dt_ms: i64, after: &Answer) -> NormalizeCase {
+        let aged = |xs: &Option<Vec<(i32, i64)>>| -> Vec<(i32, i64)> {
+            xs.iter().flatten().map(|(n, a)| (*n, a + dt_ms)).collect()
+        };
+        NormalizeCase {
+            recs: aged(&after.recs),
+            up_events: aged(&after.up_events),
+            down_events: aged(&after.down_events),
+            current: replicas,
+            desired,
+            step2: true,
+            ..self.clone()
+        }
+    }
+
+    /// Whether every age of `c` keeps clear of the windows and periods it is compared with.
+    fn clear_of_boundaries(&self) -> bool {
+        let (windows, periods) = self.boundaries();
+        let clear = |ages: &[(i32, i64)], bs: &[i64]| {
+            ages.iter()
+                .all(|(_, a)| bs.iter().all(|b| (a - b).abs() >= GUARD_MS))
+        };
+        clear(&self.recs, &windows)
+            && clear(&self.up_events, &periods)
+            && clear(&self.down_events, &periods)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -966,6 +1012,33 @@ fn ask_hpa(bin: &Path, cases: &[Case]) -> Vec<Value> {
     results
 }
 
+/// Compares both sides' answers, counting per kind and describing every mismatch.
+#[derive(Default)]
+struct Tally {
+    counts: std::collections::BTreeMap<&'static str, (usize, usize)>,
+    report: String,
+}
+
+impl Tally {
+    fn check(&mut self, case: &Case, hpa: &Value, ours: &Answer, context: &str) -> bool {
+        let theirs = go_answer(case, hpa);
+        let entry = self.counts.entry(case.kind()).or_default();
+        entry.0 += 1;
+        if *ours == theirs {
+            return true;
+        }
+        entry.1 += 1;
+        let _ = writeln!(
+            self.report,
+            "--- {} {context}\n  input:  {}\n  HPA:    {hpa}\n  HPA:    {theirs:?}\n  \
+             kscale: {ours:?}",
+            case.kind(),
+            case.to_json(),
+        );
+        false
+    }
+}
+
 #[test]
 fn kscale_matches_the_hpa_controller() {
     let Some(bin) = build_harness() else {
@@ -983,38 +1056,63 @@ fn kscale_matches_the_hpa_controller() {
 
     let started = Instant::now();
     let results = ask_hpa(&bin, &cases);
+    let mut tally = Tally::default();
+    // Second steps of normalization: each side goes on from the state it left itself.
+    let mut hpa_step2 = Vec::new();
+    let mut our_step2 = Vec::new();
+    for (i, (case, hpa)) in cases.iter().zip(&results).enumerate() {
+        let ours = case.kscale();
+        let same = tally.check(case, hpa, &ours, &format!("case {i}, seed {seed:#x}"));
+        let Case::Normalize(n) = case else { continue };
+        let theirs = go_answer(case, hpa);
+        if !same && theirs.replicas != ours.replicas {
+            continue; // the first step already differs
+        }
+        if ours.replicas == 0 {
+            continue; // the HPA does not normalize from zero
+        }
+        let desired = rng.range(0, i64::from(n.max) * 2 + 5) as i32;
+        let (mut a, mut b) = (None, None);
+        for _ in 0..50 {
+            let any = rng.range(1_000, 600_000);
+            let dt = rng.pick(&[5_000, 15_000, 15_000, 30_000, 60_000, any]);
+            let x = n.step2(theirs.replicas, desired, dt, &theirs);
+            let y = n.step2(ours.replicas, desired, dt, &ours);
+            if x.clear_of_boundaries() && y.clear_of_boundaries() {
+                (a, b) = (Some(x), Some(y));
+                break;
+            }
+        }
+        if let (Some(x), Some(y)) = (a, b) {
+            hpa_step2.push((i, Case::Normalize(x)));
+            our_step2.push(Case::Normalize(y));
+        }
+    }
+    let step2_cases: Vec<Case> = hpa_step2.iter().map(|(_, c)| c).cloned().collect();
+    let results2 = ask_hpa(&bin, &step2_cases);
+    for (((i, hpa_case), our_case), hpa) in hpa_step2.iter().zip(&our_step2).zip(&results2) {
+        let context = format!(
+            "(second step of case {i}, seed {seed:#x}; kscale's input, from its own state: {})",
+            our_case.to_json()
+        );
+        tally.check(hpa_case, hpa, &our_case.kscale(), &context);
+    }
     eprintln!(
         "hpa-parity: {} cases answered by the HPA in {:.1}s",
-        cases.len(),
+        cases.len() + step2_cases.len(),
         started.elapsed().as_secs_f64()
     );
 
-    let mut counts: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    let mut report = String::new();
-    for (i, (case, hpa)) in cases.iter().zip(&results).enumerate() {
-        let ours = case.kscale();
-        let theirs = go_answer(case, hpa);
-        let entry = counts.entry(case.kind()).or_default();
-        entry.0 += 1;
-        if ours != theirs {
-            entry.1 += 1;
-            let _ = writeln!(
-                report,
-                "--- case {i} ({}), seed {seed:#x}\n  input:  {}\n  HPA:    {hpa}\n  \
-                 HPA:    {theirs:?}\n  kscale: {ours:?}",
-                case.kind(),
-                case.to_json(),
-            );
-        }
-    }
-    let summary: Vec<String> = counts
+    let summary: Vec<String> = tally
+        .counts
         .iter()
         .map(|(k, (n, bad))| format!("{k}: {n} cases, {bad} mismatches"))
         .collect();
     eprintln!("hpa-parity: {}", summary.join("; "));
     assert!(
-        report.is_empty(),
-        "kscale disagrees with the HPA controller:\n{report}\n{}",
+        tally.report.is_empty(),
+        "kscale disagrees with the HPA controller:\n{}\n{}",
+        tally.report,
         summary.join("\n")
     );
 }
