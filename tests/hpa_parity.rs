@@ -21,6 +21,29 @@
 //!
 //! Needs `go` (>= 1.26); fails without it unless `KSCALE_SKIP_TESTENV=1`.
 //! `KSCALE_HPA_PARITY_SEED=<u64>` runs another seed.
+//!
+//! # Known divergences (found by this test; `src/policy` deliberately not changed here)
+//!
+//! The comparison stays strict, so the test fails until these are resolved. Each one runs
+//! first as a minimal case (`documented_cases`); the random cases hit them too.
+//!
+//! 1. External `Value`, replicas > 0 but no pods at all (usage 300, target 100, spec 3, 0 pods):
+//!    the HPA errors ("unable to calculate ready pods: no pods returned by selector") and so
+//!    does not scale on it; `external_value(300000, 100000, 3, 0, tol)` proposes 0.
+//! 2. External `AverageValue`, a negative running sum of the series (series [-1, 5], target 1,
+//!    status 2): the HPA takes the usage as MaxInt64 and proposes 2147483647; kscale sums to 4
+//!    and proposes 4. (Series [5, -1] agree: 4.)
+//! 3. External `Value`, negative usage (-1, target 1, spec 3, 3 ready): the HPA proposes -3,
+//!    kscale 0 (both end at the floor once normalized; the stored recommendation differs).
+//! 4. External `Value` from zero with a ratio above MaxInt32 (usage 1e10, target 1, spec 0):
+//!    the HPA's `int32(math.Ceil(r))` gives -2147483648, kscale 2147483647.
+//! 5. Scale-event slot reuse (`PolicyState::record_scale`): the HPA overwrites the *last*
+//!    outdated event (older than the direction's longest policy period), kscale the *first*.
+//!    Both then hold different old events; the other direction's policies count them when
+//!    their period is longer. Case: up Pods 4/60s, down Pods 1/600s, windows 0, up events
+//!    [(5, 100s ago), (3, 500s ago)], 10 -> desired 14: both give 14, but the HPA keeps
+//!    [(5, 100s), (4, now)] and kscale [(4, now), (3, 500s)]. 15 s later, 14 -> desired 1:
+//!    the HPA gives 4 (period start 14 - 9 = 5, minus 1), kscale 6 (14 - 7 = 7, minus 1).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -163,6 +186,8 @@ struct NormalizeCase {
     max: i32,
     /// A second step, starting from the state a first step left.
     step2: bool,
+    /// For a documented case: the second step's (desired, delay in ms) instead of random ones.
+    next: Option<(i32, i64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -807,6 +832,7 @@ fn gen_normalize(rng: &mut Rng) -> Case {
         min,
         max,
         step2: false,
+        next: None,
     };
     let (windows, periods) = case.boundaries();
     let longest_window = windows.iter().copied().max().unwrap_or(0).max(30_000);
@@ -867,6 +893,7 @@ impl NormalizeCase {
             current: replicas,
             desired,
             step2: true,
+            next: None,
             ..self.clone()
         }
     }
@@ -882,6 +909,75 @@ impl NormalizeCase {
             && clear(&self.up_events, &periods)
             && clear(&self.down_events, &periods)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Divergences this test found (kscale's src/policy is not fixed here; see the module docs).
+// They run first, on every seed, as minimal cases.
+
+fn documented_cases() -> Vec<Case> {
+    let tol = Tolerances { down: 0.1, up: 0.1 };
+    let pods = |n: i32| (RateKind::Pods, n, 0);
+    let rules = |select, p: (RateKind, i32, i64), period: i64| GenRules {
+        window_s: Some(0),
+        select,
+        policies: vec![(p.0, p.1, period)],
+    };
+    vec![
+        // (1) Value target, replicas asked for but no pods exist: the HPA errors.
+        Case::ExtValue {
+            series: vec![300_000],
+            target: 100_000,
+            spec: 3,
+            ready: 0,
+            other: 0,
+            tol,
+        },
+        // (2) AverageValue target, a negative running sum: the HPA takes usage as MaxInt64.
+        Case::ExtAverage {
+            series: vec![-1000, 5000],
+            target: 1000,
+            status: 2,
+            tol,
+        },
+        // (3) Value target, negative usage: the HPA proposes a negative count.
+        Case::ExtValue {
+            series: vec![-1000],
+            target: 1000,
+            spec: 3,
+            ready: 3,
+            other: 0,
+            tol,
+        },
+        // (4) Value target from zero, ratio above MaxInt32: the HPA's int32 conversion wraps.
+        Case::ExtValue {
+            series: vec![10_000_000_000_000],
+            target: 1000,
+            spec: 0,
+            ready: 0,
+            other: 0,
+            tol,
+        },
+        // (5) Scale-event slot reuse: the HPA reuses the LAST outdated event's slot,
+        // kscale the first; a scale-down policy period longer than every scale-up period
+        // still counts the kept event, so the next step differs.
+        Case::Normalize(NormalizeCase {
+            behavior: Some(GenBehavior {
+                up: rules(SelectPolicy::Max, pods(4), 60),
+                down: rules(SelectPolicy::Max, pods(1), 600),
+            }),
+            down_window_s: 300,
+            recs: vec![],
+            up_events: vec![(5, 100_000), (3, 500_000)],
+            down_events: vec![],
+            current: 10,
+            desired: 14,
+            min: 1,
+            max: 20,
+            step2: false,
+            next: Some((1, 15_000)),
+        }),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1049,7 +1145,7 @@ fn kscale_matches_the_hpa_controller() {
         .map(|s| s.parse().expect("KSCALE_HPA_PARITY_SEED is a u64"))
         .unwrap_or(SEED);
     let mut rng = Rng(seed);
-    let mut cases = Vec::new();
+    let mut cases = documented_cases();
     cases.extend((0..EXTERNAL_CASES).map(|_| gen_external(&mut rng)));
     cases.extend((0..RESOURCE_CASES).map(|_| gen_resource(&mut rng)));
     cases.extend((0..NORMALIZE_CASES).map(|_| gen_normalize(&mut rng)));
@@ -1073,7 +1169,14 @@ fn kscale_matches_the_hpa_controller() {
         }
         let desired = rng.range(0, i64::from(n.max) * 2 + 5) as i32;
         let (mut a, mut b) = (None, None);
+        if let Some((desired, dt)) = n.next {
+            a = Some(n.step2(theirs.replicas, desired, dt, &theirs));
+            b = Some(n.step2(ours.replicas, desired, dt, &ours));
+        }
         for _ in 0..50 {
+            if a.is_some() {
+                break;
+            }
             let any = rng.range(1_000, 600_000);
             let dt = rng.pick(&[5_000, 15_000, 15_000, 30_000, 60_000, any]);
             let x = n.step2(theirs.replicas, desired, dt, &theirs);
