@@ -1119,6 +1119,8 @@ struct Tally {
     counts: std::collections::BTreeMap<&'static str, (usize, usize)>,
     /// HPA errors per kind, to show the cases reach the error paths.
     errors: std::collections::BTreeMap<&'static str, usize>,
+    /// HPA answers that change the replica count (resource and normalization cases).
+    changed: std::collections::BTreeMap<&'static str, usize>,
     report: String,
 }
 
@@ -1128,6 +1130,14 @@ impl Tally {
         let entry = self.counts.entry(case.kind()).or_default();
         entry.0 += 1;
         *self.errors.entry(case.kind()).or_default() += usize::from(theirs.error);
+        let current = match case {
+            Case::Resource(r) => Some(r.current),
+            Case::Normalize(n) => Some(n.current),
+            _ => None,
+        };
+        if current.is_some_and(|c| !theirs.error && theirs.replicas != c) {
+            *self.changed.entry(case.kind()).or_default() += 1;
+        }
         if *ours == theirs {
             return true;
         }
@@ -1219,7 +1229,11 @@ fn kscale_matches_the_hpa_controller() {
         .iter()
         .map(|(k, (n, bad))| {
             let errors = tally.errors.get(k).copied().unwrap_or(0);
-            format!("{k}: {n} cases ({errors} HPA errors), {bad} mismatches")
+            let changed = tally
+                .changed
+                .get(k)
+                .map_or(String::new(), |c| format!(", {c} rescale"));
+            format!("{k}: {n} cases ({errors} HPA errors{changed}), {bad} mismatches")
         })
         .collect();
     eprintln!("hpa-parity: {}", summary.join("; "));
