@@ -74,6 +74,7 @@ fn observation(replicas: i32, rps: f64, now: DateTime<Utc>) -> Observation {
         spec_replicas: replicas,
         status_replicas: replicas,
         ready_replicas: replicas,
+        pods: replicas,
         samples: vec![
             Sample::Series {
                 values: vec![rps],

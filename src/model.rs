@@ -87,6 +87,8 @@ pub struct Observation {
     pub status_replicas: i32,
     /// Pods that are Running and Ready.
     pub ready_replicas: i32,
+    /// Pods the target's selector matches, in any phase.
+    pub pods: i32,
     /// One sample per `spec.metrics` entry, in the same order.
     pub samples: Vec<Sample>,
 }

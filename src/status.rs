@@ -97,6 +97,7 @@ spec:
             spec_replicas: 2,
             status_replicas: 2,
             ready_replicas: 2,
+            pods: 2,
             samples: vec![Sample::Series {
                 values: vec![450.0],
                 timestamp: t0,

@@ -81,6 +81,7 @@ async fn crd_installs_and_admits_the_examples() {
         spec_replicas: 3,
         status_replicas: 3,
         ready_replicas: 3,
+        pods: 3,
         samples: vec![Sample::Series {
             values: vec![450.0],
             timestamp: now,

@@ -47,6 +47,7 @@ fn obs(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>) 
         spec_replicas: replicas,
         status_replicas: replicas,
         ready_replicas: replicas,
+        pods: replicas,
         samples: vec![s(rps), s(queue)],
     }
 }

@@ -380,6 +380,7 @@ pub fn run(
         spec_replicas: replicas,
         status_replicas: replicas,
         ready_replicas: replicas,
+        pods: replicas,
         samples: Vec::with_capacity(feeds.len()),
     };
     let step_hours = interval.num_milliseconds() as f64 / 3_600_000.0;
@@ -420,6 +421,7 @@ pub fn run(
         obs.spec_replicas = replicas;
         obs.status_replicas = replicas;
         obs.ready_replicas = ready;
+        obs.pods = replicas;
         obs.samples.clear();
         for (feed, cursor) in feeds.iter().zip(cursors.iter_mut()) {
             let sample = match (feed, cursor.as_mut().and_then(|c| c.at(t))) {

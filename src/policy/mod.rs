@@ -186,32 +186,26 @@ fn metric_outcome(
                 );
             }
             let value: f64 = values.iter().sum();
-            let usage = replicas::sum_milli(values);
             let proposal = match metric.target {
-                Target::Value(t)
-                    if obs.spec_replicas != 0
-                        && obs.status_replicas == 0
-                        && !tol.within(usage as f64 / t as f64) =>
-                {
-                    // The HPA counts ready pods only when it must rescale, and errors when the
-                    // selector matches none.
-                    return MetricOutcome::failed(
-                        MetricState::Invalid,
-                        "no pods returned by selector while calculating replica count".into(),
-                    );
-                }
-                Target::Value(t) => {
-                    replicas::external_value(usage, t, obs.spec_replicas, obs.ready_replicas, tol)
-                }
-                Target::AverageValue(t) => {
-                    replicas::external_average(usage, t, obs.status_replicas, tol)
-                }
-                Target::Utilization(_) => {
-                    return MetricOutcome::failed(
-                        MetricState::Invalid,
-                        "Utilization needs a resource metric".into(),
-                    );
-                }
+                Target::Value(t) => replicas::external_value(
+                    replicas::sum_milli_value(values),
+                    t,
+                    obs.spec_replicas,
+                    obs.ready_replicas,
+                    obs.pods,
+                    tol,
+                ),
+                Target::AverageValue(t) => Ok(replicas::external_average(
+                    replicas::sum_milli_average(values),
+                    t,
+                    obs.status_replicas,
+                    tol,
+                )),
+                Target::Utilization(_) => Err("Utilization needs a resource metric".into()),
+            };
+            let proposal = match proposal {
+                Ok(p) => p,
+                Err(message) => return MetricOutcome::failed(MetricState::Invalid, message),
             };
             MetricOutcome {
                 state: MetricState::Valid,

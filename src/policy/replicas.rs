@@ -42,42 +42,68 @@ impl Default for ReadinessSettings {
     }
 }
 
+/// `int32(math.Ceil(x))`. Negative proposals are kept, as the HPA keeps them (the combination
+/// step raises them to 0). Out of range, Go's conversion is implementation-dependent (amd64
+/// gives `MinInt32`, arm64 saturates); kscale saturates, as arm64 does and as the HPA's own
+/// explicit caps do.
 fn ceil_to_replicas(x: f64) -> i32 {
     let c = x.ceil();
-    if c >= f64::from(i32::MAX) {
-        i32::MAX
-    } else if c.is_nan() || c <= 0.0 {
+    if c.is_nan() {
         0
     } else {
-        c as i32
+        c.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
     }
 }
 
-/// Sum of series in milli-units, saturating, as the HPA sums External metric values.
-pub fn sum_milli(values: &[f64]) -> i64 {
-    values.iter().fold(0i64, |acc, v| {
-        acc.saturating_add(crate::units::to_milli(*v))
-    })
+/// Sum of the series for a `Value` target, in milli-units, as the HPA sums External metric
+/// values there: a positive overflow caps at `i64::MAX`.
+pub fn sum_milli_value(values: &[f64]) -> i64 {
+    let mut usage = 0i64;
+    for v in values {
+        let v = crate::units::to_milli(*v);
+        if v > 0 && usage > i64::MAX - v {
+            return i64::MAX;
+        }
+        usage = usage.wrapping_add(v);
+    }
+    usage
+}
+
+/// Sum of the series for an `AverageValue` target, in milli-units, as the HPA sums them there:
+/// a running sum that goes negative is taken for an overflow and becomes `i64::MAX`.
+pub fn sum_milli_average(values: &[f64]) -> i64 {
+    let mut usage = 0i64;
+    for v in values {
+        usage = usage.wrapping_add(crate::units::to_milli(*v));
+        if usage < 0 {
+            return i64::MAX;
+        }
+    }
+    usage
 }
 
 /// External metric with a `Value` target: `ratio = usage / target`; with replicas running,
-/// `ceil(ratio * ready)` unless within tolerance; from zero, `ceil(ratio)`.
+/// `ceil(ratio * ready)` unless within tolerance (an error when the selector matches no pod at
+/// all); from zero, `ceil(ratio)`.
 pub fn external_value(
     usage_milli: i64,
     target_milli: i64,
     spec_replicas: i32,
     ready: i32,
+    pods: i32,
     tol: Tolerances,
-) -> i32 {
+) -> Result<i32, String> {
     let ratio = usage_milli as f64 / target_milli as f64;
-    if spec_replicas != 0 {
-        if tol.within(ratio) {
-            return spec_replicas;
-        }
-        ceil_to_replicas(ratio * f64::from(ready))
-    } else {
-        ceil_to_replicas(ratio)
+    if spec_replicas == 0 {
+        return Ok(ceil_to_replicas(ratio));
     }
+    if tol.within(ratio) {
+        return Ok(spec_replicas);
+    }
+    if pods == 0 {
+        return Err("no pods returned by selector while calculating replica count".into());
+    }
+    Ok(ceil_to_replicas(ratio * f64::from(ready)))
 }
 
 /// External metric with an `AverageValue` target: `ratio = usage / (target * status replicas)`;
@@ -330,14 +356,29 @@ mod tests {
     #[test]
     fn external_value_table() {
         // usage 300, target 100, 3 current, 3 ready: ratio 3 -> 9.
-        assert_eq!(external_value(300_000, 100_000, 3, 3, TOL), 9);
+        assert_eq!(external_value(300_000, 100_000, 3, 3, 3, TOL).unwrap(), 9);
         // within tolerance: keep.
-        assert_eq!(external_value(105_000, 100_000, 3, 3, TOL), 3);
+        assert_eq!(external_value(105_000, 100_000, 3, 3, 3, TOL).unwrap(), 3);
         // ready pods, not spec replicas, multiply.
-        assert_eq!(external_value(200_000, 100_000, 5, 2, TOL), 4);
+        assert_eq!(external_value(200_000, 100_000, 5, 2, 2, TOL).unwrap(), 4);
         // from zero: ceil(ratio), no tolerance.
-        assert_eq!(external_value(105_000, 100_000, 0, 0, TOL), 2);
-        assert_eq!(external_value(0, 100_000, 0, 0, TOL), 0);
+        assert_eq!(external_value(105_000, 100_000, 0, 0, 0, TOL).unwrap(), 2);
+        assert_eq!(external_value(0, 100_000, 0, 0, 0, TOL).unwrap(), 0);
+        // Replicas wanted but the selector matches no pod: an error, as in the HPA.
+        assert!(external_value(300_000, 100_000, 3, 0, 0, TOL).is_err());
+        // Negative usage proposes a negative count; the combination raises it to 0.
+        assert_eq!(external_value(-1000, 1000, 3, 3, 3, TOL).unwrap(), -3);
+    }
+
+    #[test]
+    fn series_sums_follow_the_hpa() {
+        assert_eq!(sum_milli_value(&[1.0, 2.5]), 3500);
+        assert_eq!(sum_milli_average(&[1.0, 2.5]), 3500);
+        // A negative running sum counts as an overflow for AverageValue targets only.
+        assert_eq!(sum_milli_average(&[-1.0, 5.0]), i64::MAX);
+        assert_eq!(sum_milli_average(&[5.0, -1.0]), 4000);
+        assert_eq!(sum_milli_value(&[-1.0, 5.0]), 4000);
+        assert_eq!(sum_milli_value(&[9e15, 9e15]), i64::MAX);
     }
 
     #[test]

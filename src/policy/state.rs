@@ -84,9 +84,10 @@ impl PolicyState {
             change: (to - from).abs(),
             time: now,
         };
+        // The HPA overwrites the last event older than the direction's longest period.
         let cutoff = now - longest;
-        match events.iter_mut().find(|e| e.time < cutoff) {
-            Some(slot) => *slot = event,
+        match events.iter().rposition(|e| e.time < cutoff) {
+            Some(i) => events[i] = event,
             None => events.push(event),
         }
         self.last_scale_time = Some(now);
