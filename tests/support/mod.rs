@@ -1,0 +1,710 @@
+//! Test support for tests that need a real cluster and Prometheus.
+//!
+//! The environment is the one `scripts/testenv up` starts on 127.0.0.1 (kube-apiserver,
+//! controller-manager, scheduler, kwok-simulated node, metrics-server, Prometheus).
+//! [`testenv`] runs `scripts/testenv up` once per test binary (it is idempotent and reuses a
+//! running environment) and leaves the environment running afterwards, so the next
+//! `cargo test` starts fast; `scripts/testenv down` stops it. With `KSCALE_SKIP_TESTENV=1`
+//! tests that need it return early with a loud message instead.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::{self, Scope};
+use kube::{Client, Config};
+
+/// Name of the simulated node that `scripts/testenv` creates.
+pub const NODE_NAME: &str = "kwok-node-0";
+/// Pod annotations kwok reads to simulate a pod's resource usage (see kwok's
+/// `usage-from-annotation` ClusterResourceUsage, loaded by `scripts/testenv`).
+pub const USAGE_CPU_ANNOTATION: &str = "kwok.x-k8s.io/usage-cpu";
+pub const USAGE_MEMORY_ANNOTATION: &str = "kwok.x-k8s.io/usage-memory";
+
+/// A running test environment, as described by `target/testenv/env`.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    /// The checkout's root folder.
+    pub root: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub prometheus_url: String,
+    /// `TESTENV_DIR`: state, logs, certificates and Prometheus' file_sd folder.
+    pub dir: PathBuf,
+}
+
+static TESTENV: OnceLock<Option<TestEnv>> = OnceLock::new();
+
+/// Root of this checkout.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Kubernetes version the environment pins (from `scripts/testenv.d/versions.env`).
+pub fn pinned_k8s_version() -> String {
+    let path = repo_root().join("scripts/testenv.d/versions.env");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    parse_env_lines(&text)
+        .remove("K8S_VERSION")
+        .unwrap_or_else(|| panic!("no K8S_VERSION in {}", path.display()))
+}
+
+/// Parses `KEY=value` lines (optional `export `, optional quotes, `#` comments).
+pub fn parse_env_lines(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .or_else(|| v.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+                .unwrap_or(v);
+            out.insert(k.trim().to_string(), v.to_string());
+        }
+    }
+    out
+}
+
+/// Reads an env file written by `scripts/testenv up`.
+pub fn read_env_file(root: &Path, path: &Path) -> Result<TestEnv, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read env file {}: {e}", path.display()))?;
+    let mut vars = parse_env_lines(&text);
+    let mut take = |k: &str| {
+        vars.remove(k)
+            .ok_or_else(|| format!("{} has no {k}= line", path.display()))
+    };
+    Ok(TestEnv {
+        root: root.to_path_buf(),
+        kubeconfig: PathBuf::from(take("KUBECONFIG")?),
+        prometheus_url: take("PROMETHEUS_URL")?,
+        dir: PathBuf::from(take("TESTENV_DIR")?),
+    })
+}
+
+/// Runs `scripts/testenv <args>` with extra environment variables; returns stdout, or an
+/// error with everything it printed.
+pub fn run_testenv_script(args: &[&str], envs: &[(&str, &str)]) -> Result<String, String> {
+    let script = repo_root().join("scripts/testenv");
+    let mut cmd = Command::new(&script);
+    cmd.args(args).current_dir(repo_root());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "`scripts/testenv {}` failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+            args.join(" "),
+            out.status
+        ))
+    }
+}
+
+/// The shared test environment, started on first use. `None` (after a loud message)
+/// only when `KSCALE_SKIP_TESTENV=1` is set; any failure to start it panics.
+pub fn testenv() -> Option<&'static TestEnv> {
+    TESTENV
+        .get_or_init(|| {
+            if std::env::var("KSCALE_SKIP_TESTENV").is_ok_and(|v| v == "1") {
+                eprintln!(
+                    "\n\
+                     ************************************************************\n\
+                     * KSCALE_SKIP_TESTENV=1: SKIPPING tests that need the test  *\n\
+                     * environment (Kubernetes + Prometheus). They did NOT run.  *\n\
+                     ************************************************************\n"
+                );
+                return None;
+            }
+            let root = repo_root();
+            let started = Instant::now();
+            eprintln!(
+                "testenv: running `scripts/testenv up` (the first run on a machine builds \
+                 Kubernetes from source and takes a while)"
+            );
+            // Output goes to this test's stderr so a slow cold build shows progress.
+            if let Err(e) = run_testenv_script(&["up"], &[]) {
+                panic!("{e}");
+            }
+            let dir = std::env::var("KSCALE_TESTENV_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| root.join("target/testenv"));
+            let env = read_env_file(&root, &dir.join("env")).unwrap_or_else(|e| panic!("{e}"));
+            eprintln!(
+                "testenv: up after {:.1}s: {env:?}",
+                started.elapsed().as_secs_f64()
+            );
+            Some(env)
+        })
+        .as_ref()
+}
+
+impl TestEnv {
+    /// A client authenticated as the environment's cluster admin.
+    pub async fn client(&self) -> Client {
+        client_from_kubeconfig(&self.kubeconfig)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// A `kube::Client` from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, String> {
+    let kubeconfig = Kubeconfig::read_from(path)
+        .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("bad kubeconfig {}: {e}", path.display()))?;
+    Client::try_from(config).map_err(|e| format!("cannot build client: {e}"))
+}
+
+// ------------------------------------------------------------------ waiting
+
+/// Polls `check` every 200 ms until it returns `Ok(value)`; panics after `timeout` with
+/// `what` and the last `Err` message (describe the observed state there).
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ------------------------------------------------------------------ namespaces
+
+/// A namespace for one test; deleted on drop (pass `KSCALE_KEEP_NAMESPACES=1` to keep it).
+pub struct TestNamespace {
+    pub name: String,
+    kubeconfig: PathBuf,
+}
+
+static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Creates a uniquely named namespace `<prefix>-<unique>` and waits until its default
+/// ServiceAccount exists (pods cannot be created before that).
+pub async fn create_namespace(env: &TestEnv, client: &Client, prefix: &str) -> TestNamespace {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut name = format!(
+        "{}-{}-{}-{:x}",
+        prefix.to_lowercase().replace('_', "-"),
+        std::process::id(),
+        NS_COUNTER.fetch_add(1, Ordering::SeqCst),
+        nanos
+    );
+    name.truncate(63);
+    let name = name.trim_end_matches('-').to_string();
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"kscale.test/throwaway": "true"}}
+    }))
+    .expect("namespace json");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+    wait_until(
+        &format!("ServiceAccount {name}/default"),
+        Duration::from_secs(30),
+        || async {
+            sas.get_opt("default")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not created yet".to_string())
+        },
+    )
+    .await;
+    TestNamespace {
+        name,
+        kubeconfig: env.kubeconfig.clone(),
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var("KSCALE_KEEP_NAMESPACES").is_ok_and(|v| v == "1") {
+            eprintln!("keeping namespace {}", self.name);
+            return;
+        }
+        let name = self.name.clone();
+        let kubeconfig = self.kubeconfig.clone();
+        // Drop cannot await; delete from a short-lived runtime on its own thread.
+        let joined = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let client = client_from_kubeconfig(&kubeconfig).await?;
+                let api: Api<Namespace> = Api::all(client);
+                api.delete(&name, &DeleteParams::background())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: deleting namespace {}: {e}", self.name),
+            Err(_) => eprintln!("warning: deleting namespace {} panicked", self.name),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ applying YAML
+
+/// Server-side applies every document of a (multi-document) YAML string. Namespaced
+/// objects without a namespace go to `namespace`. Returns the applied objects.
+pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<DynamicObject> {
+    use serde::Deserialize;
+    let mut applied = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(doc)
+            .unwrap_or_else(|e| panic!("invalid YAML document: {e}\n{yaml}"));
+        if value.is_null() {
+            continue;
+        }
+        let mut obj: DynamicObject = serde_yaml::from_value(value)
+            .unwrap_or_else(|e| panic!("YAML document is not a Kubernetes object: {e}\n{yaml}"));
+        let types = obj
+            .types
+            .clone()
+            .unwrap_or_else(|| panic!("object without apiVersion/kind:\n{yaml}"));
+        let gvk = GroupVersionKind::try_from(&types)
+            .unwrap_or_else(|e| panic!("bad apiVersion {:?}: {e}", types.api_version));
+        let (resource, caps) = discovery::pinned_kind(client, &gvk)
+            .await
+            .unwrap_or_else(|e| panic!("cannot discover {gvk:?}: {e}"));
+        let name = obj
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| panic!("object without metadata.name:\n{yaml}"));
+        let api: Api<DynamicObject> = if caps.scope == Scope::Namespaced {
+            let ns = obj
+                .metadata
+                .namespace
+                .get_or_insert_with(|| namespace.to_string())
+                .clone();
+            Api::namespaced_with(client.clone(), &ns, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        let result = api
+            .patch(
+                &name,
+                &PatchParams::apply("kscale-tests").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+        applied.push(result);
+    }
+    applied
+}
+
+// ------------------------------------------------------------------ simulated workloads
+
+/// YAML of a Deployment whose pods kwok runs on the simulated node: one container
+/// requesting `cpu_request` CPU and 64Mi memory, simulated usage `cpu_usage` (kwok's
+/// `kwok.x-k8s.io/usage-cpu` annotation; change it per pod with [`set_pod_cpu_usage`]).
+pub fn kwok_deployment_yaml(
+    name: &str,
+    replicas: i32,
+    cpu_request: &str,
+    cpu_usage: &str,
+) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  labels: {{app: {name}}}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+      annotations:
+        {USAGE_CPU_ANNOTATION}: "{cpu_usage}"
+        {USAGE_MEMORY_ANNOTATION}: "32Mi"
+    spec:
+      nodeSelector: {{type: kwok}}
+      automountServiceAccountToken: false
+      containers:
+      - name: app
+        image: kscale.invalid/fake:latest
+        resources:
+          requests: {{cpu: "{cpu_request}", memory: 64Mi}}
+          limits: {{memory: 128Mi}}
+"#
+    )
+}
+
+/// Creates a Deployment as in [`kwok_deployment_yaml`].
+pub async fn create_kwok_deployment(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+    cpu_request: &str,
+    cpu_usage: &str,
+) -> Deployment {
+    apply_yaml(
+        client,
+        namespace,
+        &kwok_deployment_yaml(name, replicas, cpu_request, cpu_usage),
+    )
+    .await;
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("reading back deployment {name}: {e}"))
+}
+
+fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_summary(pods: &[Pod]) -> String {
+    let mut s = String::new();
+    for p in pods {
+        let st = p.status.as_ref();
+        let _ = write!(
+            s,
+            "[{} phase={} ready={} node={} deleting={}] ",
+            p.metadata.name.as_deref().unwrap_or("?"),
+            st.and_then(|s| s.phase.as_deref()).unwrap_or("-"),
+            pod_is_ready(p),
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or("-"),
+            p.metadata.deletion_timestamp.is_some()
+        );
+    }
+    s
+}
+
+/// Waits until exactly `count` pods match `selector` and all are Running and Ready
+/// (pods being deleted count too, so this also waits for scale-down to finish).
+pub async fn wait_for_ready_pods(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(selector);
+    wait_until(
+        &format!("{count} Ready pods matching {selector} in {namespace}"),
+        timeout,
+        || async {
+            let pods = api.list(&lp).await.map_err(|e| e.to_string())?.items;
+            let ready = pods
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_is_ready(p))
+                .count();
+            if pods.len() == count && ready == count {
+                Ok(pods)
+            } else {
+                Err(format!(
+                    "{} pods, {ready} ready: {}",
+                    pods.len(),
+                    pod_summary(&pods)
+                ))
+            }
+        },
+    )
+    .await
+}
+
+/// Sets a pod's simulated CPU usage (e.g. "250m"); kwok reports it to metrics-server.
+pub async fn set_pod_cpu_usage(client: &Client, namespace: &str, pod: &str, cpu: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {USAGE_CPU_ANNOTATION: cpu}}});
+    api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("setting cpu usage of pod {namespace}/{pod}: {e}"));
+}
+
+// ------------------------------------------------------------------ Prometheus
+
+/// Minimal HTTP/1.1 GET against a loopback `http://host:port` URL; returns (status, body).
+pub fn http_get(base_url: &str, path_and_query: &str) -> Result<(u16, String), String> {
+    let hostport = base_url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("not an http:// URL: {base_url}"))?
+        .trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .parse()
+        .map_err(|e| format!("bad address {hostport}: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path_and_query} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )
+    .map_err(|e| format!("write to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("malformed HTTP response: {text}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("malformed status line: {head}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = body.split_once("\r\n").ok_or("truncated chunked body")?;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("bad chunk size {size_line:?}: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).ok_or("truncated chunk")?;
+        out.push_str(chunk);
+        body = rest.get(size + 2..).ok_or("truncated chunk end")?;
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Runs an instant PromQL query; returns `data.result` (a JSON array).
+pub fn prometheus_query(env: &TestEnv, promql: &str) -> Result<Vec<serde_json::Value>, String> {
+    let (status, body) = http_get(
+        &env.prometheus_url,
+        &format!("/api/v1/query?query={}", url_encode(promql)),
+    )?;
+    if status != 200 {
+        return Err(format!("Prometheus answered {status}: {body}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| format!("bad JSON from Prometheus: {e}: {body}"))?;
+    v.pointer("/data/result")
+        .and_then(|r| r.as_array())
+        .cloned()
+        .ok_or_else(|| format!("no data.result in {body}"))
+}
+
+/// The value of the first sample of an instant query, if any.
+pub fn prometheus_scalar(env: &TestEnv, promql: &str) -> Result<Option<f64>, String> {
+    let result = prometheus_query(env, promql)?;
+    Ok(result
+        .first()
+        .and_then(|s| s.pointer("/value/1"))
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.parse().ok()))
+}
+
+type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
+
+/// A tiny Prometheus exporter on 127.0.0.1 for tests. It registers itself with the
+/// environment's Prometheus by writing a file_sd file into
+/// `$TESTENV_DIR/prometheus/targets/`, removed again on drop. Scrape interval is 1 s.
+pub struct TestExporter {
+    pub addr: SocketAddr,
+    /// Value of the `exporter` target label Prometheus attaches to every series.
+    pub id: String,
+    series: Arc<Mutex<Series>>,
+    stop: Arc<AtomicBool>,
+    target_file: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestExporter {
+    pub fn start(env: &TestEnv, id: &str) -> TestExporter {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind exporter socket");
+        let addr = listener.local_addr().expect("exporter address");
+        let series: Arc<Mutex<Series>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let series = series.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || serve_metrics(listener, series, stop))
+        };
+        let targets = env.dir.join("prometheus/targets");
+        std::fs::create_dir_all(&targets).expect("create file_sd folder");
+        let target_file = targets.join(format!(
+            "test-exporter-{}-{}.json",
+            std::process::id(),
+            addr.port()
+        ));
+        let sd = serde_json::json!([{"targets": [addr.to_string()], "labels": {"exporter": id}}]);
+        // Write then rename, so Prometheus never reads a half-written file.
+        let tmp = target_file.with_extension("tmp");
+        std::fs::write(&tmp, sd.to_string()).expect("write file_sd file");
+        std::fs::rename(&tmp, &target_file).expect("install file_sd file");
+        TestExporter {
+            addr,
+            id: id.to_string(),
+            series,
+            stop,
+            target_file,
+            thread: Some(thread),
+        }
+    }
+
+    /// Sets gauge `name{labels}` to `value`.
+    pub fn set(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let mut labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        labels.sort();
+        if let Ok(mut s) = self.series.lock() {
+            s.insert((name.to_string(), labels), value);
+        }
+    }
+
+    /// Removes every series named `name`.
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut s) = self.series.lock() {
+            s.retain(|(n, _), _| n != name);
+        }
+    }
+}
+
+impl Drop for TestExporter {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.target_file);
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn render_metrics(series: &Series) -> String {
+    let mut out = String::new();
+    let mut last_name = "";
+    for ((name, labels), value) in series {
+        if name != last_name {
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            last_name = name;
+        }
+        out.push_str(name);
+        if !labels.is_empty() {
+            out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(out, "{k}=\"{v}\"");
+            }
+            out.push('}');
+        }
+        let _ = writeln!(out, " {value}");
+    }
+    out
+}
+
+fn serve_metrics(listener: TcpListener, series: Arc<Mutex<Series>>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        // Read the request head (we answer every path with the metrics).
+        let mut buf = [0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+            if head.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let body = match series.lock() {
+            Ok(s) => render_metrics(&s),
+            Err(_) => String::new(),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
