@@ -416,7 +416,7 @@ async fn exporter_metric_is_returned_by_promql() {
         Duration::from_secs(30),
         || async {
             match prometheus_scalar(env, &query)? {
-                Some(v) if v == 7.0 => Ok(()),
+                Some(7.0) => Ok(()),
                 other => Err(format!("{query} = {other:?}")),
             }
         },
@@ -430,7 +430,7 @@ async fn exporter_metric_is_returned_by_promql() {
         Duration::from_secs(2),
         || async {
             match prometheus_scalar(env, &query)? {
-                Some(v) if v == 42.0 => Ok(()),
+                Some(42.0) => Ok(()),
                 other => Err(format!("{query} = {other:?}")),
             }
         },
