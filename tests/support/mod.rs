@@ -146,10 +146,21 @@ pub fn testenv() -> Option<&'static TestEnv> {
                 "testenv: running `scripts/testenv up` (the first run on a machine builds \
                  Kubernetes from source and takes a while)"
             );
-            // Output goes to this test's stderr so a slow cold build shows progress.
-            if let Err(e) = run_testenv_script(&["up"], &[]) {
-                panic!("{e}");
-            }
+            // Its stderr goes straight to ours (not captured by the test harness), so a
+            // slow cold build shows progress.
+            let script = root.join("scripts/testenv");
+            let status = Command::new(&script)
+                .arg("up")
+                .current_dir(&root)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                status.success(),
+                "`scripts/testenv up` failed ({status}); its messages are above, component logs \
+                 are in target/testenv/logs/"
+            );
             let dir = std::env::var("KSCALE_TESTENV_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| root.join("target/testenv"));
