@@ -131,12 +131,14 @@ pub fn testenv() -> Option<&'static TestEnv> {
     TESTENV
         .get_or_init(|| {
             if std::env::var("KSCALE_SKIP_TESTENV").is_ok_and(|v| v == "1") {
-                eprintln!(
-                    "\n\
-                     ************************************************************\n\
-                     * KSCALE_SKIP_TESTENV=1: SKIPPING tests that need the test  *\n\
-                     * environment (Kubernetes + Prometheus). They did NOT run.  *\n\
-                     ************************************************************\n"
+                // Straight to the stderr file descriptor: the test harness captures
+                // `eprintln!` of passing tests, and this must not go unseen.
+                let _ = std::io::stderr().write_all(
+                    b"\n\
+                      ************************************************************\n\
+                      * KSCALE_SKIP_TESTENV=1: SKIPPING tests that need the test  *\n\
+                      * environment (Kubernetes + Prometheus). They did NOT run.  *\n\
+                      ************************************************************\n\n",
                 );
                 return None;
             }
