@@ -6,11 +6,13 @@
 //! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
 //! - [`status`]: a decision as a ScalingPolicy status (conditions, metrics, history).
 //! - [`source`]: metric sources (recorded traces for now).
+//! - [`actuate`]: reading and writing a target's `scale` subresource; one writer per target.
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
 //! - [`load`]: reading policy files, with errors naming file, document and field.
 //! - [`cli`]: the `kscale` command line.
 //! - [`units`]: Kubernetes quantities and Go-style durations.
 
+pub mod actuate;
 pub mod backtest;
 pub mod cli;
 pub mod crd;
