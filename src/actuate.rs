@@ -32,7 +32,7 @@ pub enum ActuateError {
         /// Name.
         name: String,
         /// Discovery error.
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// The kind has no scale subresource.
     #[error(
@@ -74,7 +74,7 @@ pub enum ActuateError {
         /// Name.
         name: String,
         /// The error.
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 }
 
@@ -184,7 +184,7 @@ impl ScaleTarget {
             kind: self.reference.kind.clone(),
             namespace: self.namespace.clone(),
             name: self.reference.name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
