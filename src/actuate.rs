@@ -157,7 +157,7 @@ impl ScaleTarget {
                     kind: reference.kind.clone(),
                     namespace: namespace.to_string(),
                     name: reference.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         if !caps
             .subresources
