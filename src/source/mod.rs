@@ -1,4 +1,5 @@
 //! Metric sources: where samples come from. Each returns typed [`crate::model::Sample`]s with
 //! timestamps; missing data is a value, never a zero.
 
+pub mod resource;
 pub mod trace;
