@@ -788,7 +788,7 @@ mod tests {
     fn bad_quantity_or_window_is_an_error_naming_the_pod() {
         let p = one_container_pod("web-1", "100m");
         let m = metrics("web-1", json!([usage("app", "lots", "1Mi")]));
-        let err = pod_samples(&[p.clone()], &[m], ResourceName::Cpu, None).unwrap_err();
+        let err = pod_samples(std::slice::from_ref(&p), &[m], ResourceName::Cpu, None).unwrap_err();
         assert!(err.to_string().contains("PodMetrics web-1"), "{err}");
         let mut m = metrics("web-1", json!([usage("app", "1m", "1Mi")]));
         m.window = Some("ten seconds".into());
