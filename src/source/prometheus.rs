@@ -1,0 +1,890 @@
+//! Samples from Prometheus instant queries, for the controller's ticks.
+//!
+//! [`PrometheusSource::query_all`] takes every policy's queries of one tick, sends each distinct
+//! query string once (at most [`PrometheusConfig::max_concurrency`] at a time, each bounded by
+//! [`PrometheusConfig::timeout`]) and returns one [`Sample`] per distinct string:
+//!
+//! - an instant vector gives [`Sample::Series`] with one value per returned series, in the order
+//!   Prometheus returned them;
+//! - a scalar gives a `Series` with its one value;
+//! - an empty vector gives [`Sample::Missing`] ("query returned no series");
+//! - NaN and ±Inf are passed through as values: the evaluator marks such a metric Invalid and
+//!   names the value ([`crate::policy::evaluate`]);
+//! - any failure (connection, timeout, HTTP status, PromQL error, a response that is not an
+//!   instant vector or scalar) gives [`Sample::Error`] with the error's full text, scrubbed of the
+//!   configured credentials. Nothing here ever turns a failure into 0.
+//!
+//! [`PrometheusSource::query_all_outcomes`] returns the same with each query's latency and a
+//! short error kind ([`QueryOutcome`]), for the controller's own metrics.
+//!
+//! # Timestamps and staleness
+//!
+//! An instant query's result carries the *evaluation* time for every expression, plain selectors
+//! included, not the time of the underlying samples (only `timestamp(metric)` on a plain
+//! selector reveals that, and nothing does for aggregations or `rate()`). kscale does not try to
+//! reconstruct sample ages from arbitrary PromQL. Freshness comes from Prometheus itself, and
+//! is sound for scraped data:
+//!
+//! - when a target stops exposing a series, its scrape fails, or the target disappears from
+//!   service discovery, Prometheus writes a staleness marker at the next scrape, and from then
+//!   on instant vector selectors no longer return the series: the query goes empty and the
+//!   metric becomes [`Sample::Missing`] within about one scrape interval;
+//! - a series without staleness markers (remote-written, federated with honored timestamps, or
+//!   across a Prometheus restart) drops out after the lookback delta (`--query.lookback-delta`,
+//!   5m by default, which is also kscale's default `fallback.staleAfter`);
+//! - range functions (`rate(x[1m])`, `max_over_time(x[10m])`) see only samples within their
+//!   window, so their result disappears at most one window after the data stopped: the policy
+//!   author chooses that window.
+//!
+//! [`Sample::Series::timestamp`](crate::model::Sample) is therefore the evaluation time that
+//! Prometheus reports (the oldest, if series differ), not our own clock. The evaluator's
+//! `fallback.staleAfter` check then catches answers evaluated in the past: a Prometheus whose
+//! clock lags, or a caching proxy in front of it returning an old result. An exporter that
+//! stopped never stays silently fresh: it goes Missing (see `tests/prometheus_source.rs`).
+//!
+//! # Credentials
+//!
+//! A bearer token file is re-read on every [`PrometheusSource::query_all`] call (one small read
+//! per tick), so a rotated token (a projected service-account token, for instance) is picked
+//! up without a restart. Basic auth and extra headers are fixed at construction.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+use prometheus_http_query::response::{Data, PromqlResult};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tracing::Instrument as _;
+
+use crate::model::Sample;
+
+/// The reason given when a query returns no series.
+pub const NO_SERIES: &str = "query returned no series";
+
+/// Basic-auth credentials. `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+impl fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How to reach Prometheus. The field docs name the command-line flags that set them, which the
+/// errors of [`PrometheusSource::new`] name too.
+#[derive(Debug, Clone)]
+pub struct PrometheusConfig {
+    /// `--prometheus-url`: the base URL, e.g. `http://prometheus.monitoring:9090`; a path prefix
+    /// (`https://host/prometheus`) is kept.
+    pub url: String,
+    /// `--prometheus-timeout`: the bound on one query, connection included. It is also sent to
+    /// Prometheus as the query's `timeout` so that it stops evaluating too.
+    pub timeout: Duration,
+    /// `--prometheus-bearer-token-file`: a file holding a bearer token, re-read every tick.
+    pub bearer_token_file: Option<PathBuf>,
+    /// `--prometheus-basic-auth-user` and `--prometheus-basic-auth-password`.
+    pub basic_auth: Option<BasicAuth>,
+    /// `--prometheus-ca-file`: PEM certificates that replace the system roots for `https` URLs.
+    pub ca_file: Option<PathBuf>,
+    /// `--prometheus-client-cert-file`: PEM client certificate (chain), with `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// `--prometheus-client-key-file`: PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+    /// `--prometheus-header NAME=VALUE`: extra headers on every request (a tenant ID, say).
+    pub headers: Vec<(String, String)>,
+    /// `--prometheus-max-concurrency`: distinct queries in flight at once (at least 1).
+    pub max_concurrency: usize,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        PrometheusConfig {
+            url: "http://localhost:9090".into(),
+            timeout: Duration::from_secs(10),
+            bearer_token_file: None,
+            basic_auth: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            headers: Vec::new(),
+            max_concurrency: 8,
+        }
+    }
+}
+
+/// A setting of [`PrometheusConfig`] that cannot be used. Each message starts with the flag at
+/// fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The URL does not parse or is not http(s).
+    #[error("--prometheus-url {url}: {message}")]
+    Url {
+        /// The URL, without credentials.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The timeout is zero.
+    #[error("--prometheus-timeout: must be greater than 0")]
+    Timeout,
+    /// The concurrency bound is zero.
+    #[error("--prometheus-max-concurrency: must be at least 1")]
+    Concurrency,
+    /// A file cannot be read.
+    #[error("{flag} {}: cannot read: {source}", path.display())]
+    Read {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file was read but its content is unusable.
+    #[error("{flag} {}: {message}", path.display())]
+    Content {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A client certificate without its key, or a key without its certificate.
+    #[error(
+        "--prometheus-client-cert-file and --prometheus-client-key-file must be given together"
+    )]
+    ClientCertPair,
+    /// Bearer token and basic auth both set.
+    #[error(
+        "--prometheus-bearer-token-file and --prometheus-basic-auth-user are mutually exclusive"
+    )]
+    AuthConflict,
+    /// A header that is not a valid HTTP header.
+    #[error("--prometheus-header {name}: {message}")]
+    Header {
+        /// The header name as given.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The TLS settings do not combine (for instance a key that does not match the
+    /// certificate).
+    #[error("--prometheus-client-cert-file {}: {message}", path.display())]
+    ClientCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("--prometheus-url {url}: cannot build the HTTP client: {message}")]
+    Client {
+        /// The URL, without credentials.
+        url: String,
+        /// The error.
+        message: String,
+    },
+}
+
+/// One query's result with what the controller exports about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryOutcome {
+    /// The sample.
+    pub sample: Sample,
+    /// Wall time of the request, from sending to the converted result.
+    pub duration: Duration,
+    /// For [`Sample::Error`]: `timeout`, `connect`, `http`, `promql`, `decode`, `result_type`
+    /// or `auth`. `None` otherwise (an empty result is not an error).
+    pub error_kind: Option<&'static str>,
+}
+
+/// A failed query: a short kind and the full text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryError {
+    /// See [`QueryOutcome::error_kind`].
+    pub kind: &'static str,
+    /// The error text.
+    pub message: String,
+}
+
+/// Instant-query access to one Prometheus. Cheap to share (`&self` everywhere).
+#[derive(Clone)]
+pub struct PrometheusSource {
+    client: prometheus_http_query::Client,
+    timeout: Duration,
+    max_concurrency: usize,
+    bearer_token_file: Option<PathBuf>,
+    /// Fixed secrets to scrub from error texts (password, header values, URL password).
+    secrets: Arc<Vec<String>>,
+}
+
+impl fmt::Debug for PrometheusSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrometheusSource")
+            .field("url", &strip_userinfo(self.client.base_url().as_str()))
+            .field("timeout", &self.timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, SourceError> {
+    std::fs::read(path).map_err(|source| SourceError::Read {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_token(path: &Path) -> Result<String, SourceError> {
+    let bytes = read_file("--prometheus-bearer-token-file", path)?;
+    let token = String::from_utf8(bytes)
+        .map_err(|_| SourceError::Content {
+            flag: "--prometheus-bearer-token-file",
+            path: path.to_path_buf(),
+            message: "not UTF-8 text".into(),
+        })?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(SourceError::Content {
+            flag: "--prometheus-bearer-token-file",
+            path: path.to_path_buf(),
+            message: "the file is empty".into(),
+        });
+    }
+    Ok(token)
+}
+
+fn bearer_header(path: &Path, token: &str) -> Result<HeaderValue, SourceError> {
+    let mut value =
+        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| SourceError::Content {
+            flag: "--prometheus-bearer-token-file",
+            path: path.to_path_buf(),
+            message: "the token holds characters not allowed in an HTTP header".into(),
+        })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Standard base64 with padding (for the basic-auth header).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `scheme://user:pass@host/...` → `scheme://host/...`, for every URL in `text`.
+fn strip_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == ')')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => rest = &tail[at + 1..],
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let bytes = read_file("--prometheus-ca-file", path)?;
+            let content = |message: String| SourceError::Content {
+                flag: "--prometheus-ca-file",
+                path: path.clone(),
+                message,
+            };
+            let mut count = 0;
+            for cert in CertificateDer::pem_slice_iter(&bytes) {
+                let cert = cert.map_err(|e| content(format!("bad PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| content(format!("bad certificate: {e}")))?;
+                count += 1;
+            }
+            if count == 0 {
+                return Err(content("no PEM certificate in the file".into()));
+            }
+        }
+        None => {
+            // Errors are left out: an http URL needs no roots, and an https one fails with a
+            // certificate error naming the problem.
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SourceError::Client {
+            url: strip_userinfo(&cfg.url),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(cert_path), Some(key_path)) => {
+            let bytes = read_file("--prometheus-client-cert-file", cert_path)?;
+            let certs = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SourceError::Content {
+                    flag: "--prometheus-client-cert-file",
+                    path: cert_path.clone(),
+                    message: format!("bad PEM: {e}"),
+                })?;
+            if certs.is_empty() {
+                return Err(SourceError::Content {
+                    flag: "--prometheus-client-cert-file",
+                    path: cert_path.clone(),
+                    message: "no PEM certificate in the file".into(),
+                });
+            }
+            let key_bytes = read_file("--prometheus-client-key-file", key_path)?;
+            let key =
+                PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| SourceError::Content {
+                    flag: "--prometheus-client-key-file",
+                    path: key_path.clone(),
+                    message: format!("no usable PEM private key: {e}"),
+                })?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| SourceError::ClientCert {
+                    path: cert_path.clone(),
+                    message: format!(
+                        "does not go with --prometheus-client-key-file {}: {e}",
+                        key_path.display()
+                    ),
+                })
+        }
+        _ => Err(SourceError::ClientCertPair),
+    }
+}
+
+impl PrometheusSource {
+    /// Checks the settings, reads the certificate and token files once, and builds the client.
+    /// Every error names the setting at fault.
+    pub fn new(cfg: &PrometheusConfig) -> Result<Self, SourceError> {
+        let shown_url = strip_userinfo(&cfg.url);
+        let parsed = reqwest::Url::parse(&cfg.url).map_err(|e| SourceError::Url {
+            url: shown_url.clone(),
+            message: e.to_string(),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(SourceError::Url {
+                url: shown_url,
+                message: format!("scheme {:?} is not http or https", parsed.scheme()),
+            });
+        }
+        if cfg.timeout.is_zero() {
+            return Err(SourceError::Timeout);
+        }
+        if cfg.max_concurrency == 0 {
+            return Err(SourceError::Concurrency);
+        }
+        if cfg.bearer_token_file.is_some() && cfg.basic_auth.is_some() {
+            return Err(SourceError::AuthConflict);
+        }
+        let mut secrets = Vec::new();
+        if let Some(p) = parsed.password() {
+            secrets.push(p.to_string());
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            let header_err = |message: String| SourceError::Header {
+                name: name.clone(),
+                message,
+            };
+            let hname = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| header_err(format!("bad header name: {e}")))?;
+            let mut hvalue = HeaderValue::from_str(value)
+                .map_err(|e| header_err(format!("bad header value: {e}")))?;
+            hvalue.set_sensitive(true);
+            headers.append(hname, hvalue);
+            secrets.push(value.clone());
+        }
+        if let Some(auth) = &cfg.basic_auth {
+            let mut value = HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64(format!("{}:{}", auth.user, auth.password).as_bytes())
+            ))
+            .map_err(|e| SourceError::Header {
+                name: "--prometheus-basic-auth-user".into(),
+                message: e.to_string(),
+            })?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+            secrets.push(auth.password.clone());
+        }
+        if let Some(path) = &cfg.bearer_token_file {
+            bearer_header(path, &read_token(path)?)?;
+        }
+        let tls = tls_config(cfg)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+            .default_headers(headers)
+            .build()
+            .map_err(|e| SourceError::Client {
+                url: shown_url.clone(),
+                message: error_chain(&e),
+            })?;
+        let client =
+            prometheus_http_query::Client::from(http, &cfg.url).map_err(|e| SourceError::Url {
+                url: shown_url.clone(),
+                message: error_chain(&e),
+            })?;
+        secrets.retain(|s| s.len() >= 3);
+        Ok(PrometheusSource {
+            client,
+            timeout: cfg.timeout,
+            max_concurrency: cfg.max_concurrency,
+            bearer_token_file: cfg.bearer_token_file.clone(),
+            secrets: Arc::new(secrets),
+        })
+    }
+
+    /// Runs every distinct query once and returns one sample per distinct query string.
+    pub async fn query_all<'a>(
+        &self,
+        queries: impl IntoIterator<Item = &'a str>,
+    ) -> HashMap<String, Sample> {
+        self.query_all_outcomes(queries)
+            .await
+            .into_iter()
+            .map(|(q, o)| (q, o.sample))
+            .collect()
+    }
+
+    /// Like [`query_all`](Self::query_all), with each query's latency and error kind.
+    pub async fn query_all_outcomes<'a>(
+        &self,
+        queries: impl IntoIterator<Item = &'a str>,
+    ) -> HashMap<String, QueryOutcome> {
+        let mut seen = HashSet::new();
+        let distinct: Vec<&str> = queries.into_iter().filter(|q| seen.insert(*q)).collect();
+        let span = tracing::info_span!("prometheus_tick", distinct_queries = distinct.len());
+        async {
+            // One token read per tick: a rotated token is picked up at the next tick.
+            let token = match &self.bearer_token_file {
+                None => Ok(None),
+                Some(path) => read_token(path)
+                    .and_then(|t| bearer_header(path, &t).map(|h| Some((h, t))))
+                    .map_err(|e| e.to_string()),
+            };
+            futures::stream::iter(distinct)
+                .map(|q| {
+                    let token = &token;
+                    async move {
+                        let outcome = match token {
+                            Ok(t) => self.run(q, t.as_ref()).await,
+                            Err(message) => QueryOutcome {
+                                sample: Sample::Error {
+                                    message: message.clone(),
+                                },
+                                duration: Duration::ZERO,
+                                error_kind: Some("auth"),
+                            },
+                        };
+                        (q.to_string(), outcome)
+                    }
+                })
+                .buffer_unordered(self.max_concurrency)
+                .collect::<HashMap<_, _>>()
+                .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run(&self, query: &str, token: Option<&(HeaderValue, String)>) -> QueryOutcome {
+        let start = Instant::now();
+        let mut builder = self
+            .client
+            .query(query)
+            .timeout(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
+        if let Some((header, _)) = token {
+            builder = builder.header(AUTHORIZATION, header.clone());
+        }
+        // The HTTP client's own timeout bounds the request; this one also bounds anything
+        // around it, with a message that says so.
+        let result = match tokio::time::timeout(self.timeout, builder.post()).await {
+            Err(_) => Err(QueryError {
+                kind: "timeout",
+                message: format!("no answer within the {:?} timeout", self.timeout),
+            }),
+            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Ok(r)) => convert(&r),
+        };
+        let duration = start.elapsed();
+        let outcome = match result {
+            Ok(sample) => QueryOutcome {
+                sample,
+                duration,
+                error_kind: None,
+            },
+            Err(e) => {
+                let mut message = strip_userinfo(&e.message);
+                for secret in self.secrets.iter().chain(token.map(|(_, t)| t)) {
+                    message = message.replace(secret.as_str(), "<redacted>");
+                }
+                QueryOutcome {
+                    sample: Sample::Error { message },
+                    duration,
+                    error_kind: Some(e.kind),
+                }
+            }
+        };
+        tracing::debug!(
+            query,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            error_kind = outcome.error_kind,
+            "prometheus query"
+        );
+        outcome
+    }
+}
+
+/// An error and its sources as one line, leaving out a source whose text the previous one
+/// already contains.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut last = text.clone();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !last.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        last = t;
+        source = s.source();
+    }
+    text
+}
+
+/// The kind and text of a failed request.
+pub fn classify(e: &prometheus_http_query::Error) -> QueryError {
+    use prometheus_http_query::Error as E;
+    let kind = match e {
+        E::Prometheus(p) if p.is_timeout() => "timeout",
+        E::Prometheus(_) => "promql",
+        E::Client(c) => match c.inner() {
+            Some(r) if r.is_timeout() => "timeout",
+            Some(r) if r.is_connect() => "connect",
+            Some(r) if r.is_status() => "http",
+            Some(r) if r.is_decode() || r.is_body() => "decode",
+            Some(_) => "http",
+            None => "decode",
+        },
+        _ => "http",
+    };
+    let mut message = error_chain(e);
+    if let E::Prometheus(_) = e {
+        message = format!("Prometheus rejected the query: {message}");
+    }
+    QueryError { kind, message }
+}
+
+fn to_datetime(seconds: f64) -> Result<DateTime<Utc>, QueryError> {
+    let bad = || QueryError {
+        kind: "decode",
+        message: format!("Prometheus returned an unusable timestamp {seconds}"),
+    };
+    if !seconds.is_finite() {
+        return Err(bad());
+    }
+    // Prometheus timestamps are milliseconds; the float is exact enough to round back.
+    DateTime::from_timestamp_millis((seconds * 1000.0).round() as i64).ok_or_else(bad)
+}
+
+/// Converts a successful instant-query response to a [`Sample`]; see the module docs for the
+/// rules. An `Err` is an answer kscale cannot use (a range vector, a bad timestamp).
+pub fn convert(result: &PromqlResult) -> Result<Sample, QueryError> {
+    match result.data() {
+        Data::Vector(series) => {
+            if series.is_empty() {
+                return Ok(Sample::Missing {
+                    reason: NO_SERIES.into(),
+                });
+            }
+            let mut oldest = f64::INFINITY;
+            let values = series
+                .iter()
+                .map(|s| {
+                    oldest = oldest.min(s.sample().timestamp());
+                    s.sample().value()
+                })
+                .collect();
+            Ok(Sample::Series {
+                values,
+                timestamp: to_datetime(oldest)?,
+            })
+        }
+        Data::Scalar(s) => Ok(Sample::Series {
+            values: vec![s.value()],
+            timestamp: to_datetime(s.timestamp())?,
+        }),
+        Data::Matrix(_) => Err(QueryError {
+            kind: "result_type",
+            message: "the query returned a range vector; a metric's query must return an \
+                      instant vector or a scalar (use e.g. rate() or last_over_time() over the range)"
+                .into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> PromqlResult {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn ts(s: f64) -> DateTime<Utc> {
+        to_datetime(s).unwrap()
+    }
+
+    #[test]
+    fn empty_vector_is_missing() {
+        let r = parse(r#"{"resultType":"vector","result":[]}"#);
+        assert_eq!(
+            convert(&r).unwrap(),
+            Sample::Missing {
+                reason: NO_SERIES.into()
+            }
+        );
+    }
+
+    #[test]
+    fn scalar_is_one_value() {
+        let r = parse(r#"{"resultType":"scalar","result":[1700000000.5,"42.25"]}"#);
+        assert_eq!(
+            convert(&r).unwrap(),
+            Sample::Series {
+                values: vec![42.25],
+                timestamp: ts(1_700_000_000.5)
+            }
+        );
+    }
+
+    #[test]
+    fn several_series_keep_every_value_and_the_oldest_timestamp() {
+        let r = parse(
+            r#"{"resultType":"vector","result":[
+                {"metric":{"pod":"a"},"value":[1700000010.123,"1.5"]},
+                {"metric":{"pod":"b"},"value":[1700000000,"2"]},
+                {"metric":{},"value":[1700000020,"-3"]}]}"#,
+        );
+        assert_eq!(
+            convert(&r).unwrap(),
+            Sample::Series {
+                values: vec![1.5, 2.0, -3.0],
+                timestamp: ts(1_700_000_000.0)
+            }
+        );
+        assert_eq!(
+            ts(1_700_000_010.123).timestamp_subsec_millis(),
+            123,
+            "millisecond timestamps survive"
+        );
+    }
+
+    #[test]
+    fn nan_and_inf_pass_through_and_evaluate_as_invalid() {
+        let r = parse(
+            r#"{"resultType":"vector","result":[
+                {"metric":{},"value":[1700000000,"NaN"]},
+                {"metric":{},"value":[1700000000,"+Inf"]},
+                {"metric":{},"value":[1700000000,"-Inf"]}]}"#,
+        );
+        let Sample::Series { values, .. } = convert(&r).unwrap() else {
+            panic!("not a series")
+        };
+        assert!(values[0].is_nan());
+        assert_eq!(values[1], f64::INFINITY);
+        assert_eq!(values[2], f64::NEG_INFINITY);
+
+        // And the evaluator names it instead of reading it as a number.
+        let resource: crate::crd::ScalingPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - name: rps
+    prometheus: {query: '0/0'}
+    target: {type: AverageValue, averageValue: "10"}
+"#,
+        )
+        .unwrap();
+        let policy = crate::policy::CompiledPolicy::from_resource(&resource).unwrap();
+        let now = ts(1_700_000_000.0);
+        let obs = crate::model::Observation {
+            spec_replicas: 4,
+            status_replicas: 4,
+            ready_replicas: 4,
+            pods: 4,
+            samples: vec![Sample::Series {
+                values: vec![f64::NAN],
+                timestamp: now,
+            }],
+        };
+        let d = crate::policy::evaluate(&policy, &obs, &Default::default(), now);
+        let reason = d.reason(&policy);
+        assert_eq!(d.replicas, 4, "{reason}");
+        assert_eq!(
+            d.metrics[0].state,
+            crate::policy::MetricState::Invalid,
+            "{reason}"
+        );
+        assert!(reason.contains("NaN"), "{reason}");
+    }
+
+    #[test]
+    fn range_vector_is_an_error() {
+        let r = parse(
+            r#"{"resultType":"matrix","result":[{"metric":{},"values":[[1700000000,"1"]]}]}"#,
+        );
+        let e = convert(&r).unwrap_err();
+        assert_eq!(e.kind, "result_type");
+        assert!(e.message.contains("range vector"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_timestamp_is_an_error() {
+        assert_eq!(to_datetime(f64::NAN).unwrap_err().kind, "decode");
+        assert_eq!(to_datetime(1e300).unwrap_err().kind, "decode");
+    }
+
+    #[test]
+    fn userinfo_is_stripped_from_urls() {
+        assert_eq!(
+            strip_userinfo(
+                "error sending request for url (https://bob:s3cret@prom:9090/api/v1/query)"
+            ),
+            "error sending request for url (https://prom:9090/api/v1/query)"
+        );
+        assert_eq!(strip_userinfo("no url here"), "no url here");
+        assert_eq!(
+            strip_userinfo("http://a/x?q=u@b and http://c@d/"),
+            "http://a/x?q=u@b and http://d/"
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
+    }
+
+    #[test]
+    fn settings_errors_name_the_flag() {
+        let cfg = |f: fn(&mut PrometheusConfig)| {
+            let mut c = PrometheusConfig::default();
+            f(&mut c);
+            PrometheusSource::new(&c).unwrap_err().to_string()
+        };
+        let e = cfg(|c| c.ca_file = Some("/nonexistent/ca.pem".into()));
+        assert!(
+            e.starts_with("--prometheus-ca-file /nonexistent/ca.pem: cannot read: "),
+            "{e}"
+        );
+        let e = cfg(|c| c.url = "ftp://u:hunter22@x".into());
+        assert!(e.starts_with("--prometheus-url ftp://x: "), "{e}");
+        assert!(!e.contains("hunter22"), "{e}");
+        let e = cfg(|c| c.url = "not a url".into());
+        assert!(e.starts_with("--prometheus-url not a url: "), "{e}");
+        let e = cfg(|c| c.bearer_token_file = Some("/nonexistent/token".into()));
+        assert!(
+            e.starts_with("--prometheus-bearer-token-file /nonexistent/token: cannot read"),
+            "{e}"
+        );
+        let e = cfg(|c| c.client_cert_file = Some("/x".into()));
+        assert!(e.contains("--prometheus-client-key-file"), "{e}");
+        let e = cfg(|c| c.headers = vec![("bad name".into(), "v".into())]);
+        assert!(e.starts_with("--prometheus-header bad name: "), "{e}");
+        let e = cfg(|c| c.timeout = Duration::ZERO);
+        assert!(e.starts_with("--prometheus-timeout"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let e = cfg_with_ca(&ca);
+        assert!(
+            e.contains("--prometheus-ca-file") && e.contains("no PEM"),
+            "{e}"
+        );
+        fn cfg_with_ca(ca: &Path) -> String {
+            let c = PrometheusConfig {
+                ca_file: Some(ca.to_path_buf()),
+                ..Default::default()
+            };
+            PrometheusSource::new(&c).unwrap_err().to_string()
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let a = BasicAuth {
+            user: "u".into(),
+            password: "hunter22".into(),
+        };
+        assert!(!format!("{a:?}").contains("hunter22"));
+    }
+}
