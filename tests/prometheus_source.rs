@@ -31,12 +31,15 @@ async fn one(src: &PrometheusSource, query: &str) -> Sample {
         .expect("one sample per query")
 }
 
+/// Bytes a client sent on one connection.
+type ConnLog = Arc<Mutex<Vec<u8>>>;
+
 /// A TCP relay on 127.0.0.1 in front of Prometheus that keeps every byte the client sent, to
 /// count requests and read their headers. Stops on drop.
 struct CountingProxy {
     url: String,
     addr: SocketAddr,
-    sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    sent: Arc<Mutex<Vec<ConnLog>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -49,7 +52,7 @@ impl CountingProxy {
             .expect("Prometheus URL is http://ip:port");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let sent: Arc<Mutex<Vec<ConnLog>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         {
             let sent = sent.clone();
@@ -63,7 +66,7 @@ impl CountingProxy {
                     let Ok(server) = TcpStream::connect(upstream) else {
                         continue;
                     };
-                    let log: Arc<Mutex<Vec<u8>>> = Arc::default();
+                    let log: ConnLog = Arc::default();
                     sent.lock().unwrap().push(log.clone());
                     let (mut c_read, mut s_write) =
                         (client.try_clone().unwrap(), server.try_clone().unwrap());
