@@ -13,8 +13,10 @@ use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use kscale::model::{PodPhase, PodSample, Sample};
+use kscale::crd::ScalingPolicy;
+use kscale::model::{Observation, PodPhase, PodSample, Sample};
 use kscale::policy::replicas::{ReadinessSettings, ResourceTarget, Tolerances, resource};
+use kscale::policy::{CompiledPolicy, PolicyState, evaluate};
 use kscale::source::resource::{
     ResourceName, ResourceSourceError, fetch_pod_samples, sample, scale_selector,
 };
@@ -122,8 +124,8 @@ async fn deployment_pods_with_simulated_cpu_give_samples_and_the_hpa_proposal() 
     let expected = (f64::from(utilization) / 50.0 * 3.0).ceil() as i32;
     assert_eq!(expected, 5, "utilization {utilization}%");
     // Pods started less than 5 minutes ago count only once a full metrics window has passed
-    // since they became ready; wait_until above already saw fresh values, so evaluate "now"
-    // with the HPA's default settings.
+    // since they became ready. They were Ready before their usage was set, and a usage within
+    // 10% of the new value comes from a window that began after that, so all 3 count.
     let proposal = resource(
         &samples,
         true,
@@ -139,6 +141,41 @@ async fn deployment_pods_with_simulated_cpu_give_samples_and_the_hpa_proposal() 
         (expected, f64::from(utilization), 3),
         "{}",
         describe(&samples)
+    );
+
+    // The same through the evaluator with a compiled policy (legacy behavior: a scale-up
+    // from 3 may go to max(2 × 3, 4) = 6, so 5 stands).
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - name: cpu
+    resource: {{name: cpu}}
+    target: {{type: Utilization, averageUtilization: 50}}
+"#,
+        ns = ns.name
+    ))
+    .expect("policy YAML");
+    let policy = CompiledPolicy::from_resource(&policy).expect("policy compiles");
+    let obs = Observation {
+        spec_replicas: 3,
+        status_replicas: 3,
+        ready_replicas: 3,
+        pods: 3,
+        samples: vec![Sample::Pods(samples.clone())],
+    };
+    let decision = evaluate(&policy, &obs, &PolicyState::default(), now);
+    assert_eq!(
+        (decision.replicas, decision.metrics[0].proposal),
+        (expected, Some(expected)),
+        "{}",
+        decision.reason(&policy)
     );
 
     // The same pods as a raw AverageValue target of 100m: average about 150m → ceil(1.5 × 3).
