@@ -22,7 +22,9 @@
 //!   as the HPA's `GetRawResourceReplicas` does.
 //! - **Pod state:** phase, `deletionTimestamp` (`deleting`), the `Ready` condition (status
 //!   `"True"` is true; `"False"` and `"Unknown"` are not true) with its `lastTransitionTime`,
-//!   and `status.startTime`.
+//!   and `status.startTime`. Parity note: the HPA's `groupPods` tests `status == "False"`, so
+//!   there a pod whose readiness is `"Unknown"` is not unready; [`PodSample::ready`] only says
+//!   whether it is `"True"`, so `policy::replicas` treats `"Unknown"` like `"False"`.
 //! - A pod without a PodMetrics entry gets `usage: None`: the evaluator applies the HPA's
 //!   missing-pod rules. An empty PodMetrics list is an error, as in the HPA ("no metrics returned
 //!   from resource metrics API").
