@@ -337,6 +337,7 @@ async fn promql_error_is_an_error_with_prometheus_text() {
     let Sample::Error { message } = &o.sample else {
         panic!("{o:?}")
     };
+    eprintln!("PromQL error: {message}");
     assert!(message.contains("bad_data"), "{message}");
     assert!(message.contains("parse error"), "{message}");
 }
@@ -365,6 +366,7 @@ async fn unreachable_prometheus_is_an_error_within_the_timeout() {
     let Sample::Error { message } = &o.sample else {
         panic!("{o:?}")
     };
+    eprintln!("unreachable: {message}");
     assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
     assert!(message.to_lowercase().contains("connect"), "{message}");
     assert!(
@@ -391,6 +393,7 @@ async fn silent_prometheus_is_a_timeout_error() {
     let o = &outcomes["up"];
     assert_eq!(o.error_kind, Some("timeout"), "{o:?}");
     assert!(matches!(&o.sample, Sample::Error { .. }), "{o:?}");
+    eprintln!("silent: {o:?}");
     let _ = held.join();
 }
 

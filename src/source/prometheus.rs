@@ -475,7 +475,6 @@ impl PrometheusSource {
                 url: shown_url.clone(),
                 message: error_chain(&e),
             })?;
-        secrets.retain(|s| s.len() >= 3);
         Ok(PrometheusSource {
             client,
             timeout: cfg.timeout,
@@ -538,6 +537,19 @@ impl PrometheusSource {
         .await
     }
 
+    /// `text` without URL credentials and without any configured secret (basic-auth password,
+    /// header values, the current bearer token). Secrets shorter than 3 characters are left
+    /// alone: replacing them would garble the text and hide little.
+    fn scrub(&self, text: &str, token: Option<&str>) -> String {
+        let mut text = strip_userinfo(text);
+        for secret in self.secrets.iter().map(String::as_str).chain(token) {
+            if secret.len() >= 3 {
+                text = text.replace(secret, "<redacted>");
+            }
+        }
+        text
+    }
+
     async fn run(&self, query: &str, token: Option<&(HeaderValue, String)>) -> QueryOutcome {
         let start = Instant::now();
         let mut builder = self
@@ -565,9 +577,9 @@ impl PrometheusSource {
                 error_kind: None,
             },
             Err(e) => {
-                let mut message = strip_userinfo(&e.message);
-                for secret in self.secrets.iter().chain(token.map(|(_, t)| t)) {
-                    message = message.replace(secret.as_str(), "<redacted>");
+                let mut message = self.scrub(&e.message, token.map(|(_, t)| t.as_str()));
+                if e.kind == "timeout" {
+                    message = format!("{message} (--prometheus-timeout {:?})", self.timeout);
                 }
                 QueryOutcome {
                     sample: Sample::Error { message },
@@ -877,6 +889,28 @@ spec:
             };
             PrometheusSource::new(&c).unwrap_err().to_string()
         }
+    }
+
+    #[test]
+    fn error_text_is_scrubbed_of_credentials() {
+        let src = PrometheusSource::new(&PrometheusConfig {
+            url: "http://u:urlpass@127.0.0.1:9".into(),
+            basic_auth: Some(BasicAuth {
+                user: "bob".into(),
+                password: "hunter22".into(),
+            }),
+            headers: vec![("X-Api-Key".into(), "key-123".into())],
+            ..Default::default()
+        });
+        let src = src.unwrap();
+        let text = src.scrub(
+            "for url (http://u:urlpass@127.0.0.1:9/api): hunter22 key-123 tok-456 urlpass",
+            Some("tok-456"),
+        );
+        assert_eq!(
+            text,
+            "for url (http://127.0.0.1:9/api): <redacted> <redacted> <redacted> <redacted>"
+        );
     }
 
     #[test]
