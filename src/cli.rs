@@ -34,6 +34,10 @@ pub enum Command {
     },
     /// Replay a recorded trace through a policy and report what it would have done.
     Backtest(BacktestArgs),
+    /// Run the controller: watch ScalingPolicies, evaluate them every interval, scale targets.
+    Run(RunArgs),
+    /// Evaluate a policy once against the live cluster and Prometheus; never writes anything.
+    DryRun(DryRunArgs),
     /// Print the ScalingPolicy CustomResourceDefinition (YAML).
     Crd,
     /// Print shell completions.
@@ -41,6 +45,111 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// How to reach Prometheus (flags with environment fallbacks).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrometheusArgs {
+    /// The default Prometheus, e.g. http://prometheus.monitoring:9090.
+    #[arg(long, env = "KSCALE_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+    /// Bound on one query (Go-style duration).
+    #[arg(long, env = "KSCALE_PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = parse_std_duration)]
+    pub prometheus_timeout: std::time::Duration,
+    /// A file holding a bearer token (re-read every tick).
+    #[arg(long, env = "KSCALE_PROMETHEUS_BEARER_TOKEN_FILE")]
+    pub prometheus_bearer_token_file: Option<PathBuf>,
+    /// Basic-auth user (with KSCALE_PROMETHEUS_BASIC_AUTH_PASSWORD).
+    #[arg(long, env = "KSCALE_PROMETHEUS_BASIC_AUTH_USER")]
+    pub prometheus_basic_auth_user: Option<String>,
+    /// Basic-auth password; prefer the environment variable over the flag.
+    #[arg(
+        long,
+        env = "KSCALE_PROMETHEUS_BASIC_AUTH_PASSWORD",
+        hide_env_values = true
+    )]
+    pub prometheus_basic_auth_password: Option<String>,
+    /// PEM CA bundle for https URLs.
+    #[arg(long, env = "KSCALE_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
+    /// PEM client certificate.
+    #[arg(long, env = "KSCALE_PROMETHEUS_CLIENT_CERT_FILE")]
+    pub prometheus_client_cert_file: Option<PathBuf>,
+    /// PEM client key.
+    #[arg(long, env = "KSCALE_PROMETHEUS_CLIENT_KEY_FILE")]
+    pub prometheus_client_key_file: Option<PathBuf>,
+    /// Extra header on every request: NAME=VALUE (repeatable).
+    #[arg(long = "prometheus-header", value_name = "NAME=VALUE", value_parser = parse_mapping)]
+    pub prometheus_headers: Vec<(String, String)>,
+}
+
+impl PrometheusArgs {
+    /// The query backend these flags describe: a Prometheus, or none (every query an error).
+    pub fn backend(&self) -> Result<std::sync::Arc<dyn crate::controller::QueryBackend>, CliError> {
+        use crate::source::prometheus::{BasicAuth, PrometheusConfig, PrometheusSource};
+        let Some(url) = &self.prometheus_url else {
+            return Ok(std::sync::Arc::new(crate::controller::NoPrometheus));
+        };
+        let basic_auth = match (&self.prometheus_basic_auth_user, &self.prometheus_basic_auth_password) {
+            (Some(user), Some(password)) => Some(BasicAuth { user: user.clone(), password: password.clone() }),
+            (None, None) => None,
+            _ => return Err(CliError::Config("--prometheus-basic-auth-user and KSCALE_PROMETHEUS_BASIC_AUTH_PASSWORD go together".into())),
+        };
+        let config = PrometheusConfig {
+            url: url.clone(),
+            timeout: self.prometheus_timeout,
+            bearer_token_file: self.prometheus_bearer_token_file.clone(),
+            basic_auth,
+            ca_file: self.prometheus_ca_file.clone(),
+            client_cert_file: self.prometheus_client_cert_file.clone(),
+            client_key_file: self.prometheus_client_key_file.clone(),
+            headers: self.prometheus_headers.clone(),
+            ..PrometheusConfig::default()
+        };
+        let source = PrometheusSource::new(&config).map_err(|e| CliError::Config(e.to_string()))?;
+        Ok(std::sync::Arc::new(source))
+    }
+}
+
+/// `kscale run` arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Prometheus.
+    #[command(flatten)]
+    pub prometheus: PrometheusArgs,
+    /// This instance's name in events (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+    /// Log format.
+    #[arg(long, env = "KSCALE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `kscale dry-run` arguments.
+#[derive(Debug, clap::Args)]
+pub struct DryRunArgs {
+    /// The policy file (its first ScalingPolicy is evaluated).
+    #[arg(long, short = 'p')]
+    pub policy: PathBuf,
+    /// Namespace of the target when the policy names none.
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// Prometheus.
+    #[command(flatten)]
+    pub prometheus: PrometheusArgs,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_std_duration(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Output format of a backtest.
@@ -131,6 +240,12 @@ pub enum CliError {
     /// Writing output.
     #[error("cannot write output: {0}")]
     Output(String),
+    /// Bad daemon configuration.
+    #[error("{0}")]
+    Config(String),
+    /// Talking to the cluster failed.
+    #[error("{0}")]
+    Cluster(String),
     /// Validation found problems (already printed).
     #[error("{0} invalid {policies}", policies = if *.0 == 1 { "policy" } else { "policies" })]
     ValidationFailed(usize),
@@ -141,6 +256,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Validate { policies } => validate(&policies, out),
         Command::Backtest(args) => backtest(&args, out),
+        Command::Run(args) => run_daemon(&args),
+        Command::DryRun(args) => dry_run(&args, out),
         Command::Crd => {
             let yaml = crate::crd::crd_yaml().map_err(|e| CliError::Output(e.to_string()))?;
             out.write_all(yaml.as_bytes())
@@ -152,6 +269,144 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Config(format!("cannot start the async runtime: {e}")))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialization (tests) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn kube_client() -> Result<kube::Client, CliError> {
+    kube::Client::try_default().await.map_err(|e| {
+        CliError::Cluster(format!(
+            "cannot reach the cluster (KUBECONFIG, then in-cluster config): {e}"
+        ))
+    })
+}
+
+fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
+    init_logging(args.log_format);
+    let backend = args.prometheus.backend()?;
+    runtime()?.block_on(async {
+        let client = kube_client().await?;
+        let ctx = std::sync::Arc::new(crate::controller::Context::new(
+            client,
+            backend,
+            args.instance.clone(),
+        ));
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(_) => return ctrl_c.await.unwrap_or(()),
+                    };
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+        };
+        crate::controller::run(ctx, shutdown)
+            .await
+            .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")))
+    })
+}
+
+fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let docs = load_policies(&args.policy)?;
+    let Some(doc) = docs.into_iter().next() else {
+        return Err(crate::load::LoadError::NoPolicy {
+            path: args.policy.clone(),
+        }
+        .into());
+    };
+    let (mut resource, _) = doc.result.map_err(|problems| CliError::InvalidPolicy {
+        path: args.policy.clone(),
+        name: doc.name.clone().unwrap_or_else(|| "(unnamed)".into()),
+        problems: problems
+            .iter()
+            .map(|p| format!("  {p}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })?;
+    if resource.metadata.namespace.is_none() {
+        resource.metadata.namespace = Some(args.namespace.clone());
+    }
+    let backend = args.prometheus.backend()?;
+    runtime()?.block_on(async {
+        let client = kube_client().await?;
+        let ctx = crate::controller::Context::new(client, backend.clone(), None);
+        let queries: Vec<String> = resource
+            .spec
+            .metrics
+            .iter()
+            .filter_map(|m| m.prometheus.as_ref().map(|p| p.query.clone()))
+            .collect();
+        let samples = backend.query_all(queries).await;
+        let e =
+            crate::controller::evaluate_live(&ctx, &resource, &samples, chrono::Utc::now(), false)
+                .await
+                .map_err(|e| CliError::Cluster(e.to_string()))?;
+        let d = &e.decision;
+        writeln!(out, "policy    {}", e.policy.name).map_err(io)?;
+        writeln!(
+            out,
+            "target    {} {} (spec {}, status {})",
+            resource.spec.target_ref.kind,
+            resource.spec.target_ref.name,
+            e.scale.spec_replicas,
+            e.scale.status_replicas
+        )
+        .map_err(io)?;
+        for (m, o) in e.policy.metrics.iter().zip(&d.metrics) {
+            writeln!(
+                out,
+                "metric    {:<12} {:<8} value {:<12} proposal {}{}",
+                m.name,
+                o.state.as_str(),
+                o.value.map_or("-".to_string(), |v| format!("{v}")),
+                o.proposal.map_or("-".to_string(), |p| p.to_string()),
+                o.message
+                    .as_deref()
+                    .map_or(String::new(), |m| format!("  ({m})"))
+            )
+            .map_err(io)?;
+        }
+        for c in d.conditions() {
+            writeln!(
+                out,
+                "condition {:<16} {:<5} {}",
+                c.type_, c.status, c.reason
+            )
+            .map_err(io)?;
+        }
+        writeln!(
+            out,
+            "decision  {} replicas (dry run: nothing written)",
+            d.replicas
+        )
+        .map_err(io)?;
+        writeln!(out, "reason    {}", d.reason(&e.policy)).map_err(io)?;
+        Ok(())
+    })
 }
 
 fn io(e: std::io::Error) -> CliError {

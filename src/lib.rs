@@ -9,12 +9,14 @@
 //! - [`actuate`]: reading and writing a target's `scale` subresource; one writer per target.
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
 //! - [`load`]: reading policy files, with errors naming file, document and field.
+//! - [`controller`]: the scaling controller (watch, tick, evaluate, act, status, events).
 //! - [`cli`]: the `kscale` command line.
 //! - [`units`]: Kubernetes quantities and Go-style durations.
 
 pub mod actuate;
 pub mod backtest;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod load;
 pub mod model;

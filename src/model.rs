@@ -56,7 +56,9 @@ pub struct PodSample {
     pub phase: PodPhase,
     /// The pod has a deletion timestamp.
     pub deleting: bool,
-    /// The PodReady condition: `Some((is_true, last_transition_time))`, `None` if absent.
+    /// The PodReady condition: `Some((not_false, last_transition_time))`, `None` if absent.
+    /// `not_false` is false only for status `"False"`: the HPA's pod grouping treats `"Unknown"`
+    /// like `"True"`.
     pub ready: Option<(bool, DateTime<Utc>)>,
     /// `status.startTime`.
     pub start_time: Option<DateTime<Utc>>,

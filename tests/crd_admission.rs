@@ -5,32 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kscale::crd::ScalingPolicy;
 use kscale::model::{Observation, Sample};
 use kscale::policy::{CompiledPolicy, PolicyState, evaluate};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
-
-async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = kscale::crd::crd();
-    let name = crd.metadata.name.clone().expect("CRD has a name");
-    crds.patch(
-        &name,
-        &PatchParams::apply("kscale-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the apiserver rejected the CRD: {e}"));
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established within 30s")
-    .expect("watching the CRD");
-}
 
 fn example(path: &str, namespace: &str) -> ScalingPolicy {
     let text = std::fs::read_to_string(support::repo_root().join(path)).expect("example exists");
@@ -59,7 +37,7 @@ async fn crd_installs_and_admits_the_examples() {
         return;
     };
     let client = env.client().await;
-    install_crd(&client).await;
+    support::install_crd(&client).await;
     let ns = support::create_namespace(env, &client, "crd-ok").await;
     let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     for path in [
@@ -114,7 +92,7 @@ async fn admission_rejects_bad_policies_naming_the_field() {
         return;
     };
     let client = env.client().await;
-    install_crd(&client).await;
+    support::install_crd(&client).await;
     let ns = support::create_namespace(env, &client, "crd-bad").await;
     let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     let base = example("examples/backend-rps.yaml", &ns.name);

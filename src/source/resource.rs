@@ -21,10 +21,9 @@
 //!   "missing request" error for Utilization targets, and AverageValue targets ignore requests,
 //!   as the HPA's `GetRawResourceReplicas` does.
 //! - **Pod state:** phase, `deletionTimestamp` (`deleting`), the `Ready` condition (status
-//!   `"True"` is true; `"False"` and `"Unknown"` are not true) with its `lastTransitionTime`,
-//!   and `status.startTime`. Parity note: the HPA's `groupPods` tests `status == "False"`, so
-//!   there a pod whose readiness is `"Unknown"` is not unready; [`PodSample::ready`] only says
-//!   whether it is `"True"`, so `policy::replicas` treats `"Unknown"` like `"False"`.
+//!   reduced to "not `False`", as the HPA's `groupPods` tests `status == "False"`: a pod whose
+//!   readiness is `"Unknown"` is not unready there) with its `lastTransitionTime`, and
+//!   `status.startTime`.
 //! - A pod without a PodMetrics entry gets `usage: None`: the evaluator applies the HPA's
 //!   missing-pod rules. An empty PodMetrics list is an error, as in the HPA ("no metrics returned
 //!   from resource metrics API").
@@ -245,7 +244,7 @@ pub fn pod_samples(
                 .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
                 .map(|c| {
                     (
-                        c.status == "True",
+                        c.status != "False",
                         c.last_transition_time
                             .as_ref()
                             .map_or_else(go_zero_time, chrono_time),
@@ -804,7 +803,7 @@ mod tests {
     }
 
     #[test]
-    fn readiness_unknown_is_not_true() {
+    fn readiness_unknown_is_not_unready_as_in_the_hpa() {
         let p = with_status(
             one_container_pod("web-1", "100m"),
             json!({"phase": "Running", "conditions": [
@@ -813,7 +812,7 @@ mod tests {
         );
         let m = metrics("web-1", json!([usage("app", "1m", "1Mi")]));
         let s = cpu_samples(&[p], &[m], None);
-        assert_eq!(s[0].ready, Some((false, t("2026-01-02T03:02:00Z"))));
+        assert_eq!(s[0].ready, Some((true, t("2026-01-02T03:02:00Z"))));
         assert_eq!(s[0].start_time, None);
     }
 

@@ -721,3 +721,28 @@ fn serve_metrics(listener: TcpListener, series: Arc<Mutex<Series>>, stop: Arc<At
         );
     }
 }
+
+// ------------------------------------------------------------------ kscale's CRD
+
+/// Installs (server-side applies) kscale's ScalingPolicy CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = kscale::crd::crd();
+    let name = crd.metadata.name.clone().expect("CRD has a name");
+    crds.patch(
+        &name,
+        &PatchParams::apply("kscale-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the apiserver rejected the CRD: {e}"));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established within 30s")
+    .expect("watching the CRD");
+}

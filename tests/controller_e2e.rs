@@ -1,0 +1,275 @@
+//! `kscale run` end to end on the real control plane and the real Prometheus: a Deployment of
+//! simulated pods scales on a Prometheus metric, up at once, down after the stabilization window,
+//! holds when the metric disappears, and `kscale dry-run` reports without writing.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::events::v1::Event;
+use kscale::crd::ScalingPolicy;
+use kube::api::{Api, ListParams, PostParams};
+
+/// The controller as a child process, killed on drop.
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_controller(env: &support::TestEnv, log: &std::path::Path) -> Controller {
+    let log = std::fs::File::create(log).expect("controller log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .arg("run")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .env("RUST_LOG", "kscale=debug,info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kscale run starts");
+    Controller(child)
+}
+
+async fn replicas(api: &Api<Deployment>) -> i32 {
+    api.get("web")
+        .await
+        .ok()
+        .and_then(|d| d.spec)
+        .and_then(|s| s.replicas)
+        .unwrap_or(-1)
+}
+
+async fn wait_replicas(
+    api: &Api<Deployment>,
+    want: i32,
+    timeout: Duration,
+    log: &std::path::Path,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = replicas(api).await;
+        if got == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            panic!(
+                "Deployment web has {got} replicas, wanted {want} within {timeout:?}; controller log (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn scales_a_deployment_on_a_prometheus_metric() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "e2e").await;
+    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
+    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+
+    let exporter = support::TestExporter::start(env, &ns.name);
+    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 10.0);
+    let query = format!("sum(kscale_e2e_queue{{exporter=\"{}\"}})", exporter.id);
+    support::wait_until(
+        "the metric in Prometheus",
+        Duration::from_secs(20),
+        || async {
+            match support::prometheus_scalar(env, &query) {
+                Ok(Some(10.0)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 8
+"#,
+        ns = ns.name
+    ))
+    .expect("policy parses");
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("policy created");
+
+    let log =
+        support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
+    let _controller = start_controller(env, &log);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+
+    // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
+    support::wait_until("the first status", Duration::from_secs(30), || async {
+        let p = policies.get("web").await.map_err(|e| e.to_string())?;
+        let s = p.status.ok_or("no status yet")?;
+        match (s.desired_replicas, s.reason.clone()) {
+            (Some(2), Some(r)) if r.starts_with("hold 2→2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Rises to 30: 6 replicas, within a few intervals of the sample being visible.
+    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 30.0);
+    let took = wait_replicas(&deployments, 6, Duration::from_secs(20), &log).await;
+    eprintln!("scale-up written {took:?} after the metric changed");
+    let p = policies.get("web").await.expect("policy");
+    let status = p.status.expect("status");
+    assert_eq!(status.desired_replicas, Some(6));
+    assert!(
+        status.reason.as_deref().unwrap_or("").contains("queue=30"),
+        "{:?}",
+        status.reason
+    );
+    assert!(
+        !status.history.scale_up_events.is_empty(),
+        "scale events are kept in status"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    support::wait_until(
+        "a SuccessfulRescale event",
+        Duration::from_secs(10),
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("SuccessfulRescale")
+                        && e.note.as_deref().unwrap_or("").contains("New size: 6")
+                })
+                .map(|_| ())
+                .ok_or_else(|| format!("{} events, none SuccessfulRescale to 6", list.items.len()))
+        },
+    )
+    .await;
+
+    // Falls to 5: 1 replica, but only after the 8 s stabilization window.
+    let fell = Instant::now();
+    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 5.0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        replicas(&deployments).await,
+        6,
+        "scale-down must wait out the stabilization window"
+    );
+    wait_replicas(&deployments, 1, Duration::from_secs(30), &log).await;
+    assert!(
+        fell.elapsed() >= Duration::from_secs(8),
+        "scaled down after {:?}, inside the 8 s window",
+        fell.elapsed()
+    );
+
+    // The metric disappears: Missing, never 0; the count holds and the status says why.
+    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 40.0);
+    wait_replicas(&deployments, 8, Duration::from_secs(20), &log).await;
+    exporter.remove("kscale_e2e_queue");
+    support::wait_until(
+        "MetricsAvailable=False",
+        Duration::from_secs(60),
+        || async {
+            let p = policies.get("web").await.map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "MetricsAvailable")
+                .ok_or("no MetricsAvailable")?;
+            if c.status == "False" {
+                Ok(())
+            } else {
+                Err(format!("{c:?}; reason {:?}", s.reason))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&deployments).await,
+        8,
+        "a missing metric must not scale down"
+    );
+    let p = policies.get("web").await.expect("policy");
+    let reason = p.status.and_then(|s| s.reason).unwrap_or_default();
+    assert!(
+        reason.contains("queue missing") || reason.contains("queue stale"),
+        "{reason}"
+    );
+
+    // dry-run: one live evaluation, printed, nothing written.
+    let file = support::repo_root().join(format!(
+        "target/controller-e2e-policy-{}.yaml",
+        std::process::id()
+    ));
+    let mut dry = policy.clone();
+    dry.metadata.name = Some("web-dry".into());
+    std::fs::write(&file, serde_yaml::to_string(&dry).expect("yaml")).expect("write policy");
+    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 100.0);
+    support::wait_until(
+        "the metric back in Prometheus",
+        Duration::from_secs(20),
+        || async {
+            match support::prometheus_scalar(env, &query) {
+                Ok(Some(100.0)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    drop(_controller);
+    let before = replicas(&deployments).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .output()
+        .expect("kscale dry-run runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("decision  10 replicas (dry run: nothing written)"),
+        "{text}"
+    );
+    assert!(text.contains("queue=100"), "{text}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        replicas(&deployments).await,
+        before,
+        "dry-run must not write"
+    );
+}
