@@ -561,13 +561,21 @@ impl PrometheusSource {
         }
         // The HTTP client's own timeout bounds the request; this one also bounds anything
         // around it, with a message that says so.
-        let result = match tokio::time::timeout(self.timeout, builder.post()).await {
+        let exchange = async {
+            let response = builder.post_raw().await.map_err(|e| classify(&e))?;
+            let status = response.status();
+            let body = response.text().await.map_err(|e| QueryError {
+                kind: if e.is_timeout() { "timeout" } else { "decode" },
+                message: format!("reading the response body: {}", error_chain(&e)),
+            })?;
+            parse_response(status.as_u16(), &body)
+        };
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(QueryError {
                 kind: "timeout",
                 message: format!("no answer within the {:?} timeout", self.timeout),
             }),
-            Ok(Err(e)) => Err(classify(&e)),
-            Ok(Ok(r)) => convert(&r),
+            Ok(result) => result,
         };
         let duration = start.elapsed();
         let outcome = match result {
@@ -637,6 +645,65 @@ pub fn classify(e: &prometheus_http_query::Error) -> QueryError {
         message = format!("Prometheus rejected the query: {message}");
     }
     QueryError { kind, message }
+}
+
+/// The JSON envelope of every Prometheus API answer.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    status: String,
+    data: Option<PromqlResult>,
+    #[serde(rename = "errorType")]
+    error_type: Option<String>,
+    error: Option<String>,
+}
+
+/// Reads an answer of `/api/v1/query` (HTTP status and body) into a [`Sample`]. Anything but a
+/// Prometheus success is an error naming the HTTP status and, for answers that are not
+/// Prometheus JSON (a proxy's error page, say), the start of the body.
+pub fn parse_response(status: u16, body: &str) -> Result<Sample, QueryError> {
+    let snippet = || {
+        let text: String = body.trim().chars().take(300).collect();
+        if text.is_empty() {
+            "(empty body)".to_string()
+        } else {
+            text
+        }
+    };
+    match serde_json::from_str::<Envelope>(body) {
+        Ok(Envelope {
+            status: s,
+            data: Some(data),
+            ..
+        }) if s == "success" => convert(&data),
+        Ok(Envelope {
+            status: s,
+            error_type: Some(kind),
+            error,
+            ..
+        }) if s == "error" => Err(QueryError {
+            kind: if kind == "timeout" {
+                "timeout"
+            } else {
+                "promql"
+            },
+            message: format!(
+                "Prometheus rejected the query (HTTP {status}): {kind}: {}",
+                error.unwrap_or_default()
+            ),
+        }),
+        _ if !(200..300).contains(&status) => Err(QueryError {
+            kind: "http",
+            message: format!("HTTP {status} from Prometheus: {}", snippet()),
+        }),
+        Ok(_) => Err(QueryError {
+            kind: "decode",
+            message: format!("not a Prometheus query answer: {}", snippet()),
+        }),
+        Err(e) => Err(QueryError {
+            kind: "decode",
+            message: format!("cannot parse the answer ({e}): {}", snippet()),
+        }),
+    }
 }
 
 fn to_datetime(seconds: f64) -> Result<DateTime<Utc>, QueryError> {
@@ -797,6 +864,47 @@ spec:
             "{reason}"
         );
         assert!(reason.contains("NaN"), "{reason}");
+    }
+
+    #[test]
+    fn answers_parse_to_samples_or_errors_with_the_http_status() {
+        assert_eq!(
+            parse_response(
+                200,
+                r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#
+            )
+            .unwrap(),
+            Sample::Missing {
+                reason: NO_SERIES.into()
+            }
+        );
+        let e = parse_response(
+            400,
+            r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, "promql");
+        assert_eq!(
+            e.message,
+            "Prometheus rejected the query (HTTP 400): bad_data: parse error"
+        );
+        let e = parse_response(
+            503,
+            r#"{"status":"error","errorType":"timeout","error":"query timed out"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, "timeout");
+        let e = parse_response(502, "<html>Bad Gateway</html>").unwrap_err();
+        assert_eq!(e.kind, "http");
+        assert_eq!(
+            e.message,
+            "HTTP 502 from Prometheus: <html>Bad Gateway</html>"
+        );
+        let e = parse_response(404, r#"{"kind":"Status","status":"Failure"}"#).unwrap_err();
+        assert_eq!(e.kind, "http");
+        let e = parse_response(200, "").unwrap_err();
+        assert_eq!(e.kind, "decode");
+        assert!(e.message.ends_with("(empty body)"), "{}", e.message);
     }
 
     #[test]
