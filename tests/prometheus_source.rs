@@ -453,3 +453,68 @@ async fn stopped_exporter_goes_missing_not_silently_fresh() {
     .await;
     eprintln!("stopped exporter went missing after {:?}", start.elapsed());
 }
+
+#[tokio::test]
+async fn tls_settings_reach_a_real_https_server() {
+    // The environment's kube-apiserver is a real TLS endpoint with its own CA and client
+    // certificates; it answers /api/v1/query with 404, which proves the handshake worked.
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let kubeconfig = std::fs::read_to_string(&env.kubeconfig).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("server: line in the kubeconfig")
+        .to_string();
+    let pki = env.dir.join("pki");
+    let query = |cfg: PrometheusConfig| async move {
+        let src = PrometheusSource::new(&cfg).expect("build the source");
+        src.query_all_outcomes(["up"]).await.remove("up").unwrap()
+    };
+    let base = PrometheusConfig {
+        url: server.clone(),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+
+    // Without the CA: the certificate is refused, with a message that says so.
+    let o = query(base.clone()).await;
+    eprintln!("no CA: {o:?}");
+    assert_eq!(o.error_kind, Some("connect"), "{o:?}");
+    assert!(
+        matches!(&o.sample, Sample::Error { message } if message.to_lowercase().contains("certificate")),
+        "{o:?}"
+    );
+
+    // With the CA and the admin client certificate: TLS works and the HTTP status shows.
+    let o = query(PrometheusConfig {
+        ca_file: Some(pki.join("ca.crt")),
+        client_cert_file: Some(pki.join("admin.crt")),
+        client_key_file: Some(pki.join("admin.key")),
+        ..base.clone()
+    })
+    .await;
+    eprintln!("CA and client certificate: {o:?}");
+    assert_eq!(o.error_kind, Some("http"), "{o:?}");
+    assert!(
+        matches!(&o.sample, Sample::Error { message } if message.starts_with("HTTP 404 ")),
+        "{o:?}"
+    );
+
+    // A key that does not match the certificate is refused up front, naming both flags.
+    let e = PrometheusSource::new(&PrometheusConfig {
+        ca_file: Some(pki.join("ca.crt")),
+        client_cert_file: Some(pki.join("admin.crt")),
+        client_key_file: Some(pki.join("kwok.key")),
+        ..base
+    })
+    .unwrap_err()
+    .to_string();
+    eprintln!("mismatched key: {e}");
+    assert!(
+        e.starts_with("--prometheus-client-cert-file ")
+            && e.contains("--prometheus-client-key-file"),
+        "{e}"
+    );
+}
