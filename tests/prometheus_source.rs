@@ -73,10 +73,15 @@ impl CountingProxy {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 8192];
                         while let Ok(n) = c_read.read(&mut buf) {
-                            if n == 0 || s_write.write_all(&buf[..n]).is_err() {
+                            if n == 0 {
                                 break;
                             }
+                            // Log before forwarding: once the answer is back, the test may read
+                            // the log, so the request must already be in it.
                             log.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if s_write.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
                         }
                         let _ = s_write.shutdown(Shutdown::Write);
                     });
