@@ -123,6 +123,9 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "KSCALE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 /// `kscale dry-run` arguments.
@@ -309,6 +312,10 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             backend,
             args.instance.clone(),
         ));
+        let listener = crate::telemetry::bind(args.metrics_addr)
+            .await
+            .map_err(|e| CliError::Config(format!("--metrics-addr {}: {e}", args.metrics_addr)))?;
+        let admin = tokio::spawn(crate::telemetry::serve(listener, ctx.metrics.clone()));
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
@@ -324,9 +331,11 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             #[cfg(not(unix))]
             let _ = ctrl_c.await;
         };
-        crate::controller::run(ctx, shutdown)
+        let result = crate::controller::run(ctx, shutdown)
             .await
-            .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")))
+            .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
+        admin.abort();
+        result
     })
 }
 

@@ -4,6 +4,7 @@
 //! - [`crd`]: the `ScalingPolicy` resource (spec, status, CRD with CEL validation).
 //! - [`model`]: samples, observations: what sources hand to the evaluator.
 //! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
+//! - [`telemetry`]: the daemon's `/metrics`, `/healthz` and `/readyz`.
 //! - [`status`]: a decision as a ScalingPolicy status (conditions, metrics, history).
 //! - [`source`]: metric sources (recorded traces for now).
 //! - [`actuate`]: reading and writing a target's `scale` subresource; one writer per target.
@@ -23,4 +24,5 @@ pub mod model;
 pub mod policy;
 pub mod source;
 pub mod status;
+pub mod telemetry;
 pub mod units;

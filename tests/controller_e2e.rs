@@ -22,10 +22,17 @@ impl Drop for Controller {
     }
 }
 
-fn start_controller(env: &support::TestEnv, log: &std::path::Path) -> Controller {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_controller(env: &support::TestEnv, log: &std::path::Path, admin_port: u16) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .arg("run")
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
         .env("KUBECONFIG", &env.kubeconfig)
         .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
@@ -124,7 +131,9 @@ spec:
 
     let log =
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
-    let _controller = start_controller(env, &log);
+    let admin_port = free_port();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let _controller = start_controller(env, &log, admin_port);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
@@ -137,6 +146,16 @@ spec:
         }
     })
     .await;
+
+    // Ready after the first sync and evaluation; healthy all along.
+    support::wait_until("/readyz", Duration::from_secs(20), || async {
+        match support::http_get(&admin, "/readyz") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(support::http_get(&admin, "/healthz").map(|r| r.0), Ok(200));
 
     // Rises to 30: 6 replicas, within a few intervals of the sample being visible.
     exporter.set("kscale_e2e_queue", &[("queue", "orders")], 30.0);
@@ -174,6 +193,30 @@ spec:
         },
     )
     .await;
+
+    // Every decision is in /metrics too.
+    let (code, text) = support::http_get(&admin, "/metrics").expect("/metrics answers");
+    assert_eq!(code, 200);
+    let labels = format!("namespace=\"{}\",policy=\"web\"", ns.name);
+    assert!(
+        text.contains(&format!("kscale_desired_replicas{{{labels}}} 6")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "kscale_metric_value{{{labels},metric=\"queue\"}} 30"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("kscale_scale_writes_total{{{labels}}} 1")),
+        "{text}"
+    );
+    assert!(
+        text.contains("kscale_evaluation_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("kscale_leader 1"), "{text}");
 
     // Falls to 5: 1 replica, but only after the 8 s stabilization window.
     let fell = Instant::now();

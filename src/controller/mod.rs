@@ -68,6 +68,8 @@ pub struct Context {
     pub prometheus: Arc<dyn QueryBackend>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// The daemon's own metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl Context {
@@ -85,6 +87,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             prometheus,
+            metrics: Arc::new(crate::telemetry::Metrics::new()),
         }
     }
 }
@@ -326,9 +329,20 @@ pub async fn reconcile(
     now: DateTime<Utc>,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+    let started = std::time::Instant::now();
     let result = evaluate_live(ctx, p, prometheus, now, true).await;
+    ctx.metrics
+        .evaluation_seconds
+        .observe(started.elapsed().as_secs_f64());
     let status = match &result {
         Ok(e) => {
+            ctx.metrics.record(
+                &p.namespace().unwrap_or_default(),
+                &e.policy,
+                &p.name_any(),
+                &e.decision,
+                e.wrote,
+            );
             let mut status = status_from_decision(
                 &e.policy,
                 &e.decision,
@@ -425,6 +439,8 @@ pub async fn run(
         _ = &mut shutdown => { watch.abort(); return Ok(()); }
     }
     info!("ScalingPolicy watch synced");
+    // Leader election is not built yet: this instance evaluates and writes.
+    ctx.metrics.leader.set(1);
     let mut schedule = Schedule::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -434,6 +450,8 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         run_tick(&ctx, &reader, &mut schedule).await;
+        // Ready after the first sync and the first tick's evaluations.
+        ctx.metrics.set_ready();
     }
     watch.abort();
     info!("controller stopped");
@@ -495,11 +513,17 @@ async fn run_tick(
         }
     }
     let distinct = queries.len();
+    let started = std::time::Instant::now();
     let samples = ctx
         .prometheus
         .query_all(queries)
         .instrument(info_span!("prometheus", distinct))
         .await;
+    if distinct > 0 {
+        ctx.metrics
+            .prometheus_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
     debug!(policies = due.len(), distinct_queries = distinct, "tick");
     for p in &due {
         let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);

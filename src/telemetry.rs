@@ -1,0 +1,340 @@
+//! The daemon's own telemetry: Prometheus metrics for every decision, and health endpoints.
+//!
+//! `/metrics` (OpenMetrics text), `/healthz` (the process serves), `/readyz` (true only after
+//! the first ScalingPolicy watch sync and the first evaluation tick).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::policy::{CompiledPolicy, Decision, Rule};
+
+/// Labels of one policy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Policy name.
+    pub policy: String,
+}
+
+/// Labels of one decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Policy name.
+    pub policy: String,
+    /// `up`, `down` or `hold`.
+    pub direction: String,
+    /// The rule that decided (`metrics`, `formula`, `fallback`, `min`, `max`, `disabled`).
+    pub rule: String,
+}
+
+/// Labels of one policy metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetricLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Policy name.
+    pub policy: String,
+    /// The policy's metric name.
+    pub metric: String,
+}
+
+/// Labels of a source error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceErrorLabels {
+    /// `prometheus` or `resource`.
+    pub source: String,
+    /// `missing`, `stale`, `invalid` or `error`.
+    pub kind: String,
+}
+
+/// Every metric kscale exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Evaluations per policy.
+    pub evaluations: Family<PolicyLabels, Counter>,
+    /// Decisions by direction and rule.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// The last desired replica count.
+    pub desired_replicas: Family<PolicyLabels, Gauge>,
+    /// The target's replica count when last evaluated.
+    pub current_replicas: Family<PolicyLabels, Gauge>,
+    /// Each metric's last value (NaN while not valid).
+    pub metric_value: Family<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Each metric's target.
+    pub metric_target: Family<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Each metric's last proposal (-1 while not valid).
+    pub metric_proposal: Family<MetricLabels, Gauge>,
+    /// Metrics that were not valid, by source and kind.
+    pub source_errors: Family<SourceErrorLabels, Counter>,
+    /// Writes to `/scale`, by policy.
+    pub scale_writes: Family<PolicyLabels, Counter>,
+    /// Time to evaluate one policy (reads, evaluation, writes).
+    pub evaluation_seconds: Histogram,
+    /// Time for one tick's Prometheus queries.
+    pub prometheus_seconds: Histogram,
+    /// 1 while this instance is the one that evaluates and writes.
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every kscale metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kscale");
+        let m = Metrics {
+            evaluations: Family::default(),
+            decisions: Family::default(),
+            desired_replicas: Family::default(),
+            current_replicas: Family::default(),
+            metric_value: Family::default(),
+            metric_target: Family::default(),
+            metric_proposal: Family::default(),
+            source_errors: Family::default(),
+            scale_writes: Family::default(),
+            evaluation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            prometheus_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            leader: Gauge::default(),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register("evaluations", "Policy evaluations", m.evaluations.clone());
+        registry.register(
+            "decisions",
+            "Decisions by direction and rule",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "desired_replicas",
+            "Replica count the last evaluation decided",
+            m.desired_replicas.clone(),
+        );
+        registry.register(
+            "current_replicas",
+            "Replica count of the target when last evaluated",
+            m.current_replicas.clone(),
+        );
+        registry.register(
+            "metric_value",
+            "Each policy metric's last value (NaN while not valid)",
+            m.metric_value.clone(),
+        );
+        registry.register(
+            "metric_target",
+            "Each policy metric's target",
+            m.metric_target.clone(),
+        );
+        registry.register(
+            "metric_proposal",
+            "Each policy metric's last replica proposal (-1 while not valid)",
+            m.metric_proposal.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Metrics that were missing, stale, invalid or failing",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "scale_writes",
+            "Writes to a target's scale subresource",
+            m.scale_writes.clone(),
+        );
+        registry.register(
+            "evaluation_duration_seconds",
+            "Time to read, evaluate and act on one policy",
+            m.evaluation_seconds.clone(),
+        );
+        registry.register(
+            "prometheus_tick_duration_seconds",
+            "Time for one tick's Prometheus queries",
+            m.prometheus_seconds.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance evaluates and writes",
+            m.leader.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Records one decision.
+    pub fn record(
+        &self,
+        namespace: &str,
+        policy: &CompiledPolicy,
+        name: &str,
+        decision: &Decision,
+        wrote: bool,
+    ) {
+        let labels = PolicyLabels {
+            namespace: namespace.to_string(),
+            policy: name.to_string(),
+        };
+        self.evaluations.get_or_create(&labels).inc();
+        let direction = match decision.replicas.cmp(&decision.current) {
+            std::cmp::Ordering::Greater => "up",
+            std::cmp::Ordering::Less => "down",
+            std::cmp::Ordering::Equal => "hold",
+        };
+        let rule = match decision.rule {
+            Rule::ScalingDisabled => "disabled",
+            Rule::AboveMax => "max",
+            Rule::BelowMin => "min",
+            Rule::Metrics(_) => "metrics",
+            Rule::Formula => "formula",
+            Rule::Fallback(_) => "fallback",
+        };
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                namespace: labels.namespace.clone(),
+                policy: labels.policy.clone(),
+                direction: direction.into(),
+                rule: rule.into(),
+            })
+            .inc();
+        self.desired_replicas
+            .get_or_create(&labels)
+            .set(i64::from(decision.replicas));
+        self.current_replicas
+            .get_or_create(&labels)
+            .set(i64::from(decision.current));
+        if wrote {
+            self.scale_writes.get_or_create(&labels).inc();
+        }
+        for (m, o) in policy.metrics.iter().zip(&decision.metrics) {
+            let ml = MetricLabels {
+                namespace: labels.namespace.clone(),
+                policy: labels.policy.clone(),
+                metric: m.name.clone(),
+            };
+            self.metric_value
+                .get_or_create(&ml)
+                .set(o.value.unwrap_or(f64::NAN));
+            self.metric_proposal
+                .get_or_create(&ml)
+                .set(o.proposal.map_or(-1, i64::from));
+            let target = match m.target {
+                crate::policy::Target::Value(t) | crate::policy::Target::AverageValue(t) => {
+                    t as f64 / 1000.0
+                }
+                crate::policy::Target::Utilization(u) => f64::from(u),
+            };
+            self.metric_target.get_or_create(&ml).set(target);
+            if o.state != crate::policy::MetricState::Valid {
+                let source = match m.source {
+                    crate::policy::MetricSource::Prometheus { .. } => "prometheus",
+                    crate::policy::MetricSource::Resource { .. } => "resource",
+                };
+                self.source_errors
+                    .get_or_create(&SourceErrorLabels {
+                        source: source.into(),
+                        kind: o.state.as_str().to_lowercase(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Marks the daemon ready (first watch sync and first tick done).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => match metrics.encode() {
+            Ok(text) => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("encoding metrics failed: {e}\n"),
+            ),
+        },
+        "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if metrics.is_ready() => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for the first watch sync and evaluation\n".into(),
+        ),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Binds the admin address (so a taken port fails at start-up, naming the flag's value).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(?addr, "serving /metrics, /healthz, /readyz");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = route(&metrics, &req);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                warn!(error = %e, "admin connection");
+            }
+        });
+    }
+}
