@@ -123,6 +123,28 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "KSCALE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Watch only this namespace's ScalingPolicies (default: all namespaces).
+    #[arg(long, env = "KSCALE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Elect a leader through a Lease, so several replicas can run (only the leader acts).
+    #[arg(long, env = "KSCALE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "KSCALE_LEADER_ELECTION_LEASE",
+        default_value = "kscale-leader"
+    )]
+    pub leader_election_lease: String,
+    /// How long a leader's renewal stays valid (failover takes at most this plus --leader-renew).
+    #[arg(long, default_value = "10s", value_parser = parse_std_duration)]
+    pub leader_lease_duration: std::time::Duration,
+    /// How often the leader renews and candidates retry.
+    #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
+    pub leader_renew: std::time::Duration,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -307,11 +329,9 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
-        let ctx = std::sync::Arc::new(crate::controller::Context::new(
-            client,
-            backend,
-            args.instance.clone(),
-        ));
+        let mut ctx = crate::controller::Context::new(client, backend, args.instance.clone());
+        ctx.watch_namespace = args.watch_namespace.clone();
+        let ctx = std::sync::Arc::new(ctx);
         let listener = crate::telemetry::bind(args.metrics_addr)
             .await
             .map_err(|e| CliError::Config(format!("--metrics-addr {}: {e}", args.metrics_addr)))?;
@@ -331,7 +351,20 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             #[cfg(not(unix))]
             let _ = ctrl_c.await;
         };
-        let result = crate::controller::run(ctx, shutdown)
+        let election = args
+            .leader_elect
+            .then(|| crate::controller::leader::LeaderConfig {
+                namespace: args.leader_election_namespace.clone(),
+                name: args.leader_election_lease.clone(),
+                identity: args.instance.clone().unwrap_or_else(|| {
+                    let host =
+                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    format!("{}-{}", host.trim(), std::process::id())
+                }),
+                duration: args.leader_lease_duration,
+                renew: args.leader_renew,
+            });
+        let result = crate::controller::run(ctx, shutdown, election)
             .await
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();

@@ -29,10 +29,25 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn start_controller(env: &support::TestEnv, log: &std::path::Path, admin_port: u16) -> Controller {
+fn start_controller(
+    env: &support::TestEnv,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
+        .args([
+            "--watch-namespace",
+            namespace,
+            "--leader-election-namespace",
+            namespace,
+            "--instance",
+            identity,
+        ])
+        .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
         .env("KUBECONFIG", &env.kubeconfig)
         .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
@@ -133,7 +148,7 @@ spec:
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
     let admin_port = free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let _controller = start_controller(env, &log, admin_port);
+    let _controller = start_controller(env, &log, admin_port, &ns.name, "e2e");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
@@ -315,4 +330,135 @@ spec:
         before,
         "dry-run must not write"
     );
+}
+
+/// Two replicas of the daemon: only the Lease holder acts; when it is killed, the other takes
+/// over within 15 s and continues the stabilization window from status instead of flapping.
+#[tokio::test]
+async fn failover_continues_the_stabilization_window() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "ha").await;
+    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
+    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+    let exporter = support::TestExporter::start(env, &ns.name);
+    exporter.set("kscale_ha_queue", &[], 30.0);
+    let query = format!("sum(kscale_ha_queue{{exporter=\"{}\"}})", exporter.id);
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 20
+"#,
+        ns = ns.name
+    ))
+    .expect("policy parses");
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("policy created");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+
+    let logs = [
+        support::repo_root().join(format!("target/ha-a-{}.log", std::process::id())),
+        support::repo_root().join(format!("target/ha-b-{}.log", std::process::id())),
+    ];
+    let mut a = Some(start_controller(
+        env,
+        &logs[0],
+        free_port(),
+        &ns.name,
+        "replica-a",
+    ));
+    let mut b = Some(start_controller(
+        env,
+        &logs[1],
+        free_port(),
+        &ns.name,
+        "replica-b",
+    ));
+    wait_replicas(&deployments, 6, Duration::from_secs(30), &logs[0]).await;
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    let leader = holder(leases.get("kscale-leader").await.expect("the lease exists"));
+    assert!(
+        leader == "replica-a" || leader == "replica-b",
+        "holder {leader:?}"
+    );
+
+    // Demand falls: the leader records recommendations of 1 but holds 6 for the 20 s window.
+    exporter.set("kscale_ha_queue", &[], 5.0);
+    let fell = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Kill the leader without letting it release the Lease.
+    if leader == "replica-a" {
+        a.take()
+    } else {
+        b.take()
+    };
+    let killed = Instant::now();
+    let follower = if leader == "replica-a" {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
+    support::wait_until(
+        "the follower to take the lease",
+        Duration::from_secs(15),
+        || async {
+            let h = holder(
+                leases
+                    .get("kscale-leader")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            if h == follower {
+                Ok(())
+            } else {
+                Err(format!("holder {h:?}"))
+            }
+        },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("failover took {takeover:?}");
+    assert!(
+        takeover <= Duration::from_secs(15),
+        "failover took {takeover:?}"
+    );
+
+    // No flap: the new leader continues the window from status; 6 until 20 s after the fall.
+    while fell.elapsed() < Duration::from_secs(18) {
+        assert_eq!(
+            replicas(&deployments).await,
+            6,
+            "scaled down {:?} after the fall, inside the 20 s window",
+            fell.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = if follower == "replica-a" {
+        &logs[0]
+    } else {
+        &logs[1]
+    };
+    wait_replicas(&deployments, 1, Duration::from_secs(20), log).await;
+    drop((a, b));
 }

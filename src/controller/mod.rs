@@ -7,6 +7,11 @@
 //! distinct PromQL query of the tick once, then for each policy reads the target's scale
 //! subresource and pods, evaluates, writes the scale (mode `Controller` only, and only on a
 //! change), records an Event, and writes the status (server-side apply, field manager `kscale`).
+//!
+//! With leader election ([`leader`]), every replica keeps the watch warm but only the Lease
+//! holder evaluates and writes; a new leader starts from the history in each policy's status.
+
+pub mod leader;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -70,6 +75,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The daemon's own metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Only this namespace's ScalingPolicies (all namespaces when `None`).
+    pub watch_namespace: Option<String>,
 }
 
 impl Context {
@@ -88,6 +95,7 @@ impl Context {
             client,
             prometheus,
             metrics: Arc::new(crate::telemetry::Metrics::new()),
+            watch_namespace: None,
         }
     }
 }
@@ -413,12 +421,21 @@ pub async fn reconcile(
     result.map(|_| ()).map_err(PolicyError::from)
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves. With `election`, only the Lease holder
+/// evaluates and writes, and the Lease is released on shutdown.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()>,
+    election: Option<leader::LeaderConfig>,
 ) -> Result<(), watcher::Error> {
-    let api: Api<DeserializeGuard<ScalingPolicy>> = Api::all(ctx.client.clone());
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(election.is_none()));
+    let campaign = election
+        .clone()
+        .map(|cfg| tokio::spawn(leader::campaign(ctx.client.clone(), cfg, leading.clone())));
+    let api: Api<DeserializeGuard<ScalingPolicy>> = match &ctx.watch_namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
@@ -439,8 +456,6 @@ pub async fn run(
         _ = &mut shutdown => { watch.abort(); return Ok(()); }
     }
     info!("ScalingPolicy watch synced");
-    // Leader election is not built yet: this instance evaluates and writes.
-    ctx.metrics.leader.set(1);
     let mut schedule = Schedule::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -449,11 +464,24 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = &mut shutdown => break,
         }
-        run_tick(&ctx, &reader, &mut schedule).await;
-        // Ready after the first sync and the first tick's evaluations.
+        let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
+        ctx.metrics.leader.set(i64::from(is_leader));
+        if is_leader {
+            run_tick(&ctx, &reader, &mut schedule).await;
+        } else {
+            // A follower evaluates nothing; when it leads, every policy is due at once.
+            schedule.clear();
+        }
+        // Ready after the first sync and the first tick (a follower is ready to take over).
         ctx.metrics.set_ready();
     }
     watch.abort();
+    if let Some(c) = campaign {
+        c.abort();
+    }
+    if let Some(cfg) = &election {
+        leader::release(&ctx.client, cfg).await;
+    }
     info!("controller stopped");
     Ok(())
 }
