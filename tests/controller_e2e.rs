@@ -29,8 +29,55 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, bound to the
+/// ClusterRole in `deploy/rbac/kscale.yaml`: the daemon runs with exactly the RBAC we ship.
+async fn service_account_kubeconfig(
+    env: &support::TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+) -> std::path::PathBuf {
+    let rbac = std::fs::read_to_string(support::repo_root().join("deploy/rbac/kscale.yaml"))
+        .expect("deploy/rbac/kscale.yaml");
+    support::apply_yaml(client, namespace, &rbac).await;
+    support::apply_yaml(
+        client,
+        namespace,
+        &format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: kscale, namespace: {namespace}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: kscale-{namespace}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kscale}}
+subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
+"#
+        ),
+    )
+    .await;
+    let text = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+    let users = config["users"].as_sequence_mut().expect("kubeconfig users");
+    for user in users {
+        let u = &mut user["user"];
+        u["as"] = format!("system:serviceaccount:{namespace}:kscale").into();
+        u["as-groups"] = serde_yaml::to_value([
+            "system:serviceaccounts",
+            &format!("system:serviceaccounts:{namespace}"),
+            "system:authenticated",
+        ])
+        .expect("groups");
+    }
+    let path = support::repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
+        .expect("write kubeconfig");
+    path
+}
+
 fn start_controller(
     env: &support::TestEnv,
+    kubeconfig: &std::path::Path,
     log: &std::path::Path,
     admin_port: u16,
     namespace: &str,
@@ -48,7 +95,7 @@ fn start_controller(
             identity,
         ])
         .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
-        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
         .stdout(Stdio::null())
@@ -148,7 +195,8 @@ spec:
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
     let admin_port = free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let _controller = start_controller(env, &log, admin_port, &ns.name, "e2e");
+    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
+    let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
@@ -381,8 +429,10 @@ spec:
         support::repo_root().join(format!("target/ha-a-{}.log", std::process::id())),
         support::repo_root().join(format!("target/ha-b-{}.log", std::process::id())),
     ];
+    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
     let mut a = Some(start_controller(
         env,
+        &kubeconfig,
         &logs[0],
         free_port(),
         &ns.name,
@@ -390,6 +440,7 @@ spec:
     ));
     let mut b = Some(start_controller(
         env,
+        &kubeconfig,
         &logs[1],
         free_port(),
         &ns.name,
