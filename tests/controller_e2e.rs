@@ -513,3 +513,212 @@ spec:
     wait_replicas(&deployments, 1, Duration::from_secs(20), log).await;
     drop((a, b));
 }
+
+/// A TCP relay to Prometheus on a fixed loopback port that can be stopped and started again:
+/// "Prometheus went away" for one controller without disturbing other tests.
+struct Relay {
+    port: u16,
+    upstream: std::net::SocketAddr,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Open client connections, cut when the relay stops (clients keep connections alive).
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn new(prometheus_url: &str) -> Relay {
+        let upstream = prometheus_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("Prometheus URL is http://ip:port");
+        let mut r = Relay {
+            port: free_port(),
+            upstream,
+            stop: None,
+            conns: Default::default(),
+        };
+        r.start();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).expect("relay port");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = self.upstream;
+        let flag = stop.clone();
+        let conns = self.conns.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        if let (Ok(c), Ok(mut list)) = (client.try_clone(), conns.lock()) {
+                            list.push(c);
+                        }
+                        let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        let (mut cr, mut sw) = (
+                            client.try_clone().expect("clone"),
+                            server.try_clone().expect("clone"),
+                        );
+                        let (mut sr, mut cw) = (server, client);
+                        let f1 = flag.clone();
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut cr, &mut sw);
+                            let _ = sw.shutdown(std::net::Shutdown::Write);
+                            drop(f1);
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut sr, &mut cw);
+                            let _ = cw.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            // Dropping the listener closes the port: new connections are refused.
+        });
+        self.stop = Some(stop);
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(mut list) = self.conns.lock() {
+                for c in list.drain(..) {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Prometheus goes away mid-run: no scale-down, `MetricsAvailable=False` with the error text,
+/// and the controller recovers by itself when Prometheus returns.
+#[tokio::test]
+async fn prometheus_outage_holds_and_recovers() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "outage").await;
+    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
+    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+    let exporter = support::TestExporter::start(env, &ns.name);
+    exporter.set("kscale_outage_queue", &[], 30.0);
+    let query = format!("sum(kscale_outage_queue{{exporter=\"{}\"}})", exporter.id);
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 0
+"#,
+        ns = ns.name
+    ))
+    .expect("policy parses");
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("policy created");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+
+    let mut relay = Relay::new(&env.prometheus_url);
+    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
+    let log = support::repo_root().join(format!("target/outage-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args([
+            "run",
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .args([
+            "--watch-namespace",
+            &ns.name,
+            "--leader-elect",
+            "false",
+            "--prometheus-timeout",
+            "2s",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", relay.url())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("kscale run starts");
+    let _controller = Controller(child);
+    wait_replicas(&deployments, 6, Duration::from_secs(30), &log).await;
+
+    // Prometheus goes away while demand (unseen) falls: never a scale-down on no data.
+    relay.stop();
+    exporter.set("kscale_outage_queue", &[], 5.0);
+    support::wait_until(
+        "MetricsAvailable=False naming the error",
+        Duration::from_secs(30),
+        || async {
+            let p = policies.get("web").await.map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "MetricsAvailable")
+                .ok_or("no condition")?;
+            let m = s.metrics.first().ok_or("no metric status")?;
+            if c.status == "False"
+                && m.state == "Error"
+                && m.message.as_deref().unwrap_or("").contains("127.0.0.1")
+            {
+                Ok(())
+            } else {
+                Err(format!("{c:?} {m:?}"))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&deployments).await,
+        6,
+        "an unreachable Prometheus must not scale down"
+    );
+
+    // It returns: the controller recovers on its own and acts on the real value (5 → 1).
+    relay.start();
+    wait_replicas(&deployments, 1, Duration::from_secs(30), &log).await;
+    let p = policies.get("web").await.expect("policy");
+    let s = p.status.expect("status");
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MetricsAvailable")
+        .expect("condition");
+    assert_eq!(c.status, "True");
+}
