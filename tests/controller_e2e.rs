@@ -35,7 +35,7 @@ async fn service_account_kubeconfig(
     env: &support::TestEnv,
     client: &kube::Client,
     namespace: &str,
-) -> std::path::PathBuf {
+) -> (std::path::PathBuf, BindingGuard) {
     let rbac = std::fs::read_to_string(support::repo_root().join("deploy/rbac/kscale.yaml"))
         .expect("deploy/rbac/kscale.yaml");
     support::apply_yaml(client, namespace, &rbac).await;
@@ -72,7 +72,35 @@ subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
     let path = support::repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
     std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
         .expect("write kubeconfig");
-    path
+    let guard = BindingGuard {
+        name: format!("kscale-{namespace}"),
+        kubeconfig: env.kubeconfig.clone(),
+    };
+    (path, guard)
+}
+
+/// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
+struct BindingGuard {
+    name: String,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for BindingGuard {
+    fn drop(&mut self) {
+        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let client = support::client_from_kubeconfig(&kubeconfig).await.ok()?;
+                let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
+                api.delete(&name, &Default::default()).await.ok()
+            })
+        })
+        .join();
+    }
 }
 
 fn start_controller(
@@ -195,7 +223,7 @@ spec:
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
     let admin_port = free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
     let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
@@ -429,7 +457,7 @@ spec:
         support::repo_root().join(format!("target/ha-a-{}.log", std::process::id())),
         support::repo_root().join(format!("target/ha-b-{}.log", std::process::id())),
     ];
-    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
     let mut a = Some(start_controller(
         env,
         &kubeconfig,
@@ -651,7 +679,7 @@ spec:
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     let mut relay = Relay::new(&env.prometheus_url);
-    let kubeconfig = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
     let log = support::repo_root().join(format!("target/outage-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
