@@ -218,6 +218,15 @@ spec:
         .create(&PostParams::default(), &policy)
         .await
         .expect("policy created");
+    // A policy the apiserver admits but kscale cannot evaluate (its formula names an unknown
+    // metric): reported in its own status and events, with no effect on the other policy.
+    let mut broken = policy.clone();
+    broken.metadata.name = Some("broken".into());
+    broken.spec.formula = Some("max(queue, nope)".into());
+    policies
+        .create(&PostParams::default(), &broken)
+        .await
+        .expect("the apiserver admits it: CEL formulas are checked by kscale");
 
     let log =
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
@@ -236,6 +245,30 @@ spec:
             other => Err(format!("{other:?}")),
         }
     })
+    .await;
+
+    support::wait_until(
+        "the broken policy's status",
+        Duration::from_secs(20),
+        || async {
+            let p = policies.get("broken").await.map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status yet")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .ok_or("no Ready condition")?;
+            if c.status == "False"
+                && c.reason == "InvalidPolicy"
+                && c.message.contains("spec.formula")
+                && c.message.contains("\"nope\"")
+            {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
     .await;
 
     // Ready after the first sync and evaluation; healthy all along.
