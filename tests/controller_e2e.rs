@@ -166,34 +166,37 @@ async fn wait_replicas(
     }
 }
 
-#[tokio::test]
-async fn scales_a_deployment_on_a_prometheus_metric() {
-    let Some(env) = support::testenv() else {
-        return;
-    };
-    let client = env.client().await;
-    support::install_crd(&client).await;
-    let ns = support::create_namespace(env, &client, "e2e").await;
-    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
-    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+/// What every controller test starts from: a namespace, a 2-replica Deployment `web` of
+/// simulated pods, an exporter metric at `initial`, and a ScalingPolicy `web` on it (1 s
+/// interval, 5 per replica, scale-down stabilization `down_window_s`), created.
+struct Scenario {
+    ns: support::TestNamespace,
+    exporter: support::TestExporter,
+    metric: String,
+    query: String,
+    policy: ScalingPolicy,
+    policies: Api<ScalingPolicy>,
+    deployments: Api<Deployment>,
+}
 
-    let exporter = support::TestExporter::start(env, &ns.name);
-    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 10.0);
-    let query = format!("sum(kscale_e2e_queue{{exporter=\"{}\"}})", exporter.id);
-    support::wait_until(
-        "the metric in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(10.0)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
+impl Scenario {
+    async fn start(
+        env: &support::TestEnv,
+        client: &kube::Client,
+        prefix: &str,
+        initial: f64,
+        down_window_s: u32,
+    ) -> Scenario {
+        support::install_crd(client).await;
+        let ns = support::create_namespace(env, client, prefix).await;
+        support::create_kwok_deployment(client, &ns.name, "web", 2, "100m", "50m").await;
+        support::wait_for_ready_pods(client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+        let exporter = support::TestExporter::start(env, &ns.name);
+        let metric = format!("kscale_{prefix}_queue");
+        exporter.set(&metric, &[], initial);
+        let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
+        let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+            r#"
 apiVersion: kscale.dev/v1alpha1
 kind: ScalingPolicy
 metadata: {{name: web, namespace: {ns}}}
@@ -208,16 +211,58 @@ spec:
     target: {{type: AverageValue, averageValue: "5"}}
   behavior:
     scaleDown:
-      stabilizationWindowSeconds: 8
+      stabilizationWindowSeconds: {down_window_s}
 "#,
-        ns = ns.name
-    ))
-    .expect("policy parses");
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .expect("policy created");
+            ns = ns.name
+        ))
+        .expect("policy parses");
+        let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+        policies
+            .create(&PostParams::default(), &policy)
+            .await
+            .expect("policy created");
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+        Scenario {
+            ns,
+            exporter,
+            metric,
+            query,
+            policy,
+            policies,
+            deployments,
+        }
+    }
+
+    /// Sets the metric the policy scales on.
+    fn set(&self, value: f64) {
+        self.exporter.set(&self.metric, &[], value);
+    }
+
+    /// Waits until Prometheus returns `value` for the policy's query.
+    async fn wait_visible(&self, env: &support::TestEnv, value: f64) {
+        support::wait_until(
+            "the metric in Prometheus",
+            Duration::from_secs(20),
+            || async {
+                match support::prometheus_scalar(env, &self.query) {
+                    Ok(Some(v)) if (v - value).abs() < 1e-9 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn scales_a_deployment_on_a_prometheus_metric() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "e2e", 10.0, 8).await;
+    sc.wait_visible(env, 10.0).await;
+    let (ns, policy, policies, deployments) = (&sc.ns, &sc.policy, &sc.policies, &sc.deployments);
     // A policy the apiserver admits but kscale cannot evaluate (its formula names an unknown
     // metric): reported in its own status and events, with no effect on the other policy.
     let mut broken = policy.clone();
@@ -234,7 +279,6 @@ spec:
     let admin = format!("http://127.0.0.1:{admin_port}");
     let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
     let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
     support::wait_until("the first status", Duration::from_secs(30), || async {
@@ -282,8 +326,8 @@ spec:
     assert_eq!(support::http_get(&admin, "/healthz").map(|r| r.0), Ok(200));
 
     // Rises to 30: 6 replicas, within a few intervals of the sample being visible.
-    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 30.0);
-    let took = wait_replicas(&deployments, 6, Duration::from_secs(20), &log).await;
+    sc.set(30.0);
+    let took = wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
     eprintln!("scale-up written {took:?} after the metric changed");
     let p = policies.get("web").await.expect("policy");
     let status = p.status.expect("status");
@@ -344,14 +388,14 @@ spec:
 
     // Falls to 5: 1 replica, but only after the 8 s stabilization window.
     let fell = Instant::now();
-    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 5.0);
+    sc.set(5.0);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        replicas(&deployments).await,
+        replicas(deployments).await,
         6,
         "scale-down must wait out the stabilization window"
     );
-    wait_replicas(&deployments, 1, Duration::from_secs(30), &log).await;
+    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     assert!(
         fell.elapsed() >= Duration::from_secs(8),
         "scaled down after {:?}, inside the 8 s window",
@@ -359,9 +403,9 @@ spec:
     );
 
     // The metric disappears: Missing, never 0; the count holds and the status says why.
-    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 40.0);
-    wait_replicas(&deployments, 8, Duration::from_secs(20), &log).await;
-    exporter.remove("kscale_e2e_queue");
+    sc.set(40.0);
+    wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
+    sc.exporter.remove(&sc.metric);
     support::wait_until(
         "MetricsAvailable=False",
         Duration::from_secs(60),
@@ -383,7 +427,7 @@ spec:
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(&deployments).await,
+        replicas(deployments).await,
         8,
         "a missing metric must not scale down"
     );
@@ -402,20 +446,10 @@ spec:
     let mut dry = policy.clone();
     dry.metadata.name = Some("web-dry".into());
     std::fs::write(&file, serde_yaml::to_string(&dry).expect("yaml")).expect("write policy");
-    exporter.set("kscale_e2e_queue", &[("queue", "orders")], 100.0);
-    support::wait_until(
-        "the metric back in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(100.0)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    sc.set(100.0);
+    sc.wait_visible(env, 100.0).await;
     drop(_controller);
-    let before = replicas(&deployments).await;
+    let before = replicas(deployments).await;
     let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
         .env("KUBECONFIG", &env.kubeconfig)
@@ -435,7 +469,7 @@ spec:
     assert!(text.contains("queue=100"), "{text}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        replicas(&deployments).await,
+        replicas(deployments).await,
         before,
         "dry-run must not write"
     );
@@ -450,40 +484,8 @@ async fn failover_continues_the_stabilization_window() {
         return;
     };
     let client = env.client().await;
-    support::install_crd(&client).await;
-    let ns = support::create_namespace(env, &client, "ha").await;
-    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
-    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
-    let exporter = support::TestExporter::start(env, &ns.name);
-    exporter.set("kscale_ha_queue", &[], 30.0);
-    let query = format!("sum(kscale_ha_queue{{exporter=\"{}\"}})", exporter.id);
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
-  maxReplicas: 10
-  interval: 1s
-  metrics:
-  - name: queue
-    prometheus: {{query: '{query}'}}
-    target: {{type: AverageValue, averageValue: "5"}}
-  behavior:
-    scaleDown:
-      stabilizationWindowSeconds: 20
-"#,
-        ns = ns.name
-    ))
-    .expect("policy parses");
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .expect("policy created");
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let sc = Scenario::start(env, &client, "ha", 30.0, 20).await;
+    let (ns, deployments) = (&sc.ns, &sc.deployments);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
 
     let logs = [
@@ -507,7 +509,7 @@ spec:
         &ns.name,
         "replica-b",
     ));
-    wait_replicas(&deployments, 6, Duration::from_secs(30), &logs[0]).await;
+    wait_replicas(deployments, 6, Duration::from_secs(30), &logs[0]).await;
     let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     let leader = holder(leases.get("kscale-leader").await.expect("the lease exists"));
     assert!(
@@ -516,7 +518,7 @@ spec:
     );
 
     // Demand falls: the leader records recommendations of 1 but holds 6 for the 20 s window.
-    exporter.set("kscale_ha_queue", &[], 5.0);
+    sc.set(5.0);
     let fell = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Kill the leader without letting it release the Lease.
@@ -559,7 +561,7 @@ spec:
     // No flap: the new leader continues the window from status; 6 until 20 s after the fall.
     while fell.elapsed() < Duration::from_secs(18) {
         assert_eq!(
-            replicas(&deployments).await,
+            replicas(deployments).await,
             6,
             "scaled down {:?} after the fall, inside the 20 s window",
             fell.elapsed()
@@ -571,7 +573,7 @@ spec:
     } else {
         &logs[1]
     };
-    wait_replicas(&deployments, 1, Duration::from_secs(20), log).await;
+    wait_replicas(deployments, 1, Duration::from_secs(20), log).await;
     drop((a, b));
 }
 
@@ -676,40 +678,8 @@ async fn prometheus_outage_holds_and_recovers() {
         return;
     };
     let client = env.client().await;
-    support::install_crd(&client).await;
-    let ns = support::create_namespace(env, &client, "outage").await;
-    support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
-    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
-    let exporter = support::TestExporter::start(env, &ns.name);
-    exporter.set("kscale_outage_queue", &[], 30.0);
-    let query = format!("sum(kscale_outage_queue{{exporter=\"{}\"}})", exporter.id);
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
-  maxReplicas: 10
-  interval: 1s
-  metrics:
-  - name: queue
-    prometheus: {{query: '{query}'}}
-    target: {{type: AverageValue, averageValue: "5"}}
-  behavior:
-    scaleDown:
-      stabilizationWindowSeconds: 0
-"#,
-        ns = ns.name
-    ))
-    .expect("policy parses");
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .expect("policy created");
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let sc = Scenario::start(env, &client, "outage", 30.0, 0).await;
+    let (ns, policies, deployments) = (&sc.ns, &sc.policies, &sc.deployments);
 
     let mut relay = Relay::new(&env.prometheus_url);
     let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
@@ -736,11 +706,11 @@ spec:
         .spawn()
         .expect("kscale run starts");
     let _controller = Controller(child);
-    wait_replicas(&deployments, 6, Duration::from_secs(30), &log).await;
+    wait_replicas(deployments, 6, Duration::from_secs(30), &log).await;
 
     // Prometheus goes away while demand (unseen) falls: never a scale-down on no data.
     relay.stop();
-    exporter.set("kscale_outage_queue", &[], 5.0);
+    sc.set(5.0);
     support::wait_until(
         "MetricsAvailable=False naming the error",
         Duration::from_secs(30),
@@ -766,14 +736,14 @@ spec:
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(&deployments).await,
+        replicas(deployments).await,
         6,
         "an unreachable Prometheus must not scale down"
     );
 
     // It returns: the controller recovers on its own and acts on the real value (5 → 1).
     relay.start();
-    wait_replicas(&deployments, 1, Duration::from_secs(30), &log).await;
+    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     let p = policies.get("web").await.expect("policy");
     let s = p.status.expect("status");
     let c = s
