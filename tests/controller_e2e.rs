@@ -853,3 +853,68 @@ async fn controller_survives_an_apiserver_restart() {
     sc.set(45.0);
     wait_replicas(&deployments, 9, Duration::from_secs(60), &log).await;
 }
+
+/// Someone scales the target by hand: the controller sees the new count on its next
+/// evaluation and brings the target back to what the metric asks for, both ways, saying why.
+#[tokio::test]
+async fn manual_scale_is_corrected_on_the_next_evaluation() {
+    let _shared = APISERVER.read().await;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "manual", 30.0, 0).await;
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let log = support::repo_root().join(format!("target/manual-{}.log", std::process::id()));
+    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "manual");
+    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+
+    let by_hand = |n: i32| {
+        let api = sc.deployments.clone();
+        async move {
+            let pp = kube::api::PatchParams {
+                field_manager: Some("kubectl-scale".into()),
+                ..Default::default()
+            };
+            api.patch_scale(
+                "web",
+                &pp,
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .expect("manual scale");
+        }
+    };
+    for (manual, verb) in [(9, "scale down 9→6"), (2, "scale up 2→6")] {
+        by_hand(manual).await;
+        wait_replicas(&sc.deployments, 6, Duration::from_secs(20), &log).await;
+        support::wait_until(
+            "the reason of the correction",
+            Duration::from_secs(10),
+            || async {
+                let p = sc.policies.get("web").await.map_err(|e| e.to_string())?;
+                let history = p
+                    .status
+                    .as_ref()
+                    .map(|s| (s.reason.clone(), s.current_replicas));
+                // The status after the correction reports the corrected count, and the correcting
+                // decision was recorded as an event with its reason.
+                let events: Api<Event> = Api::namespaced(client.clone(), &sc.ns.name);
+                let list = events
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if list
+                    .items
+                    .iter()
+                    .any(|e| e.note.as_deref().unwrap_or("").contains(verb))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("no event saying {verb:?}; status {history:?}"))
+                }
+            },
+        )
+        .await;
+    }
+}

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::LocalBoxFuture as BoxFuture;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -77,6 +77,8 @@ pub struct Context {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Only this namespace's ScalingPolicies (all namespaces when `None`).
     pub watch_namespace: Option<String>,
+    /// This instance's name in events.
+    pub instance: String,
 }
 
 impl Context {
@@ -86,6 +88,7 @@ impl Context {
         prometheus: Arc<dyn QueryBackend>,
         instance: Option<String>,
     ) -> Context {
+        let instance_name = instance.clone().unwrap_or_else(|| "kscale".into());
         let reporter = Reporter {
             controller: "kscale".into(),
             instance,
@@ -96,6 +99,7 @@ impl Context {
             prometheus,
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             watch_namespace: None,
+            instance: instance_name,
         }
     }
 }
@@ -288,6 +292,36 @@ async fn publish(ctx: &Context, p: &ScalingPolicy, type_: EventType, reason: &st
     }
 }
 
+/// Records a rescale as an Event of its own. kube's `Recorder` folds every event with the same
+/// reason into one series and keeps the first note, so a second rescale would show the first
+/// one's sizes and reason; each rescale is a distinct fact, so it gets a distinct Event.
+async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let namespace = p.namespace().unwrap_or_default();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = K8sEvent {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{}.{:x}", p.name_any(), now.as_nanosecond())),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        },
+        action: Some("Scale".into()),
+        event_time: Some(MicroTime(now)),
+        note: Some(note),
+        reason: Some("SuccessfulRescale".into()),
+        regarding: Some(object_ref(p)),
+        reporting_controller: Some("kscale".into()),
+        reporting_instance: Some(ctx.instance.clone()),
+        type_: Some("Normal".into()),
+        ..Default::default()
+    };
+    let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Err(e) = api.create(&PostParams::default(), &event).await {
+        warn!(error = %e, "publishing the rescale event failed");
+    }
+}
+
 async fn write_status(
     ctx: &Context,
     p: &ScalingPolicy,
@@ -361,11 +395,9 @@ pub async fn reconcile(
             let reason = e.decision.reason(&e.policy);
             info!(policy = %name, target = %p.spec.target_ref.name, current = e.decision.current, desired = e.decision.replicas, wrote = e.wrote, %reason, "evaluated");
             if e.wrote {
-                publish(
+                publish_rescale(
                     ctx,
                     p,
-                    EventType::Normal,
-                    "SuccessfulRescale",
                     format!("New size: {}; reason: {reason}", e.decision.replicas),
                 )
                 .await;
