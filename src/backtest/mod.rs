@@ -430,20 +430,14 @@ pub fn run(
                     timestamp: ts,
                 },
                 (Feed::Utilization(_), Some((v, ts))) => {
-                    pods_sample(replicas, ready, &births, config.startup, t, ts, |_| {
-                        (v * 10.0).round() as i64
-                    })
+                    pods_sample(replicas, ready, &births, ts, (v * 10.0).round() as i64)
                 }
                 (Feed::Derived, _) => match (demand, config.capacity) {
                     (Some(d), Some(c)) if ready > 0 => {
                         let per_pod_milli = (1000.0 * d / (f64::from(ready) * c)).round() as i64;
-                        pods_sample(replicas, ready, &births, config.startup, t, t, |_| {
-                            per_pod_milli
-                        })
+                        pods_sample(replicas, ready, &births, t, per_pod_milli)
                     }
-                    (Some(_), Some(_)) => {
-                        pods_sample(replicas, 0, &births, config.startup, t, t, |_| 0)
-                    }
+                    (Some(_), Some(_)) => pods_sample(replicas, 0, &births, t, 0),
                     _ => Sample::Missing {
                         reason: "no demand sample within the 5m lookback".into(),
                     },
@@ -515,15 +509,13 @@ pub fn run(
 }
 
 /// Builds the pod list a metrics.k8s.io source would see: `ready` pods ready and measured,
-/// the rest still starting (pending).
+/// the rest still starting (pending); every ready pod uses `usage_milli` of its 1000m request.
 fn pods_sample(
     replicas: i32,
     ready: i32,
     births: &[DateTime<Utc>],
-    _startup: TimeDelta,
-    _now: DateTime<Utc>,
     measured: DateTime<Utc>,
-    usage: impl Fn(usize) -> i64,
+    usage_milli: i64,
 ) -> Sample {
     let long_ago = births.first().copied().unwrap_or(measured) - TimeDelta::hours(1);
     let pods = (0..replicas.max(0) as usize)
@@ -540,8 +532,8 @@ fn pods_sample(
                 ready: Some((is_ready, long_ago)),
                 start_time: Some(long_ago),
                 request_milli: Some(1000),
-                usage: is_ready.then(|| PodUsage {
-                    milli: usage(i),
+                usage: is_ready.then_some(PodUsage {
+                    milli: usage_milli,
                     timestamp: measured,
                     window_seconds: 15,
                 }),
