@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::backtest::plot::{PlotData, PlotRun, write_plot};
 use crate::backtest::{BacktestConfig, Run, run};
+use crate::crd::ScalingPolicy;
 use crate::load::load_policies;
 use crate::policy::CompiledPolicy;
 use crate::source::trace::Trace;
@@ -373,40 +374,34 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
 }
 
 fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let docs = load_policies(&args.policy)?;
-    let Some(doc) = docs.into_iter().next() else {
-        return Err(crate::load::LoadError::NoPolicy {
-            path: args.policy.clone(),
-        }
-        .into());
-    };
-    let (mut resource, _) = doc.result.map_err(|problems| CliError::InvalidPolicy {
-        path: args.policy.clone(),
-        name: doc.name.clone().unwrap_or_else(|| "(unnamed)".into()),
-        problems: problems
-            .iter()
-            .map(|p| format!("  {p}"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    })?;
+    let (mut resource, mut policy) = first_document(&args.policy)?;
     if resource.metadata.namespace.is_none() {
         resource.metadata.namespace = Some(args.namespace.clone());
+        // Compiled again only so that messages name the policy with its namespace.
+        policy = CompiledPolicy::from_resource(&resource).map_err(|e| CliError::InvalidPolicy {
+            path: args.policy.clone(),
+            name: resource.metadata.name.clone().unwrap_or_default(),
+            problems: e.to_string(),
+        })?;
     }
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
         let ctx = crate::controller::Context::new(client, backend.clone(), None);
-        let queries: Vec<String> = resource
-            .spec
-            .metrics
-            .iter()
-            .filter_map(|m| m.prometheus.as_ref().map(|p| p.query.clone()))
+        let queries = crate::controller::queries_of(&policy)
+            .map(str::to_string)
             .collect();
         let samples = backend.query_all(queries).await;
-        let e =
-            crate::controller::evaluate_live(&ctx, &resource, &samples, chrono::Utc::now(), false)
-                .await
-                .map_err(|e| CliError::Cluster(e.to_string()))?;
+        let e = crate::controller::evaluate_live(
+            &ctx,
+            &resource,
+            policy,
+            &samples,
+            chrono::Utc::now(),
+            false,
+        )
+        .await
+        .map_err(|e| CliError::Cluster(e.to_string()))?;
         let d = &e.decision;
         writeln!(out, "policy    {}", e.policy.name).map_err(io)?;
         writeln!(
@@ -496,7 +491,8 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
-fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
+/// The first ScalingPolicy of a file, parsed and compiled, or every problem with it.
+fn first_document(path: &Path) -> Result<(ScalingPolicy, CompiledPolicy), CliError> {
     let docs = load_policies(path)?;
     let mut docs = docs.into_iter();
     let Some(doc) = docs.next() else {
@@ -506,7 +502,7 @@ fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
         .into());
     };
     match doc.result {
-        Ok((_, compiled)) => Ok(compiled),
+        Ok(loaded) => Ok(loaded),
         Err(problems) => Err(CliError::InvalidPolicy {
             path: path.to_path_buf(),
             name: doc.name.unwrap_or_else(|| "(unnamed)".into()),
@@ -517,6 +513,10 @@ fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
                 .join("\n"),
         }),
     }
+}
+
+fn first_policy(path: &Path) -> Result<CompiledPolicy, CliError> {
+    first_document(path).map(|(_, compiled)| compiled)
 }
 
 #[derive(Serialize)]

@@ -156,7 +156,8 @@ pub struct Evaluated {
     pub not_written: Option<String>,
 }
 
-fn queries_of(policy: &CompiledPolicy) -> impl Iterator<Item = &str> {
+/// The PromQL queries of a policy's Prometheus metrics.
+pub fn queries_of(policy: &CompiledPolicy) -> impl Iterator<Item = &str> {
     policy.metrics.iter().filter_map(|m| match &m.source {
         MetricSource::Prometheus { query } => Some(query.as_str()),
         MetricSource::Resource { .. } => None,
@@ -179,6 +180,7 @@ fn pod_ready(p: &Pod) -> bool {
 pub async fn evaluate_live(
     ctx: &Context,
     resource: &ScalingPolicy,
+    policy: CompiledPolicy,
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
     write: bool,
@@ -188,10 +190,6 @@ pub async fn evaluate_live(
         resource.namespace().unwrap_or_default(),
         resource.name_any()
     );
-    let policy = CompiledPolicy::from_resource(resource).map_err(|errors| EvalError::Invalid {
-        policy: name.clone(),
-        errors,
-    })?;
     let namespace = resource.namespace().unwrap_or_default();
     let target_err = |source| EvalError::Target {
         policy: name.clone(),
@@ -367,12 +365,19 @@ fn failure_status(
 pub async fn reconcile(
     ctx: &Context,
     p: &ScalingPolicy,
+    compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let started = std::time::Instant::now();
-    let result = evaluate_live(ctx, p, prometheus, now, true).await;
+    let result = match compiled {
+        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, true).await,
+        Err(errors) => Err(EvalError::Invalid {
+            policy: name.clone(),
+            errors,
+        }),
+    };
     ctx.metrics
         .evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -545,11 +550,13 @@ async fn run_tick(
         }
         match &obj.0 {
             Ok(p) => {
-                let interval = CompiledPolicy::from_resource(p)
-                    .map(|c| c.interval)
-                    .unwrap_or(crate::policy::compile::DEFAULT_INTERVAL);
+                // Compiled once per tick: for the interval, the queries and the evaluation.
+                let compiled = CompiledPolicy::from_resource(p);
+                let interval = compiled
+                    .as_ref()
+                    .map_or(crate::policy::compile::DEFAULT_INTERVAL, |c| c.interval);
                 schedule.insert(key, (now + interval, generation));
-                due.push(p.clone());
+                due.push((p.clone(), compiled));
             }
             Err(invalid) => {
                 // Malformed objects are reported once per generation and never stop the others.
@@ -563,9 +570,9 @@ async fn run_tick(
     }
     let mut queries: Vec<String> = Vec::new();
     let mut seen = HashSet::new();
-    for p in &due {
-        if let Ok(c) = CompiledPolicy::from_resource(p) {
-            for q in queries_of(&c) {
+    for (_, compiled) in &due {
+        if let Ok(c) = compiled {
+            for q in queries_of(c) {
                 if seen.insert(q.to_string()) {
                     queries.push(q.to_string());
                 }
@@ -585,9 +592,12 @@ async fn run_tick(
             .observe(started.elapsed().as_secs_f64());
     }
     debug!(policies = due.len(), distinct_queries = distinct, "tick");
-    for p in &due {
+    for (p, compiled) in due {
         let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-        if let Err(e) = reconcile(ctx, p, &samples, now).instrument(span).await {
+        if let Err(e) = reconcile(ctx, &p, compiled, &samples, now)
+            .instrument(span)
+            .await
+        {
             warn!(error = %e, "evaluation failed");
         }
     }
