@@ -330,8 +330,13 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
-        let mut ctx = crate::controller::Context::new(client, backend, args.instance.clone());
+        let mut ctx =
+            crate::controller::Context::new(client.clone(), backend, args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        // The targets' pods come from a watch, as the HPA's come from an informer.
+        let (pods, pod_watch) =
+            crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
+        ctx.pods = pods;
         let ctx = std::sync::Arc::new(ctx);
         let listener = crate::telemetry::bind(args.metrics_addr)
             .await
@@ -369,6 +374,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();
+        pod_watch.abort();
         result
     })
 }

@@ -245,7 +245,7 @@ async fn no_pods_and_forbidden_metrics_are_explicit_errors() {
     let ns = create_namespace(env, &client, "resource-src-err").await;
 
     // Nothing matches: the HPA's "no metrics returned" error, never an empty Pods sample.
-    match sample(&client, &ns.name, "app=nothing", ResourceName::Cpu, None).await {
+    match sample(&client, &ns.name, "app=nothing", &[], ResourceName::Cpu, None).await {
         Sample::Error { message } => assert_eq!(
             message,
             "unable to get metrics for resource cpu: no metrics returned from resource metrics API"
@@ -265,7 +265,7 @@ async fn no_pods_and_forbidden_metrics_are_explicit_errors() {
         .expect("kubeconfig");
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{}:default", ns.name));
     let nobody = Client::try_from(config).expect("impersonating client");
-    match sample(&nobody, &ns.name, "app=web", ResourceName::Cpu, None).await {
+    match sample(&nobody, &ns.name, "app=web", &[], ResourceName::Cpu, None).await {
         Sample::Error { message } => {
             assert!(
                 message.starts_with(

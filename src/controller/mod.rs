@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::LocalBoxFuture as BoxFuture;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -33,6 +33,7 @@ use crate::actuate::{ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget};
 use crate::crd::{Mode, ScalingPolicy, ScalingPolicyStatus};
 use crate::model::{Observation, Sample};
 use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
+use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
 
@@ -79,6 +80,8 @@ pub struct Context {
     pub watch_namespace: Option<String>,
     /// This instance's name in events.
     pub instance: String,
+    /// The targets' pods (a watch in the daemon, a list per call elsewhere).
+    pub pods: PodCache,
 }
 
 impl Context {
@@ -95,6 +98,7 @@ impl Context {
         };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
+            pods: PodCache::listing(client.clone()),
             client,
             prometheus,
             metrics: Arc::new(crate::telemetry::Metrics::new()),
@@ -200,19 +204,24 @@ pub async fn evaluate_live(
         .map_err(target_err)?;
     let scale = target.read().await.map_err(target_err)?;
 
-    let (pods, ready) = match &scale.selector {
-        Some(selector) => {
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-            match api.list(&ListParams::default().labels(selector)).await {
-                Ok(list) => {
-                    let ready = list.items.iter().filter(|p| pod_ready(p)).count() as i32;
-                    (list.items.len() as i32, ready)
-                }
-                Err(e) => {
-                    warn!(policy = %name, error = %e, "listing the target's pods failed; counting status replicas as ready");
-                    (scale.status_replicas, scale.status_replicas)
-                }
-            }
+    // The target's pods, read once for the readiness count and every resource metric.
+    let pods: Option<Result<Vec<Pod>, String>> = match &scale.selector {
+        Some(selector) => Some(
+            ctx.pods
+                .pods(&namespace, selector)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
+        None => None,
+    };
+    let (pod_count, ready) = match &pods {
+        Some(Ok(list)) => (
+            list.len() as i32,
+            list.iter().filter(|p| pod_ready(p)).count() as i32,
+        ),
+        Some(Err(e)) => {
+            warn!(policy = %name, error = %e, "reading the target's pods failed; counting status replicas as ready");
+            (scale.status_replicas, scale.status_replicas)
         }
         None => (scale.status_replicas, scale.status_replicas),
     };
@@ -224,9 +233,10 @@ pub async fn evaluate_live(
                 .get(query.as_str())
                 .cloned()
                 .unwrap_or(Sample::Missing { reason: "the query was not run this tick".into() }),
-            MetricSource::Resource { cpu, container } => match &scale.selector {
-                Some(selector) => resource_sample(&ctx.client, &namespace, selector, ResourceName::from_cpu_flag(*cpu), container.as_deref()).await,
-                None => Sample::Error { message: "the target's scale subresource has no status.selector, so its pods are unknown".into() },
+            MetricSource::Resource { cpu, container } => match (&scale.selector, &pods) {
+                (Some(selector), Some(Ok(list))) => resource_sample(&ctx.client, &namespace, selector, list, ResourceName::from_cpu_flag(*cpu), container.as_deref()).await,
+                (_, Some(Err(e))) => Sample::Error { message: e.clone() },
+                _ => Sample::Error { message: "the target's scale subresource has no status.selector, so its pods are unknown".into() },
             },
         };
         samples.push(sample);
@@ -235,7 +245,7 @@ pub async fn evaluate_live(
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
-        pods,
+        pods: pod_count,
         samples,
     };
     let history = resource

@@ -506,16 +506,25 @@ pub async fn fetch_pod_samples(
     pod_samples(&pods, &metrics, resource, container)
 }
 
-/// [`fetch_pod_samples`] as the evaluator's input: [`Sample::Pods`], or [`Sample::Error`] with
-/// the error's text. Never fails, so the controller can put it straight into an observation.
+/// The evaluator's input for `pods` (already read, from the controller's pod watch): their
+/// PodMetrics converted with [`pod_samples`] into [`Sample::Pods`], or [`Sample::Error`] with the
+/// error's text. Never fails, so the controller can put it straight into an observation.
 pub async fn sample(
     client: &Client,
     namespace: &str,
     selector: &str,
+    pods: &[Pod],
     resource: ResourceName,
     container: Option<&str>,
 ) -> Sample {
-    match fetch_pod_samples(client, namespace, selector, resource, container).await {
+    if selector.trim().is_empty() {
+        return ResourceSourceError::NoSelector.into_sample();
+    }
+    let result = match list_pod_metrics(client, namespace, selector, resource).await {
+        Ok(metrics) => pod_samples(pods, &metrics, resource, container),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(pods) => Sample::Pods(pods),
         Err(e) => e.into_sample(),
     }
