@@ -918,3 +918,80 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
         .await;
     }
 }
+
+/// A CPU-utilization policy scales on what the real metrics pipeline serves: kwok's simulated
+/// usage, scraped by metrics-server, read through `metrics.k8s.io` with the pods from the
+/// controller's pod watch. Up when usage is high (clipped at maxReplicas), down when it falls.
+#[tokio::test]
+async fn scales_on_cpu_utilization_from_metrics_server() {
+    let _shared = APISERVER.read().await;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "cpu").await;
+    // 2 pods requesting 200m and using 180m each: 90 % against a 50 % target.
+    support::create_kwok_deployment(&client, &ns.name, "web", 2, "200m", "180m").await;
+    support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 4
+  interval: 2s
+  metrics:
+  - name: cpu
+    resource: {{name: cpu}}
+    target: {{type: Utilization, averageUtilization: 50}}
+  behavior:
+    scaleDown: {{stabilizationWindowSeconds: 0}}
+"#,
+        ns = ns.name
+    ))
+    .expect("policy parses");
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("policy created");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+
+    let log = support::repo_root().join(format!("target/cpu-e2e-{}.log", std::process::id()));
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &ns.name, "cpu");
+
+    // ceil(2 × 90/50) = 4 once metrics-server has the usage; maxReplicas is 4 anyway.
+    wait_replicas(&deployments, 4, Duration::from_secs(120), &log).await;
+    let status = policies
+        .get("web")
+        .await
+        .expect("policy")
+        .status
+        .expect("status");
+    let cpu = status
+        .metrics
+        .iter()
+        .find(|m| m.name == "cpu")
+        .expect("cpu metric status");
+    assert_eq!(cpu.state, "Valid", "{cpu:?}");
+    assert!(
+        status.reason.as_deref().unwrap_or("").contains("cpu="),
+        "{:?}",
+        status.reason
+    );
+
+    // Usage falls to 20m on every pod: 10 % → ceil(4 × 10/50) = 1 (no stabilization window).
+    let pods =
+        support::wait_for_ready_pods(&client, &ns.name, "app=web", 4, Duration::from_secs(60))
+            .await;
+    for p in &pods {
+        let name = p.metadata.name.clone().expect("pod name");
+        support::set_pod_cpu_usage(&client, &ns.name, &name, "20m").await;
+    }
+    wait_replicas(&deployments, 1, Duration::from_secs(120), &log).await;
+}
