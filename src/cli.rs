@@ -87,7 +87,7 @@ pub struct PrometheusArgs {
 impl PrometheusArgs {
     /// The query backend these flags describe: a Prometheus, or none (every query an error).
     pub fn backend(&self) -> Result<std::sync::Arc<dyn crate::controller::QueryBackend>, CliError> {
-        use crate::source::prometheus::{BasicAuth, PrometheusConfig, PrometheusSource};
+        use crate::source::prometheus::{BasicAuth, Material, PrometheusConfig, PrometheusSource};
         let Some(url) = &self.prometheus_url else {
             return Ok(std::sync::Arc::new(crate::controller::NoPrometheus));
         };
@@ -99,11 +99,11 @@ impl PrometheusArgs {
         let config = PrometheusConfig {
             url: url.clone(),
             timeout: self.prometheus_timeout,
-            bearer_token_file: self.prometheus_bearer_token_file.clone(),
+            bearer_token: self.prometheus_bearer_token_file.clone().map(Material::File),
             basic_auth,
-            ca_file: self.prometheus_ca_file.clone(),
-            client_cert_file: self.prometheus_client_cert_file.clone(),
-            client_key_file: self.prometheus_client_key_file.clone(),
+            ca: self.prometheus_ca_file.clone().map(Material::File),
+            client_cert: self.prometheus_client_cert_file.clone().map(Material::File),
+            client_key: self.prometheus_client_key_file.clone().map(Material::File),
             headers: self.prometheus_headers.clone(),
             ..PrometheusConfig::default()
         };

@@ -13,7 +13,7 @@ use chrono::Utc;
 use kscale::crd::ScalingPolicy;
 use kscale::model::{Observation, Sample};
 use kscale::policy::{CompiledPolicy, MetricState, PolicyState, evaluate};
-use kscale::source::prometheus::{NO_SERIES, PrometheusConfig, PrometheusSource};
+use kscale::source::prometheus::{Material, NO_SERIES, PrometheusConfig, PrometheusSource};
 
 fn source(url: &str, timeout: Duration) -> PrometheusSource {
     PrometheusSource::new(&PrometheusConfig {
@@ -233,7 +233,7 @@ async fn bearer_token_file_is_reread_each_tick() {
     let src = PrometheusSource::new(&PrometheusConfig {
         url: proxy.url.clone(),
         timeout: Duration::from_secs(5),
-        bearer_token_file: Some(token.clone()),
+        bearer_token: Some(Material::File(token.clone())),
         headers: vec![("X-Scope-OrgID".into(), "tenant-1".into())],
         ..Default::default()
     })
@@ -494,9 +494,9 @@ async fn tls_settings_reach_a_real_https_server() {
 
     // With the CA and the admin client certificate: TLS works and the HTTP status shows.
     let o = query(PrometheusConfig {
-        ca_file: Some(pki.join("ca.crt")),
-        client_cert_file: Some(pki.join("admin.crt")),
-        client_key_file: Some(pki.join("admin.key")),
+        ca: Some(Material::File(pki.join("ca.crt"))),
+        client_cert: Some(Material::File(pki.join("admin.crt"))),
+        client_key: Some(Material::File(pki.join("admin.key"))),
         ..base.clone()
     })
     .await;
@@ -509,9 +509,9 @@ async fn tls_settings_reach_a_real_https_server() {
 
     // A key that does not match the certificate is refused up front, naming both flags.
     let e = PrometheusSource::new(&PrometheusConfig {
-        ca_file: Some(pki.join("ca.crt")),
-        client_cert_file: Some(pki.join("admin.crt")),
-        client_key_file: Some(pki.join("kwok.key")),
+        ca: Some(Material::File(pki.join("ca.crt"))),
+        client_cert: Some(Material::File(pki.join("admin.crt"))),
+        client_key: Some(Material::File(pki.join("kwok.key"))),
         ..base
     })
     .unwrap_err()

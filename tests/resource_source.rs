@@ -245,7 +245,16 @@ async fn no_pods_and_forbidden_metrics_are_explicit_errors() {
     let ns = create_namespace(env, &client, "resource-src-err").await;
 
     // Nothing matches: the HPA's "no metrics returned" error, never an empty Pods sample.
-    match sample(&client, &ns.name, "app=nothing", &[], ResourceName::Cpu, None).await {
+    match sample(
+        &client,
+        &ns.name,
+        "app=nothing",
+        &[],
+        ResourceName::Cpu,
+        None,
+    )
+    .await
+    {
         Sample::Error { message } => assert_eq!(
             message,
             "unable to get metrics for resource cpu: no metrics returned from resource metrics API"

@@ -142,7 +142,11 @@ fn strip(pod: &mut Pod) {
         spec.volumes = None;
         spec.affinity = None;
         spec.tolerations = None;
-        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
             c.env = None;
             c.env_from = None;
             c.volume_mounts = None;

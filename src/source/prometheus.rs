@@ -50,7 +50,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,8 +85,55 @@ impl fmt::Debug for BasicAuth {
     }
 }
 
+/// A credential: a file named by a flag, or bytes already read (a key of a Secret).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Material {
+    /// A file; the certificate files are read when the source is built, a token file every tick.
+    File(PathBuf),
+    /// Bytes already in memory; `origin` names them in errors (for example `Secret ns/name key
+    /// ca.crt`).
+    Bytes {
+        /// Where the bytes come from.
+        origin: String,
+        /// The content.
+        data: Vec<u8>,
+    },
+}
+
+impl fmt::Debug for Material {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Material::File(path) => f.debug_tuple("File").field(path).finish(),
+            Material::Bytes { origin, .. } => f
+                .debug_struct("Bytes")
+                .field("origin", origin)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Material {
+    /// `flag path` for a file, the origin otherwise: how errors name this credential.
+    fn origin(&self, flag: &str) -> String {
+        match self {
+            Material::File(path) => format!("{flag} {}", path.display()),
+            Material::Bytes { origin, .. } => origin.clone(),
+        }
+    }
+
+    fn read(&self, flag: &str) -> Result<Vec<u8>, SourceError> {
+        match self {
+            Material::File(path) => std::fs::read(path).map_err(|source| SourceError::Read {
+                origin: self.origin(flag),
+                source,
+            }),
+            Material::Bytes { data, .. } => Ok(data.clone()),
+        }
+    }
+}
+
 /// How to reach Prometheus. The field docs name the command-line flags that set them, which the
-/// errors of [`PrometheusSource::new`] name too.
+/// errors of [`PrometheusSource::new`] name too (or the Secret key the credential came from).
 #[derive(Debug, Clone)]
 pub struct PrometheusConfig {
     /// `--prometheus-url`: the base URL, e.g. `http://prometheus.monitoring:9090`; a path prefix
@@ -95,16 +142,16 @@ pub struct PrometheusConfig {
     /// `--prometheus-timeout`: the bound on one query, connection included. It is also sent to
     /// Prometheus as the query's `timeout` so that it stops evaluating too.
     pub timeout: Duration,
-    /// `--prometheus-bearer-token-file`: a file holding a bearer token, re-read every tick.
-    pub bearer_token_file: Option<PathBuf>,
+    /// `--prometheus-bearer-token-file`: a bearer token; a file is re-read every tick.
+    pub bearer_token: Option<Material>,
     /// `--prometheus-basic-auth-user` and `--prometheus-basic-auth-password`.
     pub basic_auth: Option<BasicAuth>,
     /// `--prometheus-ca-file`: PEM certificates that replace the system roots for `https` URLs.
-    pub ca_file: Option<PathBuf>,
-    /// `--prometheus-client-cert-file`: PEM client certificate (chain), with `client_key_file`.
-    pub client_cert_file: Option<PathBuf>,
-    /// `--prometheus-client-key-file`: PEM private key of `client_cert_file`.
-    pub client_key_file: Option<PathBuf>,
+    pub ca: Option<Material>,
+    /// `--prometheus-client-cert-file`: PEM client certificate (chain), with `client_key`.
+    pub client_cert: Option<Material>,
+    /// `--prometheus-client-key-file`: PEM private key of `client_cert`.
+    pub client_key: Option<Material>,
     /// `--prometheus-header NAME=VALUE`: extra headers on every request (a tenant ID, say).
     pub headers: Vec<(String, String)>,
     /// `--prometheus-max-concurrency`: distinct queries in flight at once (at least 1).
@@ -116,11 +163,11 @@ impl Default for PrometheusConfig {
         PrometheusConfig {
             url: "http://localhost:9090".into(),
             timeout: Duration::from_secs(10),
-            bearer_token_file: None,
+            bearer_token: None,
             basic_auth: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
+            ca: None,
+            client_cert: None,
+            client_key: None,
             headers: Vec::new(),
             max_concurrency: 8,
         }
@@ -146,22 +193,18 @@ pub enum SourceError {
     #[error("--prometheus-max-concurrency: must be at least 1")]
     Concurrency,
     /// A file cannot be read.
-    #[error("{flag} {}: cannot read: {source}", path.display())]
+    #[error("{origin}: cannot read: {source}")]
     Read {
-        /// The flag naming the file.
-        flag: &'static str,
-        /// The file.
-        path: PathBuf,
+        /// The flag and the file.
+        origin: String,
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A file was read but its content is unusable.
-    #[error("{flag} {}: {message}", path.display())]
+    /// A credential was read but its content is unusable.
+    #[error("{origin}: {message}")]
     Content {
-        /// The flag naming the file.
-        flag: &'static str,
-        /// The file.
-        path: PathBuf,
+        /// The flag and the file, or the Secret key.
+        origin: String,
         /// What is wrong.
         message: String,
     },
@@ -185,10 +228,10 @@ pub enum SourceError {
     },
     /// The TLS settings do not combine (for instance a key that does not match the
     /// certificate).
-    #[error("--prometheus-client-cert-file {}: {message}", path.display())]
+    #[error("{origin}: {message}")]
     ClientCert {
-        /// The certificate file.
-        path: PathBuf,
+        /// The certificate's flag and file, or its Secret key.
+        origin: String,
         /// What is wrong.
         message: String,
     },
@@ -229,7 +272,7 @@ pub struct PrometheusSource {
     client: prometheus_http_query::Client,
     timeout: Duration,
     max_concurrency: usize,
-    bearer_token_file: Option<PathBuf>,
+    bearer_token: Option<Material>,
     /// Fixed secrets to scrub from error texts (password, header values, URL password).
     secrets: Arc<Vec<String>>,
 }
@@ -240,44 +283,32 @@ impl fmt::Debug for PrometheusSource {
             .field("url", &strip_userinfo(self.client.base_url().as_str()))
             .field("timeout", &self.timeout)
             .field("max_concurrency", &self.max_concurrency)
-            .field("bearer_token_file", &self.bearer_token_file)
+            .field("bearer_token", &self.bearer_token)
             .finish_non_exhaustive()
     }
 }
 
-fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, SourceError> {
-    std::fs::read(path).map_err(|source| SourceError::Read {
-        flag,
-        path: path.to_path_buf(),
-        source,
-    })
-}
+const TOKEN_FLAG: &str = "--prometheus-bearer-token-file";
 
-fn read_token(path: &Path) -> Result<String, SourceError> {
-    let bytes = read_file("--prometheus-bearer-token-file", path)?;
-    let token = String::from_utf8(bytes)
-        .map_err(|_| SourceError::Content {
-            flag: "--prometheus-bearer-token-file",
-            path: path.to_path_buf(),
-            message: "not UTF-8 text".into(),
-        })?
+fn read_token(m: &Material) -> Result<String, SourceError> {
+    let content = |message: &str| SourceError::Content {
+        origin: m.origin(TOKEN_FLAG),
+        message: message.into(),
+    };
+    let token = String::from_utf8(m.read(TOKEN_FLAG)?)
+        .map_err(|_| content("not UTF-8 text"))?
         .trim()
         .to_string();
     if token.is_empty() {
-        return Err(SourceError::Content {
-            flag: "--prometheus-bearer-token-file",
-            path: path.to_path_buf(),
-            message: "the file is empty".into(),
-        });
+        return Err(content("the token is empty"));
     }
     Ok(token)
 }
 
-fn bearer_header(path: &Path, token: &str) -> Result<HeaderValue, SourceError> {
+fn bearer_header(m: &Material, token: &str) -> Result<HeaderValue, SourceError> {
     let mut value =
         HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| SourceError::Content {
-            flag: "--prometheus-bearer-token-file",
-            path: path.to_path_buf(),
+            origin: m.origin(TOKEN_FLAG),
             message: "the token holds characters not allowed in an HTTP header".into(),
         })?;
     value.set_sensitive(true);
@@ -326,13 +357,15 @@ fn strip_userinfo(text: &str) -> String {
 }
 
 fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceError> {
+    const CA_FLAG: &str = "--prometheus-ca-file";
+    const CERT_FLAG: &str = "--prometheus-client-cert-file";
+    const KEY_FLAG: &str = "--prometheus-client-key-file";
     let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            let bytes = read_file("--prometheus-ca-file", path)?;
+    match &cfg.ca {
+        Some(ca) => {
+            let bytes = ca.read(CA_FLAG)?;
             let content = |message: String| SourceError::Content {
-                flag: "--prometheus-ca-file",
-                path: path.clone(),
+                origin: ca.origin(CA_FLAG),
                 message,
             };
             let mut count = 0;
@@ -344,7 +377,7 @@ fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceErro
                 count += 1;
             }
             if count == 0 {
-                return Err(content("no PEM certificate in the file".into()));
+                return Err(content("no PEM certificate in it".into()));
             }
         }
         None => {
@@ -362,39 +395,33 @@ fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceErro
             message: e.to_string(),
         })?
         .with_root_certificates(roots);
-    match (&cfg.client_cert_file, &cfg.client_key_file) {
+    match (&cfg.client_cert, &cfg.client_key) {
         (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(cert_path), Some(key_path)) => {
-            let bytes = read_file("--prometheus-client-cert-file", cert_path)?;
+        (Some(cert), Some(key)) => {
+            let bytes = cert.read(CERT_FLAG)?;
             let certs = CertificateDer::pem_slice_iter(&bytes)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| SourceError::Content {
-                    flag: "--prometheus-client-cert-file",
-                    path: cert_path.clone(),
+                    origin: cert.origin(CERT_FLAG),
                     message: format!("bad PEM: {e}"),
                 })?;
             if certs.is_empty() {
                 return Err(SourceError::Content {
-                    flag: "--prometheus-client-cert-file",
-                    path: cert_path.clone(),
-                    message: "no PEM certificate in the file".into(),
+                    origin: cert.origin(CERT_FLAG),
+                    message: "no PEM certificate in it".into(),
                 });
             }
-            let key_bytes = read_file("--prometheus-client-key-file", key_path)?;
-            let key =
+            let key_bytes = key.read(KEY_FLAG)?;
+            let private =
                 PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| SourceError::Content {
-                    flag: "--prometheus-client-key-file",
-                    path: key_path.clone(),
+                    origin: key.origin(KEY_FLAG),
                     message: format!("no usable PEM private key: {e}"),
                 })?;
             builder
-                .with_client_auth_cert(certs, key)
+                .with_client_auth_cert(certs, private)
                 .map_err(|e| SourceError::ClientCert {
-                    path: cert_path.clone(),
-                    message: format!(
-                        "does not go with --prometheus-client-key-file {}: {e}",
-                        key_path.display()
-                    ),
+                    origin: cert.origin(CERT_FLAG),
+                    message: format!("does not go with {}: {e}", key.origin(KEY_FLAG)),
                 })
         }
         _ => Err(SourceError::ClientCertPair),
@@ -422,7 +449,7 @@ impl PrometheusSource {
         if cfg.max_concurrency == 0 {
             return Err(SourceError::Concurrency);
         }
-        if cfg.bearer_token_file.is_some() && cfg.basic_auth.is_some() {
+        if cfg.bearer_token.is_some() && cfg.basic_auth.is_some() {
             return Err(SourceError::AuthConflict);
         }
         let mut secrets = Vec::new();
@@ -456,8 +483,13 @@ impl PrometheusSource {
             headers.insert(AUTHORIZATION, value);
             secrets.push(auth.password.clone());
         }
-        if let Some(path) = &cfg.bearer_token_file {
-            bearer_header(path, &read_token(path)?)?;
+        if let Some(m) = &cfg.bearer_token {
+            let token = read_token(m)?;
+            bearer_header(m, &token)?;
+            // A fixed token (not a file) is a fixed secret to scrub from error texts.
+            if let Material::Bytes { .. } = m {
+                secrets.push(token);
+            }
         }
         let tls = tls_config(cfg)?;
         let http = reqwest::Client::builder()
@@ -479,7 +511,7 @@ impl PrometheusSource {
             client,
             timeout: cfg.timeout,
             max_concurrency: cfg.max_concurrency,
-            bearer_token_file: cfg.bearer_token_file.clone(),
+            bearer_token: cfg.bearer_token.clone(),
             secrets: Arc::new(secrets),
         })
     }
@@ -506,10 +538,10 @@ impl PrometheusSource {
         let span = tracing::info_span!("prometheus_tick", distinct_queries = distinct.len());
         async {
             // One token read per tick: a rotated token is picked up at the next tick.
-            let token = match &self.bearer_token_file {
+            let token = match &self.bearer_token {
                 None => Ok(None),
-                Some(path) => read_token(path)
-                    .and_then(|t| bearer_header(path, &t).map(|h| Some((h, t))))
+                Some(m) => read_token(m)
+                    .and_then(|t| bearer_header(m, &t).map(|h| Some((h, t))))
                     .map_err(|e| e.to_string()),
             };
             futures::stream::iter(distinct)
@@ -757,6 +789,7 @@ pub fn convert(result: &PromqlResult) -> Result<Sample, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(json: &str) -> PromqlResult {
         serde_json::from_str(json).unwrap()
@@ -960,7 +993,7 @@ spec:
             f(&mut c);
             PrometheusSource::new(&c).unwrap_err().to_string()
         };
-        let e = cfg(|c| c.ca_file = Some("/nonexistent/ca.pem".into()));
+        let e = cfg(|c| c.ca = Some(Material::File("/nonexistent/ca.pem".into())));
         assert!(
             e.starts_with("--prometheus-ca-file /nonexistent/ca.pem: cannot read: "),
             "{e}"
@@ -970,12 +1003,12 @@ spec:
         assert!(!e.contains("hunter22"), "{e}");
         let e = cfg(|c| c.url = "not a url".into());
         assert!(e.starts_with("--prometheus-url not a url: "), "{e}");
-        let e = cfg(|c| c.bearer_token_file = Some("/nonexistent/token".into()));
+        let e = cfg(|c| c.bearer_token = Some(Material::File("/nonexistent/token".into())));
         assert!(
             e.starts_with("--prometheus-bearer-token-file /nonexistent/token: cannot read"),
             "{e}"
         );
-        let e = cfg(|c| c.client_cert_file = Some("/x".into()));
+        let e = cfg(|c| c.client_cert = Some(Material::File("/x".into())));
         assert!(e.contains("--prometheus-client-key-file"), "{e}");
         let e = cfg(|c| c.headers = vec![("bad name".into(), "v".into())]);
         assert!(e.starts_with("--prometheus-header bad name: "), "{e}");
@@ -992,7 +1025,7 @@ spec:
         );
         fn cfg_with_ca(ca: &Path) -> String {
             let c = PrometheusConfig {
-                ca_file: Some(ca.to_path_buf()),
+                ca: Some(Material::File(ca.to_path_buf())),
                 ..Default::default()
             };
             PrometheusSource::new(&c).unwrap_err().to_string()
