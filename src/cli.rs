@@ -99,7 +99,10 @@ impl PrometheusArgs {
         let config = PrometheusConfig {
             url: url.clone(),
             timeout: self.prometheus_timeout,
-            bearer_token: self.prometheus_bearer_token_file.clone().map(Material::File),
+            bearer_token: self
+                .prometheus_bearer_token_file
+                .clone()
+                .map(Material::File),
             basic_auth,
             ca: self.prometheus_ca_file.clone().map(Material::File),
             client_cert: self.prometheus_client_cert_file.clone().map(Material::File),
@@ -146,6 +149,14 @@ pub struct RunArgs {
     /// How often the leader renews and candidates retry.
     #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
     pub leader_renew: std::time::Duration,
+    /// Only URLs starting with one of these may be named in a policy's `spec.prometheus.url`
+    /// (repeatable, or comma-separated in the environment; default: any URL).
+    #[arg(
+        long = "policy-prometheus-allowed-prefix",
+        env = "KSCALE_POLICY_PROMETHEUS_ALLOWED_PREFIX",
+        value_delimiter = ','
+    )]
+    pub policy_prometheus_allowed_prefix: Vec<String>,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -331,8 +342,14 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     runtime()?.block_on(async {
         let client = kube_client().await?;
         let mut ctx =
-            crate::controller::Context::new(client.clone(), backend, args.instance.clone());
+            crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        ctx.servers = crate::controller::servers::Servers::new(
+            client.clone(),
+            backend,
+            args.prometheus.prometheus_timeout,
+            args.policy_prometheus_allowed_prefix.clone(),
+        );
         // The targets' pods come from a watch, as the HPA's come from an informer.
         let (pods, pod_watch) =
             crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
@@ -393,11 +410,20 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
-        let ctx = crate::controller::Context::new(client, backend.clone(), None);
-        let queries = crate::controller::queries_of(&policy)
-            .map(str::to_string)
-            .collect();
-        let samples = backend.query_all(queries).await;
+        let mut ctx = crate::controller::Context::new(client.clone(), backend.clone(), None);
+        ctx.servers = crate::controller::servers::Servers::new(
+            client,
+            backend,
+            args.prometheus.prometheus_timeout,
+            Vec::new(),
+        );
+        let namespace = resource.metadata.namespace.clone().unwrap_or_default();
+        let mut samples = ctx.servers.query([(namespace.as_str(), &policy)]).await;
+        let samples = samples
+            .remove(&crate::controller::servers::Servers::key_of(
+                &namespace, &policy,
+            ))
+            .unwrap_or_default();
         let e = crate::controller::evaluate_live(
             &ctx,
             &resource,

@@ -71,6 +71,10 @@ pub struct ScalingPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
     pub interval: Option<String>,
+    /// The Prometheus this policy's queries go to, with its credentials; the daemon's default
+    /// (`--prometheus-url`) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusServer>,
     /// The signals to scale on; each proposes a replica count.
     #[schemars(length(min = 1, max = 16))]
     #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.name == m.name))").message("metric names must be unique"))]
@@ -124,6 +128,57 @@ pub struct PrometheusSource {
     /// An instant PromQL query.
     #[schemars(length(min = 1, max = 4096))]
     pub query: String,
+}
+
+/// A Prometheus server of one policy (Prometheus, Thanos, Mimir, Cortex or any server of the
+/// Prometheus HTTP API).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusServer {
+    /// The base URL, such as `https://thanos-query.monitoring:9090`; a path prefix is kept.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("prometheus.url must start with http:// or https://"))]
+    pub url: String,
+    /// A Secret in the policy's namespace with the credentials, by key: `token` (bearer
+    /// token), or `username` and `password` (basic auth); `ca.crt` (PEM CA bundle for https);
+    /// `tls.crt` and `tls.key` (client certificate). Re-read every evaluation, so rotation needs
+    /// no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Extra HTTP headers on every query, such as a tenant ID (`X-Scope-OrgID`). Not secret:
+    /// put secrets in the Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub headers: Vec<HttpHeader>,
+    /// The bound on one query, a Go-style duration (default: the daemon's
+    /// `--prometheus-timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub timeout: Option<String>,
+}
+
+/// A Secret in the policy's own namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// An HTTP header.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpHeader {
+    /// The header name.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub name: String,
+    /// The header value.
+    #[schemars(length(max = 4096))]
+    pub value: String,
 }
 
 /// A resource metric source (`metrics.k8s.io`).

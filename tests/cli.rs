@@ -115,6 +115,26 @@ fn validate_names_unknown_formula_metric() {
 }
 
 #[test]
+fn validate_checks_the_policy_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = std::fs::read_to_string("examples/backend-rps.yaml")
+        .unwrap()
+        .replace(
+            "\n  metrics:",
+            "\n  prometheus:\n    url: 'https://bob:hunter2@thanos:9090'\n    timeout: 0s\n    headers: [{name: 'X Tenant', value: a}]\n  metrics:",
+        );
+    let f = write(dir.path(), "p.yaml", &body);
+    let out = text(&kscale(&["validate", "-p", f.to_str().unwrap()]));
+    for needle in [
+        "spec.prometheus.url: must not carry credentials",
+        "spec.prometheus.timeout: must be longer than zero",
+        "spec.prometheus.headers[0].name: \"X Tenant\" is not an HTTP header name",
+    ] {
+        assert!(out.contains(needle), "{needle} not in {out}");
+    }
+}
+
+#[test]
 fn validate_missing_file() {
     let o = kscale(&["validate", "-p", "/nonexistent/policy.yaml"]);
     assert!(!o.status.success());

@@ -995,3 +995,82 @@ spec:
     }
     wait_replicas(&deployments, 1, Duration::from_secs(120), &log).await;
 }
+
+/// A policy names its own Prometheus (`spec.prometheus`) behind an authenticating gateway, with
+/// the token in a Secret of its namespace: a wrong token holds the count with the 401 in
+/// status; the rotated Secret is picked up without a restart and the policy scales.
+#[tokio::test]
+async fn policy_prometheus_with_credentials_from_a_secret() {
+    let _shared = APISERVER.read().await;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "ownprom", 30.0, 0).await;
+    sc.wait_visible(env, 30.0).await;
+    let proxy = support::AuthProxy::start(&env.prometheus_url, "s3cret-token");
+    support::apply_yaml(
+        &client,
+        &sc.ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}}}\nstringData: {{token: wrong-token}}\n",
+            sc.ns.name
+        ),
+    )
+    .await;
+    let patch = serde_json::json!({"spec": {"prometheus": {
+        "url": proxy.url,
+        "secretRef": {"name": "prom-auth"},
+        "headers": [{"name": "X-Scope-OrgID", "value": "team-a"}],
+        "timeout": "5s",
+    }}});
+    sc.policies
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("spec.prometheus admitted");
+
+    let log = support::repo_root().join(format!("target/ownprom-{}.log", std::process::id()));
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "own");
+
+    // The wrong token: the gateway's 401 in status, and no scaling on it.
+    support::wait_until(
+        "MetricsAvailable=False with the 401",
+        Duration::from_secs(30),
+        || async {
+            let p = sc.policies.get("web").await.map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "MetricsAvailable")
+                .ok_or("no MetricsAvailable")?;
+            if c.status == "False" && s.reason.as_deref().unwrap_or("").contains("401") {
+                Ok(())
+            } else {
+                Err(format!("{c:?}; reason {:?}", s.reason))
+            }
+        },
+    )
+    .await;
+    assert_eq!(replicas(&sc.deployments).await, 2);
+    assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert_eq!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Rotate the Secret: picked up at the next evaluation, 30 / 5 = 6 replicas.
+    support::apply_yaml(
+        &client,
+        &sc.ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}}}\nstringData: {{token: s3cret-token}}\n",
+            sc.ns.name
+        ),
+    )
+    .await;
+    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}

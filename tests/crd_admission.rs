@@ -165,6 +165,33 @@ async fn admission_rejects_bad_policies_naming_the_field() {
                 "required when onFailure is Replicas",
             ],
         ),
+        (
+            "policy-prometheus-not-http",
+            |p| {
+                p.spec.prometheus = Some(kscale::crd::PrometheusServer {
+                    url: "file:///etc/passwd".into(),
+                    secret_ref: None,
+                    headers: Vec::new(),
+                    timeout: None,
+                })
+            },
+            &["spec.prometheus.url", "must start with http:// or https://"],
+        ),
+        (
+            "policy-prometheus-bad-header",
+            |p| {
+                p.spec.prometheus = Some(kscale::crd::PrometheusServer {
+                    url: "http://prometheus:9090".into(),
+                    secret_ref: None,
+                    headers: vec![kscale::crd::HttpHeader {
+                        name: "Bad Header".into(),
+                        value: "v".into(),
+                    }],
+                    timeout: None,
+                })
+            },
+            &["spec.prometheus.headers[0].name"],
+        ),
     ];
     for (name, mutate, needles) in cases {
         let mut p = base.clone();

@@ -12,6 +12,7 @@
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
 
 pub mod leader;
+pub mod servers;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -70,8 +71,8 @@ impl QueryBackend for crate::source::prometheus::PrometheusSource {
 pub struct Context {
     /// The Kubernetes client.
     pub client: Client,
-    /// Prometheus.
-    pub prometheus: Arc<dyn QueryBackend>,
+    /// Prometheus: the daemon's default and the policies' own servers.
+    pub servers: servers::Servers,
     /// Event recorder.
     pub recorder: Recorder,
     /// The daemon's own metrics.
@@ -99,8 +100,13 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             pods: PodCache::listing(client.clone()),
+            servers: servers::Servers::new(
+                client.clone(),
+                prometheus,
+                Duration::from_secs(10),
+                Vec::new(),
+            ),
             client,
-            prometheus,
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             watch_namespace: None,
             instance: instance_name,
@@ -578,33 +584,36 @@ async fn run_tick(
     if due.is_empty() {
         return;
     }
-    let mut queries: Vec<String> = Vec::new();
-    let mut seen = HashSet::new();
-    for (_, compiled) in &due {
-        if let Ok(c) = compiled {
-            for q in queries_of(c) {
-                if seen.insert(q.to_string()) {
-                    queries.push(q.to_string());
-                }
-            }
-        }
-    }
-    let distinct = queries.len();
+    let namespaces: Vec<String> = due
+        .iter()
+        .map(|(p, _)| p.namespace().unwrap_or_default())
+        .collect();
     let started = std::time::Instant::now();
     let samples = ctx
-        .prometheus
-        .query_all(queries)
-        .instrument(info_span!("prometheus", distinct))
+        .servers
+        .query(
+            due.iter()
+                .zip(&namespaces)
+                .filter_map(|((_, c), ns)| c.as_ref().ok().map(|c| (ns.as_str(), c))),
+        )
+        .instrument(info_span!("prometheus"))
         .await;
+    let distinct: usize = samples.values().map(HashMap::len).sum();
     if distinct > 0 {
         ctx.metrics
             .prometheus_seconds
             .observe(started.elapsed().as_secs_f64());
     }
     debug!(policies = due.len(), distinct_queries = distinct, "tick");
-    for (p, compiled) in due {
+    let none = HashMap::new();
+    for ((p, compiled), namespace) in due.into_iter().zip(&namespaces) {
+        let policy_samples = compiled
+            .as_ref()
+            .ok()
+            .and_then(|c| samples.get(&servers::Servers::key_of(namespace, c)))
+            .unwrap_or(&none);
         let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-        if let Err(e) = reconcile(ctx, &p, compiled, &samples, now)
+        if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now)
             .instrument(span)
             .await
         {

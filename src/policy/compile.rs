@@ -122,6 +122,22 @@ pub struct CompiledPolicy {
     pub stale_after: TimeDelta,
     /// What failing metrics lead to.
     pub on_failure: FailureAction,
+    /// The policy's own Prometheus, when it names one.
+    pub prometheus: Option<PrometheusServer>,
+}
+
+/// A policy's own Prometheus server, validated. Equal servers share one client and one query per
+/// distinct query, as the daemon's default does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PrometheusServer {
+    /// Base URL.
+    pub url: String,
+    /// Name of the credentials Secret in the policy's namespace.
+    pub secret: Option<String>,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Bound on one query (`None`: the daemon's).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl CompiledPolicy {
@@ -165,6 +181,60 @@ fn duration_field(errors: &mut Vec<FieldError>, path: &str, text: &str) -> Optio
             errors.push(err(path, e.to_string()));
             None
         }
+    }
+}
+
+fn compile_server(
+    errors: &mut Vec<FieldError>,
+    p: &crate::crd::PrometheusServer,
+) -> PrometheusServer {
+    let url_ok = p
+        .url
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
+    if !url_ok {
+        errors.push(err(
+            "spec.prometheus.url",
+            format!("{:?} is not an http:// or https:// URL", p.url),
+        ));
+    }
+    if p.url.contains('@') {
+        errors.push(err(
+            "spec.prometheus.url",
+            "must not carry credentials; put them in the Secret of spec.prometheus.secretRef"
+                .into(),
+        ));
+    }
+    for (i, h) in p.headers.iter().enumerate() {
+        let token = !h.name.is_empty()
+            && h.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b));
+        if !token {
+            errors.push(err(
+                format!("spec.prometheus.headers[{i}].name"),
+                format!("{:?} is not an HTTP header name", h.name),
+            ));
+        }
+        if h.value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            errors.push(err(
+                format!("spec.prometheus.headers[{i}].value"),
+                "holds control characters".into(),
+            ));
+        }
+    }
+    let timeout = p.timeout.as_deref().and_then(|t| {
+        duration_field(errors, "spec.prometheus.timeout", t).and_then(|d| d.to_std().ok())
+    });
+    PrometheusServer {
+        url: p.url.clone(),
+        secret: p.secret_ref.as_ref().map(|s| s.name.clone()),
+        headers: p
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+        timeout,
     }
 }
 
@@ -448,6 +518,17 @@ pub fn compile_spec(
         })
         .unwrap_or(DEFAULT_INTERVAL);
 
+    let prometheus = spec
+        .prometheus
+        .as_ref()
+        .map(|p| compile_server(&mut errors, p));
+    if prometheus.is_some() && !spec.metrics.iter().any(|m| m.prometheus.is_some()) {
+        errors.push(err(
+            "spec.prometheus",
+            "is set but no metric has a prometheus source".into(),
+        ));
+    }
+
     if spec.metrics.is_empty() {
         errors.push(err("spec.metrics", "must hold at least one metric".into()));
     }
@@ -666,6 +747,7 @@ pub fn compile_spec(
     }
     Ok(CompiledPolicy {
         name,
+        prometheus,
         mode: spec.mode,
         min_replicas,
         max_replicas: spec.max_replicas,

@@ -722,6 +722,128 @@ fn serve_metrics(listener: TcpListener, series: Arc<Mutex<Series>>, stop: Arc<At
     }
 }
 
+// ------------------------------------------------------------------ authenticating proxy
+
+/// An HTTP proxy on 127.0.0.1 in front of Prometheus that demands `Authorization: Bearer
+/// <token>` (401 otherwise), as an authenticating gateway in front of a real Prometheus does.
+/// One request per connection (`Connection: close`). Counts the requests it forwards.
+pub struct AuthProxy {
+    pub url: String,
+    addr: SocketAddr,
+    pub forwarded: Arc<AtomicU32>,
+    pub refused: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AuthProxy {
+    pub fn start(prometheus_url: &str, token: &str) -> AuthProxy {
+        let upstream: SocketAddr = prometheus_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("Prometheus URL is http://ip:port");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (forwarded, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let expected = format!("bearer {token}");
+        {
+            let (forwarded, refused, stop) = (forwarded.clone(), refused.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = conn else { continue };
+                    let (forwarded, refused, expected) =
+                        (forwarded.clone(), refused.clone(), expected.clone());
+                    std::thread::spawn(move || {
+                        proxy_one(client, upstream, &expected, &forwarded, &refused)
+                    });
+                }
+            });
+        }
+        AuthProxy {
+            url: format!("http://{addr}"),
+            addr,
+            forwarded,
+            refused,
+            stop,
+        }
+    }
+}
+
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    expected: &str,
+    forwarded: &AtomicU32,
+    refused: &AtomicU32,
+) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let mut length = 0usize;
+    let mut authorized = false;
+    let mut lines: Vec<&str> = Vec::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if let Some(v) = lower.strip_prefix("authorization:") {
+            authorized = v.trim() == expected;
+        }
+        if !lower.starts_with("connection:") {
+            lines.push(line);
+        }
+    }
+    while data.len() < head_end + length {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    if !authorized {
+        refused.fetch_add(1, Ordering::SeqCst);
+        let _ = client.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nContent-Length: 13\r\nConnection: close\r\n\r\nunauthorized\n",
+        );
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let mut request = lines.join("\r\n");
+    request.push_str("\r\nConnection: close\r\n\r\n");
+    let mut out = request.into_bytes();
+    out.extend_from_slice(&data[head_end..head_end + length]);
+    if server.write_all(&out).is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response);
+    forwarded.fetch_add(1, Ordering::SeqCst);
+    let _ = client.write_all(&response);
+}
+
+impl Drop for AuthProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
 // ------------------------------------------------------------------ kscale's CRD
 
 /// Installs (server-side applies) kscale's ScalingPolicy CRD and waits until it is Established.
