@@ -118,6 +118,13 @@ impl PrometheusArgs {
 /// `kscale run` arguments.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// A YAML file of defaults for these flags (keys: the long flag names); flags and their
+    /// environment variables win over it.
+    #[arg(long, env = "KSCALE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Evaluation interval of policies that set no `spec.interval` (Go-style duration).
+    #[arg(long, env = "KSCALE_DEFAULT_INTERVAL", default_value = "15s", value_parser = parse_std_duration)]
+    pub default_interval: std::time::Duration,
     /// Prometheus.
     #[command(flatten)]
     pub prometheus: PrometheusArgs,
@@ -344,6 +351,8 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         let mut ctx =
             crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
+            .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
         ctx.servers = crate::controller::servers::Servers::new(
             client.clone(),
             backend,

@@ -17,6 +17,7 @@
 pub mod actuate;
 pub mod backtest;
 pub mod cli;
+pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod load;

@@ -2,11 +2,19 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use kscale::cli::{Cli, CliError, execute};
+use kscale::cli::{CliError, execute};
+use kscale::config::ConfigError;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match kscale::config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        // Help, version and usage errors print as clap prints them.
+        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("kscale: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match execute(cli, &mut out) {

@@ -83,6 +83,8 @@ pub struct Context {
     pub instance: String,
     /// The targets' pods (a watch in the daemon, a list per call elsewhere).
     pub pods: PodCache,
+    /// Interval of policies without `spec.interval` (`--default-interval`).
+    pub default_interval: chrono::TimeDelta,
 }
 
 impl Context {
@@ -100,6 +102,7 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             pods: PodCache::listing(client.clone()),
+            default_interval: crate::policy::compile::DEFAULT_INTERVAL,
             servers: servers::Servers::new(
                 client.clone(),
                 prometheus,
@@ -568,9 +571,10 @@ async fn run_tick(
             Ok(p) => {
                 // Compiled once per tick: for the interval, the queries and the evaluation.
                 let compiled = CompiledPolicy::from_resource(p);
-                let interval = compiled
-                    .as_ref()
-                    .map_or(crate::policy::compile::DEFAULT_INTERVAL, |c| c.interval);
+                let interval = match (&compiled, &p.spec.interval) {
+                    (Ok(c), Some(_)) => c.interval,
+                    _ => ctx.default_interval,
+                };
                 schedule.insert(key, (now + interval, generation));
                 due.push((p.clone(), compiled));
             }
