@@ -62,6 +62,20 @@ pub enum ActuateError {
         /// The HPA's name.
         hpa: String,
     },
+    /// An older ScalingPolicy in mode Controller drives the same target.
+    #[error(
+        "{kind} {namespace}/{name} is also driven by ScalingPolicy {policy}, which is older; a target has exactly one writer, so this policy does not scale it (delete one of them, or set this one to mode DryRun or ExternalMetric)"
+    )]
+    PolicyConflict {
+        /// Kind.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The policy that writes.
+        policy: String,
+    },
     /// An API call failed.
     #[error("{what} {kind} {namespace}/{name}: {source}")]
     Api {
@@ -85,6 +99,7 @@ impl ActuateError {
             ActuateError::BadApiVersion(_) | ActuateError::UnknownKind { .. } => "InvalidTargetRef",
             ActuateError::NotScalable { .. } => "TargetNotScalable",
             ActuateError::HpaConflict { .. } => "ConflictingHPA",
+            ActuateError::PolicyConflict { .. } => "ConflictingPolicy",
             ActuateError::Api {
                 what: "reading the scale of",
                 ..

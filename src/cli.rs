@@ -440,6 +440,7 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
             &samples,
             chrono::Utc::now(),
             false,
+            None,
         )
         .await
         .map_err(|e| CliError::Cluster(e.to_string()))?;

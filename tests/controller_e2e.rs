@@ -1074,3 +1074,145 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
     wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
     assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
+
+/// One writer per target, and one bad object harms nothing: a second, newer Controller policy
+/// on the same Deployment reports `ConflictingPolicy` and never writes; a ScalingPolicy stored
+/// under a looser schema (as after a CRD upgrade) that kscale cannot read gets a
+/// `MalformedPolicy` Warning event, and the watch and the other policies go on.
+#[tokio::test]
+async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    // The CRD is loosened for a moment: no other test may create policies meanwhile.
+    let _exclusive = APISERVER.write().await;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "conflict", 30.0, 0).await;
+    let ns = sc.ns.name.clone();
+
+    // A looser CRD admits an object kscale's types cannot read; then the real CRD is back.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut loose = kscale::crd::crd();
+    for v in &mut loose.spec.versions {
+        let schema = v
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .expect("schema");
+        let spec = schema
+            .properties
+            .as_mut()
+            .and_then(|p| p.get_mut("spec"))
+            .expect("spec schema");
+        *spec = serde_json::from_value(
+            serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        )
+        .expect("loose schema");
+    }
+    crds.patch(
+        "scalingpolicies.kscale.dev",
+        &kube::api::PatchParams::apply("kscale-tests").force(),
+        &kube::api::Patch::Apply(&loose),
+    )
+    .await
+    .expect("loose CRD applied");
+    let gvk = kube::core::GroupVersionKind::gvk("kscale.dev", "v1alpha1", "ScalingPolicy");
+    let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, "scalingpolicies");
+    let dynamic: Api<kube::core::DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &resource);
+    let malformed: kube::core::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy",
+        "metadata": {"name": "malformed", "namespace": ns},
+        "spec": {"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                 "maxReplicas": "ten", "metrics": "none"}
+    }))
+    .expect("object");
+    support::wait_until(
+        "the loose schema to admit the object",
+        Duration::from_secs(30),
+        || async {
+            dynamic
+                .create(&PostParams::default(), &malformed)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    support::install_crd(&client).await;
+
+    // A newer Controller policy on the same target that would want 10 replicas.
+    let mut late = sc.policy.clone();
+    late.metadata.name = Some("web-late".into());
+    late.spec.metrics[0].target.average_value = Some(
+        k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into()),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later creationTimestamp
+    sc.policies
+        .create(&PostParams::default(), &late)
+        .await
+        .expect("late policy created");
+
+    let log = support::repo_root().join(format!("target/conflict-{}.log", std::process::id()));
+    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns).await;
+    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &ns, "conflict");
+
+    // The older policy writes: 30 / 5 = 6.
+    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_until(
+        "web-late reports ConflictingPolicy",
+        Duration::from_secs(20),
+        || async {
+            let p = sc
+                .policies
+                .get("web-late")
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .ok_or("no Ready")?;
+            if c.status == "False"
+                && c.reason == "ConflictingPolicy"
+                && c.message.contains(&format!("ScalingPolicy {ns}/web,"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    support::wait_until(
+        "a MalformedPolicy event",
+        Duration::from_secs(20),
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("MalformedPolicy")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("malformed")
+                })
+                .map(|_| ())
+                .ok_or_else(|| format!("{} events, no MalformedPolicy", list.items.len()))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&sc.deployments).await,
+        6,
+        "only the older policy writes"
+    );
+    // The writer still evaluates: the metric rises, it scales.
+    sc.set(40.0);
+    wait_replicas(&sc.deployments, 8, Duration::from_secs(30), &log).await;
+}

@@ -197,6 +197,7 @@ pub async fn evaluate_live(
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
     write: bool,
+    writer: Option<&str>,
 ) -> Result<Evaluated, EvalError> {
     let name = format!(
         "{}/{}",
@@ -268,6 +269,14 @@ pub async fn evaluate_live(
     if decision.replicas != decision.current {
         match policy.mode {
             Mode::Controller if write => {
+                if let Some(other) = writer {
+                    return Err(target_err(ActuateError::PolicyConflict {
+                        kind: resource.spec.target_ref.kind.clone(),
+                        namespace: namespace.clone(),
+                        name: resource.spec.target_ref.name.clone(),
+                        policy: other.to_string(),
+                    }));
+                }
                 target.check_no_hpa(&ctx.client).await.map_err(target_err)?;
                 target.write(decision.replicas).await.map_err(target_err)?;
                 decision.record_applied(&policy, now);
@@ -297,6 +306,16 @@ fn object_ref(p: &ScalingPolicy) -> ObjectReference {
 }
 
 async fn publish(ctx: &Context, p: &ScalingPolicy, type_: EventType, reason: &str, note: String) {
+    publish_on(ctx, &object_ref(p), type_, reason, note).await;
+}
+
+async fn publish_on(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -304,7 +323,7 @@ async fn publish(ctx: &Context, p: &ScalingPolicy, type_: EventType, reason: &st
         action: "Scale".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &object_ref(p)).await {
+    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
         warn!(error = %e, "publishing an event failed");
     }
 }
@@ -387,11 +406,12 @@ pub async fn reconcile(
     compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
+    writer: Option<&str>,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let started = std::time::Instant::now();
     let result = match compiled {
-        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, true).await,
+        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, true, writer).await,
         Err(errors) => Err(EvalError::Invalid {
             policy: name.clone(),
             errors,
@@ -542,7 +562,67 @@ pub async fn run(
     Ok(())
 }
 
-type Schedule = HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, (DateTime<Utc>, Option<i64>)>;
+/// A target as the one-writer rule sees it: namespace, API group, kind, name.
+type TargetKey = (String, String, String, String);
+
+fn target_key(p: &ScalingPolicy) -> TargetKey {
+    let r = &p.spec.target_ref;
+    let group = r
+        .api_version
+        .as_deref()
+        .and_then(|v| v.split_once('/'))
+        .map_or_else(String::new, |(g, _)| g.to_string());
+    (
+        p.namespace().unwrap_or_default(),
+        group,
+        r.kind.clone(),
+        r.name.clone(),
+    )
+}
+
+/// The one policy allowed to write each target: among valid policies in mode `Controller`, the
+/// oldest (then the first by name). The others report `ConflictingPolicy` and never write.
+/// Validity comes from the schedule when it knows this generation, so policies are not
+/// compiled again every tick.
+fn writers(
+    all: &[Arc<DeserializeGuard<ScalingPolicy>>],
+    schedule: &Schedule,
+) -> HashMap<TargetKey, String> {
+    let mut owners: HashMap<TargetKey, (Option<String>, String)> = HashMap::new();
+    for obj in all {
+        let Ok(p) = &obj.0 else { continue };
+        if p.spec.mode != Mode::Controller {
+            continue;
+        }
+        let valid = match schedule.get(&ObjectRef::from_obj(obj.as_ref())) {
+            Some((_, generation, valid)) if *generation == p.metadata.generation => *valid,
+            _ => CompiledPolicy::from_resource(p).is_ok(),
+        };
+        if !valid {
+            continue;
+        }
+        let created = p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string());
+        let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let candidate = (created, name);
+        owners
+            .entry(target_key(p))
+            .and_modify(|cur| {
+                if candidate < *cur {
+                    *cur = candidate.clone();
+                }
+            })
+            .or_insert(candidate);
+    }
+    owners.into_iter().map(|(k, (_, n))| (k, n)).collect()
+}
+
+/// Per policy: when it is next due, the generation last seen, and whether it compiled.
+type Schedule =
+    HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, (DateTime<Utc>, Option<i64>, bool)>;
 
 async fn run_tick(
     ctx: &Context,
@@ -556,13 +636,15 @@ async fn run_tick(
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
     schedule.retain(|k, _| live.contains(k));
+    let writers = writers(&all, schedule);
     let mut due = Vec::new();
+    let mut malformed = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
         let generation = obj.meta().generation;
         let is_due = match schedule.get(&key) {
             None => true,
-            Some((at, g)) => *g != generation || *at <= now,
+            Some((at, g, _)) => *g != generation || *at <= now,
         };
         if !is_due {
             continue;
@@ -575,15 +657,41 @@ async fn run_tick(
                     (Ok(c), Some(_)) => c.interval,
                     _ => ctx.default_interval,
                 };
-                schedule.insert(key, (now + interval, generation));
+                schedule.insert(key, (now + interval, generation, compiled.is_ok()));
                 due.push((p.clone(), compiled));
             }
             Err(invalid) => {
                 // Malformed objects are reported once per generation and never stop the others.
-                schedule.insert(key, (now + chrono::TimeDelta::days(3650), generation));
-                warn!(policy = %format!("{}/{}", invalid.metadata.namespace.clone().unwrap_or_default(), invalid.metadata.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
+                schedule.insert(
+                    key,
+                    (now + chrono::TimeDelta::days(3650), generation, false),
+                );
+                let meta = &invalid.metadata;
+                warn!(policy = %format!("{}/{}", meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
+                malformed.push((
+                    ObjectReference {
+                        api_version: Some("kscale.dev/v1alpha1".into()),
+                        kind: Some("ScalingPolicy".into()),
+                        name: meta.name.clone(),
+                        namespace: meta.namespace.clone(),
+                        uid: meta.uid.clone(),
+                        resource_version: meta.resource_version.clone(),
+                        ..Default::default()
+                    },
+                    invalid.error.clone(),
+                ));
             }
         }
+    }
+    for (regarding, error) in malformed {
+        publish_on(
+            ctx,
+            &regarding,
+            EventType::Warning,
+            "MalformedPolicy",
+            format!("kscale cannot read this ScalingPolicy and ignores it (other policies are unaffected): {error}"),
+        )
+        .await;
     }
     if due.is_empty() {
         return;
@@ -617,7 +725,11 @@ async fn run_tick(
             .and_then(|c| samples.get(&servers::Servers::key_of(namespace, c)))
             .unwrap_or(&none);
         let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-        if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now)
+        let writer = writers
+            .get(&target_key(&p))
+            .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .map(String::as_str);
+        if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer)
             .instrument(span)
             .await
         {
