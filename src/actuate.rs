@@ -4,6 +4,10 @@
 //! manager `kscale`, and refuses a target that a HorizontalPodAutoscaler also drives: each
 //! target has exactly one writer.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use k8s_openapi::api::autoscaling::v2::{CrossVersionObjectReference, HorizontalPodAutoscaler};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -11,6 +15,17 @@ use kube::{Client, discovery};
 
 /// The field manager of every kscale write.
 pub const FIELD_MANAGER: &str = "kscale";
+
+/// How long a discovery answer is reused.
+const KIND_TTL: Duration = Duration::from_secs(300);
+
+/// Discovery answers (the resource of a kind, and whether it has `/scale`), kept for
+/// [`KIND_TTL`]: resolving a kind on every evaluation would cost a discovery request per policy
+/// per interval. Failures are not kept, so a CRD installed later is found at the next try.
+#[derive(Default)]
+pub struct KindCache {
+    entries: Mutex<HashMap<GroupVersionKind, (Instant, ApiResource, bool)>>,
+}
 
 /// Why the target could not be read or written; messages name the target.
 #[derive(Debug, thiserror::Error)]
@@ -158,27 +173,52 @@ impl ScaleTarget {
         namespace: &str,
         reference: &CrossVersionObjectReference,
     ) -> Result<ScaleTarget, ActuateError> {
+        Self::resolve_cached(client, None, namespace, reference).await
+    }
+
+    /// [`resolve`](Self::resolve), with discovery answers from `cache` when it has them.
+    pub async fn resolve_cached(
+        client: &Client,
+        cache: Option<&KindCache>,
+        namespace: &str,
+        reference: &CrossVersionObjectReference,
+    ) -> Result<ScaleTarget, ActuateError> {
         let api_version = reference
             .api_version
             .clone()
             .unwrap_or_else(|| "apps/v1".to_string());
         let (group, version) = parse_gv(&api_version)?;
         let gvk = GroupVersionKind::gvk(&group, &version, &reference.kind);
-        let (ar, caps): (ApiResource, _) =
-            discovery::pinned_kind(client, &gvk)
-                .await
-                .map_err(|source| ActuateError::UnknownKind {
-                    api_version: api_version.clone(),
-                    kind: reference.kind.clone(),
-                    namespace: namespace.to_string(),
-                    name: reference.name.clone(),
-                    source: Box::new(source),
-                })?;
-        if !caps
-            .subresources
-            .iter()
-            .any(|(sub, _)| sub.plural == "scale")
-        {
+        let cached = cache.and_then(|c| {
+            c.entries.lock().ok().and_then(|m| {
+                m.get(&gvk)
+                    .filter(|(at, _, _)| at.elapsed() < KIND_TTL)
+                    .map(|(_, ar, scalable)| (ar.clone(), *scalable))
+            })
+        });
+        let (ar, scalable) = match cached {
+            Some(hit) => hit,
+            None => {
+                let (ar, caps) = discovery::pinned_kind(client, &gvk)
+                    .await
+                    .map_err(|source| ActuateError::UnknownKind {
+                        api_version: api_version.clone(),
+                        kind: reference.kind.clone(),
+                        namespace: namespace.to_string(),
+                        name: reference.name.clone(),
+                        source: Box::new(source),
+                    })?;
+                let scalable = caps
+                    .subresources
+                    .iter()
+                    .any(|(sub, _)| sub.plural == "scale");
+                if let Some(mut m) = cache.and_then(|c| c.entries.lock().ok()) {
+                    m.insert(gvk, (Instant::now(), ar.clone(), scalable));
+                }
+                (ar, scalable)
+            }
+        };
+        if !scalable {
             return Err(ActuateError::NotScalable {
                 api_version,
                 kind: reference.kind.clone(),

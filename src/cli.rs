@@ -164,6 +164,9 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub policy_prometheus_allowed_prefix: Vec<String>,
+    /// How many policies are evaluated at once (each reads its target's scale and writes).
+    #[arg(long, env = "KSCALE_MAX_CONCURRENT_EVALUATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_evaluations: u16,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -351,6 +354,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         let mut ctx =
             crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        ctx.concurrency = usize::from(args.max_concurrent_evaluations);
         ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
             .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
         ctx.servers = crate::controller::servers::Servers::new(

@@ -753,14 +753,26 @@ async fn prometheus_outage_holds_and_recovers() {
     // It returns: the controller recovers on its own and acts on the real value (5 → 1).
     relay.start();
     wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
-    let p = policies.get("web").await.expect("policy");
-    let s = p.status.expect("status");
-    let c = s
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "MetricsAvailable")
-        .expect("condition");
-    assert_eq!(c.status, "True");
+    // The status is written right after the scale (same evaluation).
+    support::wait_until(
+        "MetricsAvailable=True after recovery",
+        Duration::from_secs(10),
+        || async {
+            let p = policies.get("web").await.map_err(|e| e.to_string())?;
+            let s = p.status.ok_or("no status")?;
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "MetricsAvailable")
+                .ok_or("no condition")?;
+            if c.status == "True" {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// Restarts the environment's kube-apiserver with the same command line (etcd keeps the data).

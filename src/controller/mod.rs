@@ -1,12 +1,15 @@
 //! The scaling controller: watches ScalingPolicies, reads their metrics, evaluates them with the
 //! pure core and acts on the decision.
 //!
-//! Kubernetes state arrives through a watch (a reflector store of ScalingPolicies, with
-//! `DeserializeGuard` so one malformed object cannot stop it); a one-second tick picks the
-//! policies whose `spec.interval` is due (a changed generation is due at once), sends every
-//! distinct PromQL query of the tick once, then for each policy reads the target's scale
-//! subresource and pods, evaluates, writes the scale (mode `Controller` only, and only on a
-//! change), records an Event, and writes the status (server-side apply, field manager `kscale`).
+//! Kubernetes state arrives through watches: a reflector store of ScalingPolicies (with
+//! `DeserializeGuard`, so one malformed object cannot stop it) and one of pods. The loop wakes at
+//! the next due time (and at least every 100 ms to notice new or changed policies, which are due
+//! at once). Due times are aligned to multiples of each interval, so policies with the same
+//! interval run in the same tick and every distinct PromQL query of a tick is sent once per
+//! server ([`servers`]). The tick's policies are then evaluated concurrently, those whose query
+//! answers changed first: each reads its target's scale subresource, evaluates, writes the scale
+//! (mode `Controller` only, only on a change, and only by the one policy that owns the target),
+//! records an Event, and writes the status (server-side apply, field manager `kscale`).
 //!
 //! With leader election ([`leader`]), every replica keeps the watch warm but only the Lease
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
@@ -85,6 +88,10 @@ pub struct Context {
     pub pods: PodCache,
     /// Interval of policies without `spec.interval` (`--default-interval`).
     pub default_interval: chrono::TimeDelta,
+    /// Discovery answers for the targets' kinds.
+    pub kinds: crate::actuate::KindCache,
+    /// Policies evaluated at once (`--max-concurrent-evaluations`).
+    pub concurrency: usize,
 }
 
 impl Context {
@@ -103,6 +110,8 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             pods: PodCache::listing(client.clone()),
             default_interval: crate::policy::compile::DEFAULT_INTERVAL,
+            kinds: crate::actuate::KindCache::default(),
+            concurrency: 16,
             servers: servers::Servers::new(
                 client.clone(),
                 prometheus,
@@ -209,9 +218,14 @@ pub async fn evaluate_live(
         policy: name.clone(),
         source,
     };
-    let target = ScaleTarget::resolve(&ctx.client, &namespace, &resource.spec.target_ref)
-        .await
-        .map_err(target_err)?;
+    let target = ScaleTarget::resolve_cached(
+        &ctx.client,
+        Some(&ctx.kinds),
+        &namespace,
+        &resource.spec.target_ref,
+    )
+    .await
+    .map_err(target_err)?;
     let scale = target.read().await.map_err(target_err)?;
 
     // The target's pods, read once for the readiness count and every resource metric.
@@ -488,13 +502,34 @@ pub async fn reconcile(
             failure_status(p, label, source.to_string(), now)
         }
     };
-    write_status(ctx, p, &status)
-        .await
-        .map_err(|e| PolicyError::Status {
-            policy: name,
-            source: Box::new(e),
-        })?;
+    if status_changed(p.status.as_ref(), &status) {
+        write_status(ctx, p, &status)
+            .await
+            .map_err(|e| PolicyError::Status {
+                policy: name,
+                source: Box::new(e),
+            })?;
+    }
     result.map(|_| ()).map_err(PolicyError::from)
+}
+
+/// A status that only moves `lastEvaluationTime` (a policy that keeps failing the same way, say)
+/// is written at most this often. Anything else is written at once, the stabilization history
+/// included, so a new leader continues the same windows.
+const STATUS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`].
+fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) -> bool {
+    let Some(old) = old else { return true };
+    let (Some(then), Some(now)) = (old.last_evaluation_time, new.last_evaluation_time) else {
+        return true;
+    };
+    if now - then >= STATUS_REFRESH {
+        return true;
+    }
+    let mut same = new.clone();
+    same.last_evaluation_time = old.last_evaluation_time;
+    same != *old
 }
 
 /// Runs the controller until `shutdown` resolves. With `election`, only the Lease holder
@@ -532,22 +567,27 @@ pub async fn run(
         _ = &mut shutdown => { watch.abort(); return Ok(()); }
     }
     info!("ScalingPolicy watch synced");
-    let mut schedule = Schedule::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut state = TickState::default();
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = &mut shutdown => break,
         }
         let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
         ctx.metrics.leader.set(i64::from(is_leader));
         if is_leader {
-            run_tick(&ctx, &reader, &mut schedule).await;
+            run_tick(&ctx, &reader, &mut state).await;
         } else {
             // A follower evaluates nothing; when it leads, every policy is due at once.
-            schedule.clear();
+            state.schedule.clear();
         }
+        // Wake at the next due time, and at least every POLL to notice new or changed policies.
+        let next = state.schedule.values().map(|(at, _, _)| *at).min();
+        wait = next
+            .and_then(|at| (at - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO)
+            .min(POLL);
         // Ready after the first sync and the first tick (a follower is ready to take over).
         ctx.metrics.set_ready();
     }
@@ -620,6 +660,40 @@ fn writers(
     owners.into_iter().map(|(k, (_, n))| (k, n)).collect()
 }
 
+/// The longest the loop sleeps: a new or changed policy is evaluated within this.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What the loop keeps between ticks.
+#[derive(Default)]
+struct TickState {
+    schedule: Schedule,
+    /// Each query's last values, to put the policies whose inputs changed first in a tick.
+    last: HashMap<(servers::ServerKey, String), Option<Vec<u64>>>,
+}
+
+/// The next evaluation after `now` for `interval`, aligned to multiples of the interval since
+/// the epoch, so that every policy with the same interval is due in the same tick and their
+/// identical queries are sent once. At least half an interval away, so a new policy (evaluated
+/// at once) is not evaluated again a moment later.
+fn next_due(now: DateTime<Utc>, interval: chrono::TimeDelta) -> DateTime<Utc> {
+    let step = interval.num_milliseconds().max(1);
+    let t = now.timestamp_millis();
+    let mut next = (t.div_euclid(step) + 1) * step;
+    if next - t < step / 2 {
+        next += step;
+    }
+    DateTime::from_timestamp_millis(next).unwrap_or(now + interval)
+}
+
+/// What decides whether a query's answer changed: its values, or nothing when it is not a
+/// series (missing, an error).
+fn fingerprint(sample: &Sample) -> Option<Vec<u64>> {
+    match sample {
+        Sample::Series { values, .. } => Some(values.iter().map(|v| v.to_bits()).collect()),
+        _ => None,
+    }
+}
+
 /// Per policy: when it is next due, the generation last seen, and whether it compiled.
 type Schedule =
     HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, (DateTime<Utc>, Option<i64>, bool)>;
@@ -627,8 +701,9 @@ type Schedule =
 async fn run_tick(
     ctx: &Context,
     reader: &Store<DeserializeGuard<ScalingPolicy>>,
-    schedule: &mut Schedule,
+    state: &mut TickState,
 ) {
+    let schedule = &mut state.schedule;
     let now = Utc::now();
     let all = reader.state();
     let live: HashSet<_> = all
@@ -642,9 +717,9 @@ async fn run_tick(
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
         let generation = obj.meta().generation;
-        let is_due = match schedule.get(&key) {
-            None => true,
-            Some((at, g, _)) => *g != generation || *at <= now,
+        let (is_due, fresh) = match schedule.get(&key) {
+            None => (true, true),
+            Some((at, g, _)) => (*g != generation || *at <= now, *g != generation),
         };
         if !is_due {
             continue;
@@ -657,8 +732,8 @@ async fn run_tick(
                     (Ok(c), Some(_)) => c.interval,
                     _ => ctx.default_interval,
                 };
-                schedule.insert(key, (now + interval, generation, compiled.is_ok()));
-                due.push((p.clone(), compiled));
+                schedule.insert(key, (next_due(now, interval), generation, compiled.is_ok()));
+                due.push((p.clone(), compiled, fresh));
             }
             Err(invalid) => {
                 // Malformed objects are reported once per generation and never stop the others.
@@ -698,7 +773,7 @@ async fn run_tick(
     }
     let namespaces: Vec<String> = due
         .iter()
-        .map(|(p, _)| p.namespace().unwrap_or_default())
+        .map(|(p, _, _)| p.namespace().unwrap_or_default())
         .collect();
     let started = std::time::Instant::now();
     let samples = ctx
@@ -706,7 +781,7 @@ async fn run_tick(
         .query(
             due.iter()
                 .zip(&namespaces)
-                .filter_map(|((_, c), ns)| c.as_ref().ok().map(|c| (ns.as_str(), c))),
+                .filter_map(|((_, c, _), ns)| c.as_ref().ok().map(|c| (ns.as_str(), c))),
         )
         .instrument(info_span!("prometheus"))
         .await;
@@ -717,23 +792,65 @@ async fn run_tick(
             .observe(started.elapsed().as_secs_f64());
     }
     debug!(policies = due.len(), distinct_queries = distinct, "tick");
-    let none = HashMap::new();
-    for ((p, compiled), namespace) in due.into_iter().zip(&namespaces) {
-        let policy_samples = compiled
-            .as_ref()
-            .ok()
-            .and_then(|c| samples.get(&servers::Servers::key_of(namespace, c)))
-            .unwrap_or(&none);
-        let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-        let writer = writers
-            .get(&target_key(&p))
-            .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
-            .map(String::as_str);
-        if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer)
-            .instrument(span)
-            .await
-        {
-            warn!(error = %e, "evaluation failed");
+    // Queries whose answer changed since they last ran: their policies go first, so a change
+    // reaches the scale subresource without waiting behind the policies it does not affect.
+    let mut changed: HashSet<(servers::ServerKey, &str)> = HashSet::new();
+    for (server, answers) in &samples {
+        for (query, sample) in answers {
+            let print = fingerprint(sample);
+            let key = (server.clone(), query.clone());
+            if state.last.get(&key) != Some(&print) {
+                changed.insert((server.clone(), query.as_str()));
+                state.last.insert(key, print);
+            }
         }
+    }
+    let mut work: Vec<_> = due
+        .into_iter()
+        .zip(&namespaces)
+        .map(|((p, compiled, fresh), namespace)| {
+            let server = compiled
+                .as_ref()
+                .ok()
+                .map(|c| servers::Servers::key_of(namespace, c));
+            let urgent = fresh
+                || compiled.as_ref().is_ok_and(|c| {
+                    queries_of(c).any(|q| changed.contains(&(server.clone().flatten(), q)))
+                });
+            (urgent, p, compiled, server)
+        })
+        .collect();
+    work.sort_by_key(|(urgent, ..)| !*urgent);
+    let none = HashMap::new();
+    let samples = &samples;
+    let writers = &writers;
+    let none = &none;
+    futures::stream::iter(work)
+        .map(|(_, p, compiled, server)| async move {
+            let policy_samples = server
+                .and_then(|k| samples.get(&k))
+                .unwrap_or(none);
+            let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
+            let writer = writers
+                .get(&target_key(&p))
+                .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                .map(String::as_str);
+            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer)
+                .instrument(span)
+                .await
+            {
+                warn!(error = %e, "evaluation failed");
+            }
+        })
+        .buffer_unordered(ctx.concurrency.max(1))
+        .collect::<()>()
+        .await;
+    // Forget queries no policy asked for lately (their policies were deleted or changed).
+    if state.last.len() > 4 * distinct.max(64) {
+        state.last.retain(|(server, q), _| {
+            samples
+                .get(server)
+                .is_some_and(|answers| answers.contains_key(q))
+        });
     }
 }
