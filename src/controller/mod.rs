@@ -389,6 +389,16 @@ async fn write_status(
     .map(|_| ())
 }
 
+/// Whether the policy's status already reports this failure (Ready False, same reason and
+/// message).
+fn same_failure(p: &ScalingPolicy, reason: &str, message: &str) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "Ready" && c.status == "False" && c.reason == reason && c.message == message
+        })
+    })
+}
+
 /// A status for a policy that could not be evaluated: the condition says why, the history is kept.
 fn failure_status(
     p: &ScalingPolicy,
@@ -405,7 +415,12 @@ fn failure_status(
         status: "False".into(),
         reason: reason.into(),
         message,
-        last_transition_time: k8s_time(now),
+        // Ready was already False: it did not transition now.
+        last_transition_time: status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False")
+            .map_or_else(|| k8s_time(now), |c| c.last_transition_time.clone()),
         observed_generation: p.metadata.generation,
     };
     status.conditions.retain(|c| c.type_ != "Ready");
@@ -485,21 +500,21 @@ pub async fn reconcile(
         }
         Err(EvalError::Invalid { errors, .. }) => {
             warn!(policy = %name, %errors, "invalid policy");
-            publish(
-                ctx,
-                p,
-                EventType::Warning,
-                "InvalidPolicy",
-                errors.to_string(),
-            )
-            .await;
-            failure_status(p, "InvalidPolicy", errors.to_string(), now)
+            let message = errors.to_string();
+            // One event per new failure, not one per interval while it lasts.
+            if !same_failure(p, "InvalidPolicy", &message) {
+                publish(ctx, p, EventType::Warning, "InvalidPolicy", message.clone()).await;
+            }
+            failure_status(p, "InvalidPolicy", message, now)
         }
         Err(EvalError::Target { source, .. }) => {
             warn!(policy = %name, error = %source, "target");
             let label = source.kind_label();
-            publish(ctx, p, EventType::Warning, label, source.to_string()).await;
-            failure_status(p, label, source.to_string(), now)
+            let message = source.to_string();
+            if !same_failure(p, label, &message) {
+                publish(ctx, p, EventType::Warning, label, message.clone()).await;
+            }
+            failure_status(p, label, message, now)
         }
     };
     if status_changed(p.status.as_ref(), &status) {
@@ -852,5 +867,57 @@ async fn run_tick(
                 .get(server)
                 .is_some_and(|answers| answers.contains_key(q))
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn due_times_align_to_the_interval_at_least_half_an_interval_ahead() {
+        let ten = chrono::TimeDelta::seconds(10);
+        // 1_800_000_000 is a multiple of 10 s.
+        assert_eq!(next_due(at(3), ten), at(10));
+        assert_eq!(next_due(at(6), ten), at(20));
+        assert_eq!(next_due(at(10), ten), at(20));
+        // Policies evaluated at different moments meet at the same boundary.
+        assert_eq!(next_due(at(11), ten), next_due(at(14), ten));
+    }
+
+    #[test]
+    fn status_is_rewritten_only_with_news_or_after_the_refresh() {
+        let old = ScalingPolicyStatus {
+            desired_replicas: Some(3),
+            last_evaluation_time: Some(at(0)),
+            ..Default::default()
+        };
+        let mut new = old.clone();
+        new.last_evaluation_time = Some(at(10));
+        assert!(!status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(60));
+        assert!(status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(10));
+        new.desired_replicas = Some(4);
+        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(None, &new));
+    }
+
+    #[test]
+    fn a_lasting_failure_keeps_its_transition_time() {
+        let mut p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  metrics: []\n",
+        )
+        .unwrap();
+        let first = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(0));
+        p.status = Some(first.clone());
+        assert!(same_failure(&p, "InvalidPolicy", "spec.metrics: empty"));
+        assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
+        let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
+        assert!(!status_changed(Some(&first), &again));
     }
 }
