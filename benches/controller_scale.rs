@@ -105,7 +105,9 @@ async fn main() {
     let rounds = env_usize("BENCH_ROUNDS", 20);
     let interval_s = env_usize("BENCH_INTERVAL_S", 10) as u64;
     let Some(env) = support::testenv() else {
-        eprintln!("controller_scale: the test environment is off (KSCALE_SKIP_TESTENV=1): nothing measured");
+        eprintln!(
+            "controller_scale: the test environment is off (KSCALE_SKIP_TESTENV=1): nothing measured"
+        );
         return;
     };
     let client = env.client().await;
@@ -135,7 +137,10 @@ async fn main() {
         )
     };
 
-    eprintln!("creating {policies} targets and {policies} ScalingPolicies in {}", ns.name);
+    eprintln!(
+        "creating {policies} targets and {policies} ScalingPolicies in {}",
+        ns.name
+    );
     let started = Instant::now();
     let policies_api: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
@@ -216,7 +221,13 @@ async fn main() {
     let log = support::repo_root().join("target/bench-controller-scale.log");
     let daemon = Child(
         Command::new(env!("CARGO_BIN_EXE_kscale"))
-            .args(["run", "--leader-elect", "false", "--watch-namespace", &ns.name])
+            .args([
+                "run",
+                "--leader-elect",
+                "false",
+                "--watch-namespace",
+                &ns.name,
+            ])
             .args(["--metrics-addr", &format!("127.0.0.1:{admin_port}")])
             .env("KUBECONFIG", &env.kubeconfig)
             .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
@@ -229,8 +240,7 @@ async fn main() {
     let pid = daemon.0.id();
 
     // Every policy evaluated once.
-    let policies_typed: Api<kscale::crd::ScalingPolicy> =
-        Api::namespaced(client.clone(), &ns.name);
+    let policies_typed: Api<kscale::crd::ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     let first = Instant::now();
     support::wait_until(
         "every policy evaluated",
@@ -243,7 +253,11 @@ async fn main() {
             let done = list
                 .items
                 .iter()
-                .filter(|p| p.status.as_ref().is_some_and(|s| s.desired_replicas.is_some()))
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .is_some_and(|s| s.desired_replicas.is_some())
+                })
                 .count();
             if done == policies {
                 Ok(())
@@ -253,7 +267,10 @@ async fn main() {
         },
     )
     .await;
-    eprintln!("all {policies} policies evaluated {:.1?} after start", first.elapsed());
+    eprintln!(
+        "all {policies} policies evaluated {:.1?} after start",
+        first.elapsed()
+    );
 
     // Steady state: queries per interval, counted by Prometheus.
     tokio::time::sleep(Duration::from_secs(interval_s)).await;
@@ -261,8 +278,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3 * interval_s)).await;
     let (q1, t1) = (query_requests(env), Instant::now());
     // The second reading counts the first one's request too.
-    let per_interval =
-        (q1 - q0 - 1.0) / ((t1 - t0).as_secs_f64() / interval_s as f64);
+    let per_interval = (q1 - q0 - 1.0) / ((t1 - t0).as_secs_f64() / interval_s as f64);
 
     // Rounds: one query's value moves (up, then back down); its policies' writes are timed
     // from the first moment Prometheus returns the new value.
@@ -285,7 +301,11 @@ async fn main() {
         exporter.set("kscale_bench_load", &[("shard", &shard.to_string())], value);
         let visible = loop {
             let sent = Instant::now();
-            if support::prometheus_scalar(env, &query_of(shard)).ok().flatten() == Some(value) {
+            if support::prometheus_scalar(env, &query_of(shard))
+                .ok()
+                .flatten()
+                == Some(value)
+            {
                 break sent;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -339,8 +359,12 @@ async fn main() {
         / eval_line("kscale_evaluation_duration_seconds_count")
         * 1000.0;
 
-    println!("controller_scale: {policies} policies, {queries} distinct queries, interval {interval_s}s, real kube-apiserver and Prometheus");
-    println!("  Prometheus queries per interval (steady state): {per_interval:.1} (target {queries})");
+    println!(
+        "controller_scale: {policies} policies, {queries} distinct queries, interval {interval_s}s, real kube-apiserver and Prometheus"
+    );
+    println!(
+        "  Prometheus queries per interval (steady state): {per_interval:.1} (target {queries})"
+    );
     println!(
         "  change visible in Prometheus -> scale written, over {} writes in {rounds} rounds: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < {} ms)",
         delays.len(),
