@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
-use kscale::crd::ScalingPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kscale::crd::{ScalingPolicy, ScalingPolicyStatus};
 use kube::api::{Api, ListParams, PostParams};
 
 /// The controller as a child process, killed on drop.
@@ -166,6 +167,59 @@ async fn wait_replicas(
     }
 }
 
+/// Waits until condition `type_` of policy `name` satisfies `check` (which also sees the whole
+/// status); panics with the last condition and reason after `timeout`.
+async fn wait_condition(
+    policies: &Api<ScalingPolicy>,
+    name: &str,
+    type_: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Condition, &ScalingPolicyStatus) -> bool,
+) {
+    support::wait_until(what, timeout, || async {
+        let p = policies.get(name).await.map_err(|e| e.to_string())?;
+        let s = p.status.ok_or("no status yet")?;
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .ok_or_else(|| format!("no {type_} condition"))?;
+        if check(c, &s) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{c:?}; reason {:?}; metrics {:?}",
+                s.reason, s.metrics
+            ))
+        }
+    })
+    .await;
+}
+
+/// Waits until an Event in `namespace` satisfies `check`.
+async fn wait_event(
+    client: &kube::Client,
+    namespace: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Event) -> bool,
+) {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    support::wait_until(what, timeout, || async {
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        if list.items.iter().any(&check) {
+            Ok(())
+        } else {
+            Err(format!("{} events, none matches", list.items.len()))
+        }
+    })
+    .await;
+}
+
 /// The apiserver-restart test needs the apiserver to itself: the other tests of this file hold
 /// this lock for reading, that one for writing.
 static APISERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
@@ -296,26 +350,17 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     })
     .await;
 
-    support::wait_until(
+    wait_condition(
+        policies,
+        "broken",
+        "Ready",
         "the broken policy's status",
         Duration::from_secs(20),
-        || async {
-            let p = policies.get("broken").await.map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status yet")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .ok_or("no Ready condition")?;
-            if c.status == "False"
+        |c, _| {
+            c.status == "False"
                 && c.reason == "InvalidPolicy"
                 && c.message.contains("spec.formula")
                 && c.message.contains("\"nope\"")
-            {
-                Ok(())
-            } else {
-                Err(format!("{c:?}"))
-            }
         },
     )
     .await;
@@ -346,23 +391,14 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
         !status.history.scale_up_events.is_empty(),
         "scale events are kept in status"
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    support::wait_until(
+    wait_event(
+        &client,
+        &ns.name,
         "a SuccessfulRescale event",
         Duration::from_secs(10),
-        || async {
-            let list = events
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("SuccessfulRescale")
-                        && e.note.as_deref().unwrap_or("").contains("New size: 6")
-                })
-                .map(|_| ())
-                .ok_or_else(|| format!("{} events, none SuccessfulRescale to 6", list.items.len()))
+        |e| {
+            e.reason.as_deref() == Some("SuccessfulRescale")
+                && e.note.as_deref().unwrap_or("").contains("New size: 6")
         },
     )
     .await;
@@ -413,23 +449,13 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(40.0);
     wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
     sc.exporter.remove(&sc.metric);
-    support::wait_until(
+    wait_condition(
+        policies,
+        "web",
+        "MetricsAvailable",
         "MetricsAvailable=False",
         Duration::from_secs(60),
-        || async {
-            let p = policies.get("web").await.map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "MetricsAvailable")
-                .ok_or("no MetricsAvailable")?;
-            if c.status == "False" {
-                Ok(())
-            } else {
-                Err(format!("{c:?}; reason {:?}", s.reason))
-            }
-        },
+        |c, _| c.status == "False",
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -597,11 +623,7 @@ struct Relay {
 
 impl Relay {
     fn new(prometheus_url: &str) -> Relay {
-        let upstream = prometheus_url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .expect("Prometheus URL is http://ip:port");
+        let upstream = support::socket_addr_of(prometheus_url);
         let mut r = Relay {
             port: free_port(),
             upstream,
@@ -720,26 +742,18 @@ async fn prometheus_outage_holds_and_recovers() {
     // Prometheus goes away while demand (unseen) falls: never a scale-down on no data.
     relay.stop();
     sc.set(5.0);
-    support::wait_until(
+    wait_condition(
+        policies,
+        "web",
+        "MetricsAvailable",
         "MetricsAvailable=False naming the error",
         Duration::from_secs(30),
-        || async {
-            let p = policies.get("web").await.map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "MetricsAvailable")
-                .ok_or("no condition")?;
-            let m = s.metrics.first().ok_or("no metric status")?;
-            if c.status == "False"
-                && m.state == "Error"
-                && m.message.as_deref().unwrap_or("").contains("127.0.0.1")
-            {
-                Ok(())
-            } else {
-                Err(format!("{c:?} {m:?}"))
-            }
+        |c, s| {
+            s.metrics.first().is_some_and(|m| {
+                c.status == "False"
+                    && m.state == "Error"
+                    && m.message.as_deref().unwrap_or("").contains("127.0.0.1")
+            })
         },
     )
     .await;
@@ -754,23 +768,13 @@ async fn prometheus_outage_holds_and_recovers() {
     relay.start();
     wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     // The status is written right after the scale (same evaluation).
-    support::wait_until(
+    wait_condition(
+        policies,
+        "web",
+        "MetricsAvailable",
         "MetricsAvailable=True after recovery",
         Duration::from_secs(10),
-        || async {
-            let p = policies.get("web").await.map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "MetricsAvailable")
-                .ok_or("no condition")?;
-            if c.status == "True" {
-                Ok(())
-            } else {
-                Err(format!("{c:?}"))
-            }
-        },
+        |c, _| c.status == "True",
     )
     .await;
 }
@@ -979,23 +983,35 @@ spec:
 
     // ceil(2 × 90/50) = 4 once metrics-server has the usage; maxReplicas is 4 anyway.
     wait_replicas(&deployments, 4, Duration::from_secs(120), &log).await;
-    let status = policies
-        .get("web")
-        .await
-        .expect("policy")
-        .status
-        .expect("status");
-    let cpu = status
-        .metrics
-        .iter()
-        .find(|m| m.name == "cpu")
-        .expect("cpu metric status");
-    assert_eq!(cpu.state, "Valid", "{cpu:?}");
-    assert!(
-        status.reason.as_deref().unwrap_or("").contains("cpu="),
-        "{:?}",
-        status.reason
-    );
+    // The rescale's reason names the cpu value it acted on (later evaluations may briefly see
+    // the new pods without metrics; the event records the decision that scaled).
+    wait_event(
+        &client,
+        &ns.name,
+        "a SuccessfulRescale to 4 on cpu",
+        Duration::from_secs(20),
+        |e| {
+            e.reason.as_deref() == Some("SuccessfulRescale")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("New size: 4") && n.contains("cpu="))
+        },
+    )
+    .await;
+    wait_condition(
+        &policies,
+        "web",
+        "MetricsAvailable",
+        "the cpu metric valid in status",
+        Duration::from_secs(60),
+        |c, s| {
+            c.status == "True"
+                && s.metrics
+                    .iter()
+                    .any(|m| m.name == "cpu" && m.state == "Valid" && m.value.is_some())
+        },
+    )
+    .await;
 
     // Usage falls to 20m on every pod: 10 % → ceil(4 × 10/50) = 1 (no stabilization window).
     let pods =
@@ -1050,23 +1066,13 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
     let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "own");
 
     // The wrong token: the gateway's 401 in status, and no scaling on it.
-    support::wait_until(
+    wait_condition(
+        &sc.policies,
+        "web",
+        "MetricsAvailable",
         "MetricsAvailable=False with the 401",
         Duration::from_secs(30),
-        || async {
-            let p = sc.policies.get("web").await.map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "MetricsAvailable")
-                .ok_or("no MetricsAvailable")?;
-            if c.status == "False" && s.reason.as_deref().unwrap_or("").contains("401") {
-                Ok(())
-            } else {
-                Err(format!("{c:?}; reason {:?}", s.reason))
-            }
-        },
+        |c, s| c.status == "False" && s.reason.as_deref().unwrap_or("").contains("401"),
     )
     .await;
     assert_eq!(replicas(&sc.deployments).await, 2);
@@ -1172,49 +1178,27 @@ async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
 
     // The older policy writes: 30 / 5 = 6.
     wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
-    support::wait_until(
+    wait_condition(
+        &sc.policies,
+        "web-late",
+        "Ready",
         "web-late reports ConflictingPolicy",
         Duration::from_secs(20),
-        || async {
-            let p = sc
-                .policies
-                .get("web-late")
-                .await
-                .map_err(|e| e.to_string())?;
-            let s = p.status.ok_or("no status")?;
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .ok_or("no Ready")?;
-            if c.status == "False"
+        |c, _| {
+            c.status == "False"
                 && c.reason == "ConflictingPolicy"
                 && c.message.contains(&format!("ScalingPolicy {ns}/web,"))
-            {
-                Ok(())
-            } else {
-                Err(format!("{c:?}"))
-            }
         },
     )
     .await;
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    support::wait_until(
+    wait_event(
+        &client,
+        &ns,
         "a MalformedPolicy event",
         Duration::from_secs(20),
-        || async {
-            let list = events
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("MalformedPolicy")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("malformed")
-                })
-                .map(|_| ())
-                .ok_or_else(|| format!("{} events, no MalformedPolicy", list.items.len()))
+        |e| {
+            e.reason.as_deref() == Some("MalformedPolicy")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("malformed")
         },
     )
     .await;

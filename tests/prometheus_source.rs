@@ -45,11 +45,7 @@ struct CountingProxy {
 
 impl CountingProxy {
     fn start(upstream: &str) -> CountingProxy {
-        let upstream: SocketAddr = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .expect("Prometheus URL is http://ip:port");
+        let upstream = support::socket_addr_of(upstream);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let sent: Arc<Mutex<Vec<ConnLog>>> = Arc::default();

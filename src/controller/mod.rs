@@ -568,14 +568,7 @@ pub async fn run(
         watcher(api, watcher::Config::default()).default_backoff(),
     )
     .touched_objects();
-    let watch = tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                warn!(error = %e, "ScalingPolicy watch error (retrying with backoff)");
-            }
-        }
-    });
+    let watch = crate::source::spawn_watch(stream, "ScalingPolicy");
     tokio::pin!(shutdown);
     tokio::select! {
         r = reader.wait_until_ready() => if r.is_err() { warn!("the ScalingPolicy store closed before its first sync"); },

@@ -10,14 +10,13 @@
 //! here by [`parse_selector`]. Until the store has synced, or for a selector this parser does
 //! not take, [`PodCache::pods`] falls back to a list request, so an answer is never guessed.
 
-use futures::{FutureExt as _, StreamExt};
+use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::core::{Expression, Selector, SelectorExt};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use tracing::warn;
 
 /// A label selector string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,14 +212,7 @@ impl PodCache {
                 .modify(strip),
         )
         .applied_objects();
-        let task = tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    warn!(error = %e, "pod watch error (retrying with backoff)");
-                }
-            }
-        });
+        let task = super::spawn_watch(stream, "pod");
         (
             PodCache {
                 client,

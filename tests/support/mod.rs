@@ -724,6 +724,14 @@ fn serve_metrics(listener: TcpListener, series: Arc<Mutex<Series>>, stop: Arc<At
 
 // ------------------------------------------------------------------ authenticating proxy
 
+/// The address of an `http://ip:port` URL (the environment's Prometheus, say).
+pub fn socket_addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap_or_else(|e| panic!("{url} is not http://ip:port: {e}"))
+}
+
 /// An HTTP proxy on 127.0.0.1 in front of Prometheus that demands `Authorization: Bearer
 /// <token>` (401 otherwise), as an authenticating gateway in front of a real Prometheus does.
 /// One request per connection (`Connection: close`). Counts the requests it forwards.
@@ -737,11 +745,7 @@ pub struct AuthProxy {
 
 impl AuthProxy {
     pub fn start(prometheus_url: &str, token: &str) -> AuthProxy {
-        let upstream: SocketAddr = prometheus_url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .expect("Prometheus URL is http://ip:port");
+        let upstream = socket_addr_of(prometheus_url);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (forwarded, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
