@@ -149,6 +149,8 @@ pub struct RunArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub external_metrics: crate::adapter::ExternalMetricsArgs,
 }
 
 /// `kscale dry-run` arguments.
@@ -330,8 +332,20 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
-        let mut ctx = crate::controller::Context::new(client, backend, args.instance.clone());
+        let mut ctx =
+            crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        let adapter = match args.external_metrics.external_metrics_addr {
+            Some(addr) => {
+                let running =
+                    crate::adapter::Adapter::start(&args.external_metrics, addr, client, backend)
+                        .await
+                        .map_err(|e| CliError::Config(e.to_string()))?;
+                ctx.external_metrics = Some(running.cache.clone());
+                Some(running.task)
+            }
+            None => None,
+        };
         let ctx = std::sync::Arc::new(ctx);
         let listener = crate::telemetry::bind(args.metrics_addr)
             .await
@@ -369,6 +383,9 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();
+        if let Some(task) = adapter {
+            task.abort();
+        }
         result
     })
 }

@@ -79,6 +79,8 @@ pub struct Context {
     pub watch_namespace: Option<String>,
     /// This instance's name in events.
     pub instance: String,
+    /// The external metrics adapter's cache, filled after every evaluation when it serves.
+    pub external_metrics: Option<Arc<crate::adapter::Cache>>,
 }
 
 impl Context {
@@ -100,6 +102,7 @@ impl Context {
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             watch_namespace: None,
             instance: instance_name,
+            external_metrics: None,
         }
     }
 }
@@ -381,6 +384,15 @@ pub async fn reconcile(
     ctx.metrics
         .evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
+    if let Some(cache) = &ctx.external_metrics {
+        cache.record(
+            &p.namespace().unwrap_or_default(),
+            &p.name_any(),
+            &result,
+            prometheus,
+            now,
+        );
+    }
     let status = match &result {
         Ok(e) => {
             ctx.metrics.record(
