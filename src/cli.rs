@@ -150,7 +150,7 @@ pub struct RunArgs {
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
     #[command(flatten)]
-    pub external_metrics: crate::adapter::ExternalMetricsArgs,
+    pub external_metrics: Box<crate::adapter::ExternalMetricsArgs>,
 }
 
 /// `kscale dry-run` arguments.

@@ -29,80 +29,6 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, bound to the
-/// ClusterRole in `deploy/rbac/kscale.yaml`: the daemon runs with exactly the RBAC we ship.
-async fn service_account_kubeconfig(
-    env: &support::TestEnv,
-    client: &kube::Client,
-    namespace: &str,
-) -> (std::path::PathBuf, BindingGuard) {
-    let rbac = std::fs::read_to_string(support::repo_root().join("deploy/rbac/kscale.yaml"))
-        .expect("deploy/rbac/kscale.yaml");
-    support::apply_yaml(client, namespace, &rbac).await;
-    support::apply_yaml(
-        client,
-        namespace,
-        &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: kscale, namespace: {namespace}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: kscale-{namespace}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kscale}}
-subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
-"#
-        ),
-    )
-    .await;
-    let text = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
-    let users = config["users"].as_sequence_mut().expect("kubeconfig users");
-    for user in users {
-        let u = &mut user["user"];
-        u["as"] = format!("system:serviceaccount:{namespace}:kscale").into();
-        u["as-groups"] = serde_yaml::to_value([
-            "system:serviceaccounts",
-            &format!("system:serviceaccounts:{namespace}"),
-            "system:authenticated",
-        ])
-        .expect("groups");
-    }
-    let path = support::repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
-        .expect("write kubeconfig");
-    let guard = BindingGuard {
-        name: format!("kscale-{namespace}"),
-        kubeconfig: env.kubeconfig.clone(),
-    };
-    (path, guard)
-}
-
-/// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
-struct BindingGuard {
-    name: String,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Drop for BindingGuard {
-    fn drop(&mut self) {
-        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let client = support::client_from_kubeconfig(&kubeconfig).await.ok()?;
-                let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
-                api.delete(&name, &Default::default()).await.ok()
-            })
-        })
-        .join();
-    }
-}
-
 fn start_controller(
     env: &support::TestEnv,
     kubeconfig: &std::path::Path,
@@ -282,7 +208,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
     let admin_port = free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
@@ -500,7 +426,7 @@ async fn failover_continues_the_stabilization_window() {
         support::repo_root().join(format!("target/ha-a-{}.log", std::process::id())),
         support::repo_root().join(format!("target/ha-b-{}.log", std::process::id())),
     ];
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let mut a = Some(start_controller(
         env,
         &kubeconfig,
@@ -691,7 +617,7 @@ async fn prometheus_outage_holds_and_recovers() {
     let (ns, policies, deployments) = (&sc.ns, &sc.policies, &sc.deployments);
 
     let mut relay = Relay::new(&env.prometheus_url);
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let log = support::repo_root().join(format!("target/outage-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
@@ -841,7 +767,8 @@ async fn controller_survives_an_apiserver_restart() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "restart", 10.0, 0).await;
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let (kubeconfig, _binding) =
+        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/restart-{}.log", std::process::id()));
     let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "restart");
     sc.set(30.0);
@@ -864,7 +791,8 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "manual", 30.0, 0).await;
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let (kubeconfig, _binding) =
+        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/manual-{}.log", std::process::id()));
     let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "manual");
     wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;

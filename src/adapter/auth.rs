@@ -29,6 +29,9 @@ pub const REVIEW_TTL: Duration = Duration::from_secs(10);
 /// Review answers kept at most per cache.
 const MAX_CACHED: usize = 20_000;
 
+/// The group every authenticated user belongs to.
+const AUTHENTICATED: &str = "system:authenticated";
+
 /// The ConfigMap kube-apiserver publishes for aggregated API servers.
 pub const AUTH_CONFIGMAP: &str = "kube-system/extension-apiserver-authentication";
 
@@ -134,13 +137,17 @@ impl FrontProxy {
             })
             .ok_or_else(|| "the front-proxy request names no user".to_string())?
             .to_string();
-        let groups = self
+        let mut groups: Vec<String> = self
             .group_headers
             .iter()
             .flat_map(|h| headers.get_all(h.as_str()).iter())
             .filter_map(|v| v.to_str().ok())
             .map(str::to_string)
             .collect();
+        // As kube-apiserver's authenticated-group adder does for every authenticated user.
+        if !groups.iter().any(|g| g == AUTHENTICATED) {
+            groups.push(AUTHENTICATED.to_string());
+        }
         let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, v) in headers {
             let lower = k.as_str();
@@ -400,7 +407,7 @@ mod tests {
         h.insert("x-remote-extra-scopes%2fx", "s".parse().unwrap());
         let u = fp.user("front-proxy-client", &h).unwrap();
         assert_eq!(u.name, "alice");
-        assert_eq!(u.groups, vec!["a", "b"]);
+        assert_eq!(u.groups, vec!["a", "b", "system:authenticated"]);
         assert_eq!(u.extra.get("scopes/x"), Some(&vec!["s".to_string()]));
         assert!(fp.user("someone-else", &h).is_err());
         assert!(
