@@ -450,36 +450,7 @@ impl Adapter {
         selector: &[rules::Requirement],
     ) -> Response<Full<Bytes>> {
         if let Some(entry) = self.cache.get(namespace, metric) {
-            return match &entry.value {
-                Value::Number {
-                    value,
-                    timestamp,
-                    bound,
-                } => {
-                    if Utc::now() - *timestamp > *bound {
-                        return failure(
-                            500,
-                            format!(
-                                "metric {metric}: the last value is from {} and older than its bound of {}s (the policy is no longer evaluated)",
-                                timestamp.to_rfc3339(),
-                                bound.num_seconds()
-                            ),
-                        );
-                    }
-                    let items = if selector.iter().all(|r| r.matches(&entry.labels)) {
-                        vec![ExternalMetricValue::new(
-                            metric,
-                            entry.labels.clone(),
-                            *timestamp,
-                            *value,
-                        )]
-                    } else {
-                        Vec::new()
-                    };
-                    ok(&ExternalMetricValueList::new(items))
-                }
-                Value::Unavailable(message) => failure(500, message.clone()),
-            };
+            return entry_response(metric, &entry, selector, Utc::now());
         }
         if let Some(rule) = self.rules.iter().find(|r| r.rule.name == metric) {
             return self.rule_metric(rule, namespace, selector).await;
@@ -536,6 +507,46 @@ impl Adapter {
             }
             Sample::Pods(_) => failure(500, format!("external metric {name:?}: no value")),
         }
+    }
+}
+
+/// The answer for a cached policy metric at `now`: its value if the selector matches its labels
+/// (an empty list if not), an error if it has no valid value or is older than its bound.
+fn entry_response(
+    metric: &str,
+    entry: &cache::Entry,
+    selector: &[rules::Requirement],
+    now: chrono::DateTime<Utc>,
+) -> Response<Full<Bytes>> {
+    match &entry.value {
+        Value::Number {
+            value,
+            timestamp,
+            bound,
+        } => {
+            if now - *timestamp > *bound {
+                return failure(
+                    500,
+                    format!(
+                        "metric {metric}: the last value is from {} and older than its bound of {}s (the policy is no longer evaluated)",
+                        timestamp.to_rfc3339(),
+                        bound.num_seconds()
+                    ),
+                );
+            }
+            let items = if selector.iter().all(|r| r.matches(&entry.labels)) {
+                vec![ExternalMetricValue::new(
+                    metric,
+                    entry.labels.clone(),
+                    *timestamp,
+                    *value,
+                )]
+            } else {
+                Vec::new()
+            };
+            ok(&ExternalMetricValueList::new(items))
+        }
+        Value::Unavailable(message) => failure(500, message.clone()),
     }
 }
 
@@ -622,6 +633,63 @@ mod tests {
             Route::NotFound
         ));
         assert!(matches!(route("/api/v1/pods"), Route::NotFound));
+    }
+
+    async fn body(r: Response<Full<Bytes>>) -> (u16, serde_json::Value) {
+        use http_body_util::BodyExt as _;
+        let code = r.status().as_u16();
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        (code, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn cached_values_are_served_until_their_bound_then_refused() {
+        let t0 = Utc::now();
+        let entry = cache::Entry {
+            labels: BTreeMap::from([("policy".to_string(), "web".to_string())]),
+            value: Value::Number {
+                value: 7.0,
+                timestamp: t0,
+                bound: chrono::TimeDelta::seconds(60),
+            },
+        };
+        let (code, json) = body(entry_response(
+            "web-queue",
+            &entry,
+            &[],
+            t0 + chrono::TimeDelta::seconds(60),
+        ))
+        .await;
+        assert_eq!(code, 200);
+        assert_eq!(json["items"][0]["value"], "7");
+        let (code, json) = body(entry_response(
+            "web-queue",
+            &entry,
+            &[],
+            t0 + chrono::TimeDelta::seconds(61),
+        ))
+        .await;
+        assert_eq!(code, 500);
+        assert_eq!(json["reason"], "InternalError");
+        assert!(
+            json["message"]
+                .as_str()
+                .unwrap()
+                .contains("older than its bound")
+        );
+        let other = rules::parse_selector("policy=db").unwrap();
+        let (code, json) = body(entry_response("web-queue", &entry, &other, t0)).await;
+        assert_eq!(
+            (code, json["items"].as_array().map(Vec::len)),
+            (200, Some(0))
+        );
+        let missing = cache::Entry {
+            labels: BTreeMap::new(),
+            value: Value::Unavailable("metric \"queue\" has no valid value (Missing)".into()),
+        };
+        let (code, json) = body(entry_response("web-queue", &missing, &[], t0)).await;
+        assert_eq!(code, 500);
+        assert!(json["message"].as_str().unwrap().contains("Missing"));
     }
 
     #[test]
