@@ -8,10 +8,12 @@
 //! - Any other caller must send a bearer token, checked with a TokenReview.
 //! - Every authenticated request is authorized with a SubjectAccessReview.
 //!
-//! Both reviews are cached briefly ([`REVIEW_TTL`]); tokens are cached by their SHA-256 only.
+//! Both reviews are cached briefly ([`REVIEW_TTL`]); tokens are cached by their SHA-256 only. An
+//! access decision in use is renewed in the background past half its life, so requests do not
+//! wait for reviews in steady state; no answer is ever used past its TTL.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -222,26 +224,34 @@ pub enum Attributes {
 struct Cached<T> {
     value: T,
     at: Instant,
+    refreshing: bool,
 }
+
+type Cache<K, T> = Arc<Mutex<HashMap<K, Cached<T>>>>;
 
 /// TokenReview and SubjectAccessReview with brief caches.
 pub struct Reviewer {
     client: kube::Client,
-    tokens: Mutex<HashMap<[u8; 32], Cached<Option<User>>>>,
-    decisions: Mutex<HashMap<(User, Attributes), Cached<bool>>>,
+    tokens: Cache<[u8; 32], Option<User>>,
+    decisions: Cache<(User, Attributes), bool>,
 }
 
-fn fresh<K: std::hash::Hash + Eq, T: Clone>(
+/// A cached answer younger than [`REVIEW_TTL`], and whether the caller should refresh it ahead
+/// of expiry (past half its life, once: the flag is set for the one caller that gets `true`).
+fn lookup<K: std::hash::Hash + Eq, T: Clone>(
     map: &Mutex<HashMap<K, Cached<T>>>,
     key: &K,
-) -> Option<T> {
-    let map = match map.lock() {
+) -> Option<(T, bool)> {
+    let mut map = match map.lock() {
         Ok(m) => m,
         Err(poisoned) => poisoned.into_inner(),
     };
-    map.get(key)
-        .filter(|c| c.at.elapsed() < REVIEW_TTL)
-        .map(|c| c.value.clone())
+    let c = map.get_mut(key).filter(|c| c.at.elapsed() < REVIEW_TTL)?;
+    let refresh = !c.refreshing && c.at.elapsed() >= REVIEW_TTL / 2;
+    if refresh {
+        c.refreshing = true;
+    }
+    Some((c.value.clone(), refresh))
 }
 
 fn remember<K: std::hash::Hash + Eq, T>(map: &Mutex<HashMap<K, Cached<T>>>, key: K, value: T) {
@@ -260,8 +270,61 @@ fn remember<K: std::hash::Hash + Eq, T>(map: &Mutex<HashMap<K, Cached<T>>>, key:
         Cached {
             value,
             at: Instant::now(),
+            refreshing: false,
         },
     );
+}
+
+/// One SubjectAccessReview: may `user` do `attrs`?
+async fn review_access(
+    client: &kube::Client,
+    user: &User,
+    attrs: &Attributes,
+) -> Result<bool, AuthError> {
+    let (resource_attributes, non_resource_attributes) = match attrs {
+        Attributes::Metric { namespace, metric } => (
+            Some(ResourceAttributes {
+                group: Some(GROUP.into()),
+                version: Some(super::types::VERSION.into()),
+                resource: Some(metric.clone()),
+                namespace: Some(namespace.clone()),
+                verb: Some("list".into()),
+                ..Default::default()
+            }),
+            None,
+        ),
+        Attributes::Path(path) => (
+            None,
+            Some(NonResourceAttributes {
+                path: Some(path.clone()),
+                verb: Some("get".into()),
+            }),
+        ),
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.name.clone()),
+            uid: user.uid.clone(),
+            groups: Some(user.groups.clone()),
+            extra: (!user.extra.is_empty()).then(|| user.extra.clone().into_iter().collect()),
+            resource_attributes,
+            non_resource_attributes,
+        },
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let answer = api
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| AuthError::Review {
+            kind: "SubjectAccessReview",
+            source: Box::new(e),
+        })?;
+    let allowed = answer.status.is_some_and(|s| s.allowed);
+    if !allowed {
+        warn!(user = %user.name, ?attrs, "request denied by SubjectAccessReview");
+    }
+    Ok(allowed)
 }
 
 impl Reviewer {
@@ -269,8 +332,8 @@ impl Reviewer {
     pub fn new(client: kube::Client) -> Reviewer {
         Reviewer {
             client,
-            tokens: Mutex::new(HashMap::new()),
-            decisions: Mutex::new(HashMap::new()),
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            decisions: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -279,7 +342,7 @@ impl Reviewer {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
-        if let Some(user) = fresh(&self.tokens, &key) {
+        if let Some((user, _)) = lookup(&self.tokens, &key) {
             return Ok(user);
         }
         let review = TokenReview {
@@ -313,55 +376,24 @@ impl Reviewer {
         Ok(user)
     }
 
-    /// Whether `user` may do `attrs`.
+    /// Whether `user` may do `attrs`. A cached answer is at most [`REVIEW_TTL`] old; past half
+    /// of that it is renewed in the background, so a steady caller never waits for a review.
     pub async fn authorize(&self, user: &User, attrs: &Attributes) -> Result<bool, AuthError> {
         let key = (user.clone(), attrs.clone());
-        if let Some(allowed) = fresh(&self.decisions, &key) {
+        if let Some((allowed, refresh)) = lookup(&self.decisions, &key) {
+            if refresh {
+                let (client, decisions) = (self.client.clone(), self.decisions.clone());
+                tokio::spawn(async move {
+                    match review_access(&client, &key.0, &key.1).await {
+                        Ok(allowed) => remember(&decisions, key, allowed),
+                        // The answer expires on time; the next request reviews again.
+                        Err(e) => warn!(error = %e, "renewing a SubjectAccessReview failed"),
+                    }
+                });
+            }
             return Ok(allowed);
         }
-        let (resource_attributes, non_resource_attributes) = match attrs {
-            Attributes::Metric { namespace, metric } => (
-                Some(ResourceAttributes {
-                    group: Some(GROUP.into()),
-                    version: Some(super::types::VERSION.into()),
-                    resource: Some(metric.clone()),
-                    namespace: Some(namespace.clone()),
-                    verb: Some("list".into()),
-                    ..Default::default()
-                }),
-                None,
-            ),
-            Attributes::Path(path) => (
-                None,
-                Some(NonResourceAttributes {
-                    path: Some(path.clone()),
-                    verb: Some("get".into()),
-                }),
-            ),
-        };
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(user.name.clone()),
-                uid: user.uid.clone(),
-                groups: Some(user.groups.clone()),
-                extra: (!user.extra.is_empty()).then(|| user.extra.clone().into_iter().collect()),
-                resource_attributes,
-                non_resource_attributes,
-            },
-            ..Default::default()
-        };
-        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| AuthError::Review {
-                kind: "SubjectAccessReview",
-                source: Box::new(e),
-            })?;
-        let allowed = answer.status.is_some_and(|s| s.allowed);
-        if !allowed {
-            warn!(user = %user.name, ?attrs, "request denied by SubjectAccessReview");
-        }
+        let allowed = review_access(&self.client, user, attrs).await?;
         remember(&self.decisions, key, allowed);
         Ok(allowed)
     }
@@ -414,6 +446,24 @@ mod tests {
             fp.user("front-proxy-client", &hyper::HeaderMap::new())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn cached_answers_expire_and_are_renewed_once_past_half_their_life() {
+        let map: Mutex<HashMap<u8, Cached<bool>>> = Mutex::new(HashMap::new());
+        remember(&map, 1, true);
+        assert_eq!(lookup(&map, &1), Some((true, false)));
+        let age = |d: Duration| {
+            if let Some(c) = map.lock().unwrap().get_mut(&1) {
+                c.at = Instant::now() - d;
+            }
+        };
+        age(REVIEW_TTL / 2 + Duration::from_millis(10));
+        assert_eq!(lookup(&map, &1), Some((true, true)));
+        assert_eq!(lookup(&map, &1), Some((true, false)), "only one renewal");
+        age(REVIEW_TTL);
+        assert_eq!(lookup(&map, &1), None);
+        assert_eq!(lookup(&map, &2), None);
     }
 
     #[test]

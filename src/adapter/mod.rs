@@ -229,6 +229,15 @@ fn json_response(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     r
 }
 
+fn health() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
 fn ok<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => json_response(StatusCode::OK, body),
@@ -326,7 +335,7 @@ impl Adapter {
         let path = req.uri().path().to_string();
         let route = route(&path);
         if matches!(route, Route::Health) {
-            return json_response(StatusCode::OK, b"ok".to_vec());
+            return health();
         }
         let user = match self.authenticate(proxy_cn, req.headers()).await {
             Ok(u) => u,
@@ -353,7 +362,7 @@ impl Adapter {
             return failure(405, format!("{} is not supported", req.method()));
         }
         match route {
-            Route::Health => json_response(StatusCode::OK, b"ok".to_vec()),
+            Route::Health => health(),
             Route::Groups => ok(&serde_json::json!({
                 "kind": "APIGroupList", "apiVersion": "v1",
                 "groups": [group_json()]
