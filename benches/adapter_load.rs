@@ -84,16 +84,26 @@ async fn get(conn: &mut Conn, path: &str) -> u16 {
 
 struct Phase {
     latencies: Vec<Duration>,
+    /// (seconds since the phase started, latency) of each request.
+    timeline: Vec<(u64, Duration)>,
+    /// From the actual write to the end of the answer (no timer or queueing delay).
+    service: Vec<Duration>,
     errors: usize,
     elapsed: Duration,
 }
 
+fn quantile(sorted: &[Duration], f: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * f).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
 fn report(name: &str, p: &mut Phase) {
     p.latencies.sort();
-    let q = |f: f64| {
-        let i = ((p.latencies.len() as f64 * f).ceil() as usize).clamp(1, p.latencies.len()) - 1;
-        p.latencies[i].as_secs_f64() * 1000.0
-    };
+    p.service.sort();
+    let q = |f: f64| quantile(&p.latencies, f);
     println!(
         "{name:<28} {:>7} requests {:>9.0} req/s  p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  non-200 {}",
         p.latencies.len(),
@@ -104,6 +114,24 @@ fn report(name: &str, p: &mut Phase) {
         p.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         p.errors
     );
+    println!(
+        "{:<28} service time (write to last byte): p50 {:.3} ms  p99 {:.3} ms",
+        "",
+        quantile(&p.service, 0.5),
+        quantile(&p.service, 0.99)
+    );
+    let mut seconds: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
+    for (s, l) in &p.timeline {
+        seconds.entry(*s).or_default().push(*l);
+    }
+    let per_second: Vec<String> = seconds
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            format!("{:.1}", quantile(&v, 0.99))
+        })
+        .collect();
+    println!("{:<28} p99 per second (ms): {}", "", per_second.join(" "));
 }
 
 /// `rate` requests/s (0: as fast as possible) for `secs` over `conns` connections.
@@ -122,6 +150,8 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut conn = connect(config, addr).await;
             let mut latencies = Vec::new();
+            let mut timeline = Vec::new();
+            let mut service = Vec::new();
             let mut errors = 0;
             let period = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));
             // Spread the connections' schedules over one period.
@@ -140,26 +170,33 @@ async fn run(
                     "/apis/external.metrics.k8s.io/v1beta1/namespaces/{NAMESPACE}/p{}-queue",
                     i % METRICS
                 );
+                let sent = Instant::now();
                 if get(&mut conn, &path).await != 200 {
                     errors += 1;
                 }
+                service.push(sent.elapsed());
                 latencies.push(next.elapsed());
+                timeline.push(((next - start).as_secs(), next.elapsed()));
                 i += conns;
                 if let Some(p) = period {
                     next += p;
                 }
             }
-            (latencies, errors)
+            (latencies, timeline, service, errors)
         }));
     }
     let mut phase = Phase {
         latencies: Vec::new(),
+        timeline: Vec::new(),
+        service: Vec::new(),
         errors: 0,
         elapsed: Duration::ZERO,
     };
     for t in tasks {
-        let (l, e) = t.await.expect("load task");
+        let (l, tl, sv, e) = t.await.expect("load task");
         phase.latencies.extend(l);
+        phase.timeline.extend(tl);
+        phase.service.extend(sv);
         phase.errors += e;
     }
     phase.elapsed = start.elapsed();
