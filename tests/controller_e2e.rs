@@ -22,13 +22,6 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn start_controller(
     env: &support::TestEnv,
     kubeconfig: &std::path::Path,
@@ -57,39 +50,6 @@ fn start_controller(
         .spawn()
         .expect("kscale run starts");
     Controller(child)
-}
-
-async fn replicas(api: &Api<Deployment>) -> i32 {
-    api.get("web")
-        .await
-        .ok()
-        .and_then(|d| d.spec)
-        .and_then(|s| s.replicas)
-        .unwrap_or(-1)
-}
-
-async fn wait_replicas(
-    api: &Api<Deployment>,
-    want: i32,
-    timeout: Duration,
-    log: &std::path::Path,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let got = replicas(api).await;
-        if got == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > timeout {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            panic!(
-                "Deployment web has {got} replicas, wanted {want} within {timeout:?}; controller log (newest first):\n{}",
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// The apiserver-restart test needs the apiserver to itself: the other tests of this file hold
@@ -206,7 +166,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     let log =
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
-    let admin_port = free_port();
+    let admin_port = support::free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
     let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
@@ -258,7 +218,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     // Rises to 30: 6 replicas, within a few intervals of the sample being visible.
     sc.set(30.0);
-    let took = wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
+    let took = support::wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
     eprintln!("scale-up written {took:?} after the metric changed");
     let p = policies.get("web").await.expect("policy");
     let status = p.status.expect("status");
@@ -322,11 +282,11 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(5.0);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         6,
         "scale-down must wait out the stabilization window"
     );
-    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     // The window runs 8 s from the last recommendation of 6, which the controller (1 s
     // interval) can have made up to one interval before the metric fell.
     assert!(
@@ -337,7 +297,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     // The metric disappears: Missing, never 0; the count holds and the status says why.
     sc.set(40.0);
-    wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
+    support::wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
     sc.exporter.remove(&sc.metric);
     support::wait_until(
         "MetricsAvailable=False",
@@ -360,7 +320,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         8,
         "a missing metric must not scale down"
     );
@@ -382,7 +342,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(100.0);
     sc.wait_visible(env, 100.0).await;
     drop(_controller);
-    let before = replicas(deployments).await;
+    let before = support::replicas(deployments).await;
     let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
         .env("KUBECONFIG", &env.kubeconfig)
@@ -402,7 +362,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     assert!(text.contains("queue=100"), "{text}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         before,
         "dry-run must not write"
     );
@@ -431,7 +391,7 @@ async fn failover_continues_the_stabilization_window() {
         env,
         &kubeconfig,
         &logs[0],
-        free_port(),
+        support::free_port(),
         &ns.name,
         "replica-a",
     ));
@@ -439,11 +399,11 @@ async fn failover_continues_the_stabilization_window() {
         env,
         &kubeconfig,
         &logs[1],
-        free_port(),
+        support::free_port(),
         &ns.name,
         "replica-b",
     ));
-    wait_replicas(deployments, 6, Duration::from_secs(30), &logs[0]).await;
+    support::wait_replicas(deployments, 6, Duration::from_secs(30), &logs[0]).await;
     let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     let leader = holder(leases.get("kscale-leader").await.expect("the lease exists"));
     assert!(
@@ -495,7 +455,7 @@ async fn failover_continues_the_stabilization_window() {
     // No flap: the new leader continues the window from status; 6 until 20 s after the fall.
     while fell.elapsed() < Duration::from_secs(18) {
         assert_eq!(
-            replicas(deployments).await,
+            support::replicas(deployments).await,
             6,
             "scaled down {:?} after the fall, inside the 20 s window",
             fell.elapsed()
@@ -507,7 +467,7 @@ async fn failover_continues_the_stabilization_window() {
     } else {
         &logs[1]
     };
-    wait_replicas(deployments, 1, Duration::from_secs(20), log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(20), log).await;
     drop((a, b));
 }
 
@@ -529,7 +489,7 @@ impl Relay {
             .parse()
             .expect("Prometheus URL is http://ip:port");
         let mut r = Relay {
-            port: free_port(),
+            port: support::free_port(),
             upstream,
             stop: None,
             conns: Default::default(),
@@ -624,7 +584,7 @@ async fn prometheus_outage_holds_and_recovers() {
         .args([
             "run",
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", support::free_port()),
         ])
         .args([
             "--watch-namespace",
@@ -641,7 +601,7 @@ async fn prometheus_outage_holds_and_recovers() {
         .spawn()
         .expect("kscale run starts");
     let _controller = Controller(child);
-    wait_replicas(deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 6, Duration::from_secs(30), &log).await;
 
     // Prometheus goes away while demand (unseen) falls: never a scale-down on no data.
     relay.stop();
@@ -671,14 +631,14 @@ async fn prometheus_outage_holds_and_recovers() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         6,
         "an unreachable Prometheus must not scale down"
     );
 
     // It returns: the controller recovers on its own and acts on the real value (5 → 1).
     relay.start();
-    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     let p = policies.get("web").await.expect("policy");
     let s = p.status.expect("status");
     let c = s
@@ -770,15 +730,22 @@ async fn controller_survives_an_apiserver_restart() {
     let (kubeconfig, _binding) =
         support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/restart-{}.log", std::process::id()));
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "restart");
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &sc.ns.name,
+        "restart",
+    );
     sc.set(30.0);
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
     restart_apiserver(env, &client).await;
     let client = env.client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &sc.ns.name);
     sc.set(45.0);
-    wait_replicas(&deployments, 9, Duration::from_secs(60), &log).await;
+    support::wait_replicas(&deployments, 9, Duration::from_secs(60), &log).await;
 }
 
 /// Someone scales the target by hand: the controller sees the new count on its next
@@ -794,8 +761,15 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     let (kubeconfig, _binding) =
         support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/manual-{}.log", std::process::id()));
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "manual");
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &sc.ns.name,
+        "manual",
+    );
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
     let by_hand = |n: i32| {
         let api = sc.deployments.clone();
@@ -815,7 +789,7 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     };
     for (manual, verb) in [(9, "scale down 9→6"), (2, "scale up 2→6")] {
         by_hand(manual).await;
-        wait_replicas(&sc.deployments, 6, Duration::from_secs(20), &log).await;
+        support::wait_replicas(&sc.deployments, 6, Duration::from_secs(20), &log).await;
         support::wait_until(
             "the reason of the correction",
             Duration::from_secs(10),

@@ -36,37 +36,21 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let (ns, kubeconfig) = (self.namespace.clone(), self.kubeconfig.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
-                let client = support::client_from_kubeconfig(&kubeconfig).await.ok()?;
-                let dp = Default::default();
-                let _ = Api::<APIService>::all(client.clone())
-                    .delete("v1beta1.external.metrics.k8s.io", &dp)
-                    .await;
-                let _ = Api::<ClusterRoleBinding>::all(client.clone())
-                    .delete(&format!("kscale-auth-delegator-{ns}"), &dp)
-                    .await;
-                Api::<RoleBinding>::namespaced(client, "kube-system")
-                    .delete(&format!("kscale-auth-reader-{ns}"), &dp)
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        let ns = self.namespace.clone();
+        support::cleanup_blocking(&self.kubeconfig, move |client| async move {
+            use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+            let dp = Default::default();
+            let _ = Api::<APIService>::all(client.clone())
+                .delete("v1beta1.external.metrics.k8s.io", &dp)
+                .await;
+            let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&format!("kscale-auth-delegator-{ns}"), &dp)
+                .await;
+            let _ = Api::<RoleBinding>::namespaced(client, "kube-system")
+                .delete(&format!("kscale-auth-reader-{ns}"), &dp)
+                .await;
+        });
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A CA and a serving certificate for the names the aggregator checks; (ca, cert, key) PEM.
@@ -142,39 +126,10 @@ async fn wait_values(client: &kube::Client, path: &str, want: &[&str], log: &Pat
         if start.elapsed() > timeout {
             panic!(
                 "{what} not reached within {timeout:?}: {got:?}\n{}",
-                tail(log)
+                support::log_tail(log)
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(30).collect();
-    format!("daemon log (newest first):\n{}", lines.join("\n"))
-}
-
-async fn wait_replicas(api: &Api<Deployment>, want: i32, timeout: Duration, log: &Path) {
-    let start = std::time::Instant::now();
-    loop {
-        let got = api
-            .get("web")
-            .await
-            .ok()
-            .and_then(|d| d.spec)
-            .and_then(|s| s.replicas)
-            .unwrap_or(-1);
-        if got == want {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "Deployment web has {got} replicas, wanted {want} within {timeout:?}\n{}",
-                tail(log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -267,13 +222,13 @@ spec:
     );
     std::fs::write(dir.join("rules.yaml"), rules).expect("rules");
 
-    let port = free_port();
+    let port = support::free_port();
     let log = dir.join("daemon.log");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args([
             "run",
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", support::free_port()),
         ])
         .args([
             "--watch-namespace",
@@ -341,7 +296,10 @@ spec:
             break;
         }
         if start.elapsed() > Duration::from_secs(60) {
-            panic!("APIService not Available: {available:?}\n{}", tail(&log));
+            panic!(
+                "APIService not Available: {available:?}\n{}",
+                support::log_tail(&log)
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -428,7 +386,7 @@ spec:
         &log,
     )
     .await;
-    wait_replicas(&deployments, 6, Duration::from_secs(60), &log).await;
+    support::wait_replicas(&deployments, 6, Duration::from_secs(60), &log).await;
     exporter.set(metric, &[("app", "web")], 10.0);
     wait_values(
         &client,
@@ -437,7 +395,7 @@ spec:
         &log,
     )
     .await;
-    wait_replicas(&deployments, 2, Duration::from_secs(60), &log).await;
+    support::wait_replicas(&deployments, 2, Duration::from_secs(60), &log).await;
 
     // Direct callers: no certificate or token, a forged user header, a bad token, a valid token
     // without RBAC, a client certificate from another CA: all refused.

@@ -805,20 +805,34 @@ pub struct BindingGuard {
 
 impl Drop for BindingGuard {
     fn drop(&mut self) {
-        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let client = client_from_kubeconfig(&kubeconfig).await.ok()?;
-                let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
-                api.delete(&name, &Default::default()).await.ok()
-            })
-        })
-        .join();
+        let name = self.name.clone();
+        cleanup_blocking(&self.kubeconfig, move |client| async move {
+            let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
+            let _ = api.delete(&name, &Default::default()).await;
+        });
     }
+}
+
+/// Runs `cleanup` with an admin client on a runtime of its own and waits for it: for `Drop`
+/// implementations, which may run inside or outside a test's runtime.
+pub fn cleanup_blocking<F, Fut>(kubeconfig: &Path, cleanup: F)
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let kubeconfig = kubeconfig.to_path_buf();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async move {
+            let client = client_from_kubeconfig(&kubeconfig).await.ok()?;
+            cleanup(client).await;
+            Some(())
+        })
+    })
+    .join();
 }
 
 // ------------------------------------------------------------------ HTTPS with client certificates
@@ -887,4 +901,54 @@ pub async fn https_get(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("bad status line: {head}"))?;
     Ok((status, body.to_string()))
+}
+
+// ------------------------------------------------------------------ daemons under test
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The last 30 lines of a daemon's log, newest first, for a failure message.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(30).collect();
+    format!("daemon log (newest first):\n{}", lines.join("\n"))
+}
+
+/// `spec.replicas` of Deployment `web` (-1 if it cannot be read).
+pub async fn replicas(api: &Api<Deployment>) -> i32 {
+    api.get("web")
+        .await
+        .ok()
+        .and_then(|d| d.spec)
+        .and_then(|s| s.replicas)
+        .unwrap_or(-1)
+}
+
+/// Waits until Deployment `web` has `want` replicas; how long that took.
+pub async fn wait_replicas(
+    api: &Api<Deployment>,
+    want: i32,
+    timeout: Duration,
+    log: &std::path::Path,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = replicas(api).await;
+        if got == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "Deployment web has {got} replicas, wanted {want} within {timeout:?}; {}",
+                log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
