@@ -4,7 +4,7 @@
 //!   TLS handshake against `requestheader-client-ca-file`); its common name must be one of
 //!   `requestheader-allowed-names` (any, when the list is empty), and the user, groups and extra
 //!   come from the header names listed there. All of it is read from the ConfigMap
-//!   `kube-system/extension-apiserver-authentication` at start.
+//!   `kube-system/extension-apiserver-authentication` at start and again every minute.
 //! - Any other caller must send a bearer token, checked with a TokenReview.
 //! - Every authenticated request is authorized with a SubjectAccessReview.
 //!

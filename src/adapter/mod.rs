@@ -22,7 +22,7 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use http_body_util::Full;
@@ -102,8 +102,42 @@ pub struct Adapter {
     pub cache: Arc<Cache>,
     rules: Vec<CompiledRule>,
     fetcher: Option<Fetcher>,
-    front_proxy: auth::FrontProxy,
+    front_proxy: RwLock<Arc<auth::FrontProxy>>,
+    tls: RwLock<Arc<rustls::ServerConfig>>,
     reviewer: auth::Reviewer,
+}
+
+/// How often the front-proxy settings and a certificate from files are read again (a rotated
+/// front-proxy CA or a renewed serving certificate is picked up without a restart).
+const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where the serving certificate comes from.
+enum CertSource {
+    Files(PathBuf, PathBuf),
+    SelfSigned(tls::ServingCert),
+}
+
+impl CertSource {
+    fn load(&self) -> Result<tls::ServingCert, tls::TlsError> {
+        match self {
+            CertSource::Files(c, k) => tls::from_files(c, k),
+            CertSource::SelfSigned(cert) => Ok(cert.clone()),
+        }
+    }
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    match lock.read() {
+        Ok(v) => v.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    match lock.write() {
+        Ok(mut v) => *v = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
+    }
 }
 
 /// A running adapter.
@@ -130,13 +164,14 @@ impl Adapter {
             Some(path) => rules::load(path)?,
             None => Vec::new(),
         };
-        let cert = match (
+        let source = match (
             &args.external_metrics_tls_cert_file,
             &args.external_metrics_tls_key_file,
         ) {
-            (Some(c), Some(k)) => tls::from_files(c, k)?,
-            _ => tls::self_signed(&args.external_metrics_cert_names)?,
+            (Some(c), Some(k)) => CertSource::Files(c.clone(), k.clone()),
+            _ => CertSource::SelfSigned(tls::self_signed(&args.external_metrics_cert_names)?),
         };
+        let cert = source.load()?;
         let cert_pem = cert.pem.clone();
         let front_proxy = auth::FrontProxy::load(&client).await?;
         let config = tls::server_config(cert, Some(&front_proxy.client_ca))?;
@@ -156,11 +191,18 @@ impl Adapter {
             cache: cache.clone(),
             rules,
             fetcher,
-            front_proxy,
-            reviewer: auth::Reviewer::new(client),
+            front_proxy: RwLock::new(Arc::new(front_proxy)),
+            tls: RwLock::new(config),
+            reviewer: auth::Reviewer::new(client.clone()),
         });
         info!(%addr, rules = adapter.rules.len(), "serving external.metrics.k8s.io/v1beta1");
-        let task = tokio::spawn(serve(listener, config, adapter));
+        let reload = reload(adapter.clone(), client, source, cert_pem.clone());
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = serve(listener, adapter) => {}
+                _ = reload => {}
+            }
+        });
         Ok(Running {
             cache,
             addr,
@@ -170,8 +212,46 @@ impl Adapter {
     }
 }
 
-async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfig>, adapter: Arc<Adapter>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+/// Every [`RELOAD_EVERY`], reads the front-proxy settings and the certificate again and swaps
+/// the TLS configuration when either changed; a failed read keeps the current one.
+async fn reload(adapter: Arc<Adapter>, client: kube::Client, source: CertSource, mut pem: String) {
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let front_proxy = match auth::FrontProxy::load(&client).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "external metrics: keeping the front-proxy settings");
+                continue;
+            }
+        };
+        let cert = match source.load() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "external metrics: keeping the serving certificate");
+                continue;
+            }
+        };
+        if *read(&adapter.front_proxy) == front_proxy && cert.pem == pem {
+            continue;
+        }
+        let new_pem = cert.pem.clone();
+        match tls::server_config(cert, Some(&front_proxy.client_ca)) {
+            Ok(config) => {
+                write(&adapter.tls, config);
+                write(&adapter.front_proxy, Arc::new(front_proxy));
+                pem = new_pem;
+                info!(
+                    "external metrics: reloaded the front-proxy settings and serving certificate"
+                );
+            }
+            Err(e) => warn!(error = %e, "external metrics: keeping the TLS configuration"),
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, adapter: Arc<Adapter>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -182,7 +262,7 @@ async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfig>, adapter
             }
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(read(&adapter.tls));
         let adapter = adapter.clone();
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
@@ -407,8 +487,7 @@ impl Adapter {
         headers: &hyper::HeaderMap,
     ) -> Result<auth::User, Box<Response<Full<Bytes>>>> {
         if let Some(cn) = proxy_cn {
-            return self
-                .front_proxy
+            return read(&self.front_proxy)
                 .user(cn, headers)
                 .map_err(|m| Box::new(failure(401, m)));
         }

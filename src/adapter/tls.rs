@@ -50,6 +50,16 @@ pub struct ServingCert {
     pub pem: String,
 }
 
+impl Clone for ServingCert {
+    fn clone(&self) -> ServingCert {
+        ServingCert {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            pem: self.pem.clone(),
+        }
+    }
+}
+
 /// Reads a PEM certificate chain and key.
 pub fn from_files(cert: &Path, key: &Path) -> Result<ServingCert, TlsError> {
     let read = |flag: &'static str, path: &Path| {
