@@ -170,6 +170,8 @@ pub struct RunArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub external_metrics: Box<crate::adapter::ExternalMetricsArgs>,
 }
 
 /// `kscale dry-run` arguments.
@@ -354,6 +356,21 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         let mut ctx =
             crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
         ctx.watch_namespace = args.watch_namespace.clone();
+        let adapter = match args.external_metrics.external_metrics_addr {
+            Some(addr) => {
+                let running = crate::adapter::Adapter::start(
+                    &args.external_metrics,
+                    addr,
+                    client.clone(),
+                    backend.clone(),
+                )
+                .await
+                .map_err(|e| CliError::Config(e.to_string()))?;
+                ctx.external_metrics = Some(running.cache.clone());
+                Some(running.task)
+            }
+            None => None,
+        };
         ctx.concurrency = usize::from(args.max_concurrent_evaluations);
         ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
             .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
@@ -405,6 +422,9 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();
         pod_watch.abort();
+        if let Some(task) = adapter {
+            task.abort();
+        }
         result
     })
 }

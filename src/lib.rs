@@ -11,10 +11,12 @@
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
 //! - [`load`]: reading policy files, with errors naming file, document and field.
 //! - [`controller`]: the scaling controller (watch, tick, evaluate, act, status, events).
+//! - [`adapter`]: the `external.metrics.k8s.io` aggregated API (serves the controller's values).
 //! - [`cli`]: the `kscale` command line.
 //! - [`units`]: Kubernetes quantities and Go-style durations.
 
 pub mod actuate;
+pub mod adapter;
 pub mod backtest;
 pub mod cli;
 pub mod config;

@@ -23,87 +23,6 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, bound to the
-/// ClusterRole in `deploy/rbac/kscale.yaml`: the daemon runs with exactly the RBAC we ship.
-async fn service_account_kubeconfig(
-    env: &support::TestEnv,
-    client: &kube::Client,
-    namespace: &str,
-) -> (std::path::PathBuf, BindingGuard) {
-    let rbac = std::fs::read_to_string(support::repo_root().join("deploy/rbac/kscale.yaml"))
-        .expect("deploy/rbac/kscale.yaml");
-    support::apply_yaml(client, namespace, &rbac).await;
-    support::apply_yaml(
-        client,
-        namespace,
-        &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: kscale, namespace: {namespace}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: kscale-{namespace}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kscale}}
-subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
-"#
-        ),
-    )
-    .await;
-    let text = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
-    let users = config["users"].as_sequence_mut().expect("kubeconfig users");
-    for user in users {
-        let u = &mut user["user"];
-        u["as"] = format!("system:serviceaccount:{namespace}:kscale").into();
-        u["as-groups"] = serde_yaml::to_value([
-            "system:serviceaccounts",
-            &format!("system:serviceaccounts:{namespace}"),
-            "system:authenticated",
-        ])
-        .expect("groups");
-    }
-    let path = support::repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
-        .expect("write kubeconfig");
-    let guard = BindingGuard {
-        name: format!("kscale-{namespace}"),
-        kubeconfig: env.kubeconfig.clone(),
-    };
-    (path, guard)
-}
-
-/// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
-struct BindingGuard {
-    name: String,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Drop for BindingGuard {
-    fn drop(&mut self) {
-        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let client = support::client_from_kubeconfig(&kubeconfig).await.ok()?;
-                let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
-                api.delete(&name, &Default::default()).await.ok()
-            })
-        })
-        .join();
-    }
-}
-
 fn start_controller(
     env: &support::TestEnv,
     kubeconfig: &std::path::Path,
@@ -132,39 +51,6 @@ fn start_controller(
         .spawn()
         .expect("kscale run starts");
     Controller(child)
-}
-
-async fn replicas(api: &Api<Deployment>) -> i32 {
-    api.get("web")
-        .await
-        .ok()
-        .and_then(|d| d.spec)
-        .and_then(|s| s.replicas)
-        .unwrap_or(-1)
-}
-
-async fn wait_replicas(
-    api: &Api<Deployment>,
-    want: i32,
-    timeout: Duration,
-    log: &std::path::Path,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let got = replicas(api).await;
-        if got == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > timeout {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            panic!(
-                "Deployment web has {got} replicas, wanted {want} within {timeout:?}; controller log (newest first):\n{}",
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Waits until condition `type_` of policy `name` satisfies `check` (which also sees the whole
@@ -334,9 +220,9 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     let log =
         support::repo_root().join(format!("target/controller-e2e-{}.log", std::process::id()));
-    let admin_port = free_port();
+    let admin_port = support::free_port();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let _controller = start_controller(env, &kubeconfig, &log, admin_port, &ns.name, "e2e");
 
     // 10 / 5 per replica = 2: the controller holds at 2 and reports it.
@@ -377,7 +263,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     // Rises to 30: 6 replicas, within a few intervals of the sample being visible.
     sc.set(30.0);
-    let took = wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
+    let took = support::wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
     eprintln!("scale-up written {took:?} after the metric changed");
     let p = policies.get("web").await.expect("policy");
     let status = p.status.expect("status");
@@ -432,11 +318,11 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(5.0);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         6,
         "scale-down must wait out the stabilization window"
     );
-    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     // The window runs 8 s from the last recommendation of 6, which the controller (1 s
     // interval) can have made up to one interval before the metric fell.
     assert!(
@@ -447,7 +333,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
 
     // The metric disappears: Missing, never 0; the count holds and the status says why.
     sc.set(40.0);
-    wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
+    support::wait_replicas(deployments, 8, Duration::from_secs(20), &log).await;
     sc.exporter.remove(&sc.metric);
     wait_condition(
         policies,
@@ -460,7 +346,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         8,
         "a missing metric must not scale down"
     );
@@ -482,7 +368,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(100.0);
     sc.wait_visible(env, 100.0).await;
     drop(_controller);
-    let before = replicas(deployments).await;
+    let before = support::replicas(deployments).await;
     let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
         .env("KUBECONFIG", &env.kubeconfig)
@@ -502,7 +388,7 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     assert!(text.contains("queue=100"), "{text}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         before,
         "dry-run must not write"
     );
@@ -526,12 +412,12 @@ async fn failover_continues_the_stabilization_window() {
         support::repo_root().join(format!("target/ha-a-{}.log", std::process::id())),
         support::repo_root().join(format!("target/ha-b-{}.log", std::process::id())),
     ];
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let mut a = Some(start_controller(
         env,
         &kubeconfig,
         &logs[0],
-        free_port(),
+        support::free_port(),
         &ns.name,
         "replica-a",
     ));
@@ -539,11 +425,11 @@ async fn failover_continues_the_stabilization_window() {
         env,
         &kubeconfig,
         &logs[1],
-        free_port(),
+        support::free_port(),
         &ns.name,
         "replica-b",
     ));
-    wait_replicas(deployments, 6, Duration::from_secs(30), &logs[0]).await;
+    support::wait_replicas(deployments, 6, Duration::from_secs(30), &logs[0]).await;
     let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     let leader = holder(leases.get("kscale-leader").await.expect("the lease exists"));
     assert!(
@@ -595,7 +481,7 @@ async fn failover_continues_the_stabilization_window() {
     // No flap: the new leader continues the window from status; 6 until 20 s after the fall.
     while fell.elapsed() < Duration::from_secs(18) {
         assert_eq!(
-            replicas(deployments).await,
+            support::replicas(deployments).await,
             6,
             "scaled down {:?} after the fall, inside the 20 s window",
             fell.elapsed()
@@ -607,7 +493,7 @@ async fn failover_continues_the_stabilization_window() {
     } else {
         &logs[1]
     };
-    wait_replicas(deployments, 1, Duration::from_secs(20), log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(20), log).await;
     drop((a, b));
 }
 
@@ -625,7 +511,7 @@ impl Relay {
     fn new(prometheus_url: &str) -> Relay {
         let upstream = support::socket_addr_of(prometheus_url);
         let mut r = Relay {
-            port: free_port(),
+            port: support::free_port(),
             upstream,
             stop: None,
             conns: Default::default(),
@@ -713,14 +599,14 @@ async fn prometheus_outage_holds_and_recovers() {
     let (ns, policies, deployments) = (&sc.ns, &sc.policies, &sc.deployments);
 
     let mut relay = Relay::new(&env.prometheus_url);
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let log = support::repo_root().join(format!("target/outage-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args([
             "run",
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", support::free_port()),
         ])
         .args([
             "--watch-namespace",
@@ -737,7 +623,7 @@ async fn prometheus_outage_holds_and_recovers() {
         .spawn()
         .expect("kscale run starts");
     let _controller = Controller(child);
-    wait_replicas(deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 6, Duration::from_secs(30), &log).await;
 
     // Prometheus goes away while demand (unseen) falls: never a scale-down on no data.
     relay.stop();
@@ -759,14 +645,14 @@ async fn prometheus_outage_holds_and_recovers() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(deployments).await,
+        support::replicas(deployments).await,
         6,
         "an unreachable Prometheus must not scale down"
     );
 
     // It returns: the controller recovers on its own and acts on the real value (5 → 1).
     relay.start();
-    wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
+    support::wait_replicas(deployments, 1, Duration::from_secs(30), &log).await;
     // The status is written right after the scale (same evaluation).
     wait_condition(
         policies,
@@ -857,17 +743,25 @@ async fn controller_survives_an_apiserver_restart() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "restart", 10.0, 0).await;
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let (kubeconfig, _binding) =
+        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/restart-{}.log", std::process::id()));
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "restart");
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &sc.ns.name,
+        "restart",
+    );
     sc.set(30.0);
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
     restart_apiserver(env, &client).await;
     let client = env.client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &sc.ns.name);
     sc.set(45.0);
-    wait_replicas(&deployments, 9, Duration::from_secs(60), &log).await;
+    support::wait_replicas(&deployments, 9, Duration::from_secs(60), &log).await;
 }
 
 /// Someone scales the target by hand: the controller sees the new count on its next
@@ -880,10 +774,18 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "manual", 30.0, 0).await;
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let (kubeconfig, _binding) =
+        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
     let log = support::repo_root().join(format!("target/manual-{}.log", std::process::id()));
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "manual");
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &sc.ns.name,
+        "manual",
+    );
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
     let by_hand = |n: i32| {
         let api = sc.deployments.clone();
@@ -903,7 +805,7 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     };
     for (manual, verb) in [(9, "scale down 9→6"), (2, "scale up 2→6")] {
         by_hand(manual).await;
-        wait_replicas(&sc.deployments, 6, Duration::from_secs(20), &log).await;
+        support::wait_replicas(&sc.deployments, 6, Duration::from_secs(20), &log).await;
         support::wait_until(
             "the reason of the correction",
             Duration::from_secs(10),
@@ -978,11 +880,18 @@ spec:
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     let log = support::repo_root().join(format!("target/cpu-e2e-{}.log", std::process::id()));
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns.name).await;
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &ns.name, "cpu");
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &ns.name,
+        "cpu",
+    );
 
     // ceil(2 × 90/50) = 4 once metrics-server has the usage; maxReplicas is 4 anyway.
-    wait_replicas(&deployments, 4, Duration::from_secs(120), &log).await;
+    support::wait_replicas(&deployments, 4, Duration::from_secs(120), &log).await;
     // The rescale's reason names the cpu value it acted on (later evaluations may briefly see
     // the new pods without metrics; the event records the decision that scaled).
     wait_event(
@@ -1021,7 +930,7 @@ spec:
         let name = p.metadata.name.clone().expect("pod name");
         support::set_pod_cpu_usage(&client, &ns.name, &name, "20m").await;
     }
-    wait_replicas(&deployments, 1, Duration::from_secs(120), &log).await;
+    support::wait_replicas(&deployments, 1, Duration::from_secs(120), &log).await;
 }
 
 /// A policy names its own Prometheus (`spec.prometheus`) behind an authenticating gateway, with
@@ -1062,8 +971,16 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         .expect("spec.prometheus admitted");
 
     let log = support::repo_root().join(format!("target/ownprom-{}.log", std::process::id()));
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &sc.ns.name).await;
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &sc.ns.name, "own");
+    let (kubeconfig, _binding) =
+        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &sc.ns.name,
+        "own",
+    );
 
     // The wrong token: the gateway's 401 in status, and no scaling on it.
     wait_condition(
@@ -1075,7 +992,7 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         |c, s| c.status == "False" && s.reason.as_deref().unwrap_or("").contains("401"),
     )
     .await;
-    assert_eq!(replicas(&sc.deployments).await, 2);
+    assert_eq!(support::replicas(&sc.deployments).await, 2);
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert_eq!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst), 0);
 
@@ -1089,7 +1006,7 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         ),
     )
     .await;
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
     assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
 
@@ -1173,11 +1090,18 @@ async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
         .expect("late policy created");
 
     let log = support::repo_root().join(format!("target/conflict-{}.log", std::process::id()));
-    let (kubeconfig, _binding) = service_account_kubeconfig(env, &client, &ns).await;
-    let _controller = start_controller(env, &kubeconfig, &log, free_port(), &ns, "conflict");
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns).await;
+    let _controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        &ns,
+        "conflict",
+    );
 
     // The older policy writes: 30 / 5 = 6.
-    wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
+    support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
     wait_condition(
         &sc.policies,
         "web-late",
@@ -1204,11 +1128,11 @@ async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        replicas(&sc.deployments).await,
+        support::replicas(&sc.deployments).await,
         6,
         "only the older policy writes"
     );
     // The writer still evaluates: the metric rises, it scales.
     sc.set(40.0);
-    wait_replicas(&sc.deployments, 8, Duration::from_secs(30), &log).await;
+    support::wait_replicas(&sc.deployments, 8, Duration::from_secs(30), &log).await;
 }

@@ -92,6 +92,8 @@ pub struct Context {
     pub kinds: crate::actuate::KindCache,
     /// Policies evaluated at once (`--max-concurrent-evaluations`).
     pub concurrency: usize,
+    /// The external metrics adapter's cache, filled after every evaluation when it serves.
+    pub external_metrics: Option<Arc<crate::adapter::Cache>>,
 }
 
 impl Context {
@@ -122,6 +124,7 @@ impl Context {
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             watch_namespace: None,
             instance: instance_name,
+            external_metrics: None,
         }
     }
 }
@@ -449,6 +452,15 @@ pub async fn reconcile(
     ctx.metrics
         .evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
+    if let Some(cache) = &ctx.external_metrics {
+        cache.record(
+            &p.namespace().unwrap_or_default(),
+            &p.name_any(),
+            &result,
+            prometheus,
+            now,
+        );
+    }
     let status = match &result {
         Ok(e) => {
             ctx.metrics.record(

@@ -872,3 +872,209 @@ pub async fn install_crd(client: &Client) {
     .expect("CRD established within 30s")
     .expect("watching the CRD");
 }
+
+/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, bound to the
+/// ClusterRole in `deploy/rbac/kscale.yaml`: the daemon runs with exactly the RBAC we ship.
+pub async fn service_account_kubeconfig(
+    env: &TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+) -> (std::path::PathBuf, BindingGuard) {
+    let rbac = std::fs::read_to_string(repo_root().join("deploy/rbac/kscale.yaml"))
+        .expect("deploy/rbac/kscale.yaml");
+    apply_yaml(client, namespace, &rbac).await;
+    apply_yaml(
+        client,
+        namespace,
+        &format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: kscale, namespace: {namespace}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: kscale-{namespace}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kscale}}
+subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
+"#
+        ),
+    )
+    .await;
+    let text = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+    let users = config["users"].as_sequence_mut().expect("kubeconfig users");
+    for user in users {
+        let u = &mut user["user"];
+        u["as"] = format!("system:serviceaccount:{namespace}:kscale").into();
+        u["as-groups"] = serde_yaml::to_value([
+            "system:serviceaccounts",
+            &format!("system:serviceaccounts:{namespace}"),
+            "system:authenticated",
+        ])
+        .expect("groups");
+    }
+    let path = repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
+        .expect("write kubeconfig");
+    let guard = BindingGuard {
+        name: format!("kscale-{namespace}"),
+        kubeconfig: env.kubeconfig.clone(),
+    };
+    (path, guard)
+}
+
+/// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
+pub struct BindingGuard {
+    pub name: String,
+    pub kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for BindingGuard {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        cleanup_blocking(&self.kubeconfig, move |client| async move {
+            let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
+            let _ = api.delete(&name, &Default::default()).await;
+        });
+    }
+}
+
+/// Runs `cleanup` with an admin client on a runtime of its own and waits for it: for `Drop`
+/// implementations, which may run inside or outside a test's runtime.
+pub fn cleanup_blocking<F, Fut>(kubeconfig: &Path, cleanup: F)
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let kubeconfig = kubeconfig.to_path_buf();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async move {
+            let client = client_from_kubeconfig(&kubeconfig).await.ok()?;
+            cleanup(client).await;
+            Some(())
+        })
+    })
+    .join();
+}
+
+// ------------------------------------------------------------------ HTTPS with client certificates
+
+/// A TLS client trusting `ca_pem` and, with `client`, presenting that certificate and key (PEM).
+pub fn tls_client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(der.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("client certificate PEM"),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("client key PEM"),
+            )
+            .expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// One HTTPS GET over a fresh connection (`Connection: close`); the status and body, or the
+/// connection or TLS error.
+pub async fn https_get(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        let _ = write!(request, "{k}: {v}\r\n");
+    }
+    request.push_str("\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok((status, body.to_string()))
+}
+
+// ------------------------------------------------------------------ daemons under test
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The last 30 lines of a daemon's log, newest first, for a failure message.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(30).collect();
+    format!("daemon log (newest first):\n{}", lines.join("\n"))
+}
+
+/// `spec.replicas` of Deployment `web` (-1 if it cannot be read).
+pub async fn replicas(api: &Api<Deployment>) -> i32 {
+    api.get("web")
+        .await
+        .ok()
+        .and_then(|d| d.spec)
+        .and_then(|s| s.replicas)
+        .unwrap_or(-1)
+}
+
+/// Waits until Deployment `web` has `want` replicas; how long that took.
+pub async fn wait_replicas(
+    api: &Api<Deployment>,
+    want: i32,
+    timeout: Duration,
+    log: &std::path::Path,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = replicas(api).await;
+        if got == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "Deployment web has {got} replicas, wanted {want} within {timeout:?}; {}",
+                log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

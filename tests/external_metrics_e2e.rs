@@ -1,0 +1,473 @@
+//! The external metrics adapter end to end: kscale registered as `v1beta1.external.metrics.k8s.io`
+//! in the real kube-apiserver (aggregation layer, front-proxy certificate), a stock autoscaling/v2
+//! HPA run by the real kube-controller-manager scaling a Deployment of simulated pods on
+//! `<policy>-desired-replicas`, static rules with escaped selectors, and direct callers refused.
+//!
+//! The APIService name is cluster-wide, so everything runs in one test.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+use kscale::crd::ScalingPolicy;
+use kube::api::{Api, PostParams};
+
+/// The daemon as a child process, killed on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Deletes the test's cluster-wide objects (and the RoleBinding in kube-system) at the end.
+struct Cleanup {
+    namespace: String,
+    kubeconfig: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ns = self.namespace.clone();
+        support::cleanup_blocking(&self.kubeconfig, move |client| async move {
+            use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+            let dp = Default::default();
+            let _ = Api::<APIService>::all(client.clone())
+                .delete("v1beta1.external.metrics.k8s.io", &dp)
+                .await;
+            let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&format!("kscale-auth-delegator-{ns}"), &dp)
+                .await;
+            let _ = Api::<RoleBinding>::namespaced(client, "kube-system")
+                .delete(&format!("kscale-auth-reader-{ns}"), &dp)
+                .await;
+        });
+    }
+}
+
+/// A CA and a serving certificate for the names the aggregator checks; (ca, cert, key) PEM.
+fn serving_certificate(names: Vec<String>) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kscale-test-ca");
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("serving certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+fn metric_path(ns: &str, metric: &str, selector: Option<&str>) -> String {
+    let mut p = format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}");
+    if let Some(s) = selector {
+        p.push_str("?labelSelector=");
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                p.push(b as char);
+            } else {
+                p.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    p
+}
+
+/// GET through kube-apiserver (what `kubectl get --raw` does): status code and body.
+async fn raw(client: &kube::Client, path: &str) -> (u16, String) {
+    let req = http::Request::get(path).body(Vec::new()).expect("request");
+    match client.request_text(req).await {
+        Ok(body) => (200, body),
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// The values of a successful ExternalMetricValueList answer.
+fn values(body: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+    if v["kind"] != "ExternalMetricValueList" {
+        return Err(format!("not a list: {body}"));
+    }
+    Ok(v["items"]
+        .as_array()
+        .ok_or("no items")?
+        .iter()
+        .map(|i| i["value"].as_str().unwrap_or("").to_string())
+        .collect())
+}
+
+async fn wait_values(client: &kube::Client, path: &str, want: &[&str], log: &Path) {
+    let what = format!("{path} = {want:?}");
+    let timeout = Duration::from_secs(60);
+    let start = std::time::Instant::now();
+    loop {
+        let (code, body) = raw(client, path).await;
+        let got = if code == 200 {
+            values(&body)
+        } else {
+            Err(format!("{code}: {body}"))
+        };
+        if got.as_ref().is_ok_and(|v| v == want) {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "{what} not reached within {timeout:?}: {got:?}\n{}",
+                support::log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stock_hpa_scales_on_kscale_external_metrics() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "xm").await;
+    let ns_name = ns.name.clone();
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns_name).await;
+    let _cleanup = Cleanup {
+        namespace: ns_name.clone(),
+        kubeconfig: env.kubeconfig.clone(),
+    };
+    // The adapter's RBAC exactly as shipped, bound to this test's ServiceAccount.
+    let rbac =
+        std::fs::read_to_string(support::repo_root().join("deploy/rbac/external-metrics.yaml"))
+            .expect("deploy/rbac/external-metrics.yaml")
+            .replace("namespace: kscale", &format!("namespace: {ns_name}"))
+            .replace(
+                "name: kscale:system:auth-delegator",
+                &format!("name: kscale-auth-delegator-{ns_name}"),
+            )
+            .replace(
+                "name: kscale-auth-reader",
+                &format!("name: kscale-auth-reader-{ns_name}"),
+            );
+    support::apply_yaml(&client, &ns_name, &rbac).await;
+
+    support::create_kwok_deployment(&client, &ns_name, "web", 3, "100m", "50m").await;
+    support::wait_for_ready_pods(&client, &ns_name, "app=web", 3, Duration::from_secs(60)).await;
+    let exporter = support::TestExporter::start(env, &ns_name);
+    let metric = "kscale_xm_queue";
+    exporter.set(metric, &[("app", "web")], 15.0);
+    let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
+    support::wait_until(
+        "the metric in Prometheus",
+        Duration::from_secs(20),
+        || async {
+            match support::prometheus_scalar(env, &query) {
+                Ok(Some(v)) if (v - 15.0).abs() < 1e-9 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns_name}}}
+spec:
+  mode: ExternalMetric
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 0
+"#
+    ))
+    .expect("policy parses");
+    Api::<ScalingPolicy>::namespaced(client.clone(), &ns_name)
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("policy created");
+
+    // Serving certificate for the name the aggregator verifies, from files (a mounted Secret).
+    let dir = support::repo_root().join(format!("target/xm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let (ca_pem, cert_pem, key_pem) = serving_certificate(vec![
+        format!("kscale-external-metrics.{ns_name}.svc"),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ]);
+    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
+    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    let rules = format!(
+        "externalRules:\n- name: xm-queue-total\n  query: 'sum({metric}{{exporter=\"{}\",<<.LabelMatchers>>}})'\n  namespaced: false\n",
+        exporter.id
+    );
+    std::fs::write(dir.join("rules.yaml"), rules).expect("rules");
+
+    let port = support::free_port();
+    let log = dir.join("daemon.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args([
+            "run",
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", support::free_port()),
+        ])
+        .args([
+            "--watch-namespace",
+            &ns_name,
+            "--leader-election-namespace",
+            &ns_name,
+        ])
+        .args(["--external-metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg("--external-metrics-tls-cert-file")
+        .arg(dir.join("tls.crt"))
+        .arg("--external-metrics-tls-key-file")
+        .arg(dir.join("tls.key"))
+        .arg("--external-rules")
+        .arg(dir.join("rules.yaml"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .env("RUST_LOG", "kscale=debug,info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("kscale run starts");
+    let _daemon = Daemon(child);
+
+    // Registration: an ExternalName Service to loopback (as scripts/testenv does for
+    // metrics-server) and the APIService with our CA.
+    let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.clone().into_bytes()))
+        .expect("base64");
+    support::apply_yaml(
+        &client,
+        &ns_name,
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: kscale-external-metrics, namespace: {ns_name}}}
+spec: {{type: ExternalName, externalName: 127.0.0.1}}
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {{name: v1beta1.external.metrics.k8s.io}}
+spec:
+  group: external.metrics.k8s.io
+  version: v1beta1
+  service: {{name: kscale-external-metrics, namespace: {ns_name}, port: {port}}}
+  caBundle: {ca_bundle}
+  groupPriorityMinimum: 100
+  versionPriority: 100
+"#
+        ),
+    )
+    .await;
+    let apiservices: Api<APIService> = Api::all(client.clone());
+    let start = std::time::Instant::now();
+    loop {
+        let s = apiservices
+            .get("v1beta1.external.metrics.k8s.io")
+            .await
+            .expect("APIService");
+        let available = s
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Available"))
+            .cloned();
+        if available.as_ref().is_some_and(|c| c.status == "True") {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "APIService not Available: {available:?}\n{}",
+                support::log_tail(&log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Through kube-apiserver: the policy's metric and decision, discovery, errors.
+    wait_values(
+        &client,
+        &metric_path(&ns_name, "web-queue", None),
+        &["15"],
+        &log,
+    )
+    .await;
+    wait_values(
+        &client,
+        &metric_path(&ns_name, "web-desired-replicas", None),
+        &["3"],
+        &log,
+    )
+    .await;
+    let (code, body) = raw(&client, "/apis/external.metrics.k8s.io/v1beta1").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"web-desired-replicas\"") && body.contains("\"xm-queue-total\""),
+        "{body}"
+    );
+    let (code, body) = raw(&client, &metric_path(&ns_name, "nope", None)).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = raw(&client, &metric_path("other", "web-queue", None)).await;
+    assert_eq!(
+        code, 404,
+        "a policy's metrics live in its namespace only: {body}"
+    );
+
+    // Static rule: the selector becomes matchers; PromQL syntax in it is escaped, not executed.
+    let rule = |sel: &str| metric_path(&ns_name, "xm-queue-total", Some(sel));
+    wait_values(&client, &rule("app=web"), &["15"], &log).await;
+    wait_values(&client, &rule("app in (web,db)"), &["15"], &log).await;
+    for injection in [
+        r#"app=web"}/up{x="y"#,
+        r#"app=x"}or{__name__=~".+"#,
+        "app in (.*)",
+        r#"app=web\",app!=x"#,
+    ] {
+        let (code, body) = raw(&client, &rule(injection)).await;
+        assert_eq!(code, 200, "{injection}: {body}");
+        assert_eq!(
+            values(&body).expect("a list"),
+            Vec::<String>::new(),
+            "{injection} matched something: {body}"
+        );
+    }
+    let (code, body) = raw(&client, &rule("app.kubernetes.io/name=web")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("labelSelector"), "{body}");
+
+    // A stock HPA, run by kube-controller-manager, follows kscale's decision up and down.
+    support::apply_yaml(
+        &client,
+        &ns_name,
+        r#"apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - type: External
+    external:
+      metric: {name: web-desired-replicas}
+      target: {type: AverageValue, averageValue: "1"}
+  behavior:
+    scaleDown: {stabilizationWindowSeconds: 0}
+"#,
+    )
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);
+    // 30 / 5 per replica = 6.
+    exporter.set(metric, &[("app", "web")], 30.0);
+    wait_values(
+        &client,
+        &metric_path(&ns_name, "web-desired-replicas", None),
+        &["6"],
+        &log,
+    )
+    .await;
+    support::wait_replicas(&deployments, 6, Duration::from_secs(60), &log).await;
+    exporter.set(metric, &[("app", "web")], 10.0);
+    wait_values(
+        &client,
+        &metric_path(&ns_name, "web-desired-replicas", None),
+        &["2"],
+        &log,
+    )
+    .await;
+    support::wait_replicas(&deployments, 2, Duration::from_secs(60), &log).await;
+
+    // Direct callers: no certificate or token, a forged user header, a bad token, a valid token
+    // without RBAC, a client certificate from another CA: all refused.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let path = metric_path(&ns_name, "web-queue", None);
+    let plain = support::tls_client_config(&ca_pem, None);
+    let (code, body) = support::https_get(plain.clone(), addr, &path, &[])
+        .await
+        .expect("answer");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"kind\":\"Status\""), "{body}");
+    let forged = [
+        ("X-Remote-User", "system:admin"),
+        ("X-Remote-Group", "system:masters"),
+    ];
+    let (code, _) = support::https_get(plain.clone(), addr, &path, &forged)
+        .await
+        .expect("answer");
+    assert_eq!(code, 401);
+    let (code, _) = support::https_get(
+        plain.clone(),
+        addr,
+        &path,
+        &[("Authorization", "Bearer not-a-token")],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(code, 401);
+    support::apply_yaml(
+        &client,
+        &ns_name,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: nobody}\n",
+    )
+    .await;
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), &ns_name)
+        .create_token_request("nobody", &PostParams::default(), &TokenRequest::default())
+        .await
+        .expect("token")
+        .status
+        .expect("token status")
+        .token
+        .expect("a token");
+    let bearer = format!("Bearer {token}");
+    let (code, body) =
+        support::https_get(plain.clone(), addr, &path, &[("Authorization", &bearer)])
+            .await
+            .expect("answer");
+    assert_eq!(code, 403, "{body}");
+    let pki = env.dir.join("pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("testenv PKI");
+    let admin_cert =
+        support::tls_client_config(&ca_pem, Some((&read("admin.crt"), &read("admin.key"))));
+    let refused = support::https_get(admin_cert, addr, &path, &forged).await;
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA must fail the handshake: {refused:?}"
+    );
+    // The front-proxy certificate kube-apiserver uses does work, with the user it names.
+    let proxy = support::tls_client_config(
+        &ca_pem,
+        Some((
+            &read("front-proxy-client.crt"),
+            &read("front-proxy-client.key"),
+        )),
+    );
+    let (code, body) = support::https_get(proxy.clone(), addr, &path, &forged)
+        .await
+        .expect("answer");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(values(&body).expect("a list"), vec!["10".to_string()]);
+    let (code, _) = support::https_get(proxy, addr, &path, &[])
+        .await
+        .expect("answer");
+    assert_eq!(code, 401, "a front-proxy request must name its user");
+}
