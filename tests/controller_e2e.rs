@@ -265,9 +265,17 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     sc.set(30.0);
     let took = support::wait_replicas(deployments, 6, Duration::from_secs(20), &log).await;
     eprintln!("scale-up written {took:?} after the metric changed");
-    let p = policies.get("web").await.expect("policy");
-    let status = p.status.expect("status");
-    assert_eq!(status.desired_replicas, Some(6));
+    // The status follows the scale write in the same evaluation.
+    let status = support::wait_until("status desired 6", Duration::from_secs(10), || async {
+        let p = policies.get("web").await.map_err(|e| e.to_string())?;
+        let s = p.status.ok_or("no status")?;
+        if s.desired_replicas == Some(6) {
+            Ok(s)
+        } else {
+            Err(format!("desired {:?}", s.desired_replicas))
+        }
+    })
+    .await;
     assert!(
         status.reason.as_deref().unwrap_or("").contains("queue=30"),
         "{:?}",
