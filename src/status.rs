@@ -98,6 +98,7 @@ spec:
             status_replicas: 2,
             ready_replicas: 2,
             pods: 2,
+            forecasts: Vec::new(),
             samples: vec![Sample::Series {
                 values: vec![450.0],
                 timestamp: t0,
@@ -120,6 +121,7 @@ spec:
         assert_eq!(s2.conditions[0].last_transition_time, k8s_time(t0));
         // A metric failure flips MetricsAvailable and moves its transition time.
         let failing = Observation {
+            forecasts: Vec::new(),
             samples: vec![Sample::Error {
                 message: "timeout".into(),
             }],

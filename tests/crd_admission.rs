@@ -60,6 +60,7 @@ async fn crd_installs_and_admits_the_examples() {
         status_replicas: 3,
         ready_replicas: 3,
         pods: 3,
+        forecasts: Vec::new(),
         samples: vec![Sample::Series {
             values: vec![450.0],
             timestamp: now,

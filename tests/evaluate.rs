@@ -48,6 +48,7 @@ fn obs(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>) 
         status_replicas: replicas,
         ready_replicas: replicas,
         pods: replicas,
+        forecasts: Vec::new(),
         samples: vec![s(rps), s(queue)],
     }
 }

@@ -17,6 +17,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 
 use crate::model::{Observation, PodPhase, PodSample, PodUsage, Sample};
+use crate::policy::forecast::ForecastState;
 use crate::policy::{CompiledPolicy, MetricSource, PolicyState, evaluate};
 use crate::source::trace::Trace;
 
@@ -376,11 +377,13 @@ pub fn run(
     let mut births: Vec<DateTime<Utc>> = vec![t0 - config.startup; initial as usize];
     let mut replicas = initial;
     let mut state = PolicyState::default();
+    let mut forecasts = ForecastState::new(policy);
     let mut obs = Observation {
         spec_replicas: replicas,
         status_replicas: replicas,
         ready_replicas: replicas,
         pods: replicas,
+        forecasts: Vec::new(),
         samples: Vec::with_capacity(feeds.len()),
     };
     let step_hours = interval.num_milliseconds() as f64 / 3_600_000.0;
@@ -449,6 +452,9 @@ pub fn run(
             obs.samples.push(sample);
         }
 
+        if forecasts.is_active() {
+            obs.forecasts = forecasts.observe_and_forecast(&obs.samples, t);
+        }
         let mut decision = evaluate(policy, &obs, &state, t);
         decision.record_applied(policy, t);
         let reason = config.keep_reasons.then(|| decision.reason(policy));

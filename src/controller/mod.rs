@@ -236,6 +236,7 @@ pub async fn evaluate_live(
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
         pods,
+        forecasts: Vec::new(),
         samples,
     };
     let history = resource

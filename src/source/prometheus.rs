@@ -850,6 +850,7 @@ spec:
             status_replicas: 4,
             ready_replicas: 4,
             pods: 4,
+            forecasts: Vec::new(),
             samples: vec![Sample::Series {
                 values: vec![f64::NAN],
                 timestamp: now,
