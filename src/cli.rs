@@ -758,6 +758,26 @@ fn write_table(
                 .map(|r| opt(r.summary.ratio_to_oracle, 3))
                 .collect(),
         ),
+        (
+            "accuracy U/O %",
+            runs.iter()
+                .map(|r| {
+                    r.summary.elasticity.map_or("-".into(), |e| {
+                        format!("{:.2}/{:.2}", e.accuracy_under, e.accuracy_over)
+                    })
+                })
+                .collect(),
+        ),
+        (
+            "timeshare U/O %",
+            runs.iter()
+                .map(|r| {
+                    r.summary.elasticity.map_or("-".into(), |e| {
+                        format!("{:.2}/{:.2}", e.timeshare_under, e.timeshare_over)
+                    })
+                })
+                .collect(),
+        ),
     ];
     let width = runs
         .iter()

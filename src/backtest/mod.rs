@@ -175,6 +175,46 @@ pub struct Summary {
     pub oracle_replica_hours: Option<f64>,
     /// Our replica-hours over the oracle's.
     pub ratio_to_oracle: Option<f64>,
+    /// SPEC RG elasticity metrics (needs a capacity), see [`Elasticity`].
+    pub elasticity: Option<Elasticity>,
+}
+
+/// The SPEC Research Group's elasticity metrics (Herbst et al., "Ready for Rain? A View from
+/// SPEC Research on the Future of Cloud Metrics", 2016): demand `d` is the replicas needed
+/// (`ceil(demand / capacity)`), supply `s` the ready replicas, each evaluation weighted by its
+/// interval. Accuracies are normalised by `max(d, 1)` so an idle period (d = 0) counts as one
+/// replica of demand.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct Elasticity {
+    /// θ_U: mean of `max(d − s, 0) / d`, percent.
+    pub accuracy_under: f64,
+    /// θ_O: mean of `max(s − d, 0) / d`, percent.
+    pub accuracy_over: f64,
+    /// τ_U: share of time with `s < d`, percent.
+    pub timeshare_under: f64,
+    /// τ_O: share of time with `s > d`, percent.
+    pub timeshare_over: f64,
+}
+
+impl Elasticity {
+    /// Adds one evaluation (sums; [`Elasticity::finish`] turns them into percentages).
+    fn add(&mut self, needed: f64, ready: f64) {
+        let d = needed.max(1.0);
+        self.accuracy_under += (needed - ready).max(0.0) / d;
+        self.accuracy_over += (ready - needed).max(0.0) / d;
+        self.timeshare_under += f64::from(u8::from(ready < needed));
+        self.timeshare_over += f64::from(u8::from(ready > needed));
+    }
+
+    fn finish(self, n: u64) -> Elasticity {
+        let k = if n == 0 { 0.0 } else { 100.0 / n as f64 };
+        Elasticity {
+            accuracy_under: self.accuracy_under * k,
+            accuracy_over: self.accuracy_over * k,
+            timeshare_under: self.timeshare_under * k,
+            timeshare_over: self.timeshare_over * k,
+        }
+    }
 }
 
 /// A finished run.
@@ -405,7 +445,10 @@ pub fn run(
         slo_violation_minutes: config.capacity.map(|_| 0.0),
         oracle_replica_hours: None,
         ratio_to_oracle: None,
+        elasticity: None,
     };
+    let mut elasticity = Elasticity::default();
+    let mut elasticity_steps = 0u64;
     let ready_at = |births: &[DateTime<Utc>], t: DateTime<Utc>| {
         births.partition_point(|b| *b + config.startup <= t) as i32
     };
@@ -478,13 +521,14 @@ pub fn run(
         summary.replica_hours += f64::from(replicas) * step_hours;
         summary.min_replicas = summary.min_replicas.min(replicas);
         summary.max_replicas = summary.max_replicas.max(replicas);
-        if let (Some(c), Some(d), Some(v)) = (
-            config.capacity,
-            demand,
-            summary.slo_violation_minutes.as_mut(),
-        ) && d > f64::from(ready) * c
-        {
-            *v += step_minutes;
+        if let (Some(c), Some(d)) = (config.capacity, demand) {
+            if let Some(v) = summary.slo_violation_minutes.as_mut()
+                && d > f64::from(ready) * c
+            {
+                *v += step_minutes;
+            }
+            elasticity.add(needed_replicas(d, c) as f64, f64::from(ready));
+            elasticity_steps += 1;
         }
         summary.evaluations += 1;
         summary.end = t;
@@ -506,6 +550,7 @@ pub fn run(
         let oracle = oracle_replica_hours(&demand_series, c, config.startup, interval);
         summary.oracle_replica_hours = Some(oracle);
         summary.ratio_to_oracle = (oracle > 0.0).then(|| summary.replica_hours / oracle);
+        summary.elasticity = Some(elasticity.finish(elasticity_steps));
     }
     Ok(Run {
         summary,
@@ -549,6 +594,11 @@ fn pods_sample(
     Sample::Pods(pods)
 }
 
+/// Replicas needed to serve `demand`: `ceil(demand / capacity)`.
+pub fn needed_replicas(demand: f64, capacity: f64) -> i64 {
+    (demand / capacity).ceil().max(0.0) as i64
+}
+
 /// Replica-hours of a perfect-foresight oracle: at each step it runs exactly the replicas needed
 /// (`ceil(demand / capacity)`) for every moment up to `startup` ahead, so each replica is ready
 /// when its demand arrives.
@@ -560,7 +610,7 @@ pub fn oracle_replica_hours(
 ) -> f64 {
     let needed: Vec<i64> = demand
         .iter()
-        .map(|d| d.map_or(0, |d| (d / capacity).ceil().max(0.0) as i64))
+        .map(|d| d.map_or(0, |d| needed_replicas(d, capacity)))
         .collect();
     let ahead = (startup.num_milliseconds() as f64 / interval.num_milliseconds().max(1) as f64)
         .ceil() as usize;
@@ -588,6 +638,21 @@ pub fn oracle_replica_hours(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elasticity_metrics_follow_the_spec_rg_definitions() {
+        let mut e = Elasticity::default();
+        // needed 4, ready 2: 50 % under; needed 2, ready 3: 50 % over; exact; idle with 1 ready.
+        e.add(4.0, 2.0);
+        e.add(2.0, 3.0);
+        e.add(3.0, 3.0);
+        e.add(0.0, 1.0);
+        let e = e.finish(4);
+        assert!((e.accuracy_under - 12.5).abs() < 1e-9, "{e:?}");
+        assert!((e.accuracy_over - 37.5).abs() < 1e-9, "{e:?}");
+        assert!((e.timeshare_under - 25.0).abs() < 1e-9, "{e:?}");
+        assert!((e.timeshare_over - 50.0).abs() < 1e-9, "{e:?}");
+    }
 
     #[test]
     fn oracle_starts_replicas_early() {
