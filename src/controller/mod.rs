@@ -11,6 +11,7 @@
 //! With leader election ([`leader`]), every replica keeps the watch warm but only the Lease
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
 
+pub mod forecast;
 pub mod leader;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,14 @@ use crate::status::{k8s_time, status_from_decision};
 pub trait QueryBackend: Send + Sync {
     /// Runs each distinct query once and returns one sample per query.
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>>;
+    /// The query's history, summed over series, every `step` from `start` to `end`.
+    fn query_range(
+        &self,
+        query: String,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>>;
 }
 
 /// No Prometheus configured: every query is an explicit error, never a zero.
@@ -50,17 +59,58 @@ impl QueryBackend for NoPrometheus {
         Box::pin(async move {
             queries
                 .into_iter()
-                .map(|q| (q, Sample::Error { message: "no Prometheus is configured (set --prometheus-url or KSCALE_PROMETHEUS_URL)".into() }))
+                .map(|q| {
+                    (
+                        q,
+                        Sample::Error {
+                            message: NO_PROMETHEUS.into(),
+                        },
+                    )
+                })
                 .collect()
         })
     }
+
+    fn query_range(
+        &self,
+        _query: String,
+        _start: DateTime<Utc>,
+        _end: DateTime<Utc>,
+        _step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>> {
+        Box::pin(async { Err(NO_PROMETHEUS.to_string()) })
+    }
 }
+
+const NO_PROMETHEUS: &str =
+    "no Prometheus is configured (set --prometheus-url or KSCALE_PROMETHEUS_URL)";
 
 impl QueryBackend for crate::source::prometheus::PrometheusSource {
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
         Box::pin(async move {
             let refs: Vec<&str> = queries.iter().map(|q| q.as_str()).collect();
             crate::source::prometheus::PrometheusSource::query_all(self, refs).await
+        })
+    }
+
+    fn query_range(
+        &self,
+        query: String,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>> {
+        Box::pin(async move {
+            crate::source::prometheus::PrometheusSource::query_range(
+                self,
+                &query,
+                start,
+                end,
+                step,
+                &mut |_, _| {},
+            )
+            .await
+            .map_err(|e| e.message)
         })
     }
 }
@@ -79,6 +129,8 @@ pub struct Context {
     pub watch_namespace: Option<String>,
     /// This instance's name in events.
     pub instance: String,
+    /// Forecasting state of the policies with `spec.forecast`.
+    pub forecasts: forecast::Forecasts,
 }
 
 impl Context {
@@ -100,6 +152,7 @@ impl Context {
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             watch_namespace: None,
             instance: instance_name,
+            forecasts: forecast::Forecasts::default(),
         }
     }
 }
@@ -231,12 +284,23 @@ pub async fn evaluate_live(
         };
         samples.push(sample);
     }
+    let forecasts = ctx
+        .forecasts
+        .predict(
+            ctx.prometheus.as_ref(),
+            &name,
+            resource.metadata.generation,
+            &policy,
+            &samples,
+            now,
+        )
+        .await;
     let obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
         pods,
-        forecasts: Vec::new(),
+        forecasts,
         samples,
     };
     let history = resource
