@@ -109,6 +109,7 @@ mod tests {
     use futures::future::LocalBoxFuture as BoxFuture;
 
     use super::*;
+    use crate::controller::History;
     use crate::crd::ScalingPolicy;
 
     /// A Prometheus whose history is a ramp of one per second, counting range queries.
@@ -127,7 +128,7 @@ mod tests {
             start: DateTime<Utc>,
             end: DateTime<Utc>,
             step: TimeDelta,
-        ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>> {
+        ) -> BoxFuture<'_, Result<History, String>> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             let mut out = Vec::new();
             let mut t = start;

@@ -37,6 +37,9 @@ use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
 
+/// A query's history: `(time, value)` per step.
+pub type History = Vec<(DateTime<Utc>, f64)>;
+
 /// Where Prometheus samples come from.
 pub trait QueryBackend: Send + Sync {
     /// Runs each distinct query once and returns one sample per query.
@@ -48,7 +51,7 @@ pub trait QueryBackend: Send + Sync {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
         step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>>;
+    ) -> BoxFuture<'_, Result<History, String>>;
 }
 
 /// No Prometheus configured: every query is an explicit error, never a zero.
@@ -77,7 +80,7 @@ impl QueryBackend for NoPrometheus {
         _start: DateTime<Utc>,
         _end: DateTime<Utc>,
         _step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>> {
+    ) -> BoxFuture<'_, Result<History, String>> {
         Box::pin(async { Err(NO_PROMETHEUS.to_string()) })
     }
 }
@@ -99,7 +102,7 @@ impl QueryBackend for crate::source::prometheus::PrometheusSource {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
         step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<Vec<(DateTime<Utc>, f64)>, String>> {
+    ) -> BoxFuture<'_, Result<History, String>> {
         Box::pin(async move {
             crate::source::prometheus::PrometheusSource::query_range(
                 self,
