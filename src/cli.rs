@@ -233,6 +233,10 @@ pub struct BacktestArgs {
     /// Replicas at the start (default: the policy's minReplicas).
     #[arg(long)]
     pub initial_replicas: Option<i32>,
+    /// Treat the first stretch of the data as history only (Go-style duration): forecasts learn
+    /// from it, as the controller re-reads history after a start; evaluations start after it.
+    #[arg(long, default_value = "0s", value_parser = parse_delta)]
+    pub warmup: TimeDelta,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -615,6 +619,7 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
         startup: args.startup,
         initial_replicas: args.initial_replicas,
         keep_reasons: args.format == Format::Json,
+        warmup: args.warmup,
     };
     let main_run = run_with_progress(&policy, &trace, &config)?;
     let compare_run = compare

@@ -1,7 +1,9 @@
 //! Backtests: replay recorded demand through a policy with a simulated clock.
 //!
 //! Semantics (documented in README.md):
-//! - evaluations at `t0 + k·interval` up to the last sample;
+//! - evaluations at `t0 + k·interval` up to the last sample, where `t0` is the first sample plus
+//!   the warm-up (history that only the forecasts learn from, fed at every interval as the
+//!   evaluations would have; 0 by default);
 //! - a metric's value at `t` is the latest sample at or before `t`, as a Prometheus instant query
 //!   sees it: older than the 5-minute lookback it is missing; the policy's `fallback.staleAfter`
 //!   is applied by the evaluator as in production;
@@ -102,6 +104,9 @@ pub struct BacktestConfig {
     pub initial_replicas: Option<i32>,
     /// Keep a reason string for every step (JSON output).
     pub keep_reasons: bool,
+    /// The trace's first stretch is history only: forecasts learn from it, evaluations and
+    /// figures start after it.
+    pub warmup: TimeDelta,
 }
 
 impl Default for BacktestConfig {
@@ -114,6 +119,7 @@ impl Default for BacktestConfig {
             startup: TimeDelta::zero(),
             initial_replicas: None,
             keep_reasons: false,
+            warmup: TimeDelta::zero(),
         }
     }
 }
@@ -389,12 +395,22 @@ pub fn run(
         });
     }
     let (feeds, demand_col) = resolve_feeds(policy, trace, config)?;
-    let (Some(&t0), Some(&t_end)) = (trace.times.first(), trace.times.last()) else {
+    let (Some(&first), Some(&t_end)) = (trace.times.first(), trace.times.last()) else {
         return Err(BacktestError::BadOption {
             flag: "--trace",
             message: format!("{}: trace has no rows", trace.path.display()),
         });
     };
+    if config.warmup < TimeDelta::zero() || first + config.warmup > t_end {
+        return Err(BacktestError::BadOption {
+            flag: "--warmup",
+            message: format!(
+                "must be between 0 and the trace's span ({}s)",
+                (t_end - first).num_seconds()
+            ),
+        });
+    }
+    let t0 = first + config.warmup;
     let interval = policy.interval;
     let total = (t_end.signed_duration_since(t0).num_milliseconds()
         / interval.num_milliseconds().max(1)) as u64
@@ -418,6 +434,22 @@ pub fn run(
     let mut replicas = initial;
     let mut state = PolicyState::default();
     let mut forecasts = ForecastState::new(policy);
+    if forecasts.is_active() {
+        // The warm-up is history only, as the controller re-reads it after a start: each
+        // forecast metric's value at every interval before t0.
+        for (i, feed) in feeds.iter().enumerate() {
+            if let Feed::Column(c) = feed {
+                let mut cursor = Cursor::new(trace, *c);
+                let mut t = first;
+                while t < t0 {
+                    if let Some((v, _)) = cursor.at(t) {
+                        forecasts.observe_metric(i, t, v * config.scale);
+                    }
+                    t += interval;
+                }
+            }
+        }
+    }
     let mut obs = Observation {
         spec_replicas: replicas,
         status_replicas: replicas,

@@ -725,7 +725,7 @@ fn compile_forecast(
     let history = duration("history", &f.history, default_history);
     let step = duration("step", &f.step, TimeDelta::minutes(1));
     let refit = duration("refitEvery", &f.refit_every, TimeDelta::hours(6));
-    let confidence = f.confidence.unwrap_or(99.0);
+    let confidence = f.confidence.unwrap_or(99.9);
     let mut field_error = |field: &str, message: String| {
         errors.push(err(format!("spec.forecast.{field}"), message));
     };
@@ -774,10 +774,10 @@ fn compile_forecast(
             ),
         );
     }
-    if !(confidence.is_finite() && (50.0..=99.99).contains(&confidence)) {
+    if !(confidence.is_finite() && (50.0..=100.0).contains(&confidence)) {
         field_error(
             "confidence",
-            format!("must be between 50 and 99.99 (percent), got {confidence}"),
+            format!("must be between 50 and 100 (percent), got {confidence}"),
         );
     }
     if !metrics

@@ -14,9 +14,10 @@
 //! Values are averaged into buckets of `step`. A model is fitted (a grid search for the smoothing
 //! factors that minimise the one-step-ahead squared error) on the kept history, refitted every
 //! `refit`; between refits each completed bucket only updates the model's state (O(1)). A
-//! forecast is the model's point forecast for the bucket holding `now + horizon` plus `z · σ ·
-//! √h`, where σ is the root-mean-square one-step error and `h` the buckets ahead: the upper bound
-//! of a one-sided interval at the configured confidence.
+//! forecast is the model's point forecast for the bucket holding `now + horizon` plus `q · √h`,
+//! where `q` is the `confidence` quantile of the model's absolute one-step errors over the fitted
+//! history (empirical, not a normal approximation: demand errors have heavy tails) and `h` the
+//! buckets ahead.
 
 use std::collections::VecDeque;
 
@@ -58,7 +59,7 @@ pub struct ForecastSettings {
     pub step: TimeDelta,
     /// How often the model is refitted.
     pub refit: TimeDelta,
-    /// One-sided confidence of the sized-for upper bound, in (0.5, 1).
+    /// The quantile of the absolute one-step errors added as headroom, in [0.5, 1].
     pub confidence: f64,
 }
 
@@ -107,6 +108,8 @@ pub struct Fitted {
     next: i64,
     /// Root-mean-square one-step error (scaled units).
     sigma: f64,
+    /// The fitted history's absolute one-step errors, ascending (scaled units).
+    abs_errors: Vec<f64>,
     /// The series is divided by this before fitting, so huge values cannot overflow.
     scale: f64,
 }
@@ -173,6 +176,18 @@ impl Fitted {
     pub fn sigma(&self) -> f64 {
         self.sigma * self.scale
     }
+
+    /// The `p` quantile of the absolute one-step errors over the fitted history, in the series'
+    /// units (0 without errors). Empirical, so heavy tails (bursts, the knees of a ramp) count
+    /// as often as they happened instead of as a normal distribution would have them.
+    pub fn error_quantile(&self, p: f64) -> f64 {
+        let n = self.abs_errors.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let i = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
+        self.abs_errors[i] * self.scale
+    }
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -218,6 +233,7 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         season: offsets_abs,
         next: first,
         sigma: 0.0,
+        abs_errors: Vec::new(),
         scale: 1.0,
     })
 }
@@ -278,57 +294,23 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
             }
         }
     }
-    best.map(|(_, m)| m)
-}
-
-/// The inverse of the standard normal CDF (Acklam's rational approximation, relative error
-/// below 1.2e-9), for `p` in (0, 1).
-pub fn normal_quantile(p: f64) -> f64 {
-    const A: [f64; 6] = [
-        -3.969683028665376e1,
-        2.209460984245205e2,
-        -2.759285104469687e2,
-        1.38357751867269e2,
-        -3.066479806614716e1,
-        2.506628277459239,
-    ];
-    const B: [f64; 5] = [
-        -5.447609879822406e1,
-        1.615858368580409e2,
-        -1.556989798598866e2,
-        6.680131188771972e1,
-        -1.328068155288572e1,
-    ];
-    const C: [f64; 6] = [
-        -7.784894002430293e-3,
-        -3.223964580411365e-1,
-        -2.400758277161838,
-        -2.549732539343734,
-        4.374664141464968,
-        2.938163982698783,
-    ];
-    const D: [f64; 4] = [
-        7.784695709041462e-3,
-        3.224671290700398e-1,
-        2.445134137142996,
-        3.754408661907416,
-    ];
-    let p = p.clamp(1e-12, 1.0 - 1e-12);
-    let low = 0.02425;
-    let tail = |q: f64| {
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
-            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
-    };
-    if p < low {
-        tail((-2.0 * p.ln()).sqrt())
-    } else if p > 1.0 - low {
-        -tail((-2.0 * (1.0 - p).ln()).sqrt())
-    } else {
-        let q = p - 0.5;
-        let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
-            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    let (_, mut best) = best?;
+    // The chosen model's own one-step errors, replayed once, give the empirical quantiles.
+    let mut errors = Vec::with_capacity(scaled.len());
+    if let Some(mut m) = initial(&scaled, first, season, best.params) {
+        let warm = if seasonal { season } else { 1 };
+        for (i, y) in scaled.iter().enumerate() {
+            if let Some(e) = m.update(*y)
+                && i >= warm
+                && e.is_finite()
+            {
+                errors.push(e.abs());
+            }
+        }
     }
+    errors.sort_by(f64::total_cmp);
+    best.abs_errors = errors;
+    Some(best)
 }
 
 /// One metric's forecast at an evaluation.
@@ -336,7 +318,7 @@ pub fn normal_quantile(p: f64) -> f64 {
 pub struct Prediction {
     /// The model's point forecast for `now + horizon`.
     pub point: f64,
-    /// The upper bound sized for: `point + z · σ · √h`, never below 0.
+    /// The upper bound sized for: `point + q · √h`, never below 0.
     pub upper: f64,
     /// The model that made it.
     pub model: ModelKind,
@@ -444,8 +426,7 @@ impl Forecaster {
         let f = self.fitted.as_ref()?;
         let h = (s.bucket_of(now + s.horizon) - last).max(1) as usize;
         let point = f.predict(h);
-        let z = normal_quantile(s.confidence);
-        let upper = (point + z * f.sigma() * (h as f64).sqrt()).max(0.0);
+        let upper = (point + f.error_quantile(s.confidence) * (h as f64).sqrt()).max(0.0);
         (point.is_finite() && upper.is_finite()).then_some(Prediction {
             point,
             upper,
@@ -568,6 +549,17 @@ mod tests {
     }
 
     #[test]
+    fn headroom_is_the_empirical_quantile_of_the_errors() {
+        // A flat series with one burst: the largest error is the burst, the median is nothing.
+        let series = some((0..200).map(|i| if i == 100 { 300.0 } else { 100.0 }));
+        let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
+        assert!(f.error_quantile(1.0) >= 199.0, "{}", f.error_quantile(1.0));
+        assert!(f.error_quantile(0.5) < 1.0, "{}", f.error_quantile(0.5));
+        // The RMS would spread the burst over every step instead.
+        assert!(f.sigma() > f.error_quantile(0.5) && f.sigma() < f.error_quantile(1.0));
+    }
+
+    #[test]
     fn holt_winters_falls_back_to_trend_under_two_seasons() {
         let series = some((0..30).map(|i| i as f64));
         let f = fit(&series, 0, ModelKind::HoltWinters, 24).expect("fits");
@@ -581,19 +573,6 @@ mod tests {
         let mut f = Forecaster::new(settings(ModelKind::HoltWinters));
         let t0 = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
         assert!(f.forecast(t0).is_none());
-    }
-
-    #[test]
-    fn quantiles_match_the_normal_table() {
-        for (p, z) in [
-            (0.5, 0.0),
-            (0.95, 1.644854),
-            (0.99, 2.326348),
-            (0.999, 3.090232),
-        ] {
-            assert!((normal_quantile(p) - z).abs() < 1e-5, "{p}");
-        }
-        assert!((normal_quantile(0.01) + 2.326348).abs() < 1e-5);
     }
 
     /// Fed bucket by bucket, the forecaster predicts a daily sine ahead of time, and the state
