@@ -612,36 +612,50 @@ impl PrometheusSource {
             if let Some((header, _)) = &token {
                 builder = builder.header(AUTHORIZATION, header.clone());
             }
-            let exchange = async {
-                let response = builder.post_raw().await.map_err(|e| classify(&e))?;
-                let status = response.status();
-                let body = response.text().await.map_err(|e| QueryError {
-                    kind: "decode",
-                    message: format!("reading the response body: {}", error_chain(&e)),
+            let chunk = self
+                .exchange(builder.post_raw(), parse_range_response)
+                .await
+                .map_err(|e| QueryError {
+                    kind: e.kind,
+                    message: format!(
+                        "range query {query:?} from {} to {}: {}",
+                        DateTime::from_timestamp_millis(from).unwrap_or_default(),
+                        DateTime::from_timestamp_millis(to).unwrap_or_default(),
+                        self.scrub(&e.message, token.as_ref().map(|(_, t)| t.as_str()))
+                    ),
                 })?;
-                parse_range_response(status.as_u16(), &body)
-            };
-            let chunk = match tokio::time::timeout(self.timeout, exchange).await {
-                Err(_) => Err(QueryError {
-                    kind: "timeout",
-                    message: format!("no answer within the {:?} timeout", self.timeout),
-                }),
-                Ok(r) => r,
-            }
-            .map_err(|e| QueryError {
-                kind: e.kind,
-                message: format!(
-                    "range query {query:?} from {} to {}: {}",
-                    DateTime::from_timestamp_millis(from).unwrap_or_default(),
-                    DateTime::from_timestamp_millis(to).unwrap_or_default(),
-                    self.scrub(&e.message, token.as_ref().map(|(_, t)| t.as_str()))
-                ),
-            })?;
             out.extend(chunk);
             done += n;
             progress(done, total);
         }
         Ok(out)
+    }
+
+    /// Sends a request and parses its answer. The HTTP client's own timeout bounds the request;
+    /// this one also bounds anything around it, with a message that says so.
+    async fn exchange<T>(
+        &self,
+        request: impl std::future::Future<
+            Output = Result<reqwest::Response, prometheus_http_query::Error>,
+        >,
+        parse: fn(u16, &str) -> Result<T, QueryError>,
+    ) -> Result<T, QueryError> {
+        let exchange = async {
+            let response = request.await.map_err(|e| classify(&e))?;
+            let status = response.status();
+            let body = response.text().await.map_err(|e| QueryError {
+                kind: if e.is_timeout() { "timeout" } else { "decode" },
+                message: format!("reading the response body: {}", error_chain(&e)),
+            })?;
+            parse(status.as_u16(), &body)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(QueryError {
+                kind: "timeout",
+                message: format!("no answer within the {:?} timeout", self.timeout),
+            }),
+            Ok(result) => result,
+        }
     }
 
     async fn run(&self, query: &str, token: Option<&(HeaderValue, String)>) -> QueryOutcome {
@@ -653,24 +667,7 @@ impl PrometheusSource {
         if let Some((header, _)) = token {
             builder = builder.header(AUTHORIZATION, header.clone());
         }
-        // The HTTP client's own timeout bounds the request; this one also bounds anything
-        // around it, with a message that says so.
-        let exchange = async {
-            let response = builder.post_raw().await.map_err(|e| classify(&e))?;
-            let status = response.status();
-            let body = response.text().await.map_err(|e| QueryError {
-                kind: if e.is_timeout() { "timeout" } else { "decode" },
-                message: format!("reading the response body: {}", error_chain(&e)),
-            })?;
-            parse_response(status.as_u16(), &body)
-        };
-        let result = match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(QueryError {
-                kind: "timeout",
-                message: format!("no answer within the {:?} timeout", self.timeout),
-            }),
-            Ok(result) => result,
-        };
+        let result = self.exchange(builder.post_raw(), parse_response).await;
         let duration = start.elapsed();
         let outcome = match result {
             Ok(sample) => QueryOutcome {
@@ -901,6 +898,23 @@ mod tests {
 
     fn ts(s: f64) -> DateTime<Utc> {
         to_datetime(s).unwrap()
+    }
+
+    #[test]
+    fn range_answers_are_summed_over_series_per_step() {
+        let body = r#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"pod":"a"},"values":[[1700000000,"1"],[1700000015,"2"]]},
+            {"metric":{"pod":"b"},"values":[[1700000015,"10"],[1700000030,"20"]]}]}}"#;
+        assert_eq!(
+            parse_range_response(200, body).unwrap(),
+            vec![
+                (ts(1_700_000_000.0), 1.0),
+                (ts(1_700_000_015.0), 12.0),
+                (ts(1_700_000_030.0), 20.0)
+            ]
+        );
+        let error = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert_eq!(parse_range_response(400, error).unwrap_err().kind, "promql");
     }
 
     #[test]
