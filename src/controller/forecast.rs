@@ -94,6 +94,11 @@ impl Forecasts {
         self.lock().remove(key);
     }
 
+    /// Keeps only the policies whose `namespace/name` `keep` accepts (the deleted go).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding the lock cannot leave the map half-written: recover it.
         self.policies

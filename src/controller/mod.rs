@@ -605,6 +605,13 @@ async fn run_tick(
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
     schedule.retain(|k, _| live.contains(k));
+    ctx.forecasts.retain(|key| {
+        live.iter().any(|r| {
+            r.namespace
+                .as_deref()
+                .is_some_and(|ns| key == format!("{ns}/{}", r.name))
+        })
+    });
     let mut due = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
