@@ -315,6 +315,10 @@ pub struct MetricStatus {
     /// Why the metric is not valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `spec.forecast`: the forecast value sized for (the upper bound at the horizon), as a
+    /// quantity string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<String>,
 }
 
 /// The CRD as the apiserver gets it.
