@@ -44,7 +44,7 @@ const FORECAST_SPEC: &str = r#"
 "#;
 
 /// Two global settings of the headroom: the default, the 99.9th percentile of the model's
-/// absolute errors, and the largest error seen (100).
+/// relative errors, and the largest error seen (100).
 const CONFIDENCES: [&str; 2] = ["99.9", "100"];
 
 fn policy(name: &str, target: f64, extra: &str) -> CompiledPolicy {

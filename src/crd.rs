@@ -156,9 +156,10 @@ pub struct ForecastSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
     pub refit_every: Option<String>,
-    /// Headroom: the policy sizes for the forecast plus this percentile of the model's absolute
-    /// one-step errors over its history (default 99.9; between 50 and 100, where 100 is the
-    /// largest error seen). Higher means more headroom where the forecast has been less accurate.
+    /// Headroom: the policy sizes for the forecast times one plus this percentile of the model's
+    /// relative one-step errors over its history (default 99.9; between 50 and 100, where 100 is
+    /// the largest error seen). Higher means more headroom where the forecast has been less
+    /// accurate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 50.0, max = 100.0))]
     pub confidence: Option<f64>,

@@ -14,10 +14,11 @@
 //! Values are averaged into buckets of `step`. A model is fitted (a grid search for the smoothing
 //! factors that minimise the one-step-ahead squared error) on the kept history, refitted every
 //! `refit`; between refits each completed bucket only updates the model's state (O(1)). A
-//! forecast is the model's point forecast for the bucket holding `now + horizon` plus `q · √h`,
-//! where `q` is the `confidence` quantile of the model's absolute one-step errors over the fitted
-//! history (empirical, not a normal approximation: demand errors have heavy tails) and `h` the
-//! buckets ahead.
+//! forecast is the model's point forecast `ŷ` for the bucket holding `now + horizon` plus
+//! `q · max(ŷ, 0.2 · peak) · √h`, where `q` is the `confidence` quantile of the model's relative
+//! one-step errors over the fitted history (`|e| / max(prediction, 0.2 · peak)`: empirical, since
+//! demand errors have heavy tails, and relative, since they grow with the level), `peak` the
+//! history's largest value and `h` the buckets ahead.
 
 use std::collections::VecDeque;
 
@@ -59,7 +60,7 @@ pub struct ForecastSettings {
     pub step: TimeDelta,
     /// How often the model is refitted.
     pub refit: TimeDelta,
-    /// The quantile of the absolute one-step errors added as headroom, in [0.5, 1].
+    /// The quantile of the relative one-step errors used as headroom, in [0.5, 1].
     pub confidence: f64,
 }
 
@@ -108,12 +109,16 @@ pub struct Fitted {
     next: i64,
     /// Root-mean-square one-step error (scaled units).
     sigma: f64,
-    /// The fitted history's absolute one-step errors, ascending (scaled units).
-    abs_errors: Vec<f64>,
+    /// The fitted history's relative one-step errors `|e| / max(prediction, REL_FLOOR)`,
+    /// ascending.
+    rel_errors: Vec<f64>,
     /// The series is divided by this before fitting, so huge values cannot overflow.
     scale: f64,
 }
 
+/// Relative errors are taken against at least this fraction of the history's peak, so a
+/// near-zero level does not make every error look infinite.
+const REL_FLOOR: f64 = 0.2;
 const ALPHAS: [f64; 5] = [0.1, 0.25, 0.4, 0.6, 0.85];
 const BETAS: [f64; 3] = [0.01, 0.05, 0.2];
 const GAMMAS: [f64; 3] = [0.05, 0.15, 0.35];
@@ -172,21 +177,28 @@ impl Fitted {
         (self.level + damp * self.trend + self.season_at(bucket)) * self.scale
     }
 
+    /// Headroom over a forecast of `point`: the `p` quantile of the relative errors times
+    /// `max(point, REL_FLOOR × the history's peak)`, in the series' units.
+    pub fn headroom(&self, point: f64, p: f64) -> f64 {
+        self.error_quantile(p) * point.max(REL_FLOOR * self.scale)
+    }
+
     /// Root-mean-square one-step error, in the series' units.
     pub fn sigma(&self) -> f64 {
         self.sigma * self.scale
     }
 
-    /// The `p` quantile of the absolute one-step errors over the fitted history, in the series'
-    /// units (0 without errors). Empirical, so heavy tails (bursts, the knees of a ramp) count
-    /// as often as they happened instead of as a normal distribution would have them.
+    /// The `p` quantile of the relative one-step errors over the fitted history (0 without
+    /// errors). Empirical, so heavy tails (bursts, the knees of a ramp) count as often as they
+    /// happened instead of as a normal distribution would have them; relative, because demand
+    /// errors grow with the level (a quiet night needs less headroom than the peak).
     pub fn error_quantile(&self, p: f64) -> f64 {
-        let n = self.abs_errors.len();
+        let n = self.rel_errors.len();
         if n == 0 {
             return 0.0;
         }
         let i = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
-        self.abs_errors[i] * self.scale
+        self.rel_errors[i]
     }
 }
 
@@ -233,7 +245,7 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         season: offsets_abs,
         next: first,
         sigma: 0.0,
-        abs_errors: Vec::new(),
+        rel_errors: Vec::new(),
         scale: 1.0,
     })
 }
@@ -303,13 +315,14 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
             if let Some(e) = m.update(*y)
                 && i >= warm
                 && e.is_finite()
+                && let Some(y) = y
             {
-                errors.push(e.abs());
+                errors.push(e.abs() / (y - e).max(REL_FLOOR));
             }
         }
     }
     errors.sort_by(f64::total_cmp);
-    best.abs_errors = errors;
+    best.rel_errors = errors;
     Some(best)
 }
 
@@ -318,7 +331,8 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
 pub struct Prediction {
     /// The model's point forecast for `now + horizon`.
     pub point: f64,
-    /// The upper bound sized for: `point + q · √h`, never below 0.
+    /// The upper bound sized for: the point plus the headroom (see the module docs), never
+    /// below 0.
     pub upper: f64,
     /// The model that made it.
     pub model: ModelKind,
@@ -426,7 +440,7 @@ impl Forecaster {
         let f = self.fitted.as_ref()?;
         let h = (s.bucket_of(now + s.horizon) - last).max(1) as usize;
         let point = f.predict(h);
-        let upper = (point + f.error_quantile(s.confidence) * (h as f64).sqrt()).max(0.0);
+        let upper = (point + f.headroom(point, s.confidence) * (h as f64).sqrt()).max(0.0);
         (point.is_finite() && upper.is_finite()).then_some(Prediction {
             point,
             upper,
@@ -550,13 +564,19 @@ mod tests {
 
     #[test]
     fn headroom_is_the_empirical_quantile_of_the_errors() {
-        // A flat series with one burst: the largest error is the burst, the median is nothing.
+        // A flat series with one burst: the largest error is the burst (200 over a forecast
+        // of 100: 2.0 relative), the median is nothing.
         let series = some((0..200).map(|i| if i == 100 { 300.0 } else { 100.0 }));
         let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
-        assert!(f.error_quantile(1.0) >= 199.0, "{}", f.error_quantile(1.0));
-        assert!(f.error_quantile(0.5) < 1.0, "{}", f.error_quantile(0.5));
-        // The RMS would spread the burst over every step instead.
-        assert!(f.sigma() > f.error_quantile(0.5) && f.sigma() < f.error_quantile(1.0));
+        assert!(
+            (f.error_quantile(1.0) - 2.0).abs() < 0.01,
+            "{}",
+            f.error_quantile(1.0)
+        );
+        assert!(f.error_quantile(0.5) < 0.01, "{}", f.error_quantile(0.5));
+        // Headroom scales with the level, but not below 20 % of the peak (300).
+        assert!((f.headroom(100.0, 1.0) - 200.0).abs() < 2.0);
+        assert!((f.headroom(1.0, 1.0) - 120.0).abs() < 2.0);
     }
 
     #[test]
