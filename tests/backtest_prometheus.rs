@@ -162,6 +162,33 @@ spec:
         })
         .count();
     assert!(reasons > 0, "the forecast never showed in a reason");
+    // The controller's forecast state after a restart: rebuilt from the same history with
+    // range queries, it forecasts at once.
+    let source = kscale::source::prometheus::PrometheusSource::new(
+        &kscale::source::prometheus::PrometheusConfig {
+            url: env.prometheus_url.clone(),
+            ..Default::default()
+        },
+    )
+    .expect("Prometheus source");
+    let compiled = kscale::policy::CompiledPolicy::from_resource(
+        &serde_yaml::from_str(&std::fs::read_to_string(policy).expect("policy")).expect("yaml"),
+    )
+    .expect("valid policy");
+    let end = chrono::DateTime::from_timestamp(start + 60 * (n - 1), 0).expect("time");
+    let now = end + chrono::TimeDelta::seconds(15);
+    let forecasts = kscale::controller::forecast::Forecasts::default();
+    let predicted = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(forecasts.predict(&source, "default/web", Some(1), &compiled, &[], now));
+    let p = predicted[0].expect("a forecast from the re-read history alone");
+    let last = value(n - 1);
+    assert!(
+        (p.point - last).abs() < 0.2 * last,
+        "forecast {p:?} far from the last value {last}"
+    );
     for key in [
         "replica_hours",
         "slo_violation_minutes",
