@@ -138,6 +138,9 @@ spec:
     ];
     args.extend(common);
     let from_prometheus = kscale(&args);
+    // Every second: 21,541 steps, read in three range queries of at most 10,000.
+    args.extend(["--step", "1s"]);
+    let fine = kscale(&args);
 
     let a = timeline(&from_trace);
     let b = timeline(&from_prometheus);
@@ -147,6 +150,7 @@ spec:
         "15s steps over the trace"
     );
     assert_eq!(a, b, "the replica timelines differ");
+    assert_eq!(a, timeline(&fine), "chunked 1s history gives another timeline");
     assert!(
         a.iter().map(|s| s.1).max() > a.iter().map(|s| s.1).min(),
         "the history should make the policy scale"
