@@ -150,7 +150,11 @@ spec:
         "15s steps over the trace"
     );
     assert_eq!(a, b, "the replica timelines differ");
-    assert_eq!(a, timeline(&fine), "chunked 1s history gives another timeline");
+    assert_eq!(
+        a,
+        timeline(&fine),
+        "chunked 1s history gives another timeline"
+    );
     assert!(
         a.iter().map(|s| s.1).max() > a.iter().map(|s| s.1).min(),
         "the history should make the policy scale"
