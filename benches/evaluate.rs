@@ -75,6 +75,7 @@ fn observation(replicas: i32, rps: f64, now: DateTime<Utc>) -> Observation {
         status_replicas: replicas,
         ready_replicas: replicas,
         pods: replicas,
+        forecasts: Vec::new(),
         samples: vec![
             Sample::Series {
                 values: vec![rps],

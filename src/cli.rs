@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::TimeDelta;
+use chrono::{DateTime, TimeDelta, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -217,8 +217,27 @@ pub struct BacktestArgs {
     #[arg(long, short = 'p')]
     pub policy: PathBuf,
     /// The trace: CSV with a `timestamp` column and one column per metric.
-    #[arg(long, short = 't')]
-    pub trace: PathBuf,
+    #[arg(
+        long,
+        short = 't',
+        required_unless_present = "prometheus",
+        conflicts_with = "prometheus"
+    )]
+    pub trace: Option<PathBuf>,
+    /// Replay history from this Prometheus instead of a trace: each Prometheus metric's query is
+    /// read with range queries from --from to --to every --step (one trace column per metric).
+    #[arg(long, value_name = "URL", requires_all = ["from", "to"])]
+    pub prometheus: Option<String>,
+    /// Start of the history (RFC 3339, or Unix seconds).
+    #[arg(long, value_parser = parse_time, requires = "prometheus")]
+    pub from: Option<DateTime<Utc>>,
+    /// End of the history (RFC 3339, or Unix seconds).
+    #[arg(long, value_parser = parse_time, requires = "prometheus")]
+    pub to: Option<DateTime<Utc>>,
+    /// Resolution of the history (Go-style duration; default: the policy's interval, which
+    /// replays exactly what the controller would have seen).
+    #[arg(long, value_parser = parse_delta, requires = "prometheus")]
+    pub step: Option<TimeDelta>,
     /// Feed a metric from a column: NAME=COLUMN (repeatable).
     #[arg(long = "metric", value_name = "NAME=COLUMN", value_parser = parse_mapping)]
     pub metrics: Vec<(String, String)>,
@@ -237,6 +256,10 @@ pub struct BacktestArgs {
     /// Replicas at the start (default: the policy's minReplicas).
     #[arg(long)]
     pub initial_replicas: Option<i32>,
+    /// Treat the first stretch of the data as history only (Go-style duration): forecasts learn
+    /// from it, as the controller re-reads history after a start; evaluations start after it.
+    #[arg(long, default_value = "0s", value_parser = parse_delta)]
+    pub warmup: TimeDelta,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -253,6 +276,15 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected NAME=COLUMN, got {s:?}")),
     }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return DateTime::from_timestamp(secs, 0).ok_or_else(|| format!("{s} is out of range"));
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("expected RFC 3339 (2026-01-02T15:04:05Z) or Unix seconds: {e}"))
 }
 
 fn parse_delta(s: &str) -> Result<TimeDelta, String> {
@@ -634,7 +666,17 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
 fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let policy = first_policy(&args.policy)?;
     let compare = args.compare.as_deref().map(first_policy).transpose()?;
-    let trace = Trace::load(&args.trace)?;
+    let trace = match (&args.trace, &args.prometheus, args.from, args.to) {
+        (Some(path), _, _, _) => Trace::load(path)?,
+        (None, Some(url), Some(from), Some(to)) => {
+            prometheus_history(&policy, url, from, to, args.step.unwrap_or(policy.interval))?
+        }
+        _ => {
+            return Err(CliError::Config(
+                "give --trace FILE, or --prometheus URL with --from and --to".into(),
+            ));
+        }
+    };
     let config = BacktestConfig {
         metric_columns: args.metrics.clone(),
         demand_column: args.demand.clone(),
@@ -643,6 +685,7 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
         startup: args.startup,
         initial_replicas: args.initial_replicas,
         keep_reasons: args.format == Format::Json,
+        warmup: args.warmup,
     };
     let main_run = run_with_progress(&policy, &trace, &config)?;
     let compare_run = compare
@@ -709,6 +752,50 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Reads `policy`'s metric history from Prometheus, with a progress bar on stderr.
+fn prometheus_history(
+    policy: &CompiledPolicy,
+    url: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: TimeDelta,
+) -> Result<Trace, CliError> {
+    use crate::source::prometheus::{PrometheusConfig, PrometheusSource};
+    let source = PrometheusSource::new(&PrometheusConfig {
+        url: url.to_string(),
+        timeout: std::time::Duration::from_secs(120),
+        ..PrometheusConfig::default()
+    })
+    .map_err(|e| CliError::Config(format!("--prometheus: {e}")))?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps read")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let trace = runtime()?.block_on(crate::source::history::read(
+        &source,
+        policy,
+        from,
+        to,
+        step,
+        &mut |metric, done, total| {
+            bar.set_message(metric.to_string());
+            bar.set_length(total.max(0) as u64);
+            bar.set_position(done.max(0) as u64);
+        },
+    ));
+    bar.finish_and_clear();
+    let trace = trace.map_err(|e| CliError::Config(format!("--prometheus {url}: {e}")))?;
+    if trace.times.is_empty() {
+        return Err(CliError::Config(format!(
+            "--prometheus {url}: no samples for policy {}'s metrics between {from} and {to}",
+            policy.name
+        )));
+    }
+    Ok(trace)
 }
 
 fn run_with_progress(
@@ -822,6 +909,26 @@ fn write_table(
             "ratio to oracle",
             runs.iter()
                 .map(|r| opt(r.summary.ratio_to_oracle, 3))
+                .collect(),
+        ),
+        (
+            "accuracy U/O %",
+            runs.iter()
+                .map(|r| {
+                    r.summary.elasticity.map_or("-".into(), |e| {
+                        format!("{:.2}/{:.2}", e.accuracy_under, e.accuracy_over)
+                    })
+                })
+                .collect(),
+        ),
+        (
+            "timeshare U/O %",
+            runs.iter()
+                .map(|r| {
+                    r.summary.elasticity.map_or("-".into(), |e| {
+                        format!("{:.2}/{:.2}", e.timeshare_under, e.timeshare_over)
+                    })
+                })
                 .collect(),
         ),
     ];

@@ -95,6 +95,78 @@ pub struct ScalingPolicySpec {
     /// What to do when metrics are missing, stale, invalid or failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackSpec>,
+    /// Predictive scaling: each Prometheus metric is also forecast `horizon` ahead, and the
+    /// policy sizes for the larger of the current value and the forecast's upper bound. Off when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<ForecastSpec>,
+}
+
+/// The forecasting model.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum ForecastModel {
+    /// Additive Holt-Winters exponential smoothing: level, damped trend and a daily or weekly
+    /// season. Falls back to `Trend` while there are fewer than two seasons of history.
+    #[default]
+    HoltWinters,
+    /// Holt's linear exponential smoothing with a damped trend, for ramps.
+    Trend,
+}
+
+/// The season of a Holt-Winters model.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum Seasonality {
+    /// A 24-hour cycle.
+    #[default]
+    Daily,
+    /// A 7-day cycle.
+    Weekly,
+}
+
+/// `spec.forecast`: predictive scaling on the Prometheus metrics.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.seasonality) || !has(self.model) || self.model == 'HoltWinters'").message("forecast.seasonality only applies to the HoltWinters model").field_path(".seasonality"))]
+#[serde(rename_all = "camelCase")]
+pub struct ForecastSpec {
+    /// `HoltWinters` (default) or `Trend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ForecastModel>,
+    /// `Daily` (default) or `Weekly` (HoltWinters only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seasonality: Option<Seasonality>,
+    /// The target's pod start-up time, from scale-up to ready (default `60s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub startup: Option<String>,
+    /// How far ahead to size for (default: `startup`, so new pods are ready when the forecast
+    /// demand arrives). At most 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub horizon: Option<String>,
+    /// History the model learns from and re-reads from Prometheus after a restart (default: 7d
+    /// for a daily season, 21d for a weekly one, 1d for Trend). HoltWinters needs two seasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub history: Option<String>,
+    /// Width of the time buckets the history is averaged into (default `1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub step: Option<String>,
+    /// How often the model is refitted (default `6h`); in between, new data only updates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    pub refit_every: Option<String>,
+    /// Headroom: the policy sizes for the forecast times one plus this percentile of the model's
+    /// relative one-step errors over its history (default 99.9; between 50 and 100, where 100 is
+    /// the largest error seen). Higher means more headroom where the forecast has been less
+    /// accurate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 50.0, max = 100.0))]
+    pub confidence: Option<f64>,
 }
 
 /// One signal of a policy.
@@ -299,6 +371,10 @@ pub struct MetricStatus {
     /// Why the metric is not valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `spec.forecast`: the forecast value sized for (the upper bound at the horizon), as a
+    /// quantity string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<String>,
 }
 
 /// The CRD as the apiserver gets it.

@@ -93,6 +93,9 @@ pub struct Observation {
     pub pods: i32,
     /// One sample per `spec.metrics` entry, in the same order.
     pub samples: Vec<Sample>,
+    /// One forecast per `spec.metrics` entry (`spec.forecast` only; empty or `None` otherwise),
+    /// made by [`crate::policy::forecast::ForecastState`] from the history.
+    pub forecasts: Vec<Option<crate::policy::forecast::Prediction>>,
 }
 
 /// A condition of the decision, mirroring the HPA's condition types.

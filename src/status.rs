@@ -34,6 +34,7 @@ pub fn status_from_decision(
             value: o.value.map(format_quantity),
             proposal: o.proposal,
             message: o.message.clone(),
+            forecast: o.forecast.map(|(f, _)| format_quantity(f.upper)),
         })
         .collect();
     let conditions = decision
@@ -98,6 +99,7 @@ spec:
             status_replicas: 2,
             ready_replicas: 2,
             pods: 2,
+            forecasts: Vec::new(),
             samples: vec![Sample::Series {
                 values: vec![450.0],
                 timestamp: t0,
@@ -108,6 +110,7 @@ spec:
         assert_eq!(s1.desired_replicas, Some(4)); // legacy: max(2*2, 4)
         assert_eq!(s1.metrics[0].value.as_deref(), Some("450"));
         assert_eq!(s1.metrics[0].proposal, Some(5));
+        assert_eq!(s1.metrics[0].forecast, None, "no spec.forecast");
         assert!(s1.reason.as_deref().unwrap().starts_with("scale up 2→4"));
         // Serializes as JSON and back, history included.
         let json = serde_json::to_value(&s1).unwrap();
@@ -120,6 +123,7 @@ spec:
         assert_eq!(s2.conditions[0].last_transition_time, k8s_time(t0));
         // A metric failure flips MetricsAvailable and moves its transition time.
         let failing = Observation {
+            forecasts: Vec::new(),
             samples: vec![Sample::Error {
                 message: "timeout".into(),
             }],

@@ -35,9 +35,55 @@ fn examples_validate() {
         "examples/backend-hpa-cpu.yaml",
         "examples/backend-rps.yaml",
         "examples/backend-rich.yaml",
+        "examples/backend-forecast.yaml",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(text(&o).matches(": valid").count(), 3, "{}", text(&o));
+    assert_eq!(text(&o).matches(": valid").count(), 4, "{}", text(&o));
+}
+
+#[test]
+fn forecast_backtest_compares_with_a_warm_up_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("forecast.svg");
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        "examples/backend-forecast.yaml",
+        "-t",
+        ELB,
+        "--scale",
+        "1.5",
+        "--capacity",
+        "100",
+        "--startup",
+        "60s",
+        "--warmup",
+        "2d",
+        "--compare",
+        "examples/backend-rps.yaml",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for row in ["accuracy U/O %", "timeshare U/O %", "ratio to oracle"] {
+        assert!(out.contains(row), "{row} missing: {out}");
+    }
+    assert!(
+        out.contains("(4032 rows, 2014-04-12 00:04"),
+        "evaluations start after the warm-up: {out}"
+    );
+    assert!(plot.exists());
+
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        "examples/backend-forecast.yaml",
+        "--prometheus",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--from"), "{}", text(&o));
 }
 
 #[test]

@@ -44,6 +44,7 @@ async fn crd_installs_and_admits_the_examples() {
         "examples/backend-hpa-cpu.yaml",
         "examples/backend-rps.yaml",
         "examples/backend-rich.yaml",
+        "examples/backend-forecast.yaml",
     ] {
         let p = example(path, &ns.name);
         create(&api, &p)
@@ -60,6 +61,7 @@ async fn crd_installs_and_admits_the_examples() {
         status_replicas: 3,
         ready_replicas: 3,
         pods: 3,
+        forecasts: Vec::new(),
         samples: vec![Sample::Series {
             values: vec![450.0],
             timestamp: now,
@@ -191,6 +193,30 @@ async fn admission_rejects_bad_policies_naming_the_field() {
                 })
             },
             &["spec.prometheus.headers[0].name"],
+        ),
+        (
+            "forecast-seasonality-on-trend",
+            |p| {
+                p.spec.forecast = Some(kscale::crd::ForecastSpec {
+                    model: Some(kscale::crd::ForecastModel::Trend),
+                    seasonality: Some(kscale::crd::Seasonality::Weekly),
+                    ..Default::default()
+                })
+            },
+            &[
+                "spec.forecast.seasonality",
+                "only applies to the HoltWinters model",
+            ],
+        ),
+        (
+            "forecast-confidence-out-of-range",
+            |p| {
+                p.spec.forecast = Some(kscale::crd::ForecastSpec {
+                    confidence: Some(30.0),
+                    ..Default::default()
+                })
+            },
+            &["spec.forecast.confidence"],
         ),
     ];
     for (name, mutate, needles) in cases {

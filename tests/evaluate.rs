@@ -48,6 +48,7 @@ fn obs(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>) 
         status_replicas: replicas,
         ready_replicas: replicas,
         pods: replicas,
+        forecasts: Vec::new(),
         samples: vec![s(rps), s(queue)],
     }
 }
@@ -363,4 +364,90 @@ proptest! {
         let d = evaluate(&p, &obs(replicas.max(2), Some(rps * f64::from(replicas.max(2)) / f64::from(replicas)), Some(0.0), t(0)), &PolicyState::default(), t(0));
         prop_assert_eq!(d.replicas, replicas.max(2));
     }
+}
+
+fn prediction(upper: f64) -> Option<kscale::policy::forecast::Prediction> {
+    Some(kscale::policy::forecast::Prediction {
+        point: upper,
+        upper,
+        model: kscale::policy::forecast::ModelKind::Trend,
+        horizon: TimeDelta::seconds(60),
+    })
+}
+
+#[test]
+fn a_forecast_raises_the_proposal_and_names_itself_in_the_reason() {
+    let p = policy("  forecast: {model: Trend}");
+    let mut o = obs(5, Some(500.0), Some(10.0), t(0));
+    o.forecasts = vec![prediction(900.0), None];
+    let d = evaluate(&p, &o, &PolicyState::default(), t(0));
+    assert_eq!(d.replicas, 9);
+    let reason = d.reason(&p);
+    assert!(reason.contains("Trend forecast 900 in 60s → 9"), "{reason}");
+}
+
+#[test]
+fn a_forecast_never_scales_below_current_demand() {
+    let p = policy("  forecast: {model: Trend}");
+    let mut o = obs(5, Some(800.0), Some(10.0), t(0));
+    o.forecasts = vec![prediction(100.0), prediction(0.0)];
+    let d = evaluate(&p, &o, &PolicyState::default(), t(0));
+    assert_eq!(d.replicas, 8);
+}
+
+#[test]
+fn forecasts_are_ignored_without_spec_forecast() {
+    let p = policy("");
+    let mut o = obs(5, Some(500.0), Some(10.0), t(0));
+    let plain = evaluate(&p, &o, &PolicyState::default(), t(0));
+    o.forecasts = vec![prediction(900.0), prediction(900.0)];
+    let with = evaluate(&p, &o, &PolicyState::default(), t(0));
+    assert_eq!(plain, with);
+}
+
+#[test]
+fn a_forecast_does_not_stand_in_for_a_missing_metric() {
+    let p = policy("  forecast: {model: Trend}");
+    let mut o = obs(5, None, Some(10.0), t(0));
+    o.forecasts = vec![prediction(100.0), None];
+    let d = evaluate(&p, &o, &PolicyState::default(), t(0));
+    assert!(matches!(d.rule, Rule::Fallback(_)));
+    assert_eq!(d.replicas, 5);
+}
+
+#[test]
+fn forecast_settings_are_validated_with_their_field_paths() {
+    let yaml = r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  maxReplicas: 20
+  metrics:
+  - name: rps
+    prometheus: {query: 'sum(rate(x[1m]))'}
+    target: {type: AverageValue, averageValue: "100"}
+  forecast: {model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30}
+"#;
+    let p: ScalingPolicy = serde_yaml::from_str(yaml).unwrap();
+    let errors = CompiledPolicy::from_resource(&p).unwrap_err().to_string();
+    for field in [
+        "spec.forecast.seasonality",
+        "spec.forecast.horizon",
+        "spec.forecast.step",
+        "spec.forecast.confidence",
+    ] {
+        assert!(errors.contains(field), "{field} missing from {errors}");
+    }
+    let short = yaml.replace(
+        "{model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30}",
+        "{seasonality: Weekly, history: 7d}",
+    );
+    let p: ScalingPolicy = serde_yaml::from_str(&short).unwrap();
+    let errors = CompiledPolicy::from_resource(&p).unwrap_err().to_string();
+    assert!(
+        errors.contains("spec.forecast.history: must hold two seasons"),
+        "{errors}"
+    );
 }

@@ -319,6 +319,7 @@ spec:
         status_replicas: 3,
         ready_replicas: 3,
         pods: 3,
+        forecasts: Vec::new(),
         samples: vec![sample],
     };
     let d = evaluate(&policy, &obs, &PolicyState::default(), Utc::now());

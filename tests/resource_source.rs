@@ -168,6 +168,7 @@ spec:
         status_replicas: 3,
         ready_replicas: 3,
         pods: 3,
+        forecasts: Vec::new(),
         samples: vec![Sample::Pods(samples.clone())],
     };
     let decision = evaluate(&policy, &obs, &PolicyState::default(), now);

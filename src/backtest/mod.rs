@@ -1,7 +1,9 @@
 //! Backtests: replay recorded demand through a policy with a simulated clock.
 //!
 //! Semantics (documented in README.md):
-//! - evaluations at `t0 + k·interval` up to the last sample;
+//! - evaluations at `t0 + k·interval` up to the last sample, where `t0` is the first sample plus
+//!   the warm-up (history that only the forecasts learn from, fed at every interval as the
+//!   evaluations would have; 0 by default);
 //! - a metric's value at `t` is the latest sample at or before `t`, as a Prometheus instant query
 //!   sees it: older than the 5-minute lookback it is missing; the policy's `fallback.staleAfter`
 //!   is applied by the evaluator as in production;
@@ -17,6 +19,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 
 use crate::model::{Observation, PodPhase, PodSample, PodUsage, Sample};
+use crate::policy::forecast::ForecastState;
 use crate::policy::{CompiledPolicy, MetricSource, PolicyState, evaluate};
 use crate::source::trace::Trace;
 
@@ -101,6 +104,9 @@ pub struct BacktestConfig {
     pub initial_replicas: Option<i32>,
     /// Keep a reason string for every step (JSON output).
     pub keep_reasons: bool,
+    /// The trace's first stretch is history only: forecasts learn from it, evaluations and
+    /// figures start after it.
+    pub warmup: TimeDelta,
 }
 
 impl Default for BacktestConfig {
@@ -113,6 +119,7 @@ impl Default for BacktestConfig {
             startup: TimeDelta::zero(),
             initial_replicas: None,
             keep_reasons: false,
+            warmup: TimeDelta::zero(),
         }
     }
 }
@@ -174,6 +181,46 @@ pub struct Summary {
     pub oracle_replica_hours: Option<f64>,
     /// Our replica-hours over the oracle's.
     pub ratio_to_oracle: Option<f64>,
+    /// SPEC RG elasticity metrics (needs a capacity), see [`Elasticity`].
+    pub elasticity: Option<Elasticity>,
+}
+
+/// The SPEC Research Group's elasticity metrics (Herbst et al., "Ready for Rain? A View from
+/// SPEC Research on the Future of Cloud Metrics", 2016): demand `d` is the replicas needed
+/// (`ceil(demand / capacity)`), supply `s` the ready replicas, each evaluation weighted by its
+/// interval. Accuracies are normalised by `max(d, 1)` so an idle period (d = 0) counts as one
+/// replica of demand.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct Elasticity {
+    /// θ_U: mean of `max(d − s, 0) / d`, percent.
+    pub accuracy_under: f64,
+    /// θ_O: mean of `max(s − d, 0) / d`, percent.
+    pub accuracy_over: f64,
+    /// τ_U: share of time with `s < d`, percent.
+    pub timeshare_under: f64,
+    /// τ_O: share of time with `s > d`, percent.
+    pub timeshare_over: f64,
+}
+
+impl Elasticity {
+    /// Adds one evaluation (sums; [`Elasticity::finish`] turns them into percentages).
+    fn add(&mut self, needed: f64, ready: f64) {
+        let d = needed.max(1.0);
+        self.accuracy_under += (needed - ready).max(0.0) / d;
+        self.accuracy_over += (ready - needed).max(0.0) / d;
+        self.timeshare_under += f64::from(u8::from(ready < needed));
+        self.timeshare_over += f64::from(u8::from(ready > needed));
+    }
+
+    fn finish(self, n: u64) -> Elasticity {
+        let k = if n == 0 { 0.0 } else { 100.0 / n as f64 };
+        Elasticity {
+            accuracy_under: self.accuracy_under * k,
+            accuracy_over: self.accuracy_over * k,
+            timeshare_under: self.timeshare_under * k,
+            timeshare_over: self.timeshare_over * k,
+        }
+    }
 }
 
 /// A finished run.
@@ -348,12 +395,22 @@ pub fn run(
         });
     }
     let (feeds, demand_col) = resolve_feeds(policy, trace, config)?;
-    let (Some(&t0), Some(&t_end)) = (trace.times.first(), trace.times.last()) else {
+    let (Some(&first), Some(&t_end)) = (trace.times.first(), trace.times.last()) else {
         return Err(BacktestError::BadOption {
             flag: "--trace",
             message: format!("{}: trace has no rows", trace.path.display()),
         });
     };
+    if config.warmup < TimeDelta::zero() || first + config.warmup > t_end {
+        return Err(BacktestError::BadOption {
+            flag: "--warmup",
+            message: format!(
+                "must be between 0 and the trace's span ({}s)",
+                (t_end - first).num_seconds()
+            ),
+        });
+    }
+    let t0 = first + config.warmup;
     let interval = policy.interval;
     let total = (t_end.signed_duration_since(t0).num_milliseconds()
         / interval.num_milliseconds().max(1)) as u64
@@ -376,11 +433,29 @@ pub fn run(
     let mut births: Vec<DateTime<Utc>> = vec![t0 - config.startup; initial as usize];
     let mut replicas = initial;
     let mut state = PolicyState::default();
+    let mut forecasts = ForecastState::new(policy);
+    if forecasts.is_active() {
+        // The warm-up is history only, as the controller re-reads it after a start: each
+        // forecast metric's value at every interval before t0.
+        for (i, feed) in feeds.iter().enumerate() {
+            if let Feed::Column(c) = feed {
+                let mut cursor = Cursor::new(trace, *c);
+                let mut t = first;
+                while t < t0 {
+                    if let Some((v, _)) = cursor.at(t) {
+                        forecasts.observe_metric(i, t, v * config.scale);
+                    }
+                    t += interval;
+                }
+            }
+        }
+    }
     let mut obs = Observation {
         spec_replicas: replicas,
         status_replicas: replicas,
         ready_replicas: replicas,
         pods: replicas,
+        forecasts: Vec::new(),
         samples: Vec::with_capacity(feeds.len()),
     };
     let step_hours = interval.num_milliseconds() as f64 / 3_600_000.0;
@@ -402,7 +477,10 @@ pub fn run(
         slo_violation_minutes: config.capacity.map(|_| 0.0),
         oracle_replica_hours: None,
         ratio_to_oracle: None,
+        elasticity: None,
     };
+    let mut elasticity = Elasticity::default();
+    let mut elasticity_steps = 0u64;
     let ready_at = |births: &[DateTime<Utc>], t: DateTime<Utc>| {
         births.partition_point(|b| *b + config.startup <= t) as i32
     };
@@ -449,6 +527,9 @@ pub fn run(
             obs.samples.push(sample);
         }
 
+        if forecasts.is_active() {
+            obs.forecasts = forecasts.observe_and_forecast(&obs.samples, t);
+        }
         let mut decision = evaluate(policy, &obs, &state, t);
         decision.record_applied(policy, t);
         let reason = config.keep_reasons.then(|| decision.reason(policy));
@@ -472,13 +553,14 @@ pub fn run(
         summary.replica_hours += f64::from(replicas) * step_hours;
         summary.min_replicas = summary.min_replicas.min(replicas);
         summary.max_replicas = summary.max_replicas.max(replicas);
-        if let (Some(c), Some(d), Some(v)) = (
-            config.capacity,
-            demand,
-            summary.slo_violation_minutes.as_mut(),
-        ) && d > f64::from(ready) * c
-        {
-            *v += step_minutes;
+        if let (Some(c), Some(d)) = (config.capacity, demand) {
+            if let Some(v) = summary.slo_violation_minutes.as_mut()
+                && d > f64::from(ready) * c
+            {
+                *v += step_minutes;
+            }
+            elasticity.add(needed_replicas(d, c) as f64, f64::from(ready));
+            elasticity_steps += 1;
         }
         summary.evaluations += 1;
         summary.end = t;
@@ -500,6 +582,7 @@ pub fn run(
         let oracle = oracle_replica_hours(&demand_series, c, config.startup, interval);
         summary.oracle_replica_hours = Some(oracle);
         summary.ratio_to_oracle = (oracle > 0.0).then(|| summary.replica_hours / oracle);
+        summary.elasticity = Some(elasticity.finish(elasticity_steps));
     }
     Ok(Run {
         summary,
@@ -543,6 +626,11 @@ fn pods_sample(
     Sample::Pods(pods)
 }
 
+/// Replicas needed to serve `demand`: `ceil(demand / capacity)`.
+pub fn needed_replicas(demand: f64, capacity: f64) -> i64 {
+    (demand / capacity).ceil().max(0.0) as i64
+}
+
 /// Replica-hours of a perfect-foresight oracle: at each step it runs exactly the replicas needed
 /// (`ceil(demand / capacity)`) for every moment up to `startup` ahead, so each replica is ready
 /// when its demand arrives.
@@ -554,7 +642,7 @@ pub fn oracle_replica_hours(
 ) -> f64 {
     let needed: Vec<i64> = demand
         .iter()
-        .map(|d| d.map_or(0, |d| (d / capacity).ceil().max(0.0) as i64))
+        .map(|d| d.map_or(0, |d| needed_replicas(d, capacity)))
         .collect();
     let ahead = (startup.num_milliseconds() as f64 / interval.num_milliseconds().max(1) as f64)
         .ceil() as usize;
@@ -582,6 +670,21 @@ pub fn oracle_replica_hours(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elasticity_metrics_follow_the_spec_rg_definitions() {
+        let mut e = Elasticity::default();
+        // needed 4, ready 2: 50 % under; needed 2, ready 3: 50 % over; exact; idle with 1 ready.
+        e.add(4.0, 2.0);
+        e.add(2.0, 3.0);
+        e.add(3.0, 3.0);
+        e.add(0.0, 1.0);
+        let e = e.finish(4);
+        assert!((e.accuracy_under - 12.5).abs() < 1e-9, "{e:?}");
+        assert!((e.accuracy_over - 37.5).abs() < 1e-9, "{e:?}");
+        assert!((e.timeshare_under - 25.0).abs() < 1e-9, "{e:?}");
+        assert!((e.timeshare_over - 50.0).abs() < 1e-9, "{e:?}");
+    }
 
     #[test]
     fn oracle_starts_replicas_early() {

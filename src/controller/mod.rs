@@ -14,6 +14,7 @@
 //! With leader election ([`leader`]), every replica keeps the watch warm but only the Lease
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
 
+pub mod forecast;
 pub mod leader;
 pub mod servers;
 
@@ -41,10 +42,21 @@ use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
 
+/// A query's history: `(time, value)` per step.
+pub type History = Vec<(DateTime<Utc>, f64)>;
+
 /// Where Prometheus samples come from.
 pub trait QueryBackend: Send + Sync {
     /// Runs each distinct query once and returns one sample per query.
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>>;
+    /// The query's history, summed over series, every `step` from `start` to `end`.
+    fn query_range(
+        &self,
+        query: String,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<History, String>>;
 }
 
 /// No Prometheus configured: every query is an explicit error, never a zero.
@@ -52,20 +64,88 @@ pub struct NoPrometheus;
 
 impl QueryBackend for NoPrometheus {
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
+        Unavailable(NO_PROMETHEUS.into()).answer_all(queries)
+    }
+
+    fn query_range(
+        &self,
+        _query: String,
+        _start: DateTime<Utc>,
+        _end: DateTime<Utc>,
+        _step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<History, String>> {
+        Box::pin(async { Err(NO_PROMETHEUS.to_string()) })
+    }
+}
+
+/// A Prometheus that cannot be used (its Secret is missing, say): every query fails with why.
+pub struct Unavailable(pub String);
+
+impl Unavailable {
+    fn answer_all(&self, queries: Vec<String>) -> BoxFuture<'static, HashMap<String, Sample>> {
+        let message = self.0.clone();
         Box::pin(async move {
             queries
                 .into_iter()
-                .map(|q| (q, Sample::Error { message: "no Prometheus is configured (set --prometheus-url or KSCALE_PROMETHEUS_URL)".into() }))
+                .map(|q| {
+                    (
+                        q,
+                        Sample::Error {
+                            message: message.clone(),
+                        },
+                    )
+                })
                 .collect()
         })
     }
 }
+
+impl QueryBackend for Unavailable {
+    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
+        self.answer_all(queries)
+    }
+
+    fn query_range(
+        &self,
+        _query: String,
+        _start: DateTime<Utc>,
+        _end: DateTime<Utc>,
+        _step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<History, String>> {
+        let message = self.0.clone();
+        Box::pin(async move { Err(message) })
+    }
+}
+
+const NO_PROMETHEUS: &str =
+    "no Prometheus is configured (set --prometheus-url or KSCALE_PROMETHEUS_URL)";
 
 impl QueryBackend for crate::source::prometheus::PrometheusSource {
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
         Box::pin(async move {
             let refs: Vec<&str> = queries.iter().map(|q| q.as_str()).collect();
             crate::source::prometheus::PrometheusSource::query_all(self, refs).await
+        })
+    }
+
+    fn query_range(
+        &self,
+        query: String,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        step: chrono::TimeDelta,
+    ) -> BoxFuture<'_, Result<History, String>> {
+        Box::pin(async move {
+            crate::source::prometheus::PrometheusSource::query_range(
+                self,
+                &query,
+                start,
+                end,
+                step,
+                &mut |_, _| {},
+            )
+            .await
+            .map_err(|e| e.message)
         })
     }
 }
@@ -94,6 +174,8 @@ pub struct Context {
     pub concurrency: usize,
     /// The external metrics adapter's cache, filled after every evaluation when it serves.
     pub external_metrics: Option<Arc<crate::adapter::Cache>>,
+    /// Forecasting state of the policies with `spec.forecast`.
+    pub forecasts: forecast::Forecasts,
 }
 
 impl Context {
@@ -125,6 +207,7 @@ impl Context {
             watch_namespace: None,
             instance: instance_name,
             external_metrics: None,
+            forecasts: forecast::Forecasts::default(),
         }
     }
 }
@@ -268,11 +351,28 @@ pub async fn evaluate_live(
         };
         samples.push(sample);
     }
+    // The forecast's history comes from the policy's own server (only read when it forecasts).
+    let history_backend = match policy.forecast {
+        Some(_) => ctx.servers.backend_for(&namespace, &policy).await,
+        None => ctx.servers.default_backend().clone(),
+    };
+    let forecasts = ctx
+        .forecasts
+        .predict(
+            history_backend.as_ref(),
+            &name,
+            resource.metadata.generation,
+            &policy,
+            &samples,
+            now,
+        )
+        .await;
     let obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
         pods: pod_count,
+        forecasts,
         samples,
     };
     let history = resource
@@ -732,6 +832,13 @@ async fn run_tick(
         .collect();
     schedule.retain(|k, _| live.contains(k));
     let writers = writers(&all, schedule);
+    ctx.forecasts.retain(|key| {
+        live.iter().any(|r| {
+            r.namespace
+                .as_deref()
+                .is_some_and(|ns| key == format!("{ns}/{}", r.name))
+        })
+    });
     let mut due = Vec::new();
     let mut malformed = Vec::new();
     for obj in &all {

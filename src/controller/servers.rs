@@ -72,6 +72,22 @@ impl Servers {
         &self.default
     }
 
+    /// The backend of a policy's queries: its own server or the daemon's default. A server that
+    /// cannot be used answers every query with the reason.
+    pub async fn backend_for(
+        &self,
+        namespace: &str,
+        policy: &CompiledPolicy,
+    ) -> Arc<dyn QueryBackend> {
+        match &policy.prometheus {
+            None => self.default.clone(),
+            Some(server) => match self.source(namespace, server).await {
+                Ok(source) => source,
+                Err(message) => Arc::new(super::Unavailable(message)),
+            },
+        }
+    }
+
     /// The server a policy's queries go to.
     pub fn key_of(namespace: &str, policy: &CompiledPolicy) -> ServerKey {
         policy
@@ -100,17 +116,7 @@ impl Servers {
                 None => self.default.query_all(queries).await,
                 Some((namespace, server)) => match self.source(namespace, server).await {
                     Ok(source) => QueryBackend::query_all(source.as_ref(), queries).await,
-                    Err(message) => queries
-                        .into_iter()
-                        .map(|q| {
-                            (
-                                q,
-                                Sample::Error {
-                                    message: message.clone(),
-                                },
-                            )
-                        })
-                        .collect(),
+                    Err(message) => super::Unavailable(message).query_all(queries).await,
                 },
             };
             (key, samples)

@@ -8,10 +8,13 @@ use chrono::TimeDelta;
 use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, MetricTarget};
 
 use super::behavior::{Behavior, RateKind, RatePolicy, Rules, SelectPolicy};
+use super::forecast::{ForecastSettings, ModelKind};
 use super::formula::Formula;
 use super::replicas::{ReadinessSettings, Tolerances};
 use super::schedule::Schedule;
-use crate::crd::{Mode, OnFailure, ScalingPolicy, ScalingPolicySpec};
+use crate::crd::{
+    ForecastModel, ForecastSpec, Mode, OnFailure, ScalingPolicy, ScalingPolicySpec, Seasonality,
+};
 use crate::units::{Quantity, parse_duration};
 
 /// The HPA controller's default tolerance (`--horizontal-pod-autoscaler-tolerance`).
@@ -122,6 +125,8 @@ pub struct CompiledPolicy {
     pub stale_after: TimeDelta,
     /// What failing metrics lead to.
     pub on_failure: FailureAction,
+    /// `spec.forecast`, when set.
+    pub forecast: Option<ForecastSettings>,
     /// The policy's own Prometheus, when it names one.
     pub prometheus: Option<PrometheusServer>,
 }
@@ -742,6 +747,11 @@ pub fn compile_spec(
         };
     }
 
+    let forecast = spec
+        .forecast
+        .as_ref()
+        .map(|f| compile_forecast(&mut errors, f, interval, &metrics));
+
     if !errors.is_empty() {
         return Err(ValidationErrors(errors));
     }
@@ -761,5 +771,113 @@ pub fn compile_spec(
         schedules,
         stale_after,
         on_failure,
+        forecast,
     })
+}
+
+/// Default pod start-up time, and so forecast horizon.
+pub const DEFAULT_STARTUP: TimeDelta = TimeDelta::seconds(60);
+
+fn compile_forecast(
+    errors: &mut Vec<FieldError>,
+    f: &ForecastSpec,
+    interval: TimeDelta,
+    metrics: &[CompiledMetric],
+) -> ForecastSettings {
+    let mut duration = |field: &str, text: &Option<String>, default: TimeDelta| {
+        text.as_deref()
+            .and_then(|t| duration_field(errors, &format!("spec.forecast.{field}"), t))
+            .unwrap_or(default)
+    };
+    let model = match f.model.unwrap_or_default() {
+        ForecastModel::HoltWinters => ModelKind::HoltWinters,
+        ForecastModel::Trend => ModelKind::Trend,
+    };
+    let season = match f.seasonality.unwrap_or_default() {
+        Seasonality::Daily => TimeDelta::days(1),
+        Seasonality::Weekly => TimeDelta::days(7),
+    };
+    let default_history = match (model, f.seasonality.unwrap_or_default()) {
+        (ModelKind::Trend, _) => TimeDelta::days(1),
+        (_, Seasonality::Daily) => TimeDelta::days(7),
+        (_, Seasonality::Weekly) => TimeDelta::days(21),
+    };
+    let startup = duration("startup", &f.startup, DEFAULT_STARTUP);
+    let horizon = duration("horizon", &f.horizon, startup);
+    let history = duration("history", &f.history, default_history);
+    let step = duration("step", &f.step, TimeDelta::minutes(1));
+    let refit = duration("refitEvery", &f.refit_every, TimeDelta::hours(6));
+    let confidence = f.confidence.unwrap_or(99.9);
+    let mut field_error = |field: &str, message: String| {
+        errors.push(err(format!("spec.forecast.{field}"), message));
+    };
+    if f.seasonality.is_some() && model == ModelKind::Trend {
+        field_error(
+            "seasonality",
+            "only applies to the HoltWinters model".into(),
+        );
+    }
+    if horizon > TimeDelta::hours(24) {
+        field_error(
+            "horizon",
+            format!("must be at most 24h, got {}s", horizon.num_seconds()),
+        );
+    }
+    if step < interval {
+        field_error(
+            "step",
+            format!(
+                "must be at least spec.interval ({}s), got {}s",
+                interval.num_seconds(),
+                step.num_seconds()
+            ),
+        );
+    }
+    if history < step * 2 || history > TimeDelta::days(60) {
+        field_error(
+            "history",
+            format!(
+                "must be between two steps and 60d, got {}s",
+                history.num_seconds()
+            ),
+        );
+    } else if history.num_milliseconds() / step.num_milliseconds().max(1) > 100_000 {
+        field_error(
+            "history",
+            "holds more than 100000 steps; use a longer spec.forecast.step".into(),
+        );
+    } else if model == ModelKind::HoltWinters && history < season * 2 {
+        field_error(
+            "history",
+            format!(
+                "must hold two seasons ({}d) for HoltWinters, got {}s",
+                (season * 2).num_days(),
+                history.num_seconds()
+            ),
+        );
+    }
+    if !(confidence.is_finite() && (50.0..=100.0).contains(&confidence)) {
+        field_error(
+            "confidence",
+            format!("must be between 50 and 100 (percent), got {confidence}"),
+        );
+    }
+    if !metrics
+        .iter()
+        .any(|m| matches!(m.source, MetricSource::Prometheus { .. }))
+    {
+        errors.push(err(
+            "spec.forecast",
+            "forecasts Prometheus metrics, and the policy has none".into(),
+        ));
+    }
+    ForecastSettings {
+        model,
+        season,
+        horizon,
+        history,
+        step,
+        refit,
+        confidence: confidence / 100.0,
+    }
 }

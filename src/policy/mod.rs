@@ -9,6 +9,7 @@
 
 pub mod behavior;
 pub mod compile;
+pub mod forecast;
 pub mod formula;
 pub mod replicas;
 pub mod schedule;
@@ -26,6 +27,7 @@ pub use state::PolicyState;
 
 use crate::model::{DecisionCondition, Observation, Sample};
 use behavior::{Limit, Normalized, Stabilization};
+use forecast::Prediction;
 use replicas::ResourceTarget;
 
 /// How usable one metric's sample was.
@@ -67,6 +69,8 @@ pub struct MetricOutcome {
     pub proposal: Option<i32>,
     /// Why the metric is not usable.
     pub message: Option<String>,
+    /// The forecast and the replicas it proposes, when `spec.forecast` made one.
+    pub forecast: Option<(Prediction, i32)>,
 }
 
 impl MetricOutcome {
@@ -76,6 +80,7 @@ impl MetricOutcome {
             value: None,
             proposal: None,
             message: Some(message),
+            forecast: None,
         }
     }
 }
@@ -149,6 +154,7 @@ fn metric_outcome(
     policy: &CompiledPolicy,
     metric: &CompiledMetric,
     sample: Option<&Sample>,
+    forecast: Option<Prediction>,
     obs: &Observation,
     now: DateTime<Utc>,
 ) -> MetricOutcome {
@@ -186,7 +192,7 @@ fn metric_outcome(
                 );
             }
             let value: f64 = values.iter().sum();
-            let proposal = match metric.target {
+            let propose = |values: &[f64]| match metric.target {
                 Target::Value(t) => replicas::external_value(
                     replicas::sum_milli_value(values),
                     t,
@@ -203,15 +209,22 @@ fn metric_outcome(
                 )),
                 Target::Utilization(_) => Err("Utilization needs a resource metric".into()),
             };
-            let proposal = match proposal {
+            let proposal = match propose(values) {
                 Ok(p) => p,
                 Err(message) => return MetricOutcome::failed(MetricState::Invalid, message),
             };
+            // The forecast only ever adds: the proposal is at least what current demand needs.
+            let forecast = policy
+                .forecast
+                .and(forecast)
+                .filter(|f| f.upper.is_finite())
+                .and_then(|f| propose(&[f.upper]).ok().map(|p| (f, p)));
             MetricOutcome {
                 state: MetricState::Valid,
                 value: Some(value),
-                proposal: Some(proposal),
+                proposal: Some(forecast.map_or(proposal, |(_, p)| p.max(proposal))),
                 message: None,
+                forecast,
             }
         }
         Some(Sample::Pods(pods)) => {
@@ -242,6 +255,7 @@ fn metric_outcome(
                     value: Some(p.value),
                     proposal: Some(p.replicas),
                     message: None,
+                    forecast: None,
                 },
                 Err(message) => MetricOutcome::failed(MetricState::Invalid, message),
             }
@@ -270,7 +284,10 @@ pub fn evaluate(
         .metrics
         .iter()
         .enumerate()
-        .map(|(i, m)| metric_outcome(policy, m, obs.samples.get(i), obs, now))
+        .map(|(i, m)| {
+            let forecast = obs.forecasts.get(i).copied().flatten();
+            metric_outcome(policy, m, obs.samples.get(i), forecast, obs, now)
+        })
         .collect();
     let invalid = metrics
         .iter()
@@ -534,6 +551,15 @@ impl Decision {
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
                     write!(s, " → {p}")?;
+                    if let Some((f, fp)) = o.forecast {
+                        write!(
+                            s,
+                            " ({} forecast {} in {}s → {fp})",
+                            f.model.as_str(),
+                            Num(f.upper),
+                            f.horizon.num_seconds()
+                        )?;
+                    }
                 }
                 _ => write!(
                     s,

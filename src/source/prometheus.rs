@@ -582,6 +582,114 @@ impl PrometheusSource {
         text
     }
 
+    /// The base URL, without credentials.
+    pub fn url(&self) -> String {
+        strip_userinfo(self.client.base_url().as_str())
+    }
+
+    /// Most steps Prometheus returns for one series of a range query (its limit is 11,000).
+    pub const MAX_RANGE_POINTS: i64 = 10_000;
+
+    /// The query's history from `start` to `end` every `step`, summed over series (see
+    /// [`parse_range_response`]); a long range is read in chunks of at most
+    /// [`Self::MAX_RANGE_POINTS`] steps, and `progress(done, total)` is called after each chunk.
+    pub async fn query_range(
+        &self,
+        query: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        step: chrono::TimeDelta,
+        progress: &mut (dyn FnMut(i64, i64) + Send),
+    ) -> Result<Vec<(DateTime<Utc>, f64)>, QueryError> {
+        let step_ms = step.num_milliseconds();
+        if step_ms <= 0 || end < start {
+            return Err(QueryError {
+                kind: "range",
+                message: format!(
+                    "a range query needs a positive step and start ≤ end (step {step_ms}ms, {start} → {end})"
+                ),
+            });
+        }
+        let token = match &self.bearer_token {
+            None => None,
+            Some(m) => {
+                let t = read_token(m).map_err(|e| QueryError {
+                    kind: "auth",
+                    message: e.to_string(),
+                })?;
+                let h = bearer_header(m, &t).map_err(|e| QueryError {
+                    kind: "auth",
+                    message: e.to_string(),
+                })?;
+                Some((h, t))
+            }
+        };
+        let total = (end - start).num_milliseconds() / step_ms + 1;
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(Self::MAX_RANGE_POINTS);
+            let from = start.timestamp_millis() + done * step_ms;
+            let to = from + (n - 1) * step_ms;
+            // The client takes whole seconds for start and end; kscale's steps are whole seconds.
+            let mut builder = self
+                .client
+                .query_range(
+                    query,
+                    from.div_euclid(1000),
+                    to.div_euclid(1000),
+                    step_ms as f64 / 1000.0,
+                )
+                .timeout(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
+            if let Some((header, _)) = &token {
+                builder = builder.header(AUTHORIZATION, header.clone());
+            }
+            let chunk = self
+                .exchange(builder.post_raw(), parse_range_response)
+                .await
+                .map_err(|e| QueryError {
+                    kind: e.kind,
+                    message: format!(
+                        "range query {query:?} from {} to {}: {}",
+                        DateTime::from_timestamp_millis(from).unwrap_or_default(),
+                        DateTime::from_timestamp_millis(to).unwrap_or_default(),
+                        self.scrub(&e.message, token.as_ref().map(|(_, t)| t.as_str()))
+                    ),
+                })?;
+            out.extend(chunk);
+            done += n;
+            progress(done, total);
+        }
+        Ok(out)
+    }
+
+    /// Sends a request and parses its answer. The HTTP client's own timeout bounds the request;
+    /// this one also bounds anything around it, with a message that says so.
+    async fn exchange<T>(
+        &self,
+        request: impl std::future::Future<
+            Output = Result<reqwest::Response, prometheus_http_query::Error>,
+        >,
+        parse: fn(u16, &str) -> Result<T, QueryError>,
+    ) -> Result<T, QueryError> {
+        let exchange = async {
+            let response = request.await.map_err(|e| classify(&e))?;
+            let status = response.status();
+            let body = response.text().await.map_err(|e| QueryError {
+                kind: if e.is_timeout() { "timeout" } else { "decode" },
+                message: format!("reading the response body: {}", error_chain(&e)),
+            })?;
+            parse(status.as_u16(), &body)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(QueryError {
+                kind: "timeout",
+                message: format!("no answer within the {:?} timeout", self.timeout),
+            }),
+            Ok(result) => result,
+        }
+    }
+
     async fn run(&self, query: &str, token: Option<&(HeaderValue, String)>) -> QueryOutcome {
         let start = Instant::now();
         let mut builder = self
@@ -591,24 +699,7 @@ impl PrometheusSource {
         if let Some((header, _)) = token {
             builder = builder.header(AUTHORIZATION, header.clone());
         }
-        // The HTTP client's own timeout bounds the request; this one also bounds anything
-        // around it, with a message that says so.
-        let exchange = async {
-            let response = builder.post_raw().await.map_err(|e| classify(&e))?;
-            let status = response.status();
-            let body = response.text().await.map_err(|e| QueryError {
-                kind: if e.is_timeout() { "timeout" } else { "decode" },
-                message: format!("reading the response body: {}", error_chain(&e)),
-            })?;
-            parse_response(status.as_u16(), &body)
-        };
-        let result = match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(QueryError {
-                kind: "timeout",
-                message: format!("no answer within the {:?} timeout", self.timeout),
-            }),
-            Ok(result) => result,
-        };
+        let result = self.exchange(builder.post_raw(), parse_response).await;
         let duration = start.elapsed();
         let outcome = match result {
             Ok(sample) => QueryOutcome {
@@ -693,6 +784,49 @@ struct Envelope {
 /// Prometheus success is an error naming the HTTP status and, for answers that are not
 /// Prometheus JSON (a proxy's error page, say), the start of the body.
 pub fn parse_response(status: u16, body: &str) -> Result<Sample, QueryError> {
+    parse_envelope(status, body).and_then(|data| convert(&data))
+}
+
+/// Reads an answer of `/api/v1/query_range` into one `(time, value)` per step, the series summed
+/// at each step as the evaluator sums them (a step where no series has a sample is left out).
+pub fn parse_range_response(
+    status: u16,
+    body: &str,
+) -> Result<Vec<(DateTime<Utc>, f64)>, QueryError> {
+    let data = parse_envelope(status, body)?;
+    let mut sums: std::collections::BTreeMap<i64, f64> = std::collections::BTreeMap::new();
+    match data.data() {
+        Data::Matrix(series) => {
+            for s in series {
+                for sample in s.samples() {
+                    let t = to_datetime(sample.timestamp())?.timestamp_millis();
+                    *sums.entry(t).or_insert(0.0) += sample.value();
+                }
+            }
+        }
+        Data::Scalar(s) => {
+            sums.insert(to_datetime(s.timestamp())?.timestamp_millis(), s.value());
+        }
+        Data::Vector(_) => {
+            return Err(QueryError {
+                kind: "result_type",
+                message: "a range query returned an instant vector".into(),
+            });
+        }
+    }
+    sums.into_iter()
+        .map(|(t, v)| {
+            DateTime::from_timestamp_millis(t)
+                .map(|t| (t, v))
+                .ok_or_else(|| QueryError {
+                    kind: "decode",
+                    message: format!("Prometheus returned an unusable timestamp {t}ms"),
+                })
+        })
+        .collect()
+}
+
+fn parse_envelope(status: u16, body: &str) -> Result<PromqlResult, QueryError> {
     let snippet = || {
         let text: String = body.trim().chars().take(300).collect();
         if text.is_empty() {
@@ -706,7 +840,7 @@ pub fn parse_response(status: u16, body: &str) -> Result<Sample, QueryError> {
             status: s,
             data: Some(data),
             ..
-        }) if s == "success" => convert(&data),
+        }) if s == "success" => Ok(data),
         Ok(Envelope {
             status: s,
             error_type: Some(kind),
@@ -800,6 +934,23 @@ mod tests {
     }
 
     #[test]
+    fn range_answers_are_summed_over_series_per_step() {
+        let body = r#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"pod":"a"},"values":[[1700000000,"1"],[1700000015,"2"]]},
+            {"metric":{"pod":"b"},"values":[[1700000015,"10"],[1700000030,"20"]]}]}}"#;
+        assert_eq!(
+            parse_range_response(200, body).unwrap(),
+            vec![
+                (ts(1_700_000_000.0), 1.0),
+                (ts(1_700_000_015.0), 12.0),
+                (ts(1_700_000_030.0), 20.0)
+            ]
+        );
+        let error = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert_eq!(parse_range_response(400, error).unwrap_err().kind, "promql");
+    }
+
+    #[test]
     fn empty_vector_is_missing() {
         let r = parse(r#"{"resultType":"vector","result":[]}"#);
         assert_eq!(
@@ -883,6 +1034,7 @@ spec:
             status_replicas: 4,
             ready_replicas: 4,
             pods: 4,
+            forecasts: Vec::new(),
             samples: vec![Sample::Series {
                 values: vec![f64::NAN],
                 timestamp: now,

@@ -1,0 +1,215 @@
+//! The controller's side of `spec.forecast`: one [`ForecastState`] per policy, kept in memory.
+//! After a start, a leader change or a spec change (new generation) the state is rebuilt from
+//! Prometheus: each forecast metric's query is read with a range query over the forecast's
+//! history at the policy's interval, the same values the evaluations would have fed. So the
+//! forecast survives a restart without storing the model anywhere. The models themselves are
+//! pure ([`crate::policy::forecast`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use tracing::{info, warn};
+
+use super::QueryBackend;
+use crate::model::Sample;
+use crate::policy::forecast::{ForecastState, Prediction};
+use crate::policy::{CompiledPolicy, MetricSource};
+
+/// How long to wait before re-reading a history that failed to load.
+const RETRY: TimeDelta = TimeDelta::minutes(1);
+
+struct Entry {
+    generation: Option<i64>,
+    state: ForecastState,
+    /// `Some(t)`: the history read failed; read it again from `t`.
+    retry_at: Option<DateTime<Utc>>,
+}
+
+/// Every policy's forecasting state, by `namespace/name`.
+#[derive(Default)]
+pub struct Forecasts {
+    policies: Mutex<HashMap<String, Entry>>,
+}
+
+impl Forecasts {
+    /// Feeds this evaluation's samples to the policy's forecasters and returns their forecasts
+    /// (empty without `spec.forecast`), re-reading the history from Prometheus first when the
+    /// state is new, of an older generation, or its last read failed.
+    pub async fn predict(
+        &self,
+        backend: &dyn QueryBackend,
+        key: &str,
+        generation: Option<i64>,
+        policy: &CompiledPolicy,
+        samples: &[Sample],
+        now: DateTime<Utc>,
+    ) -> Vec<Option<Prediction>> {
+        let Some(settings) = policy.forecast else {
+            self.forget(key);
+            return Vec::new();
+        };
+        let taken = self.lock().remove(key);
+        let mut entry = match taken {
+            Some(e) if e.generation == generation && e.retry_at.is_none_or(|t| now < t) => e,
+            _ => {
+                let mut state = ForecastState::new(policy);
+                let mut failed = false;
+                for (i, m) in policy.metrics.iter().enumerate() {
+                    let MetricSource::Prometheus { query } = &m.source else {
+                        continue;
+                    };
+                    let start = now - settings.history;
+                    let end = now - policy.interval;
+                    match backend
+                        .query_range(query.clone(), start, end, policy.interval)
+                        .await
+                    {
+                        Ok(points) => {
+                            info!(policy = key, metric = %m.name, points = points.len(), "forecast history read");
+                            for (t, v) in points {
+                                state.observe_metric(i, t, v);
+                            }
+                        }
+                        Err(message) => {
+                            warn!(policy = key, metric = %m.name, %message, "reading the forecast history failed; forecasting from new samples only");
+                            failed = true;
+                        }
+                    }
+                }
+                Entry {
+                    generation,
+                    state,
+                    retry_at: failed.then(|| now + RETRY),
+                }
+            }
+        };
+        let forecasts = entry.state.observe_and_forecast(samples, now);
+        self.lock().insert(key.to_string(), entry);
+        forecasts
+    }
+
+    /// Drops a policy's state (deleted, or no longer forecasting).
+    pub fn forget(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// Keeps only the policies whose `namespace/name` `keep` accepts (the deleted go).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave the map half-written: recover it.
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::future::LocalBoxFuture as BoxFuture;
+
+    use super::*;
+    use crate::controller::History;
+    use crate::crd::ScalingPolicy;
+
+    /// A Prometheus whose history is a ramp of one per second, counting range queries.
+    struct Ramp {
+        reads: AtomicUsize,
+    }
+
+    impl QueryBackend for Ramp {
+        fn query_all(&self, _queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
+            Box::pin(async { HashMap::new() })
+        }
+
+        fn query_range(
+            &self,
+            _query: String,
+            start: DateTime<Utc>,
+            end: DateTime<Utc>,
+            step: TimeDelta,
+        ) -> BoxFuture<'_, Result<History, String>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let mut out = Vec::new();
+            let mut t = start;
+            while t <= end {
+                out.push((t, t.timestamp() as f64 - 1.7e9));
+                t += step;
+            }
+            Box::pin(async move { Ok(out) })
+        }
+    }
+
+    fn policy() -> CompiledPolicy {
+        let p: ScalingPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  maxReplicas: 20
+  metrics:
+  - name: rps
+    prometheus: {query: rps}
+    target: {type: AverageValue, averageValue: "100"}
+  forecast: {model: Trend, history: 1h}
+"#,
+        )
+        .expect("policy yaml");
+        CompiledPolicy::from_resource(&p).expect("valid policy")
+    }
+
+    #[test]
+    fn history_is_re_read_after_a_restart_and_on_a_new_generation() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let backend = Ramp {
+            reads: AtomicUsize::new(0),
+        };
+        let forecasts = Forecasts::default();
+        let policy = policy();
+        let now = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
+        let sample = |t: DateTime<Utc>| Sample::Series {
+            values: vec![t.timestamp() as f64 - 1.7e9],
+            timestamp: t,
+        };
+        let first = rt.block_on(forecasts.predict(
+            &backend,
+            "default/p",
+            Some(1),
+            &policy,
+            &[sample(now)],
+            now,
+        ));
+        // A fresh process forecasts at once from the re-read history: the ramp, 60s ahead.
+        let p = first[0].expect("a forecast from the history alone");
+        assert!((p.point - 3660.0).abs() < 30.0, "{p:?}");
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 1);
+        let later = now + TimeDelta::seconds(15);
+        rt.block_on(forecasts.predict(
+            &backend,
+            "default/p",
+            Some(1),
+            &policy,
+            &[sample(later)],
+            later,
+        ));
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "same generation");
+        rt.block_on(forecasts.predict(
+            &backend,
+            "default/p",
+            Some(2),
+            &policy,
+            &[sample(later)],
+            later,
+        ));
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 2, "new generation");
+    }
+}

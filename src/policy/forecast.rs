@@ -1,0 +1,705 @@
+//! Demand forecasting for `spec.forecast`: exponential smoothing on a fixed time grid.
+//!
+//! Pure like the rest of `policy/`: the history comes in as arguments (each evaluation's metric
+//! value, or a Prometheus `query_range` after a restart) and every time is a parameter; nothing
+//! here reads a clock or does I/O.
+//!
+//! Two models, written here rather than taken from a crate (the forecasting crates on crates.io
+//! bring large dependency trees, fit with numeric optimisers whose results change between
+//! versions, and forecast in whole-series batches; the controller needs an incremental, tiny,
+//! deterministic state that is cheap to update every evaluation):
+//! - `Trend`: Holt's linear method with a damped trend, for ramps;
+//! - `HoltWinters`: additive Holt-Winters (damped trend plus a daily or weekly season).
+//!
+//! Values are averaged into buckets of `step`. A model is fitted (a grid search for the smoothing
+//! factors that minimise the one-step-ahead squared error) on the kept history, refitted every
+//! `refit`; between refits each completed bucket only updates the model's state (O(1)). A
+//! forecast is the model's point forecast `ŷ` for the bucket holding `now + horizon` plus
+//! `q · max(ŷ, 0.2 · peak) · √h`, where `q` is the `confidence` quantile of the model's relative
+//! one-step errors over the fitted history (`|e| / max(prediction, 0.2 · peak)`: empirical, since
+//! demand errors have heavy tails, and relative, since they grow with the level), `peak` the
+//! history's largest value and `h` the buckets ahead.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::model::Sample;
+
+/// Which model a policy asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Damped-trend Holt (level and trend).
+    Trend,
+    /// Additive Holt-Winters (level, damped trend and a season).
+    HoltWinters,
+}
+
+impl ModelKind {
+    /// The name used in reasons and the CRD.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Trend => "Trend",
+            ModelKind::HoltWinters => "HoltWinters",
+        }
+    }
+}
+
+/// A compiled `spec.forecast`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForecastSettings {
+    /// The model.
+    pub model: ModelKind,
+    /// Season length (Holt-Winters only).
+    pub season: TimeDelta,
+    /// How far ahead to size for (default: the pod start-up time).
+    pub horizon: TimeDelta,
+    /// How much history the model keeps (and the controller re-reads after a restart).
+    pub history: TimeDelta,
+    /// Bucket width.
+    pub step: TimeDelta,
+    /// How often the model is refitted.
+    pub refit: TimeDelta,
+    /// The quantile of the relative one-step errors used as headroom, in [0.5, 1].
+    pub confidence: f64,
+}
+
+impl ForecastSettings {
+    /// Buckets in one season.
+    fn season_buckets(&self) -> usize {
+        (self.season.num_milliseconds() / self.step.num_milliseconds().max(1)).max(1) as usize
+    }
+
+    /// Buckets of history kept.
+    fn history_buckets(&self) -> usize {
+        (self.history.num_milliseconds() / self.step.num_milliseconds().max(1)).max(1) as usize
+    }
+
+    fn bucket_of(&self, t: DateTime<Utc>) -> i64 {
+        t.timestamp_millis()
+            .div_euclid(self.step.num_milliseconds().max(1))
+    }
+}
+
+/// Smoothing factors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    /// Level.
+    pub alpha: f64,
+    /// Trend.
+    pub beta: f64,
+    /// Season.
+    pub gamma: f64,
+    /// Trend damping.
+    pub phi: f64,
+}
+
+/// A fitted model and its running state, in units of the series divided by `scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fitted {
+    /// The model actually fitted (Holt-Winters falls back to Trend with under two seasons).
+    pub kind: ModelKind,
+    /// Smoothing factors.
+    pub params: Params,
+    level: f64,
+    trend: f64,
+    /// Seasonal offsets, indexed by absolute bucket number modulo their count; empty for Trend.
+    season: Vec<f64>,
+    /// Absolute number of the next bucket the state expects.
+    next: i64,
+    /// Root-mean-square one-step error (scaled units).
+    sigma: f64,
+    /// The fitted history's relative one-step errors `|e| / max(prediction, REL_FLOOR)`,
+    /// ascending.
+    rel_errors: Vec<f64>,
+    /// The series is divided by this before fitting, so huge values cannot overflow.
+    scale: f64,
+}
+
+/// Relative errors are taken against at least this fraction of the history's peak, so a
+/// near-zero level does not make every error look infinite.
+const REL_FLOOR: f64 = 0.2;
+const ALPHAS: [f64; 5] = [0.1, 0.25, 0.4, 0.6, 0.85];
+const BETAS: [f64; 3] = [0.01, 0.05, 0.2];
+const GAMMAS: [f64; 3] = [0.05, 0.15, 0.35];
+const PHIS: [f64; 2] = [0.9, 0.98];
+
+impl Fitted {
+    fn season_at(&self, bucket: i64) -> f64 {
+        if self.season.is_empty() {
+            0.0
+        } else {
+            self.season[bucket.rem_euclid(self.season.len() as i64) as usize]
+        }
+    }
+
+    /// Feeds bucket `self.next` (`None`: a gap, the state coasts); returns the one-step error.
+    fn update(&mut self, y: Option<f64>) -> Option<f64> {
+        let Params {
+            alpha,
+            beta,
+            gamma,
+            phi,
+        } = self.params;
+        let error = match y.map(|y| y / self.scale).filter(|y| y.is_finite()) {
+            Some(y) => {
+                let s = self.season_at(self.next);
+                let pred = self.level + phi * self.trend + s;
+                let level = alpha * (y - s) + (1.0 - alpha) * (self.level + phi * self.trend);
+                self.trend = beta * (level - self.level) + (1.0 - beta) * phi * self.trend;
+                self.level = level;
+                if !self.season.is_empty() {
+                    let i = self.next.rem_euclid(self.season.len() as i64) as usize;
+                    self.season[i] = gamma * (y - level) + (1.0 - gamma) * s;
+                }
+                Some(y - pred)
+            }
+            None => {
+                self.level += phi * self.trend;
+                self.trend *= phi;
+                None
+            }
+        };
+        self.next += 1;
+        error
+    }
+
+    /// Point forecast `h ≥ 1` buckets after the last one fed, in the series' units.
+    pub fn predict(&self, h: usize) -> f64 {
+        let phi = self.params.phi;
+        let mut damp = 0.0;
+        let mut p = 1.0;
+        for _ in 0..h.min(100_000) {
+            p *= phi;
+            damp += p;
+        }
+        let bucket = self.next + h as i64 - 1;
+        (self.level + damp * self.trend + self.season_at(bucket)) * self.scale
+    }
+
+    /// Headroom over a forecast of `point`: the `p` quantile of the relative errors times
+    /// `max(point, REL_FLOOR × the history's peak)`, in the series' units.
+    pub fn headroom(&self, point: f64, p: f64) -> f64 {
+        self.error_quantile(p) * point.max(REL_FLOOR * self.scale)
+    }
+
+    /// Root-mean-square one-step error, in the series' units.
+    pub fn sigma(&self) -> f64 {
+        self.sigma * self.scale
+    }
+
+    /// The `p` quantile of the relative one-step errors over the fitted history (0 without
+    /// errors). Empirical, so heavy tails (bursts, the knees of a ramp) count as often as they
+    /// happened instead of as a normal distribution would have them; relative, because demand
+    /// errors grow with the level (a quiet night needs less headroom than the peak).
+    pub fn error_quantile(&self, p: f64) -> f64 {
+        let n = self.rel_errors.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let i = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
+        self.rel_errors[i]
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The initial state for one parameter set, or `None` when the series is too short.
+fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) -> Option<Fitted> {
+    let known = |range: std::ops::Range<usize>| series[range].iter().flatten().copied();
+    let (level, trend, offsets) = if season > 0 {
+        let c1 = mean(known(0..season))?;
+        let c2 = mean(known(season..2 * season))?;
+        let mut offsets = vec![0.0; season];
+        for (i, o) in offsets.iter_mut().enumerate() {
+            let devs = [
+                series[i].map(|y| y - c1),
+                series[i + season].map(|y| y - c2),
+            ];
+            *o = mean(devs.into_iter().flatten()).unwrap_or(0.0);
+        }
+        // The state starts at bucket `first`, with the level of the first cycle.
+        (c1, (c2 - c1) / season as f64, offsets)
+    } else {
+        let y0 = series.iter().flatten().next().copied()?;
+        (y0, 0.0, Vec::new())
+    };
+    let mut offsets_abs = vec![0.0; offsets.len()];
+    for (i, o) in offsets.into_iter().enumerate() {
+        // Index offsets by absolute bucket number.
+        let abs = (first + i as i64).rem_euclid(season.max(1) as i64) as usize;
+        offsets_abs[abs] = o;
+    }
+    Some(Fitted {
+        kind: if season > 0 {
+            ModelKind::HoltWinters
+        } else {
+            ModelKind::Trend
+        },
+        params,
+        level,
+        trend,
+        season: offsets_abs,
+        next: first,
+        sigma: 0.0,
+        rel_errors: Vec::new(),
+        scale: 1.0,
+    })
+}
+
+/// Fits `kind` to `series`, whose first element is absolute bucket `first` (`None` marks a gap).
+/// Holt-Winters needs two seasons of data and falls back to Trend otherwise; Trend needs one
+/// known value. Deterministic: the same series gives the same model.
+pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -> Option<Fitted> {
+    let peak = series
+        .iter()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let scale = if peak > 0.0 { peak } else { 1.0 };
+    let scaled: Vec<Option<f64>> = series
+        .iter()
+        .map(|v| v.filter(|v| v.is_finite()).map(|v| v / scale))
+        .collect();
+    let seasonal = kind == ModelKind::HoltWinters
+        && season > 1
+        && scaled.len() >= 2 * season
+        && scaled[..season].iter().flatten().next().is_some()
+        && scaled[season..2 * season].iter().flatten().next().is_some();
+    let season = if seasonal { season } else { 0 };
+    let gammas: &[f64] = if seasonal { &GAMMAS } else { &[0.0] };
+    let mut best: Option<(f64, Fitted)> = None;
+    for &alpha in &ALPHAS {
+        for &beta in &BETAS {
+            for &gamma in gammas {
+                for &phi in &PHIS {
+                    let params = Params {
+                        alpha,
+                        beta,
+                        gamma,
+                        phi,
+                    };
+                    let mut m = initial(&scaled, first, season, params)?;
+                    // Score after the initialisation window (the first season, or first value).
+                    let warm = if seasonal { season } else { 1 };
+                    let (mut sse, mut n) = (0.0, 0usize);
+                    for (i, y) in scaled.iter().enumerate() {
+                        if let Some(e) = m.update(*y)
+                            && i >= warm
+                        {
+                            sse += e * e;
+                            n += 1;
+                        }
+                    }
+                    m.sigma = if n > 0 { (sse / n as f64).sqrt() } else { 0.0 };
+                    m.scale = scale;
+                    let score = if n > 0 { sse / n as f64 } else { 0.0 };
+                    if score.is_finite() && best.as_ref().is_none_or(|(b, _)| score < *b) {
+                        best = Some((score, m));
+                    } else if best.is_none() {
+                        best = Some((f64::INFINITY, m));
+                    }
+                }
+            }
+        }
+    }
+    let (_, mut best) = best?;
+    // The chosen model's own one-step errors, replayed once, give the empirical quantiles.
+    let mut errors = Vec::with_capacity(scaled.len());
+    if let Some(mut m) = initial(&scaled, first, season, best.params) {
+        let warm = if seasonal { season } else { 1 };
+        for (i, y) in scaled.iter().enumerate() {
+            if let Some(e) = m.update(*y)
+                && i >= warm
+                && e.is_finite()
+                && let Some(y) = y
+            {
+                errors.push(e.abs() / (y - e).max(REL_FLOOR));
+            }
+        }
+    }
+    errors.sort_by(f64::total_cmp);
+    best.rel_errors = errors;
+    Some(best)
+}
+
+/// One metric's forecast at an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// The model's point forecast for `now + horizon`.
+    pub point: f64,
+    /// The upper bound sized for: the point plus the headroom (see the module docs), never
+    /// below 0.
+    pub upper: f64,
+    /// The model that made it.
+    pub model: ModelKind,
+    /// The horizon.
+    pub horizon: TimeDelta,
+}
+
+/// One metric's history and model.
+#[derive(Debug, Clone)]
+pub struct Forecaster {
+    settings: ForecastSettings,
+    /// Completed buckets' means, the last one being bucket `last`.
+    buckets: VecDeque<Option<f64>>,
+    last: Option<i64>,
+    /// The bucket being filled: (number, sum, count).
+    current: Option<(i64, f64, u32)>,
+    fitted: Option<Fitted>,
+    fitted_at: Option<DateTime<Utc>>,
+}
+
+impl Forecaster {
+    /// An empty forecaster.
+    pub fn new(settings: ForecastSettings) -> Forecaster {
+        Forecaster {
+            settings,
+            buckets: VecDeque::new(),
+            last: None,
+            current: None,
+            fitted: None,
+            fitted_at: None,
+        }
+    }
+
+    /// Records the metric's value at `t`. Non-finite values and times before the bucket being
+    /// filled are ignored.
+    pub fn observe(&mut self, t: DateTime<Utc>, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        let b = self.settings.bucket_of(t);
+        match self.current {
+            Some((cb, sum, n)) if cb == b => self.current = Some((cb, sum + value, n + 1)),
+            Some((cb, _, _)) if b < cb => {}
+            _ => {
+                self.close_before(b);
+                self.current = Some((b, value, 1));
+            }
+        }
+    }
+
+    /// Completes every bucket before bucket `b` (gaps as `None`).
+    fn close_before(&mut self, b: i64) {
+        if let Some((cb, sum, n)) = self.current
+            && cb < b
+        {
+            self.current = None;
+            self.push(cb, Some(sum / f64::from(n.max(1))));
+        }
+        if let Some(last) = self.last {
+            // A gap longer than the history only needs the history's worth of `None`s.
+            let from = (last + 1).max(b - self.settings.history_buckets() as i64);
+            if from > last + 1 {
+                self.buckets.clear();
+                self.fitted = None;
+                self.last = Some(from - 1);
+            }
+            for g in from..b {
+                self.push(g, None);
+            }
+        }
+    }
+
+    fn push(&mut self, b: i64, value: Option<f64>) {
+        if self.last.is_some_and(|l| b <= l) {
+            return;
+        }
+        self.buckets.push_back(value);
+        self.last = Some(b);
+        while self.buckets.len() > self.settings.history_buckets() {
+            self.buckets.pop_front();
+        }
+        if let Some(f) = self.fitted.as_mut()
+            && f.next == b
+        {
+            f.update(value);
+        }
+    }
+
+    /// The forecast for `now + horizon`, refitting first when the model is older than `refit`.
+    /// `None` while there is no history.
+    pub fn forecast(&mut self, now: DateTime<Utc>) -> Option<Prediction> {
+        let s = self.settings;
+        let b_now = s.bucket_of(now);
+        self.close_before(b_now);
+        let last = self.last?;
+        let stale = self
+            .fitted_at
+            .is_none_or(|at| now.signed_duration_since(at) >= s.refit || now < at);
+        if stale || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
+            let buckets: Vec<Option<f64>> = self.buckets.iter().copied().collect();
+            let first = last + 1 - buckets.len() as i64;
+            self.fitted = fit(&buckets, first, s.model, s.season_buckets());
+            self.fitted_at = Some(now);
+        }
+        let f = self.fitted.as_ref()?;
+        let h = (s.bucket_of(now + s.horizon) - last).max(1) as usize;
+        let point = f.predict(h);
+        let upper = (point + f.headroom(point, s.confidence) * (h as f64).sqrt()).max(0.0);
+        (point.is_finite() && upper.is_finite()).then_some(Prediction {
+            point,
+            upper,
+            model: f.kind,
+            horizon: s.horizon,
+        })
+    }
+}
+
+/// The forecasters of a policy: one per Prometheus metric when the policy has `spec.forecast`.
+#[derive(Debug, Clone, Default)]
+pub struct ForecastState {
+    metrics: Vec<Option<Forecaster>>,
+}
+
+impl ForecastState {
+    /// Forecasters for `policy`'s Prometheus metrics (none without `spec.forecast`).
+    pub fn new(policy: &super::CompiledPolicy) -> ForecastState {
+        ForecastState {
+            metrics: policy
+                .metrics
+                .iter()
+                .map(|m| match (&policy.forecast, &m.source) {
+                    (Some(s), super::MetricSource::Prometheus { .. }) => Some(Forecaster::new(*s)),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether any metric is forecast.
+    pub fn is_active(&self) -> bool {
+        self.metrics.iter().any(Option::is_some)
+    }
+
+    /// Feeds metric `i`'s history (for example a `query_range` result after a restart).
+    pub fn observe_metric(&mut self, i: usize, t: DateTime<Utc>, value: f64) {
+        if let Some(Some(f)) = self.metrics.get_mut(i) {
+            f.observe(t, value);
+        }
+    }
+
+    /// Feeds this evaluation's samples (valid `Series` only, summed as the evaluator sums them)
+    /// and returns each metric's forecast, in spec order.
+    pub fn observe_and_forecast(
+        &mut self,
+        samples: &[Sample],
+        now: DateTime<Utc>,
+    ) -> Vec<Option<Prediction>> {
+        self.metrics
+            .iter_mut()
+            .enumerate()
+            .map(|(i, f)| {
+                let f = f.as_mut()?;
+                if let Some(Sample::Series { values, .. }) = samples.get(i)
+                    && !values.is_empty()
+                    && values.iter().all(|v| v.is_finite())
+                {
+                    f.observe(now, values.iter().sum());
+                }
+                f.forecast(now)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn settings(model: ModelKind) -> ForecastSettings {
+        ForecastSettings {
+            model,
+            season: TimeDelta::hours(24),
+            horizon: TimeDelta::seconds(60),
+            history: TimeDelta::days(14),
+            step: TimeDelta::minutes(5),
+            refit: TimeDelta::hours(1),
+            confidence: 0.95,
+        }
+    }
+
+    fn some(v: impl IntoIterator<Item = f64>) -> Vec<Option<f64>> {
+        v.into_iter().map(Some).collect()
+    }
+
+    #[test]
+    fn sine_is_forecast_a_season_ahead_by_holt_winters() {
+        let m = 48;
+        let y = |i: usize| 100.0 + 30.0 * (2.0 * std::f64::consts::PI * i as f64 / m as f64).sin();
+        let series = some((0..m * 6).map(y));
+        let f = fit(&series, 0, ModelKind::HoltWinters, m).expect("fits");
+        assert_eq!(f.kind, ModelKind::HoltWinters);
+        for h in [1, 5, 12, 24, 47] {
+            let want = y(m * 6 + h - 1);
+            let got = f.predict(h);
+            assert!((got - want).abs() < 1.0, "h={h}: {got} vs {want}");
+        }
+        assert!(f.sigma() < 1.0, "sigma {}", f.sigma());
+    }
+
+    #[test]
+    fn ramp_is_extrapolated_by_the_trend_model() {
+        let series = some((0..200).map(|i| 10.0 + 2.0 * i as f64));
+        let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
+        // The next value is 410; damping makes longer horizons fall short a little, never over.
+        let one = f.predict(1);
+        assert!((one - 410.0).abs() < 2.0, "{one}");
+        let ten = f.predict(10);
+        assert!(ten > 420.0 && ten <= 428.5, "{ten}");
+    }
+
+    #[test]
+    fn step_is_followed_after_a_few_buckets() {
+        let series = some((0..100).map(|i| if i < 60 { 10.0 } else { 50.0 }));
+        let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
+        let p = f.predict(1);
+        assert!((p - 50.0).abs() < 2.0, "{p}");
+    }
+
+    #[test]
+    fn headroom_is_the_empirical_quantile_of_the_errors() {
+        // A flat series with one burst: the largest error is the burst (200 over a forecast
+        // of 100: 2.0 relative), the median is nothing.
+        let series = some((0..200).map(|i| if i == 100 { 300.0 } else { 100.0 }));
+        let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
+        assert!(
+            (f.error_quantile(1.0) - 2.0).abs() < 0.01,
+            "{}",
+            f.error_quantile(1.0)
+        );
+        assert!(f.error_quantile(0.5) < 0.01, "{}", f.error_quantile(0.5));
+        // Headroom scales with the level, but not below 20 % of the peak (300).
+        assert!((f.headroom(100.0, 1.0) - 200.0).abs() < 2.0);
+        assert!((f.headroom(1.0, 1.0) - 120.0).abs() < 2.0);
+    }
+
+    #[test]
+    fn holt_winters_falls_back_to_trend_under_two_seasons() {
+        let series = some((0..30).map(|i| i as f64));
+        let f = fit(&series, 0, ModelKind::HoltWinters, 24).expect("fits");
+        assert_eq!(f.kind, ModelKind::Trend);
+    }
+
+    #[test]
+    fn empty_history_has_no_forecast() {
+        assert!(fit(&[], 0, ModelKind::HoltWinters, 24).is_none());
+        assert!(fit(&[None, None], 0, ModelKind::Trend, 0).is_none());
+        let mut f = Forecaster::new(settings(ModelKind::HoltWinters));
+        let t0 = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+        assert!(f.forecast(t0).is_none());
+    }
+
+    /// Fed bucket by bucket, the forecaster predicts a daily sine ahead of time, and the state
+    /// updated between refits agrees with a refit.
+    #[test]
+    fn forecaster_predicts_the_next_bucket_of_a_daily_cycle() {
+        let s = ForecastSettings {
+            step: TimeDelta::minutes(30),
+            horizon: TimeDelta::minutes(30),
+            refit: TimeDelta::hours(6),
+            ..settings(ModelKind::HoltWinters)
+        };
+        let y = |t: i64| 100.0 + 40.0 * (2.0 * std::f64::consts::PI * t as f64 / 86_400.0).sin();
+        let mut f = Forecaster::new(s);
+        let t0 = 1_700_006_400i64; // a multiple of 30 minutes
+        let mut last = None;
+        for k in 0..(5 * 48) {
+            let t = t0 + k * 1800;
+            let now = DateTime::from_timestamp(t, 0).expect("time");
+            f.observe(now, y(t));
+            last = f.forecast(now);
+        }
+        let p = last.expect("a forecast");
+        assert_eq!(p.model, ModelKind::HoltWinters);
+        let want = y(t0 + 5 * 48 * 1800);
+        assert!((p.point - want).abs() < 2.0, "{} vs {want}", p.point);
+        assert!(p.upper >= p.point);
+    }
+
+    #[test]
+    fn forecast_is_sized_for_the_bucket_at_the_horizon() {
+        let mut f = Forecaster::new(ForecastSettings {
+            horizon: TimeDelta::minutes(10),
+            ..settings(ModelKind::Trend)
+        });
+        let t0 = DateTime::from_timestamp(1_700_000_100, 0).expect("time");
+        for k in 0..50 {
+            f.observe(t0 + TimeDelta::minutes(5 * k), 100.0 + 10.0 * k as f64);
+        }
+        let now = t0 + TimeDelta::minutes(5 * 49);
+        let p = f.forecast(now).expect("forecast");
+        // Last complete bucket holds 580 (k = 48); now + 10m is three buckets on: about 610.
+        assert!(p.point > 600.0 && p.point < 615.0, "{}", p.point);
+    }
+
+    fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
+        prop_oneof![
+            Just(Vec::new()),
+            (any::<f64>(), 0usize..300).prop_map(|(c, n)| vec![Some(c); n]),
+            prop::collection::vec(
+                prop_oneof![
+                    3 => (-1e6f64..1e6).prop_map(Some),
+                    1 => Just(None),
+                    1 => prop_oneof![
+                        Just(Some(f64::MAX)),
+                        Just(Some(-f64::MAX)),
+                        Just(Some(1e300)),
+                        Just(Some(f64::NAN)),
+                        Just(Some(f64::INFINITY)),
+                    ],
+                ],
+                0..400
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn fit_never_panics_and_forecasts_are_finite(
+            series in series_strategy(),
+            seasonal in any::<bool>(),
+            season in 2usize..60,
+            h in 1usize..50,
+        ) {
+            let kind = if seasonal { ModelKind::HoltWinters } else { ModelKind::Trend };
+            if let Some(f) = fit(&series, 7, kind, season) {
+                let p = f.predict(h);
+                let finite_input = series.iter().flatten().all(|v| v.is_finite() && v.abs() < 1e300);
+                if finite_input {
+                    prop_assert!(p.is_finite(), "{p}");
+                    prop_assert!(f.sigma().is_finite());
+                }
+            }
+        }
+
+        #[test]
+        fn forecaster_never_panics_and_is_finite(
+            series in series_strategy(),
+            gap_every in 1usize..20,
+        ) {
+            let mut f = Forecaster::new(ForecastSettings {
+                season: TimeDelta::hours(1),
+                ..settings(ModelKind::HoltWinters)
+            });
+            let t0 = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+            for (k, v) in series.iter().enumerate() {
+                // Irregular times with gaps of up to a day.
+                let t = t0 + TimeDelta::seconds((k * 60 + (k % gap_every) * 3600) as i64);
+                if let Some(v) = v {
+                    f.observe(t, *v);
+                }
+                if let Some(p) = f.forecast(t) {
+                    prop_assert!(p.point.is_finite() && p.upper.is_finite());
+                    prop_assert!(p.upper >= 0.0);
+                }
+            }
+        }
+    }
+}
