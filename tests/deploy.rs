@@ -138,7 +138,7 @@ async fn manifests_and_examples_are_accepted_dry_run_then_for_real() {
         .await
         .expect("example policy stored");
     assert_eq!(
-        serde_json::to_value(&backend.spec.mode).expect("mode"),
+        serde_json::to_value(backend.spec.mode).expect("mode"),
         "ExternalMetric",
         "b-hpa-external.yaml, applied last, leaves the policy in mode ExternalMetric"
     );
