@@ -48,7 +48,8 @@ type Key = (String, String);
 #[derive(Default)]
 pub struct Cache {
     entries: RwLock<HashMap<Key, Arc<Entry>>>,
-    by_policy: Mutex<HashMap<Key, Vec<String>>>,
+    by_policy: Mutex<HashMap<Key, Published>>,
+    last_sweep: Mutex<Option<Instant>>,
     rule_answers: Mutex<HashMap<String, RuleAnswer>>,
 }
 
@@ -63,6 +64,26 @@ pub struct RuleAnswer {
     pub used: Instant,
     /// A background refresh is running.
     pub refreshing: bool,
+}
+
+/// What one policy published last.
+struct Published {
+    names: Vec<String>,
+    at: Instant,
+    /// Forgotten when not published again for this long (a deleted policy).
+    keep: std::time::Duration,
+}
+
+/// How often forgotten policies are swept out.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// A policy not evaluated for this long (or twice its values' bound, if longer) is forgotten.
+const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 /// Cached rule answers kept at most; beyond it, answers not asked for recently are dropped.
@@ -81,11 +102,34 @@ impl Cache {
             .iter()
             .map(|(m, _)| format!("{policy}-{m}"))
             .collect();
+        let keep = entries
+            .iter()
+            .filter_map(|(_, e)| match &e.value {
+                Value::Number { bound, .. } => bound.to_std().ok().map(|b| b * 2),
+                Value::Unavailable(_) => None,
+            })
+            .fold(FORGET_AFTER, std::cmp::max);
         let key = (namespace.to_string(), policy.to_string());
-        let old = match self.by_policy.lock() {
-            Ok(mut by) => by.insert(key, names.clone()),
-            Err(poisoned) => poisoned.into_inner().insert(key, names.clone()),
+        let now = Instant::now();
+        let published = Published {
+            names: names.clone(),
+            at: now,
+            keep,
         };
+        let old = lock(&self.by_policy)
+            .insert(key, published)
+            .map(|p| p.names);
+        let due = {
+            let mut last = lock(&self.last_sweep);
+            let due = last.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            self.sweep(now);
+        }
         let mut map = match self.entries.write() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
@@ -95,6 +139,25 @@ impl Cache {
         }
         for (name, (_, entry)) in names.into_iter().zip(entries) {
             map.insert((namespace.to_string(), name), Arc::new(entry));
+        }
+    }
+
+    /// Forgets the policies not published again within their keep time (deleted policies).
+    fn sweep(&self, now: Instant) {
+        let mut forgotten = Vec::new();
+        lock(&self.by_policy).retain(|(ns, _), p| {
+            let live = now.duration_since(p.at) < p.keep;
+            if !live {
+                forgotten.extend(p.names.iter().map(|n| (ns.clone(), n.clone())));
+            }
+            live
+        });
+        let mut map = match self.entries.write() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for gone in forgotten {
+            map.remove(&gone);
         }
     }
 
@@ -191,13 +254,9 @@ impl Cache {
                     labels: labels(metric),
                     value: Value::Unavailable(format!("policy {namespace}/{name}: {message}")),
                 };
-                let previous = match self.by_policy.lock() {
-                    Ok(by) => by.get(&(namespace.to_string(), name.to_string())).cloned(),
-                    Err(poisoned) => poisoned
-                        .into_inner()
-                        .get(&(namespace.to_string(), name.to_string()))
-                        .cloned(),
-                };
+                let previous = lock(&self.by_policy)
+                    .get(&(namespace.to_string(), name.to_string()))
+                    .map(|p| p.names.clone());
                 let prefix = format!("{name}-");
                 let mut metrics: Vec<String> = previous
                     .unwrap_or_default()
@@ -218,10 +277,7 @@ impl Cache {
 
     /// The cached answer for a rendered rule query, marking it used.
     pub fn rule_answer(&self, query: &str) -> Option<RuleAnswer> {
-        let mut map = match self.rule_answers.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = lock(&self.rule_answers);
         map.get_mut(query).map(|a| {
             a.used = Instant::now();
             a.clone()
@@ -230,10 +286,7 @@ impl Cache {
 
     /// Marks a cached answer as being refreshed; false if a refresh already runs.
     pub fn start_refresh(&self, query: &str) -> bool {
-        let mut map = match self.rule_answers.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = lock(&self.rule_answers);
         match map.get_mut(query) {
             Some(a) if !a.refreshing => {
                 a.refreshing = true;
@@ -245,10 +298,7 @@ impl Cache {
 
     /// Stores a fresh answer for a rendered rule query.
     pub fn store_rule_answer(&self, query: &str, sample: Sample) {
-        let mut map = match self.rule_answers.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = lock(&self.rule_answers);
         let now = Instant::now();
         if map.len() >= MAX_RULE_ANSWERS && !map.contains_key(query) {
             let oldest_kept = now.checked_sub(std::time::Duration::from_secs(600));
@@ -321,5 +371,11 @@ mod tests {
                 }),
             Some(3.0)
         );
+        // A policy that is not published again is forgotten at a later sweep.
+        c.publish("ns", "db", vec![("a".into(), number(1.0))]);
+        c.sweep(Instant::now() + FORGET_AFTER / 2);
+        assert_eq!(c.names(), vec!["db-a".to_string(), "web-a".to_string()]);
+        c.sweep(Instant::now() + FORGET_AFTER);
+        assert_eq!(c.names(), Vec::<String>::new());
     }
 }

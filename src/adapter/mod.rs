@@ -111,6 +111,11 @@ pub struct Adapter {
 /// front-proxy CA or a renewed serving certificate is picked up without a restart).
 const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Bound on a TLS handshake (slow clients).
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bound on reading a request's headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Where the serving certificate comes from.
 enum CertSource {
     Files(PathBuf, PathBuf),
@@ -265,10 +270,14 @@ async fn serve(listener: TcpListener, adapter: Arc<Adapter>) {
         let acceptor = tokio_rustls::TlsAcceptor::from(read(&adapter.tls));
         let adapter = adapter.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, "external metrics: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "external metrics: TLS handshake timed out");
                     return;
                 }
             };
@@ -290,6 +299,8 @@ async fn serve(listener: TcpListener, adapter: Arc<Adapter>) {
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await
             {

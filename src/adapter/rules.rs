@@ -501,6 +501,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_rules_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/external-rules.yaml");
+        let rules = load(&path).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            rules[0].render("shop", &parse_selector("queue=orders").unwrap()),
+            r#"sum(rabbitmq_queue_messages_ready{namespace="shop",queue="orders"})"#
+        );
+        assert!(matches!(
+            load(Path::new("/nonexistent/rules.yaml")),
+            Err(RulesError::Read { .. })
+        ));
+    }
+
+    #[test]
     fn rules_are_checked_when_loaded() {
         let path = Path::new("rules.yaml");
         let parse = |y: &str| -> Result<Vec<CompiledRule>, RulesError> {
