@@ -3,6 +3,7 @@
 # user. The build stage is the same `cargo build` the README documents and CI checks:
 #   rustup target add x86_64-unknown-linux-musl   # plus musl-tools (musl-gcc) for ring's C code
 #   cargo build --release --locked --target x86_64-unknown-linux-musl
+#   strip target/x86_64-unknown-linux-musl/release/kscale   # the release profile keeps line tables
 #
 #   docker build -t kscale/kscale:0.1.0 .
 
@@ -17,7 +18,8 @@ COPY src ./src
 COPY benches ./benches
 COPY tests ./tests
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin kscale \
- && cp target/x86_64-unknown-linux-musl/release/kscale /kscale
+ && cp target/x86_64-unknown-linux-musl/release/kscale /kscale \
+ && strip /kscale
 
 FROM scratch
 # System roots for Prometheus over https (rustls-native-certs reads /etc/ssl/certs).

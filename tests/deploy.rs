@@ -455,3 +455,76 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
     }
     assert!(queries.len() >= 12, "{queries:?}");
 }
+
+/// The rendered Deployment: two leader-elected replicas, probes on the metrics port, limits, and
+/// a container that cannot write its filesystem, gain privileges or keep capabilities.
+#[test]
+fn rendered_deployment_is_locked_down() {
+    use serde::Deserialize;
+    let text = read(&support::repo_root().join("deploy/manifests/kscale.yaml"));
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    let d = docs
+        .iter()
+        .find(|v| v["kind"] == "Deployment")
+        .expect("a Deployment");
+    assert_eq!(d["spec"]["replicas"], 2);
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    let env: Vec<&str> = c["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+        "{env:?}"
+    );
+    // Off by default: only one provider may own v1beta1.external.metrics.k8s.io.
+    assert!(!docs.iter().any(|v| v["kind"] == "APIService"));
+    // The ClusterRole grants no Secrets and no write beyond /scale, status and events.
+    let role = docs
+        .iter()
+        .find(|v| v["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let resources: Vec<&str> = rule["resources"]
+            .as_sequence()
+            .expect("resources")
+            .iter()
+            .filter_map(|r| r.as_str())
+            .collect();
+        assert!(!resources.contains(&"secrets"), "{rule:?}");
+        let writes = rule["verbs"].as_sequence().expect("verbs").iter().any(|v| {
+            matches!(
+                v.as_str(),
+                Some("create" | "update" | "patch" | "delete" | "*")
+            )
+        });
+        if writes {
+            assert!(
+                resources
+                    .iter()
+                    .all(|r| r.ends_with("/scale") || r.ends_with("/status") || *r == "events"),
+                "{rule:?}"
+            );
+        }
+    }
+}
