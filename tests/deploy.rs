@@ -311,6 +311,13 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
     let log = support::repo_root().join(format!("target/deploy-e2e-{}.log", std::process::id()));
     let admin_port = support::free_port();
     let adapter_port = support::free_port();
+    // The adapter's serving certificate from files (the chart's cert-manager path), so the test
+    // can verify it.
+    let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec!["localhost".into()]);
+    let tls_dir = support::repo_root().join(format!("target/deploy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&tls_dir).expect("TLS dir");
+    std::fs::write(tls_dir.join("tls.crt"), &cert_pem).expect("cert");
+    std::fs::write(tls_dir.join("tls.key"), &key_pem).expect("key");
     let _daemon = Daemon(
         Command::new(env!("CARGO_BIN_EXE_kscale"))
             .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
@@ -324,6 +331,10 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
                 "--external-metrics-addr",
                 &format!("127.0.0.1:{adapter_port}"),
             ])
+            .arg("--external-metrics-tls-cert-file")
+            .arg(tls_dir.join("tls.crt"))
+            .arg("--external-metrics-tls-key-file")
+            .arg(tls_dir.join("tls.key"))
             .env("KUBECONFIG", &kubeconfig)
             .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
             .env("RUST_LOG", "kscale=debug,info")
@@ -389,6 +400,48 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
         .status
         .expect("status");
     assert_eq!(status.desired_replicas, Some(10), "{status:?}");
+
+    // The adapter, as kube-apiserver's aggregation layer calls it (front-proxy certificate and
+    // user headers): it reads the front-proxy CA (RoleBinding in kube-system) and authorizes
+    // with a SubjectAccessReview (system:auth-delegator), both as the chart's ServiceAccount.
+    let pki = env.dir.join("pki");
+    let pem = |f: &str| std::fs::read_to_string(pki.join(f)).expect("testenv PKI");
+    let proxy = support::tls_client_config(
+        &ca_pem,
+        Some((
+            &pem("front-proxy-client.crt"),
+            &pem("front-proxy-client.key"),
+        )),
+    );
+    let path = format!(
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{}/backend-desired-replicas",
+        ns.name
+    );
+    let adapter: std::net::SocketAddr = format!("127.0.0.1:{adapter_port}")
+        .parse()
+        .expect("address");
+    support::wait_until(
+        "backend-desired-replicas from the adapter",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = support::https_get(
+                proxy.clone(),
+                adapter,
+                &path,
+                &[
+                    ("X-Remote-User", "system:admin"),
+                    ("X-Remote-Group", "system:masters"),
+                ],
+            )
+            .await?;
+            if code == 200 && body.contains("\"value\":\"10\"") {
+                Ok(())
+            } else {
+                Err(format!("{code} {body}; {}", support::log_tail(&log)))
+            }
+        },
+    )
+    .await;
 
     // What the chart does not grant is refused to the same identity.
     let sa = support::client_from_kubeconfig(&kubeconfig)

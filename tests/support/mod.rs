@@ -896,6 +896,24 @@ pub fn tls_client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rust
     Arc::new(config)
 }
 
+/// A CA and a serving certificate for `names` (what the aggregator or a test client checks);
+/// (ca, cert, key) PEM.
+pub fn serving_certificate(names: Vec<String>) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kscale-test-ca");
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("serving certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
 /// One HTTPS GET over a fresh connection (`Connection: close`); the status and body, or the
 /// connection or TLS error.
 pub async fn https_get(
