@@ -53,23 +53,6 @@ impl Drop for Cleanup {
     }
 }
 
-/// A CA and a serving certificate for the names the aggregator checks; (ca, cert, key) PEM.
-fn serving_certificate(names: Vec<String>) -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "kscale-test-ca");
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(names)
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("serving certificate");
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
 fn metric_path(ns: &str, metric: &str, selector: Option<&str>) -> String {
     let mut p = format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}");
     if let Some(s) = selector {
@@ -209,7 +192,7 @@ spec:
     // Serving certificate for the name the aggregator verifies, from files (a mounted Secret).
     let dir = support::repo_root().join(format!("target/xm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("test dir");
-    let (ca_pem, cert_pem, key_pem) = serving_certificate(vec![
+    let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec![
         format!("kscale-external-metrics.{ns_name}.svc"),
         "localhost".into(),
         "127.0.0.1".into(),

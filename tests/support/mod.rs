@@ -306,6 +306,17 @@ impl Drop for TestNamespace {
 /// Server-side applies every document of a (multi-document) YAML string. Namespaced
 /// objects without a namespace go to `namespace`. Returns the applied objects.
 pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<DynamicObject> {
+    apply_yaml_with(client, namespace, yaml, false).await
+}
+
+/// [`apply_yaml`], each document first as a server-side dry run when `dry_run_first` (so the
+/// apiserver's validation and admission judge it before anything is stored), then for real.
+pub async fn apply_yaml_with(
+    client: &Client,
+    namespace: &str,
+    yaml: &str,
+    dry_run_first: bool,
+) -> Vec<DynamicObject> {
     use serde::Deserialize;
     let mut applied = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
@@ -340,6 +351,15 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<Dyn
         } else {
             Api::all_with(client.clone(), &resource)
         };
+        if dry_run_first {
+            api.patch(
+                &name,
+                &PatchParams::apply("kscale-tests").force().dry_run(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("server-side dry run of {} {name}: {e}", types.kind));
+        }
         let result = api
             .patch(
                 &name,
@@ -900,12 +920,28 @@ subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
         ),
     )
     .await;
+    let path = impersonating_kubeconfig(env, namespace, "kscale", &format!("sa-{namespace}"));
+    let guard = BindingGuard {
+        name: format!("kscale-{namespace}"),
+        kubeconfig: env.kubeconfig.clone(),
+    };
+    (path, guard)
+}
+
+/// A copy of the admin kubeconfig that impersonates ServiceAccount `namespace/name` (with the
+/// groups kube-apiserver gives a ServiceAccount token), written to `target/kubeconfig-<file>`.
+pub fn impersonating_kubeconfig(
+    env: &TestEnv,
+    namespace: &str,
+    name: &str,
+    file: &str,
+) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
     let users = config["users"].as_sequence_mut().expect("kubeconfig users");
     for user in users {
         let u = &mut user["user"];
-        u["as"] = format!("system:serviceaccount:{namespace}:kscale").into();
+        u["as"] = format!("system:serviceaccount:{namespace}:{name}").into();
         u["as-groups"] = serde_yaml::to_value([
             "system:serviceaccounts",
             &format!("system:serviceaccounts:{namespace}"),
@@ -913,14 +949,10 @@ subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
         ])
         .expect("groups");
     }
-    let path = repo_root().join(format!("target/kubeconfig-sa-{namespace}"));
+    let path = repo_root().join(format!("target/kubeconfig-{file}"));
     std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig"))
         .expect("write kubeconfig");
-    let guard = BindingGuard {
-        name: format!("kscale-{namespace}"),
-        kubeconfig: env.kubeconfig.clone(),
-    };
-    (path, guard)
+    path
 }
 
 /// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
@@ -988,6 +1020,24 @@ pub fn tls_client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rust
         None => builder.with_no_client_auth(),
     };
     Arc::new(config)
+}
+
+/// A CA and a serving certificate for `names` (what the aggregator or a test client checks);
+/// (ca, cert, key) PEM.
+pub fn serving_certificate(names: Vec<String>) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kscale-test-ca");
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("serving certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
 /// One HTTPS GET over a fresh connection (`Connection: close`); the status and body, or the
