@@ -207,32 +207,35 @@ spec:
 
     let port = support::free_port();
     let log = dir.join("daemon.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args([
-            "run",
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", support::free_port()),
-        ])
-        .args([
-            "--watch-namespace",
-            &ns_name,
-            "--leader-election-namespace",
-            &ns_name,
-        ])
-        .args(["--external-metrics-addr", &format!("127.0.0.1:{port}")])
-        .arg("--external-metrics-tls-cert-file")
-        .arg(dir.join("tls.crt"))
-        .arg("--external-metrics-tls-key-file")
-        .arg(dir.join("tls.key"))
-        .arg("--external-rules")
-        .arg(dir.join("rules.yaml"))
-        .env("KUBECONFIG", &kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .env("RUST_LOG", "kscale=debug,info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("kscale run starts");
+    let start_daemon = |port: u16, log: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_kscale"))
+            .args([
+                "run",
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", support::free_port()),
+            ])
+            .args([
+                "--watch-namespace",
+                &ns_name,
+                "--leader-election-namespace",
+                &ns_name,
+            ])
+            .args(["--external-metrics-addr", &format!("127.0.0.1:{port}")])
+            .arg("--external-metrics-tls-cert-file")
+            .arg(dir.join("tls.crt"))
+            .arg("--external-metrics-tls-key-file")
+            .arg(dir.join("tls.key"))
+            .arg("--external-rules")
+            .arg(dir.join("rules.yaml"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+            .env("RUST_LOG", "kscale=debug,info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("kscale run starts")
+    };
+    let child = start_daemon(port, &log);
     let _daemon = Daemon(child);
 
     // Registration: an ExternalName Service to loopback (as scripts/testenv does for
@@ -449,8 +452,33 @@ spec:
         .expect("answer");
     assert_eq!(code, 200, "{body}");
     assert_eq!(values(&body).expect("a list"), vec!["10".to_string()]);
-    let (code, _) = support::https_get(proxy, addr, &path, &[])
+    let (code, _) = support::https_get(proxy.clone(), addr, &path, &[])
         .await
         .expect("answer");
     assert_eq!(code, 401, "a front-proxy request must name its user");
+
+    // A second replica is a follower (the first holds the Lease); it evaluates and publishes
+    // too, so either replica behind the Service answers with the same value.
+    let follower_port = support::free_port();
+    let follower_log = dir.join("follower.log");
+    let _follower = Daemon(start_daemon(follower_port, &follower_log));
+    let follower: std::net::SocketAddr =
+        format!("127.0.0.1:{follower_port}").parse().expect("addr");
+    support::wait_until(
+        "the follower serves the leader's value",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = support::https_get(proxy.clone(), follower, &path, &forged).await?;
+            match (code, values(&body)) {
+                (200, Ok(v)) if v == vec!["10".to_string()] => Ok(()),
+                other => Err(format!("{other:?}: {body}")),
+            }
+        },
+    )
+    .await;
+    let log_text = std::fs::read_to_string(&follower_log).unwrap_or_default();
+    assert!(
+        !log_text.contains("wrote=true"),
+        "a follower must not write: {log_text}"
+    );
 }

@@ -531,7 +531,9 @@ fn failure_status(
     status
 }
 
-/// Evaluates one policy and reports the outcome in status, events and logs.
+/// Evaluates one policy and reports the outcome in status, events and logs. A follower
+/// (`leading` false) serving external metrics only evaluates and publishes: no writes, no status,
+/// no events.
 pub async fn reconcile(
     ctx: &Context,
     p: &ScalingPolicy,
@@ -539,11 +541,12 @@ pub async fn reconcile(
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
     writer: Option<&str>,
+    leading: bool,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let started = std::time::Instant::now();
     let result = match compiled {
-        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, true, writer).await,
+        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, leading, writer).await,
         Err(errors) => Err(EvalError::Invalid {
             policy: name.clone(),
             errors,
@@ -560,6 +563,10 @@ pub async fn reconcile(
             prometheus,
             now,
         );
+    }
+    if !leading {
+        // A follower only publishes; the leader reports.
+        return result.map(|_| ()).map_err(PolicyError::from);
     }
     let status = match &result {
         Ok(e) => {
@@ -696,10 +703,19 @@ pub async fn run(
         }
         let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
         ctx.metrics.leader.set(i64::from(is_leader));
+        if is_leader && !state.leading {
+            // A new leader evaluates every policy at once.
+            state.schedule.clear();
+        }
+        state.leading = is_leader;
         if is_leader {
             run_tick(&ctx, &reader, &mut state).await;
+        } else if ctx.external_metrics.is_some() {
+            // A follower that serves external metrics evaluates too, to publish the same values
+            // as the leader; it writes nothing (no scale, status or events).
+            run_tick(&ctx, &reader, &mut state).await;
         } else {
-            // A follower evaluates nothing; when it leads, every policy is due at once.
+            // A follower evaluates nothing.
             state.schedule.clear();
         }
         // Wake at the next due time, and at least every POLL to notice new or changed policies.
@@ -787,6 +803,8 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Default)]
 struct TickState {
     schedule: Schedule,
+    /// Whether this replica led at the last tick: only the leader writes.
+    leading: bool,
     /// Each query's last values, to put the policies whose inputs changed first in a tick.
     last: HashMap<(servers::ServerKey, String), Option<Vec<u64>>>,
 }
@@ -823,6 +841,7 @@ async fn run_tick(
     reader: &Store<DeserializeGuard<ScalingPolicy>>,
     state: &mut TickState,
 ) {
+    let leading = state.leading;
     let schedule = &mut state.schedule;
     let now = Utc::now();
     let all = reader.state();
@@ -962,7 +981,7 @@ async fn run_tick(
                 .get(&target_key(&p))
                 .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
                 .map(String::as_str);
-            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer)
+            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer, leading)
                 .instrument(span)
                 .await
             {

@@ -23,13 +23,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (include "kscale.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{/* Replicas: one while kscale serves the APIService (followers answer 404). */}}
+{{/* Replicas (followers serving external metrics evaluate and publish too). */}}
 {{- define "kscale.replicas" -}}
-{{- if and .Values.externalMetrics.enabled .Values.externalMetrics.apiService.create -}}
-1
-{{- else -}}
 {{- .Values.replicaCount -}}
-{{- end -}}
 {{- end -}}
 
 {{/* The Service's DNS names, for the serving certificate. */}}
