@@ -227,7 +227,7 @@ fn main() {
             &args,
             "127.0.0.1:0".parse().expect("addr"),
             client,
-            Arc::new(kscale::controller::NoPrometheus),
+            Arc::new(kscale::controller::Unavailable::no_prometheus()),
         )
         .await
         .expect("adapter starts");

@@ -89,7 +89,9 @@ impl PrometheusArgs {
     pub fn backend(&self) -> Result<std::sync::Arc<dyn crate::controller::QueryBackend>, CliError> {
         use crate::source::prometheus::{BasicAuth, Material, PrometheusConfig, PrometheusSource};
         let Some(url) = &self.prometheus_url else {
-            return Ok(std::sync::Arc::new(crate::controller::NoPrometheus));
+            return Ok(std::sync::Arc::new(
+                crate::controller::Unavailable::no_prometheus(),
+            ));
         };
         let basic_auth = match (&self.prometheus_basic_auth_user, &self.prometheus_basic_auth_password) {
             (Some(user), Some(password)) => Some(BasicAuth { user: user.clone(), password: password.clone() }),

@@ -59,29 +59,16 @@ pub trait QueryBackend: Send + Sync {
     ) -> BoxFuture<'_, Result<History, String>>;
 }
 
-/// No Prometheus configured: every query is an explicit error, never a zero.
-pub struct NoPrometheus;
-
-impl QueryBackend for NoPrometheus {
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
-        Unavailable(NO_PROMETHEUS.into()).answer_all(queries)
-    }
-
-    fn query_range(
-        &self,
-        _query: String,
-        _start: DateTime<Utc>,
-        _end: DateTime<Utc>,
-        _step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>> {
-        Box::pin(async { Err(NO_PROMETHEUS.to_string()) })
-    }
-}
-
-/// A Prometheus that cannot be used (its Secret is missing, say): every query fails with why.
+/// A Prometheus that cannot be used (none is configured, or its Secret is missing, say): every
+/// query is an explicit error saying why, never a zero.
 pub struct Unavailable(pub String);
 
 impl Unavailable {
+    /// No Prometheus is configured.
+    pub fn no_prometheus() -> Unavailable {
+        Unavailable(NO_PROMETHEUS.into())
+    }
+
     fn answer_all(&self, queries: Vec<String>) -> BoxFuture<'static, HashMap<String, Sample>> {
         let message = self.0.clone();
         Box::pin(async move {
