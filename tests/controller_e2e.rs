@@ -53,6 +53,38 @@ fn start_controller(
     Controller(child)
 }
 
+/// A controller for `namespace`, running as the ServiceAccount bound to the shipped RBAC and
+/// logging to `target/<log_name>-<pid>.log`; it stops, and its binding goes, when dropped.
+struct Running {
+    _controller: Controller,
+    _binding: support::BindingGuard,
+    log: std::path::PathBuf,
+}
+
+async fn run_controller(
+    env: &support::TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+    log_name: &str,
+    identity: &str,
+) -> Running {
+    let (kubeconfig, binding) = support::service_account_kubeconfig(env, client, namespace).await;
+    let log = support::repo_root().join(format!("target/{log_name}-{}.log", std::process::id()));
+    let controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        support::free_port(),
+        namespace,
+        identity,
+    );
+    Running {
+        _controller: controller,
+        _binding: binding,
+        log,
+    }
+}
+
 /// Waits until condition `type_` of policy `name` satisfies `check` (which also sees the whole
 /// status); panics with the last condition and reason after `timeout`.
 async fn wait_condition(
@@ -751,17 +783,8 @@ async fn controller_survives_an_apiserver_restart() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "restart", 10.0, 0).await;
-    let (kubeconfig, _binding) =
-        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
-    let log = support::repo_root().join(format!("target/restart-{}.log", std::process::id()));
-    let _controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        &sc.ns.name,
-        "restart",
-    );
+    let running = run_controller(env, &client, &sc.ns.name, "restart", "restart").await;
+    let log = running.log.clone();
     sc.set(30.0);
     support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
@@ -782,17 +805,8 @@ async fn manual_scale_is_corrected_on_the_next_evaluation() {
     };
     let client = env.client().await;
     let sc = Scenario::start(env, &client, "manual", 30.0, 0).await;
-    let (kubeconfig, _binding) =
-        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
-    let log = support::repo_root().join(format!("target/manual-{}.log", std::process::id()));
-    let _controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        &sc.ns.name,
-        "manual",
-    );
+    let running = run_controller(env, &client, &sc.ns.name, "manual", "manual").await;
+    let log = running.log.clone();
     support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
 
     let by_hand = |n: i32| {
@@ -887,16 +901,8 @@ spec:
         .expect("policy created");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
-    let log = support::repo_root().join(format!("target/cpu-e2e-{}.log", std::process::id()));
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    let _controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        &ns.name,
-        "cpu",
-    );
+    let running = run_controller(env, &client, &ns.name, "cpu-e2e", "cpu").await;
+    let log = running.log.clone();
 
     // ceil(2 × 90/50) = 4 once metrics-server has the usage; maxReplicas is 4 anyway.
     support::wait_replicas(&deployments, 4, Duration::from_secs(120), &log).await;
@@ -978,17 +984,8 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         .await
         .expect("spec.prometheus admitted");
 
-    let log = support::repo_root().join(format!("target/ownprom-{}.log", std::process::id()));
-    let (kubeconfig, _binding) =
-        support::service_account_kubeconfig(env, &client, &sc.ns.name).await;
-    let _controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        &sc.ns.name,
-        "own",
-    );
+    let running = run_controller(env, &client, &sc.ns.name, "ownprom", "own").await;
+    let log = running.log.clone();
 
     // The wrong token: the gateway's 401 in status, and no scaling on it.
     wait_condition(
@@ -1097,16 +1094,8 @@ async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
         .await
         .expect("late policy created");
 
-    let log = support::repo_root().join(format!("target/conflict-{}.log", std::process::id()));
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns).await;
-    let _controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        &ns,
-        "conflict",
-    );
+    let running = run_controller(env, &client, &ns, "conflict", "conflict").await;
+    let log = running.log.clone();
 
     // The older policy writes: 30 / 5 = 6.
     support::wait_replicas(&sc.deployments, 6, Duration::from_secs(30), &log).await;
