@@ -167,6 +167,13 @@ pub struct ForecastSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 50.0, max = 100.0))]
     pub confidence: Option<f64>,
+    /// The least headroom over the forecast, in units of each metric's target (default 0). With
+    /// an `AverageValue` target it is spare capacity in replicas: 0.5 keeps half a replica's
+    /// worth of demand above the forecast even where the history has been calm, for bursts the
+    /// history has not shown yet. The learned headroom (`confidence`) applies where it is larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub min_headroom: Option<f64>,
 }
 
 /// One signal of a policy.

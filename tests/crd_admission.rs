@@ -218,6 +218,16 @@ async fn admission_rejects_bad_policies_naming_the_field() {
             },
             &["spec.forecast.confidence"],
         ),
+        (
+            "forecast-min-headroom-negative",
+            |p| {
+                p.spec.forecast = Some(kscale::crd::ForecastSpec {
+                    min_headroom: Some(-0.5),
+                    ..Default::default()
+                })
+            },
+            &["spec.forecast.minHeadroom"],
+        ),
     ];
     for (name, mutate, needles) in cases {
         let mut p = base.clone();

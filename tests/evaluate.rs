@@ -428,7 +428,7 @@ spec:
   - name: rps
     prometheus: {query: 'sum(rate(x[1m]))'}
     target: {type: AverageValue, averageValue: "100"}
-  forecast: {model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30}
+  forecast: {model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30, minHeadroom: -1}
 "#;
     let p: ScalingPolicy = serde_yaml::from_str(yaml).unwrap();
     let errors = CompiledPolicy::from_resource(&p).unwrap_err().to_string();
@@ -437,11 +437,12 @@ spec:
         "spec.forecast.horizon",
         "spec.forecast.step",
         "spec.forecast.confidence",
+        "spec.forecast.minHeadroom",
     ] {
         assert!(errors.contains(field), "{field} missing from {errors}");
     }
     let short = yaml.replace(
-        "{model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30}",
+        "{model: Trend, seasonality: Weekly, horizon: 48h, step: 5s, confidence: 30, minHeadroom: -1}",
         "{seasonality: Weekly, history: 7d}",
     );
     let p: ScalingPolicy = serde_yaml::from_str(&short).unwrap();

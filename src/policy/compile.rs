@@ -74,6 +74,16 @@ pub enum Target {
     Utilization(i32),
 }
 
+impl Target {
+    /// The target in the metric's own units (a `Utilization` target in percent).
+    pub fn value(self) -> f64 {
+        match self {
+            Target::Value(m) | Target::AverageValue(m) => m as f64 / 1000.0,
+            Target::Utilization(p) => f64::from(p),
+        }
+    }
+}
+
 /// A validated metric.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompiledMetric {
@@ -808,6 +818,7 @@ fn compile_forecast(
     let step = duration("step", &f.step, TimeDelta::minutes(1));
     let refit = duration("refitEvery", &f.refit_every, TimeDelta::hours(6));
     let confidence = f.confidence.unwrap_or(99.9);
+    let min_headroom = f.min_headroom.unwrap_or(0.0);
     let mut field_error = |field: &str, message: String| {
         errors.push(err(format!("spec.forecast.{field}"), message));
     };
@@ -862,6 +873,12 @@ fn compile_forecast(
             format!("must be between 50 and 100 (percent), got {confidence}"),
         );
     }
+    if !(min_headroom.is_finite() && (0.0..=100.0).contains(&min_headroom)) {
+        field_error(
+            "minHeadroom",
+            format!("must be between 0 and 100 (targets' worth), got {min_headroom}"),
+        );
+    }
     if !metrics
         .iter()
         .any(|m| matches!(m.source, MetricSource::Prometheus { .. }))
@@ -879,5 +896,6 @@ fn compile_forecast(
         step,
         refit,
         confidence: confidence / 100.0,
+        min_headroom,
     }
 }

@@ -62,6 +62,8 @@ pub struct ForecastSettings {
     pub refit: TimeDelta,
     /// The quantile of the relative one-step errors used as headroom, in [0.5, 1].
     pub confidence: f64,
+    /// The least headroom, in units of each metric's target (see [`Forecaster::new`]).
+    pub min_headroom: f64,
 }
 
 impl ForecastSettings {
@@ -109,9 +111,13 @@ pub struct Fitted {
     next: i64,
     /// Root-mean-square one-step error (scaled units).
     sigma: f64,
-    /// The fitted history's relative one-step errors `|e| / max(prediction, REL_FLOOR)`,
-    /// ascending.
+    /// The relative one-step errors `|e| / max(prediction, REL_FLOOR)` of the last `window`
+    /// buckets (the fitted history, then each bucket as it completes), ascending.
     rel_errors: Vec<f64>,
+    /// The same errors in time order, oldest first.
+    recent: VecDeque<f64>,
+    /// How many errors are kept: the history's length in buckets.
+    window: usize,
     /// The series is divided by this before fitting, so huge values cannot overflow.
     scale: f64,
 }
@@ -119,8 +125,8 @@ pub struct Fitted {
 /// Relative errors are taken against at least this fraction of the history's peak, so a
 /// near-zero level does not make every error look infinite.
 const REL_FLOOR: f64 = 0.2;
-const ALPHAS: [f64; 5] = [0.1, 0.25, 0.4, 0.6, 0.85];
-const BETAS: [f64; 3] = [0.01, 0.05, 0.2];
+const ALPHAS: [f64; 6] = [0.1, 0.25, 0.4, 0.6, 0.85, 1.0];
+const BETAS: [f64; 5] = [0.01, 0.05, 0.2, 0.5, 0.8];
 const GAMMAS: [f64; 3] = [0.05, 0.15, 0.35];
 const PHIS: [f64; 2] = [0.9, 0.98];
 
@@ -133,21 +139,27 @@ impl Fitted {
         }
     }
 
+    /// The level and trend after seeing `y` (scaled) in bucket `self.next`, without moving there.
+    fn smoothed(&self, y: f64) -> (f64, f64) {
+        let Params {
+            alpha, beta, phi, ..
+        } = self.params;
+        let s = self.season_at(self.next);
+        let level = alpha * (y - s) + (1.0 - alpha) * (self.level + phi * self.trend);
+        let trend = beta * (level - self.level) + (1.0 - beta) * phi * self.trend;
+        (level, trend)
+    }
+
     /// Feeds bucket `self.next` (`None`: a gap, the state coasts); returns the one-step error.
     fn update(&mut self, y: Option<f64>) -> Option<f64> {
-        let Params {
-            alpha,
-            beta,
-            gamma,
-            phi,
-        } = self.params;
+        let Params { gamma, phi, .. } = self.params;
         let error = match y.map(|y| y / self.scale).filter(|y| y.is_finite()) {
             Some(y) => {
                 let s = self.season_at(self.next);
                 let pred = self.level + phi * self.trend + s;
-                let level = alpha * (y - s) + (1.0 - alpha) * (self.level + phi * self.trend);
-                self.trend = beta * (level - self.level) + (1.0 - beta) * phi * self.trend;
+                let (level, trend) = self.smoothed(y);
                 self.level = level;
+                self.trend = trend;
                 if !self.season.is_empty() {
                     let i = self.next.rem_euclid(self.season.len() as i64) as usize;
                     self.season[i] = gamma * (y - level) + (1.0 - gamma) * s;
@@ -164,8 +176,51 @@ impl Fitted {
         error
     }
 
+    /// Feeds the completed bucket `self.next` (series' units; `None`: a gap) and keeps its error
+    /// in the sliding window the headroom is taken from, so a surprise raises the headroom at
+    /// once rather than at the next refit.
+    fn observe_bucket(&mut self, y: Option<f64>) {
+        let Some(e) = self.update(y) else {
+            return;
+        };
+        let Some(y) = y.map(|y| y / self.scale) else {
+            return;
+        };
+        let r = relative_error(e, y);
+        if !r.is_finite() {
+            return;
+        }
+        self.recent.push_back(r);
+        let at = self.rel_errors.partition_point(|x| x.total_cmp(&r).is_lt());
+        self.rel_errors.insert(at, r);
+        while self.recent.len() > self.window.max(1) {
+            if let Some(old) = self.recent.pop_front() {
+                let at = self
+                    .rel_errors
+                    .partition_point(|x| x.total_cmp(&old).is_lt());
+                if at < self.rel_errors.len() {
+                    self.rel_errors.remove(at);
+                }
+            }
+        }
+    }
+
     /// Point forecast `h ≥ 1` buckets after the last one fed, in the series' units.
     pub fn predict(&self, h: usize) -> f64 {
+        self.extrapolate(self.level, self.trend, self.next, h)
+    }
+
+    /// Point forecast `h ≥ 1` buckets after bucket `self.next`, whose values so far average
+    /// `partial` (series' units): the state is smoothed with it provisionally, so a forecast made
+    /// inside a bucket uses what that bucket has shown already instead of lagging a bucket
+    /// behind. Nothing is kept: the bucket updates the state once, when it completes.
+    pub fn predict_within(&self, partial: f64, h: usize) -> f64 {
+        let (level, trend) = self.smoothed(partial / self.scale);
+        self.extrapolate(level, trend, self.next + 1, h)
+    }
+
+    /// `level` and `trend` as of the start of bucket `next`, extrapolated `h ≥ 1` buckets.
+    fn extrapolate(&self, level: f64, trend: f64, next: i64, h: usize) -> f64 {
         let phi = self.params.phi;
         let mut damp = 0.0;
         let mut p = 1.0;
@@ -173,8 +228,7 @@ impl Fitted {
             p *= phi;
             damp += p;
         }
-        let bucket = self.next + h as i64 - 1;
-        (self.level + damp * self.trend + self.season_at(bucket)) * self.scale
+        (level + damp * trend + self.season_at(next + h as i64 - 1)) * self.scale
     }
 
     /// Headroom over a forecast of `point`: the `p` quantile of the relative errors times
@@ -246,6 +300,8 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         next: first,
         sigma: 0.0,
         rel_errors: Vec::new(),
+        recent: VecDeque::new(),
+        window: series.len(),
         scale: 1.0,
     })
 }
@@ -308,22 +364,26 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
     }
     let (_, mut best) = best?;
     // The chosen model's own one-step errors, replayed once, give the empirical quantiles.
-    let mut errors = Vec::with_capacity(scaled.len());
     if let Some(mut m) = initial(&scaled, first, season, best.params) {
         let warm = if seasonal { season } else { 1 };
         for (i, y) in scaled.iter().enumerate() {
             if let Some(e) = m.update(*y)
                 && i >= warm
-                && e.is_finite()
                 && let Some(y) = y
             {
-                errors.push(e.abs() / (y - e).max(REL_FLOOR));
+                best.recent.push_back(relative_error(e, *y));
             }
         }
     }
-    errors.sort_by(f64::total_cmp);
-    best.rel_errors = errors;
+    best.recent.retain(|r| r.is_finite());
+    best.rel_errors = best.recent.iter().copied().collect();
+    best.rel_errors.sort_by(f64::total_cmp);
     Some(best)
+}
+
+/// A one-step error `e` of the value `y` (both scaled) relative to the prediction `y - e`.
+fn relative_error(e: f64, y: f64) -> f64 {
+    e.abs() / (y - e).max(REL_FLOOR)
 }
 
 /// One metric's forecast at an evaluation.
@@ -351,12 +411,23 @@ pub struct Forecaster {
     current: Option<(i64, f64, u32)>,
     fitted: Option<Fitted>,
     fitted_at: Option<DateTime<Utc>>,
+    /// The least headroom, in the series' units.
+    floor: f64,
 }
 
 impl Forecaster {
-    /// An empty forecaster.
-    pub fn new(settings: ForecastSettings) -> Forecaster {
+    /// An empty forecaster. `target` is the metric's target in its own units (the per-replica
+    /// value of an `AverageValue` target): the headroom is never below
+    /// `settings.min_headroom × target`, so with an `AverageValue` target `min_headroom` is
+    /// spare capacity in replicas.
+    pub fn new(settings: ForecastSettings, target: f64) -> Forecaster {
+        let floor = settings.min_headroom * target;
         Forecaster {
+            floor: if floor.is_finite() {
+                floor.max(0.0)
+            } else {
+                0.0
+            },
             settings,
             buckets: VecDeque::new(),
             last: None,
@@ -417,7 +488,7 @@ impl Forecaster {
         if let Some(f) = self.fitted.as_mut()
             && f.next == b
         {
-            f.update(value);
+            f.observe_bucket(value);
         }
     }
 
@@ -438,9 +509,20 @@ impl Forecaster {
             self.fitted_at = Some(now);
         }
         let f = self.fitted.as_ref()?;
-        let h = (s.bucket_of(now + s.horizon) - last).max(1) as usize;
-        let point = f.predict(h);
-        let upper = (point + f.headroom(point, s.confidence) * (h as f64).sqrt()).max(0.0);
+        let target = s.bucket_of(now + s.horizon);
+        // Forecast from inside the current bucket when it has values and the state is at it.
+        let (point, h) = match self.current {
+            Some((b, sum, n)) if n > 0 && f.next == b => {
+                let h = (target - b).max(1) as usize;
+                (f.predict_within(sum / f64::from(n), h), h)
+            }
+            _ => {
+                let h = (target - last).max(1) as usize;
+                (f.predict(h), h)
+            }
+        };
+        let learned = f.headroom(point, s.confidence) * (h as f64).sqrt();
+        let upper = (point + learned.max(self.floor)).max(0.0);
         (point.is_finite() && upper.is_finite()).then_some(Prediction {
             point,
             upper,
@@ -464,7 +546,9 @@ impl ForecastState {
                 .metrics
                 .iter()
                 .map(|m| match (&policy.forecast, &m.source) {
-                    (Some(s), super::MetricSource::Prometheus { .. }) => Some(Forecaster::new(*s)),
+                    (Some(s), super::MetricSource::Prometheus { .. }) => {
+                        Some(Forecaster::new(*s, m.target.value()))
+                    }
                     _ => None,
                 })
                 .collect(),
@@ -521,6 +605,7 @@ mod tests {
             step: TimeDelta::minutes(5),
             refit: TimeDelta::hours(1),
             confidence: 0.95,
+            min_headroom: 0.0,
         }
     }
 
@@ -590,7 +675,7 @@ mod tests {
     fn empty_history_has_no_forecast() {
         assert!(fit(&[], 0, ModelKind::HoltWinters, 24).is_none());
         assert!(fit(&[None, None], 0, ModelKind::Trend, 0).is_none());
-        let mut f = Forecaster::new(settings(ModelKind::HoltWinters));
+        let mut f = Forecaster::new(settings(ModelKind::HoltWinters), 1.0);
         let t0 = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
         assert!(f.forecast(t0).is_none());
     }
@@ -606,7 +691,7 @@ mod tests {
             ..settings(ModelKind::HoltWinters)
         };
         let y = |t: i64| 100.0 + 40.0 * (2.0 * std::f64::consts::PI * t as f64 / 86_400.0).sin();
-        let mut f = Forecaster::new(s);
+        let mut f = Forecaster::new(s, 1.0);
         let t0 = 1_700_006_400i64; // a multiple of 30 minutes
         let mut last = None;
         for k in 0..(5 * 48) {
@@ -624,18 +709,78 @@ mod tests {
 
     #[test]
     fn forecast_is_sized_for_the_bucket_at_the_horizon() {
-        let mut f = Forecaster::new(ForecastSettings {
-            horizon: TimeDelta::minutes(10),
-            ..settings(ModelKind::Trend)
-        });
+        let mut f = Forecaster::new(
+            ForecastSettings {
+                horizon: TimeDelta::minutes(10),
+                ..settings(ModelKind::Trend)
+            },
+            1.0,
+        );
         let t0 = DateTime::from_timestamp(1_700_000_100, 0).expect("time");
         for k in 0..50 {
             f.observe(t0 + TimeDelta::minutes(5 * k), 100.0 + 10.0 * k as f64);
         }
         let now = t0 + TimeDelta::minutes(5 * 49);
         let p = f.forecast(now).expect("forecast");
-        // Last complete bucket holds 580 (k = 48); now + 10m is three buckets on: about 610.
+        // The current bucket holds 590 (k = 49); now + 10m is two buckets on: about 610.
         assert!(p.point > 600.0 && p.point < 615.0, "{}", p.point);
+    }
+
+    /// A forecast made inside a bucket uses the value that bucket has shown so far: the same
+    /// history with a different value in the current bucket forecasts differently, and a ramp
+    /// is extrapolated from the current bucket's value.
+    #[test]
+    fn forecast_inside_a_bucket_uses_its_values_so_far() {
+        let s = ForecastSettings {
+            step: TimeDelta::minutes(1),
+            horizon: TimeDelta::minutes(1),
+            ..settings(ModelKind::Trend)
+        };
+        let t0 = DateTime::from_timestamp(1_700_000_040, 0).expect("time");
+        let now = t0 + TimeDelta::minutes(120);
+        let forecast_with = |current: f64| {
+            let mut f = Forecaster::new(s, 1.0);
+            for k in 0..120 {
+                f.observe(t0 + TimeDelta::minutes(k), 100.0 + 10.0 * k as f64);
+            }
+            f.observe(now, current);
+            f.forecast(now).expect("forecast")
+        };
+        let on_ramp = forecast_with(1300.0);
+        assert!((on_ramp.point - 1310.0).abs() < 5.0, "{on_ramp:?}");
+        let higher = forecast_with(1600.0);
+        assert!(
+            higher.point > on_ramp.point + 100.0,
+            "{higher:?} vs {on_ramp:?}"
+        );
+    }
+
+    /// `min_headroom` is the least headroom, in targets: a perfectly learned, calm series still
+    /// gets it, and a larger learned headroom wins over it.
+    #[test]
+    fn min_headroom_is_a_floor_in_units_of_the_target() {
+        let s = ForecastSettings {
+            step: TimeDelta::minutes(1),
+            horizon: TimeDelta::minutes(1),
+            min_headroom: 0.5,
+            ..settings(ModelKind::Trend)
+        };
+        let mut f = Forecaster::new(s, 100.0);
+        let t0 = DateTime::from_timestamp(1_700_000_040, 0).expect("time");
+        for k in 0..=120 {
+            f.observe(t0 + TimeDelta::minutes(k), 30.0);
+        }
+        let p = f.forecast(t0 + TimeDelta::minutes(120)).expect("forecast");
+        assert!((p.point - 30.0).abs() < 1e-6, "{p:?}");
+        assert!((p.upper - 80.0).abs() < 1e-6, "{p:?}");
+        // A noisy series learns more headroom than the floor.
+        let mut g = Forecaster::new(s, 1.0);
+        for k in 0..=120 {
+            let v = if k % 2 == 0 { 10.0 } else { 300.0 };
+            g.observe(t0 + TimeDelta::minutes(k), v);
+        }
+        let p = g.forecast(t0 + TimeDelta::minutes(120)).expect("forecast");
+        assert!(p.upper - p.point > 0.5, "{p:?}");
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
@@ -684,10 +829,14 @@ mod tests {
             series in series_strategy(),
             gap_every in 1usize..20,
         ) {
-            let mut f = Forecaster::new(ForecastSettings {
-                season: TimeDelta::hours(1),
-                ..settings(ModelKind::HoltWinters)
-            });
+            let mut f = Forecaster::new(
+                ForecastSettings {
+                    season: TimeDelta::hours(1),
+                    min_headroom: 0.5,
+                    ..settings(ModelKind::HoltWinters)
+                },
+                1e9,
+            );
             let t0 = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
             for (k, v) in series.iter().enumerate() {
                 // Irregular times with gaps of up to a day.
