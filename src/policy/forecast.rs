@@ -13,7 +13,9 @@
 //!
 //! Values are averaged into buckets of `step`. A model is fitted (a grid search for the smoothing
 //! factors that minimise the one-step-ahead squared error) on the kept history, refitted every
-//! `refit`; between refits each completed bucket only updates the model's state (O(1)). A
+//! `refit` and whenever the history has doubled since the last fit (so a young history's first
+//! fit, on a bucket or two, is not kept for hours); between refits each completed bucket only
+//! updates the model's state (O(1)). A
 //! forecast is the model's point forecast `ŷ` for the bucket holding `now + horizon` plus
 //! `q · max(ŷ, 0.2 · peak) · √h`, where `q` is the `confidence` quantile of the model's relative
 //! one-step errors over the fitted history (`|e| / max(prediction, 0.2 · peak)`: empirical, since
@@ -351,6 +353,9 @@ pub struct Forecaster {
     current: Option<(i64, f64, u32)>,
     fitted: Option<Fitted>,
     fitted_at: Option<DateTime<Utc>>,
+    /// How many buckets the model was fitted on: a history that has since doubled is refitted
+    /// before `refit` is due (a young history's first fit, on a bucket or two, says nothing).
+    fitted_on: usize,
 }
 
 impl Forecaster {
@@ -363,6 +368,7 @@ impl Forecaster {
             current: None,
             fitted: None,
             fitted_at: None,
+            fitted_on: 0,
         }
     }
 
@@ -421,8 +427,8 @@ impl Forecaster {
         }
     }
 
-    /// The forecast for `now + horizon`, refitting first when the model is older than `refit`.
-    /// `None` while there is no history.
+    /// The forecast for `now + horizon`, refitting first when the model is older than `refit`
+    /// or the history has doubled since the last fit. `None` while there is no history.
     pub fn forecast(&mut self, now: DateTime<Utc>) -> Option<Prediction> {
         let s = self.settings;
         let b_now = s.bucket_of(now);
@@ -431,11 +437,13 @@ impl Forecaster {
         let stale = self
             .fitted_at
             .is_none_or(|at| now.signed_duration_since(at) >= s.refit || now < at);
-        if stale || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
+        let grown = self.buckets.len() >= 2 * self.fitted_on;
+        if stale || grown || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
             let buckets: Vec<Option<f64>> = self.buckets.iter().copied().collect();
             let first = last + 1 - buckets.len() as i64;
             self.fitted = fit(&buckets, first, s.model, s.season_buckets());
             self.fitted_at = Some(now);
+            self.fitted_on = buckets.len();
         }
         let f = self.fitted.as_ref()?;
         let h = (s.bucket_of(now + s.horizon) - last).max(1) as usize;
@@ -636,6 +644,34 @@ mod tests {
         let p = f.forecast(now).expect("forecast");
         // Last complete bucket holds 580 (k = 48); now + 10m is three buckets on: about 610.
         assert!(p.point > 600.0 && p.point < 615.0, "{}", p.point);
+    }
+
+    /// A policy forecasting a new metric starts from an empty history: its first fit, on one
+    /// bucket, has nothing to choose parameters from (and no errors for headroom). The model is
+    /// refitted as the history doubles, not only every `refit` (6h here), so it follows a ramp
+    /// within minutes instead of lagging it for hours.
+    #[test]
+    fn a_young_history_is_refitted_as_it_grows() {
+        let mut f = Forecaster::new(ForecastSettings {
+            history: TimeDelta::days(1),
+            step: TimeDelta::minutes(1),
+            refit: TimeDelta::hours(6),
+            ..settings(ModelKind::Trend)
+        });
+        let t0 = 1_700_000_040i64; // a multiple of a minute
+        let ramp = |t: i64| 100.0 + 10.0 * (t - t0) as f64 / 60.0;
+        let mut last = None;
+        for k in 0..(30 * 4) {
+            let t = t0 + 15 * k;
+            let now = DateTime::from_timestamp(t, 0).expect("time");
+            f.observe(now, ramp(t));
+            last = f.forecast(now);
+        }
+        // 30 minutes in: the value is about 400 and rising by 10 a minute.
+        let p = last.expect("a forecast");
+        let now = ramp(t0 + 15 * (30 * 4 - 1));
+        assert!(p.point > now, "forecast {} behind the value {now}", p.point);
+        assert!(p.upper >= p.point);
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
