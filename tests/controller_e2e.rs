@@ -1316,7 +1316,22 @@ async fn forecast_scales_ahead_of_a_ramp_and_survives_a_restart() {
 
     // 2. Restart: the new process reads the history back from Prometheus and forecasts from its
     // first evaluation. Learning from its own samples alone, it could not: the first sample
-    // opens a bucket, and a forecast needs a completed one.
+    // opens a bucket, and a forecast needs a completed one. First, 25 s of ramp in Prometheus.
+    let scraped = format!(
+        "count_over_time({}{{exporter=\"{}\"}}[2m])",
+        sc.metric, sc.exporter.id
+    );
+    support::wait_until(
+        "25 samples of the ramp in Prometheus",
+        Duration::from_secs(60),
+        || async {
+            match support::prometheus_scalar(env, &scraped) {
+                Ok(Some(n)) if n >= 25.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     drop(running);
     let running = run_controller(env, &client, &ns, "forecast-restarted", "forecast").await;
     let first = support::wait_until(
@@ -1343,7 +1358,7 @@ async fn forecast_scales_ahead_of_a_ramp_and_survives_a_restart() {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("no point count in {read:?}"));
-    assert!(points >= 5, "{points} points of history: {read}");
+    assert!(points >= 15, "{points} points of history: {read}");
     let reason = line
         .split_once("reason=")
         .map(|(_, r)| r.trim())
