@@ -315,7 +315,10 @@ fn verdict(run: &Run, hpa: &Run) -> (bool, String) {
         (ratio <= 1.25, format!("{ratio:.3} × oracle")),
         (
             saving >= 0.15,
-            format!("{:.1} % fewer replica-hours than the tuned HPA", saving * 100.0),
+            format!(
+                "{:.1} % fewer replica-hours than the tuned HPA",
+                saving * 100.0
+            ),
         ),
     ];
     let ok = parts.iter().all(|(ok, _)| *ok);
@@ -436,7 +439,11 @@ fn main() {
             let _ = writeln!(
                 verdicts,
                 "  - forecast: {text}: **{}** (replay {seconds:.1} s, {} evaluations)",
-                if ok { "meets the bar" } else { "misses the bar" },
+                if ok {
+                    "meets the bar"
+                } else {
+                    "misses the bar"
+                },
                 label_run.summary.evaluations,
             );
         }

@@ -156,7 +156,9 @@ pub struct ForecastSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
     pub step: Option<String>,
-    /// How often the model is refitted (default `6h`); in between, new data only updates it.
+    /// How often the model is refitted (default `6h`; also each time the kept history has
+    /// doubled since the last fit, so a young history is not left with its first fit); in
+    /// between, new data only updates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
     pub refit_every: Option<String>,

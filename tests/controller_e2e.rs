@@ -147,7 +147,8 @@ static APISERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// interval, 5 per replica, scale-down stabilization `down_window_s`), created.
 struct Scenario {
     ns: support::TestNamespace,
-    exporter: support::TestExporter,
+    /// Shared, so a [`Ramp`] can move the metric from a thread of its own.
+    exporter: std::sync::Arc<support::TestExporter>,
     metric: String,
     query: String,
     policy: ScalingPolicy,
@@ -167,7 +168,7 @@ impl Scenario {
         let ns = support::create_namespace(env, client, prefix).await;
         support::create_kwok_deployment(client, &ns.name, "web", 2, "100m", "50m").await;
         support::wait_for_ready_pods(client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
-        let exporter = support::TestExporter::start(env, &ns.name);
+        let exporter = std::sync::Arc::new(support::TestExporter::start(env, &ns.name));
         let metric = format!("kscale_{prefix}_queue");
         exporter.set(&metric, &[], initial);
         let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
@@ -1132,4 +1133,278 @@ async fn conflicting_and_malformed_policies_do_not_disturb_the_writer() {
     // The writer still evaluates: the metric rises, it scales.
     sc.set(40.0);
     support::wait_replicas(&sc.deployments, 8, Duration::from_secs(30), &log).await;
+}
+
+/// Moves the scenario's metric along a line from a thread of its own, in whole units (so the
+/// replicas a value needs are exact), clamped to `[floor, ceiling]`; stops when dropped.
+struct Ramp {
+    /// (when, value then, slope per second): the line the metric follows.
+    line: std::sync::Arc<std::sync::Mutex<(Instant, f64, f64)>>,
+    bounds: (f64, f64),
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ramp {
+    fn start(sc: &Scenario, from: f64, per_second: f64, bounds: (f64, f64)) -> Ramp {
+        let line = std::sync::Arc::new(std::sync::Mutex::new((Instant::now(), from, per_second)));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (line, stop) = (line.clone(), stop.clone());
+            let (exporter, metric) = (sc.exporter.clone(), sc.metric.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let now = *line.lock().expect("ramp line");
+                    exporter.set(&metric, &[], Ramp::value_on(now, bounds));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Ramp {
+            line,
+            bounds,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn value_on((at, value, slope): (Instant, f64, f64), (floor, ceiling): (f64, f64)) -> f64 {
+        (value + slope * at.elapsed().as_secs_f64())
+            .round()
+            .clamp(floor, ceiling)
+    }
+
+    /// Goes on from the current value at `per_second`.
+    fn turn(&self, per_second: f64) {
+        let mut line = self.line.lock().expect("ramp line");
+        *line = (
+            Instant::now(),
+            Ramp::value_on(*line, self.bounds),
+            per_second,
+        );
+    }
+}
+
+impl Drop for Ramp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a decision's reason says about the `queue` metric of a 5-per-replica policy:
+/// `scale up 6→9: queue=27 (target 5/replica) → 9 (Trend forecast 44.1 in 60s → 9)`.
+#[derive(Debug)]
+struct QueueReason {
+    current: i32,
+    desired: i32,
+    value: f64,
+    /// The Trend forecast's upper bound, when there was one.
+    forecast: Option<f64>,
+}
+
+impl QueueReason {
+    fn parse(reason: &str) -> Option<QueueReason> {
+        let (head, rest) = reason.split_once(": ")?;
+        let (current, desired) = head.rsplit(' ').next()?.split_once('→')?;
+        let number = |after: &str| -> Option<f64> {
+            let (_, tail) = rest.split_once(after)?;
+            tail.split([' ', ',', ';', ')']).next()?.parse().ok()
+        };
+        Some(QueueReason {
+            current: current.parse().ok()?,
+            desired: desired.parse().ok()?,
+            value: number("queue=")?,
+            forecast: number("Trend forecast "),
+        })
+    }
+
+    /// What the current value alone needs at 5 per replica (the policy's tolerance is 0).
+    fn needed_now(&self) -> i32 {
+        (self.value / 5.0).ceil() as i32
+    }
+}
+
+/// The daemon's log without the terminal colour codes.
+fn plain_log(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, up to a final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `spec.forecast` end to end: on a rising metric the Trend forecast scales the Deployment
+/// above what the current value needs, saying so; a restarted daemon re-reads the history from
+/// Prometheus (`query_range`) and forecasts from its very first evaluation; when demand turns
+/// down the count follows it, never below what the current value needs.
+#[tokio::test]
+async fn forecast_scales_ahead_of_a_ramp_and_survives_a_restart() {
+    let _shared = APISERVER.read().await;
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "forecast", 10.0, 0).await;
+    let ns = sc.ns.name.clone();
+    // Predict 60 s ahead from 2 s buckets of the last 2 minutes, refitted every 10 s; the
+    // median error as headroom. Tolerance 0 and free scale-up: the count is exactly what the
+    // decision asks for, so what the current value needs is ceil(value / 5).
+    let patch = serde_json::json!({"spec": {
+        "maxReplicas": 20,
+        "forecast": {"model": "Trend", "history": "2m", "step": "2s", "horizon": "60s",
+                     "refitEvery": "10s", "confidence": 50},
+        "behavior": {
+            "scaleUp": {"stabilizationWindowSeconds": 0, "tolerance": "0",
+                        "policies": [{"type": "Pods", "value": 20, "periodSeconds": 1}]},
+            "scaleDown": {"stabilizationWindowSeconds": 0, "tolerance": "0"},
+        },
+    }});
+    sc.policies
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("spec.forecast admitted");
+    // Demand rises by one every two seconds from 10.
+    let ramp = Ramp::start(&sc, 10.0, 0.5, (5.0, 80.0));
+    let running = run_controller(env, &client, &ns, "forecast", "forecast").await;
+
+    // 1. The forecast, not the current value, scales up: a rescale to more than the value at
+    // that evaluation needs (with tolerance 0 the current value alone asks for exactly that).
+    wait_event(
+        &client,
+        &ns,
+        "a rescale above current demand by the Trend forecast",
+        Duration::from_secs(90),
+        |e| {
+            let note = e.note.as_deref().unwrap_or("");
+            let Some((_, reason)) = note.split_once("; reason: ") else {
+                return false;
+            };
+            e.reason.as_deref() == Some("SuccessfulRescale")
+                && QueueReason::parse(reason).is_some_and(|r| {
+                    r.desired > r.current
+                        && r.desired > r.needed_now()
+                        && r.forecast.is_some_and(|f| f > r.value)
+                })
+        },
+    )
+    .await;
+    let p = sc.policies.get("web").await.expect("policy");
+    let status = p.status.expect("status");
+    assert!(
+        status.metrics.first().is_some_and(|m| m.forecast.is_some()),
+        "the forecast is in status: {:?}",
+        status.metrics
+    );
+
+    // 2. Restart: the new process reads the history back from Prometheus and forecasts from its
+    // first evaluation. Learning from its own samples alone, it could not: the first sample
+    // opens a bucket, and a forecast needs a completed one. First, 25 s of ramp in Prometheus.
+    let scraped = format!(
+        "count_over_time({}{{exporter=\"{}\"}}[2m])",
+        sc.metric, sc.exporter.id
+    );
+    support::wait_until(
+        "25 samples of the ramp in Prometheus",
+        Duration::from_secs(60),
+        || async {
+            match support::prometheus_scalar(env, &scraped) {
+                Ok(Some(n)) if n >= 25.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    drop(running);
+    let running = run_controller(env, &client, &ns, "forecast-restarted", "forecast").await;
+    let first = support::wait_until(
+        "the restarted daemon's first evaluation",
+        Duration::from_secs(45),
+        || async {
+            let log = plain_log(&running.log);
+            log.lines()
+                .find(|l| l.contains(" evaluated ") && l.contains(&format!("{ns}/web")))
+                .map(|l| (log.clone(), l.to_string()))
+                .ok_or_else(|| support::log_tail(&running.log))
+        },
+    )
+    .await;
+    let (log, line) = first;
+    let read = log
+        .lines()
+        .take_while(|l| *l != line)
+        .find(|l| l.contains("forecast history read"))
+        .unwrap_or_else(|| panic!("no history read before the first evaluation:\n{log}"));
+    let points: usize = read
+        .split("points=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no point count in {read:?}"));
+    assert!(points >= 15, "{points} points of history: {read}");
+    let reason = line
+        .split_once("reason=")
+        .map(|(_, r)| r.trim())
+        .unwrap_or_else(|| panic!("no reason in {line:?}"));
+    let first = QueueReason::parse(reason).unwrap_or_else(|| panic!("reason {reason:?}"));
+    assert!(
+        first.forecast.is_some_and(|f| f > first.value),
+        "the first evaluation after the restart forecasts the ramp: {reason}"
+    );
+
+    // 3. Demand turns down: the forecast falls below the current value, and the count follows
+    // the current value, never below what it needs.
+    ramp.turn(-1.5);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut forecast_below = 0;
+    let (mut highest, mut lowest) = (0, i32::MAX);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = sc.policies.get("web").await.expect("policy");
+        let s = p.status.unwrap_or_default();
+        if let (Some(at), Some(reason)) = (s.last_evaluation_time, s.reason.clone())
+            && seen.insert(format!("{at:?}"))
+        {
+            let r = QueueReason::parse(&reason).unwrap_or_else(|| panic!("reason {reason:?}"));
+            assert!(
+                r.desired >= r.needed_now().min(20),
+                "below current demand: {reason}"
+            );
+            forecast_below += usize::from(r.forecast.is_some_and(|f| f < r.value));
+            highest = highest.max(r.desired);
+            lowest = lowest.min(r.desired);
+        }
+        let value = support::prometheus_scalar(env, &sc.query).ok().flatten();
+        if forecast_below >= 3 && value == Some(5.0) && lowest < highest {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{forecast_below} evaluations with the forecast below demand, replicas {lowest}..{highest}, value {value:?}; {}",
+            support::log_tail(&running.log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{} evaluations while demand fell, {forecast_below} with the forecast below it; replicas {highest} → {lowest}",
+        seen.len()
+    );
+    drop(ramp);
 }

@@ -13,12 +13,17 @@
 //!
 //! Values are averaged into buckets of `step`. A model is fitted (a grid search for the smoothing
 //! factors that minimise the one-step-ahead squared error) on the kept history, refitted every
-//! `refit`; between refits each completed bucket only updates the model's state (O(1)). A
-//! forecast is the model's point forecast `ŷ` for the bucket holding `now + horizon` plus
-//! `q · max(ŷ, 0.2 · peak) · √h`, where `q` is the `confidence` quantile of the model's relative
-//! one-step errors over the fitted history (`|e| / max(prediction, 0.2 · peak)`: empirical, since
-//! demand errors have heavy tails, and relative, since they grow with the level), `peak` the
-//! history's largest value and `h` the buckets ahead.
+//! `refit` and whenever the history has doubled since the last fit (so a young history's first
+//! fit, on a bucket or two, is not kept for hours); between refits each completed bucket only
+//! updates the model's state (O(1)) and its sliding window of errors.
+//!
+//! A forecast is made from inside the current bucket (its values so far smooth the state
+//! provisionally) for the bucket holding `now + horizon`, `h` buckets on: the point forecast `ŷ`
+//! plus the headroom `max(q · max(ŷ, 0.2 · peak) · √h, min_headroom · target)`. Here `q` is the
+//! `confidence` quantile of the model's relative one-step errors over the last history's worth
+//! of buckets (`|e| / max(prediction, 0.2 · peak)`: empirical, since demand errors have heavy
+//! tails, and relative, since they grow with the level), `peak` the fitted history's largest
+//! value, and `min_headroom · target` a floor for bursts the history has not shown.
 
 use std::collections::VecDeque;
 
@@ -411,6 +416,9 @@ pub struct Forecaster {
     current: Option<(i64, f64, u32)>,
     fitted: Option<Fitted>,
     fitted_at: Option<DateTime<Utc>>,
+    /// How many buckets the model was fitted on: a history that has since doubled is refitted
+    /// before `refit` is due (a young history's first fit, on a bucket or two, says nothing).
+    fitted_on: usize,
     /// The least headroom, in the series' units.
     floor: f64,
 }
@@ -434,6 +442,7 @@ impl Forecaster {
             current: None,
             fitted: None,
             fitted_at: None,
+            fitted_on: 0,
         }
     }
 
@@ -492,8 +501,8 @@ impl Forecaster {
         }
     }
 
-    /// The forecast for `now + horizon`, refitting first when the model is older than `refit`.
-    /// `None` while there is no history.
+    /// The forecast for `now + horizon`, refitting first when the model is older than `refit`
+    /// or the history has doubled since the last fit. `None` while there is no history.
     pub fn forecast(&mut self, now: DateTime<Utc>) -> Option<Prediction> {
         let s = self.settings;
         let b_now = s.bucket_of(now);
@@ -502,11 +511,13 @@ impl Forecaster {
         let stale = self
             .fitted_at
             .is_none_or(|at| now.signed_duration_since(at) >= s.refit || now < at);
-        if stale || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
+        let grown = self.buckets.len() >= 2 * self.fitted_on;
+        if stale || grown || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
             let buckets: Vec<Option<f64>> = self.buckets.iter().copied().collect();
             let first = last + 1 - buckets.len() as i64;
             self.fitted = fit(&buckets, first, s.model, s.season_buckets());
             self.fitted_at = Some(now);
+            self.fitted_on = buckets.len();
         }
         let f = self.fitted.as_ref()?;
         let target = s.bucket_of(now + s.horizon);
@@ -781,6 +792,37 @@ mod tests {
         }
         let p = g.forecast(t0 + TimeDelta::minutes(120)).expect("forecast");
         assert!(p.upper - p.point > 0.5, "{p:?}");
+    }
+
+    /// A policy forecasting a new metric starts from an empty history: its first fit, on one
+    /// bucket, has nothing to choose parameters from (and no errors for headroom). The model is
+    /// refitted as the history doubles, not only every `refit` (6h here), so it follows a ramp
+    /// within minutes instead of lagging it for hours.
+    #[test]
+    fn a_young_history_is_refitted_as_it_grows() {
+        let mut f = Forecaster::new(
+            ForecastSettings {
+                history: TimeDelta::days(1),
+                step: TimeDelta::minutes(1),
+                refit: TimeDelta::hours(6),
+                ..settings(ModelKind::Trend)
+            },
+            1.0,
+        );
+        let t0 = 1_700_000_040i64; // a multiple of a minute
+        let ramp = |t: i64| 100.0 + 10.0 * (t - t0) as f64 / 60.0;
+        let mut last = None;
+        for k in 0..(30 * 4) {
+            let t = t0 + 15 * k;
+            let now = DateTime::from_timestamp(t, 0).expect("time");
+            f.observe(now, ramp(t));
+            last = f.forecast(now);
+        }
+        // 30 minutes in: the value is about 400 and rising by 10 a minute.
+        let p = last.expect("a forecast");
+        let now = ramp(t0 + 15 * (30 * 4 - 1));
+        assert!(p.point > now, "forecast {} behind the value {now}", p.point);
+        assert!(p.upper >= p.point);
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
