@@ -668,10 +668,15 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
 fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let policy = first_policy(&args.policy)?;
     let compare = args.compare.as_deref().map(first_policy).transpose()?;
-    let trace = match (&args.trace, &args.prometheus, args.from, args.to) {
-        (Some(path), _, _, _) => Trace::load(path)?,
+    // In Prometheus mode each policy's metrics map to the columns of their own queries.
+    let (trace, mappings) = match (&args.trace, &args.prometheus, args.from, args.to) {
+        (Some(path), _, _, _) => (Trace::load(path)?, Vec::new()),
         (None, Some(url), Some(from), Some(to)) => {
-            prometheus_history(&policy, url, from, to, args.step.unwrap_or(policy.interval))?
+            let policies: Vec<&CompiledPolicy> =
+                std::iter::once(&policy).chain(compare.as_ref()).collect();
+            let step = args.step.unwrap_or(policy.interval);
+            let history = prometheus_history(&policies, url, from, to, step)?;
+            (history.trace, history.columns)
         }
         _ => {
             return Err(CliError::Config(
@@ -679,20 +684,32 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             ));
         }
     };
-    let config = BacktestConfig {
-        metric_columns: args.metrics.clone(),
-        demand_column: args.demand.clone(),
-        scale: args.scale,
-        capacity: args.capacity,
-        startup: args.startup,
-        initial_replicas: args.initial_replicas,
-        keep_reasons: args.format == Format::Json,
-        warmup: args.warmup,
+    let config_for = |mapping: Vec<(String, String)>| {
+        // --metric wins over the column of the metric's own query.
+        let mut metric_columns = args.metrics.clone();
+        metric_columns.extend(
+            mapping
+                .into_iter()
+                .filter(|(m, _)| !args.metrics.iter().any(|(given, _)| given == m)),
+        );
+        BacktestConfig {
+            metric_columns,
+            demand_column: args.demand.clone(),
+            scale: args.scale,
+            capacity: args.capacity,
+            startup: args.startup,
+            initial_replicas: args.initial_replicas,
+            keep_reasons: args.format == Format::Json,
+            warmup: args.warmup,
+        }
     };
-    let main_run = run_with_progress(&policy, &trace, &config)?;
+    let mut mappings = mappings.into_iter();
+    let main_config = config_for(mappings.next().unwrap_or_default());
+    let compare_config = config_for(mappings.next().unwrap_or_default());
+    let main_run = run_with_progress(&policy, &trace, &main_config)?;
     let compare_run = compare
         .as_ref()
-        .map(|c| run_with_progress(c, &trace, &config))
+        .map(|c| run_with_progress(c, &trace, &compare_config))
         .transpose()?;
 
     match args.format {
@@ -756,14 +773,14 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Reads `policy`'s metric history from Prometheus, with a progress bar on stderr.
+/// Reads `policies`' metric history from Prometheus, with a progress bar on stderr.
 fn prometheus_history(
-    policy: &CompiledPolicy,
+    policies: &[&CompiledPolicy],
     url: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     step: TimeDelta,
-) -> Result<Trace, CliError> {
+) -> Result<crate::source::history::History, CliError> {
     use crate::source::prometheus::{PrometheusConfig, PrometheusSource};
     let source = PrometheusSource::new(&PrometheusConfig {
         url: url.to_string(),
@@ -777,9 +794,9 @@ fn prometheus_history(
             .map(|s| s.progress_chars("=> "))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let trace = runtime()?.block_on(crate::source::history::read(
+    let history = runtime()?.block_on(crate::source::history::read(
         &source,
-        policy,
+        policies,
         from,
         to,
         step,
@@ -790,14 +807,15 @@ fn prometheus_history(
         },
     ));
     bar.finish_and_clear();
-    let trace = trace.map_err(|e| CliError::Config(format!("--prometheus {url}: {e}")))?;
-    if trace.times.is_empty() {
+    let history = history.map_err(|e| CliError::Config(format!("--prometheus {url}: {e}")))?;
+    if history.trace.times.is_empty() {
+        let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
         return Err(CliError::Config(format!(
-            "--prometheus {url}: no samples for policy {}'s metrics between {from} and {to}",
-            policy.name
+            "--prometheus {url}: no samples for the metrics of {} between {from} and {to}",
+            names.join(" and ")
         )));
     }
-    Ok(trace)
+    Ok(history)
 }
 
 fn run_with_progress(

@@ -170,6 +170,55 @@ spec:
         })
         .count();
     assert!(reasons > 0, "the forecast never showed in a reason");
+
+    // --compare with a policy of its own query and metric name: its history is read too, and
+    // its timeline is that policy's trace backtest on the same data.
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        format!(
+            r#"apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: halved, namespace: default}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 40
+  metrics:
+  - name: load
+    prometheus: {{query: '{metric} / 2'}}
+    target: {{type: AverageValue, averageValue: "50"}}
+"#
+        ),
+    )
+    .expect("write compare policy");
+    let other = other.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "backtest",
+        "--policy",
+        policy,
+        "--compare",
+        other,
+        "--prometheus",
+        &env.prometheus_url,
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ];
+    args.extend(common);
+    let compared = kscale(&args);
+    assert_eq!(timeline(&compared), a, "the main policy's timeline changed");
+    let mut args = vec!["backtest", "--policy", other, "--trace"];
+    args.push(trace.to_str().expect("utf-8 path"));
+    args.extend(["--metric", "load=value", "--scale", "0.5"]);
+    args.extend(common);
+    let other_from_trace = kscale(&args);
+    assert_eq!(
+        timeline(&compared["compare"]),
+        timeline(&other_from_trace),
+        "the compared policy's timeline differs from its trace backtest"
+    );
     // The controller's forecast state after a restart: rebuilt from the same history with
     // range queries, it forecasts at once.
     let source = kscale::source::prometheus::PrometheusSource::new(

@@ -21,45 +21,72 @@ pub struct HistoryError {
     pub message: String,
 }
 
-/// Reads every Prometheus metric of `policy` from `from` to `to` every `step`: one trace column
-/// per metric, named after it, one row per step at which any metric has a value. Resource
-/// metrics get no column (the backtest derives them from demand and capacity).
-/// `progress(metric, done, total)` follows the chunks.
+/// The history of one or more policies' Prometheus metrics.
+#[derive(Debug)]
+pub struct History {
+    /// One column per distinct query.
+    pub trace: Trace,
+    /// For each policy, in the order given: `(metric, column)` for each of its Prometheus
+    /// metrics (the backtest's `--metric NAME=COLUMN` mappings).
+    pub columns: Vec<Vec<(String, String)>>,
+}
+
+/// Reads every Prometheus metric of `policies` from `from` to `to` every `step`: one trace
+/// column per distinct query (a query two policies share is read once), named after the first
+/// metric that uses it, or `policy.metric` when another query has that name already; one row
+/// per step at which any query has a value. Resource metrics get no column (the backtest
+/// derives them from demand and capacity). `progress(metric, done, total)` follows the chunks.
 pub async fn read(
     source: &PrometheusSource,
-    policy: &CompiledPolicy,
+    policies: &[&CompiledPolicy],
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     step: TimeDelta,
     progress: &mut (dyn FnMut(&str, i64, i64) + Send),
-) -> Result<Trace, HistoryError> {
-    let mut columns = Vec::new();
+) -> Result<History, HistoryError> {
+    // Distinct queries in order of first use: (column, query, policy, metric).
+    let mut queries: Vec<(String, &str, &str, &str)> = Vec::new();
+    let mut mappings = Vec::with_capacity(policies.len());
+    for policy in policies {
+        let mut mapping = Vec::new();
+        for m in &policy.metrics {
+            let MetricSource::Prometheus { query } = &m.source else {
+                continue;
+            };
+            let column = match queries.iter().find(|(_, q, _, _)| q == query) {
+                Some((column, ..)) => column.clone(),
+                None => {
+                    let taken = |c: &str| queries.iter().any(|(name, ..)| name == c);
+                    let column = if taken(&m.name) {
+                        format!("{}.{}", policy.name, m.name)
+                    } else {
+                        m.name.clone()
+                    };
+                    queries.push((column.clone(), query, &policy.name, &m.name));
+                    column
+                }
+            };
+            mapping.push((m.name.clone(), column));
+        }
+        mappings.push(mapping);
+    }
     let mut rows: BTreeMap<DateTime<Utc>, Vec<Option<f64>>> = BTreeMap::new();
-    let prometheus: Vec<(&str, &str)> = policy
-        .metrics
-        .iter()
-        .filter_map(|m| match &m.source {
-            MetricSource::Prometheus { query } => Some((m.name.as_str(), query.as_str())),
-            MetricSource::Resource { .. } => None,
-        })
-        .collect();
-    for (i, (name, query)) in prometheus.iter().enumerate() {
+    for (i, (column, query, policy, metric)) in queries.iter().enumerate() {
         let points = source
             .query_range(query, from, to, step, &mut |done, total| {
-                progress(name, done, total)
+                progress(column, done, total)
             })
             .await
             .map_err(|e: QueryError| HistoryError {
-                policy: policy.name.clone(),
-                metric: name.to_string(),
+                policy: policy.to_string(),
+                metric: metric.to_string(),
                 message: e.message,
             })?;
         for (t, v) in points {
-            rows.entry(t)
-                .or_insert_with(|| vec![None; prometheus.len()])[i] = Some(v);
+            rows.entry(t).or_insert_with(|| vec![None; queries.len()])[i] = Some(v);
         }
-        columns.push(name.to_string());
     }
+    let columns: Vec<String> = queries.into_iter().map(|(c, ..)| c).collect();
     let mut values = vec![Vec::with_capacity(rows.len()); columns.len()];
     let mut times = Vec::with_capacity(rows.len());
     for (t, row) in rows {
@@ -68,10 +95,13 @@ pub async fn read(
             values[c].push(v);
         }
     }
-    Ok(Trace {
-        path: source.url().into(),
-        columns,
-        times,
-        values,
+    Ok(History {
+        trace: Trace {
+            path: source.url().into(),
+            columns,
+            times,
+            values,
+        },
+        columns: mappings,
     })
 }
