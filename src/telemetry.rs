@@ -80,6 +80,8 @@ pub struct Metrics {
     pub metric_target: Family<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Each metric's last proposal (-1 while not valid).
     pub metric_proposal: Family<MetricLabels, Gauge>,
+    /// Each forecast metric's last forecast upper bound (NaN while there is none).
+    pub metric_forecast: Family<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Metrics that were not valid, by source and kind.
     pub source_errors: Family<SourceErrorLabels, Counter>,
     /// Writes to `/scale`, by policy.
@@ -111,6 +113,7 @@ impl Metrics {
             metric_value: Family::default(),
             metric_target: Family::default(),
             metric_proposal: Family::default(),
+            metric_forecast: Family::default(),
             source_errors: Family::default(),
             scale_writes: Family::default(),
             evaluation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -149,6 +152,12 @@ impl Metrics {
             "metric_proposal",
             "Each policy metric's last replica proposal (-1 while not valid)",
             m.metric_proposal.clone(),
+        );
+        registry.register(
+            "metric_forecast",
+            "Each forecast metric's last forecast, the upper bound sized for at now + horizon \
+             (NaN while there is none)",
+            m.metric_forecast.clone(),
         );
         registry.register(
             "source_errors",
@@ -234,13 +243,14 @@ impl Metrics {
             self.metric_proposal
                 .get_or_create(&ml)
                 .set(o.proposal.map_or(-1, i64::from));
-            let target = match m.target {
-                crate::policy::Target::Value(t) | crate::policy::Target::AverageValue(t) => {
-                    t as f64 / 1000.0
-                }
-                crate::policy::Target::Utilization(u) => f64::from(u),
-            };
-            self.metric_target.get_or_create(&ml).set(target);
+            self.metric_target.get_or_create(&ml).set(m.target.value());
+            if policy.forecast.is_some()
+                && matches!(m.source, crate::policy::MetricSource::Prometheus { .. })
+            {
+                self.metric_forecast
+                    .get_or_create(&ml)
+                    .set(o.forecast.map_or(f64::NAN, |(f, _)| f.upper));
+            }
             if o.state != crate::policy::MetricState::Valid {
                 let source = match m.source {
                     crate::policy::MetricSource::Prometheus { .. } => "prometheus",
