@@ -2,7 +2,10 @@
 //!
 //! Targets (issue: the evaluation core): one evaluation of a 3-metric policy with behavior and a
 //! full 300 s stabilization window under 2 µs (under 10 µs with a CEL formula); backtest
-//! throughput at least 1 million evaluations per second per core.
+//! throughput at least 1 million evaluations per second per core. Forecasting (issue:
+//! predictive scaling): a Holt-Winters refit on 7 days of one-minute buckets well under a
+//! second (it runs every `refitEvery`, 6 h by default), and the per-evaluation forecast (observe
+//! plus forecast between refits) under 5 µs.
 //!
 //! Run: `cargo bench --bench evaluate`
 
@@ -144,5 +147,52 @@ fn bench_backtest(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_evaluate, bench_backtest);
+fn bench_forecast(c: &mut Criterion) {
+    use kscale::policy::forecast::{ForecastSettings, Forecaster, ModelKind, fit};
+    // Seven days of one-minute buckets: a daily cycle, a weekly swell and noise.
+    let n = 7 * 1440;
+    let series: Vec<Option<f64>> = (0..n)
+        .map(|i| {
+            let day = (i as f64 / 1440.0) * std::f64::consts::TAU;
+            let noise = ((i * 7919) % 101) as f64 / 101.0 - 0.5;
+            Some(500.0 + 300.0 * day.sin() + 50.0 * (day / 7.0).sin() + 40.0 * noise)
+        })
+        .collect();
+    let mut group = c.benchmark_group("forecast");
+    group.sample_size(10);
+    group.bench_function("refit-holt-winters-7d-1m", |b| {
+        b.iter(|| black_box(fit(black_box(&series), 0, ModelKind::HoltWinters, 1440)))
+    });
+    let settings = ForecastSettings {
+        model: ModelKind::HoltWinters,
+        season: TimeDelta::days(1),
+        horizon: TimeDelta::seconds(60),
+        history: TimeDelta::days(7),
+        step: TimeDelta::minutes(1),
+        refit: TimeDelta::days(365),
+        confidence: 0.999,
+        min_headroom: 0.5,
+    };
+    let mut f = Forecaster::new(settings, 100.0);
+    let start = t(0);
+    for (i, v) in series.iter().enumerate() {
+        if let Some(v) = v {
+            f.observe(start + TimeDelta::minutes(i as i64), *v);
+        }
+    }
+    let mut now = start + TimeDelta::minutes(n as i64);
+    let _ = f.forecast(now);
+    let mut k = 0u64;
+    group.bench_function("observe-and-forecast-15s", |b| {
+        b.iter(|| {
+            now += TimeDelta::seconds(15);
+            k += 1;
+            f.observe(now, 500.0 + (k % 50) as f64);
+            black_box(f.forecast(now))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_evaluate, bench_backtest, bench_forecast);
 criterion_main!(benches);
