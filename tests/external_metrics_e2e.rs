@@ -28,26 +28,16 @@ impl Drop for Daemon {
     }
 }
 
-/// Deletes the test's cluster-wide objects (and the RoleBinding in kube-system) at the end.
+/// Deletes the test's APIService at the end (the chart's RBAC goes with the binding guard).
 struct Cleanup {
-    namespace: String,
     kubeconfig: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let ns = self.namespace.clone();
         support::cleanup_blocking(&self.kubeconfig, move |client| async move {
-            use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
-            let dp = Default::default();
-            let _ = Api::<APIService>::all(client.clone())
-                .delete("v1beta1.external.metrics.k8s.io", &dp)
-                .await;
-            let _ = Api::<ClusterRoleBinding>::all(client.clone())
-                .delete(&format!("kscale-auth-delegator-{ns}"), &dp)
-                .await;
-            let _ = Api::<RoleBinding>::namespaced(client, "kube-system")
-                .delete(&format!("kscale-auth-reader-{ns}"), &dp)
+            let _ = Api::<APIService>::all(client)
+                .delete("v1beta1.external.metrics.k8s.io", &Default::default())
                 .await;
         });
     }
@@ -125,25 +115,12 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     support::install_crd(&client).await;
     let ns = support::create_namespace(env, &client, "xm").await;
     let ns_name = ns.name.clone();
+    // The chart's RBAC, the adapter's included (delegated authentication, and the reader role of
+    // the HPA controller), bound to this test's ServiceAccount.
     let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns_name).await;
     let _cleanup = Cleanup {
-        namespace: ns_name.clone(),
         kubeconfig: env.kubeconfig.clone(),
     };
-    // The adapter's RBAC exactly as shipped, bound to this test's ServiceAccount.
-    let rbac =
-        std::fs::read_to_string(support::repo_root().join("deploy/rbac/external-metrics.yaml"))
-            .expect("deploy/rbac/external-metrics.yaml")
-            .replace("namespace: kscale", &format!("namespace: {ns_name}"))
-            .replace(
-                "name: kscale:system:auth-delegator",
-                &format!("name: kscale-auth-delegator-{ns_name}"),
-            )
-            .replace(
-                "name: kscale-auth-reader",
-                &format!("name: kscale-auth-reader-{ns_name}"),
-            );
-    support::apply_yaml(&client, &ns_name, &rbac).await;
 
     support::create_kwok_deployment(&client, &ns_name, "web", 3, "100m", "50m").await;
     support::wait_for_ready_pods(&client, &ns_name, "app=web", 3, Duration::from_secs(60)).await;

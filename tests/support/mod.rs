@@ -893,39 +893,98 @@ pub async fn install_crd(client: &Client) {
     .expect("watching the CRD");
 }
 
-/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, bound to the
-/// ClusterRole in `deploy/rbac/kscale.yaml`: the daemon runs with exactly the RBAC we ship.
+/// Release namespace of `deploy/rbac/kscale.yaml` (the chart's RBAC, rendered by
+/// `scripts/render-manifests`).
+const RBAC_RELEASE_NAMESPACE: &str = "kscale";
+
+/// (kind, namespace, name) of an object.
+pub type ObjectRef = (String, Option<String>, String);
+
+/// A kubeconfig that impersonates ServiceAccount `kscale` of `namespace`, with the chart's own
+/// ServiceAccount and RBAC (`deploy/rbac/kscale.yaml`, rendered from deploy/helm/kscale) as if
+/// the chart were installed in `namespace`: the daemon runs with exactly the RBAC users install.
+///
+/// The rendered objects are moved, not edited: objects and subjects in the release namespace go
+/// to `namespace` (so the leader-election Role grants Leases there); every object outside it
+/// (cluster-scoped, or in kube-system) gets the suffix `-<namespace>`, as do the role references
+/// to it, so no two tests share one, and the returned guard deletes them.
 pub async fn service_account_kubeconfig(
     env: &TestEnv,
     client: &kube::Client,
     namespace: &str,
 ) -> (std::path::PathBuf, BindingGuard) {
-    let rbac = std::fs::read_to_string(repo_root().join("deploy/rbac/kscale.yaml"))
+    let text = std::fs::read_to_string(repo_root().join("deploy/rbac/kscale.yaml"))
         .expect("deploy/rbac/kscale.yaml");
-    apply_yaml(client, namespace, &rbac).await;
-    apply_yaml(
-        client,
-        namespace,
-        &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: kscale, namespace: {namespace}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: kscale-{namespace}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kscale}}
-subjects: [{{kind: ServiceAccount, name: kscale, namespace: {namespace}}}]
-"#
-        ),
-    )
-    .await;
-    let path = impersonating_kubeconfig(env, namespace, "kscale", &format!("sa-{namespace}"));
+    let (yaml, objects) = chart_rbac_for_namespace(&text, namespace);
+    // The guard first, so whatever gets applied is removed even when applying fails halfway.
     let guard = BindingGuard {
-        name: format!("kscale-{namespace}"),
+        objects,
         kubeconfig: env.kubeconfig.clone(),
     };
+    apply_yaml(client, namespace, &yaml).await;
+    let path = impersonating_kubeconfig(env, namespace, "kscale", &format!("sa-{namespace}"));
     (path, guard)
+}
+
+/// `deploy/rbac/kscale.yaml` moved into `namespace` (see [`service_account_kubeconfig`]), and
+/// every object it puts outside `namespace`.
+fn chart_rbac_for_namespace(text: &str, namespace: &str) -> (String, Vec<ObjectRef>) {
+    use serde::Deserialize;
+    use serde_yaml::Value;
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).expect("deploy/rbac/kscale.yaml: YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    let str_at = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    let object_ref = |doc: &Value| -> ObjectRef {
+        (
+            str_at(doc, "kind").expect("object without kind"),
+            str_at(&doc["metadata"], "namespace"),
+            str_at(&doc["metadata"], "name").expect("object without metadata.name"),
+        )
+    };
+    // Every object outside the release namespace, and its name for this test.
+    let renamed: std::collections::BTreeMap<ObjectRef, String> = docs
+        .iter()
+        .map(object_ref)
+        .filter(|(_, ns, _)| ns.as_deref() != Some(RBAC_RELEASE_NAMESPACE))
+        .map(|r| {
+            let name = format!("{}-{namespace}", r.2);
+            (r, name)
+        })
+        .collect();
+    let mut out = String::new();
+    for mut doc in docs {
+        let (kind, ns, name) = object_ref(&doc);
+        if ns.as_deref() == Some(RBAC_RELEASE_NAMESPACE) {
+            doc["metadata"]["namespace"] = namespace.into();
+        } else if let Some(new_name) = renamed.get(&(kind, ns.clone(), name)) {
+            doc["metadata"]["name"] = new_name.as_str().into();
+        }
+        // A RoleBinding's Role is in the binding's own (original) namespace.
+        if let Some(role_ref) = doc.get_mut("roleRef") {
+            let ref_kind = str_at(role_ref, "kind").expect("roleRef.kind");
+            let ref_name = str_at(role_ref, "name").expect("roleRef.name");
+            let ref_ns = if ref_kind == "Role" { ns } else { None };
+            if let Some(new_name) = renamed.get(&(ref_kind, ref_ns, ref_name)) {
+                role_ref["name"] = new_name.as_str().into();
+            }
+        }
+        if let Some(subjects) = doc.get_mut("subjects").and_then(Value::as_sequence_mut) {
+            for subject in subjects {
+                if str_at(subject, "namespace").as_deref() == Some(RBAC_RELEASE_NAMESPACE) {
+                    subject["namespace"] = namespace.into();
+                }
+            }
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&doc).expect("YAML"));
+    }
+    let outside = renamed
+        .into_iter()
+        .map(|((kind, ns, _), name)| (kind, ns, name))
+        .collect();
+    (out, outside)
 }
 
 /// A copy of the admin kubeconfig that impersonates ServiceAccount `namespace/name` (with the
@@ -955,18 +1014,47 @@ pub fn impersonating_kubeconfig(
     path
 }
 
-/// Deletes the test's cluster-scoped ClusterRoleBinding when the test ends.
+/// Deletes what [`service_account_kubeconfig`] put outside the test's namespace (the chart's
+/// ClusterRoles and ClusterRoleBindings, its RoleBinding in kube-system) when the test ends.
 pub struct BindingGuard {
-    pub name: String,
+    pub objects: Vec<ObjectRef>,
     pub kubeconfig: std::path::PathBuf,
 }
 
 impl Drop for BindingGuard {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let objects = self.objects.clone();
         cleanup_blocking(&self.kubeconfig, move |client| async move {
-            let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
-            let _ = api.delete(&name, &Default::default()).await;
+            use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+            let dp = DeleteParams::default();
+            for (kind, ns, name) in objects {
+                let c = client.clone();
+                let deleted = match (kind.as_str(), ns.as_deref()) {
+                    ("ClusterRole", None) => Api::<ClusterRole>::all(c)
+                        .delete(&name, &dp)
+                        .await
+                        .map(drop),
+                    ("ClusterRoleBinding", None) => Api::<ClusterRoleBinding>::all(c)
+                        .delete(&name, &dp)
+                        .await
+                        .map(drop),
+                    ("Role", Some(ns)) => Api::<Role>::namespaced(c, ns)
+                        .delete(&name, &dp)
+                        .await
+                        .map(drop),
+                    ("RoleBinding", Some(ns)) => Api::<RoleBinding>::namespaced(c, ns)
+                        .delete(&name, &dp)
+                        .await
+                        .map(drop),
+                    _ => {
+                        eprintln!("warning: {kind} {ns:?}/{name} left behind (no cleanup for it)");
+                        Ok(())
+                    }
+                };
+                if let Err(e) = deleted {
+                    eprintln!("warning: deleting {kind} {name}: {e}");
+                }
+            }
         });
     }
 }
