@@ -142,8 +142,8 @@ async fn manifests_and_examples_are_accepted_dry_run_then_for_real() {
         "ExternalMetric",
         "b-hpa-external.yaml, applied last, leaves the policy in mode ExternalMetric"
     );
-    // The APIService (a cluster singleton) is left to tests/external_metrics_e2e.rs, which
-    // applies deploy/apiservice/external-metrics.yaml; here only a dry run.
+    // The APIService (a cluster singleton) is registered for real only by
+    // tests/external_metrics_e2e.rs (with the test's own CA); the shipped one gets a dry run.
     let apiservice = read(&root.join("deploy/apiservice/external-metrics.yaml"));
     let doc = apiservice
         .split("\n---\n")
