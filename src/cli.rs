@@ -516,11 +516,13 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
         for (m, o) in e.policy.metrics.iter().zip(&d.metrics) {
             writeln!(
                 out,
-                "metric    {:<12} {:<8} value {:<12} proposal {}{}",
+                "metric    {:<12} {:<8} value {:<12} proposal {}{}{}",
                 m.name,
                 o.state.as_str(),
                 o.value.map_or("-".to_string(), |v| format!("{v}")),
                 o.proposal.map_or("-".to_string(), |p| p.to_string()),
+                o.forecast_note()
+                    .map_or(String::new(), |note| format!("  ({note})")),
                 o.message
                     .as_deref()
                     .map_or(String::new(), |m| format!("  ({m})"))

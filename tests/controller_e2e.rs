@@ -1369,6 +1369,37 @@ async fn forecast_scales_ahead_of_a_ramp_and_survives_a_restart() {
         "the first evaluation after the restart forecasts the ramp: {reason}"
     );
 
+    // dry-run goes through the same path: it reads the history and shows the forecast.
+    let mut dry = sc.policies.get("web").await.expect("policy");
+    dry.metadata = kube::api::ObjectMeta {
+        name: Some("web-dry".into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    dry.status = None;
+    let file = support::repo_root().join(format!(
+        "target/controller-e2e-forecast-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&file, serde_yaml::to_string(&dry).expect("yaml")).expect("write policy");
+    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .output()
+        .expect("kscale dry-run runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metric_line = text
+        .lines()
+        .find(|l| l.starts_with("metric "))
+        .unwrap_or_else(|| panic!("no metric line: {text}"));
+    assert!(metric_line.contains("Trend forecast"), "{text}");
+
     // 3. Demand turns down: the forecast falls below the current value, and the count follows
     // the current value, never below what it needs.
     ramp.turn(-1.5);

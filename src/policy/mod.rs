@@ -74,6 +74,18 @@ pub struct MetricOutcome {
 }
 
 impl MetricOutcome {
+    /// The forecast as reasons show it: `HoltWinters forecast 530 in 60s → 6`.
+    pub fn forecast_note(&self) -> Option<String> {
+        self.forecast.map(|(f, p)| {
+            format!(
+                "{} forecast {} in {}s → {p}",
+                f.model.as_str(),
+                Num(f.upper),
+                f.horizon.num_seconds()
+            )
+        })
+    }
+
     fn failed(state: MetricState, message: String) -> MetricOutcome {
         MetricOutcome {
             state,
@@ -551,14 +563,8 @@ impl Decision {
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
                     write!(s, " → {p}")?;
-                    if let Some((f, fp)) = o.forecast {
-                        write!(
-                            s,
-                            " ({} forecast {} in {}s → {fp})",
-                            f.model.as_str(),
-                            Num(f.upper),
-                            f.horizon.num_seconds()
-                        )?;
+                    if let Some(note) = o.forecast_note() {
+                        write!(s, " ({note})")?;
                     }
                 }
                 _ => write!(
