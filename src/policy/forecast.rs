@@ -117,10 +117,11 @@ pub struct Fitted {
     /// Root-mean-square one-step error (scaled units).
     sigma: f64,
     /// The relative one-step errors `|e| / max(prediction, REL_FLOOR)` of the last `window`
-    /// buckets (the fitted history, then each bucket as it completes), ascending.
-    rel_errors: Vec<f64>,
+    /// buckets (the fitted history, then each bucket as it completes), ascending. `f32`: a
+    /// quantile needs no more precision, and the window is as long as the history.
+    rel_errors: Vec<f32>,
     /// The same errors in time order, oldest first.
-    recent: VecDeque<f64>,
+    recent: VecDeque<f32>,
     /// How many errors are kept: the history's length in buckets.
     window: usize,
     /// The series is divided by this before fitting, so huge values cannot overflow.
@@ -191,7 +192,7 @@ impl Fitted {
         let Some(y) = y.map(|y| y / self.scale) else {
             return;
         };
-        let r = relative_error(e, y);
+        let r = relative_error(e, y) as f32;
         if !r.is_finite() {
             return;
         }
@@ -257,7 +258,7 @@ impl Fitted {
             return 0.0;
         }
         let i = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
-        self.rel_errors[i]
+        f64::from(self.rel_errors[i])
     }
 }
 
@@ -368,7 +369,9 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
         }
     }
     let (_, mut best) = best?;
-    // The chosen model's own one-step errors, replayed once, give the empirical quantiles.
+    // The chosen model's own one-step errors, replayed once, give the empirical quantiles. The
+    // window is sized once for the whole history (no doubling slack: it is the bulk of the state).
+    best.recent.reserve_exact(best.window + 1);
     if let Some(mut m) = initial(&scaled, first, season, best.params) {
         let warm = if seasonal { season } else { 1 };
         for (i, y) in scaled.iter().enumerate() {
@@ -376,13 +379,14 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
                 && i >= warm
                 && let Some(y) = y
             {
-                best.recent.push_back(relative_error(e, *y));
+                best.recent.push_back(relative_error(e, *y) as f32);
             }
         }
     }
     best.recent.retain(|r| r.is_finite());
-    best.rel_errors = best.recent.iter().copied().collect();
-    best.rel_errors.sort_by(f64::total_cmp);
+    best.rel_errors = Vec::with_capacity(best.window + 1);
+    best.rel_errors.extend(best.recent.iter().copied());
+    best.rel_errors.sort_by(f32::total_cmp);
     Some(best)
 }
 
@@ -409,8 +413,9 @@ pub struct Prediction {
 #[derive(Debug, Clone)]
 pub struct Forecaster {
     settings: ForecastSettings,
-    /// Completed buckets' means, the last one being bucket `last`.
-    buckets: VecDeque<Option<f64>>,
+    /// Completed buckets' means, the last one being bucket `last`; NaN marks a gap (8 bytes a
+    /// bucket instead of an `Option`'s 16).
+    buckets: VecDeque<f64>,
     last: Option<i64>,
     /// The bucket being filled: (number, sum, count).
     current: Option<(i64, f64, u32)>,
@@ -489,7 +494,12 @@ impl Forecaster {
         if self.last.is_some_and(|l| b <= l) {
             return;
         }
-        self.buckets.push_back(value);
+        if self.buckets.len() == self.buckets.capacity() {
+            // The history is kept whole: size it once instead of doubling past it.
+            let room = (self.settings.history_buckets() + 1).saturating_sub(self.buckets.len());
+            self.buckets.reserve_exact(room.max(1));
+        }
+        self.buckets.push_back(value.unwrap_or(f64::NAN));
         self.last = Some(b);
         while self.buckets.len() > self.settings.history_buckets() {
             self.buckets.pop_front();
@@ -513,7 +523,11 @@ impl Forecaster {
             .is_none_or(|at| now.signed_duration_since(at) >= s.refit || now < at);
         let grown = self.buckets.len() >= 2 * self.fitted_on;
         if stale || grown || self.fitted.as_ref().is_none_or(|f| f.next != last + 1) {
-            let buckets: Vec<Option<f64>> = self.buckets.iter().copied().collect();
+            let buckets: Vec<Option<f64>> = self
+                .buckets
+                .iter()
+                .map(|v| v.is_finite().then_some(*v))
+                .collect();
             let first = last + 1 - buckets.len() as i64;
             self.fitted = fit(&buckets, first, s.model, s.season_buckets());
             self.fitted_at = Some(now);
