@@ -1051,8 +1051,11 @@ impl Drop for BindingGuard {
                         Ok(())
                     }
                 };
-                if let Err(e) = deleted {
-                    eprintln!("warning: deleting {kind} {name}: {e}");
+                match deleted {
+                    Ok(()) => {}
+                    // Gone already (a namespaced one with its namespace): nothing left behind.
+                    Err(kube::Error::Api(ref s)) if s.code == 404 => {}
+                    Err(e) => eprintln!("warning: deleting {kind} {name}: {e}"),
                 }
             }
         });
