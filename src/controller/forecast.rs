@@ -22,8 +22,11 @@ const RETRY: TimeDelta = TimeDelta::minutes(1);
 struct Entry {
     generation: Option<i64>,
     state: ForecastState,
-    /// `Some(t)`: the history read failed; read it again from `t`.
-    retry_at: Option<DateTime<Utc>>,
+    /// The forecast metrics whose history has not been read yet (never tried, or the read
+    /// failed), and when to try them again. A late read is merged into the live samples the
+    /// state has gathered meanwhile ([`ForecastState::load_history`]), so nothing is lost.
+    unread: Vec<usize>,
+    read_at: DateTime<Utc>,
 }
 
 /// Every policy's forecasting state, by `namespace/name`.
@@ -34,8 +37,9 @@ pub struct Forecasts {
 
 impl Forecasts {
     /// Feeds this evaluation's samples to the policy's forecasters and returns their forecasts
-    /// (empty without `spec.forecast`), re-reading the history from Prometheus first when the
-    /// state is new, of an older generation, or its last read failed.
+    /// (empty without `spec.forecast`). A state that is new or of an older generation is
+    /// rebuilt, its history read from Prometheus; a metric whose read failed is read again a
+    /// minute later, meanwhile forecasting from the samples it has.
     pub async fn predict(
         &self,
         backend: &dyn QueryBackend,
@@ -51,39 +55,46 @@ impl Forecasts {
         };
         let taken = self.lock().remove(key);
         let mut entry = match taken {
-            Some(e) if e.generation == generation && e.retry_at.is_none_or(|t| now < t) => e,
+            Some(e) if e.generation == generation => e,
             _ => {
-                let mut state = ForecastState::new(policy);
-                let mut failed = false;
-                for (i, m) in policy.metrics.iter().enumerate() {
-                    let MetricSource::Prometheus { query } = &m.source else {
-                        continue;
-                    };
-                    let start = now - settings.history;
-                    let end = now - policy.interval;
-                    match backend
-                        .query_range(query.clone(), start, end, policy.interval)
-                        .await
-                    {
-                        Ok(points) => {
-                            info!(policy = key, metric = %m.name, points = points.len(), "forecast history read");
-                            for (t, v) in points {
-                                state.observe_metric(i, t, v);
-                            }
-                        }
-                        Err(message) => {
-                            warn!(policy = key, metric = %m.name, %message, "reading the forecast history failed; forecasting from new samples only");
-                            failed = true;
-                        }
-                    }
-                }
+                let state = ForecastState::new(policy);
                 Entry {
                     generation,
+                    unread: state.forecast_metrics().collect(),
                     state,
-                    retry_at: failed.then(|| now + RETRY),
+                    read_at: now,
                 }
             }
         };
+        // `now < read_at - RETRY`: the clock went back; try rather than wait for it.
+        if !entry.unread.is_empty() && (now >= entry.read_at || now < entry.read_at - RETRY) {
+            let mut failed = Vec::new();
+            for i in std::mem::take(&mut entry.unread) {
+                let Some(m) = policy.metrics.get(i) else {
+                    continue;
+                };
+                let MetricSource::Prometheus { query } = &m.source else {
+                    continue;
+                };
+                let start = now - settings.history;
+                let end = now - policy.interval;
+                match backend
+                    .query_range(query.clone(), start, end, policy.interval)
+                    .await
+                {
+                    Ok(points) => {
+                        info!(policy = key, metric = %m.name, points = points.len(), "forecast history read");
+                        entry.state.load_history(i, points);
+                    }
+                    Err(message) => {
+                        warn!(policy = key, metric = %m.name, %message, retry_in_s = RETRY.num_seconds(), "reading the forecast history failed; forecasting from the samples seen so far until it is read");
+                        failed.push(i);
+                    }
+                }
+            }
+            entry.unread = failed;
+            entry.read_at = now + RETRY;
+        }
         let forecasts = entry.state.observe_and_forecast(samples, now);
         self.lock().insert(key.to_string(), entry);
         forecasts
@@ -117,9 +128,11 @@ mod tests {
     use crate::controller::History;
     use crate::crd::ScalingPolicy;
 
-    /// A Prometheus whose history is a ramp of one per second, counting range queries.
+    /// A Prometheus whose history is a ramp of one per second, counting range queries; the
+    /// first `failures` of them fail.
     struct Ramp {
         reads: AtomicUsize,
+        failures: usize,
     }
 
     impl QueryBackend for Ramp {
@@ -134,7 +147,9 @@ mod tests {
             end: DateTime<Utc>,
             step: TimeDelta,
         ) -> BoxFuture<'_, Result<History, String>> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.reads.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Box::pin(async { Err("connection refused".to_string()) });
+            }
             let mut out = Vec::new();
             let mut t = start;
             while t <= end {
@@ -172,6 +187,7 @@ spec:
             .expect("runtime");
         let backend = Ramp {
             reads: AtomicUsize::new(0),
+            failures: 0,
         };
         let forecasts = Forecasts::default();
         let policy = policy();
@@ -211,5 +227,50 @@ spec:
             later,
         ));
         assert_eq!(backend.reads.load(Ordering::SeqCst), 2, "new generation");
+    }
+
+    /// A failed history read is retried a minute later, not at every evaluation; the samples
+    /// seen meanwhile keep the forecast going and are still there after the read.
+    #[test]
+    fn a_failed_history_read_is_retried_without_losing_live_samples() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let backend = Ramp {
+            reads: AtomicUsize::new(0),
+            failures: 2,
+        };
+        let forecasts = Forecasts::default();
+        let policy = policy();
+        let t0 = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
+        let sample = |t: DateTime<Utc>| Sample::Series {
+            values: vec![t.timestamp() as f64 - 1.7e9],
+            timestamp: t,
+        };
+        let mut last = Vec::new();
+        // Every 15 s for 3 minutes: reads at 0 s (fails), 60 s (fails) and 120 s.
+        for k in 0..12 {
+            let now = t0 + TimeDelta::seconds(15 * k);
+            last = rt.block_on(forecasts.predict(
+                &backend,
+                "default/p",
+                Some(1),
+                &policy,
+                &[sample(now)],
+                now,
+            ));
+            let reads = backend.reads.load(Ordering::SeqCst);
+            assert_eq!(reads, 1 + (k as usize) / 4, "at {k}");
+            if (4..8).contains(&k) {
+                // Forecasting from the live samples alone (a minute's bucket has completed),
+                // after two failed reads.
+                assert!(last[0].is_some(), "at {k}: {last:?}");
+            }
+        }
+        // The read history and the live minutes together: the ramp, 60 s ahead of the last
+        // evaluation.
+        let p = last[0].expect("forecast");
+        let want = (t0 + TimeDelta::seconds(165 + 60)).timestamp() as f64 - 1.7e9;
+        assert!((p.point - want).abs() < 30.0, "{p:?} vs {want}");
     }
 }

@@ -25,7 +25,7 @@
 //! tails, and relative, since they grow with the level), `peak` the fitted history's largest
 //! value, and `min_headroom · target` a floor for bursts the history has not shown.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -511,6 +511,60 @@ impl Forecaster {
         }
     }
 
+    /// Replaces the history with `points` (a `query_range` result, in time order) while keeping
+    /// what this forecaster saw that they lack: a bucket the points leave empty keeps this
+    /// forecaster's value, and buckets after the points' last are kept whole. So live samples
+    /// observed before a late history read are not thrown away; where both have a bucket the
+    /// points win (they are the same query's recorded values). The model is refitted at the
+    /// next forecast.
+    pub fn reload(&mut self, points: impl IntoIterator<Item = (DateTime<Utc>, f64)>) {
+        let mut read = self.emptied();
+        for (t, v) in points {
+            read.observe(t, v);
+        }
+        // Bucket -> (sum, count, still being filled).
+        let mut merged: BTreeMap<i64, (f64, u32, bool)> = BTreeMap::new();
+        for source in [&*self, &read] {
+            merged.extend(source.known_buckets());
+        }
+        let mut out = self.emptied();
+        for (b, (sum, n, filling)) in merged {
+            out.close_before(b);
+            if filling {
+                out.current = Some((b, sum, n));
+            } else {
+                out.push(b, Some(sum / f64::from(n.max(1))));
+            }
+        }
+        *self = out;
+    }
+
+    /// The same settings with no history.
+    fn emptied(&self) -> Forecaster {
+        Forecaster {
+            settings: self.settings,
+            buckets: VecDeque::new(),
+            last: None,
+            current: None,
+            fitted: None,
+            fitted_at: None,
+            fitted_on: 0,
+            floor: self.floor,
+        }
+    }
+
+    /// Every bucket with a value: (bucket, (sum, count, still being filled)).
+    fn known_buckets(&self) -> impl Iterator<Item = (i64, (f64, u32, bool))> + '_ {
+        let first = self.last.map_or(0, |l| l + 1 - self.buckets.len() as i64);
+        let completed = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(move |(k, v)| (first + k as i64, (*v, 1, false)));
+        completed.chain(self.current.map(|(b, sum, n)| (b, (sum, n, true))))
+    }
+
     /// The forecast for `now + horizon`, refitting first when the model is older than `refit`
     /// or the history has doubled since the last fit. `None` while there is no history.
     pub fn forecast(&mut self, now: DateTime<Utc>) -> Option<Prediction> {
@@ -590,6 +644,26 @@ impl ForecastState {
         if let Some(Some(f)) = self.metrics.get_mut(i) {
             f.observe(t, value);
         }
+    }
+
+    /// Loads metric `i`'s history (a `query_range` result, in time order) into a state that may
+    /// already hold live samples: see [`Forecaster::reload`].
+    pub fn load_history(
+        &mut self,
+        i: usize,
+        points: impl IntoIterator<Item = (DateTime<Utc>, f64)>,
+    ) {
+        if let Some(Some(f)) = self.metrics.get_mut(i) {
+            f.reload(points);
+        }
+    }
+
+    /// The metrics that are forecast (their indices in spec order).
+    pub fn forecast_metrics(&self) -> impl Iterator<Item = usize> + '_ {
+        self.metrics
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|_| i))
     }
 
     /// Feeds this evaluation's samples (valid `Series` only, summed as the evaluator sums them)
@@ -837,6 +911,43 @@ mod tests {
         let now = ramp(t0 + 15 * (30 * 4 - 1));
         assert!(p.point > now, "forecast {} behind the value {now}", p.point);
         assert!(p.upper >= p.point);
+    }
+
+    /// A history read late (after a failed read) merges with the live samples seen meanwhile:
+    /// the read fills what the live state lacks, the live state keeps what the read lacks (a gap
+    /// in it, and the buckets after its end, including the one being filled), and where both
+    /// have a bucket the read wins.
+    #[test]
+    fn a_late_history_read_keeps_the_live_samples() {
+        let s = ForecastSettings {
+            step: TimeDelta::minutes(1),
+            history: TimeDelta::hours(1),
+            ..settings(ModelKind::Trend)
+        };
+        let t0 = DateTime::from_timestamp(1_700_000_040, 0).expect("time");
+        let at = |k: i64| t0 + TimeDelta::minutes(k);
+        let mut f = Forecaster::new(s, 1.0);
+        for k in 30..40 {
+            f.observe(at(k), 1000.0 + k as f64);
+        }
+        f.observe(at(40), 7.0);
+        // The recorded history: minutes 0..=35 without minute 33, one lower than live.
+        let points: Vec<_> = (0..=35)
+            .filter(|k| *k != 33)
+            .map(|k| (at(k), 999.0 + k as f64))
+            .collect();
+        f.reload(points);
+        let known: BTreeMap<i64, (f64, u32, bool)> = f.known_buckets().collect();
+        let b = |k: i64| s.bucket_of(at(k));
+        assert_eq!(known.len(), 41, "{known:?}");
+        assert_eq!(known[&b(0)], (999.0, 1, false));
+        assert_eq!(known[&b(32)], (1031.0, 1, false), "the read wins");
+        assert_eq!(known[&b(33)], (1033.0, 1, false), "a gap in the read");
+        assert_eq!(known[&b(39)], (1039.0, 1, false), "after the read");
+        assert_eq!(known[&b(40)], (7.0, 1, true), "the bucket being filled");
+        f.observe(at(40) + TimeDelta::seconds(15), 9.0);
+        assert_eq!(f.current, Some((b(40), 16.0, 2)));
+        assert!(f.forecast(at(40) + TimeDelta::seconds(15)).is_some());
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
