@@ -180,87 +180,76 @@ spec:
         CompiledPolicy::from_resource(&p).expect("valid policy")
     }
 
+    /// One policy's forecasts against a [`Ramp`], evaluated at the ramp's value.
+    struct Fixture {
+        rt: tokio::runtime::Runtime,
+        backend: Ramp,
+        forecasts: Forecasts,
+        policy: CompiledPolicy,
+    }
+
+    impl Fixture {
+        fn new(failures: usize) -> Fixture {
+            Fixture {
+                rt: tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime"),
+                backend: Ramp {
+                    reads: AtomicUsize::new(0),
+                    failures,
+                },
+                forecasts: Forecasts::default(),
+                policy: policy(),
+            }
+        }
+
+        fn predict(&self, generation: i64, now: DateTime<Utc>) -> Vec<Option<Prediction>> {
+            let sample = Sample::Series {
+                values: vec![now.timestamp() as f64 - 1.7e9],
+                timestamp: now,
+            };
+            self.rt.block_on(self.forecasts.predict(
+                &self.backend,
+                "default/p",
+                Some(generation),
+                &self.policy,
+                &[sample],
+                now,
+            ))
+        }
+
+        fn reads(&self) -> usize {
+            self.backend.reads.load(Ordering::SeqCst)
+        }
+    }
+
     #[test]
     fn history_is_re_read_after_a_restart_and_on_a_new_generation() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let backend = Ramp {
-            reads: AtomicUsize::new(0),
-            failures: 0,
-        };
-        let forecasts = Forecasts::default();
-        let policy = policy();
+        let f = Fixture::new(0);
         let now = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
-        let sample = |t: DateTime<Utc>| Sample::Series {
-            values: vec![t.timestamp() as f64 - 1.7e9],
-            timestamp: t,
-        };
-        let first = rt.block_on(forecasts.predict(
-            &backend,
-            "default/p",
-            Some(1),
-            &policy,
-            &[sample(now)],
-            now,
-        ));
+        let first = f.predict(1, now);
         // A fresh process forecasts at once from the re-read history: the ramp, 60s ahead.
         let p = first[0].expect("a forecast from the history alone");
         assert!((p.point - 3660.0).abs() < 30.0, "{p:?}");
-        assert_eq!(backend.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(f.reads(), 1);
         let later = now + TimeDelta::seconds(15);
-        rt.block_on(forecasts.predict(
-            &backend,
-            "default/p",
-            Some(1),
-            &policy,
-            &[sample(later)],
-            later,
-        ));
-        assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "same generation");
-        rt.block_on(forecasts.predict(
-            &backend,
-            "default/p",
-            Some(2),
-            &policy,
-            &[sample(later)],
-            later,
-        ));
-        assert_eq!(backend.reads.load(Ordering::SeqCst), 2, "new generation");
+        f.predict(1, later);
+        assert_eq!(f.reads(), 1, "same generation");
+        f.predict(2, later);
+        assert_eq!(f.reads(), 2, "new generation");
     }
 
     /// A failed history read is retried a minute later, not at every evaluation; the samples
     /// seen meanwhile keep the forecast going and are still there after the read.
     #[test]
     fn a_failed_history_read_is_retried_without_losing_live_samples() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let backend = Ramp {
-            reads: AtomicUsize::new(0),
-            failures: 2,
-        };
-        let forecasts = Forecasts::default();
-        let policy = policy();
+        let f = Fixture::new(2);
         let t0 = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
-        let sample = |t: DateTime<Utc>| Sample::Series {
-            values: vec![t.timestamp() as f64 - 1.7e9],
-            timestamp: t,
-        };
         let mut last = Vec::new();
         // Every 15 s for 3 minutes: reads at 0 s (fails), 60 s (fails) and 120 s.
         for k in 0..12 {
-            let now = t0 + TimeDelta::seconds(15 * k);
-            last = rt.block_on(forecasts.predict(
-                &backend,
-                "default/p",
-                Some(1),
-                &policy,
-                &[sample(now)],
-                now,
-            ));
-            let reads = backend.reads.load(Ordering::SeqCst);
-            assert_eq!(reads, 1 + (k as usize) / 4, "at {k}");
+            last = f.predict(1, t0 + TimeDelta::seconds(15 * k));
+            assert_eq!(f.reads(), 1 + (k as usize) / 4, "at {k}");
             if (4..8).contains(&k) {
                 // Forecasting from the live samples alone (a minute's bucket has completed),
                 // after two failed reads.
