@@ -446,6 +446,9 @@ fn main() {
                 },
                 label_run.summary.evaluations,
             );
+            for v in &label_run.summary.slo_violations {
+                let _ = writeln!(verdicts, "    - short of capacity {}", v.describe(CAPACITY));
+            }
         }
         match &rep.hindsight {
             Some((_, r)) => {

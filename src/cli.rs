@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backtest::plot::{PlotData, PlotRun, write_plot};
-use crate::backtest::{BacktestConfig, Run, run};
+use crate::backtest::{BacktestConfig, Run, Summary, run};
 use crate::crd::ScalingPolicy;
 use crate::load::load_policies;
 use crate::policy::CompiledPolicy;
@@ -632,7 +632,7 @@ struct JsonStep<'a> {
 
 #[derive(Serialize)]
 struct JsonRun<'a> {
-    summary: &'a crate::backtest::Summary,
+    summary: &'a Summary,
     steps: Vec<JsonStep<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<Box<JsonRun<'a>>>,
@@ -967,5 +967,36 @@ fn write_table(
         }
         writeln!(out)?;
     }
+    if let Some(capacity) = args.capacity {
+        for r in runs {
+            write_violations(&r.summary, capacity, out)?;
+        }
+    }
     Ok(())
 }
+
+/// When each run was short of capacity: the first [`LISTED_VIOLATIONS`] stretches (JSON has
+/// them all).
+fn write_violations(s: &Summary, capacity: f64, out: &mut dyn Write) -> std::io::Result<()> {
+    if s.slo_violations.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\nSLO violations of {}: {} stretches",
+        s.policy,
+        s.slo_violations.len()
+    )?;
+    for v in s.slo_violations.iter().take(LISTED_VIOLATIONS) {
+        writeln!(out, "  {}", v.describe(capacity))?;
+    }
+    if let Some(more) = s.slo_violations.len().checked_sub(LISTED_VIOLATIONS)
+        && more > 0
+    {
+        writeln!(out, "  … and {more} more (--format json lists them all)")?;
+    }
+    Ok(())
+}
+
+/// How many SLO-violation stretches the table lists per run.
+const LISTED_VIOLATIONS: usize = 10;

@@ -235,7 +235,24 @@ fn backtest_json_on_a_real_trace() {
     let rh = summary["replica_hours"].as_f64().unwrap();
     let oracle = summary["oracle_replica_hours"].as_f64().unwrap();
     assert!(rh > oracle && oracle > 0.0, "{rh} vs {oracle}");
-    assert!(summary["slo_violation_minutes"].as_f64().is_some());
+    // Every minute short of capacity is in one of the listed stretches, in order and disjoint
+    // (adjacent ones would have been one), each really short at its peak.
+    let minutes = summary["slo_violation_minutes"].as_f64().unwrap();
+    assert!(minutes > 0.0, "{minutes}");
+    let time =
+        |v: &serde_json::Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let mut total = 0.0;
+    let mut previous_end = None;
+    for v in summary["slo_violations"].as_array().unwrap() {
+        let (start, end) = (time(&v["start"]), time(&v["end"]));
+        assert!(previous_end.is_none_or(|e| start > e), "{v}");
+        assert!(end > start, "{v}");
+        let ready = v["ready_replicas"].as_f64().unwrap();
+        assert!(v["peak_demand"].as_f64().unwrap() > 100.0 * ready, "{v}");
+        total += (end - start).num_seconds() as f64 / 60.0;
+        previous_end = Some(end);
+    }
+    assert!((total - minutes).abs() < 1e-6, "{total} vs {minutes}");
 }
 
 #[test]
@@ -274,12 +291,21 @@ fn backtest_writes_svg_and_png_plots() {
             "1.5",
             "--capacity",
             "100",
+            "--startup",
+            "60s",
             "--compare",
             "examples/backend-hpa-cpu.yaml",
             "--plot",
             plot.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", text(&o));
+        // The table says when each policy was short of capacity.
+        let out = text(&o);
+        assert!(
+            out.contains("SLO violations of shop/backend: ")
+                && out.contains("ready replicas (capacity 300)"),
+            "{out}"
+        );
         let bytes = std::fs::read(&plot).unwrap();
         if ext == "svg" {
             let s = String::from_utf8(bytes).unwrap();

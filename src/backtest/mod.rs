@@ -177,12 +177,46 @@ pub struct Summary {
     pub degraded_evaluations: u64,
     /// Minutes where demand exceeded ready capacity (needs a capacity).
     pub slo_violation_minutes: Option<f64>,
+    /// When: each run of consecutive evaluations with demand above ready capacity.
+    pub slo_violations: Vec<Violation>,
     /// Replica-hours of a perfect-foresight oracle (needs a capacity).
     pub oracle_replica_hours: Option<f64>,
     /// Our replica-hours over the oracle's.
     pub ratio_to_oracle: Option<f64>,
     /// SPEC RG elasticity metrics (needs a capacity), see [`Elasticity`].
     pub elasticity: Option<Elasticity>,
+}
+
+/// A stretch of consecutive evaluations with demand above ready capacity.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Violation {
+    /// First evaluation short of capacity.
+    pub start: DateTime<Utc>,
+    /// The end of the last one (its time plus the interval).
+    pub end: DateTime<Utc>,
+    /// The largest demand in the stretch (scaled).
+    pub peak_demand: f64,
+    /// The replicas ready when demand peaked.
+    pub ready_replicas: i32,
+}
+
+impl Violation {
+    /// "2015-03-13 20:54–20:55 UTC: demand up to 655.4, 5 ready replicas (capacity 500)".
+    pub fn describe(&self, capacity: f64) -> String {
+        let same_day = self.start.date_naive() == self.end.date_naive();
+        let end = if same_day {
+            self.end.format("%H:%M")
+        } else {
+            self.end.format("%Y-%m-%d %H:%M")
+        };
+        format!(
+            "{}–{end} UTC: demand up to {:.1}, {} ready replicas (capacity {})",
+            self.start.format("%Y-%m-%d %H:%M"),
+            self.peak_demand,
+            self.ready_replicas,
+            f64::from(self.ready_replicas) * capacity
+        )
+    }
 }
 
 /// The SPEC Research Group's elasticity metrics (Herbst et al., "Ready for Rain? A View from
@@ -475,6 +509,7 @@ pub fn run(
         max_replicas: i32::MIN,
         degraded_evaluations: 0,
         slo_violation_minutes: config.capacity.map(|_| 0.0),
+        slo_violations: Vec::new(),
         oracle_replica_hours: None,
         ratio_to_oracle: None,
         elasticity: None,
@@ -558,6 +593,20 @@ pub fn run(
                 && d > f64::from(ready) * c
             {
                 *v += step_minutes;
+                match summary.slo_violations.last_mut() {
+                    Some(last) if last.end == t => {
+                        last.end = t + interval;
+                        if d > last.peak_demand {
+                            (last.peak_demand, last.ready_replicas) = (d, ready);
+                        }
+                    }
+                    _ => summary.slo_violations.push(Violation {
+                        start: t,
+                        end: t + interval,
+                        peak_demand: d,
+                        ready_replicas: ready,
+                    }),
+                }
             }
             elasticity.add(needed_replicas(d, c) as f64, f64::from(ready));
             elasticity_steps += 1;
