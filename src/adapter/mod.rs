@@ -83,9 +83,6 @@ pub enum AdapterError {
     /// The rules file.
     #[error("external metrics adapter: {0}")]
     Rules(#[from] rules::RulesError),
-    /// The rule query thread could not start.
-    #[error("external metrics adapter: starting the rule query thread: {0}")]
-    Thread(std::io::Error),
     /// Binding the address.
     #[error("--external-metrics-addr {addr}: {source}")]
     Bind {
@@ -101,7 +98,8 @@ pub struct Adapter {
     /// The served values.
     pub cache: Arc<Cache>,
     rules: Vec<CompiledRule>,
-    fetcher: Option<Fetcher>,
+    /// Where rule queries go (`None` without rules).
+    prometheus: Option<Arc<dyn QueryBackend>>,
     front_proxy: RwLock<Arc<auth::FrontProxy>>,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     reviewer: auth::Reviewer,
@@ -187,15 +185,11 @@ impl Adapter {
             .local_addr()
             .map_err(|source| AdapterError::Bind { addr, source })?;
         let cache = Arc::new(Cache::new());
-        let fetcher = if rules.is_empty() {
-            None
-        } else {
-            Some(Fetcher::start(prometheus).map_err(AdapterError::Thread)?)
-        };
+        let prometheus = (!rules.is_empty()).then_some(prometheus);
         let adapter = Arc::new(Adapter {
             cache: cache.clone(),
             rules,
-            fetcher,
+            prometheus,
             front_proxy: RwLock::new(Arc::new(front_proxy)),
             tls: RwLock::new(config),
             reviewer: auth::Reviewer::new(client.clone()),
@@ -567,13 +561,13 @@ impl Adapter {
         selector: &[rules::Requirement],
     ) -> Response<Full<Bytes>> {
         let query = rule.render(namespace, selector);
-        let Some(fetcher) = &self.fetcher else {
+        let Some(prometheus) = &self.prometheus else {
             return failure(500, "external rules are not set up");
         };
         let answer = match self.cache.rule_answer(&query) {
             Some(a) if a.fetched.elapsed() < rule.stale_after => {
                 if a.fetched.elapsed() >= rule.refresh && self.cache.start_refresh(&query) {
-                    let fetch = fetcher.fetch(&query);
+                    let fetch = fetch(prometheus.clone(), query.clone());
                     let cache = self.cache.clone();
                     let query = query.clone();
                     tokio::spawn(async move {
@@ -584,7 +578,7 @@ impl Adapter {
             }
             _ => {
                 // First request for this selector (or the answer expired): one bounded query.
-                let sample = fetcher.fetch(&query).await;
+                let sample = fetch(prometheus.clone(), query.clone()).await;
                 self.cache.store_rule_answer(&query, sample.clone());
                 sample
             }
@@ -649,60 +643,12 @@ fn entry_response(
     }
 }
 
-/// Runs rule queries on a thread of its own: the Prometheus backend's futures are not `Send`,
-/// while request handlers run on the multi-threaded runtime.
-struct Fetcher {
-    requests: futures::channel::mpsc::UnboundedSender<(
-        String,
-        futures::channel::oneshot::Sender<Sample>,
-    )>,
-}
-
-impl Fetcher {
-    fn start(prometheus: Arc<dyn QueryBackend>) -> std::io::Result<Fetcher> {
-        let (tx, mut rx) = futures::channel::mpsc::unbounded::<(
-            String,
-            futures::channel::oneshot::Sender<Sample>,
-        )>();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("kscale-rules".into())
-            .spawn(move || {
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, async move {
-                    use futures::StreamExt as _;
-                    while let Some((query, reply)) = rx.next().await {
-                        let prometheus = prometheus.clone();
-                        tokio::task::spawn_local(async move {
-                            let mut all = prometheus.query_all(vec![query.clone()]).await;
-                            let sample = all.remove(&query).unwrap_or(Sample::Missing {
-                                reason: "no answer".into(),
-                            });
-                            let _ = reply.send(sample);
-                        });
-                    }
-                });
-            })?;
-        Ok(Fetcher { requests: tx })
-    }
-
-    /// The sample for `query` (an error sample if the fetcher is gone).
-    fn fetch(&self, query: &str) -> impl std::future::Future<Output = Sample> + Send + 'static {
-        let (reply, answer) = futures::channel::oneshot::channel();
-        let sent = self.requests.unbounded_send((query.to_string(), reply));
-        async move {
-            if sent.is_err() {
-                return Sample::Error {
-                    message: "the rule query thread stopped".into(),
-                };
-            }
-            answer.await.unwrap_or(Sample::Error {
-                message: "the rule query thread stopped".into(),
-            })
-        }
-    }
+/// The sample for a rule's `query`, owning what it needs so it can run on a task of its own.
+async fn fetch(prometheus: Arc<dyn QueryBackend>, query: String) -> Sample {
+    let mut all = prometheus.query_all(vec![query.clone()]).await;
+    all.remove(&query).unwrap_or(Sample::Missing {
+        reason: format!("Prometheus gave no answer for {query:?}"),
+    })
 }
 
 fn group_json() -> serde_json::Value {

@@ -122,7 +122,7 @@ impl Forecasts {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use futures::future::LocalBoxFuture as BoxFuture;
+    use futures::future::BoxFuture;
 
     use super::*;
     use crate::controller::History;

@@ -534,7 +534,13 @@ impl PrometheusSource {
         queries: impl IntoIterator<Item = &'a str>,
     ) -> HashMap<String, QueryOutcome> {
         let mut seen = HashSet::new();
-        let distinct: Vec<&str> = queries.into_iter().filter(|q| seen.insert(*q)).collect();
+        // Owned: a stream over borrowed queries would make the future not `Send` (rustc cannot
+        // prove the closure general over the borrow's lifetime).
+        let distinct: Vec<String> = queries
+            .into_iter()
+            .filter(|q| seen.insert(*q))
+            .map(str::to_string)
+            .collect();
         let span = tracing::info_span!("prometheus_tick", distinct_queries = distinct.len());
         async {
             // One token read per tick: a rotated token is picked up at the next tick.
@@ -545,11 +551,11 @@ impl PrometheusSource {
                     .map_err(|e| e.to_string()),
             };
             futures::stream::iter(distinct)
-                .map(|q| {
+                .map(|q: String| {
                     let token = &token;
                     async move {
                         let outcome = match token {
-                            Ok(t) => self.run(q, t.as_ref()).await,
+                            Ok(t) => self.run(&q, t.as_ref()).await,
                             Err(message) => QueryOutcome {
                                 sample: Sample::Error {
                                     message: message.clone(),
@@ -558,7 +564,7 @@ impl PrometheusSource {
                                 error_kind: Some("auth"),
                             },
                         };
-                        (q.to_string(), outcome)
+                        (q, outcome)
                     }
                 })
                 .buffer_unordered(self.max_concurrency)
