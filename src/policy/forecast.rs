@@ -435,12 +435,19 @@ impl Forecaster {
     /// spare capacity in replicas.
     pub fn new(settings: ForecastSettings, target: f64) -> Forecaster {
         let floor = settings.min_headroom * target;
-        Forecaster {
-            floor: if floor.is_finite() {
+        Forecaster::empty(
+            settings,
+            if floor.is_finite() {
                 floor.max(0.0)
             } else {
                 0.0
             },
+        )
+    }
+
+    /// No history, no model.
+    fn empty(settings: ForecastSettings, floor: f64) -> Forecaster {
+        Forecaster {
             settings,
             buckets: VecDeque::new(),
             last: None,
@@ -448,6 +455,7 @@ impl Forecaster {
             fitted: None,
             fitted_at: None,
             fitted_on: 0,
+            floor,
         }
     }
 
@@ -522,6 +530,11 @@ impl Forecaster {
         for (t, v) in points {
             read.observe(t, v);
         }
+        if self.last.is_none() && self.current.is_none() {
+            // Nothing seen yet (the read after a start): the read is the whole history.
+            *self = read;
+            return;
+        }
         // Bucket -> (sum, count, still being filled).
         let mut merged: BTreeMap<i64, (f64, u32, bool)> = BTreeMap::new();
         for source in [&*self, &read] {
@@ -541,16 +554,7 @@ impl Forecaster {
 
     /// The same settings with no history.
     fn emptied(&self) -> Forecaster {
-        Forecaster {
-            settings: self.settings,
-            buckets: VecDeque::new(),
-            last: None,
-            current: None,
-            fitted: None,
-            fitted_at: None,
-            fitted_on: 0,
-            floor: self.floor,
-        }
+        Forecaster::empty(self.settings, self.floor)
     }
 
     /// Every bucket with a value: (bucket, (sum, count, still being filled)).
