@@ -1,0 +1,1 @@
+//! See `main.rs`: the adapter part of the abuse suite.

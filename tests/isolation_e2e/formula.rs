@@ -1,0 +1,1 @@
+//! See `main.rs`: the formula part of the abuse suite.

@@ -1,0 +1,1 @@
+//! See `main.rs`: the sources part of the abuse suite.

@@ -1,0 +1,1 @@
+//! See `main.rs`: the writes part of the abuse suite.
