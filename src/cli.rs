@@ -82,9 +82,26 @@ pub struct PrometheusArgs {
     /// Extra header on every request: NAME=VALUE (repeatable).
     #[arg(long = "prometheus-header", value_name = "NAME=VALUE", value_parser = parse_mapping)]
     pub prometheus_headers: Vec<(String, String)>,
+    /// The largest Prometheus answer read, in bytes, for every server (the default and the
+    /// policies' own), instant and range queries alike: reading stops at the cap and the query
+    /// is an error naming it.
+    #[arg(long, env = "KSCALE_PROMETHEUS_MAX_RESPONSE_BYTES", default_value_t = crate::source::prometheus::DEFAULT_MAX_RESPONSE_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prometheus_max_response_bytes: u64,
+    /// The most series one Prometheus answer may hold (instant vector elements, or range
+    /// series); more is an error naming the cap.
+    #[arg(long, env = "KSCALE_PROMETHEUS_MAX_SERIES", default_value_t = crate::source::prometheus::DEFAULT_MAX_SERIES, value_parser = clap::value_parser!(usize))]
+    pub prometheus_max_series: usize,
 }
 
 impl PrometheusArgs {
+    /// The answer caps these flags set.
+    pub fn limits(&self) -> crate::source::prometheus::AnswerLimits {
+        crate::source::prometheus::AnswerLimits {
+            max_bytes: self.prometheus_max_response_bytes,
+            max_series: self.prometheus_max_series,
+        }
+    }
+
     /// The query backend these flags describe: a Prometheus, or none (every query an error).
     pub fn backend(&self) -> Result<std::sync::Arc<dyn crate::controller::QueryBackend>, CliError> {
         use crate::source::prometheus::{BasicAuth, Material, PrometheusConfig, PrometheusSource};
@@ -110,6 +127,7 @@ impl PrometheusArgs {
             client_cert: self.prometheus_client_cert_file.clone().map(Material::File),
             client_key: self.prometheus_client_key_file.clone().map(Material::File),
             headers: self.prometheus_headers.clone(),
+            limits: self.limits(),
             ..PrometheusConfig::default()
         };
         let source = PrometheusSource::new(&config).map_err(|e| CliError::Config(e.to_string()))?;
@@ -158,8 +176,11 @@ pub struct RunArgs {
     /// How often the leader renews and candidates retry.
     #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
     pub leader_renew: std::time::Duration,
-    /// Only URLs starting with one of these may be named in a policy's `spec.prometheus.url`
-    /// (repeatable, or comma-separated in the environment; default: any URL).
+    /// The only Prometheus servers a policy's `spec.prometheus.url` may name (repeatable, or
+    /// comma-separated in the environment; default: any URL). Each entry is a URL: a policy's
+    /// URL must have its scheme, host and port, and a path that starts with its path segment by
+    /// segment (`http://prometheus.monitoring` does not admit
+    /// `http://prometheus.monitoring.example.org`).
     #[arg(
         long = "policy-prometheus-allowed-prefix",
         env = "KSCALE_POLICY_PROMETHEUS_ALLOWED_PREFIX",
@@ -408,12 +429,17 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         ctx.concurrency = usize::from(args.max_concurrent_evaluations);
         ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
             .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
+        let allowed = crate::controller::servers::AllowedPrefix::parse_all(
+            &args.policy_prometheus_allowed_prefix,
+        )
+        .map_err(CliError::Config)?;
         ctx.servers = crate::controller::servers::Servers::new(
             client.clone(),
             backend,
             args.prometheus.prometheus_timeout,
-            args.policy_prometheus_allowed_prefix.clone(),
-        );
+            allowed,
+        )
+        .with_limits(args.prometheus.limits());
         // The targets' pods come from a watch, as the HPA's come from an informer.
         let (pods, pod_watch) =
             crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
@@ -483,7 +509,8 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
             backend,
             args.prometheus.prometheus_timeout,
             Vec::new(),
-        );
+        )
+        .with_limits(args.prometheus.limits());
         let namespace = resource.metadata.namespace.clone().unwrap_or_default();
         let mut samples = ctx.servers.query([(namespace.as_str(), &policy)]).await;
         let samples = samples

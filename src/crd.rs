@@ -223,7 +223,9 @@ pub struct PrometheusServer {
     /// A Secret in the policy's namespace with the credentials, by key: `token` (bearer
     /// token), or `username` and `password` (basic auth); `ca.crt` (PEM CA bundle for https);
     /// `tls.crt` and `tls.key` (client certificate). Re-read every evaluation, so rotation needs
-    /// no restart.
+    /// no restart. The Secret must carry the label `kscale.dev/prometheus-credentials: "true"`
+    /// (so only someone who may write it can lend it to kscale); otherwise nothing is sent and
+    /// the policy reports the missing label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
     /// Extra HTTP headers on every query, such as a tenant ID (`X-Scope-OrgID`). Not secret:
@@ -231,10 +233,15 @@ pub struct PrometheusServer {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub headers: Vec<HttpHeader>,
-    /// The bound on one query, a Go-style duration (default: the daemon's
-    /// `--prometheus-timeout`).
+    /// The bound on this server's queries in one evaluation, a Go-style duration (default: the
+    /// daemon's `--prometheus-timeout`); at most 60s. A server that answers later delays only
+    /// the policies that name it: their queries become errors and their fallback applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$")
+    )]
+    #[x_kube(validation = Rule::new("!self.contains('d') && duration(self) > duration('0s') && duration(self) <= duration('60s')").message("prometheus.timeout must be longer than 0 and at most 60s"))]
     pub timeout: Option<String>,
 }
 
@@ -369,7 +376,8 @@ pub struct ScalingPolicyStatus {
 pub struct MetricStatus {
     /// The metric's name.
     pub name: String,
-    /// `Valid`, `Missing`, `Stale` or `Invalid`.
+    /// `Valid`, `Missing`, `Stale`, `Invalid`, `Error`, or `Partial` (a value from an answer
+    /// with warnings, which never scales down).
     pub state: String,
     /// The value as a quantity string, when valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]

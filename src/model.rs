@@ -18,6 +18,18 @@ pub enum Sample {
         /// When the sample was taken.
         timestamp: DateTime<Utc>,
     },
+    /// A [`Series`](Sample::Series) from an answer that says it is incomplete: Prometheus-API
+    /// `warnings` (Thanos answers from the stores it reached when one is down, for instance).
+    /// A sum over part of the data can be too low, so the evaluator never scales down on it: it
+    /// may hold or go up, and the reason says the data was partial.
+    Partial {
+        /// One value per series returned.
+        values: Vec<f64>,
+        /// When the sample was taken (the oldest series').
+        timestamp: DateTime<Utc>,
+        /// How many warnings the answer carried (their text is logged, never in status).
+        warnings: usize,
+    },
     /// Resource usage of the target's pods from `metrics.k8s.io`, with the pods themselves.
     Pods(Vec<PodSample>),
     /// The source had nothing for this metric (for example an empty query result).
@@ -30,6 +42,15 @@ pub enum Sample {
         /// The error text.
         message: String,
     },
+}
+
+/// How reasons name a [`Sample::Partial`]: `(partial data: the server answered with N
+/// warning(s), logged by the daemon)`.
+pub fn partial_note(warnings: usize) -> String {
+    format!(
+        "(partial data: the server answered with {warnings} warning{}, logged by the daemon)",
+        if warnings == 1 { "" } else { "s" }
+    )
 }
 
 /// A pod phase, as far as the HPA cares.

@@ -88,7 +88,7 @@ pub struct Metrics {
     pub scale_writes: Family<PolicyLabels, Counter>,
     /// Time to evaluate one policy (reads, evaluation, writes).
     pub evaluation_seconds: Histogram,
-    /// Time for one tick's Prometheus queries.
+    /// Time for one server's Prometheus queries of one tick.
     pub prometheus_seconds: Histogram,
     /// 1 while this instance is the one that evaluates and writes.
     pub leader: Gauge,
@@ -176,7 +176,7 @@ impl Metrics {
         );
         registry.register(
             "prometheus_tick_duration_seconds",
-            "Time for one tick's Prometheus queries",
+            "Time for one server's Prometheus queries of one tick",
             m.prometheus_seconds.clone(),
         );
         registry.register(

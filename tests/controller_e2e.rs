@@ -965,7 +965,7 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         &client,
         &sc.ns.name,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}}}\nstringData: {{token: wrong-token}}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}, labels: {{kscale.dev/prometheus-credentials: \"true\"}}}}\nstringData: {{token: wrong-token}}\n",
             sc.ns.name
         ),
     )
@@ -1007,7 +1007,7 @@ async fn policy_prometheus_with_credentials_from_a_secret() {
         &client,
         &sc.ns.name,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}}}\nstringData: {{token: s3cret-token}}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: prom-auth, namespace: {}, labels: {{kscale.dev/prometheus-credentials: \"true\"}}}}\nstringData: {{token: s3cret-token}}\n",
             sc.ns.name
         ),
     )

@@ -327,7 +327,9 @@ fn sample_time(
 ) -> Option<DateTime<Utc>> {
     match source {
         MetricSource::Prometheus { query } => match prometheus.get(query.as_str()) {
-            Some(Sample::Series { timestamp, .. }) => Some(*timestamp),
+            Some(Sample::Series { timestamp, .. } | Sample::Partial { timestamp, .. }) => {
+                Some(*timestamp)
+            }
             _ => None,
         },
         MetricSource::Resource { .. } => None,

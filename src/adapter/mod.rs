@@ -598,6 +598,14 @@ impl Adapter {
                 warn!(metric = %name, %query, error = %message, "external rule query failed");
                 failure(500, format!("external metric {name:?}: the query failed"))
             }
+            Sample::Partial { warnings, .. } => {
+                // A partial sum could let the HPA scale down on missing data: no value instead.
+                warn!(metric = %name, %query, warnings, "external rule query answered partial data");
+                failure(
+                    500,
+                    format!("external metric {name:?}: the answer was partial"),
+                )
+            }
             Sample::Pods(_) => failure(500, format!("external metric {name:?}: no value")),
         }
     }

@@ -6,8 +6,12 @@
 //! the next due time (and at least every 100 ms to notice new or changed policies, which are due
 //! at once). Due times are aligned to multiples of each interval, so policies with the same
 //! interval run in the same tick and every distinct PromQL query of a tick is sent once per
-//! server ([`servers`]). The tick's policies are then evaluated concurrently, those whose query
-//! answers changed first: each reads its target's scale subresource, evaluates, writes the scale
+//! server ([`servers`]). Each server's queries form one group under the server's own deadline;
+//! the loop does not wait for them: a group's policies are evaluated as soon as its answers are
+//! in (policies without Prometheus queries at once), so a slow or silent server delays only its
+//! own policies and the next ticks go on meanwhile. Evaluations run concurrently (at most
+//! `--max-concurrent-evaluations`), those whose query answers changed first: each reads its
+//! target's scale subresource, evaluates, writes the scale
 //! (mode `Controller` only, only on a change, and only by the one policy that owns the target),
 //! records an Event, and writes the status (server-side apply, field manager `kscale`).
 //!
@@ -18,13 +22,14 @@ pub mod forecast;
 pub mod leader;
 pub mod servers;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
@@ -682,10 +687,23 @@ pub async fn run(
     }
     info!("ScalingPolicy watch synced");
     let mut state = TickState::default();
+    let mut inflight: InFlight = FuturesUnordered::new();
     let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                // A server answered (or its deadline passed), or an evaluation finished: start
+                // what is ready. Policies that waited for it are due at once.
+                state.finish(done);
+                state.start_ready(&ctx, &mut inflight);
+                wait = if state.deferred.is_empty() {
+                    state.next_wait()
+                } else {
+                    Duration::ZERO
+                };
+                continue;
+            }
             _ = &mut shutdown => break,
         }
         let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
@@ -696,23 +714,30 @@ pub async fn run(
         }
         state.leading = is_leader;
         if is_leader {
-            run_tick(&ctx, &reader, &mut state).await;
+            run_tick(&ctx, &reader, &mut state, &mut inflight).await;
         } else if ctx.external_metrics.is_some() {
             // A follower that serves external metrics evaluates too, to publish the same values
             // as the leader; it writes nothing (no scale, status or events).
-            run_tick(&ctx, &reader, &mut state).await;
+            run_tick(&ctx, &reader, &mut state, &mut inflight).await;
         } else {
             // A follower evaluates nothing.
             state.schedule.clear();
         }
         // Wake at the next due time, and at least every POLL to notice new or changed policies.
-        let next = state.schedule.values().map(|(at, _, _)| *at).min();
-        wait = next
-            .and_then(|at| (at - Utc::now()).to_std().ok())
-            .unwrap_or(Duration::ZERO)
-            .min(POLL);
+        wait = state.next_wait();
         // Ready after the first sync and the first tick (a follower is ready to take over).
         ctx.metrics.set_ready();
+    }
+    // Evaluations under way finish (a scale write is followed by its status); queries still in
+    // flight are dropped and nothing new starts.
+    state.urgent.clear();
+    state.normal.clear();
+    while state.evaluating > 0 {
+        match inflight.next().await {
+            Some(Done::Evaluated(_)) => state.evaluating -= 1,
+            Some(Done::Fetched { .. }) => {}
+            None => break,
+        }
     }
     watch.abort();
     if let Some(c) = campaign {
@@ -786,14 +811,187 @@ fn writers(
 /// The longest the loop sleeps: a new or changed policy is evaluated within this.
 const POLL: Duration = Duration::from_millis(100);
 
+/// A ScalingPolicy as the loop keys it.
+type PolicyRef = ObjectRef<DeserializeGuard<ScalingPolicy>>;
+
+/// A due policy of a tick, until it is evaluated.
+struct Pending {
+    key: PolicyRef,
+    policy: ScalingPolicy,
+    compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
+    /// New, or its spec changed: it goes first.
+    fresh: bool,
+    /// The policy that writes its target instead, when another one does.
+    writer: Option<String>,
+    /// The tick's time.
+    now: DateTime<Utc>,
+    /// Whether this replica led at the tick.
+    leading: bool,
+}
+
+/// An evaluation ready to start, with its server's answers.
+struct Job {
+    pending: Pending,
+    samples: Arc<HashMap<String, Sample>>,
+}
+
+/// What a future in flight reports to the loop.
+enum Done {
+    /// One server's queries of a tick are answered or cut off at the server's deadline; its
+    /// policies can be evaluated.
+    Fetched {
+        server: servers::ServerKey,
+        samples: HashMap<String, Sample>,
+        waiting: Vec<Pending>,
+    },
+    /// A policy's evaluation finished.
+    Evaluated(PolicyRef),
+}
+
+/// The loop's work in flight: one future per server group of a tick, one per evaluation.
+type InFlight = FuturesUnordered<BoxFuture<'static, Done>>;
+
+/// A query's last values ([`fingerprint`]) and when it was last answered.
+type LastAnswer = (Option<Vec<u64>>, std::time::Instant);
+
+/// A query's last answer is forgotten when no policy asked for it for this long.
+const FORGET_QUERY: Duration = Duration::from_secs(3600);
+
 /// What the loop keeps between ticks.
 #[derive(Default)]
 struct TickState {
     schedule: Schedule,
     /// Whether this replica led at the last tick: only the leader writes.
     leading: bool,
-    /// Each query's last values, to put the policies whose inputs changed first in a tick.
-    last: HashMap<(servers::ServerKey, String), Option<Vec<u64>>>,
+    /// Each query's last values (and when it was last answered), to put the policies whose
+    /// inputs changed first.
+    last: HashMap<(servers::ServerKey, String), LastAnswer>,
+    /// When `last` was last pruned.
+    pruned: Option<std::time::Instant>,
+    /// Servers with a group of queries in flight: a server answers one group at a time, so a
+    /// server that never answers holds at most one group (bounded by its deadline).
+    busy_servers: HashSet<servers::ServerKey>,
+    /// Policies waiting for their server's answers or being evaluated.
+    busy: HashSet<PolicyRef>,
+    /// Due policies left for a later tick because they or their server are busy.
+    deferred: HashSet<PolicyRef>,
+    /// Evaluations ready to start: those whose inputs changed first, then the others.
+    urgent: VecDeque<Job>,
+    normal: VecDeque<Job>,
+    /// Evaluations in flight (at most `Context::concurrency`).
+    evaluating: usize,
+}
+
+impl TickState {
+    /// How long the loop may sleep: until the next due policy that is not waiting for a busy
+    /// server or evaluation, and at most [`POLL`].
+    fn next_wait(&self) -> Duration {
+        self.schedule
+            .iter()
+            .filter(|(k, _)| !self.deferred.contains(*k))
+            .map(|(_, (at, _, _))| *at)
+            .min()
+            .and_then(|at| (at - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO)
+            .min(POLL)
+    }
+
+    fn enqueue(&mut self, urgent: bool, job: Job) {
+        if urgent {
+            self.urgent.push_back(job);
+        } else {
+            self.normal.push_back(job);
+        }
+    }
+
+    /// Takes in what a future in flight reports.
+    fn finish(&mut self, done: Done) {
+        match done {
+            Done::Fetched {
+                server,
+                samples,
+                waiting,
+            } => {
+                self.busy_servers.remove(&server);
+                // Queries whose answer changed since they last ran: their policies go first, so
+                // a change reaches the scale subresource without waiting behind the policies it
+                // does not affect.
+                let seen = std::time::Instant::now();
+                let mut changed: HashSet<&str> = HashSet::new();
+                for (query, sample) in &samples {
+                    let print = fingerprint(sample);
+                    let key = (server.clone(), query.clone());
+                    let same = self.last.get(&key).is_some_and(|(p, _)| *p == print);
+                    if !same {
+                        changed.insert(query.as_str());
+                    }
+                    self.last.insert(key, (print, seen));
+                }
+                let urgent: Vec<bool> = waiting
+                    .iter()
+                    .map(|w| {
+                        w.fresh
+                            || w.compiled
+                                .as_ref()
+                                .is_ok_and(|c| queries_of(c).any(|q| changed.contains(q)))
+                    })
+                    .collect();
+                let samples = Arc::new(samples);
+                for (pending, urgent) in waiting.into_iter().zip(urgent) {
+                    self.enqueue(
+                        urgent,
+                        Job {
+                            pending,
+                            samples: samples.clone(),
+                        },
+                    );
+                }
+                // Forget queries no policy asked for lately (deleted or changed policies).
+                if self
+                    .pruned
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                {
+                    self.last.retain(|_, (_, at)| at.elapsed() < FORGET_QUERY);
+                    self.pruned = Some(seen);
+                }
+            }
+            Done::Evaluated(key) => {
+                self.evaluating = self.evaluating.saturating_sub(1);
+                self.busy.remove(&key);
+            }
+        }
+    }
+
+    /// Starts ready evaluations, changed inputs first, up to `ctx.concurrency` at once.
+    fn start_ready(&mut self, ctx: &Arc<Context>, inflight: &mut InFlight) {
+        while self.evaluating < ctx.concurrency.max(1) {
+            let Some(job) = self.urgent.pop_front().or_else(|| self.normal.pop_front()) else {
+                break;
+            };
+            self.evaluating += 1;
+            let ctx = ctx.clone();
+            inflight.push(Box::pin(async move {
+                let Job { pending, samples } = job;
+                let p = &pending.policy;
+                let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
+                if let Err(e) = reconcile(
+                    &ctx,
+                    p,
+                    pending.compiled,
+                    &samples,
+                    pending.now,
+                    pending.writer.as_deref(),
+                    pending.leading,
+                )
+                .instrument(span)
+                .await
+                {
+                    warn!(error = %e, "evaluation failed");
+                }
+                Done::Evaluated(pending.key)
+            }));
+        }
+    }
 }
 
 /// The next evaluation after `now` for `interval`, aligned to multiples of the interval since
@@ -814,30 +1012,37 @@ fn next_due(now: DateTime<Utc>, interval: chrono::TimeDelta) -> DateTime<Utc> {
 /// series (missing, an error).
 fn fingerprint(sample: &Sample) -> Option<Vec<u64>> {
     match sample {
-        Sample::Series { values, .. } => Some(values.iter().map(|v| v.to_bits()).collect()),
+        Sample::Series { values, .. } | Sample::Partial { values, .. } => {
+            Some(values.iter().map(|v| v.to_bits()).collect())
+        }
         _ => None,
     }
 }
 
 /// Per policy: when it is next due, the generation last seen, and whether it compiled.
-type Schedule =
-    HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, (DateTime<Utc>, Option<i64>, bool)>;
+type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool)>;
 
+/// One tick: finds the due policies and starts their work without waiting for it. Each server's
+/// distinct queries run as one group under the server's own deadline
+/// ([`servers::Servers::query_server`]); a group's policies are evaluated as soon as its answers
+/// are in, whatever the other servers do, and policies without Prometheus queries at once. A
+/// policy still busy from an earlier tick, or whose server still answers an earlier group, waits
+/// for it (the loop runs a tick again when it is done).
 async fn run_tick(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     reader: &Store<DeserializeGuard<ScalingPolicy>>,
     state: &mut TickState,
+    inflight: &mut InFlight,
 ) {
     let leading = state.leading;
-    let schedule = &mut state.schedule;
     let now = Utc::now();
     let all = reader.state();
     let live: HashSet<_> = all
         .iter()
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
-    schedule.retain(|k, _| live.contains(k));
-    let writers = writers(&all, schedule);
+    state.schedule.retain(|k, _| live.contains(k));
+    let writers = writers(&all, &state.schedule);
     ctx.forecasts.retain(|key| {
         live.iter().any(|r| {
             r.namespace
@@ -845,32 +1050,61 @@ async fn run_tick(
                 .is_some_and(|ns| key == format!("{ns}/{}", r.name))
         })
     });
+    state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
         let generation = obj.meta().generation;
-        let (is_due, fresh) = match schedule.get(&key) {
+        let (is_due, fresh) = match state.schedule.get(&key) {
             None => (true, true),
             Some((at, g, _)) => (*g != generation || *at <= now, *g != generation),
         };
         if !is_due {
             continue;
         }
+        if state.busy.contains(&key) {
+            state.deferred.insert(key);
+            continue;
+        }
         match &obj.0 {
             Ok(p) => {
                 // Compiled once per tick: for the interval, the queries and the evaluation.
                 let compiled = CompiledPolicy::from_resource(p);
+                let namespace = p.namespace().unwrap_or_default();
+                let server_busy = compiled.as_ref().is_ok_and(|c| {
+                    queries_of(c).next().is_some()
+                        && state
+                            .busy_servers
+                            .contains(&servers::Servers::key_of(&namespace, c))
+                });
+                if server_busy {
+                    state.deferred.insert(key);
+                    continue;
+                }
                 let interval = match (&compiled, &p.spec.interval) {
                     (Ok(c), Some(_)) => c.interval,
                     _ => ctx.default_interval,
                 };
-                schedule.insert(key, (next_due(now, interval), generation, compiled.is_ok()));
-                due.push((p.clone(), compiled, fresh));
+                state.schedule.insert(
+                    key.clone(),
+                    (next_due(now, interval), generation, compiled.is_ok()),
+                );
+                let name = format!("{namespace}/{}", p.name_any());
+                let writer = writers.get(&target_key(p)).filter(|w| **w != name).cloned();
+                due.push(Pending {
+                    key,
+                    policy: p.clone(),
+                    compiled,
+                    fresh,
+                    writer,
+                    now,
+                    leading,
+                });
             }
             Err(invalid) => {
                 // Malformed objects are reported once per generation and never stop the others.
-                schedule.insert(
+                state.schedule.insert(
                     key,
                     (now + chrono::TimeDelta::days(3650), generation, false),
                 );
@@ -904,88 +1138,75 @@ async fn run_tick(
     if due.is_empty() {
         return;
     }
-    let namespaces: Vec<String> = due
-        .iter()
-        .map(|(p, _, _)| p.namespace().unwrap_or_default())
-        .collect();
-    let started = std::time::Instant::now();
-    let samples = ctx
-        .servers
-        .query(
-            due.iter()
-                .zip(&namespaces)
-                .filter_map(|((_, c, _), ns)| c.as_ref().ok().map(|c| (ns.as_str(), c))),
-        )
-        .instrument(info_span!("prometheus"))
-        .await;
-    let distinct: usize = samples.values().map(HashMap::len).sum();
-    if distinct > 0 {
-        ctx.metrics
-            .prometheus_seconds
-            .observe(started.elapsed().as_secs_f64());
-    }
-    debug!(policies = due.len(), distinct_queries = distinct, "tick");
-    // Queries whose answer changed since they last ran: their policies go first, so a change
-    // reaches the scale subresource without waiting behind the policies it does not affect.
-    let mut changed: HashSet<(servers::ServerKey, &str)> = HashSet::new();
-    for (server, answers) in &samples {
-        for (query, sample) in answers {
-            let print = fingerprint(sample);
-            let key = (server.clone(), query.clone());
-            if state.last.get(&key) != Some(&print) {
-                changed.insert((server.clone(), query.as_str()));
-                state.last.insert(key, print);
-            }
+    // Policies with Prometheus queries wait for their server; the others are ready now.
+    let mut waiting: HashMap<servers::ServerKey, Vec<Pending>> = HashMap::new();
+    for pending in due {
+        state.busy.insert(pending.key.clone());
+        let server = pending.compiled.as_ref().ok().and_then(|c| {
+            queries_of(c).next().map(|_| {
+                servers::Servers::key_of(&pending.policy.namespace().unwrap_or_default(), c)
+            })
+        });
+        match server {
+            Some(server) => waiting.entry(server).or_default().push(pending),
+            None => state.enqueue(
+                pending.fresh,
+                Job {
+                    pending,
+                    samples: Arc::default(),
+                },
+            ),
         }
     }
-    let mut work: Vec<_> = due
-        .into_iter()
-        .zip(&namespaces)
-        .map(|((p, compiled, fresh), namespace)| {
-            let server = compiled
-                .as_ref()
-                .ok()
-                .map(|c| servers::Servers::key_of(namespace, c));
-            let urgent = fresh
-                || compiled.as_ref().is_ok_and(|c| {
-                    queries_of(c).any(|q| changed.contains(&(server.clone().flatten(), q)))
-                });
-            (urgent, p, compiled, server)
+    let groups = servers::Servers::groups(waiting.values().flatten().filter_map(|w| {
+        w.compiled.as_ref().ok().map(|c| {
+            (
+                w.policy.metadata.namespace.as_deref().unwrap_or_default(),
+                c,
+            )
         })
-        .collect();
-    work.sort_by_key(|(urgent, ..)| !*urgent);
-    let none = HashMap::new();
-    let samples = &samples;
-    let writers = &writers;
-    let none = &none;
-    futures::stream::iter(work)
-        .map(|(_, p, compiled, server)| async move {
-            let policy_samples = server
-                .and_then(|k| samples.get(&k))
-                .unwrap_or(none);
-            let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-            let writer = writers
-                .get(&target_key(&p))
-                .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
-                .map(String::as_str);
-            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer, leading)
-                .instrument(span)
-                .await
-            {
-                warn!(error = %e, "evaluation failed");
+    }));
+    debug!(
+        servers = groups.len(),
+        distinct_queries = groups.iter().map(|(_, q)| q.len()).sum::<usize>(),
+        "tick"
+    );
+    for (server, queries) in groups {
+        let Some(policies) = waiting.remove(&server) else {
+            continue;
+        };
+        state.busy_servers.insert(server.clone());
+        let ctx = ctx.clone();
+        let span = info_span!("prometheus", server = %server.as_ref().map_or("default", |(_, s)| s.url.as_str()), queries = queries.len());
+        inflight.push(Box::pin(
+            async move {
+                let started = std::time::Instant::now();
+                let samples = ctx.servers.query_server(&server, queries).await;
+                ctx.metrics
+                    .prometheus_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Done::Fetched {
+                    server,
+                    samples,
+                    waiting: policies,
+                }
             }
-        })
-        .buffer_unordered(ctx.concurrency.max(1))
-        .collect::<()>()
-        .await;
-    // Forget queries no policy asked for lately (their policies were deleted or changed).
-    if state.last.len() > 4 * distinct.max(64) {
-        state.last.retain(|(server, q), _| {
-            samples
-                .get(server)
-                .is_some_and(|answers| answers.contains_key(q))
-        });
+            .instrument(span),
+        ));
     }
+    // Every waiting policy has a query, so every server has a group; this is a safety net.
+    for (_, policies) in waiting.drain() {
+        for pending in policies {
+            state.enqueue(
+                pending.fresh,
+                Job {
+                    pending,
+                    samples: Arc::default(),
+                },
+            );
+        }
+    }
+    state.start_ready(ctx, inflight);
 }
 
 #[cfg(test)]

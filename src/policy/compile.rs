@@ -23,6 +23,10 @@ pub const DEFAULT_TOLERANCE: f64 = 0.1;
 pub const DEFAULT_DOWNSCALE_WINDOW: TimeDelta = TimeDelta::seconds(300);
 /// Default evaluation interval (the HPA's sync period).
 pub const DEFAULT_INTERVAL: TimeDelta = TimeDelta::seconds(15);
+/// The ceiling on `spec.prometheus.timeout` (checked here and at admission): the longest one
+/// server's queries may hold its own policies' evaluation.
+pub const MAX_PROMETHEUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Default staleness bound: Prometheus' instant-query lookback.
 pub const DEFAULT_STALE_AFTER: TimeDelta = TimeDelta::seconds(300);
 
@@ -239,7 +243,20 @@ fn compile_server(
         }
     }
     let timeout = p.timeout.as_deref().and_then(|t| {
-        duration_field(errors, "spec.prometheus.timeout", t).and_then(|d| d.to_std().ok())
+        let d = duration_field(errors, "spec.prometheus.timeout", t)?
+            .to_std()
+            .ok()?;
+        if d > MAX_PROMETHEUS_TIMEOUT {
+            errors.push(err(
+                "spec.prometheus.timeout",
+                format!(
+                    "must be at most {}s (the ceiling on a policy's Prometheus timeout), got {t:?}",
+                    MAX_PROMETHEUS_TIMEOUT.as_secs()
+                ),
+            ));
+            return None;
+        }
+        Some(d)
     });
     PrometheusServer {
         url: p.url.clone(),

@@ -43,6 +43,9 @@ pub enum MetricState {
     Invalid,
     /// The source failed.
     Error,
+    /// A number from an answer that says it is incomplete (Prometheus `warnings`): its proposal
+    /// may hold or raise the count, never lower it.
+    Partial,
 }
 
 impl MetricState {
@@ -54,6 +57,7 @@ impl MetricState {
             MetricState::Stale => "Stale",
             MetricState::Invalid => "Invalid",
             MetricState::Error => "Error",
+            MetricState::Partial => "Partial",
         }
     }
 }
@@ -180,64 +184,23 @@ fn metric_outcome(
             MetricOutcome::failed(MetricState::Error, message.clone())
         }
         Some(Sample::Series { values, timestamp }) => {
-            let age = now.signed_duration_since(*timestamp);
-            if age > policy.stale_after {
-                return MetricOutcome::failed(
-                    MetricState::Stale,
-                    format!(
-                        "sample is {}s old, older than the {}s staleness bound",
-                        age.num_seconds(),
-                        policy.stale_after.num_seconds()
-                    ),
-                );
+            series_outcome(policy, metric, values, *timestamp, forecast, obs, now)
+        }
+        Some(Sample::Partial {
+            values,
+            timestamp,
+            warnings,
+        }) => {
+            let mut outcome =
+                series_outcome(policy, metric, values, *timestamp, forecast, obs, now);
+            if outcome.state == MetricState::Valid {
+                outcome.state = MetricState::Partial;
+                outcome.message = Some(crate::model::partial_note(*warnings));
+            } else if let Some(m) = &mut outcome.message {
+                m.push(' ');
+                m.push_str(&crate::model::partial_note(*warnings));
             }
-            if values.is_empty() {
-                return MetricOutcome::failed(
-                    MetricState::Missing,
-                    "query returned no series".into(),
-                );
-            }
-            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                return MetricOutcome::failed(
-                    MetricState::Invalid,
-                    format!("query returned {bad}"),
-                );
-            }
-            let value: f64 = values.iter().sum();
-            let propose = |values: &[f64]| match metric.target {
-                Target::Value(t) => replicas::external_value(
-                    replicas::sum_milli_value(values),
-                    t,
-                    obs.spec_replicas,
-                    obs.ready_replicas,
-                    obs.pods,
-                    tol,
-                ),
-                Target::AverageValue(t) => Ok(replicas::external_average(
-                    replicas::sum_milli_average(values),
-                    t,
-                    obs.status_replicas,
-                    tol,
-                )),
-                Target::Utilization(_) => Err("Utilization needs a resource metric".into()),
-            };
-            let proposal = match propose(values) {
-                Ok(p) => p,
-                Err(message) => return MetricOutcome::failed(MetricState::Invalid, message),
-            };
-            // The forecast only ever adds: the proposal is at least what current demand needs.
-            let forecast = policy
-                .forecast
-                .and(forecast)
-                .filter(|f| f.upper.is_finite())
-                .and_then(|f| propose(&[f.upper]).ok().map(|p| (f, p)));
-            MetricOutcome {
-                state: MetricState::Valid,
-                value: Some(value),
-                proposal: Some(forecast.map_or(proposal, |(_, p)| p.max(proposal))),
-                message: None,
-                forecast,
-            }
+            outcome
         }
         Some(Sample::Pods(pods)) => {
             let (is_cpu, target) = match (&metric.source, metric.target) {
@@ -275,6 +238,72 @@ fn metric_outcome(
     }
 }
 
+/// The outcome of a Prometheus (or trace) series: staleness, emptiness, non-finite values, then
+/// the HPA's arithmetic for the target, and the forecast on top.
+fn series_outcome(
+    policy: &CompiledPolicy,
+    metric: &CompiledMetric,
+    values: &[f64],
+    timestamp: DateTime<Utc>,
+    forecast: Option<Prediction>,
+    obs: &Observation,
+    now: DateTime<Utc>,
+) -> MetricOutcome {
+    let tol = policy.tolerances;
+    let age = now.signed_duration_since(timestamp);
+    if age > policy.stale_after {
+        return MetricOutcome::failed(
+            MetricState::Stale,
+            format!(
+                "sample is {}s old, older than the {}s staleness bound",
+                age.num_seconds(),
+                policy.stale_after.num_seconds()
+            ),
+        );
+    }
+    if values.is_empty() {
+        return MetricOutcome::failed(MetricState::Missing, "query returned no series".into());
+    }
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return MetricOutcome::failed(MetricState::Invalid, format!("query returned {bad}"));
+    }
+    let value: f64 = values.iter().sum();
+    let propose = |values: &[f64]| match metric.target {
+        Target::Value(t) => replicas::external_value(
+            replicas::sum_milli_value(values),
+            t,
+            obs.spec_replicas,
+            obs.ready_replicas,
+            obs.pods,
+            tol,
+        ),
+        Target::AverageValue(t) => Ok(replicas::external_average(
+            replicas::sum_milli_average(values),
+            t,
+            obs.status_replicas,
+            tol,
+        )),
+        Target::Utilization(_) => Err("Utilization needs a resource metric".into()),
+    };
+    let proposal = match propose(values) {
+        Ok(p) => p,
+        Err(message) => return MetricOutcome::failed(MetricState::Invalid, message),
+    };
+    // The forecast only ever adds: the proposal is at least what current demand needs.
+    let forecast = policy
+        .forecast
+        .and(forecast)
+        .filter(|f| f.upper.is_finite())
+        .and_then(|f| propose(&[f.upper]).ok().map(|p| (f, p)));
+    MetricOutcome {
+        state: MetricState::Valid,
+        value: Some(value),
+        proposal: Some(forecast.map_or(proposal, |(_, p)| p.max(proposal))),
+        message: None,
+        forecast,
+    }
+}
+
 /// Evaluates `policy` against `obs` at `now`, starting from `state`.
 ///
 /// Pure and deterministic. The returned decision carries the next state; after the decision is
@@ -301,9 +330,15 @@ pub fn evaluate(
             metric_outcome(policy, m, obs.samples.get(i), forecast, obs, now)
         })
         .collect();
+    // Metrics without a usable number, and those whose number may be too low (partial data):
+    // either kind forbids a scale-down.
     let invalid = metrics
         .iter()
         .filter(|m| m.state != MetricState::Valid)
+        .count();
+    let unusable = metrics
+        .iter()
+        .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::Partial))
         .count();
     let mut decision = Decision {
         replicas: current,
@@ -338,7 +373,7 @@ pub fn evaluate(
 
     // Combine the valid proposals: the formula, or the max as the HPA does (first metric wins ties).
     let (raw, rule) = match &policy.formula {
-        Some(formula) if invalid == 0 => {
+        Some(formula) if unusable == 0 => {
             let proposals: Vec<i32> = decision
                 .metrics
                 .iter()
@@ -411,6 +446,11 @@ pub fn evaluate(
 }
 
 impl Decision {
+    /// Whether a metric's number came from a partial answer ([`MetricState::Partial`]).
+    pub fn has_partial(&self) -> bool {
+        self.metrics.iter().any(|m| m.state == MetricState::Partial)
+    }
+
     /// Records in the state that the decision was carried out at `now` (the target now runs
     /// `self.replicas`), so rate limits count it. Only policies with `behavior` keep scale
     /// events, as in the HPA; every policy keeps the last scale time.
@@ -566,6 +606,9 @@ impl Decision {
                     if let Some(note) = o.forecast_note() {
                         write!(s, " ({note})")?;
                     }
+                    if o.state == MetricState::Partial {
+                        write!(s, " {}", o.message.as_deref().unwrap_or("(partial data)"))?;
+                    }
                 }
                 _ => write!(
                     s,
@@ -581,6 +624,9 @@ impl Decision {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
                     (None, true) => s.push_str("; the formula needs every metric"),
+                    (None, _) if self.proposal.is_some() && self.has_partial() => s.push_str(
+                        "; the metrics would scale down, which kscale never does on partial data",
+                    ),
                     (None, false) if self.proposal.is_some() => s.push_str(
                         "; valid metrics alone would scale down, which partial data never does",
                     ),
@@ -613,7 +659,14 @@ impl Decision {
             }
             _ => {}
         }
-        if self.degraded && !matches!(self.rule, Rule::Fallback(_)) {
+        let only_partial = self
+            .metrics
+            .iter()
+            .all(|m| matches!(m.state, MetricState::Valid | MetricState::Partial));
+        if self.has_partial() && !matches!(self.rule, Rule::Fallback(_)) {
+            s.push_str("; partial data may raise the count, never lower it");
+        }
+        if self.degraded && !only_partial && !matches!(self.rule, Rule::Fallback(_)) {
             match policy.on_failure {
                 FailureAction::Replicas(n) => {
                     write!(s, "; some metrics failed, fallback floor {n}")?

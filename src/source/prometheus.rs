@@ -10,9 +10,29 @@
 //! - an empty vector gives [`Sample::Missing`] ("query returned no series");
 //! - NaN and ±Inf are passed through as values: the evaluator marks such a metric Invalid and
 //!   names the value ([`crate::policy::evaluate`]);
+//! - an answer with `warnings` (Thanos with a store down returns partial data by default) gives
+//!   [`Sample::Partial`]: the evaluator never scales down on it;
 //! - any failure (connection, timeout, HTTP status, PromQL error, a response that is not an
-//!   instant vector or scalar) gives [`Sample::Error`] with the error's full text, scrubbed of the
-//!   configured credentials. Nothing here ever turns a failure into 0.
+//!   instant vector or scalar, an answer over a cap) gives [`Sample::Error`] with the error's
+//!   text, scrubbed of the configured credentials. Nothing here ever turns a failure into 0.
+//!
+//! # What a server can make kscale do
+//!
+//! A policy names its own server, so answers are untrusted:
+//!
+//! - every answer is read in chunks up to [`AnswerLimits::max_bytes`]
+//!   (`--prometheus-max-response-bytes`) and reading stops there; an answer with more than
+//!   [`AnswerLimits::max_series`] series (`--prometheus-max-series`) is refused. Series labels
+//!   are never kept, only values;
+//! - the queries of one [`PrometheusSource::query_all`] call share one deadline, the timeout: a
+//!   server that accepts and never answers costs its policies one timeout per tick, no more;
+//! - redirects are not followed (the query, headers and credentials go to the configured URL
+//!   only);
+//! - no text of an answer reaches an error (and so a policy's status, which its author reads)
+//!   except a documented Prometheus error's own message about the query (`bad_data: parse
+//!   error ...`, cut at 300 characters). The body of anything else (an HTML error page, a
+//!   redirect, JSON that is not a query answer) and the text of warnings are logged by the
+//!   daemon instead.
 //!
 //! [`PrometheusSource::query_all_outcomes`] returns the same with each query's latency and a
 //! short error kind ([`QueryOutcome`]), for the controller's own metrics.
@@ -56,7 +76,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use prometheus_http_query::response::{Data, PromqlResult};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -156,6 +175,42 @@ pub struct PrometheusConfig {
     pub headers: Vec<(String, String)>,
     /// `--prometheus-max-concurrency`: distinct queries in flight at once (at least 1).
     pub max_concurrency: usize,
+    /// The caps on every answer (`--prometheus-max-response-bytes`, `--prometheus-max-series`).
+    pub limits: AnswerLimits,
+    /// The setting that gave [`timeout`](Self::timeout), named in timeout errors
+    /// (`--prometheus-timeout`, or `spec.prometheus.timeout` for a policy's own server).
+    pub timeout_setting: &'static str,
+}
+
+/// The most kscale reads of one Prometheus answer. Both caps are enforced on every answer
+/// (instant and range queries, the backtest's history reads too): the body is read in chunks
+/// and reading stops as soon as it passes [`max_bytes`](Self::max_bytes), so no more than that
+/// is ever buffered; an answer with more than [`max_series`](Self::max_series) series is an
+/// error. An answer over a cap is an error sample naming the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerLimits {
+    /// `--prometheus-max-response-bytes`: the largest body read (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]).
+    pub max_bytes: u64,
+    /// `--prometheus-max-series`: the most series (instant vector elements or range series) in
+    /// one answer (default [`DEFAULT_MAX_SERIES`]).
+    pub max_series: usize,
+}
+
+/// Default of `--prometheus-max-response-bytes`: 8 MiB, room for a range chunk of 10,000 steps
+/// over a few dozen series, and far above any instant query an autoscaler needs.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Default of `--prometheus-max-series`.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
+impl Default for AnswerLimits {
+    fn default() -> Self {
+        AnswerLimits {
+            max_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_series: DEFAULT_MAX_SERIES,
+        }
+    }
 }
 
 impl Default for PrometheusConfig {
@@ -170,6 +225,8 @@ impl Default for PrometheusConfig {
             client_key: None,
             headers: Vec::new(),
             max_concurrency: 8,
+            limits: AnswerLimits::default(),
+            timeout_setting: "--prometheus-timeout",
         }
     }
 }
@@ -192,6 +249,12 @@ pub enum SourceError {
     /// The concurrency bound is zero.
     #[error("--prometheus-max-concurrency: must be at least 1")]
     Concurrency,
+    /// An answer cap is zero.
+    #[error("{flag}: must be at least 1")]
+    Limit {
+        /// The flag at fault.
+        flag: &'static str,
+    },
     /// A file cannot be read.
     #[error("{origin}: cannot read: {source}")]
     Read {
@@ -252,8 +315,8 @@ pub struct QueryOutcome {
     pub sample: Sample,
     /// Wall time of the request, from sending to the converted result.
     pub duration: Duration,
-    /// For [`Sample::Error`]: `timeout`, `connect`, `http`, `promql`, `decode`, `result_type`
-    /// or `auth`. `None` otherwise (an empty result is not an error).
+    /// For [`Sample::Error`]: `timeout`, `connect`, `http`, `promql`, `decode`, `result_type`,
+    /// `limit` (an answer over [`AnswerLimits`]) or `auth`. `None` otherwise (an empty result is not an error).
     pub error_kind: Option<&'static str>,
 }
 
@@ -271,7 +334,9 @@ pub struct QueryError {
 pub struct PrometheusSource {
     client: prometheus_http_query::Client,
     timeout: Duration,
+    timeout_setting: &'static str,
     max_concurrency: usize,
+    limits: AnswerLimits,
     bearer_token: Option<Material>,
     /// Fixed secrets to scrub from error texts (password, header values, URL password).
     secrets: Arc<Vec<String>>,
@@ -289,6 +354,10 @@ impl fmt::Debug for PrometheusSource {
 }
 
 const TOKEN_FLAG: &str = "--prometheus-bearer-token-file";
+/// The flag of [`AnswerLimits::max_bytes`].
+pub const MAX_BYTES_FLAG: &str = "--prometheus-max-response-bytes";
+/// The flag of [`AnswerLimits::max_series`].
+pub const MAX_SERIES_FLAG: &str = "--prometheus-max-series";
 
 fn read_token(m: &Material) -> Result<String, SourceError> {
     let content = |message: &str| SourceError::Content {
@@ -449,6 +518,16 @@ impl PrometheusSource {
         if cfg.max_concurrency == 0 {
             return Err(SourceError::Concurrency);
         }
+        if cfg.limits.max_bytes == 0 {
+            return Err(SourceError::Limit {
+                flag: MAX_BYTES_FLAG,
+            });
+        }
+        if cfg.limits.max_series == 0 {
+            return Err(SourceError::Limit {
+                flag: MAX_SERIES_FLAG,
+            });
+        }
         if cfg.bearer_token.is_some() && cfg.basic_auth.is_some() {
             return Err(SourceError::AuthConflict);
         }
@@ -494,6 +573,9 @@ impl PrometheusSource {
         let tls = tls_config(cfg)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            // A redirect would send the query, its headers and credentials to a URL nobody
+            // allowed: a 3xx is an answer like any other non-Prometheus one (an error).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .default_headers(headers)
@@ -510,7 +592,9 @@ impl PrometheusSource {
         Ok(PrometheusSource {
             client,
             timeout: cfg.timeout,
+            timeout_setting: cfg.timeout_setting,
             max_concurrency: cfg.max_concurrency,
+            limits: cfg.limits,
             bearer_token: cfg.bearer_token.clone(),
             secrets: Arc::new(secrets),
         })
@@ -529,6 +613,11 @@ impl PrometheusSource {
     }
 
     /// Like [`query_all`](Self::query_all), with each query's latency and error kind.
+    ///
+    /// The whole call runs under one deadline, the server's timeout: a query still unanswered
+    /// then (slow, or queued behind [`PrometheusConfig::max_concurrency`] slow ones) is an error
+    /// sample saying so, and the answers already in are kept. One server that never answers
+    /// therefore costs its own policies one timeout, never more.
     pub async fn query_all_outcomes<'a>(
         &self,
         queries: impl IntoIterator<Item = &'a str>,
@@ -542,6 +631,8 @@ impl PrometheusSource {
             .map(str::to_string)
             .collect();
         let span = tracing::info_span!("prometheus_tick", distinct_queries = distinct.len());
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.timeout;
         async {
             // One token read per tick: a rotated token is picked up at the next tick.
             let token = match &self.bearer_token {
@@ -550,26 +641,45 @@ impl PrometheusSource {
                     .and_then(|t| bearer_header(m, &t).map(|h| Some((h, t))))
                     .map_err(|e| e.to_string()),
             };
-            futures::stream::iter(distinct)
-                .map(|q: String| {
-                    let token = &token;
-                    async move {
-                        let outcome = match token {
-                            Ok(t) => self.run(&q, t.as_ref()).await,
-                            Err(message) => QueryOutcome {
-                                sample: Sample::Error {
-                                    message: message.clone(),
+            let mut answers = std::pin::pin!(
+                futures::stream::iter(distinct.clone())
+                    .map(|q: String| {
+                        let token = &token;
+                        async move {
+                            let outcome = match token {
+                                Ok(t) => self.run(&q, t.as_ref()).await,
+                                Err(message) => QueryOutcome {
+                                    sample: Sample::Error {
+                                        message: message.clone(),
+                                    },
+                                    duration: Duration::ZERO,
+                                    error_kind: Some("auth"),
                                 },
-                                duration: Duration::ZERO,
-                                error_kind: Some("auth"),
-                            },
-                        };
-                        (q, outcome)
-                    }
-                })
-                .buffer_unordered(self.max_concurrency)
-                .collect::<HashMap<_, _>>()
-                .await
+                            };
+                            (q, outcome)
+                        }
+                    })
+                    .buffer_unordered(self.max_concurrency)
+            );
+            let mut out = HashMap::with_capacity(distinct.len());
+            while let Ok(Some((q, outcome))) =
+                tokio::time::timeout_at(deadline, answers.next()).await
+            {
+                out.insert(q, outcome);
+            }
+            for q in distinct {
+                out.entry(q).or_insert_with(|| QueryOutcome {
+                    sample: Sample::Error {
+                        message: format!(
+                            "no answer within the server's {:?} deadline for this evaluation ({})",
+                            self.timeout, self.timeout_setting
+                        ),
+                    },
+                    duration: started.elapsed(),
+                    error_kind: Some("timeout"),
+                });
+            }
+            out
         }
         .instrument(span)
         .await
@@ -651,7 +761,7 @@ impl PrometheusSource {
                 builder = builder.header(AUTHORIZATION, header.clone());
             }
             let chunk = self
-                .exchange(builder.post_raw(), parse_range_response)
+                .exchange(builder.post_raw(), parse_range)
                 .await
                 .map_err(|e| QueryError {
                     kind: e.kind,
@@ -669,25 +779,25 @@ impl PrometheusSource {
         Ok(out)
     }
 
-    /// Sends a request and parses its answer. The HTTP client's own timeout bounds the request;
-    /// this one also bounds anything around it, with a message that says so.
+    /// Sends a request and parses its answer, read in chunks under [`AnswerLimits`]. The HTTP
+    /// client's own timeout bounds the request; this one also bounds anything around it, with a
+    /// message that says so.
     async fn exchange<T>(
         &self,
         request: impl std::future::Future<
             Output = Result<reqwest::Response, prometheus_http_query::Error>,
         >,
-        parse: fn(u16, &str) -> Result<T, QueryError>,
+        parse: fn(u16, &[u8], AnswerLimits) -> Result<T, QueryError>,
     ) -> Result<T, QueryError> {
+        let limits = self.limits;
         let exchange = async {
             let response = request.await.map_err(|e| classify(&e))?;
             let status = response.status();
-            let body = response.text().await.map_err(|e| QueryError {
-                kind: if e.is_timeout() { "timeout" } else { "decode" },
-                message: format!("reading the response body: {}", error_chain(&e)),
-            })?;
-            parse(status.as_u16(), &body)
+            let body = read_capped(response, limits.max_bytes).await?;
+            parse(status.as_u16(), &body, limits)
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let span = tracing::info_span!("prometheus_answer", url = %self.url());
+        match tokio::time::timeout(self.timeout, exchange.instrument(span)).await {
             Err(_) => Err(QueryError {
                 kind: "timeout",
                 message: format!("no answer within the {:?} timeout", self.timeout),
@@ -705,7 +815,7 @@ impl PrometheusSource {
         if let Some((header, _)) = token {
             builder = builder.header(AUTHORIZATION, header.clone());
         }
-        let result = self.exchange(builder.post_raw(), parse_response).await;
+        let result = self.exchange(builder.post_raw(), parse_instant).await;
         let duration = start.elapsed();
         let outcome = match result {
             Ok(sample) => QueryOutcome {
@@ -716,7 +826,7 @@ impl PrometheusSource {
             Err(e) => {
                 let mut message = self.scrub(&e.message, token.map(|(_, t)| t.as_str()));
                 if e.kind == "timeout" {
-                    message = format!("{message} (--prometheus-timeout {:?})", self.timeout);
+                    message = format!("{message} ({} {:?})", self.timeout_setting, self.timeout);
                 }
                 QueryOutcome {
                     sample: Sample::Error { message },
@@ -776,47 +886,219 @@ pub fn classify(e: &prometheus_http_query::Error) -> QueryError {
     QueryError { kind, message }
 }
 
-/// The JSON envelope of every Prometheus API answer.
+/// The JSON envelope of every Prometheus API answer. Unknown fields (`infos`, say) are ignored.
 #[derive(serde::Deserialize)]
 struct Envelope {
     status: String,
-    data: Option<PromqlResult>,
-    #[serde(rename = "errorType")]
+    #[serde(default)]
+    data: Option<Data>,
+    #[serde(default, rename = "errorType")]
     error_type: Option<String>,
+    #[serde(default)]
     error: Option<String>,
+    /// Set when the answer is partial (Thanos with a store down, say) or otherwise suspect.
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
-/// Reads an answer of `/api/v1/query` (HTTP status and body) into a [`Sample`]. Anything but a
-/// Prometheus success is an error naming the HTTP status and, for answers that are not
-/// Prometheus JSON (a proxy's error page, say), the start of the body.
+/// The `data` of a query answer. Series labels are not kept: kscale sums values, so an answer
+/// costs 16 bytes per value in memory, less than its JSON text.
+#[derive(serde::Deserialize)]
+#[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
+enum Data {
+    Vector(Vec<VectorElement>),
+    Scalar(Point),
+    Matrix(Vec<RangeSeries>),
+    String(serde::de::IgnoredAny),
+}
+
+#[derive(serde::Deserialize)]
+struct VectorElement {
+    value: Point,
+}
+
+#[derive(serde::Deserialize)]
+struct RangeSeries {
+    values: Vec<Point>,
+}
+
+/// `[<unix seconds>, "<value>"]`.
+#[derive(serde::Deserialize)]
+struct Point(f64, #[serde(deserialize_with = "sample_value")] f64);
+
+/// A sample value as Prometheus writes it: a decimal string, `NaN`, `+Inf` or `-Inf`.
+fn sample_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+    match text.as_ref() {
+        "NaN" => Ok(f64::NAN),
+        "+Inf" | "Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        t => t
+            .parse()
+            .map_err(|_| serde::de::Error::custom("a sample value is not a number")),
+    }
+}
+
+/// The error types the Prometheus HTTP API documents. An error answer of one of these is the
+/// server's verdict on the query (a PromQL parse error, say), and its text is kept for the
+/// policy's author; anything else a server sends is logged, never shown.
+const PROMETHEUS_ERROR_TYPES: [&str; 8] = [
+    "bad_data",
+    "timeout",
+    "canceled",
+    "execution",
+    "internal",
+    "unavailable",
+    "not_found",
+    "too_many_requests",
+];
+
+/// The most characters of a Prometheus error text that reach a status.
+const ERROR_TEXT_CHARS: usize = 300;
+
+/// Reads a response body in chunks and stops as soon as it passes `max` bytes: an answer over
+/// the cap is never buffered past it (a `Content-Length` over the cap is refused unread).
+async fn read_capped(mut response: reqwest::Response, max: u64) -> Result<Vec<u8>, QueryError> {
+    let over = || QueryError {
+        kind: "limit",
+        message: format!(
+            "the answer is larger than the {max}-byte cap ({MAX_BYTES_FLAG}); kscale stopped reading it"
+        ),
+    };
+    if response.content_length().is_some_and(|n| n > max) {
+        return Err(over());
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if (body.len() + chunk.len()) as u64 > max {
+                    return Err(over());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(QueryError {
+                    kind: if e.is_timeout() { "timeout" } else { "decode" },
+                    message: format!("reading the response body: {}", error_chain(&e)),
+                });
+            }
+        }
+    }
+}
+
+/// Reads an answer of `/api/v1/query` (HTTP status and body) into a [`Sample`] under the
+/// default [`AnswerLimits`]. Anything but a Prometheus success is an error naming the HTTP
+/// status; the text of an answer that is not Prometheus JSON (a proxy's error page, say) is
+/// logged, never put in the error, because the error reaches the policy's status.
 pub fn parse_response(status: u16, body: &str) -> Result<Sample, QueryError> {
-    parse_envelope(status, body).and_then(|data| convert(&data))
+    parse_instant(status, body.as_bytes(), AnswerLimits::default())
+}
+
+/// [`parse_response`] under the given caps. An answer with `warnings` gives
+/// [`Sample::Partial`] (or a [`Sample::Missing`] that says so when it holds no series).
+pub fn parse_instant(status: u16, body: &[u8], limits: AnswerLimits) -> Result<Sample, QueryError> {
+    let (data, warnings) = parse_envelope(status, body)?;
+    let sample = match data {
+        Data::Vector(series) => {
+            check_series(series.len(), limits)?;
+            if series.is_empty() {
+                return Ok(Sample::Missing {
+                    reason: match warnings {
+                        0 => NO_SERIES.into(),
+                        n => format!("{NO_SERIES} {}", crate::model::partial_note(n)),
+                    },
+                });
+            }
+            let mut oldest = f64::INFINITY;
+            let values = series
+                .iter()
+                .map(|s| {
+                    oldest = oldest.min(s.value.0);
+                    s.value.1
+                })
+                .collect();
+            (values, to_datetime(oldest)?)
+        }
+        Data::Scalar(Point(t, v)) => (vec![v], to_datetime(t)?),
+        Data::Matrix(_) => {
+            return Err(QueryError {
+                kind: "result_type",
+                message: "the query returned a range vector; a metric's query must return an \
+                          instant vector or a scalar (use e.g. rate() or last_over_time() over the range)"
+                    .into(),
+            });
+        }
+        Data::String(_) => {
+            return Err(QueryError {
+                kind: "result_type",
+                message: "the query returned a string; a metric's query must return an instant \
+                          vector or a scalar"
+                    .into(),
+            });
+        }
+    };
+    let (values, timestamp) = sample;
+    Ok(match warnings {
+        0 => Sample::Series { values, timestamp },
+        n => Sample::Partial {
+            values,
+            timestamp,
+            warnings: n,
+        },
+    })
+}
+
+fn check_series(count: usize, limits: AnswerLimits) -> Result<(), QueryError> {
+    if count > limits.max_series {
+        return Err(QueryError {
+            kind: "limit",
+            message: format!(
+                "the answer holds {count} series, more than the {}-series cap ({MAX_SERIES_FLAG})",
+                limits.max_series
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Reads an answer of `/api/v1/query_range` into one `(time, value)` per step, the series summed
 /// at each step as the evaluator sums them (a step where no series has a sample is left out).
+/// Default [`AnswerLimits`].
 pub fn parse_range_response(
     status: u16,
     body: &str,
 ) -> Result<Vec<(DateTime<Utc>, f64)>, QueryError> {
-    let data = parse_envelope(status, body)?;
+    parse_range(status, body.as_bytes(), AnswerLimits::default())
+}
+
+/// [`parse_range_response`] under the given caps. Warnings are logged: a history only feeds
+/// forecasts, which only ever add to what current values need.
+pub fn parse_range(
+    status: u16,
+    body: &[u8],
+    limits: AnswerLimits,
+) -> Result<Vec<(DateTime<Utc>, f64)>, QueryError> {
+    let (data, _warnings) = parse_envelope(status, body)?;
     let mut sums: std::collections::BTreeMap<i64, f64> = std::collections::BTreeMap::new();
-    match data.data() {
+    match data {
         Data::Matrix(series) => {
+            check_series(series.len(), limits)?;
             for s in series {
-                for sample in s.samples() {
-                    let t = to_datetime(sample.timestamp())?.timestamp_millis();
-                    *sums.entry(t).or_insert(0.0) += sample.value();
+                for Point(t, v) in s.values {
+                    let t = to_datetime(t)?.timestamp_millis();
+                    *sums.entry(t).or_insert(0.0) += v;
                 }
             }
         }
-        Data::Scalar(s) => {
-            sums.insert(to_datetime(s.timestamp())?.timestamp_millis(), s.value());
+        Data::Scalar(Point(t, v)) => {
+            sums.insert(to_datetime(t)?.timestamp_millis(), v);
         }
-        Data::Vector(_) => {
+        Data::Vector(_) | Data::String(_) => {
             return Err(QueryError {
                 kind: "result_type",
-                message: "a range query returned an instant vector".into(),
+                message: "a range query returned an instant vector or a string".into(),
             });
         }
     }
@@ -832,49 +1114,99 @@ pub fn parse_range_response(
         .collect()
 }
 
-fn parse_envelope(status: u16, body: &str) -> Result<PromqlResult, QueryError> {
-    let snippet = || {
-        let text: String = body.trim().chars().take(300).collect();
-        if text.is_empty() {
-            "(empty body)".to_string()
-        } else {
-            text
-        }
+/// The start of a body, for the daemon's log only.
+fn log_snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+    let text: String = text.trim().chars().take(300).collect();
+    if text.is_empty() {
+        "(empty body)".to_string()
+    } else {
+        text
+    }
+}
+
+/// The answer's data and its number of warnings, or an error. No text of the body reaches the
+/// error except a documented Prometheus error's own message; the rest is logged.
+fn parse_envelope(status: u16, body: &[u8]) -> Result<(Data, usize), QueryError> {
+    let logged = |what: &str| {
+        tracing::warn!(
+            http_status = status,
+            body_start = %log_snippet(body),
+            "{what}; the answer's text stays in this log"
+        );
     };
-    match serde_json::from_str::<Envelope>(body) {
+    match serde_json::from_slice::<Envelope>(body) {
         Ok(Envelope {
             status: s,
             data: Some(data),
+            warnings,
             ..
-        }) if s == "success" => Ok(data),
+        }) if s == "success" && (200..300).contains(&status) => {
+            if !warnings.is_empty() {
+                let shown: Vec<String> = warnings
+                    .iter()
+                    .take(5)
+                    .map(|w| w.chars().take(300).collect())
+                    .collect();
+                tracing::warn!(
+                    http_status = status,
+                    warnings = warnings.len(),
+                    first = ?shown,
+                    "Prometheus answered with warnings: the data is partial"
+                );
+            }
+            Ok((data, warnings.len()))
+        }
         Ok(Envelope {
             status: s,
             error_type: Some(kind),
             error,
             ..
-        }) if s == "error" => Err(QueryError {
-            kind: if kind == "timeout" {
-                "timeout"
-            } else {
-                "promql"
-            },
-            message: format!(
-                "Prometheus rejected the query (HTTP {status}): {kind}: {}",
-                error.unwrap_or_default()
-            ),
-        }),
-        _ if !(200..300).contains(&status) => Err(QueryError {
-            kind: "http",
-            message: format!("HTTP {status} from Prometheus: {}", snippet()),
-        }),
-        Ok(_) => Err(QueryError {
-            kind: "decode",
-            message: format!("not a Prometheus query answer: {}", snippet()),
-        }),
-        Err(e) => Err(QueryError {
-            kind: "decode",
-            message: format!("cannot parse the answer ({e}): {}", snippet()),
-        }),
+        }) if s == "error" && PROMETHEUS_ERROR_TYPES.contains(&kind.as_str()) => {
+            let text: String = error
+                .unwrap_or_default()
+                .chars()
+                .take(ERROR_TEXT_CHARS)
+                .collect();
+            Err(QueryError {
+                kind: if kind == "timeout" {
+                    "timeout"
+                } else {
+                    "promql"
+                },
+                message: format!("Prometheus rejected the query (HTTP {status}): {kind}: {text}"),
+            })
+        }
+        _ if !(200..300).contains(&status) => {
+            logged("the server's answer is an HTTP error");
+            Err(QueryError {
+                kind: "http",
+                message: format!("HTTP {status} from the server (body logged by the daemon)"),
+            })
+        }
+        Ok(_) => {
+            logged("the server's answer is not a Prometheus query answer");
+            Err(QueryError {
+                kind: "decode",
+                message: format!(
+                    "HTTP {status} from the server is not a Prometheus query answer (body logged by the daemon)"
+                ),
+            })
+        }
+        Err(e) => {
+            logged("the server's answer does not parse as Prometheus JSON");
+            // serde's message can quote the body (an unknown variant, say): only its position.
+            let what = match body.iter().all(u8::is_ascii_whitespace) {
+                true => "an empty body".to_string(),
+                false => format!("line {} column {}", e.line(), e.column()),
+            };
+            Err(QueryError {
+                kind: "decode",
+                message: format!(
+                    "HTTP {status} from the server is not Prometheus JSON (at {what}; body logged by the daemon)"
+                ),
+            })
+        }
     }
 }
 
@@ -890,49 +1222,18 @@ fn to_datetime(seconds: f64) -> Result<DateTime<Utc>, QueryError> {
     DateTime::from_timestamp_millis((seconds * 1000.0).round() as i64).ok_or_else(bad)
 }
 
-/// Converts a successful instant-query response to a [`Sample`]; see the module docs for the
-/// rules. An `Err` is an answer kscale cannot use (a range vector, a bad timestamp).
-pub fn convert(result: &PromqlResult) -> Result<Sample, QueryError> {
-    match result.data() {
-        Data::Vector(series) => {
-            if series.is_empty() {
-                return Ok(Sample::Missing {
-                    reason: NO_SERIES.into(),
-                });
-            }
-            let mut oldest = f64::INFINITY;
-            let values = series
-                .iter()
-                .map(|s| {
-                    oldest = oldest.min(s.sample().timestamp());
-                    s.sample().value()
-                })
-                .collect();
-            Ok(Sample::Series {
-                values,
-                timestamp: to_datetime(oldest)?,
-            })
-        }
-        Data::Scalar(s) => Ok(Sample::Series {
-            values: vec![s.value()],
-            timestamp: to_datetime(s.timestamp())?,
-        }),
-        Data::Matrix(_) => Err(QueryError {
-            kind: "result_type",
-            message: "the query returned a range vector; a metric's query must return an \
-                      instant vector or a scalar (use e.g. rate() or last_over_time() over the range)"
-                .into(),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
 
-    fn parse(json: &str) -> PromqlResult {
-        serde_json::from_str(json).unwrap()
+    /// A success envelope around `data`, as Prometheus sends it.
+    fn parse(data: &str) -> String {
+        format!(r#"{{"status":"success","data":{data}}}"#)
+    }
+
+    fn convert(body: &str) -> Result<Sample, QueryError> {
+        parse_response(200, body)
     }
 
     fn ts(s: f64) -> DateTime<Utc> {
@@ -1089,13 +1390,13 @@ spec:
         assert_eq!(e.kind, "http");
         assert_eq!(
             e.message,
-            "HTTP 502 from Prometheus: <html>Bad Gateway</html>"
+            "HTTP 502 from the server (body logged by the daemon)"
         );
         let e = parse_response(404, r#"{"kind":"Status","status":"Failure"}"#).unwrap_err();
         assert_eq!(e.kind, "http");
         let e = parse_response(200, "").unwrap_err();
         assert_eq!(e.kind, "decode");
-        assert!(e.message.ends_with("(empty body)"), "{}", e.message);
+        assert!(e.message.contains("an empty body"), "{}", e.message);
     }
 
     #[test]
