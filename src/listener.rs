@@ -550,7 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_loop_survives_accept_errors() {
-        let addr = start(50, Limits::with_max_connections(4)).await;
+        let addr = start(8, Limits::with_max_connections(4)).await;
         let answer = exchange(addr, &get("/after-emfile")).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("/after-emfile"), "{answer}");
