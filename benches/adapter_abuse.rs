@@ -16,13 +16,11 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::Api;
 use tokio::io::AsyncReadExt as _;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -30,15 +28,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// VmRSS and VmHWM of `pid`, in MiB.
@@ -56,15 +45,6 @@ fn memory(pid: u32) -> (f64, f64) {
 fn print_memory(step: &str, pid: u32) {
     let (rss, hwm) = memory(pid);
     println!("{step:<44} RSS {rss:>8.1} MiB   peak {hwm:>8.1} MiB");
-}
-
-async fn raw(client: &kube::Client, path: &str) -> (u16, String) {
-    let req = http::Request::get(path).body(Vec::new()).expect("request");
-    match client.request_text(req).await {
-        Ok(body) => (200, body),
-        Err(kube::Error::Api(s)) => (s.code, s.message),
-        Err(e) => (0, e.to_string()),
-    }
 }
 
 fn main() {
@@ -106,21 +86,12 @@ fn main() {
             .spawn()
             .expect("kscale run starts");
         let pid = child.id();
-        let _daemon = Daemon(child);
-        let ca_bundle =
-            serde_json::to_string(&k8s_openapi::ByteString(ca_pem.clone().into_bytes())).expect("b64");
-        support::apply_yaml(
-            &client,
-            &ns.name,
-            &format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: kscale-external-metrics, namespace: {ns}}}\nspec: {{type: ExternalName, externalName: 127.0.0.1}}\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: v1beta1.external.metrics.k8s.io}}\nspec:\n  group: external.metrics.k8s.io\n  version: v1beta1\n  service: {{name: kscale-external-metrics, namespace: {ns}, port: {port}}}\n  caBundle: {ca_bundle}\n  groupPriorityMinimum: 100\n  versionPriority: 100\n",
-                ns = ns.name
-            ),
-        )
-        .await;
+        let _daemon = support::ChildGuard(child);
+        let _apiservice =
+            support::register_external_metrics(env, &client, &ns.name, port, &ca_pem, &log).await;
         let legit = "/apis/external.metrics.k8s.io/v1beta1";
         support::wait_until("the APIService answers", Duration::from_secs(90), || async {
-            match raw(&client, legit).await {
+            match support::raw_get(&client, legit).await {
                 (200, _) => Ok(()),
                 other => Err(format!("{other:?}")),
             }
@@ -191,7 +162,7 @@ fn main() {
 
         // 3. A legitimate request through kube-apiserver, while they are held.
         let start = Instant::now();
-        let (code, body) = raw(&client, legit).await;
+        let (code, body) = support::raw_get(&client, legit).await;
         println!(
             "legitimate GET {legit} through kube-apiserver: {code} in {:.0} ms{}",
             start.elapsed().as_secs_f64() * 1000.0,
@@ -199,8 +170,5 @@ fn main() {
         );
         print_memory("end", pid);
         drop(idle);
-        let _ = Api::<APIService>::all(client.clone())
-            .delete("v1beta1.external.metrics.k8s.io", &Default::default())
-            .await;
     });
 }

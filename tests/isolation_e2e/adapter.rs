@@ -4,45 +4,23 @@
 //! aggregator; and two policies whose external metric names would collide.
 //!
 //! The APIService is a cluster singleton, so the tests of this module take [`APISERVICE`] in turn.
+//! (`tests/external_metrics_e2e.rs`, another test binary, never runs at the same time.)
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kscale::crd::ScalingPolicy;
 use kube::api::{Api, ListParams, PostParams};
 use tokio::io::AsyncReadExt as _;
 
 use crate::support;
+use support::{external_metric_values as values, raw_get as raw};
 
 /// One test at a time holds `v1beta1.external.metrics.k8s.io`.
 static APISERVICE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The daemon as a child process, killed on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Deletes the test's APIService at the end.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        support::cleanup_blocking(&self.0, move |client| async move {
-            let _ = Api::<APIService>::all(client)
-                .delete("v1beta1.external.metrics.k8s.io", &Default::default())
-                .await;
-        });
-    }
-}
 
 /// A running, registered adapter.
 struct Adapter {
@@ -50,36 +28,12 @@ struct Adapter {
     ca_pem: String,
     log: PathBuf,
     pid: u32,
-    _daemon: Daemon,
-    _cleanup: Cleanup,
+    _cleanup: support::ApiServiceGuard,
+    _daemon: support::ChildGuard,
 }
 
 fn metric_path(ns: &str, metric: &str) -> String {
     format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}")
-}
-
-/// GET through kube-apiserver (what `kubectl get --raw` does): status code and body.
-async fn raw(client: &kube::Client, path: &str) -> (u16, String) {
-    let req = http::Request::get(path).body(Vec::new()).expect("request");
-    match client.request_text(req).await {
-        Ok(body) => (200, body),
-        Err(kube::Error::Api(s)) => (s.code, s.message),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-/// The values of a successful ExternalMetricValueList answer.
-fn values(body: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
-    if v["kind"] != "ExternalMetricValueList" {
-        return Err(format!("not a list: {body}"));
-    }
-    Ok(v["items"]
-        .as_array()
-        .ok_or("no items")?
-        .iter()
-        .map(|i| i["value"].as_str().unwrap_or("").to_string())
-        .collect())
 }
 
 async fn wait_values(client: &kube::Client, path: &str, want: &[&str], log: &Path) {
@@ -135,53 +89,8 @@ async fn start_adapter(
         .spawn()
         .expect("kscale run starts");
     let pid = child.id();
-    let daemon = Daemon(child);
-    let cleanup = Cleanup(env.kubeconfig.clone());
-    let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.clone().into_bytes()))
-        .expect("base64");
-    support::apply_yaml(
-        client,
-        ns,
-        &format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: kscale-external-metrics, namespace: {ns}}}
-spec: {{type: ExternalName, externalName: 127.0.0.1}}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {{name: v1beta1.external.metrics.k8s.io}}
-spec:
-  group: external.metrics.k8s.io
-  version: v1beta1
-  service: {{name: kscale-external-metrics, namespace: {ns}, port: {port}}}
-  caBundle: {ca_bundle}
-  groupPriorityMinimum: 100
-  versionPriority: 100
-"#
-        ),
-    )
-    .await;
-    let apiservices: Api<APIService> = Api::all(client.clone());
-    support::wait_until(
-        &format!("the APIService is Available ({})", support::log_tail(&log)),
-        Duration::from_secs(60),
-        || async {
-            let s = apiservices
-                .get("v1beta1.external.metrics.k8s.io")
-                .await
-                .map_err(|e| e.to_string())?;
-            let available = s
-                .status
-                .and_then(|st| st.conditions)
-                .and_then(|cs| cs.into_iter().find(|c| c.type_ == "Available"));
-            match available {
-                Some(c) if c.status == "True" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    let daemon = support::ChildGuard(child);
+    let cleanup = support::register_external_metrics(env, client, ns, port, &ca_pem, &log).await;
     Adapter {
         addr: format!("127.0.0.1:{port}").parse().expect("addr"),
         ca_pem,
@@ -360,9 +269,12 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
     let mut open = 0;
     for tls in &mut idle {
         let mut byte = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(20), tls.read(&mut byte)).await {
-            Err(_) => open += 1, // still waiting: open
-            Ok(_) => {}          // EOF or error: closed by the server
+        // Still waiting after the timeout: open. EOF or an error: closed by the server.
+        if tokio::time::timeout(Duration::from_millis(20), tls.read(&mut byte))
+            .await
+            .is_err()
+        {
+            open += 1;
         }
     }
     assert!(
