@@ -62,13 +62,7 @@ fn main() {
         let client = env.client().await;
         let ns = support::create_namespace(env, &client, "adapter-abuse").await;
         let dir = std::env::temp_dir().join(format!("kscale-adapter-abuse-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec![
-            format!("kscale-external-metrics.{}.svc", ns.name),
-            "localhost".into(),
-        ]);
-        std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
-        std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+        let ca_pem = support::write_adapter_certificate(&dir, &ns.name);
         let port = support::free_port();
         let log = dir.join("daemon.log");
         let child = Command::new(&bin)

@@ -116,14 +116,7 @@ spec:
 
     // Serving certificate for the name the aggregator verifies, from files (a mounted Secret).
     let dir = support::repo_root().join(format!("target/xm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("test dir");
-    let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec![
-        format!("kscale-external-metrics.{ns_name}.svc"),
-        "localhost".into(),
-        "127.0.0.1".into(),
-    ]);
-    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
-    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    let ca_pem = support::write_adapter_certificate(&dir, &ns_name);
     let rules = format!(
         "externalRules:\n- name: xm-queue-total\n  query: 'sum({metric}{{exporter=\"{}\",<<.LabelMatchers>>}})'\n  namespaced: false\n",
         exporter.id

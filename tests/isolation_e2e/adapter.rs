@@ -58,14 +58,7 @@ async fn start_adapter(
     extra: &[&str],
 ) -> Adapter {
     let dir = support::repo_root().join(format!("target/iso-adapter-{}-{ns}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("test dir");
-    let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec![
-        format!("kscale-external-metrics.{ns}.svc"),
-        "localhost".into(),
-        "127.0.0.1".into(),
-    ]);
-    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
-    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    let ca_pem = support::write_adapter_certificate(&dir, ns);
     let port = support::free_port();
     let log = dir.join("daemon.log");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
@@ -98,6 +91,35 @@ async fn start_adapter(
         pid,
         _daemon: daemon,
         _cleanup: cleanup,
+    }
+}
+
+/// A test's namespace with Deployment `web` (3 simulated pods), the chart's RBAC for the daemon,
+/// and an exporter scraped by the test Prometheus.
+struct Scene {
+    client: kube::Client,
+    ns: support::TestNamespace,
+    kubeconfig: PathBuf,
+    _binding: support::BindingGuard,
+    exporter: support::TestExporter,
+}
+
+impl Scene {
+    async fn new(env: &support::TestEnv, prefix: &str) -> Scene {
+        let client = env.client().await;
+        support::install_crd(&client).await;
+        let ns = support::create_namespace(env, &client, prefix).await;
+        let (kubeconfig, _binding) =
+            support::service_account_kubeconfig(env, &client, &ns.name).await;
+        support::create_kwok_deployment(&client, &ns.name, "web", 3, "100m", "50m").await;
+        let exporter = support::TestExporter::start(env, &ns.name);
+        Scene {
+            client,
+            ns,
+            kubeconfig,
+            _binding,
+            exporter,
+        }
     }
 }
 
@@ -163,12 +185,8 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
         return;
     };
     let _one = APISERVICE.lock().await;
-    let client = env.client().await;
-    support::install_crd(&client).await;
-    let ns = support::create_namespace(env, &client, "iso-adapter").await;
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    support::create_kwok_deployment(&client, &ns.name, "web", 3, "100m", "50m").await;
-    let exporter = support::TestExporter::start(env, &ns.name);
+    let scene = Scene::new(env, "iso-adapter").await;
+    let (client, ns, exporter) = (&scene.client, &scene.ns, &scene.exporter);
     let metric = "kscale_iso_adapter_queue";
     exporter.set(metric, &[], 15.0);
     let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
@@ -182,9 +200,9 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
     const MAX_CONNECTIONS: usize = 32;
     let adapter = start_adapter(
         env,
-        &client,
+        client,
         &ns.name,
-        &kubeconfig,
+        &scene.kubeconfig,
         &[
             "--external-metrics-max-connections",
             &MAX_CONNECTIONS.to_string(),
@@ -192,7 +210,7 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
     )
     .await;
     let legit = metric_path(&ns.name, "web-desired-replicas");
-    wait_values(&client, &legit, &["3"], &adapter.log).await;
+    wait_values(client, &legit, &["3"], &adapter.log).await;
 
     let pki = env.dir.join("pki");
     let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("testenv PKI");
@@ -204,43 +222,27 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
         )),
     );
 
-    // Distinct long paths, authenticated as a front proxy would: a target over the limit is 414
-    // and a head over the header limit 431, before authentication or any cache.
-    for i in 0..200 {
-        let long = format!(
-            "{}-{i}-{}",
-            metric_path(&ns.name, "x"),
-            "a".repeat(9 * 1024)
-        );
-        assert_eq!(
-            proxied_status(proxy.clone(), adapter.addr, &long).await,
-            Ok(414),
-            "{long:.80}"
-        );
-        let huge = format!(
-            "{}-{i}-{}",
-            metric_path(&ns.name, "x"),
-            "a".repeat(60 * 1024)
-        );
-        assert_eq!(
-            proxied_status(proxy.clone(), adapter.addr, &huge).await,
-            Ok(431),
-            "{huge:.80}"
-        );
-        // Under the limits: authorized (one small cache entry) and not served.
-        let distinct = format!(
-            "{}-{i}-{}",
-            metric_path(&ns.name, "x"),
-            "a".repeat(7 * 1024)
-        );
-        assert_eq!(
-            proxied_status(proxy.clone(), adapter.addr, &distinct).await,
-            Ok(404)
-        );
+    // Distinct long paths, authenticated as a front proxy would: a 9 KiB target is over the
+    // target limit (414) and a 60 KiB head over the header limit (431), both answered before
+    // authentication or any cache; a 7 KiB one is authorized (one small cache entry, a digest)
+    // and not served (404).
+    for (kib, want) in [(9, 414), (60, 431), (7, 404)] {
+        for i in 0..200 {
+            let path = format!(
+                "{}-{i}-{}",
+                metric_path(&ns.name, "x"),
+                "a".repeat(kib * 1024)
+            );
+            assert_eq!(
+                proxied_status(proxy.clone(), adapter.addr, &path).await,
+                Ok(want),
+                "{kib} KiB path {i}"
+            );
+        }
     }
     // The same through kube-apiserver (kubectl get --raw with a long path).
     let (code, body) = raw(
-        &client,
+        client,
         &format!("{}-{}", metric_path(&ns.name, "x"), "a".repeat(9 * 1024)),
     )
     .await;
@@ -263,7 +265,7 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
     }
     // A legitimate request through the aggregator still answers.
     exporter.set(metric, &[], 30.0);
-    wait_values(&client, &legit, &["6"], &adapter.log).await;
+    wait_values(client, &legit, &["6"], &adapter.log).await;
     // The adapter closed the idle connections beyond its limit: at most MAX_CONNECTIONS of them
     // are still open (each probe is a read that sees EOF on a closed one).
     let mut open = 0;
@@ -288,7 +290,7 @@ async fn the_adapter_under_abuse_still_answers_through_the_apiserver() {
         "resident memory {rss} KiB exceeds the chart's 256Mi limit"
     );
     drop(idle);
-    wait_values(&client, &legit, &["6"], &adapter.log).await;
+    wait_values(client, &legit, &["6"], &adapter.log).await;
 }
 
 /// Policy `web-desired` with metric `replicas` would publish `web-desired-replicas`, the name of
@@ -301,12 +303,8 @@ async fn colliding_external_metric_names_are_refused() {
         return;
     };
     let _one = APISERVICE.lock().await;
-    let client = env.client().await;
-    support::install_crd(&client).await;
-    let ns = support::create_namespace(env, &client, "iso-names").await;
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    support::create_kwok_deployment(&client, &ns.name, "web", 3, "100m", "50m").await;
-    let exporter = support::TestExporter::start(env, &ns.name);
+    let scene = Scene::new(env, "iso-names").await;
+    let (client, ns, exporter) = (&scene.client, &scene.ns, &scene.exporter);
     exporter.set("kscale_iso_names_queue", &[], 15.0);
     exporter.set("kscale_iso_names_hostile", &[], 777.0);
     let q = |m: &str| format!("sum({m}{{exporter=\"{}\"}})", exporter.id);
@@ -331,9 +329,9 @@ async fn colliding_external_metric_names_are_refused() {
         )
         .await
         .expect("policy created");
-    let adapter = start_adapter(env, &client, &ns.name, &kubeconfig, &[]).await;
+    let adapter = start_adapter(env, client, &ns.name, &scene.kubeconfig, &[]).await;
     let decision = metric_path(&ns.name, "web-desired-replicas");
-    wait_values(&client, &decision, &["3"], &adapter.log).await;
+    wait_values(client, &decision, &["3"], &adapter.log).await;
 
     let refused = support::wait_until(
         "web-desired reports the collision",
@@ -389,7 +387,7 @@ async fn colliding_external_metric_names_are_refused() {
 
     // The healthy policy keeps evaluating and its decision follows its own metric.
     exporter.set("kscale_iso_names_queue", &[], 30.0);
-    wait_values(&client, &decision, &["6"], &adapter.log).await;
+    wait_values(client, &decision, &["6"], &adapter.log).await;
     let web = policies.get("web").await.expect("web");
     let ready = web
         .status
@@ -398,7 +396,7 @@ async fn colliding_external_metric_names_are_refused() {
         .map(|c| c.status.clone());
     assert_eq!(ready.as_deref(), Some("True"));
     // The hostile policy's value is never served as web's decision.
-    let (_, body) = raw(&client, &decision).await;
+    let (_, body) = raw(client, &decision).await;
     assert!(!body.contains("777"), "{body}");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(

@@ -1332,3 +1332,17 @@ spec:
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Writes `dir/tls.crt` and `dir/tls.key`: a serving certificate for the names the aggregator
+/// verifies for a Service `kscale-external-metrics` in `namespace` (and localhost); the CA (PEM).
+pub fn write_adapter_certificate(dir: &Path, namespace: &str) -> String {
+    std::fs::create_dir_all(dir).expect("test dir");
+    let (ca_pem, cert_pem, key_pem) = serving_certificate(vec![
+        format!("kscale-external-metrics.{namespace}.svc"),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ]);
+    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
+    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    ca_pem
+}
