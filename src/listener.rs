@@ -599,6 +599,15 @@ mod tests {
             .expect("closed by the server")
             .unwrap_or(0);
         assert_eq!(n, 0);
+        // So is a keep-alive connection idle after its request.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        kept.write_all(&get("/once")).await.unwrap();
+        let mut answer = Vec::new();
+        let eof = tokio::time::timeout(Duration::from_secs(10), kept.read_to_end(&mut answer))
+            .await
+            .expect("closed by the server");
+        assert!(eof.is_ok());
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     }
 
     #[tokio::test]

@@ -399,6 +399,26 @@ mod tests {
     }
 
     #[test]
+    fn the_compiler_refuses_a_metric_that_names_another_policys_decision() {
+        let policy = |name: &str| -> crate::crd::ScalingPolicy {
+            serde_yaml::from_str(&format!(
+                "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  targetRef: {{kind: Deployment, name: web}}\n  maxReplicas: 3\n  metrics:\n  - name: replicas\n    prometheus: {{query: 'sum(x)'}}\n    target: {{type: Value, value: \"10\"}}\n"
+            ))
+            .unwrap()
+        };
+        let refused = crate::policy::CompiledPolicy::from_resource(&policy("web-desired"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("spec.metrics[0].name")
+                && refused.contains("\"web-desired-replicas\"")
+                && refused.contains("policy \"web\""),
+            "{refused}"
+        );
+        assert!(crate::policy::CompiledPolicy::from_resource(&policy("web")).is_ok());
+    }
+
+    #[test]
     fn a_metric_that_names_another_policys_decision_is_found() {
         assert_eq!(
             decision_name_owner("web-desired", "replicas").as_deref(),
