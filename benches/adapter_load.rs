@@ -222,12 +222,17 @@ fn main() {
             external_metrics_tls_key_file: None,
             external_metrics_cert_names: vec!["localhost".into()],
             external_rules: None,
+            external_metrics_max_connections:
+                kscale::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
         };
         let running = Adapter::start(
             &args,
             "127.0.0.1:0".parse().expect("addr"),
             client,
             Arc::new(kscale::controller::Unavailable::no_prometheus()),
+            kscale::listener::Limits::with_max_connections(
+                kscale::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
+            ),
         )
         .await
         .expect("adapter starts");

@@ -193,6 +193,9 @@ pub struct RunArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Limits of the listeners (`/metrics` and the external metrics adapter).
+    #[command(flatten)]
+    pub listeners: crate::listener::ListenerArgs,
     #[command(flatten)]
     pub external_metrics: Box<crate::adapter::ExternalMetricsArgs>,
 }
@@ -220,7 +223,7 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_std_duration(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_std_duration(s: &str) -> Result<std::time::Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
@@ -418,6 +421,8 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
                     addr,
                     client.clone(),
                     backend.clone(),
+                    args.listeners
+                        .limits(args.external_metrics.external_metrics_max_connections),
                 )
                 .await
                 .map_err(|e| CliError::Config(e.to_string()))?;
@@ -448,7 +453,12 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         let listener = crate::telemetry::bind(args.metrics_addr)
             .await
             .map_err(|e| CliError::Config(format!("--metrics-addr {}: {e}", args.metrics_addr)))?;
-        let admin = tokio::spawn(crate::telemetry::serve(listener, ctx.metrics.clone()));
+        let admin = tokio::spawn(crate::telemetry::serve(
+            listener,
+            ctx.metrics.clone(),
+            args.listeners
+                .limits(args.listeners.metrics_max_connections),
+        ));
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]

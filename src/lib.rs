@@ -5,6 +5,7 @@
 //! - [`model`]: samples, observations: what sources hand to the evaluator.
 //! - [`policy`]: validation ([`policy::compile`]) and the pure evaluation core ([`policy::evaluate`]).
 //! - [`telemetry`]: the daemon's `/metrics`, `/healthz` and `/readyz`.
+//! - [`listener`]: the accept/serve loop and limits shared by every listener.
 //! - [`status`]: a decision as a ScalingPolicy status (conditions, metrics, history).
 //! - [`source`]: metric sources (recorded traces for now).
 //! - [`actuate`]: reading and writing a target's `scale` subresource; one writer per target.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod listener;
 pub mod load;
 pub mod model;
 pub mod policy;

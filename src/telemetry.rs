@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::policy::{CompiledPolicy, Decision, Rule};
 
@@ -327,24 +327,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(?addr, "serving /metrics, /healthz, /readyz");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = route(&metrics, &req);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                warn!(error = %e, "admin connection");
-            }
-        });
+/// The admin listener's requests (plain HTTP).
+struct Admin(Arc<Metrics>);
+
+impl crate::listener::Handler<tokio::net::TcpStream> for Admin {
+    type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Conn = ();
+
+    async fn handshake(&self, stream: tokio::net::TcpStream) -> Result<(Self::Io, ()), String> {
+        Ok((crate::listener::plain(stream), ()))
     }
+
+    async fn handle(&self, _: &(), req: Request<Incoming>) -> Response<Full<Bytes>> {
+        route(&self.0, &req)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` under `limits` (connections,
+/// header size and timeouts: [`crate::listener`]) until the task is dropped; accept errors never
+/// end it.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, limits: crate::listener::Limits) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(
+        ?addr,
+        max_connections = limits.max_connections,
+        "serving /metrics, /healthz, /readyz"
+    );
+    crate::listener::serve(listener, limits, Arc::new(Admin(metrics)), "metrics").await;
 }

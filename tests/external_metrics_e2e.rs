@@ -7,42 +7,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kscale::crd::ScalingPolicy;
 use kube::api::{Api, PostParams};
-
-/// The daemon as a child process, killed on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Deletes the test's APIService at the end (the chart's RBAC goes with the binding guard).
-struct Cleanup {
-    kubeconfig: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        support::cleanup_blocking(&self.kubeconfig, move |client| async move {
-            let _ = Api::<APIService>::all(client)
-                .delete("v1beta1.external.metrics.k8s.io", &Default::default())
-                .await;
-        });
-    }
-}
-
 fn metric_path(ns: &str, metric: &str, selector: Option<&str>) -> String {
     let mut p = format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}");
     if let Some(s) = selector {
@@ -58,29 +31,7 @@ fn metric_path(ns: &str, metric: &str, selector: Option<&str>) -> String {
     p
 }
 
-/// GET through kube-apiserver (what `kubectl get --raw` does): status code and body.
-async fn raw(client: &kube::Client, path: &str) -> (u16, String) {
-    let req = http::Request::get(path).body(Vec::new()).expect("request");
-    match client.request_text(req).await {
-        Ok(body) => (200, body),
-        Err(kube::Error::Api(s)) => (s.code, s.message),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-/// The values of a successful ExternalMetricValueList answer.
-fn values(body: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
-    if v["kind"] != "ExternalMetricValueList" {
-        return Err(format!("not a list: {body}"));
-    }
-    Ok(v["items"]
-        .as_array()
-        .ok_or("no items")?
-        .iter()
-        .map(|i| i["value"].as_str().unwrap_or("").to_string())
-        .collect())
-}
+use support::{external_metric_values as values, raw_get as raw};
 
 async fn wait_values(client: &kube::Client, path: &str, want: &[&str], log: &Path) {
     let what = format!("{path} = {want:?}");
@@ -118,9 +69,6 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     // The chart's RBAC, the adapter's included (delegated authentication, and the reader role of
     // the HPA controller), bound to this test's ServiceAccount.
     let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns_name).await;
-    let _cleanup = Cleanup {
-        kubeconfig: env.kubeconfig.clone(),
-    };
 
     support::create_kwok_deployment(&client, &ns_name, "web", 3, "100m", "50m").await;
     support::wait_for_ready_pods(&client, &ns_name, "app=web", 3, Duration::from_secs(60)).await;
@@ -168,14 +116,7 @@ spec:
 
     // Serving certificate for the name the aggregator verifies, from files (a mounted Secret).
     let dir = support::repo_root().join(format!("target/xm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("test dir");
-    let (ca_pem, cert_pem, key_pem) = support::serving_certificate(vec![
-        format!("kscale-external-metrics.{ns_name}.svc"),
-        "localhost".into(),
-        "127.0.0.1".into(),
-    ]);
-    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
-    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    let ca_pem = support::write_adapter_certificate(&dir, &ns_name);
     let rules = format!(
         "externalRules:\n- name: xm-queue-total\n  query: 'sum({metric}{{exporter=\"{}\",<<.LabelMatchers>>}})'\n  namespaced: false\n",
         exporter.id
@@ -213,59 +154,10 @@ spec:
             .expect("kscale run starts")
     };
     let child = start_daemon(port, &log);
-    let _daemon = Daemon(child);
+    let _daemon = support::ChildGuard(child);
 
-    // Registration: an ExternalName Service to loopback (as scripts/testenv does for
-    // metrics-server) and the APIService with our CA.
-    let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.clone().into_bytes()))
-        .expect("base64");
-    support::apply_yaml(
-        &client,
-        &ns_name,
-        &format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: kscale-external-metrics, namespace: {ns_name}}}
-spec: {{type: ExternalName, externalName: 127.0.0.1}}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {{name: v1beta1.external.metrics.k8s.io}}
-spec:
-  group: external.metrics.k8s.io
-  version: v1beta1
-  service: {{name: kscale-external-metrics, namespace: {ns_name}, port: {port}}}
-  caBundle: {ca_bundle}
-  groupPriorityMinimum: 100
-  versionPriority: 100
-"#
-        ),
-    )
-    .await;
-    let apiservices: Api<APIService> = Api::all(client.clone());
-    let start = std::time::Instant::now();
-    loop {
-        let s = apiservices
-            .get("v1beta1.external.metrics.k8s.io")
-            .await
-            .expect("APIService");
-        let available = s
-            .status
-            .as_ref()
-            .and_then(|st| st.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Available"))
-            .cloned();
-        if available.as_ref().is_some_and(|c| c.status == "True") {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            panic!(
-                "APIService not Available: {available:?}\n{}",
-                support::log_tail(&log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let _cleanup =
+        support::register_external_metrics(env, &client, &ns_name, port, &ca_pem, &log).await;
 
     // Through kube-apiserver: the policy's metric and decision, discovery, errors.
     wait_values(
@@ -438,7 +330,7 @@ spec:
     // too, so either replica behind the Service answers with the same value.
     let follower_port = support::free_port();
     let follower_log = dir.join("follower.log");
-    let _follower = Daemon(start_daemon(follower_port, &follower_log));
+    let _follower = support::ChildGuard(start_daemon(follower_port, &follower_log));
     let follower: std::net::SocketAddr =
         format!("127.0.0.1:{follower_port}").parse().expect("addr");
     support::wait_until(

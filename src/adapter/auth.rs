@@ -8,9 +8,12 @@
 //! - Any other caller must send a bearer token, checked with a TokenReview.
 //! - Every authenticated request is authorized with a SubjectAccessReview.
 //!
-//! Both reviews are cached briefly ([`REVIEW_TTL`]); tokens are cached by their SHA-256 only. An
-//! access decision in use is renewed in the background past half its life, so requests do not
-//! wait for reviews in steady state; no answer is ever used past its TTL.
+//! Both reviews are cached briefly ([`REVIEW_TTL`]), at most [`MAX_CACHED`] answers each, keyed by
+//! a SHA-256 digest only: of the token, and of the user and the parsed request ([`Attributes`]:
+//! namespace and metric, or one of the few served discovery paths; never the raw path), so an
+//! entry has the same small size whatever a caller sends. An access decision in use is renewed in
+//! the background past half its life, so requests do not wait for reviews in steady state; no
+//! answer is ever used past its TTL.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -28,8 +31,9 @@ use super::types::GROUP;
 
 /// How long a TokenReview or SubjectAccessReview answer is reused.
 pub const REVIEW_TTL: Duration = Duration::from_secs(10);
-/// Review answers kept at most per cache.
-const MAX_CACHED: usize = 20_000;
+/// Review answers kept at most per cache (each a 32-byte key and the answer: a few MB in all).
+/// When full, expired answers are dropped, then everything.
+pub const MAX_CACHED: usize = 20_000;
 
 /// The group every authenticated user belongs to.
 const AUTHENTICATED: &str = "system:authenticated";
@@ -217,8 +221,68 @@ pub enum Attributes {
         /// Metric name.
         metric: String,
     },
-    /// A GET of a path that is not a resource (discovery, OpenAPI).
-    Path(String),
+    /// A GET of a served path that is not a resource (discovery, OpenAPI): one of a fixed set.
+    NonResource(&'static str),
+}
+
+impl Attributes {
+    /// What the request asks for, for a denial's message.
+    pub fn describe(&self) -> String {
+        match self {
+            Attributes::Metric { namespace, metric } => {
+                format!("external metric {metric:?} in namespace {namespace:?}")
+            }
+            Attributes::NonResource(path) => (*path).to_string(),
+        }
+    }
+}
+
+/// The cache key of an access decision: a digest of the user and the attributes, each field
+/// length-prefixed so that no two different requests share an encoding.
+fn decision_key(user: &User, attrs: &Attributes) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |bytes: &[u8]| {
+        ctx.update(&(bytes.len() as u64).to_le_bytes());
+        ctx.update(bytes);
+    };
+    field(user.name.as_bytes());
+    field(user.uid.as_deref().unwrap_or("").as_bytes());
+    field(&[u8::from(user.uid.is_some())]);
+    field(&(user.groups.len() as u64).to_le_bytes());
+    for g in &user.groups {
+        field(g.as_bytes());
+    }
+    field(&(user.extra.len() as u64).to_le_bytes());
+    for (k, vs) in &user.extra {
+        field(k.as_bytes());
+        field(&(vs.len() as u64).to_le_bytes());
+        for v in vs {
+            field(v.as_bytes());
+        }
+    }
+    match attrs {
+        Attributes::Metric { namespace, metric } => {
+            field(b"metric");
+            field(namespace.as_bytes());
+            field(metric.as_bytes());
+        }
+        Attributes::NonResource(path) => {
+            field(b"path");
+            field(path.as_bytes());
+        }
+    }
+    to_key(&ctx.finish())
+}
+
+fn to_key(digest: &ring::digest::Digest) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
+/// The SHA-256 of `bytes`: the adapter's cache keys (tokens, rule queries).
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    to_key(&ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
 struct Cached<T> {
@@ -233,7 +297,7 @@ type Cache<K, T> = Arc<Mutex<HashMap<K, Cached<T>>>>;
 pub struct Reviewer {
     client: kube::Client,
     tokens: Cache<[u8; 32], Option<User>>,
-    decisions: Cache<(User, Attributes), bool>,
+    decisions: Cache<[u8; 32], bool>,
 }
 
 /// A cached answer younger than [`REVIEW_TTL`], and whether the caller should refresh it ahead
@@ -293,10 +357,10 @@ async fn review_access(
             }),
             None,
         ),
-        Attributes::Path(path) => (
+        Attributes::NonResource(path) => (
             None,
             Some(NonResourceAttributes {
-                path: Some(path.clone()),
+                path: Some((*path).to_string()),
                 verb: Some("get".into()),
             }),
         ),
@@ -339,9 +403,7 @@ impl Reviewer {
 
     /// The user a bearer token belongs to, or `None` when the token is not valid.
     pub async fn authenticate(&self, token: &str) -> Result<Option<User>, AuthError> {
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.as_ref());
+        let key = sha256(token.as_bytes());
         if let Some((user, _)) = lookup(&self.tokens, &key) {
             return Ok(user);
         }
@@ -379,12 +441,13 @@ impl Reviewer {
     /// Whether `user` may do `attrs`. A cached answer is at most [`REVIEW_TTL`] old; past half
     /// of that it is renewed in the background, so a steady caller never waits for a review.
     pub async fn authorize(&self, user: &User, attrs: &Attributes) -> Result<bool, AuthError> {
-        let key = (user.clone(), attrs.clone());
+        let key = decision_key(user, attrs);
         if let Some((allowed, refresh)) = lookup(&self.decisions, &key) {
             if refresh {
                 let (client, decisions) = (self.client.clone(), self.decisions.clone());
+                let (user, attrs) = (user.clone(), attrs.clone());
                 tokio::spawn(async move {
-                    match review_access(&client, &key.0, &key.1).await {
+                    match review_access(&client, &user, &attrs).await {
                         Ok(allowed) => remember(&decisions, key, allowed),
                         // The answer expires on time; the next request reviews again.
                         Err(e) => warn!(error = %e, "renewing a SubjectAccessReview failed"),
@@ -464,6 +527,51 @@ mod tests {
         age(REVIEW_TTL);
         assert_eq!(lookup(&map, &1), None);
         assert_eq!(lookup(&map, &2), None);
+    }
+
+    #[test]
+    fn decision_keys_are_digests_of_the_parsed_request() {
+        let user = |name: &str, groups: &[&str]| User {
+            name: name.into(),
+            uid: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            extra: BTreeMap::new(),
+        };
+        let metric = |ns: &str, m: &str| Attributes::Metric {
+            namespace: ns.into(),
+            metric: m.into(),
+        };
+        let a = decision_key(&user("alice", &["g"]), &metric("ns", "web-rps"));
+        assert_eq!(
+            a,
+            decision_key(&user("alice", &["g"]), &metric("ns", "web-rps"))
+        );
+        // Moving a byte from one field to the next changes the key.
+        assert_ne!(
+            a,
+            decision_key(&user("alice", &["g"]), &metric("nsw", "eb-rps"))
+        );
+        assert_ne!(
+            a,
+            decision_key(&user("alic", &["eg"]), &metric("ns", "web-rps"))
+        );
+        assert_ne!(
+            a,
+            decision_key(&user("alice", &["g", ""]), &metric("ns", "web-rps"))
+        );
+        assert_ne!(
+            decision_key(&user("alice", &[]), &Attributes::NonResource("/apis")),
+            decision_key(&user("alice", &[]), &Attributes::NonResource("/openapi/v2"))
+        );
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_max_cached_answers() {
+        let map: Mutex<HashMap<u32, Cached<bool>>> = Mutex::new(HashMap::new());
+        for i in 0..(MAX_CACHED as u32 * 2 + 7) {
+            remember(&map, i, true);
+            assert!(map.lock().unwrap().len() <= MAX_CACHED);
+        }
     }
 
     #[test]

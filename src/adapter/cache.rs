@@ -17,6 +17,24 @@ use crate::policy::{MetricSource, MetricState};
 /// Suffix of the metric holding a policy's desired replica count.
 pub const DESIRED_REPLICAS: &str = "desired-replicas";
 
+/// The external metric name of `policy`'s metric `metric`: `<policy>-<metric>`, or with
+/// [`DESIRED_REPLICAS`] the name of its decision.
+pub fn external_name(policy: &str, metric: &str) -> String {
+    format!("{policy}-{metric}")
+}
+
+/// The policy whose decision name `<policy>-desired-replicas` the metric `metric` of `policy`
+/// would publish, if any (policy `web-desired` with metric `replicas` names policy `web`'s
+/// decision). The compiler refuses such a metric, and metric names hold no `-`, so no two
+/// (policy, metric) pairs of one namespace publish the same name: the part after the last `-` is
+/// the metric, and only a decision's name ends in `-desired-replicas`.
+pub fn decision_name_owner(policy: &str, metric: &str) -> Option<String> {
+    external_name(policy, metric)
+        .strip_suffix(&format!("-{DESIRED_REPLICAS}"))
+        .filter(|owner| !owner.is_empty())
+        .map(str::to_string)
+}
+
 /// One served value, or why there is none.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -50,7 +68,13 @@ pub struct Cache {
     entries: RwLock<HashMap<Key, Arc<Entry>>>,
     by_policy: Mutex<HashMap<Key, Published>>,
     last_sweep: Mutex<Option<Instant>>,
-    rule_answers: Mutex<HashMap<String, RuleAnswer>>,
+    /// By the SHA-256 of the rendered query (the selector comes from the caller), so each entry
+    /// is small whatever the selector's length.
+    rule_answers: Mutex<HashMap<[u8; 32], RuleAnswer>>,
+}
+
+fn query_key(query: &str) -> [u8; 32] {
+    super::auth::sha256(query.as_bytes())
 }
 
 /// A cached answer of a static rule's query.
@@ -100,7 +124,7 @@ impl Cache {
     pub fn publish(&self, namespace: &str, policy: &str, entries: Vec<(String, Entry)>) {
         let names: Vec<String> = entries
             .iter()
-            .map(|(m, _)| format!("{policy}-{m}"))
+            .map(|(m, _)| external_name(policy, m))
             .collect();
         let keep = entries
             .iter()
@@ -278,7 +302,7 @@ impl Cache {
     /// The cached answer for a rendered rule query, marking it used.
     pub fn rule_answer(&self, query: &str) -> Option<RuleAnswer> {
         let mut map = lock(&self.rule_answers);
-        map.get_mut(query).map(|a| {
+        map.get_mut(&query_key(query)).map(|a| {
             a.used = Instant::now();
             a.clone()
         })
@@ -287,7 +311,7 @@ impl Cache {
     /// Marks a cached answer as being refreshed; false if a refresh already runs.
     pub fn start_refresh(&self, query: &str) -> bool {
         let mut map = lock(&self.rule_answers);
-        match map.get_mut(query) {
+        match map.get_mut(&query_key(query)) {
             Some(a) if !a.refreshing => {
                 a.refreshing = true;
                 true
@@ -298,18 +322,19 @@ impl Cache {
 
     /// Stores a fresh answer for a rendered rule query.
     pub fn store_rule_answer(&self, query: &str, sample: Sample) {
+        let key = query_key(query);
         let mut map = lock(&self.rule_answers);
         let now = Instant::now();
-        if map.len() >= MAX_RULE_ANSWERS && !map.contains_key(query) {
+        if map.len() >= MAX_RULE_ANSWERS && !map.contains_key(&key) {
             let oldest_kept = now.checked_sub(std::time::Duration::from_secs(600));
             map.retain(|_, a| oldest_kept.is_none_or(|t| a.used >= t));
             if map.len() >= MAX_RULE_ANSWERS {
                 map.clear();
             }
         }
-        let used = map.get(query).map_or(now, |a| a.used);
+        let used = map.get(&key).map_or(now, |a| a.used);
         map.insert(
-            query.to_string(),
+            key,
             RuleAnswer {
                 sample,
                 fetched: now,
@@ -349,6 +374,60 @@ mod tests {
                 bound: TimeDelta::seconds(60),
             },
         }
+    }
+
+    proptest::proptest! {
+        /// With the compiler's rules (metric names of lowercase letters, digits and `_`, and
+        /// no metric that names another policy's decision), distinct (policy, metric) pairs in a
+        /// namespace never publish the same name.
+        #[test]
+        fn published_names_never_collide(
+            p1 in "[a-z]([a-z0-9-]{0,12}[a-z0-9])?(-desired)?",
+            p2 in "[a-z]([a-z0-9-]{0,12}[a-z0-9])?(-desired)?",
+            m1 in "([a-z_][a-z0-9_]{0,6}|replicas|desired)",
+            m2 in "([a-z_][a-z0-9_]{0,6}|replicas|desired)",
+        ) {
+            let name = |p: &str, m: Option<&str>| match m {
+                Some(m) => external_name(p, m),
+                None => external_name(p, DESIRED_REPLICAS),
+            };
+            let valid = |p: &str, m: Option<&str>| m.is_none_or(|m| decision_name_owner(p, m).is_none());
+            for (a, b) in [(Some(m1.as_str()), Some(m2.as_str())), (Some(m1.as_str()), None), (None, Some(m2.as_str())), (None, None)] {
+                if valid(&p1, a) && valid(&p2, b) && (p1.as_str(), a) != (p2.as_str(), b) {
+                    proptest::prop_assert_ne!(name(&p1, a), name(&p2, b));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_compiler_refuses_a_metric_that_names_another_policys_decision() {
+        let policy = |name: &str| -> crate::crd::ScalingPolicy {
+            serde_yaml::from_str(&format!(
+                "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  targetRef: {{kind: Deployment, name: web}}\n  maxReplicas: 3\n  metrics:\n  - name: replicas\n    prometheus: {{query: 'sum(x)'}}\n    target: {{type: Value, value: \"10\"}}\n"
+            ))
+            .unwrap()
+        };
+        let refused = crate::policy::CompiledPolicy::from_resource(&policy("web-desired"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("spec.metrics[0].name")
+                && refused.contains("\"web-desired-replicas\"")
+                && refused.contains("policy \"web\""),
+            "{refused}"
+        );
+        assert!(crate::policy::CompiledPolicy::from_resource(&policy("web")).is_ok());
+    }
+
+    #[test]
+    fn a_metric_that_names_another_policys_decision_is_found() {
+        assert_eq!(
+            decision_name_owner("web-desired", "replicas").as_deref(),
+            Some("web")
+        );
+        assert_eq!(decision_name_owner("web", "replicas"), None);
+        assert_eq!(decision_name_owner("web-desired", "rps"), None);
     }
 
     #[test]

@@ -25,11 +25,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
+use clap::builder::TypedValueParser as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::controller::QueryBackend;
 use crate::model::Sample;
@@ -69,6 +70,14 @@ pub struct ExternalMetricsArgs {
     /// Static external rules (YAML: `externalRules: [{name, query, namespaced}]`).
     #[arg(long, env = "KSCALE_EXTERNAL_RULES")]
     pub external_rules: Option<PathBuf>,
+    /// Connections the adapter holds at most. Beyond it a new connection closes the oldest idle
+    /// one (TLS handshake, head being read, or keep-alive wait), or is refused when every
+    /// connection is in a request. Head size, target length and timeouts:
+    /// `--max-request-header-bytes`, `--max-request-target-bytes`, `--request-header-timeout`.
+    #[arg(long, env = "KSCALE_EXTERNAL_METRICS_MAX_CONNECTIONS",
+          default_value_t = crate::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
+    pub external_metrics_max_connections: usize,
 }
 
 /// Why the adapter could not start.
@@ -108,11 +117,6 @@ pub struct Adapter {
 /// How often the front-proxy settings and a certificate from files are read again (a rotated
 /// front-proxy CA or a renewed serving certificate is picked up without a restart).
 const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Bound on a TLS handshake (slow clients).
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Bound on reading a request's headers.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the serving certificate comes from.
 enum CertSource {
@@ -156,12 +160,14 @@ pub struct Running {
 }
 
 impl Adapter {
-    /// Reads the front-proxy settings and the rules, and binds; the accept loop runs in a task.
+    /// Reads the front-proxy settings and the rules, and binds; the accept loop runs in a task
+    /// and serves under `limits` ([`crate::listener`]).
     pub async fn start(
         args: &ExternalMetricsArgs,
         addr: SocketAddr,
         client: kube::Client,
         prometheus: Arc<dyn QueryBackend>,
+        limits: crate::listener::Limits,
     ) -> Result<Running, AdapterError> {
         let rules = match &args.external_rules {
             Some(path) => rules::load(path)?,
@@ -194,12 +200,12 @@ impl Adapter {
             tls: RwLock::new(config),
             reviewer: auth::Reviewer::new(client.clone()),
         });
-        info!(%addr, rules = adapter.rules.len(), "serving external.metrics.k8s.io/v1beta1");
+        info!(%addr, rules = adapter.rules.len(), max_connections = limits.max_connections, "serving external.metrics.k8s.io/v1beta1");
         let reload = reload(adapter.clone(), client, source, cert_pem.clone());
         let task = tokio::spawn(async move {
             tokio::select! {
-                _ = serve(listener, adapter) => {}
-                _ = reload => {}
+                () = crate::listener::serve(listener, limits, adapter, "external-metrics") => {}
+                () = reload => {}
             }
         });
         Ok(Running {
@@ -250,57 +256,32 @@ async fn reload(adapter: Arc<Adapter>, client: kube::Client, source: CertSource,
     }
 }
 
-async fn serve(listener: TcpListener, adapter: Arc<Adapter>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "external metrics: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(read(&adapter.tls));
-        let adapter = adapter.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "external metrics: TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "external metrics: TLS handshake timed out");
-                    return;
-                }
-            };
-            // A certificate here was verified against the front-proxy CA during the handshake.
-            let proxy_cn = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| tls::common_name(c.as_ref()));
-            let proxy_cn = Arc::new(proxy_cn);
-            let service = hyper::service::service_fn(move |req| {
-                let adapter = adapter.clone();
-                let proxy_cn = proxy_cn.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        adapter.handle(proxy_cn.as_deref(), req).await,
-                    )
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                debug!(%peer, error = %e, "external metrics: connection ended");
-            }
-        });
+impl crate::listener::Handler<tokio::net::TcpStream> for Adapter {
+    type Io = hyper_util::rt::TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+    /// The common name of the client certificate, verified against the front-proxy CA in the
+    /// handshake.
+    type Conn = Option<String>;
+
+    async fn handshake(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> Result<(Self::Io, Self::Conn), String> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(read(&self.tls));
+        let tls = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let proxy_cn = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| tls::common_name(c.as_ref()));
+        Ok((hyper_util::rt::TokioIo::new(tls), proxy_cn))
+    }
+
+    async fn handle(&self, proxy_cn: &Self::Conn, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        Adapter::handle(self, proxy_cn.as_deref(), req).await
     }
 }
 
@@ -350,6 +331,21 @@ enum Route<'a> {
     OpenApiV3Group,
     Metric { namespace: &'a str, metric: &'a str },
     NotFound,
+}
+
+impl Route<'_> {
+    /// The canonical path a discovery or OpenAPI route is authorized as (a non-resource URL).
+    fn non_resource_path(&self) -> Option<&'static str> {
+        match self {
+            Route::Groups => Some("/apis"),
+            Route::Group => Some("/apis/external.metrics.k8s.io"),
+            Route::Resources => Some("/apis/external.metrics.k8s.io/v1beta1"),
+            Route::OpenApiV2 => Some("/openapi/v2"),
+            Route::OpenApiV3 => Some("/openapi/v3"),
+            Route::OpenApiV3Group => Some("/openapi/v3/apis/external.metrics.k8s.io/v1beta1"),
+            Route::Health | Route::Metric { .. } | Route::NotFound => None,
+        }
+    }
 }
 
 fn route(path: &str) -> Route<'_> {
@@ -426,17 +422,28 @@ impl Adapter {
             Ok(u) => u,
             Err(resp) => return *resp,
         };
+        // What is authorized (and the key of the cached decision) is the parsed request, never
+        // the raw path: a path that names nothing served is 404 without a review.
         let attrs = match &route {
             Route::Metric { namespace, metric } => auth::Attributes::Metric {
                 namespace: namespace.to_string(),
                 metric: metric.to_string(),
             },
-            _ => auth::Attributes::Path(path.clone()),
+            Route::NotFound => {
+                return failure(404, "the server could not find the requested resource");
+            }
+            other => match other.non_resource_path() {
+                Some(p) => auth::Attributes::NonResource(p),
+                None => return failure(404, "the server could not find the requested resource"),
+            },
         };
         match self.reviewer.authorize(&user, &attrs).await {
             Ok(true) => {}
             Ok(false) => {
-                return failure(403, format!("user {:?} may not get {path}", user.name));
+                return failure(
+                    403,
+                    format!("user {:?} may not get {}", user.name, attrs.describe()),
+                );
             }
             Err(e) => {
                 warn!(error = %e, "authorization failed");
@@ -482,7 +489,7 @@ impl Adapter {
                     Err(message) => failure(400, message),
                 }
             }
-            Route::NotFound => failure(404, format!("the server could not find {path}")),
+            Route::NotFound => failure(404, "the server could not find the requested resource"),
         }
     }
 
@@ -542,11 +549,13 @@ impl Adapter {
         metric: &str,
         selector: &[rules::Requirement],
     ) -> Response<Full<Bytes>> {
-        if let Some(entry) = self.cache.get(namespace, metric) {
-            return entry_response(metric, &entry, selector, Utc::now());
-        }
+        // A static rule (the operator's) wins over a policy's metric of the same name, so no
+        // policy can stand in for it.
         if let Some(rule) = self.rules.iter().find(|r| r.rule.name == metric) {
             return self.rule_metric(rule, namespace, selector).await;
+        }
+        if let Some(entry) = self.cache.get(namespace, metric) {
+            return entry_response(metric, &entry, selector, Utc::now());
         }
         failure(
             404,

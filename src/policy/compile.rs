@@ -171,6 +171,21 @@ impl CompiledPolicy {
                 String::new()
             }
         };
+        // Names published by the external metrics adapter must not collide across policies.
+        if let Some(n) = &policy.metadata.name {
+            for (i, m) in policy.spec.metrics.iter().enumerate() {
+                if let Some(owner) = crate::adapter::cache::decision_name_owner(n, &m.name) {
+                    errors.push(err(
+                        format!("spec.metrics[{i}].name"),
+                        format!(
+                            "{:?} in a policy named {n:?} would publish the external metric {:?}, the name of policy {owner:?}'s decision (<policy>-desired-replicas); rename the metric",
+                            m.name,
+                            crate::adapter::cache::external_name(n, &m.name)
+                        ),
+                    ));
+                }
+            }
+        }
         match compile_spec(&policy.spec, name) {
             Ok(c) if errors.is_empty() => Ok(c),
             Ok(_) => Err(ValidationErrors(errors)),

@@ -1219,3 +1219,130 @@ pub async fn wait_replicas(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+// ------------------------------------------------------------------ the external metrics APIService
+
+/// A child process (a daemon under test), killed on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET through kube-apiserver (what `kubectl get --raw` does): status code and body (the
+/// Status message for an error).
+pub async fn raw_get(client: &Client, path: &str) -> (u16, String) {
+    let req = http::Request::get(path).body(Vec::new()).expect("request");
+    match client.request_text(req).await {
+        Ok(body) => (200, body),
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// The values of a successful ExternalMetricValueList answer.
+pub fn external_metric_values(body: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+    if v["kind"] != "ExternalMetricValueList" {
+        return Err(format!("not a list: {body}"));
+    }
+    Ok(v["items"]
+        .as_array()
+        .ok_or("no items")?
+        .iter()
+        .map(|i| i["value"].as_str().unwrap_or("").to_string())
+        .collect())
+}
+
+/// Deletes `v1beta1.external.metrics.k8s.io` on drop.
+pub struct ApiServiceGuard(PathBuf);
+
+impl Drop for ApiServiceGuard {
+    fn drop(&mut self) {
+        use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+        cleanup_blocking(&self.0, move |client| async move {
+            let _ = Api::<APIService>::all(client)
+                .delete("v1beta1.external.metrics.k8s.io", &Default::default())
+                .await;
+        });
+    }
+}
+
+/// Registers the adapter listening on 127.0.0.1:`port` as `v1beta1.external.metrics.k8s.io`
+/// (an ExternalName Service in `namespace` to loopback, as `scripts/testenv` does for
+/// metrics-server, and the APIService trusting `ca_pem`), and waits until it is Available
+/// (`log` is the daemon's, for the failure message). The guard deletes the APIService.
+pub async fn register_external_metrics(
+    env: &TestEnv,
+    client: &Client,
+    namespace: &str,
+    port: u16,
+    ca_pem: &str,
+    log: &Path,
+) -> ApiServiceGuard {
+    use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+    let guard = ApiServiceGuard(env.kubeconfig.clone());
+    let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()))
+        .expect("base64");
+    apply_yaml(
+        client,
+        namespace,
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: kscale-external-metrics, namespace: {namespace}}}
+spec: {{type: ExternalName, externalName: 127.0.0.1}}
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {{name: v1beta1.external.metrics.k8s.io}}
+spec:
+  group: external.metrics.k8s.io
+  version: v1beta1
+  service: {{name: kscale-external-metrics, namespace: {namespace}, port: {port}}}
+  caBundle: {ca_bundle}
+  groupPriorityMinimum: 100
+  versionPriority: 100
+"#
+        ),
+    )
+    .await;
+    let apiservices: Api<APIService> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        let s = apiservices
+            .get("v1beta1.external.metrics.k8s.io")
+            .await
+            .expect("APIService");
+        let available = s
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Available"))
+            .cloned();
+        if available.as_ref().is_some_and(|c| c.status == "True") {
+            return guard;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!("APIService not Available: {available:?}\n{}", log_tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Writes `dir/tls.crt` and `dir/tls.key`: a serving certificate for the names the aggregator
+/// verifies for a Service `kscale-external-metrics` in `namespace` (and localhost); the CA (PEM).
+pub fn write_adapter_certificate(dir: &Path, namespace: &str) -> String {
+    std::fs::create_dir_all(dir).expect("test dir");
+    let (ca_pem, cert_pem, key_pem) = serving_certificate(vec![
+        format!("kscale-external-metrics.{namespace}.svc"),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ]);
+    std::fs::write(dir.join("tls.crt"), &cert_pem).expect("cert");
+    std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
+    ca_pem
+}
