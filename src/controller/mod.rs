@@ -17,6 +17,7 @@
 pub mod forecast;
 pub mod leader;
 pub mod servers;
+pub mod writes;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,7 +35,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actuate::{ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget};
+use crate::actuate::{
+    ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget, TargetKey, WriteOutcome,
+};
 use crate::crd::{Mode, ScalingPolicy, ScalingPolicyStatus};
 use crate::model::{Observation, Sample};
 use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
@@ -163,6 +166,13 @@ pub struct Context {
     pub external_metrics: Option<Arc<crate::adapter::Cache>>,
     /// Forecasting state of the policies with `spec.forecast`.
     pub forecasts: forecast::Forecasts,
+    /// Whether this replica may write now; checked right before every write (scale, status,
+    /// events).
+    pub leadership: leader::Leadership,
+    /// Retries of a scale write that got 409 Conflict (`--scale-conflict-retries`).
+    pub scale_conflict_retries: u32,
+    /// The scale events this replica applied, merged with those read back from status.
+    pub scale_events: writes::ScaleMemory,
 }
 
 impl Context {
@@ -195,6 +205,9 @@ impl Context {
             instance: instance_name,
             external_metrics: None,
             forecasts: forecast::Forecasts::default(),
+            leadership: leader::Leadership::always(),
+            scale_conflict_retries: 3,
+            scale_events: writes::ScaleMemory::default(),
         }
     }
 }
@@ -226,6 +239,14 @@ pub enum PolicyError {
     /// The evaluation failed (reported in status and events).
     #[error(transparent)]
     Eval(#[from] EvalError),
+    /// This replica does not hold the leader Lease (any more): nothing was written.
+    #[error("policy {policy}: {source}")]
+    NotLeader {
+        /// Policy.
+        policy: String,
+        /// Why.
+        source: leader::NotLeader,
+    },
     /// Writing status failed.
     #[error("policy {policy}: writing status: {source}")]
     Status {
@@ -249,6 +270,12 @@ pub struct Evaluated {
     pub wrote: bool,
     /// Why nothing was written although the decision changed the count.
     pub not_written: Option<String>,
+    /// Scale writes refused with 409 Conflict (the scale changed between read and write), each
+    /// followed by a fresh read and a new decision.
+    pub conflicts: u32,
+    /// The replica count first read, when a conflict made the decision start again from a
+    /// fresh read.
+    pub first_read: Option<i32>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -270,8 +297,11 @@ fn pod_ready(p: &Pod) -> bool {
 
 /// Reads everything `policy` needs and evaluates it at `now`: the target's scale, its pods, the
 /// given Prometheus samples (by query) and resource metrics. With `write`, a changed count is
-/// written to the scale subresource (after the one-writer check). Shared by the controller and
-/// `kscale dry-run` (which never writes).
+/// written to the scale subresource (after the one-writer check against `writers`, the writing
+/// policy of each normalized target, and the leader check), conditionally on the scale read: if
+/// the scale changed in between (409 Conflict), it is read again and the decision is made again
+/// by [`evaluate`] from the fresh count, at most `ctx.scale_conflict_retries` times. Shared by
+/// the controller and `kscale dry-run` (which never writes).
 pub async fn evaluate_live(
     ctx: &Context,
     resource: &ScalingPolicy,
@@ -279,7 +309,7 @@ pub async fn evaluate_live(
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
     write: bool,
-    writer: Option<&str>,
+    writers: Option<&HashMap<TargetKey, String>>,
 ) -> Result<Evaluated, EvalError> {
     let name = format!(
         "{}/{}",
@@ -299,7 +329,7 @@ pub async fn evaluate_live(
     )
     .await
     .map_err(target_err)?;
-    let scale = target.read().await.map_err(target_err)?;
+    let mut scale = target.read().await.map_err(target_err)?;
 
     // The target's pods, read once for the readiness count and every resource metric.
     let pods: Option<Result<Vec<Pod>, String>> = match &scale.selector {
@@ -354,7 +384,8 @@ pub async fn evaluate_live(
             now,
         )
         .await;
-    let obs = Observation {
+    let pods_known = matches!(pods, Some(Ok(_)));
+    let mut obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
@@ -362,38 +393,82 @@ pub async fn evaluate_live(
         forecasts,
         samples,
     };
-    let history = resource
-        .status
-        .as_ref()
-        .map(|s| s.history.clone())
-        .unwrap_or_default();
-    let mut decision = evaluate(&policy, &obs, &history, now);
+    // Status values are checked and saturated, and merged with the scale events this replica
+    // applied (a failed status write does not lose them).
+    let history = ctx.scale_events.history(resource, now);
     let mut wrote = false;
     let mut not_written = None;
-    if decision.replicas != decision.current {
+    let mut conflicts = 0u32;
+    let first_read = scale.spec_replicas;
+    let mut decision = evaluate(&policy, &obs, &history, now);
+    while decision.replicas != decision.current {
         match policy.mode {
             Mode::Controller if write => {
-                if let Some(other) = writer {
+                let other = writers
+                    .and_then(|w| w.get(&target.key))
+                    .filter(|w| **w != name);
+                if let Some(other) = other {
                     return Err(target_err(ActuateError::PolicyConflict {
                         kind: resource.spec.target_ref.kind.clone(),
                         namespace: namespace.clone(),
                         name: resource.spec.target_ref.name.clone(),
-                        policy: other.to_string(),
+                        policy: other.clone(),
                     }));
                 }
-                target.check_no_hpa(&ctx.client).await.map_err(target_err)?;
-                target.write(decision.replicas).await.map_err(target_err)?;
-                decision.record_applied(&policy, now);
-                wrote = true;
+                target
+                    .check_no_hpa(&ctx.client, Some(&ctx.kinds))
+                    .await
+                    .map_err(target_err)?;
+                // Right before the write: this replica still holds a valid Lease.
+                ctx.leadership
+                    .check()
+                    .map_err(|e| target_err(target.not_leader(e)))?;
+                match target
+                    .write(decision.replicas, &scale)
+                    .await
+                    .map_err(target_err)?
+                {
+                    WriteOutcome::Written => {
+                        decision.record_applied(&policy, now);
+                        ctx.scale_events.remember(resource, &decision.state);
+                        wrote = true;
+                        break;
+                    }
+                    WriteOutcome::Conflict => {
+                        conflicts += 1;
+                        if conflicts > ctx.scale_conflict_retries {
+                            return Err(target_err(
+                                target.conflict(conflicts, ctx.scale_conflict_retries),
+                            ));
+                        }
+                        info!(policy = %name, from = scale.spec_replicas, to = decision.replicas, "the scale changed between read and write (409 Conflict); reading it again");
+                        // Someone else scaled in between: decide again from what is there now.
+                        scale = target.read().await.map_err(target_err)?;
+                        obs.spec_replicas = scale.spec_replicas;
+                        obs.status_replicas = scale.status_replicas;
+                        if !pods_known {
+                            obs.pods = scale.status_replicas;
+                            obs.ready_replicas = scale.status_replicas;
+                        }
+                        decision = evaluate(&policy, &obs, &history, now);
+                    }
+                }
             }
-            Mode::Controller => not_written = Some("dry run: nothing is written".to_string()),
+            Mode::Controller => {
+                not_written = Some("dry run: nothing is written".to_string());
+                break;
+            }
             Mode::DryRun => {
-                not_written = Some("mode DryRun: kscale reports and never writes".to_string())
+                not_written = Some("mode DryRun: kscale reports and never writes".to_string());
+                break;
             }
-            Mode::ExternalMetric => not_written = Some(
-                "mode ExternalMetric: the decision is published for an HPA, which stays the writer"
-                    .to_string(),
-            ),
+            Mode::ExternalMetric => {
+                not_written = Some(
+                    "mode ExternalMetric: the decision is published for an HPA, which stays the writer"
+                        .to_string(),
+                );
+                break;
+            }
         }
     }
     Ok(Evaluated {
@@ -402,6 +477,8 @@ pub async fn evaluate_live(
         decision,
         wrote,
         not_written,
+        conflicts,
+        first_read: (conflicts > 0).then_some(first_read),
     })
 }
 
@@ -420,6 +497,14 @@ async fn publish_on(
     reason: &str,
     note: String,
 ) {
+    // Right before the write: this replica still holds a valid Lease.
+    if ctx.leadership.check().is_err() {
+        debug!(
+            reason,
+            "event not published: this replica is not the leader"
+        );
+        return;
+    }
     let event = Event {
         type_,
         reason: reason.into(),
@@ -457,6 +542,11 @@ async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
         ..Default::default()
     };
     let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Right before the write: this replica still holds a valid Lease.
+    if ctx.leadership.check().is_err() {
+        debug!("rescale event not published: this replica is not the leader");
+        return;
+    }
     if let Err(e) = api.create(&PostParams::default(), &event).await {
         warn!(error = %e, "publishing the rescale event failed");
     }
@@ -466,10 +556,18 @@ async fn write_status(
     ctx: &Context,
     p: &ScalingPolicy,
     status: &ScalingPolicyStatus,
-) -> Result<(), kube::Error> {
+) -> Result<(), PolicyError> {
     let api: Api<ScalingPolicy> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
     let body = serde_json::json!({"apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy", "status": status});
+    let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+    // Right before the write: this replica still holds a valid Lease.
+    ctx.leadership
+        .check()
+        .map_err(|source| PolicyError::NotLeader {
+            policy: name.clone(),
+            source,
+        })?;
     api.patch_status(
         &p.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -477,6 +575,10 @@ async fn write_status(
     )
     .await
     .map(|_| ())
+    .map_err(|e| PolicyError::Status {
+        policy: name,
+        source: Box::new(e),
+    })
 }
 
 /// Whether the policy's status already reports this failure (Ready False, same reason and
@@ -527,13 +629,13 @@ pub async fn reconcile(
     compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
-    writer: Option<&str>,
+    writers: Option<&HashMap<TargetKey, String>>,
     leading: bool,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let started = std::time::Instant::now();
     let result = match compiled {
-        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, leading, writer).await,
+        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, leading, writers).await,
         Err(errors) => Err(EvalError::Invalid {
             policy: name.clone(),
             errors,
@@ -555,6 +657,17 @@ pub async fn reconcile(
         // A follower only publishes; the leader reports.
         return result.map(|_| ()).map_err(PolicyError::from);
     }
+    if let Err(EvalError::Target {
+        source: ActuateError::NotLeader { source, .. },
+        ..
+    }) = &result
+    {
+        // Leadership lapsed during this tick: no status, no events (they would be writes too).
+        return Err(PolicyError::NotLeader {
+            policy: name,
+            source: source.clone(),
+        });
+    }
     let status = match &result {
         Ok(e) => {
             ctx.metrics.record(
@@ -571,8 +684,19 @@ pub async fn reconcile(
                 p.metadata.generation,
                 now,
             );
-            let reason = e.decision.reason(&e.policy);
+            let mut reason = e.decision.reason(&e.policy);
+            if let Some(first) = e.first_read {
+                reason = format!(
+                    "{reason}; the scale changed between kscale's read ({first} replicas) and its write, {} time(s) (409 Conflict), so the decision was made again from a fresh read of {} replicas",
+                    e.conflicts, e.decision.current
+                );
+                status.reason = Some(reason.clone());
+            }
             info!(policy = %name, target = %p.spec.target_ref.name, current = e.decision.current, desired = e.decision.replicas, wrote = e.wrote, %reason, "evaluated");
+            if e.conflicts > 0 && !e.wrote {
+                // The re-decision from the fresh count wrote nothing: say why nothing changed.
+                publish(ctx, p, EventType::Normal, "ScaleConflict", reason.clone()).await;
+            }
             if e.wrote {
                 publish_rescale(
                     ctx,
@@ -624,12 +748,7 @@ pub async fn reconcile(
         }
     };
     if status_changed(p.status.as_ref(), &status) {
-        write_status(ctx, p, &status)
-            .await
-            .map_err(|e| PolicyError::Status {
-                policy: name,
-                source: Box::new(e),
-            })?;
+        write_status(ctx, p, &status).await?;
     }
     result.map(|_| ()).map_err(PolicyError::from)
 }
@@ -660,10 +779,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     election: Option<leader::LeaderConfig>,
 ) -> Result<(), watcher::Error> {
-    let leading = Arc::new(std::sync::atomic::AtomicBool::new(election.is_none()));
-    let campaign = election
-        .clone()
-        .map(|cfg| tokio::spawn(leader::campaign(ctx.client.clone(), cfg, leading.clone())));
+    if election.is_some() {
+        ctx.leadership.start_election();
+    }
+    let campaign = election.clone().map(|cfg| {
+        tokio::spawn(leader::campaign(
+            ctx.client.clone(),
+            cfg,
+            ctx.leadership.clone(),
+        ))
+    });
     let api: Api<DeserializeGuard<ScalingPolicy>> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -688,7 +813,7 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = &mut shutdown => break,
         }
-        let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
+        let is_leader = ctx.leadership.is_leader();
         ctx.metrics.leader.set(i64::from(is_leader));
         if is_leader && !state.leading {
             // A new leader evaluates every policy at once.
@@ -725,23 +850,60 @@ pub async fn run(
     Ok(())
 }
 
-/// A target as the one-writer rule sees it: namespace, API group, kind, name.
-type TargetKey = (String, String, String, String);
+/// How long a policy's normalized target key is reused before it is resolved again (its
+/// generation changing resolves it at once); discovery answers themselves are cached too.
+const KEY_TTL: Duration = Duration::from_secs(60);
 
-fn target_key(p: &ScalingPolicy) -> TargetKey {
-    let r = &p.spec.target_ref;
-    let group = r
-        .api_version
-        .as_deref()
-        .and_then(|v| v.split_once('/'))
-        .map_or_else(String::new, |(g, _)| g.to_string());
-    (
-        p.namespace().unwrap_or_default(),
-        group,
-        r.kind.clone(),
-        r.name.clone(),
-    )
+/// Each Controller policy's target, normalized through discovery ([`crate::actuate::target_key`]):
+/// `apps/v1`, another version of `apps` and no `apiVersion` name the same Deployment. Kept in
+/// `keys` per policy and generation for [`KEY_TTL`] (a failure too, so a policy naming an
+/// unknown kind costs one discovery request per [`KEY_TTL`], not one per tick).
+async fn target_keys(
+    ctx: &Context,
+    all: &[Arc<DeserializeGuard<ScalingPolicy>>],
+    keys: &mut KeyCache,
+) -> HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, TargetKey> {
+    let live: HashSet<_> = all
+        .iter()
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect();
+    keys.retain(|k, _| live.contains(k));
+    let mut out = HashMap::new();
+    for obj in all {
+        let Ok(p) = &obj.0 else { continue };
+        if p.spec.mode != Mode::Controller {
+            continue;
+        }
+        let r = ObjectRef::from_obj(obj.as_ref());
+        let fresh = keys.get(&r).is_some_and(|(generation, _, at)| {
+            *generation == p.metadata.generation && at.elapsed() < KEY_TTL
+        });
+        if !fresh {
+            let key = crate::actuate::target_key(
+                &ctx.client,
+                Some(&ctx.kinds),
+                &p.namespace().unwrap_or_default(),
+                &p.spec.target_ref,
+            )
+            .await
+            .ok();
+            keys.insert(
+                r.clone(),
+                (p.metadata.generation, key, std::time::Instant::now()),
+            );
+        }
+        if let Some((_, Some(key), _)) = keys.get(&r) {
+            out.insert(r, key.clone());
+        }
+    }
+    out
 }
+
+/// Per policy: the generation its key was resolved for, the key (if it resolved) and when.
+type KeyCache = HashMap<
+    ObjectRef<DeserializeGuard<ScalingPolicy>>,
+    (Option<i64>, Option<TargetKey>, std::time::Instant),
+>;
 
 /// The one policy allowed to write each target: among valid policies in mode `Controller`, the
 /// oldest (then the first by name). The others report `ConflictingPolicy` and never write.
@@ -750,6 +912,7 @@ fn target_key(p: &ScalingPolicy) -> TargetKey {
 fn writers(
     all: &[Arc<DeserializeGuard<ScalingPolicy>>],
     schedule: &Schedule,
+    keys: &HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, TargetKey>,
 ) -> HashMap<TargetKey, String> {
     let mut owners: HashMap<TargetKey, (Option<String>, String)> = HashMap::new();
     for obj in all {
@@ -757,6 +920,10 @@ fn writers(
         if p.spec.mode != Mode::Controller {
             continue;
         }
+        // A policy whose target does not resolve cannot write; it does not own its target.
+        let Some(key) = keys.get(&ObjectRef::from_obj(obj.as_ref())) else {
+            continue;
+        };
         let valid = match schedule.get(&ObjectRef::from_obj(obj.as_ref())) {
             Some((_, generation, valid)) if *generation == p.metadata.generation => *valid,
             _ => CompiledPolicy::from_resource(p).is_ok(),
@@ -772,7 +939,7 @@ fn writers(
         let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
         let candidate = (created, name);
         owners
-            .entry(target_key(p))
+            .entry(key.clone())
             .and_modify(|cur| {
                 if candidate < *cur {
                     *cur = candidate.clone();
@@ -794,6 +961,8 @@ struct TickState {
     leading: bool,
     /// Each query's last values, to put the policies whose inputs changed first in a tick.
     last: HashMap<(servers::ServerKey, String), Option<Vec<u64>>>,
+    /// Each Controller policy's normalized target key.
+    keys: KeyCache,
 }
 
 /// The next evaluation after `now` for `interval`, aligned to multiples of the interval since
@@ -837,14 +1006,18 @@ async fn run_tick(
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
     schedule.retain(|k, _| live.contains(k));
-    let writers = writers(&all, schedule);
-    ctx.forecasts.retain(|key| {
+    let keys = target_keys(ctx, &all, &mut state.keys).await;
+    let schedule = &mut state.schedule;
+    let writers = writers(&all, schedule, &keys);
+    let is_live = |key: &str| {
         live.iter().any(|r| {
             r.namespace
                 .as_deref()
                 .is_some_and(|ns| key == format!("{ns}/{}", r.name))
         })
-    });
+    };
+    ctx.forecasts.retain(is_live);
+    ctx.scale_events.retain(is_live);
     let mut due = Vec::new();
     let mut malformed = Vec::new();
     for obj in &all {
@@ -964,11 +1137,7 @@ async fn run_tick(
                 .and_then(|k| samples.get(&k))
                 .unwrap_or(none);
             let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
-            let writer = writers
-                .get(&target_key(&p))
-                .filter(|w| **w != format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
-                .map(String::as_str);
-            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, writer, leading)
+            if let Err(e) = reconcile(ctx, &p, compiled, policy_samples, now, Some(writers), leading)
                 .instrument(span)
                 .await
             {
