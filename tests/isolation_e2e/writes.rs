@@ -935,3 +935,109 @@ async fn one_writer_whether_or_not_the_target_names_its_api_version() {
     sc.neighbour_keeps_its_interval(env, 20.0, 4, &daemon.log)
         .await;
 }
+
+// ------------------------------------------------------------------ kind 6: forged status
+
+/// Someone with `update` on `scalingpolicies/status` forges the history kscale reads back: a
+/// scale event of `change: -2147483648` and a recommendation from the year 2100. On main the
+/// rate-limit arithmetic overflowed (a panic in a debug build takes the whole daemon down, and
+/// every policy with it; a release build wraps around), and a future time stayed inside every
+/// window forever; now every value read back is checked and saturated: the forged event counts
+/// nothing, the future time counts as now, the daemon keeps running, the `Pods: 1 per 600s`
+/// limit still applies, and the status kscale writes next is sane.
+#[tokio::test]
+async fn a_forged_status_history_is_saturated() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let sc = Scenario::start(env, &client, "iso-forged").await;
+    let ns = sc.ns.name.clone();
+    sc.workload("web", 2, 10.0).await;
+    sc.workload("calm", 2, 10.0).await;
+    sc.policy(
+        "web",
+        "web",
+        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+        "{scaleUp: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 600}]}}",
+    )
+    .await;
+    sc.policy(
+        "calm",
+        "calm",
+        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
+        CALM_BEHAVIOR,
+    )
+    .await;
+    sc.wait_visible(env, "web", 10.0).await;
+    sc.wait_visible(env, "calm", 10.0).await;
+    let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
+    let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged", &[]);
+    support::wait_until(
+        "web's first evaluation",
+        Duration::from_secs(30),
+        || async {
+            let s = sc
+                .policies
+                .get("web")
+                .await
+                .map_err(|e| e.to_string())?
+                .status;
+            match s.and_then(|s| s.reason) {
+                Some(r) if r.starts_with("hold 2→2") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let forged = serde_json::json!({"status": {
+        "scaleUpEvents": [{"change": i32::MIN, "time": now}],
+        "recommendations": [{"replicas": 1000, "time": "2100-01-01T00:00:00Z"}],
+        "lastScaleTime": "2100-01-01T00:00:00Z",
+    }});
+    sc.policies
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("forged status written");
+    // Demand for 10; one replica per 600 s: 3, and 3 it stays.
+    sc.set("web", 50.0);
+    sc.wait_replicas("web", 3, Duration::from_secs(30), &daemon.log)
+        .await;
+    sc.stays("web", 3, Duration::from_secs(4), &daemon.log)
+        .await;
+    assert!(
+        daemon.child.try_wait().expect("daemon status").is_none(),
+        "the daemon must survive a forged status; {}",
+        support::log_tail(&daemon.log)
+    );
+    let status = sc
+        .policies
+        .get("web")
+        .await
+        .expect("web")
+        .status
+        .expect("status");
+    let today = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
+    assert!(
+        status
+            .history
+            .scale_up_events
+            .iter()
+            .all(|e| e.change >= 0 && e.time <= today),
+        "{:?}",
+        status.history
+    );
+    assert!(
+        status
+            .history
+            .recommendations
+            .iter()
+            .all(|r| r.replicas >= 0 && r.time <= today),
+        "{:?}",
+        status.history
+    );
+    sc.neighbour_keeps_its_interval(env, 20.0, 4, &daemon.log)
+        .await;
+}
