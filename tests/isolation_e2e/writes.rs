@@ -824,7 +824,7 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         b_first.duration_since(stalled),
         support::log_tail(&a.log)
     );
-    if let Some(last) = a_writes.iter().filter(|l| l.at >= stalled).next_back() {
+    if let Some(last) = a_writes.iter().rfind(|l| l.at >= stalled) {
         eprintln!(
             "replica-a's last write {:?} after its renewals stalled; replica-b's first {:?}",
             last.at.duration_since(stalled),
