@@ -91,6 +91,35 @@ pub enum ActuateError {
         /// The policy that writes.
         policy: String,
     },
+    /// Every conditional scale write lost its race: the scale kept changing between kscale's
+    /// read and its write.
+    #[error(
+        "{kind} {namespace}/{name}: the scale changed between kscale's read and its write {attempts} times in a row (409 Conflict each time; --scale-conflict-retries allows {retries} retries); nothing was overwritten, and the policy decides again next interval"
+    )]
+    ScaleConflict {
+        /// Kind.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Writes attempted.
+        attempts: u32,
+        /// Retries allowed.
+        retries: u32,
+    },
+    /// This replica may not write (it does not hold the leader Lease).
+    #[error("{kind} {namespace}/{name}: {source}")]
+    NotLeader {
+        /// Kind.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Why.
+        source: crate::controller::leader::NotLeader,
+    },
     /// An API call failed.
     #[error("{what} {kind} {namespace}/{name}: {source}")]
     Api {
@@ -115,6 +144,8 @@ impl ActuateError {
             ActuateError::NotScalable { .. } => "TargetNotScalable",
             ActuateError::HpaConflict { .. } => "ConflictingHPA",
             ActuateError::PolicyConflict { .. } => "ConflictingPolicy",
+            ActuateError::ScaleConflict { .. } => "ScaleConflict",
+            ActuateError::NotLeader { .. } => "NotLeader",
             ActuateError::Api {
                 what: "reading the scale of",
                 ..
@@ -133,6 +164,47 @@ pub struct ScaleState {
     pub status_replicas: i32,
     /// `status.selector`, the label selector of the target's pods.
     pub selector: Option<String>,
+    /// `metadata.resourceVersion` of the scale read: the precondition of the write that follows.
+    pub resource_version: Option<String>,
+}
+
+/// How a scale write ended.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// Written.
+    Written,
+    /// 409 Conflict: the scale changed since it was read (its resourceVersion moved); nothing
+    /// was written.
+    Conflict,
+}
+
+/// A target as the one-writer rule sees it, normalized through discovery: the API group and
+/// kind the apiserver serves (not the `apiVersion` as written, which may be missing or name
+/// another version of the same group), the namespace and the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetKey {
+    /// Namespace.
+    pub namespace: String,
+    /// API group (`""` for the core group).
+    pub group: String,
+    /// Kind.
+    pub kind: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.group.is_empty() {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        } else {
+            write!(
+                f,
+                "{}.{} {}/{}",
+                self.kind, self.group, self.namespace, self.name
+            )
+        }
+    }
 }
 
 /// A resolved scale target.
@@ -142,6 +214,8 @@ pub struct ScaleTarget {
     pub reference: CrossVersionObjectReference,
     /// Namespace.
     pub namespace: String,
+    /// The normalized key (group and kind as discovery serves them).
+    pub key: TargetKey,
     api: Api<DynamicObject>,
 }
 
@@ -153,6 +227,72 @@ impl std::fmt::Debug for ScaleTarget {
             self.reference.kind, self.namespace, self.reference.name
         )
     }
+}
+
+/// The key of `reference` in `namespace`, normalized through discovery (answers from `cache`
+/// when it has them): a missing `apiVersion` means `apps/v1`, as in [`ScaleTarget::resolve`],
+/// and any version of a group gives the same key. The one-writer rule and the HPA check both
+/// compare these keys.
+pub async fn target_key(
+    client: &Client,
+    cache: Option<&KindCache>,
+    namespace: &str,
+    reference: &CrossVersionObjectReference,
+) -> Result<TargetKey, ActuateError> {
+    let (ar, _, _) = discover(client, cache, namespace, reference).await?;
+    Ok(key_of(&ar, namespace, &reference.name))
+}
+
+fn key_of(ar: &ApiResource, namespace: &str, name: &str) -> TargetKey {
+    TargetKey {
+        namespace: namespace.to_string(),
+        group: ar.group.clone(),
+        kind: ar.kind.clone(),
+        name: name.to_string(),
+    }
+}
+
+/// The served resource of `reference`'s kind, whether it has `/scale`, and the apiVersion used.
+async fn discover(
+    client: &Client,
+    cache: Option<&KindCache>,
+    namespace: &str,
+    reference: &CrossVersionObjectReference,
+) -> Result<(ApiResource, bool, String), ActuateError> {
+    let api_version = reference
+        .api_version
+        .clone()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "apps/v1".to_string());
+    let (group, version) = parse_gv(&api_version)?;
+    let gvk = GroupVersionKind::gvk(&group, &version, &reference.kind);
+    let cached = cache.and_then(|c| {
+        c.entries.lock().ok().and_then(|m| {
+            m.get(&gvk)
+                .filter(|(at, _, _)| at.elapsed() < KIND_TTL)
+                .map(|(_, ar, scalable)| (ar.clone(), *scalable))
+        })
+    });
+    if let Some((ar, scalable)) = cached {
+        return Ok((ar, scalable, api_version));
+    }
+    let (ar, caps) = discovery::pinned_kind(client, &gvk)
+        .await
+        .map_err(|source| ActuateError::UnknownKind {
+            api_version: api_version.clone(),
+            kind: reference.kind.clone(),
+            namespace: namespace.to_string(),
+            name: reference.name.clone(),
+            source: Box::new(source),
+        })?;
+    let scalable = caps
+        .subresources
+        .iter()
+        .any(|(sub, _)| sub.plural == "scale");
+    if let Some(mut m) = cache.and_then(|c| c.entries.lock().ok()) {
+        m.insert(gvk, (Instant::now(), ar.clone(), scalable));
+    }
+    Ok((ar, scalable, api_version))
 }
 
 fn parse_gv(api_version: &str) -> Result<(String, String), ActuateError> {
@@ -183,41 +323,7 @@ impl ScaleTarget {
         namespace: &str,
         reference: &CrossVersionObjectReference,
     ) -> Result<ScaleTarget, ActuateError> {
-        let api_version = reference
-            .api_version
-            .clone()
-            .unwrap_or_else(|| "apps/v1".to_string());
-        let (group, version) = parse_gv(&api_version)?;
-        let gvk = GroupVersionKind::gvk(&group, &version, &reference.kind);
-        let cached = cache.and_then(|c| {
-            c.entries.lock().ok().and_then(|m| {
-                m.get(&gvk)
-                    .filter(|(at, _, _)| at.elapsed() < KIND_TTL)
-                    .map(|(_, ar, scalable)| (ar.clone(), *scalable))
-            })
-        });
-        let (ar, scalable) = match cached {
-            Some(hit) => hit,
-            None => {
-                let (ar, caps) = discovery::pinned_kind(client, &gvk)
-                    .await
-                    .map_err(|source| ActuateError::UnknownKind {
-                        api_version: api_version.clone(),
-                        kind: reference.kind.clone(),
-                        namespace: namespace.to_string(),
-                        name: reference.name.clone(),
-                        source: Box::new(source),
-                    })?;
-                let scalable = caps
-                    .subresources
-                    .iter()
-                    .any(|(sub, _)| sub.plural == "scale");
-                if let Some(mut m) = cache.and_then(|c| c.entries.lock().ok()) {
-                    m.insert(gvk, (Instant::now(), ar.clone(), scalable));
-                }
-                (ar, scalable)
-            }
-        };
+        let (ar, scalable, api_version) = discover(client, cache, namespace, reference).await?;
         if !scalable {
             return Err(ActuateError::NotScalable {
                 api_version,
@@ -229,6 +335,7 @@ impl ScaleTarget {
         Ok(ScaleTarget {
             reference: reference.clone(),
             namespace: namespace.to_string(),
+            key: key_of(&ar, namespace, &reference.name),
             api: Api::namespaced_with(client.clone(), namespace, &ar),
         })
     }
@@ -257,43 +364,88 @@ impl ScaleTarget {
                 .status
                 .and_then(|s| s.selector)
                 .filter(|s| !s.is_empty()),
+            resource_version: scale.metadata.resource_version,
         })
     }
 
-    /// Sets `spec.replicas` through the scale subresource (a merge patch with field manager
-    /// `kscale`). Callers write only when the count changes.
-    pub async fn write(&self, replicas: i32) -> Result<(), ActuateError> {
-        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    /// Sets `spec.replicas` through the scale subresource: a merge patch with field manager
+    /// `kscale` that carries the resourceVersion `read` saw, so the apiserver applies it only if
+    /// the scale has not changed since (a manual `kubectl scale` in between makes it answer
+    /// 409 Conflict, [`WriteOutcome::Conflict`], and nothing is overwritten). Callers write only
+    /// when the count changes.
+    pub async fn write(
+        &self,
+        replicas: i32,
+        read: &ScaleState,
+    ) -> Result<WriteOutcome, ActuateError> {
+        let patch = match &read.resource_version {
+            Some(rv) => serde_json::json!({
+                "metadata": {"resourceVersion": rv},
+                "spec": {"replicas": replicas},
+            }),
+            None => serde_json::json!({"spec": {"replicas": replicas}}),
+        };
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..PatchParams::default()
         };
-        self.api
+        match self
+            .api
             .patch_scale(&self.reference.name, &pp, &Patch::Merge(&patch))
             .await
-            .map(|_| ())
-            .map_err(|e| self.api_error("writing the scale of", e))
+        {
+            Ok(_) => Ok(WriteOutcome::Written),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(WriteOutcome::Conflict),
+            Err(e) => Err(self.api_error("writing the scale of", e)),
+        }
+    }
+
+    /// [`ActuateError::NotLeader`] for this target.
+    pub fn not_leader(&self, source: crate::controller::leader::NotLeader) -> ActuateError {
+        ActuateError::NotLeader {
+            kind: self.reference.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.reference.name.clone(),
+            source,
+        }
+    }
+
+    /// [`ActuateError::ScaleConflict`] for this target.
+    pub fn conflict(&self, attempts: u32, retries: u32) -> ActuateError {
+        ActuateError::ScaleConflict {
+            kind: self.reference.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.reference.name.clone(),
+            attempts,
+            retries,
+        }
     }
 
     /// Fails with [`ActuateError::HpaConflict`] when a HorizontalPodAutoscaler in the namespace
-    /// targets the same kind and name.
-    pub async fn check_no_hpa(&self, client: &Client) -> Result<(), ActuateError> {
+    /// targets the same object: its `scaleTargetRef` normalized through discovery like the
+    /// policy's own (so `apps/v1`, another version of `apps` or no `apiVersion` all name the
+    /// same Deployment). An HPA whose reference discovery cannot resolve is compared by kind and
+    /// name alone: in doubt, kscale does not write.
+    pub async fn check_no_hpa(
+        &self,
+        client: &Client,
+        cache: Option<&KindCache>,
+    ) -> Result<(), ActuateError> {
         let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &self.namespace);
         let list = hpas
             .list(&ListParams::default())
             .await
             .map_err(|e| self.api_error("listing HorizontalPodAutoscalers for", e))?;
-        let group = |v: Option<&str>| {
-            v.and_then(|v| v.split_once('/').map(|(g, _)| g.to_string()))
-                .unwrap_or_default()
-        };
-        let ours = group(self.reference.api_version.as_deref().or(Some("apps/v1")));
         for hpa in list {
             let r = &hpa.spec.scale_target_ref;
-            if r.kind == self.reference.kind
-                && r.name == self.reference.name
-                && group(r.api_version.as_deref()) == ours
-            {
+            if r.name != self.key.name {
+                continue;
+            }
+            let same = match target_key(client, cache, &self.namespace, r).await {
+                Ok(key) => key == self.key,
+                Err(_) => r.kind == self.key.kind,
+            };
+            if same {
                 return Err(ActuateError::HpaConflict {
                     kind: self.reference.kind.clone(),
                     namespace: self.namespace.clone(),

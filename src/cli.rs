@@ -173,9 +173,20 @@ pub struct RunArgs {
     /// How long a leader's renewal stays valid (failover takes at most this plus --leader-renew).
     #[arg(long, default_value = "10s", value_parser = parse_std_duration)]
     pub leader_lease_duration: std::time::Duration,
-    /// How often the leader renews and candidates retry.
+    /// How often the leader renews and candidates retry (shorter than --leader-renew-deadline).
     #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
     pub leader_renew: std::time::Duration,
+    /// How long after the start of its last successful renewal the leader still writes, by its
+    /// own clock (default: two thirds of --leader-lease-duration). Must be shorter than
+    /// --leader-lease-duration, so a leader whose renewal stalls stops writing before another
+    /// replica may take the Lease over.
+    #[arg(long, value_parser = parse_std_duration)]
+    pub leader_renew_deadline: Option<std::time::Duration>,
+    /// How many times a scale write that lost a race (409 Conflict: the target's scale changed
+    /// between kscale's read and its write) is re-read, re-decided and retried within one
+    /// evaluation; after that the policy reports ScaleConflict and tries again next interval.
+    #[arg(long, env = "KSCALE_SCALE_CONFLICT_RETRIES", default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub scale_conflict_retries: u8,
     /// The only Prometheus servers a policy's `spec.prometheus.url` may name (repeatable, or
     /// comma-separated in the environment; default: any URL). Each entry is a URL: a policy's
     /// URL must have its scheme, host and port, and a path that starts with its path segment by
@@ -408,6 +419,27 @@ async fn kube_client() -> Result<kube::Client, CliError> {
 
 fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     init_logging(args.log_format);
+    let election = args
+        .leader_elect
+        .then(|| crate::controller::leader::LeaderConfig {
+            namespace: args.leader_election_namespace.clone(),
+            name: args.leader_election_lease.clone(),
+            identity: args.instance.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            }),
+            duration: args.leader_lease_duration,
+            renew_deadline: args.leader_renew_deadline.unwrap_or_else(|| {
+                crate::controller::leader::LeaderConfig::default_renew_deadline(
+                    args.leader_lease_duration,
+                )
+            }),
+            renew: args.leader_renew,
+        });
+    if let Some(cfg) = &election {
+        cfg.validate()
+            .map_err(|e| CliError::Config(e.to_string()))?;
+    }
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
@@ -432,6 +464,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             None => None,
         };
         ctx.concurrency = usize::from(args.max_concurrent_evaluations);
+        ctx.scale_conflict_retries = u32::from(args.scale_conflict_retries);
         ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
             .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
         let allowed = crate::controller::servers::AllowedPrefix::parse_all(
@@ -474,19 +507,6 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             #[cfg(not(unix))]
             let _ = ctrl_c.await;
         };
-        let election = args
-            .leader_elect
-            .then(|| crate::controller::leader::LeaderConfig {
-                namespace: args.leader_election_namespace.clone(),
-                name: args.leader_election_lease.clone(),
-                identity: args.instance.clone().unwrap_or_else(|| {
-                    let host =
-                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-                    format!("{}-{}", host.trim(), std::process::id())
-                }),
-                duration: args.leader_lease_duration,
-                renew: args.leader_renew,
-            });
         let result = crate::controller::run(ctx, shutdown, election)
             .await
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::CrossVersionObjectReference;
-use kscale::actuate::{ActuateError, ScaleTarget};
+use kscale::actuate::{ActuateError, ScaleTarget, WriteOutcome};
 
 fn reference(api_version: Option<&str>, kind: &str, name: &str) -> CrossVersionObjectReference {
     CrossVersionObjectReference {
@@ -36,14 +36,30 @@ async fn scales_a_deployment_both_ways_through_the_scale_subresource() {
     let scale = target.read().await.expect("reads scale");
     assert_eq!(scale.spec_replicas, 3);
     assert_eq!(scale.selector.as_deref(), Some("app=web"));
-    target.check_no_hpa(&client).await.expect("no HPA yet");
+    target
+        .check_no_hpa(&client, None)
+        .await
+        .expect("no HPA yet");
 
-    target.write(5).await.expect("scales up");
+    let written = |o: Result<WriteOutcome, ActuateError>| {
+        assert!(matches!(o, Ok(WriteOutcome::Written)), "{o:?}");
+    };
+    written(target.write(5, &scale).await);
     support::wait_for_ready_pods(&client, &ns.name, "app=web", 5, Duration::from_secs(60)).await;
-    target.write(2).await.expect("scales down");
+    let scale = target.read().await.expect("reads scale");
+    written(target.write(2, &scale).await);
     support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
     let scale = target.read().await.expect("reads scale");
     assert_eq!((scale.spec_replicas, scale.status_replicas), (2, 2));
+
+    // A write is conditional on the scale read: after someone else scaled in between, it is
+    // refused (409) and the other writer's count stands.
+    let stale = target.read().await.expect("reads scale");
+    let fresh = target.read().await.expect("reads scale");
+    written(target.write(3, &fresh).await);
+    let outcome = target.write(4, &stale).await;
+    assert!(matches!(outcome, Ok(WriteOutcome::Conflict)), "{outcome:?}");
+    assert_eq!(target.read().await.expect("reads").spec_replicas, 3);
 
     // The write is attributed to the field manager `kscale`.
     let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
@@ -78,7 +94,7 @@ spec:
 "#,
     )
     .await;
-    match target.check_no_hpa(&client).await {
+    match target.check_no_hpa(&client, None).await {
         Err(e @ ActuateError::HpaConflict { .. }) => {
             assert_eq!(e.kind_label(), "ConflictingHPA");
             assert!(
@@ -88,6 +104,16 @@ spec:
         }
         other => panic!("expected an HPA conflict, got {other:?}"),
     }
+    // A policy that names no apiVersion (apps/v1 by default) is the same target as the HPA's.
+    let unversioned =
+        ScaleTarget::resolve(&client, &ns.name, &reference(None, "Deployment", "web"))
+            .await
+            .expect("resolves");
+    assert_eq!(unversioned.key, target.key);
+    assert!(matches!(
+        unversioned.check_no_hpa(&client, None).await,
+        Err(ActuateError::HpaConflict { .. })
+    ));
 }
 
 #[tokio::test]

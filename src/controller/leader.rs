@@ -1,14 +1,26 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so two replicas of the daemon can
 //! run and only one evaluates and writes.
 //!
-//! The holder renews the Lease every `renew`; another instance takes it over once the holder's
-//! last renewal is older than `duration`. Every write carries the Lease's resourceVersion, so two
-//! candidates cannot both win. On shutdown the holder releases the Lease (empty holder), so a
-//! successor takes over at once.
+//! Three durations, as in client-go's leader election:
+//! - the lease duration (`--leader-lease-duration`): a candidate takes the Lease over once it has
+//!   seen no change to it for this long, measured on the candidate's own monotonic clock from
+//!   the moment it observed the last change (never by comparing the holder's `renewTime` with
+//!   its own wall clock, so clock skew between nodes cannot shorten it);
+//! - the renew deadline (`--leader-renew-deadline`, shorter than the lease duration): the
+//!   holder counts itself the leader only until this long after the start of its last
+//!   successful renewal, by its own monotonic clock ([`Leadership::check`]). A renewal that
+//!   stalls therefore ends this replica's leadership before any other replica can take the
+//!   Lease over;
+//! - the retry period (`--leader-renew`): how often the holder renews and candidates retry.
+//!
+//! Every write of the Lease carries its resourceVersion, so two candidates cannot both win. The
+//! controller checks [`Leadership::check`] right before each write it makes (the scale, the
+//! status, events), so a replica that lost the Lease in the middle of a tick stops writing at
+//! once. On shutdown the holder releases the Lease (empty holder), so a successor takes over at
+//! once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -25,74 +37,261 @@ pub struct LeaderConfig {
     pub name: String,
     /// This instance's identity (unique per replica).
     pub identity: String,
-    /// How long a renewal stays valid.
+    /// How long a renewal stays valid for the other candidates (`--leader-lease-duration`).
     pub duration: Duration,
-    /// How often the holder renews, and a candidate retries.
+    /// How long after the start of its last successful renewal the holder still counts itself
+    /// the leader (`--leader-renew-deadline`); shorter than `duration`.
+    pub renew_deadline: Duration,
+    /// How often the holder renews, and a candidate retries (`--leader-renew`); shorter than
+    /// `renew_deadline`.
     pub renew: Duration,
+}
+
+/// Election settings that cannot work; each names the flags at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaderConfigError {
+    /// The lease duration is under a second (a Lease counts whole seconds).
+    #[error("--leader-lease-duration {0:?} is shorter than 1s (a Lease counts whole seconds)")]
+    DurationTooShort(Duration),
+    /// The renew deadline is not shorter than the lease duration.
+    #[error(
+        "--leader-renew-deadline {deadline:?} must be shorter than --leader-lease-duration {duration:?}, or a leader whose renewal stalls could still write after another replica took the Lease over"
+    )]
+    DeadlineNotShorter {
+        /// The renew deadline.
+        deadline: Duration,
+        /// The lease duration.
+        duration: Duration,
+    },
+    /// The retry period is not shorter than the renew deadline.
+    #[error(
+        "--leader-renew {renew:?} must be shorter than --leader-renew-deadline {deadline:?} (default: two thirds of --leader-lease-duration), or the leader could not renew before its deadline"
+    )]
+    RenewNotShorter {
+        /// The retry period.
+        renew: Duration,
+        /// The renew deadline.
+        deadline: Duration,
+    },
+}
+
+impl LeaderConfig {
+    /// The renew deadline used when `--leader-renew-deadline` is not given: two thirds of the
+    /// lease duration (client-go's defaults are 10 s of 15 s).
+    pub fn default_renew_deadline(duration: Duration) -> Duration {
+        duration * 2 / 3
+    }
+
+    /// Checks `renew < renew_deadline < duration` and `duration >= 1s`.
+    pub fn validate(&self) -> Result<(), LeaderConfigError> {
+        if self.duration < Duration::from_secs(1) {
+            return Err(LeaderConfigError::DurationTooShort(self.duration));
+        }
+        if self.renew_deadline >= self.duration {
+            return Err(LeaderConfigError::DeadlineNotShorter {
+                deadline: self.renew_deadline,
+                duration: self.duration,
+            });
+        }
+        if self.renew >= self.renew_deadline {
+            return Err(LeaderConfigError::RenewNotShorter {
+                renew: self.renew,
+                deadline: self.renew_deadline,
+            });
+        }
+        Ok(())
+    }
+
+    /// The lease duration as the Lease records it: whole seconds, rounded up, so a candidate
+    /// never waits less than this replica's own deadline.
+    fn duration_seconds(&self) -> i32 {
+        let secs = self.duration.as_secs() + u64::from(self.duration.subsec_nanos() > 0);
+        i32::try_from(secs).unwrap_or(i32::MAX)
+    }
+}
+
+/// A write refused because this replica does not hold a valid Lease.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "not written: this replica does not hold the leader Lease (or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed)"
+)]
+pub struct NotLeader;
+
+#[derive(Debug)]
+enum Held {
+    /// No election: this replica is the only writer.
+    Always,
+    /// Elected: leading until this instant (by this replica's monotonic clock), if ever.
+    Until(Option<Instant>),
+}
+
+/// Whether this replica may write now. Cheap to clone and to check; the election campaign
+/// updates it and every writer checks it right before writing.
+#[derive(Debug, Clone)]
+pub struct Leadership(Arc<Mutex<Held>>);
+
+impl Default for Leadership {
+    fn default() -> Self {
+        Leadership::always()
+    }
+}
+
+impl Leadership {
+    /// Without election: always the leader.
+    pub fn always() -> Leadership {
+        Leadership(Arc::new(Mutex::new(Held::Always)))
+    }
+
+    /// With election: not the leader until [`campaign`] acquires the Lease.
+    pub fn elected() -> Leadership {
+        Leadership(Arc::new(Mutex::new(Held::Until(None))))
+    }
+
+    /// Turns an "always" leadership into an elected one (not leading until the Lease is held).
+    pub fn start_election(&self) {
+        if let Ok(mut held) = self.0.lock() {
+            *held = Held::Until(None);
+        }
+    }
+
+    /// Whether this replica is the leader at this instant.
+    pub fn is_leader(&self) -> bool {
+        self.check().is_ok()
+    }
+
+    /// `Ok` while this replica may write: no election, or a Lease renewed recently enough (its
+    /// held-until deadline, by this replica's own clock, is still ahead).
+    pub fn check(&self) -> Result<(), NotLeader> {
+        let Ok(held) = self.0.lock() else {
+            return Err(NotLeader);
+        };
+        match *held {
+            Held::Always => Ok(()),
+            Held::Until(Some(until)) if Instant::now() < until => Ok(()),
+            Held::Until(_) => Err(NotLeader),
+        }
+    }
+
+    fn hold_until(&self, until: Instant) {
+        if let Ok(mut held) = self.0.lock()
+            && let Held::Until(t) = &mut *held
+        {
+            *t = Some(until);
+        }
+    }
+
+    fn lose(&self) {
+        if let Ok(mut held) = self.0.lock()
+            && let Held::Until(t) = &mut *held
+        {
+            *t = None;
+        }
+    }
 }
 
 fn now_micro() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
-fn expired(spec: &LeaseSpec, default: Duration) -> bool {
-    let Some(renewed) = spec.renew_time.as_ref() else {
-        return true;
-    };
-    let duration = spec.lease_duration_seconds.map_or(default, |s| {
-        Duration::from_secs(u64::try_from(s).unwrap_or(0))
-    });
-    let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed.0);
-    age.as_secs_f64() > duration.as_secs_f64()
+/// What a candidate compares to see whether the holder renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: String,
+    renew_time: Option<String>,
+    acquire_time: Option<String>,
+    transitions: Option<i32>,
 }
 
-/// One attempt to acquire or renew. Returns whether this instance holds the Lease afterwards.
-async fn try_acquire(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<bool, kube::Error> {
-    let duration_s = i32::try_from(cfg.duration.as_secs()).unwrap_or(15);
-    let existing = api.get_opt(&cfg.name).await?;
-    let Some(mut lease) = existing else {
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(cfg.name.clone()),
-                namespace: Some(cfg.namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(cfg.identity.clone()),
-                lease_duration_seconds: Some(duration_s),
-                acquire_time: Some(now_micro()),
-                renew_time: Some(now_micro()),
-                lease_transitions: Some(0),
-                ..LeaseSpec::default()
-            }),
+impl Record {
+    fn of(spec: &LeaseSpec) -> Record {
+        Record {
+            holder: spec.holder_identity.clone().unwrap_or_default(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            acquire_time: spec.acquire_time.as_ref().map(|t| t.0.to_string()),
+            transitions: spec.lease_transitions,
+        }
+    }
+}
+
+/// One candidate's view of the Lease.
+struct Elector {
+    api: Api<Lease>,
+    cfg: LeaderConfig,
+    /// The last record seen, and when (this replica's monotonic clock) it was first seen.
+    observed: Option<(Record, Instant)>,
+}
+
+impl Elector {
+    /// Whether the holder of `spec` has not renewed for its lease duration, as this replica has
+    /// watched it.
+    fn expired(&mut self, spec: &LeaseSpec) -> bool {
+        let record = Record::of(spec);
+        if record.holder.is_empty() || record.renew_time.is_none() {
+            return true;
+        }
+        let now = Instant::now();
+        let since = match &self.observed {
+            Some((seen, at)) if *seen == record => *at,
+            _ => {
+                self.observed = Some((record, now));
+                now
+            }
         };
-        return match api.create(&PostParams::default(), &lease).await {
+        let duration = spec.lease_duration_seconds.map_or(self.cfg.duration, |s| {
+            Duration::from_secs(u64::try_from(s).unwrap_or(0))
+        });
+        now.duration_since(since) > duration
+    }
+
+    /// One attempt to acquire or renew. Returns whether this instance holds the Lease afterwards.
+    async fn try_acquire(&mut self) -> Result<bool, kube::Error> {
+        let duration_s = self.cfg.duration_seconds();
+        let existing = self.api.get_opt(&self.cfg.name).await?;
+        let Some(mut lease) = existing else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.name.clone()),
+                    namespace: Some(self.cfg.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.cfg.identity.clone()),
+                    lease_duration_seconds: Some(duration_s),
+                    acquire_time: Some(now_micro()),
+                    renew_time: Some(now_micro()),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let ours = holder == self.cfg.identity;
+        if !ours && !self.expired(spec) {
+            return Ok(false);
+        }
+        if !ours {
+            spec.holder_identity = Some(self.cfg.identity.clone());
+            spec.acquire_time = Some(now_micro());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        spec.renew_time = Some(now_micro());
+        spec.lease_duration_seconds = Some(duration_s);
+        // replace carries metadata.resourceVersion: a concurrent writer gets 409 and loses.
+        match self
+            .api
+            .replace(&lease.name_any(), &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e),
-        };
-    };
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    let holder = spec.holder_identity.clone().unwrap_or_default();
-    let ours = holder == cfg.identity;
-    if !ours && !holder.is_empty() && !expired(spec, cfg.duration) {
-        return Ok(false);
-    }
-    if !ours {
-        spec.holder_identity = Some(cfg.identity.clone());
-        spec.acquire_time = Some(now_micro());
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-    }
-    spec.renew_time = Some(now_micro());
-    spec.lease_duration_seconds = Some(duration_s);
-    // replace carries metadata.resourceVersion: a concurrent writer gets 409 and loses.
-    match api
-        .replace(&lease.name_any(), &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e),
+        }
     }
 }
 
@@ -116,34 +315,100 @@ pub async fn release(client: &Client, cfg: &LeaderConfig) {
     }
 }
 
-/// Keeps trying to lead; `leading` is true exactly while this instance holds a valid Lease.
-/// Runs until the task is dropped.
-pub async fn campaign(client: Client, cfg: LeaderConfig, leading: Arc<AtomicBool>) {
+/// Keeps trying to lead; `leadership` holds until the renew deadline after each successful
+/// renewal's start. An attempt that takes longer than the renew deadline is abandoned (the
+/// leadership has lapsed by then anyway). Runs until the task is dropped.
+pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let mut last_renewal: Option<std::time::Instant> = None;
+    let mut elector = Elector {
+        api,
+        cfg: cfg.clone(),
+        observed: None,
+    };
+    let mut was_leader = false;
     loop {
-        match try_acquire(&api, &cfg).await {
-            Ok(true) => {
-                if !leading.swap(true, Ordering::SeqCst) {
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(cfg.renew_deadline, elector.try_acquire()).await;
+        match attempt {
+            Ok(Ok(true)) => {
+                leadership.hold_until(started + cfg.renew_deadline);
+                if !was_leader {
                     info!(identity = %cfg.identity, lease = %cfg.name, "became the leader");
                 }
-                last_renewal = Some(std::time::Instant::now());
             }
-            Ok(false) => {
-                if leading.swap(false, Ordering::SeqCst) {
+            Ok(Ok(false)) => {
+                leadership.lose();
+                if was_leader {
                     warn!(identity = %cfg.identity, "lost the lease to another instance");
                 }
             }
-            Err(e) => {
-                warn!(error = %e, "lease update failed");
-                // Keep leading only while the last renewal is still valid.
-                if last_renewal.is_none_or(|t| t.elapsed() >= cfg.duration)
-                    && leading.swap(false, Ordering::SeqCst)
-                {
-                    warn!(identity = %cfg.identity, "stopped leading: the lease could not be renewed in time");
-                }
-            }
+            Ok(Err(e)) => warn!(error = %e, "lease update failed"),
+            Err(_) => warn!(
+                deadline = ?cfg.renew_deadline,
+                "lease update took longer than --leader-renew-deadline; abandoned"
+            ),
         }
+        let leading = leadership.is_leader();
+        if was_leader && !leading {
+            warn!(identity = %cfg.identity, "stopped leading: the lease was not renewed within --leader-renew-deadline");
+        }
+        was_leader = leading;
         tokio::time::sleep(cfg.renew).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(duration: u64, deadline_ms: u64, renew_ms: u64) -> LeaderConfig {
+        LeaderConfig {
+            namespace: "n".into(),
+            name: "l".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(duration),
+            renew_deadline: Duration::from_millis(deadline_ms),
+            renew: Duration::from_millis(renew_ms),
+        }
+    }
+
+    #[test]
+    fn renew_deadline_must_be_shorter_than_the_lease() {
+        assert_eq!(cfg(10, 6666, 2000).validate(), Ok(()));
+        assert!(matches!(
+            cfg(4, 4000, 1000).validate(),
+            Err(LeaderConfigError::DeadlineNotShorter { .. })
+        ));
+        assert!(matches!(
+            cfg(4, 5000, 1000).validate(),
+            Err(LeaderConfigError::DeadlineNotShorter { .. })
+        ));
+        assert!(matches!(
+            cfg(10, 2000, 2000).validate(),
+            Err(LeaderConfigError::RenewNotShorter { .. })
+        ));
+        let e = cfg(4, 5000, 1000).validate().unwrap_err().to_string();
+        assert!(e.contains("--leader-renew-deadline") && e.contains("--leader-lease-duration"));
+        assert_eq!(
+            LeaderConfig::default_renew_deadline(Duration::from_secs(15)),
+            Duration::from_secs(10)
+        );
+        let mut c = cfg(4, 2000, 1000);
+        c.duration = Duration::from_millis(4500);
+        assert_eq!(c.duration_seconds(), 5, "rounded up");
+    }
+
+    #[test]
+    fn leadership_lapses_at_its_deadline() {
+        assert!(Leadership::always().is_leader());
+        let l = Leadership::elected();
+        assert_eq!(l.check(), Err(NotLeader));
+        l.hold_until(Instant::now() + Duration::from_secs(60));
+        assert!(l.is_leader());
+        l.hold_until(Instant::now());
+        assert!(!l.is_leader(), "a deadline that passed is not leadership");
+        l.hold_until(Instant::now() + Duration::from_secs(60));
+        l.lose();
+        assert!(!l.is_leader());
     }
 }

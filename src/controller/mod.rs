@@ -21,6 +21,7 @@
 pub mod forecast;
 pub mod leader;
 pub mod servers;
+pub mod writes;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -39,7 +40,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actuate::{ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget};
+use crate::actuate::{
+    ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget, TargetKey, WriteOutcome,
+};
 use crate::crd::{Mode, ScalingPolicy, ScalingPolicyStatus};
 use crate::model::{Observation, Sample};
 use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
@@ -168,6 +171,13 @@ pub struct Context {
     pub external_metrics: Option<Arc<crate::adapter::Cache>>,
     /// Forecasting state of the policies with `spec.forecast`.
     pub forecasts: forecast::Forecasts,
+    /// Whether this replica may write now; checked right before every write (scale, status,
+    /// events).
+    pub leadership: leader::Leadership,
+    /// Retries of a scale write that got 409 Conflict (`--scale-conflict-retries`).
+    pub scale_conflict_retries: u32,
+    /// The scale events this replica applied, merged with those read back from status.
+    pub scale_events: writes::ScaleMemory,
 }
 
 impl Context {
@@ -200,6 +210,9 @@ impl Context {
             instance: instance_name,
             external_metrics: None,
             forecasts: forecast::Forecasts::default(),
+            leadership: leader::Leadership::always(),
+            scale_conflict_retries: 3,
+            scale_events: writes::ScaleMemory::default(),
         }
     }
 }
@@ -231,6 +244,14 @@ pub enum PolicyError {
     /// The evaluation failed (reported in status and events).
     #[error(transparent)]
     Eval(#[from] EvalError),
+    /// This replica does not hold the leader Lease (any more): nothing was written.
+    #[error("policy {policy}: {source}")]
+    NotLeader {
+        /// Policy.
+        policy: String,
+        /// Why.
+        source: leader::NotLeader,
+    },
     /// Writing status failed.
     #[error("policy {policy}: writing status: {source}")]
     Status {
@@ -254,6 +275,12 @@ pub struct Evaluated {
     pub wrote: bool,
     /// Why nothing was written although the decision changed the count.
     pub not_written: Option<String>,
+    /// Scale writes refused with 409 Conflict (the scale changed between read and write), each
+    /// followed by a fresh read and a new decision.
+    pub conflicts: u32,
+    /// The replica count first read, when a conflict made the decision start again from a
+    /// fresh read.
+    pub first_read: Option<i32>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -275,8 +302,11 @@ fn pod_ready(p: &Pod) -> bool {
 
 /// Reads everything `policy` needs and evaluates it at `now`: the target's scale, its pods, the
 /// given Prometheus samples (by query) and resource metrics. With `write`, a changed count is
-/// written to the scale subresource (after the one-writer check). Shared by the controller and
-/// `kscale dry-run` (which never writes).
+/// written to the scale subresource (after the one-writer check against `writers`, the writing
+/// policy of each normalized target, and the leader check), conditionally on the scale read: if
+/// the scale changed in between (409 Conflict), it is read again and the decision is made again
+/// by [`evaluate`] from the fresh count, at most `ctx.scale_conflict_retries` times. Shared by
+/// the controller and `kscale dry-run` (which never writes).
 pub async fn evaluate_live(
     ctx: &Context,
     resource: &ScalingPolicy,
@@ -284,7 +314,7 @@ pub async fn evaluate_live(
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
     write: bool,
-    writer: Option<&str>,
+    writers: Option<&HashMap<TargetKey, String>>,
 ) -> Result<Evaluated, EvalError> {
     let name = format!(
         "{}/{}",
@@ -304,7 +334,7 @@ pub async fn evaluate_live(
     )
     .await
     .map_err(target_err)?;
-    let scale = target.read().await.map_err(target_err)?;
+    let mut scale = target.read().await.map_err(target_err)?;
 
     // The target's pods, read once for the readiness count and every resource metric.
     let pods: Option<Result<Vec<Pod>, String>> = match &scale.selector {
@@ -359,7 +389,8 @@ pub async fn evaluate_live(
             now,
         )
         .await;
-    let obs = Observation {
+    let pods_known = matches!(pods, Some(Ok(_)));
+    let mut obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
         ready_replicas: ready,
@@ -367,38 +398,82 @@ pub async fn evaluate_live(
         forecasts,
         samples,
     };
-    let history = resource
-        .status
-        .as_ref()
-        .map(|s| s.history.clone())
-        .unwrap_or_default();
-    let mut decision = evaluate(&policy, &obs, &history, now);
+    // Status values are checked and saturated, and merged with the scale events this replica
+    // applied (a failed status write does not lose them).
+    let history = ctx.scale_events.history(resource, now);
     let mut wrote = false;
     let mut not_written = None;
-    if decision.replicas != decision.current {
+    let mut conflicts = 0u32;
+    let first_read = scale.spec_replicas;
+    let mut decision = evaluate(&policy, &obs, &history, now);
+    while decision.replicas != decision.current {
         match policy.mode {
             Mode::Controller if write => {
-                if let Some(other) = writer {
+                let other = writers
+                    .and_then(|w| w.get(&target.key))
+                    .filter(|w| **w != name);
+                if let Some(other) = other {
                     return Err(target_err(ActuateError::PolicyConflict {
                         kind: resource.spec.target_ref.kind.clone(),
                         namespace: namespace.clone(),
                         name: resource.spec.target_ref.name.clone(),
-                        policy: other.to_string(),
+                        policy: other.clone(),
                     }));
                 }
-                target.check_no_hpa(&ctx.client).await.map_err(target_err)?;
-                target.write(decision.replicas).await.map_err(target_err)?;
-                decision.record_applied(&policy, now);
-                wrote = true;
+                target
+                    .check_no_hpa(&ctx.client, Some(&ctx.kinds))
+                    .await
+                    .map_err(target_err)?;
+                // Right before the write: this replica still holds a valid Lease.
+                ctx.leadership
+                    .check()
+                    .map_err(|e| target_err(target.not_leader(e)))?;
+                match target
+                    .write(decision.replicas, &scale)
+                    .await
+                    .map_err(target_err)?
+                {
+                    WriteOutcome::Written => {
+                        decision.record_applied(&policy, now);
+                        ctx.scale_events.remember(resource, &decision.state);
+                        wrote = true;
+                        break;
+                    }
+                    WriteOutcome::Conflict => {
+                        conflicts += 1;
+                        if conflicts > ctx.scale_conflict_retries {
+                            return Err(target_err(
+                                target.conflict(conflicts, ctx.scale_conflict_retries),
+                            ));
+                        }
+                        info!(policy = %name, from = scale.spec_replicas, to = decision.replicas, "the scale changed between read and write (409 Conflict); reading it again");
+                        // Someone else scaled in between: decide again from what is there now.
+                        scale = target.read().await.map_err(target_err)?;
+                        obs.spec_replicas = scale.spec_replicas;
+                        obs.status_replicas = scale.status_replicas;
+                        if !pods_known {
+                            obs.pods = scale.status_replicas;
+                            obs.ready_replicas = scale.status_replicas;
+                        }
+                        decision = evaluate(&policy, &obs, &history, now);
+                    }
+                }
             }
-            Mode::Controller => not_written = Some("dry run: nothing is written".to_string()),
+            Mode::Controller => {
+                not_written = Some("dry run: nothing is written".to_string());
+                break;
+            }
             Mode::DryRun => {
-                not_written = Some("mode DryRun: kscale reports and never writes".to_string())
+                not_written = Some("mode DryRun: kscale reports and never writes".to_string());
+                break;
             }
-            Mode::ExternalMetric => not_written = Some(
-                "mode ExternalMetric: the decision is published for an HPA, which stays the writer"
-                    .to_string(),
-            ),
+            Mode::ExternalMetric => {
+                not_written = Some(
+                    "mode ExternalMetric: the decision is published for an HPA, which stays the writer"
+                        .to_string(),
+                );
+                break;
+            }
         }
     }
     Ok(Evaluated {
@@ -407,6 +482,8 @@ pub async fn evaluate_live(
         decision,
         wrote,
         not_written,
+        conflicts,
+        first_read: (conflicts > 0).then_some(first_read),
     })
 }
 
@@ -425,6 +502,14 @@ async fn publish_on(
     reason: &str,
     note: String,
 ) {
+    // Right before the write: this replica still holds a valid Lease.
+    if ctx.leadership.check().is_err() {
+        debug!(
+            reason,
+            "event not published: this replica is not the leader"
+        );
+        return;
+    }
     let event = Event {
         type_,
         reason: reason.into(),
@@ -462,6 +547,11 @@ async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
         ..Default::default()
     };
     let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Right before the write: this replica still holds a valid Lease.
+    if ctx.leadership.check().is_err() {
+        debug!("rescale event not published: this replica is not the leader");
+        return;
+    }
     if let Err(e) = api.create(&PostParams::default(), &event).await {
         warn!(error = %e, "publishing the rescale event failed");
     }
@@ -471,10 +561,18 @@ async fn write_status(
     ctx: &Context,
     p: &ScalingPolicy,
     status: &ScalingPolicyStatus,
-) -> Result<(), kube::Error> {
+) -> Result<(), PolicyError> {
     let api: Api<ScalingPolicy> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
     let body = serde_json::json!({"apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy", "status": status});
+    let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+    // Right before the write: this replica still holds a valid Lease.
+    ctx.leadership
+        .check()
+        .map_err(|source| PolicyError::NotLeader {
+            policy: name.clone(),
+            source,
+        })?;
     api.patch_status(
         &p.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -482,6 +580,10 @@ async fn write_status(
     )
     .await
     .map(|_| ())
+    .map_err(|e| PolicyError::Status {
+        policy: name,
+        source: Box::new(e),
+    })
 }
 
 /// Whether the policy's status already reports this failure (Ready False, same reason and
@@ -532,13 +634,13 @@ pub async fn reconcile(
     compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     prometheus: &HashMap<String, Sample>,
     now: DateTime<Utc>,
-    writer: Option<&str>,
+    writers: Option<&HashMap<TargetKey, String>>,
     leading: bool,
 ) -> Result<(), PolicyError> {
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let started = std::time::Instant::now();
     let result = match compiled {
-        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, leading, writer).await,
+        Ok(policy) => evaluate_live(ctx, p, policy, prometheus, now, leading, writers).await,
         Err(errors) => Err(EvalError::Invalid {
             policy: name.clone(),
             errors,
@@ -560,6 +662,17 @@ pub async fn reconcile(
         // A follower only publishes; the leader reports.
         return result.map(|_| ()).map_err(PolicyError::from);
     }
+    if let Err(EvalError::Target {
+        source: ActuateError::NotLeader { source, .. },
+        ..
+    }) = &result
+    {
+        // Leadership lapsed during this tick: no status, no events (they would be writes too).
+        return Err(PolicyError::NotLeader {
+            policy: name,
+            source: source.clone(),
+        });
+    }
     let status = match &result {
         Ok(e) => {
             ctx.metrics.record(
@@ -576,8 +689,19 @@ pub async fn reconcile(
                 p.metadata.generation,
                 now,
             );
-            let reason = e.decision.reason(&e.policy);
+            let mut reason = e.decision.reason(&e.policy);
+            if let Some(first) = e.first_read {
+                reason = format!(
+                    "{reason}; the scale changed between kscale's read ({first} replicas) and its write, {} time(s) (409 Conflict), so the decision was made again from a fresh read of {} replicas",
+                    e.conflicts, e.decision.current
+                );
+                status.reason = Some(reason.clone());
+            }
             info!(policy = %name, target = %p.spec.target_ref.name, current = e.decision.current, desired = e.decision.replicas, wrote = e.wrote, %reason, "evaluated");
+            if e.conflicts > 0 && !e.wrote {
+                // The re-decision from the fresh count wrote nothing: say why nothing changed.
+                publish(ctx, p, EventType::Normal, "ScaleConflict", reason.clone()).await;
+            }
             if e.wrote {
                 publish_rescale(
                     ctx,
@@ -629,12 +753,7 @@ pub async fn reconcile(
         }
     };
     if status_changed(p.status.as_ref(), &status) {
-        write_status(ctx, p, &status)
-            .await
-            .map_err(|e| PolicyError::Status {
-                policy: name,
-                source: Box::new(e),
-            })?;
+        write_status(ctx, p, &status).await?;
     }
     result.map(|_| ()).map_err(PolicyError::from)
 }
@@ -665,10 +784,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     election: Option<leader::LeaderConfig>,
 ) -> Result<(), watcher::Error> {
-    let leading = Arc::new(std::sync::atomic::AtomicBool::new(election.is_none()));
-    let campaign = election
-        .clone()
-        .map(|cfg| tokio::spawn(leader::campaign(ctx.client.clone(), cfg, leading.clone())));
+    if election.is_some() {
+        ctx.leadership.start_election();
+    }
+    let campaign = election.clone().map(|cfg| {
+        tokio::spawn(leader::campaign(
+            ctx.client.clone(),
+            cfg,
+            ctx.leadership.clone(),
+        ))
+    });
     let api: Api<DeserializeGuard<ScalingPolicy>> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -706,7 +831,7 @@ pub async fn run(
             }
             _ = &mut shutdown => break,
         }
-        let is_leader = leading.load(std::sync::atomic::Ordering::SeqCst);
+        let is_leader = ctx.leadership.is_leader();
         ctx.metrics.leader.set(i64::from(is_leader));
         if is_leader && !state.leading {
             // A new leader evaluates every policy at once.
@@ -750,23 +875,60 @@ pub async fn run(
     Ok(())
 }
 
-/// A target as the one-writer rule sees it: namespace, API group, kind, name.
-type TargetKey = (String, String, String, String);
+/// How long a policy's normalized target key is reused before it is resolved again (its
+/// generation changing resolves it at once); discovery answers themselves are cached too.
+const KEY_TTL: Duration = Duration::from_secs(60);
 
-fn target_key(p: &ScalingPolicy) -> TargetKey {
-    let r = &p.spec.target_ref;
-    let group = r
-        .api_version
-        .as_deref()
-        .and_then(|v| v.split_once('/'))
-        .map_or_else(String::new, |(g, _)| g.to_string());
-    (
-        p.namespace().unwrap_or_default(),
-        group,
-        r.kind.clone(),
-        r.name.clone(),
-    )
+/// Each Controller policy's target, normalized through discovery ([`crate::actuate::target_key`]):
+/// `apps/v1`, another version of `apps` and no `apiVersion` name the same Deployment. Kept in
+/// `keys` per policy and generation for [`KEY_TTL`] (a failure too, so a policy naming an
+/// unknown kind costs one discovery request per [`KEY_TTL`], not one per tick).
+async fn target_keys(
+    ctx: &Context,
+    all: &[Arc<DeserializeGuard<ScalingPolicy>>],
+    keys: &mut KeyCache,
+) -> HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, TargetKey> {
+    let live: HashSet<_> = all
+        .iter()
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect();
+    keys.retain(|k, _| live.contains(k));
+    let mut out = HashMap::new();
+    for obj in all {
+        let Ok(p) = &obj.0 else { continue };
+        if p.spec.mode != Mode::Controller {
+            continue;
+        }
+        let r = ObjectRef::from_obj(obj.as_ref());
+        let fresh = keys.get(&r).is_some_and(|(generation, _, at)| {
+            *generation == p.metadata.generation && at.elapsed() < KEY_TTL
+        });
+        if !fresh {
+            let key = crate::actuate::target_key(
+                &ctx.client,
+                Some(&ctx.kinds),
+                &p.namespace().unwrap_or_default(),
+                &p.spec.target_ref,
+            )
+            .await
+            .ok();
+            keys.insert(
+                r.clone(),
+                (p.metadata.generation, key, std::time::Instant::now()),
+            );
+        }
+        if let Some((_, Some(key), _)) = keys.get(&r) {
+            out.insert(r, key.clone());
+        }
+    }
+    out
 }
+
+/// Per policy: the generation its key was resolved for, the key (if it resolved) and when.
+type KeyCache = HashMap<
+    ObjectRef<DeserializeGuard<ScalingPolicy>>,
+    (Option<i64>, Option<TargetKey>, std::time::Instant),
+>;
 
 /// The one policy allowed to write each target: among valid policies in mode `Controller`, the
 /// oldest (then the first by name). The others report `ConflictingPolicy` and never write.
@@ -775,6 +937,7 @@ fn target_key(p: &ScalingPolicy) -> TargetKey {
 fn writers(
     all: &[Arc<DeserializeGuard<ScalingPolicy>>],
     schedule: &Schedule,
+    keys: &HashMap<ObjectRef<DeserializeGuard<ScalingPolicy>>, TargetKey>,
 ) -> HashMap<TargetKey, String> {
     let mut owners: HashMap<TargetKey, (Option<String>, String)> = HashMap::new();
     for obj in all {
@@ -782,6 +945,10 @@ fn writers(
         if p.spec.mode != Mode::Controller {
             continue;
         }
+        // A policy whose target does not resolve cannot write; it does not own its target.
+        let Some(key) = keys.get(&ObjectRef::from_obj(obj.as_ref())) else {
+            continue;
+        };
         let valid = match schedule.get(&ObjectRef::from_obj(obj.as_ref())) {
             Some((_, generation, valid)) if *generation == p.metadata.generation => *valid,
             _ => CompiledPolicy::from_resource(p).is_ok(),
@@ -797,7 +964,7 @@ fn writers(
         let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
         let candidate = (created, name);
         owners
-            .entry(target_key(p))
+            .entry(key.clone())
             .and_modify(|cur| {
                 if candidate < *cur {
                     *cur = candidate.clone();
@@ -821,8 +988,8 @@ struct Pending {
     compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     /// New, or its spec changed: it goes first.
     fresh: bool,
-    /// The policy that writes its target instead, when another one does.
-    writer: Option<String>,
+    /// The writing policy of each normalized target, as of the tick.
+    writers: Arc<HashMap<TargetKey, String>>,
     /// The tick's time.
     now: DateTime<Utc>,
     /// Whether this replica led at the tick.
@@ -866,6 +1033,8 @@ struct TickState {
     /// Each query's last values (and when it was last answered), to put the policies whose
     /// inputs changed first.
     last: HashMap<(servers::ServerKey, String), LastAnswer>,
+    /// Each Controller policy's normalized target key.
+    keys: KeyCache,
     /// When `last` was last pruned.
     pruned: Option<std::time::Instant>,
     /// Servers with a group of queries in flight: a server answers one group at a time, so a
@@ -980,7 +1149,7 @@ impl TickState {
                     pending.compiled,
                     &samples,
                     pending.now,
-                    pending.writer.as_deref(),
+                    Some(&pending.writers),
                     pending.leading,
                 )
                 .instrument(span)
@@ -1042,14 +1211,17 @@ async fn run_tick(
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
     state.schedule.retain(|k, _| live.contains(k));
-    let writers = writers(&all, &state.schedule);
-    ctx.forecasts.retain(|key| {
+    let keys = target_keys(ctx, &all, &mut state.keys).await;
+    let writers = Arc::new(writers(&all, &state.schedule, &keys));
+    let is_live = |key: &str| {
         live.iter().any(|r| {
             r.namespace
                 .as_deref()
                 .is_some_and(|ns| key == format!("{ns}/{}", r.name))
         })
-    });
+    };
+    ctx.forecasts.retain(is_live);
+    ctx.scale_events.retain(is_live);
     state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();
@@ -1090,14 +1262,12 @@ async fn run_tick(
                     key.clone(),
                     (next_due(now, interval), generation, compiled.is_ok()),
                 );
-                let name = format!("{namespace}/{}", p.name_any());
-                let writer = writers.get(&target_key(p)).filter(|w| **w != name).cloned();
                 due.push(Pending {
                     key,
                     policy: p.clone(),
                     compiled,
                     fresh,
-                    writer,
+                    writers: writers.clone(),
                     now,
                     leading,
                 });

@@ -153,7 +153,9 @@ fn changed_within(events: &[ScaleEvent], period: TimeDelta, now: DateTime<Utc>) 
 fn period_start(current: i32, policy: &RatePolicy, state: &PolicyState, now: DateTime<Utc>) -> i32 {
     let added = changed_within(&state.scale_up_events, policy.period, now);
     let removed = changed_within(&state.scale_down_events, policy.period, now);
-    current - added + removed
+    // Saturating: the events come from status, which is not to be trusted to stay in range
+    // (status values are sanitized when read, and the arithmetic cannot overflow either way).
+    current.saturating_sub(added).saturating_add(removed)
 }
 
 /// A scaling direction.

@@ -92,4 +92,301 @@ impl PolicyState {
         }
         self.last_scale_time = Some(now);
     }
+
+    /// A state read back from a ScalingPolicy status, checked and saturated so that nothing in it
+    /// can overflow, panic or block scaling forever, whoever wrote it (a status is writable by
+    /// anyone with `update` on `scalingpolicies/status`, and a restart trusts it):
+    /// - a recommendation's replicas below 0 become 0;
+    /// - a scale event's `change` below 0 becomes 0 (an event is a count of replicas added or
+    ///   removed; a negative one, such as a forged `-2147483648`, counts nothing);
+    /// - a time after `now` becomes `now`, so a forged future event is counted once, as if it had
+    ///   just happened, instead of holding a rate limit or a stabilization window forever;
+    /// - each list keeps at most [`MAX_STATE_ENTRIES`] entries, the newest, in their order.
+    pub fn sanitized(&self, now: DateTime<Utc>) -> PolicyState {
+        let recommendations = newest(
+            self.recommendations
+                .iter()
+                .map(|r| Recommendation {
+                    replicas: r.replicas.max(0),
+                    time: r.time.min(now),
+                })
+                .collect(),
+            |r| r.time,
+        );
+        let events = |list: &[ScaleEvent]| {
+            newest(
+                list.iter()
+                    .map(|e| ScaleEvent {
+                        change: e.change.max(0),
+                        time: e.time.min(now),
+                    })
+                    .collect(),
+                |e| e.time,
+            )
+        };
+        PolicyState {
+            recommendations,
+            scale_up_events: events(&self.scale_up_events),
+            scale_down_events: events(&self.scale_down_events),
+            last_scale_time: self.last_scale_time.map(|t| t.min(now)),
+        }
+    }
+
+    /// Adds the scale events of `other` that this state lacks (the union of both, in this
+    /// state's order followed by the new ones), and the later of both last scale times. This is
+    /// how the controller merges the events it applied and keeps in memory with those read back
+    /// from status: a scale event lost from status (a status write that failed or was denied)
+    /// still counts against the rate limits. Lists stay within [`MAX_STATE_ENTRIES`].
+    pub fn merge_scale_events(&mut self, other: &PolicyState) {
+        fn union(into: &mut Vec<ScaleEvent>, from: &[ScaleEvent]) {
+            for e in from {
+                if !into.contains(e) {
+                    into.push(*e);
+                }
+            }
+            let all = std::mem::take(into);
+            *into = newest(all, |e| e.time);
+        }
+        union(&mut self.scale_up_events, &other.scale_up_events);
+        union(&mut self.scale_down_events, &other.scale_down_events);
+        self.last_scale_time = match (self.last_scale_time, other.last_scale_time) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Only the scale events and the last scale time (what the controller keeps in memory).
+    pub fn scale_events_only(&self) -> PolicyState {
+        PolicyState {
+            recommendations: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The most entries of each history list (recommendations, scale-up events, scale-down events)
+/// read back from status. The HPA's own bookkeeping keeps one recommendation per evaluation
+/// within the longest stabilization window (at most 3600 s at the 1 s interval floor) and far
+/// fewer scale events, so this never cuts a real history; it bounds the work and memory of a
+/// forged one.
+pub const MAX_STATE_ENTRIES: usize = 4096;
+
+/// `list` with at most [`MAX_STATE_ENTRIES`] entries: the newest by `time`, in their order.
+fn newest<T>(list: Vec<T>, time: impl Fn(&T) -> DateTime<Utc>) -> Vec<T> {
+    if list.len() <= MAX_STATE_ENTRIES {
+        return list;
+    }
+    let mut times: Vec<DateTime<Utc>> = list.iter().map(&time).collect();
+    times.sort_unstable();
+    // Keep entries at or after the cutoff, and of those at the cutoff only as many as fit.
+    let cutoff = times[times.len() - MAX_STATE_ENTRIES];
+    let mut at_cutoff = times[times.len() - MAX_STATE_ENTRIES..]
+        .iter()
+        .filter(|t| **t == cutoff)
+        .count();
+    list.into_iter()
+        .filter(|e| {
+            let t = time(e);
+            if t > cutoff {
+                true
+            } else if t == cutoff && at_cutoff > 0 {
+                at_cutoff -= 1;
+                true
+            } else {
+                false
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn forged_values_are_saturated() {
+        let now = at(1000);
+        let forged = PolicyState {
+            recommendations: vec![Recommendation {
+                replicas: -5,
+                time: at(999_999),
+            }],
+            scale_up_events: vec![ScaleEvent {
+                change: i32::MIN,
+                time: at(10),
+            }],
+            scale_down_events: vec![ScaleEvent {
+                change: i32::MAX,
+                time: DateTime::<Utc>::MAX_UTC,
+            }],
+            last_scale_time: Some(DateTime::<Utc>::MAX_UTC),
+        };
+        let s = forged.sanitized(now);
+        assert_eq!(
+            s.recommendations[0],
+            Recommendation {
+                replicas: 0,
+                time: now
+            }
+        );
+        assert_eq!(
+            s.scale_up_events[0],
+            ScaleEvent {
+                change: 0,
+                time: at(10)
+            }
+        );
+        assert_eq!(
+            s.scale_down_events[0],
+            ScaleEvent {
+                change: i32::MAX,
+                time: now
+            }
+        );
+        assert_eq!(s.last_scale_time, Some(now));
+        // A sane state is unchanged.
+        let sane = PolicyState {
+            recommendations: vec![Recommendation {
+                replicas: 3,
+                time: at(5),
+            }],
+            scale_up_events: vec![ScaleEvent {
+                change: 1,
+                time: at(6),
+            }],
+            scale_down_events: Vec::new(),
+            last_scale_time: Some(at(6)),
+        };
+        assert_eq!(sane.sanitized(now), sane);
+    }
+
+    #[test]
+    fn long_lists_keep_the_newest_in_order() {
+        let n = MAX_STATE_ENTRIES + 10;
+        let list: Vec<ScaleEvent> = (0..n)
+            .map(|i| ScaleEvent {
+                change: 1,
+                time: at((n - i) as i64),
+            })
+            .collect();
+        let state = PolicyState {
+            scale_up_events: list.clone(),
+            ..PolicyState::default()
+        };
+        let s = state.sanitized(at(1_000_000));
+        assert_eq!(s.scale_up_events.len(), MAX_STATE_ENTRIES);
+        assert_eq!(s.scale_up_events[..], list[..MAX_STATE_ENTRIES]);
+        // Equal times: still exactly the cap.
+        let same: Vec<ScaleEvent> = (0..n)
+            .map(|_| ScaleEvent {
+                change: 1,
+                time: at(1),
+            })
+            .collect();
+        let state = PolicyState {
+            scale_down_events: same,
+            ..PolicyState::default()
+        };
+        assert_eq!(
+            state.sanitized(at(2)).scale_down_events.len(),
+            MAX_STATE_ENTRIES
+        );
+    }
+
+    #[test]
+    fn merging_is_the_union_and_keeps_the_later_scale_time() {
+        let e1 = ScaleEvent {
+            change: 1,
+            time: at(1),
+        };
+        let e2 = ScaleEvent {
+            change: 1,
+            time: at(2),
+        };
+        let mut status = PolicyState {
+            scale_up_events: vec![e1],
+            last_scale_time: Some(at(1)),
+            ..PolicyState::default()
+        };
+        let memory = PolicyState {
+            scale_up_events: vec![e1, e2],
+            last_scale_time: Some(at(2)),
+            ..PolicyState::default()
+        };
+        status.merge_scale_events(&memory);
+        assert_eq!(status.scale_up_events, vec![e1, e2]);
+        assert_eq!(status.last_scale_time, Some(at(2)));
+        // Merging again changes nothing.
+        let before = status.clone();
+        status.merge_scale_events(&memory);
+        assert_eq!(status, before);
+    }
+
+    fn arb_time() -> impl Strategy<Value = DateTime<Utc>> {
+        prop_oneof![
+            (-10_000i64..10_000).prop_map(at),
+            Just(DateTime::<Utc>::MAX_UTC),
+            Just(DateTime::<Utc>::MIN_UTC),
+        ]
+    }
+
+    fn arb_state() -> impl Strategy<Value = PolicyState> {
+        let rec = (any::<i32>(), arb_time())
+            .prop_map(|(replicas, time)| Recommendation { replicas, time });
+        let ev =
+            || (any::<i32>(), arb_time()).prop_map(|(change, time)| ScaleEvent { change, time });
+        (
+            proptest::collection::vec(rec, 0..20),
+            proptest::collection::vec(ev(), 0..20),
+            proptest::collection::vec(ev(), 0..20),
+            proptest::option::of(arb_time()),
+        )
+            .prop_map(
+                |(recommendations, scale_up_events, scale_down_events, last_scale_time)| {
+                    PolicyState {
+                        recommendations,
+                        scale_up_events,
+                        scale_down_events,
+                        last_scale_time,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever a status says, its sanitized state is within bounds, and evaluating a policy
+        /// with rate limits on it neither panics nor overflows (debug builds check overflow).
+        #[test]
+        fn any_status_history_is_safe(state in arb_state(), current in 0i32..1000, desired in 0i32..100_000) {
+            use crate::policy::behavior::{normalize_with_behavior, Behavior, RateKind, RatePolicy, Rules, SelectPolicy};
+            let now = at(0);
+            let s = state.sanitized(now);
+            prop_assert!(s.recommendations.iter().all(|r| r.replicas >= 0 && r.time <= now));
+            prop_assert!(s.scale_up_events.iter().chain(&s.scale_down_events).all(|e| e.change >= 0 && e.time <= now));
+            prop_assert!(s.last_scale_time.is_none_or(|t| t <= now));
+            prop_assert_eq!(s.sanitized(now), s.clone());
+            let rules = |select| Rules {
+                stabilization: TimeDelta::seconds(300),
+                select,
+                policies: vec![
+                    RatePolicy { kind: RateKind::Pods, value: 1, period: TimeDelta::seconds(600) },
+                    RatePolicy { kind: RateKind::Percent, value: 100, period: TimeDelta::seconds(60) },
+                ],
+            };
+            for select in [SelectPolicy::Max, SelectPolicy::Min] {
+                let behavior = Behavior { up: rules(select), down: rules(select) };
+                // Unsanitized too: the arithmetic itself saturates.
+                for mut st in [s.clone(), state.clone()] {
+                    let n = normalize_with_behavior(&behavior, &mut st, current, desired, 0, i32::MAX, now);
+                    prop_assert!(n.replicas >= 0);
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,125 @@
+//! What the controller remembers of its own writes: the scale events it applied, per policy.
+//!
+//! Rate limits (`behavior.*.policies`, such as `Pods: 1 per 600s`) count the scale events of
+//! their period. Those events are kept in the policy's status, so a restart or a new leader
+//! continues them; but a status write can fail (or be denied by RBAC) after the scale write
+//! succeeded, and the event would then be lost and the limit would let one more step through at
+//! every interval. So the controller also keeps the events it applied in memory, and the
+//! history an evaluation starts from is the status' (checked and saturated,
+//! [`PolicyState::sanitized`]) merged with memory's: the union of both
+//! ([`PolicyState::merge_scale_events`]). Neither a failed status write nor a restart (status
+//! still has what was written) loses an event.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use kube::ResourceExt;
+
+use crate::crd::ScalingPolicy;
+use crate::policy::PolicyState;
+
+/// Per policy (`namespace/name`, and its uid so a re-created policy starts afresh): the scale
+/// events and last scale time after this replica's last scale write.
+#[derive(Default)]
+pub struct ScaleMemory {
+    entries: Mutex<HashMap<String, (Option<String>, PolicyState)>>,
+}
+
+fn key(p: &ScalingPolicy) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+impl ScaleMemory {
+    /// The history `p` is evaluated from at `now`: its status' history, sanitized, with the
+    /// scale events this replica remembers merged in.
+    pub fn history(&self, p: &ScalingPolicy, now: DateTime<Utc>) -> PolicyState {
+        let mut history = p
+            .status
+            .as_ref()
+            .map(|s| s.history.sanitized(now))
+            .unwrap_or_default();
+        if let Ok(entries) = self.entries.lock()
+            && let Some((uid, remembered)) = entries.get(&key(p))
+            && *uid == p.metadata.uid
+        {
+            history.merge_scale_events(remembered);
+        }
+        history
+    }
+
+    /// Remembers the scale events of `state`, the history after a scale write of `p`.
+    pub fn remember(&self, p: &ScalingPolicy, state: &PolicyState) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(key(p), (p.metadata.uid.clone(), state.scale_events_only()));
+        }
+    }
+
+    /// Forgets the policies for which `keep(namespace/name)` is false (deleted ones).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|k, _| keep(k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::state::ScaleEvent;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn policy(uid: &str) -> ScalingPolicy {
+        let mut p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  metrics: []\n",
+        )
+        .unwrap();
+        p.metadata.uid = Some(uid.into());
+        p
+    }
+
+    #[test]
+    fn an_event_missing_from_status_still_counts() {
+        let memory = ScaleMemory::default();
+        let mut p = policy("u1");
+        let applied = PolicyState {
+            scale_up_events: vec![ScaleEvent {
+                change: 1,
+                time: at(0),
+            }],
+            last_scale_time: Some(at(0)),
+            ..PolicyState::default()
+        };
+        memory.remember(&p, &applied);
+        // The status write failed: status has no event, memory does.
+        let h = memory.history(&p, at(10));
+        assert_eq!(h.scale_up_events, applied.scale_up_events);
+        // A forged status event is saturated, and merged with memory's.
+        let mut status = crate::crd::ScalingPolicyStatus::default();
+        status.history.scale_up_events = vec![ScaleEvent {
+            change: i32::MIN,
+            time: at(5),
+        }];
+        p.status = Some(status);
+        let h = memory.history(&p, at(10));
+        assert_eq!(h.scale_up_events.len(), 2);
+        assert!(h.scale_up_events.iter().all(|e| e.change >= 0));
+        // A re-created policy (another uid) does not inherit the events.
+        assert!(
+            memory
+                .history(&policy("u2"), at(10))
+                .scale_up_events
+                .is_empty()
+        );
+        memory.retain(|_| false);
+        assert!(
+            memory
+                .history(&policy("u1"), at(10))
+                .scale_up_events
+                .is_empty()
+        );
+    }
+}
