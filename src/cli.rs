@@ -275,6 +275,12 @@ pub struct BacktestArgs {
     /// replays exactly what the controller would have seen).
     #[arg(long, value_parser = parse_delta, requires = "prometheus")]
     pub step: Option<TimeDelta>,
+    /// The largest answer of one history range query, in bytes (as `kscale run`'s flag).
+    #[arg(long, default_value_t = crate::source::prometheus::DEFAULT_MAX_RESPONSE_BYTES, value_parser = clap::value_parser!(u64).range(1..), requires = "prometheus")]
+    pub prometheus_max_response_bytes: u64,
+    /// The most series in one answer of a history range query (as `kscale run`'s flag).
+    #[arg(long, default_value_t = crate::source::prometheus::DEFAULT_MAX_SERIES, requires = "prometheus")]
+    pub prometheus_max_series: usize,
     /// Feed a metric from a column: NAME=COLUMN (repeatable).
     #[arg(long = "metric", value_name = "NAME=COLUMN", value_parser = parse_mapping)]
     pub metrics: Vec<(String, String)>,
@@ -734,7 +740,11 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             let policies: Vec<&CompiledPolicy> =
                 std::iter::once(&policy).chain(compare.as_ref()).collect();
             let step = args.step.unwrap_or(policy.interval);
-            let history = prometheus_history(&policies, url, from, to, step)?;
+            let limits = crate::source::prometheus::AnswerLimits {
+                max_bytes: args.prometheus_max_response_bytes,
+                max_series: args.prometheus_max_series,
+            };
+            let history = prometheus_history(&policies, url, from, to, step, limits)?;
             (history.trace, history.columns)
         }
         _ => {
@@ -839,11 +849,13 @@ fn prometheus_history(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     step: TimeDelta,
+    limits: crate::source::prometheus::AnswerLimits,
 ) -> Result<crate::source::history::History, CliError> {
     use crate::source::prometheus::{PrometheusConfig, PrometheusSource};
     let source = PrometheusSource::new(&PrometheusConfig {
         url: url.to_string(),
         timeout: std::time::Duration::from_secs(120),
+        limits,
         ..PrometheusConfig::default()
     })
     .map_err(|e| CliError::Config(format!("--prometheus: {e}")))?;

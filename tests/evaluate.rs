@@ -452,3 +452,73 @@ spec:
         "{errors}"
     );
 }
+
+/// An answer with warnings (Prometheus `warnings`, Thanos partial responses) is partial data:
+/// its low sum never scales down, a high one may scale up, the reason says partial; the same
+/// numbers from a complete answer scale down.
+#[test]
+fn answers_with_warnings_hold_or_go_up_never_down() {
+    let p = policy("  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}");
+    let now = t(0);
+    let partial = |v: f64| Sample::Partial {
+        values: vec![v],
+        timestamp: now - TimeDelta::seconds(1),
+        warnings: 2,
+    };
+    // Complete: rps 200 → 2, queue 20 → 2: down from 8 to 2.
+    let o = obs(8, Some(200.0), Some(20.0), now);
+    let d = evaluate(&p, &o, &PolicyState::default(), now);
+    assert_eq!(d.replicas, 2, "{}", d.reason(&p));
+
+    // The same rps from a partial answer: hold.
+    let mut o = obs(8, Some(200.0), Some(20.0), now);
+    o.samples[0] = partial(200.0);
+    let d = evaluate(&p, &o, &PolicyState::default(), now);
+    let reason = d.reason(&p);
+    assert_eq!(d.replicas, 8, "{reason}");
+    assert_eq!(d.metrics[0].state, kscale::policy::MetricState::Partial);
+    assert!(reason.starts_with("hold 8→8"), "{reason}");
+    assert!(
+        reason.contains("partial data: the server answered with 2 warnings"),
+        "{reason}"
+    );
+
+    // A partial answer that asks for more still scales up: 1200 / 100 → 12.
+    o.samples[0] = partial(1200.0);
+    let d = evaluate(&p, &o, &PolicyState::default(), now);
+    assert_eq!(d.replicas, 12, "{}", d.reason(&p));
+    assert!(d.reason(&p).contains("partial data"), "{}", d.reason(&p));
+
+    // With a formula, a partial metric's value is used to go up, never down.
+    let f = policy(
+        "  formula: 'max(rps, queue)'\n  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}",
+    );
+    o.samples[0] = partial(200.0);
+    let d = evaluate(&f, &o, &PolicyState::default(), now);
+    assert_eq!(d.replicas, 8, "{}", d.reason(&f));
+    o.samples[0] = partial(1200.0);
+    let d = evaluate(&f, &o, &PolicyState::default(), now);
+    assert_eq!(d.replicas, 12, "{}", d.reason(&f));
+}
+
+proptest! {
+    /// Whatever a partial answer says, the count never goes down.
+    #[test]
+    fn a_partial_answer_never_lowers_the_count(
+        current in 2i32..20,
+        rps in 0.0f64..5000.0,
+        queue in 0.0f64..500.0,
+        warnings in 1usize..5,
+    ) {
+        let p = policy("  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}");
+        let now = t(0);
+        let mut o = obs(current, Some(rps), Some(queue), now);
+        o.samples[0] = Sample::Partial {
+            values: vec![rps],
+            timestamp: now - TimeDelta::seconds(1),
+            warnings,
+        };
+        let d = evaluate(&p, &o, &PolicyState::default(), now);
+        prop_assert!(d.replicas >= current, "{}", d.reason(&p));
+    }
+}

@@ -820,6 +820,10 @@ pub async fn run(
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 // A server answered (or its deadline passed), or an evaluation finished: start
                 // what is ready. Policies that waited for it are due at once.
+                if matches!(done, Done::Evaluated(_)) {
+                    // Ready after the first sync and the first evaluation.
+                    ctx.metrics.set_ready();
+                }
                 state.finish(done);
                 state.start_ready(&ctx, &mut inflight);
                 wait = if state.deferred.is_empty() {
@@ -850,8 +854,11 @@ pub async fn run(
         }
         // Wake at the next due time, and at least every POLL to notice new or changed policies.
         wait = state.next_wait();
-        // Ready after the first sync and the first tick (a follower is ready to take over).
-        ctx.metrics.set_ready();
+        // Ready after the first sync and the first tick's work (a follower is ready to take
+        // over); with work in flight, at its first evaluation.
+        if inflight.is_empty() {
+            ctx.metrics.set_ready();
+        }
     }
     // Evaluations under way finish (a scale write is followed by its status); queries still in
     // flight are dropped and nothing new starts.

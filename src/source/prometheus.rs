@@ -1521,4 +1521,240 @@ spec:
         };
         assert!(!format!("{a:?}").contains("hunter22"));
     }
+
+    #[test]
+    fn warnings_make_a_partial_sample_without_their_text() {
+        let body = r#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"pod":"a"},"value":[1700000000,"3"]}]},
+            "warnings":["store 10.0.0.7:10901 unreachable"]}"#;
+        assert_eq!(
+            parse_response(200, body).unwrap(),
+            Sample::Partial {
+                values: vec![3.0],
+                timestamp: ts(1_700_000_000.0),
+                warnings: 1
+            }
+        );
+        let empty = r#"{"status":"success","data":{"resultType":"vector","result":[]},"warnings":["a","b"]}"#;
+        let Sample::Missing { reason } = parse_response(200, empty).unwrap() else {
+            panic!("not missing")
+        };
+        assert!(
+            reason.contains("partial data") && reason.contains("2 warnings"),
+            "{reason}"
+        );
+        assert!(!reason.contains("unreachable"), "{reason}");
+        // Without warnings (or with an empty list) the answer is complete.
+        let complete = r#"{"status":"success","data":{"resultType":"scalar","result":[1700000000,"1"]},"warnings":[]}"#;
+        assert!(matches!(
+            parse_response(200, complete).unwrap(),
+            Sample::Series { .. }
+        ));
+    }
+
+    #[test]
+    fn the_series_cap_refuses_larger_answers_naming_the_flag() {
+        let limits = AnswerLimits {
+            max_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_series: 2,
+        };
+        let vector = |n: usize| {
+            let items: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"metric":{{"i":"{i}"}},"value":[1700000000,"1"]}}"#))
+                .collect();
+            format!(
+                r#"{{"status":"success","data":{{"resultType":"vector","result":[{}]}}}}"#,
+                items.join(",")
+            )
+        };
+        assert!(parse_instant(200, vector(2).as_bytes(), limits).is_ok());
+        let e = parse_instant(200, vector(3).as_bytes(), limits).unwrap_err();
+        assert_eq!(e.kind, "limit");
+        assert!(
+            e.message.contains("3 series") && e.message.contains("--prometheus-max-series"),
+            "{}",
+            e.message
+        );
+        let matrix = r#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"a":"1"},"values":[[1700000000,"1"]]},
+            {"metric":{"a":"2"},"values":[[1700000000,"1"]]},
+            {"metric":{"a":"3"},"values":[[1700000000,"1"]]}]}}"#;
+        let e = parse_range(200, matrix.as_bytes(), limits).unwrap_err();
+        assert_eq!(e.kind, "limit");
+    }
+
+    #[test]
+    fn bodies_that_are_not_prometheus_answers_stay_out_of_errors() {
+        for (status, body) in [
+            (
+                200,
+                r#"{"status":"success","data":{"resultType":"secret-leak","result":1}}"#,
+            ),
+            (200, "root:x:0:0:root:/root:/bin/bash"),
+            (302, ""),
+            (
+                500,
+                r#"{"status":"error","errorType":"leak","error":"internal-token-42"}"#,
+            ),
+            (401, "<html>login for internal-token-42</html>"),
+        ] {
+            let e = parse_response(status, body).unwrap_err();
+            for needle in [
+                "secret-leak",
+                "root:x",
+                "internal-token-42",
+                "leak",
+                "<html",
+            ] {
+                assert!(!e.message.contains(needle), "{body}: {}", e.message);
+            }
+            assert!(
+                e.message.contains(&format!("HTTP {status}")),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    /// A server on 127.0.0.1 that answers every request with `head` and then `body_len` bytes of
+    /// `fill` (it stops when the reader hangs up); returns its URL and the bytes it wrote.
+    async fn streaming_server(
+        head: &'static str,
+        body_len: u64,
+    ) -> (String, Arc<std::sync::atomic::AtomicU64>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    let _ = s.read(&mut buf).await;
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let block = vec![b' '; 65536];
+                    let mut sent = 0;
+                    while sent < body_len {
+                        if s.write_all(&block).await.is_err() {
+                            break;
+                        }
+                        sent += block.len() as u64;
+                        counter.fetch_add(block.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        (url, written)
+    }
+
+    #[tokio::test]
+    async fn the_byte_cap_stops_reading_a_streamed_answer() {
+        // 1 GiB of whitespace (valid JSON padding) with no Content-Length.
+        let (url, written) = streaming_server(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+            1 << 30,
+        )
+        .await;
+        let src = PrometheusSource::new(&PrometheusConfig {
+            url,
+            timeout: Duration::from_secs(20),
+            limits: AnswerLimits {
+                max_bytes: 1 << 20,
+                max_series: 10,
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let o = src.query_all_outcomes(["up"]).await.remove("up").unwrap();
+        assert_eq!(o.error_kind, Some("limit"), "{o:?}");
+        let Sample::Error { message } = &o.sample else {
+            panic!("{o:?}")
+        };
+        assert!(
+            message.contains("1048576-byte cap (--prometheus-max-response-bytes)"),
+            "{message}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = written.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            sent < 64 << 20,
+            "{sent} bytes written: the reader did not stop"
+        );
+
+        // A Content-Length over the cap is refused before reading.
+        let (url, _) = streaming_server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2000000000\r\nConnection: close\r\n\r\n",
+            0,
+        )
+        .await;
+        let src = PrometheusSource::new(&PrometheusConfig {
+            url,
+            limits: AnswerLimits {
+                max_bytes: 1 << 20,
+                max_series: 10,
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let o = src.query_all_outcomes(["up"]).await.remove("up").unwrap();
+        assert_eq!(o.error_kind, Some("limit"), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn one_deadline_covers_all_of_a_servers_queries() {
+        // Accepts and never answers; one query at a time, so the second waits in the queue.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let src = PrometheusSource::new(&PrometheusConfig {
+            url,
+            timeout: Duration::from_millis(800),
+            max_concurrency: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let start = Instant::now();
+        let outcomes = src.query_all_outcomes(["a", "b", "c"]).await;
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        assert_eq!(outcomes.len(), 3);
+        for o in outcomes.values() {
+            assert_eq!(o.error_kind, Some("timeout"), "{o:?}");
+            let Sample::Error { message } = &o.sample else {
+                panic!("{o:?}")
+            };
+            assert!(message.contains("--prometheus-timeout"), "{message}");
+        }
+    }
+
+    #[test]
+    fn answer_caps_of_zero_are_refused_naming_the_flag() {
+        let e = PrometheusSource::new(&PrometheusConfig {
+            limits: AnswerLimits {
+                max_bytes: 0,
+                max_series: 1,
+            },
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with(MAX_BYTES_FLAG), "{e}");
+        let e = PrometheusSource::new(&PrometheusConfig {
+            limits: AnswerLimits {
+                max_bytes: 1,
+                max_series: 0,
+            },
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with(MAX_SERIES_FLAG), "{e}");
+    }
 }
