@@ -151,7 +151,7 @@ mod tests {
 
     fn run_args(argv: &[&str]) -> Result<crate::cli::RunArgs, ConfigError> {
         match parse(argv.iter().map(OsString::from).collect())?.command {
-            Command::Run(args) => Ok(args),
+            Command::Run(args) => Ok(*args),
             other => panic!("not run: {other:?}"),
         }
     }
