@@ -393,13 +393,23 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
         },
     )
     .await;
-    let status = policies
-        .get("backend")
-        .await
-        .expect("policy")
-        .status
-        .expect("status");
-    assert_eq!(status.desired_replicas, Some(10), "{status:?}");
+    // The status is written after the scale write that the Deployment shows, so wait for it.
+    support::wait_until(
+        "the policy's status at 10 desired replicas",
+        Duration::from_secs(30),
+        || async {
+            let status = policies
+                .get("backend")
+                .await
+                .map_err(|e| e.to_string())?
+                .status;
+            match status.as_ref().and_then(|s| s.desired_replicas) {
+                Some(10) => Ok(()),
+                _ => Err(format!("{status:?}")),
+            }
+        },
+    )
+    .await;
 
     // The adapter, as kube-apiserver's aggregation layer calls it (front-proxy certificate and
     // user headers): it reads the front-proxy CA (RoleBinding in kube-system) and authorizes
