@@ -1067,8 +1067,10 @@ impl TickState {
             .filter(|(k, _)| !self.deferred.contains(*k))
             .map(|(_, (at, _, _))| *at)
             .min()
-            .and_then(|at| (at - Utc::now()).to_std().ok())
-            .unwrap_or(Duration::ZERO)
+            // Past due: at once. Nothing due (no policies, or all waiting): the next poll.
+            .map_or(POLL, |at| {
+                (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+            })
             .min(POLL)
     }
 
@@ -1392,6 +1394,28 @@ mod tests {
 
     fn at(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_the_next_policy_that_is_not_waiting() {
+        let mut state = TickState::default();
+        assert_eq!(state.next_wait(), POLL, "no policies: no hot loop");
+        let waiting: PolicyRef = ObjectRef::new("hostile").within("ns");
+        let past = Utc::now() - chrono::TimeDelta::seconds(5);
+        state
+            .schedule
+            .insert(waiting.clone(), (past, Some(1), true));
+        assert_eq!(state.next_wait(), Duration::ZERO, "past due: at once");
+        state.deferred.insert(waiting);
+        assert_eq!(
+            state.next_wait(),
+            POLL,
+            "a policy waiting for its busy server does not wake the loop"
+        );
+        let other: PolicyRef = ObjectRef::new("web").within("ns");
+        let soon = Utc::now() + chrono::TimeDelta::milliseconds(50);
+        state.schedule.insert(other, (soon, Some(1), true));
+        assert!(state.next_wait() <= Duration::from_millis(50));
     }
 
     #[test]
