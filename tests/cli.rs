@@ -414,3 +414,34 @@ fn crd_prints_schema_with_cel_rules() {
         "deploy/crd is stale: run `cargo run -- crd > deploy/crd/scalingpolicies.kscale.dev.yaml`"
     );
 }
+
+#[test]
+fn run_refuses_a_renew_deadline_not_shorter_than_the_lease() {
+    // Checked before anything connects: no cluster is needed for the refusal.
+    let o = kscale(&[
+        "run",
+        "--leader-lease-duration",
+        "4s",
+        "--leader-renew-deadline",
+        "4s",
+    ]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("--leader-renew-deadline") && t.contains("--leader-lease-duration"),
+        "{t}"
+    );
+    let o = kscale(&[
+        "run",
+        "--leader-lease-duration",
+        "10s",
+        "--leader-renew",
+        "8s",
+    ]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("--leader-renew ") && t.contains("--leader-renew-deadline"),
+        "{t}"
+    );
+}
