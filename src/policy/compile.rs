@@ -23,6 +23,10 @@ pub const DEFAULT_TOLERANCE: f64 = 0.1;
 pub const DEFAULT_DOWNSCALE_WINDOW: TimeDelta = TimeDelta::seconds(300);
 /// Default evaluation interval (the HPA's sync period).
 pub const DEFAULT_INTERVAL: TimeDelta = TimeDelta::seconds(15);
+/// The shortest `spec.interval` a policy may ask for (also the CRD's admission rule): below it a
+/// policy would run in a hot loop on a daemon every tenant shares, and rewrite its status and
+/// query Prometheus as often.
+pub const MIN_INTERVAL: TimeDelta = TimeDelta::seconds(1);
 /// Default staleness bound: Prometheus' instant-query lookback.
 pub const DEFAULT_STALE_AFTER: TimeDelta = TimeDelta::seconds(300);
 
@@ -532,6 +536,16 @@ pub fn compile_spec(
             duration_field(&mut errors, "spec.interval", text)
         })
         .unwrap_or(DEFAULT_INTERVAL);
+    if interval < MIN_INTERVAL {
+        errors.push(err(
+            "spec.interval",
+            format!(
+                "must be at least {}s (the floor on evaluations per policy), got {:?}",
+                MIN_INTERVAL.num_seconds(),
+                spec.interval.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
 
     let prometheus = spec
         .prometheus

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use cel::objects::{Key, Value};
 use cel::{Context, Env, Program};
 
+pub use super::formula_cost::MAX_FORMULA_COST;
+
 /// A compiled formula.
 #[derive(Clone)]
 pub struct Formula {
@@ -18,6 +20,8 @@ pub struct Formula {
     names: Vec<String>,
     program: Arc<Program>,
     env: Arc<Env>,
+    /// Set on a formula its caller refused to run again (see [`Formula::refused`]).
+    refused: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Formula {
@@ -30,8 +34,9 @@ impl std::fmt::Debug for Formula {
 pub const BUILTIN_VARIABLES: [&str; 3] = ["values", "current", "ready"];
 
 impl Formula {
-    /// Parses `source` and checks that every variable it names is a metric or a built-in, and
-    /// that it evaluates to a number on sample inputs (which catches unknown functions).
+    /// Parses `source`, bounds its worst-case cost (refused over [`MAX_FORMULA_COST`], see
+    /// [`super::formula_cost`]), checks that every variable it names is a metric or a built-in,
+    /// and that it evaluates to a number on sample inputs (which catches unknown functions).
     pub fn compile(source: &str, metric_names: &[&str]) -> Result<Formula, String> {
         let mut env = Env::stdlib();
         env.add_extension(cel::extensions::math)
@@ -40,6 +45,15 @@ impl Formula {
         let program = env
             .compile(source)
             .map_err(|e| format!("does not parse as CEL: {}", one_line(&e.to_string())))?;
+        // Bounded before anything runs it: the sample evaluation below included.
+        let estimate = super::formula_cost::estimate(program.expression(), metric_names)?;
+        if estimate.cost > MAX_FORMULA_COST {
+            return Err(format!(
+                "has an estimated worst-case cost of {} units, over the limit of {MAX_FORMULA_COST} \
+                 (each comprehension costs its range's size times its body; nested ones multiply)",
+                estimate.cost
+            ));
+        }
         let references = program.references();
         let mut unknown: Vec<&str> = references
             .variables()
@@ -69,6 +83,7 @@ impl Formula {
             names: metric_names.iter().map(|n| (*n).to_string()).collect(),
             program: Arc::new(program),
             env,
+            refused: None,
         };
         let proposals: Vec<i32> = metric_names.iter().map(|_| 1).collect();
         let values: Vec<f64> = metric_names.iter().map(|_| 1.0).collect();
@@ -81,6 +96,16 @@ impl Formula {
         &self.source
     }
 
+    /// This formula, refused: its evaluation fails at once with `reason` instead of running,
+    /// so the policy's fallback applies and its reason says why. The controller uses it for a
+    /// formula that overran its run-time budget, until the policy's generation changes.
+    pub fn refused(&self, reason: &str) -> Formula {
+        Formula {
+            refused: Some(Arc::from(reason)),
+            ..self.clone()
+        }
+    }
+
     /// Evaluates the formula with one proposal and one value per metric, in spec order; the result is rounded up and kept within `i32`.
     pub fn evaluate(
         &self,
@@ -89,6 +114,9 @@ impl Formula {
         current: i32,
         ready: i32,
     ) -> Result<i32, String> {
+        if let Some(reason) = &self.refused {
+            return Err(reason.to_string());
+        }
         let mut ctx = Context::with_env(Arc::clone(&self.env));
         // `max(a, b, ...)` and `min(...)` read naturally in a policy; cel-go spells them
         // `math.greatest` / `math.least`, which work too.
