@@ -15,6 +15,7 @@
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
 
 pub mod forecast;
+pub mod formula_budget;
 pub mod leader;
 pub mod servers;
 
@@ -37,7 +38,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::actuate::{ActuateError, FIELD_MANAGER, ScaleState, ScaleTarget};
 use crate::crd::{Mode, ScalingPolicy, ScalingPolicyStatus};
 use crate::model::{Observation, Sample};
-use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
+use crate::policy::{CompiledPolicy, Decision, MetricSource};
 use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
@@ -163,6 +164,8 @@ pub struct Context {
     pub external_metrics: Option<Arc<crate::adapter::Cache>>,
     /// Forecasting state of the policies with `spec.forecast`.
     pub forecasts: forecast::Forecasts,
+    /// The run-time budget of formulas (`--formula-timeout`) and the ones refused for overrunning.
+    pub formulas: formula_budget::FormulaBudget,
 }
 
 impl Context {
@@ -195,6 +198,7 @@ impl Context {
             instance: instance_name,
             external_metrics: None,
             forecasts: forecast::Forecasts::default(),
+            formulas: formula_budget::FormulaBudget::default(),
         }
     }
 }
@@ -365,9 +369,20 @@ pub async fn evaluate_live(
     let history = resource
         .status
         .as_ref()
-        .map(|s| s.history.clone())
+        .map(|s| s.history.clone().capped())
         .unwrap_or_default();
-    let mut decision = evaluate(&policy, &obs, &history, now);
+    // A formula runs off the async workers under its run-time budget.
+    let (policy, mut decision) = ctx
+        .formulas
+        .evaluate(
+            &name,
+            resource.metadata.generation,
+            policy,
+            obs,
+            history,
+            now,
+        )
+        .await;
     let mut wrote = false;
     let mut not_written = None;
     if decision.replicas != decision.current {
@@ -639,7 +654,14 @@ pub async fn reconcile(
 /// included, so a new leader continues the same windows.
 const STATUS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`].
+/// Within this long of the last status write, a status whose decision is unchanged (only metric
+/// values, proposals, the reason's figures or recommendations moved) waits: one policy writes its
+/// status at most once per this period unless its decision changes, whatever its interval.
+const STATUS_MIN_PERIOD: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`]. A
+/// change of decision (replicas, generation, conditions, scale events) is written at once; any
+/// other change at most every [`STATUS_MIN_PERIOD`].
 fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) -> bool {
     let Some(old) = old else { return true };
     let (Some(then), Some(now)) = (old.last_evaluation_time, new.last_evaluation_time) else {
@@ -650,7 +672,27 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
     }
     let mut same = new.clone();
     same.last_evaluation_time = old.last_evaluation_time;
-    same != *old
+    if same == *old {
+        return false;
+    }
+    if now - then >= STATUS_MIN_PERIOD {
+        return true;
+    }
+    let decision = |s: &ScalingPolicyStatus| {
+        (
+            s.current_replicas,
+            s.desired_replicas,
+            s.observed_generation,
+            s.conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+                .collect::<Vec<_>>(),
+            s.history.scale_up_events.clone(),
+            s.history.scale_down_events.clone(),
+            s.history.last_scale_time,
+        )
+    };
+    decision(old) != decision(new)
 }
 
 /// Runs the controller until `shutdown` resolves. With `election`, only the Lease holder
@@ -1023,6 +1065,29 @@ mod tests {
         new.desired_replicas = Some(4);
         assert!(status_changed(Some(&old), &new));
         assert!(status_changed(None, &new));
+    }
+
+    /// Issue 13, kind 5: a policy evaluated every second whose values move but whose decision
+    /// does not writes its status at most every `STATUS_MIN_PERIOD`; a new decision at once.
+    #[test]
+    fn value_only_changes_are_written_at_most_every_min_period() {
+        let old = ScalingPolicyStatus {
+            desired_replicas: Some(3),
+            reason: Some("rps 100".into()),
+            last_evaluation_time: Some(at(0)),
+            ..Default::default()
+        };
+        let mut new = old.clone();
+        new.reason = Some("rps 101".into());
+        new.last_evaluation_time = Some(at(1));
+        assert!(!status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(4));
+        assert!(!status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(5));
+        assert!(status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(1));
+        new.desired_replicas = Some(4);
+        assert!(status_changed(Some(&old), &new));
     }
 
     #[test]
