@@ -1,7 +1,8 @@
 //! The controller's side of `spec.forecast`: one [`ForecastState`] per policy, kept in memory.
 //! After a start, a leader change or a spec change (new generation) the state is rebuilt from
 //! Prometheus: each forecast metric's query is read with a range query over the forecast's
-//! history at the policy's interval, the same values the evaluations would have fed. So the
+//! history at the forecast's step (the resolution its model buckets the samples at; the interval
+//! would ask up to `history / interval` points). So the
 //! forecast survives a restart without storing the model anywhere. The models themselves are
 //! pure ([`crate::policy::forecast`]).
 
@@ -76,10 +77,13 @@ impl Forecasts {
                 let MetricSource::Prometheus { query } = &m.source else {
                     continue;
                 };
+                // At the model's own resolution (`forecast.step`, which validation keeps at
+                // least the interval and at most `MAX_HISTORY_STEPS` steps into the history), so
+                // one policy reads at most that many points per metric, whatever its interval.
                 let start = now - settings.history;
                 let end = now - policy.interval;
                 match backend
-                    .query_range(query.clone(), start, end, policy.interval)
+                    .query_range(query.clone(), start, end, settings.step)
                     .await
                 {
                     Ok(points) => {
@@ -133,6 +137,8 @@ mod tests {
     struct Ramp {
         reads: AtomicUsize,
         failures: usize,
+        /// The most points one range query asked for.
+        most_points: AtomicUsize,
     }
 
     impl QueryBackend for Ramp {
@@ -156,26 +162,32 @@ mod tests {
                 out.push((t, t.timestamp() as f64 - 1.7e9));
                 t += step;
             }
+            self.most_points.fetch_max(out.len(), Ordering::SeqCst);
             Box::pin(async move { Ok(out) })
         }
     }
 
     fn policy() -> CompiledPolicy {
-        let p: ScalingPolicy = serde_yaml::from_str(
+        policy_with("")
+    }
+
+    fn policy_with(interval: &str) -> CompiledPolicy {
+        let p: ScalingPolicy = serde_yaml::from_str(&format!(
             r#"
 apiVersion: kscale.dev/v1alpha1
 kind: ScalingPolicy
-metadata: {name: p, namespace: default}
+metadata: {{name: p, namespace: default}}
 spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
   maxReplicas: 20
+  {interval}
   metrics:
   - name: rps
-    prometheus: {query: rps}
-    target: {type: AverageValue, averageValue: "100"}
-  forecast: {model: Trend, history: 1h}
+    prometheus: {{query: rps}}
+    target: {{type: AverageValue, averageValue: "100"}}
+  forecast: {{model: Trend, history: 1h}}
 "#,
-        )
+        ))
         .expect("policy yaml");
         CompiledPolicy::from_resource(&p).expect("valid policy")
     }
@@ -197,6 +209,7 @@ spec:
                 backend: Ramp {
                     reads: AtomicUsize::new(0),
                     failures,
+                    most_points: AtomicUsize::new(0),
                 },
                 forecasts: Forecasts::default(),
                 policy: policy(),
@@ -261,5 +274,19 @@ spec:
         let p = last[0].expect("forecast");
         let want = (t0 + TimeDelta::seconds(165 + 60)).timestamp() as f64 - 1.7e9;
         assert!((p.point - want).abs() < 30.0, "{p:?} vs {want}");
+    }
+
+    /// Issue 13, kind 5: the history is read at the forecast's step (1m here), not at the
+    /// policy's interval (1s), so one read holds at most `history / step` points, the bound
+    /// validation checks.
+    #[test]
+    fn the_history_is_read_at_the_forecast_step_not_the_interval() {
+        let mut f = Fixture::new(0);
+        f.policy = policy_with("interval: 1s");
+        let now = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
+        f.predict(1, now);
+        assert_eq!(f.reads(), 1);
+        let points = f.backend.most_points.load(Ordering::SeqCst);
+        assert!(points <= 61, "an hour at 1m steps, got {points}");
     }
 }

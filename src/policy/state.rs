@@ -42,7 +42,44 @@ pub struct PolicyState {
     pub last_scale_time: Option<DateTime<Utc>>,
 }
 
+/// The most entries a policy's stored history keeps in each of its lists (recommendations,
+/// scale-ups, scale-downs). Evaluation never needs more: with `spec.interval` at least 1s, a
+/// stabilization window of at most 3600s holds at most 3601 recommendations and a rate-limit
+/// period of at most 1800s at most 1801 events. The cap bounds what status holds (etcd's object
+/// limit) and what is read back from it, a hand-edited status included.
+pub const MAX_HISTORY_ENTRIES: usize = 4096;
+
 impl PolicyState {
+    /// This history with each list cut to its [`MAX_HISTORY_ENTRIES`] newest entries (their
+    /// order kept); unchanged when within the cap.
+    pub fn capped(mut self) -> PolicyState {
+        fn cap<T>(list: &mut Vec<T>, time: impl Fn(&T) -> DateTime<Utc>) {
+            if list.len() <= MAX_HISTORY_ENTRIES {
+                return;
+            }
+            let mut times: Vec<DateTime<Utc>> = list.iter().map(&time).collect();
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            let oldest_kept = times[MAX_HISTORY_ENTRIES - 1];
+            // Entries at the boundary time may tie: keep the first ones until the cap.
+            let mut newer = list.iter().filter(|e| time(e) > oldest_kept).count();
+            list.retain(|e| {
+                let t = time(e);
+                if t > oldest_kept {
+                    true
+                } else if t == oldest_kept && newer < MAX_HISTORY_ENTRIES {
+                    newer += 1;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        cap(&mut self.recommendations, |r| r.time);
+        cap(&mut self.scale_up_events, |e| e.time);
+        cap(&mut self.scale_down_events, |e| e.time);
+        self
+    }
+
     /// Records a raw recommendation, reusing the slot of one older than `cutoff` (the last such
     /// slot, as the HPA controller does) so the history stays bounded.
     pub(crate) fn record_recommendation(
@@ -91,5 +128,46 @@ impl PolicyState {
             None => events.push(event),
         }
         self.last_scale_time = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn a_history_within_the_cap_is_unchanged() {
+        let mut s = PolicyState::default();
+        for i in 0..10 {
+            s.record_recommendation(i, at(i64::from(i)), None);
+        }
+        assert_eq!(s.clone().capped(), s);
+    }
+
+    #[test]
+    fn a_history_over_the_cap_keeps_its_newest_entries_in_order() {
+        let n = MAX_HISTORY_ENTRIES + 100;
+        let mut s = PolicyState::default();
+        // Slots reused out of time order, and ties at the boundary.
+        for i in 0..n as i64 {
+            s.recommendations.push(Recommendation {
+                replicas: i as i32,
+                time: at(i / 2),
+            });
+            s.scale_up_events.push(ScaleEvent {
+                change: 1,
+                time: at(n as i64 - i),
+            });
+        }
+        let c = s.clone().capped();
+        assert_eq!(c.recommendations.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(c.scale_up_events.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(c.recommendations.last(), s.recommendations.last());
+        assert_eq!(c.scale_up_events.first(), s.scale_up_events.first());
+        assert!(c.recommendations.windows(2).all(|w| w[0].time <= w[1].time));
     }
 }
