@@ -46,21 +46,18 @@ impl Formula {
             .compile(source)
             .map_err(|e| format!("does not parse as CEL: {}", one_line(&e.to_string())))?;
         // Bounded before anything runs it: the sample evaluation below included.
-        let estimate = super::formula_cost::estimate(program.expression(), metric_names)?;
-        if estimate.cost > MAX_FORMULA_COST {
+        let estimate =
+            super::formula_cost::estimate_with_names(program.expression(), metric_names)?;
+        if estimate.bound.cost > MAX_FORMULA_COST {
             return Err(format!(
                 "has an estimated worst-case cost of {} units, over the limit of {MAX_FORMULA_COST} \
                  (each comprehension costs its range's size times its body; nested ones multiply)",
-                estimate.cost
+                estimate.bound.cost
             ));
         }
-        let references = program.references();
-        let mut unknown: Vec<&str> = references
-            .variables()
-            .into_iter()
-            .filter(|v| !metric_names.contains(v) && !BUILTIN_VARIABLES.contains(v))
-            .collect();
-        unknown.sort_unstable();
+        // Names no metric, built-in, comprehension variable or type binds (a comprehension's
+        // variable, `values.exists(m, ...)`, is not a metric).
+        let unknown = estimate.unknown;
         if !unknown.is_empty() {
             return Err(format!(
                 "names unknown {} {}; known metrics: {}; built-ins: {}",
@@ -201,5 +198,69 @@ mod tests {
     fn rejects_non_number() {
         let e = Formula::compile("'x'", &["rps"]).unwrap_err();
         assert!(e.contains("number"), "{e}");
+    }
+
+    /// Everything the README promises a formula can use still compiles under the cost limit:
+    /// the variables, `max`/`min`, the math extension and the standard library's operators,
+    /// conversions and macros over the metrics' values.
+    #[test]
+    fn every_promised_function_compiles_under_the_limit() {
+        let names = ["rps", "cpu"];
+        for source in [
+            "max(rps, cpu)",
+            "min(rps, cpu)",
+            "max([rps, cpu, current])",
+            "math.greatest(rps, cpu, ready)",
+            "math.least(rps, cpu)",
+            "math.ceil(values.rps / 10.0)",
+            "math.floor(values.cpu)",
+            "math.round(values.cpu)",
+            "math.trunc(values.cpu)",
+            "math.abs(rps - cpu)",
+            "math.sign(values.rps)",
+            "math.sqrt(values.rps)",
+            "math.isNaN(values.rps) || math.isInf(values.rps) || !math.isFinite(values.rps) ? 1 : 2",
+            "math.bitAnd(rps, 3) + math.bitOr(rps, 1) + math.bitXor(rps, cpu) + math.bitNot(rps)",
+            "math.bitShiftLeft(rps, 1) + math.bitShiftRight(cpu, 1)",
+            "rps + cpu * 2 - current / 2 + ready % 3",
+            "rps > cpu ? rps : cpu",
+            "int(values.rps) + int(double(cpu)) + int(uint(rps))",
+            "size(values) + size('abc') + size([1, 2])",
+            "'rps' in values ? rps : cpu",
+            "has(values.rps) ? rps : 0",
+            "values['rps'] * 2.0",
+            "string(rps).size() > 0 ? rps : 0",
+            "'abc'.contains('b') && 'abc'.startsWith('a') && 'abc'.endsWith('c') ? 1 : 0",
+            "values.exists(rps, values[rps] > 100.0) ? max(rps, cpu) : min(rps, cpu)",
+            "values.all(rps, values[rps] >= 0.0) ? 1 : 0",
+            "values.exists_one(rps, rps == 'cpu') ? 1 : 0",
+            "[rps, cpu].map(rps, rps * 2).filter(cpu, cpu > 1).size()",
+            "[rps, cpu].map(rps, rps > 0, rps + 1)[0]",
+            "{'a': rps}['a']",
+            "type(rps) == int ? 1 : 0",
+            // A comprehension's own variable is not a metric.
+            "values.exists(m, values[m] > 100.0) ? [1, 2].map(x, x * rps)[1] : cpu",
+        ] {
+            Formula::compile(source, &names).unwrap_or_else(|e| panic!("{source}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_comprehension_variable_is_unknown_outside_its_comprehension() {
+        let e = Formula::compile("[1].all(m, m > 0) && m > 0 ? 1 : 0", &["rps"]).unwrap_err();
+        assert!(e.contains("names unknown metric \"m\""), "{e}");
+    }
+
+    #[test]
+    fn the_nested_examples_are_refused_naming_the_estimate_and_the_limit() {
+        for depth in [7, 12] {
+            let mut s = "rps > 0".to_string();
+            for _ in 0..depth {
+                s = format!("[1,2,3,4,5,6,7,8,9,10].all(rps, {s})");
+            }
+            let e = Formula::compile(&format!("{s} ? rps : 1"), &["rps"]).unwrap_err();
+            assert!(e.contains("estimated worst-case cost of"), "{e}");
+            assert!(e.contains("over the limit of 100000"), "{e}");
+        }
     }
 }

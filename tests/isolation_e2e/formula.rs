@@ -114,7 +114,12 @@ async fn nested_comprehensions_are_refused_and_the_neighbour_keeps_its_interval(
                 &format!("127.0.0.1:{}", support::free_port()),
             ])
             .args(["--watch-namespace", &ns.name])
-            .args(["--leader-election-namespace", &ns.name, "--instance", "iso-formula"])
+            .args([
+                "--leader-election-namespace",
+                &ns.name,
+                "--instance",
+                "iso-formula",
+            ])
             .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
             .env("KUBECONFIG", &kubeconfig)
             .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
