@@ -1,8 +1,8 @@
 //! The controller's side of `spec.forecast`: one [`ForecastState`] per policy, kept in memory.
 //! After a start, a leader change or a spec change (new generation) the state is rebuilt from
 //! Prometheus: each forecast metric's query is read with a range query over the forecast's
-//! history at the forecast's step (the resolution its model buckets the samples at; the interval
-//! would ask up to `history / interval` points). So the
+//! history at the policy's interval, the same values the evaluations would have fed, or coarser
+//! when that would exceed `MAX_HISTORY_STEPS` points. So the
 //! forecast survives a restart without storing the model anywhere. The models themselves are
 //! pure ([`crate::policy::forecast`]).
 
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::QueryBackend;
 use crate::model::Sample;
+use crate::policy::compile::MAX_HISTORY_STEPS;
 use crate::policy::forecast::{ForecastState, Prediction};
 use crate::policy::{CompiledPolicy, MetricSource};
 
@@ -77,13 +78,18 @@ impl Forecasts {
                 let MetricSource::Prometheus { query } = &m.source else {
                     continue;
                 };
-                // At the model's own resolution (`forecast.step`, which validation keeps at
-                // least the interval and at most `MAX_HISTORY_STEPS` steps into the history), so
-                // one policy reads at most that many points per metric, whatever its interval.
+                // At the policy's interval (the values its evaluations would have fed), but
+                // never more than `MAX_HISTORY_STEPS` points, the bound validation checks on
+                // `history / step`: `interval: 1s, history: 60d` would otherwise ask for over
+                // five million points per metric.
                 let start = now - settings.history;
                 let end = now - policy.interval;
+                let resolution = policy
+                    .interval
+                    .max(settings.history / MAX_HISTORY_STEPS as i32)
+                    .max(TimeDelta::seconds(1));
                 match backend
-                    .query_range(query.clone(), start, end, settings.step)
+                    .query_range(query.clone(), start, end, resolution)
                     .await
                 {
                     Ok(points) => {
@@ -276,17 +282,21 @@ spec:
         assert!((p.point - want).abs() < 30.0, "{p:?} vs {want}");
     }
 
-    /// Issue 13, kind 5: the history is read at the forecast's step (1m here), not at the
-    /// policy's interval (1s), so one read holds at most `history / step` points, the bound
-    /// validation checks.
+    /// Issue 13, kind 5: with `interval: 1s` and 60 days of history, one read asks for at most
+    /// `MAX_HISTORY_STEPS` points (the bound validation checks), not over five million.
     #[test]
-    fn the_history_is_read_at_the_forecast_step_not_the_interval() {
+    fn a_history_read_asks_for_at_most_max_history_steps_points() {
         let mut f = Fixture::new(0);
         f.policy = policy_with("interval: 1s");
+        let mut settings = f.policy.forecast.expect("forecast");
+        settings.history = TimeDelta::days(60);
+        settings.step = TimeDelta::minutes(1);
+        f.policy.forecast = Some(settings);
         let now = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
         f.predict(1, now);
         assert_eq!(f.reads(), 1);
         let points = f.backend.most_points.load(Ordering::SeqCst);
-        assert!(points <= 61, "an hour at 1m steps, got {points}");
+        assert!(points <= MAX_HISTORY_STEPS as usize + 1, "{points} points");
+        assert!(points > 50_000, "still fine-grained: {points} points");
     }
 }

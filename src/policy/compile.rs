@@ -27,6 +27,9 @@ pub const DEFAULT_INTERVAL: TimeDelta = TimeDelta::seconds(15);
 /// policy would run in a hot loop on a daemon every tenant shares, and rewrite its status and
 /// query Prometheus as often.
 pub const MIN_INTERVAL: TimeDelta = TimeDelta::seconds(1);
+/// The most points of one metric's history a forecast holds (`spec.forecast.history /
+/// spec.forecast.step`), and so the most one history read asks Prometheus for.
+pub const MAX_HISTORY_STEPS: i64 = 100_000;
 /// Default staleness bound: Prometheus' instant-query lookback.
 pub const DEFAULT_STALE_AFTER: TimeDelta = TimeDelta::seconds(300);
 
@@ -866,10 +869,10 @@ fn compile_forecast(
                 history.num_seconds()
             ),
         );
-    } else if history.num_milliseconds() / step.num_milliseconds().max(1) > 100_000 {
+    } else if history.num_milliseconds() / step.num_milliseconds().max(1) > MAX_HISTORY_STEPS {
         field_error(
             "history",
-            "holds more than 100000 steps; use a longer spec.forecast.step".into(),
+            format!("holds more than {MAX_HISTORY_STEPS} steps; use a longer spec.forecast.step"),
         );
     } else if model == ModelKind::HoltWinters && history < season * 2 {
         field_error(
