@@ -85,7 +85,9 @@ pub struct ScalingPolicySpec {
     pub metrics: Vec<MetricSpec>,
     /// A CEL expression over the metrics' proposals (each metric's name) and values
     /// (`values.<name>`), plus `current` and `ready`; its result is the desired replica count.
-    /// Default: the largest proposal, as the HPA does.
+    /// Default: the largest proposal, as the HPA does. kscale estimates its worst-case cost when
+    /// it compiles the policy and refuses one over 100000 units (nested comprehensions multiply);
+    /// admission only bounds its length, as no CEL rule can bound its nesting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub formula: Option<String>,
