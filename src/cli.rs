@@ -202,6 +202,11 @@ pub struct RunArgs {
     /// How many policies are evaluated at once (each reads its target's scale and writes).
     #[arg(long, env = "KSCALE_MAX_CONCURRENT_EVALUATIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_evaluations: u16,
+    /// How long one evaluation of a policy with a CEL formula may take (Go-style duration). A
+    /// formula that overruns is refused until its policy changes, and its fallback applies.
+    /// Formulas are bounded when compiled too, so an accepted one stays far below this.
+    #[arg(long, env = "KSCALE_FORMULA_TIMEOUT", default_value = "1s", value_parser = parse_std_duration)]
+    pub formula_timeout: std::time::Duration,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "KSCALE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -472,6 +477,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         };
         ctx.concurrency = usize::from(args.max_concurrent_evaluations);
         ctx.scale_conflict_retries = u32::from(args.scale_conflict_retries);
+        ctx.formulas = crate::controller::formula_budget::FormulaBudget::new(args.formula_timeout);
         ctx.default_interval = chrono::TimeDelta::from_std(args.default_interval)
             .map_err(|e| CliError::Config(format!("--default-interval: {e}")))?;
         let allowed = crate::controller::servers::AllowedPrefix::parse_all(

@@ -67,9 +67,13 @@ pub struct ScalingPolicySpec {
     /// Upper bound for the replica count.
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// How often the policy is evaluated, a Go-style duration (default `15s`).
+    /// How often the policy is evaluated, a Go-style duration (default `15s`, at least `1s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"))]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"),
+        length(max = 64)
+    )]
+    #[x_kube(validation = Rule::new(r"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h|d))+$') || self.contains('d') || duration(self) >= duration('1s')").message("spec.interval must be at least 1s"))]
     pub interval: Option<String>,
     /// The Prometheus this policy's queries go to, with its credentials; the daemon's default
     /// (`--prometheus-url`) when unset.
@@ -81,7 +85,9 @@ pub struct ScalingPolicySpec {
     pub metrics: Vec<MetricSpec>,
     /// A CEL expression over the metrics' proposals (each metric's name) and values
     /// (`values.<name>`), plus `current` and `ready`; its result is the desired replica count.
-    /// Default: the largest proposal, as the HPA does.
+    /// Default: the largest proposal, as the HPA does. kscale estimates its worst-case cost when
+    /// it compiles the policy and refuses one over 100000 units (nested comprehensions multiply);
+    /// admission only bounds its length, as no CEL rule can bound its nesting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub formula: Option<String>,

@@ -55,8 +55,14 @@ pub fn load_policies(path: &Path) -> Result<Vec<LoadedPolicy>, LoadError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_policies(path, &text)
+}
+
+/// Reads every ScalingPolicy in `text`, the contents of `path` (named in errors), as
+/// [`load_policies`] does.
+pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<LoadedPolicy>, LoadError> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| LoadError::Yaml {
             path: path.to_path_buf(),

@@ -64,7 +64,7 @@ pub fn status_from_decision(
         reason: Some(decision.reason(policy)),
         metrics,
         conditions,
-        history: decision.state.clone(),
+        history: decision.state.clone().capped(),
     }
 }
 

@@ -445,3 +445,54 @@ fn run_refuses_a_renew_deadline_not_shorter_than_the_lease() {
         "{t}"
     );
 }
+
+/// `depth` comprehensions over ten elements nested inside each other (issue 13, kind 1).
+fn nested_formula(depth: usize) -> String {
+    let mut s = "rps > 0".to_string();
+    for _ in 0..depth {
+        s = format!("[1,2,3,4,5,6,7,8,9,10].all(rps, {s})");
+    }
+    format!("{s} ? rps : 1")
+}
+
+#[test]
+fn validate_and_backtest_refuse_a_formula_over_the_cost_limit_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for depth in [7, 12] {
+        let body = std::fs::read_to_string("examples/backend-rps.yaml")
+            .unwrap()
+            .replace(
+                "  behavior:",
+                &format!("  formula: '{}'\n  behavior:", nested_formula(depth)),
+            );
+        let f = write(dir.path(), &format!("nested-{depth}.yaml"), &body);
+        // Both return at once: the estimate is made before anything evaluates the formula.
+        let out = text(&kscale(&["validate", "-p", f.to_str().unwrap()]));
+        assert!(out.contains("spec.formula:"), "{out}");
+        assert!(
+            out.contains("estimated worst-case cost") && out.contains("over the limit of 100000"),
+            "{out}"
+        );
+        let o = kscale(&["backtest", "-p", f.to_str().unwrap(), "-t", ELB]);
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains("over the limit of 100000"),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn validate_refuses_an_interval_below_one_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = std::fs::read_to_string("examples/backend-rps.yaml")
+        .unwrap()
+        .replace("interval: 15s", "interval: 1ms");
+    let f = write(dir.path(), "p.yaml", &body);
+    let out = text(&kscale(&["validate", "-p", f.to_str().unwrap()]));
+    assert!(
+        out.contains("spec.interval: must be at least 1s") && out.contains("\"1ms\""),
+        "{out}"
+    );
+}

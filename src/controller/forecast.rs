@@ -1,7 +1,8 @@
 //! The controller's side of `spec.forecast`: one [`ForecastState`] per policy, kept in memory.
 //! After a start, a leader change or a spec change (new generation) the state is rebuilt from
 //! Prometheus: each forecast metric's query is read with a range query over the forecast's
-//! history at the policy's interval, the same values the evaluations would have fed. So the
+//! history at the policy's interval, the same values the evaluations would have fed, or coarser
+//! when that would exceed `MAX_HISTORY_STEPS` points. So the
 //! forecast survives a restart without storing the model anywhere. The models themselves are
 //! pure ([`crate::policy::forecast`]).
 
@@ -13,6 +14,7 @@ use tracing::{info, warn};
 
 use super::QueryBackend;
 use crate::model::Sample;
+use crate::policy::compile::MAX_HISTORY_STEPS;
 use crate::policy::forecast::{ForecastState, Prediction};
 use crate::policy::{CompiledPolicy, MetricSource};
 
@@ -76,10 +78,18 @@ impl Forecasts {
                 let MetricSource::Prometheus { query } = &m.source else {
                     continue;
                 };
+                // At the policy's interval (the values its evaluations would have fed), but
+                // never more than `MAX_HISTORY_STEPS` points, the bound validation checks on
+                // `history / step`: `interval: 1s, history: 60d` would otherwise ask for over
+                // five million points per metric.
                 let start = now - settings.history;
                 let end = now - policy.interval;
+                let resolution = policy
+                    .interval
+                    .max(settings.history / MAX_HISTORY_STEPS as i32)
+                    .max(TimeDelta::seconds(1));
                 match backend
-                    .query_range(query.clone(), start, end, policy.interval)
+                    .query_range(query.clone(), start, end, resolution)
                     .await
                 {
                     Ok(points) => {
@@ -133,6 +143,8 @@ mod tests {
     struct Ramp {
         reads: AtomicUsize,
         failures: usize,
+        /// The most points one range query asked for.
+        most_points: AtomicUsize,
     }
 
     impl QueryBackend for Ramp {
@@ -156,26 +168,32 @@ mod tests {
                 out.push((t, t.timestamp() as f64 - 1.7e9));
                 t += step;
             }
+            self.most_points.fetch_max(out.len(), Ordering::SeqCst);
             Box::pin(async move { Ok(out) })
         }
     }
 
     fn policy() -> CompiledPolicy {
-        let p: ScalingPolicy = serde_yaml::from_str(
+        policy_with("")
+    }
+
+    fn policy_with(interval: &str) -> CompiledPolicy {
+        let p: ScalingPolicy = serde_yaml::from_str(&format!(
             r#"
 apiVersion: kscale.dev/v1alpha1
 kind: ScalingPolicy
-metadata: {name: p, namespace: default}
+metadata: {{name: p, namespace: default}}
 spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
   maxReplicas: 20
+  {interval}
   metrics:
   - name: rps
-    prometheus: {query: rps}
-    target: {type: AverageValue, averageValue: "100"}
-  forecast: {model: Trend, history: 1h}
+    prometheus: {{query: rps}}
+    target: {{type: AverageValue, averageValue: "100"}}
+  forecast: {{model: Trend, history: 1h}}
 "#,
-        )
+        ))
         .expect("policy yaml");
         CompiledPolicy::from_resource(&p).expect("valid policy")
     }
@@ -197,6 +215,7 @@ spec:
                 backend: Ramp {
                     reads: AtomicUsize::new(0),
                     failures,
+                    most_points: AtomicUsize::new(0),
                 },
                 forecasts: Forecasts::default(),
                 policy: policy(),
@@ -261,5 +280,23 @@ spec:
         let p = last[0].expect("forecast");
         let want = (t0 + TimeDelta::seconds(165 + 60)).timestamp() as f64 - 1.7e9;
         assert!((p.point - want).abs() < 30.0, "{p:?} vs {want}");
+    }
+
+    /// Issue 13, kind 5: with `interval: 1s` and 60 days of history, one read asks for at most
+    /// `MAX_HISTORY_STEPS` points (the bound validation checks), not over five million.
+    #[test]
+    fn a_history_read_asks_for_at_most_max_history_steps_points() {
+        let mut f = Fixture::new(0);
+        f.policy = policy_with("interval: 1s");
+        let mut settings = f.policy.forecast.expect("forecast");
+        settings.history = TimeDelta::days(60);
+        settings.step = TimeDelta::minutes(1);
+        f.policy.forecast = Some(settings);
+        let now = DateTime::from_timestamp(1_700_003_600, 0).expect("time");
+        f.predict(1, now);
+        assert_eq!(f.reads(), 1);
+        let points = f.backend.most_points.load(Ordering::SeqCst);
+        assert!(points <= MAX_HISTORY_STEPS as usize + 1, "{points} points");
+        assert!(points > 50_000, "still fine-grained: {points} points");
     }
 }

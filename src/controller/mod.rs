@@ -19,6 +19,7 @@
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
 
 pub mod forecast;
+pub mod formula_budget;
 pub mod leader;
 pub mod servers;
 pub mod writes;
@@ -45,7 +46,7 @@ use crate::actuate::{
 };
 use crate::crd::{Mode, ScalingPolicy, ScalingPolicyStatus};
 use crate::model::{Observation, Sample};
-use crate::policy::{CompiledPolicy, Decision, MetricSource, evaluate};
+use crate::policy::{CompiledPolicy, Decision, MetricSource};
 use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
@@ -178,6 +179,8 @@ pub struct Context {
     pub scale_conflict_retries: u32,
     /// The scale events this replica applied, merged with those read back from status.
     pub scale_events: writes::ScaleMemory,
+    /// The run-time budget of formulas (`--formula-timeout`) and the ones refused for overrunning.
+    pub formulas: formula_budget::FormulaBudget,
 }
 
 impl Context {
@@ -213,6 +216,7 @@ impl Context {
             leadership: leader::Leadership::always(),
             scale_conflict_retries: 3,
             scale_events: writes::ScaleMemory::default(),
+            formulas: formula_budget::FormulaBudget::default(),
         }
     }
 }
@@ -401,11 +405,16 @@ pub async fn evaluate_live(
     // Status values are checked and saturated, and merged with the scale events this replica
     // applied (a failed status write does not lose them).
     let history = ctx.scale_events.history(resource, now);
+    let generation = resource.metadata.generation;
+    // A formula runs off the async workers under its run-time budget.
+    let (mut policy, mut decision) = ctx
+        .formulas
+        .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
+        .await;
     let mut wrote = false;
     let mut not_written = None;
     let mut conflicts = 0u32;
     let first_read = scale.spec_replicas;
-    let mut decision = evaluate(&policy, &obs, &history, now);
     while decision.replicas != decision.current {
         match policy.mode {
             Mode::Controller if write => {
@@ -455,7 +464,10 @@ pub async fn evaluate_live(
                             obs.pods = scale.status_replicas;
                             obs.ready_replicas = scale.status_replicas;
                         }
-                        decision = evaluate(&policy, &obs, &history, now);
+                        (policy, decision) = ctx
+                            .formulas
+                            .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
+                            .await;
                     }
                 }
             }
@@ -763,7 +775,14 @@ pub async fn reconcile(
 /// included, so a new leader continues the same windows.
 const STATUS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`].
+/// Within this long of the last status write, a status whose decision is unchanged (only metric
+/// values, proposals, the reason's figures or recommendations moved) waits: one policy writes its
+/// status at most once per this period unless its decision changes, whatever its interval.
+const STATUS_MIN_PERIOD: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`]. A
+/// change of decision (replicas, generation, conditions, scale events) is written at once; any
+/// other change at most every [`STATUS_MIN_PERIOD`].
 fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) -> bool {
     let Some(old) = old else { return true };
     let (Some(then), Some(now)) = (old.last_evaluation_time, new.last_evaluation_time) else {
@@ -774,7 +793,27 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
     }
     let mut same = new.clone();
     same.last_evaluation_time = old.last_evaluation_time;
-    same != *old
+    if same == *old {
+        return false;
+    }
+    if now - then >= STATUS_MIN_PERIOD {
+        return true;
+    }
+    let decision = |s: &ScalingPolicyStatus| {
+        (
+            s.current_replicas,
+            s.desired_replicas,
+            s.observed_generation,
+            s.conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+                .collect::<Vec<_>>(),
+            s.history.scale_up_events.clone(),
+            s.history.scale_down_events.clone(),
+            s.history.last_scale_time,
+        )
+    };
+    decision(old) != decision(new)
 }
 
 /// Runs the controller until `shutdown` resolves. With `election`, only the Lease holder
@@ -1445,6 +1484,29 @@ mod tests {
         new.desired_replicas = Some(4);
         assert!(status_changed(Some(&old), &new));
         assert!(status_changed(None, &new));
+    }
+
+    /// Issue 13, kind 5: a policy evaluated every second whose values move but whose decision
+    /// does not writes its status at most every `STATUS_MIN_PERIOD`; a new decision at once.
+    #[test]
+    fn value_only_changes_are_written_at_most_every_min_period() {
+        let old = ScalingPolicyStatus {
+            desired_replicas: Some(3),
+            reason: Some("rps 100".into()),
+            last_evaluation_time: Some(at(0)),
+            ..Default::default()
+        };
+        let mut new = old.clone();
+        new.reason = Some("rps 101".into());
+        new.last_evaluation_time = Some(at(1));
+        assert!(!status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(4));
+        assert!(!status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(5));
+        assert!(status_changed(Some(&old), &new));
+        new.last_evaluation_time = Some(at(1));
+        new.desired_replicas = Some(4);
+        assert!(status_changed(Some(&old), &new));
     }
 
     #[test]

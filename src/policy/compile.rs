@@ -27,6 +27,13 @@ pub const DEFAULT_INTERVAL: TimeDelta = TimeDelta::seconds(15);
 /// server's queries may hold its own policies' evaluation.
 pub const MAX_PROMETHEUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The shortest `spec.interval` a policy may ask for (also the CRD's admission rule): below it a
+/// policy would run in a hot loop on a daemon every tenant shares, and rewrite its status and
+/// query Prometheus as often.
+pub const MIN_INTERVAL: TimeDelta = TimeDelta::seconds(1);
+/// The most points of one metric's history a forecast holds (`spec.forecast.history /
+/// spec.forecast.step`), and so the most one history read asks Prometheus for.
+pub const MAX_HISTORY_STEPS: i64 = 100_000;
 /// Default staleness bound: Prometheus' instant-query lookback.
 pub const DEFAULT_STALE_AFTER: TimeDelta = TimeDelta::seconds(300);
 
@@ -564,6 +571,16 @@ pub fn compile_spec(
             duration_field(&mut errors, "spec.interval", text)
         })
         .unwrap_or(DEFAULT_INTERVAL);
+    if interval < MIN_INTERVAL {
+        errors.push(err(
+            "spec.interval",
+            format!(
+                "must be at least {}s (the floor on evaluations per policy), got {:?}",
+                MIN_INTERVAL.num_seconds(),
+                spec.interval.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
 
     let prometheus = spec
         .prometheus
@@ -884,10 +901,10 @@ fn compile_forecast(
                 history.num_seconds()
             ),
         );
-    } else if history.num_milliseconds() / step.num_milliseconds().max(1) > 100_000 {
+    } else if history.num_milliseconds() / step.num_milliseconds().max(1) > MAX_HISTORY_STEPS {
         field_error(
             "history",
-            "holds more than 100000 steps; use a longer spec.forecast.step".into(),
+            format!("holds more than {MAX_HISTORY_STEPS} steps; use a longer spec.forecast.step"),
         );
     } else if model == ModelKind::HoltWinters && history < season * 2 {
         field_error(

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use cel::objects::{Key, Value};
 use cel::{Context, Env, Program};
 
+pub use super::formula_cost::MAX_FORMULA_COST;
+
 /// A compiled formula.
 #[derive(Clone)]
 pub struct Formula {
@@ -18,6 +20,8 @@ pub struct Formula {
     names: Vec<String>,
     program: Arc<Program>,
     env: Arc<Env>,
+    /// Set on a formula its caller refused to run again (see [`Formula::refused`]).
+    refused: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Formula {
@@ -30,8 +34,9 @@ impl std::fmt::Debug for Formula {
 pub const BUILTIN_VARIABLES: [&str; 3] = ["values", "current", "ready"];
 
 impl Formula {
-    /// Parses `source` and checks that every variable it names is a metric or a built-in, and
-    /// that it evaluates to a number on sample inputs (which catches unknown functions).
+    /// Parses `source`, bounds its worst-case cost (refused over [`MAX_FORMULA_COST`], see
+    /// [`super::formula_cost`]), checks that every variable it names is a metric or a built-in,
+    /// and that it evaluates to a number on sample inputs (which catches unknown functions).
     pub fn compile(source: &str, metric_names: &[&str]) -> Result<Formula, String> {
         let mut env = Env::stdlib();
         env.add_extension(cel::extensions::math)
@@ -40,13 +45,19 @@ impl Formula {
         let program = env
             .compile(source)
             .map_err(|e| format!("does not parse as CEL: {}", one_line(&e.to_string())))?;
-        let references = program.references();
-        let mut unknown: Vec<&str> = references
-            .variables()
-            .into_iter()
-            .filter(|v| !metric_names.contains(v) && !BUILTIN_VARIABLES.contains(v))
-            .collect();
-        unknown.sort_unstable();
+        // Bounded before anything runs it: the sample evaluation below included.
+        let estimate =
+            super::formula_cost::estimate_with_names(program.expression(), metric_names)?;
+        if estimate.bound.cost > MAX_FORMULA_COST {
+            return Err(format!(
+                "has an estimated worst-case cost of {} units, over the limit of {MAX_FORMULA_COST} \
+                 (each comprehension costs its range's size times its body; nested ones multiply)",
+                estimate.bound.cost
+            ));
+        }
+        // Names no metric, built-in, comprehension variable or type binds (a comprehension's
+        // variable, `values.exists(m, ...)`, is not a metric).
+        let unknown = estimate.unknown;
         if !unknown.is_empty() {
             return Err(format!(
                 "names unknown {} {}; known metrics: {}; built-ins: {}",
@@ -69,6 +80,7 @@ impl Formula {
             names: metric_names.iter().map(|n| (*n).to_string()).collect(),
             program: Arc::new(program),
             env,
+            refused: None,
         };
         let proposals: Vec<i32> = metric_names.iter().map(|_| 1).collect();
         let values: Vec<f64> = metric_names.iter().map(|_| 1.0).collect();
@@ -81,6 +93,16 @@ impl Formula {
         &self.source
     }
 
+    /// This formula, refused: its evaluation fails at once with `reason` instead of running,
+    /// so the policy's fallback applies and its reason says why. The controller uses it for a
+    /// formula that overran its run-time budget, until the policy's generation changes.
+    pub fn refused(&self, reason: &str) -> Formula {
+        Formula {
+            refused: Some(Arc::from(reason)),
+            ..self.clone()
+        }
+    }
+
     /// Evaluates the formula with one proposal and one value per metric, in spec order; the result is rounded up and kept within `i32`.
     pub fn evaluate(
         &self,
@@ -89,6 +111,9 @@ impl Formula {
         current: i32,
         ready: i32,
     ) -> Result<i32, String> {
+        if let Some(reason) = &self.refused {
+            return Err(reason.to_string());
+        }
         let mut ctx = Context::with_env(Arc::clone(&self.env));
         // `max(a, b, ...)` and `min(...)` read naturally in a policy; cel-go spells them
         // `math.greatest` / `math.least`, which work too.
@@ -173,5 +198,69 @@ mod tests {
     fn rejects_non_number() {
         let e = Formula::compile("'x'", &["rps"]).unwrap_err();
         assert!(e.contains("number"), "{e}");
+    }
+
+    /// Everything the README promises a formula can use still compiles under the cost limit:
+    /// the variables, `max`/`min`, the math extension and the standard library's operators,
+    /// conversions and macros over the metrics' values.
+    #[test]
+    fn every_promised_function_compiles_under_the_limit() {
+        let names = ["rps", "cpu"];
+        for source in [
+            "max(rps, cpu)",
+            "min(rps, cpu)",
+            "max([rps, cpu, current])",
+            "math.greatest(rps, cpu, ready)",
+            "math.least(rps, cpu)",
+            "math.ceil(values.rps / 10.0)",
+            "math.floor(values.cpu)",
+            "math.round(values.cpu)",
+            "math.trunc(values.cpu)",
+            "math.abs(rps - cpu)",
+            "math.sign(values.rps)",
+            "math.sqrt(values.rps)",
+            "math.isNaN(values.rps) || math.isInf(values.rps) || !math.isFinite(values.rps) ? 1 : 2",
+            "math.bitAnd(rps, 3) + math.bitOr(rps, 1) + math.bitXor(rps, cpu) + math.bitNot(rps)",
+            "math.bitShiftLeft(rps, 1) + math.bitShiftRight(cpu, 1)",
+            "rps + cpu * 2 - current / 2 + ready % 3",
+            "rps > cpu ? rps : cpu",
+            "int(values.rps) + int(double(cpu)) + int(uint(rps))",
+            "size(values) + size('abc') + size([1, 2])",
+            "'rps' in values ? rps : cpu",
+            "has(values.rps) ? rps : 0",
+            "values['rps'] * 2.0",
+            "string(rps).size() > 0 ? rps : 0",
+            "'abc'.contains('b') && 'abc'.startsWith('a') && 'abc'.endsWith('c') ? 1 : 0",
+            "values.exists(rps, values[rps] > 100.0) ? max(rps, cpu) : min(rps, cpu)",
+            "values.all(rps, values[rps] >= 0.0) ? 1 : 0",
+            "values.exists_one(rps, rps == 'cpu') ? 1 : 0",
+            "[rps, cpu].map(rps, rps * 2).filter(cpu, cpu > 1).size()",
+            "[rps, cpu].map(rps, rps > 0, rps + 1)[0]",
+            "{'a': rps}['a']",
+            "type(rps) == int ? 1 : 0",
+            // A comprehension's own variable is not a metric.
+            "values.exists(m, values[m] > 100.0) ? [1, 2].map(x, x * rps)[1] : cpu",
+        ] {
+            Formula::compile(source, &names).unwrap_or_else(|e| panic!("{source}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_comprehension_variable_is_unknown_outside_its_comprehension() {
+        let e = Formula::compile("[1].all(m, m > 0) && m > 0 ? 1 : 0", &["rps"]).unwrap_err();
+        assert!(e.contains("names unknown metric \"m\""), "{e}");
+    }
+
+    #[test]
+    fn the_nested_examples_are_refused_naming_the_estimate_and_the_limit() {
+        for depth in [7, 12] {
+            let mut s = "rps > 0".to_string();
+            for _ in 0..depth {
+                s = format!("[1,2,3,4,5,6,7,8,9,10].all(rps, {s})");
+            }
+            let e = Formula::compile(&format!("{s} ? rps : 1"), &["rps"]).unwrap_err();
+            assert!(e.contains("estimated worst-case cost of"), "{e}");
+            assert!(e.contains("over the limit of 100000"), "{e}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod behavior;
 pub mod compile;
 pub mod forecast;
 pub mod formula;
+pub mod formula_cost;
 pub mod replicas;
 pub mod schedule;
 pub mod state;

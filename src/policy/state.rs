@@ -42,7 +42,25 @@ pub struct PolicyState {
     pub last_scale_time: Option<DateTime<Utc>>,
 }
 
+/// The most entries a policy's stored history keeps in each of its lists (recommendations,
+/// scale-ups, scale-downs). Evaluation never needs more: with `spec.interval` at least 1s, a
+/// stabilization window of at most 3600s holds at most 3601 recommendations and a rate-limit
+/// period of at most 1800s at most 1801 events. The cap bounds what status holds (etcd's object
+/// limit) and what is read back from it, a hand-edited status included.
+pub const MAX_HISTORY_ENTRIES: usize = 4096;
+
 impl PolicyState {
+    /// This history with each list cut to its [`MAX_HISTORY_ENTRIES`] newest entries (their
+    /// order kept); unchanged when within the cap.
+    pub fn capped(self) -> PolicyState {
+        PolicyState {
+            recommendations: newest(self.recommendations, |r| r.time),
+            scale_up_events: newest(self.scale_up_events, |e| e.time),
+            scale_down_events: newest(self.scale_down_events, |e| e.time),
+            last_scale_time: self.last_scale_time,
+        }
+    }
+
     /// Records a raw recommendation, reusing the slot of one older than `cutoff` (the last such
     /// slot, as the HPA controller does) so the history stays bounded.
     pub(crate) fn record_recommendation(
@@ -101,7 +119,7 @@ impl PolicyState {
     ///   removed; a negative one, such as a forged `-2147483648`, counts nothing);
     /// - a time after `now` becomes `now`, so a forged future event is counted once, as if it had
     ///   just happened, instead of holding a rate limit or a stabilization window forever;
-    /// - each list keeps at most [`MAX_STATE_ENTRIES`] entries, the newest, in their order.
+    /// - each list keeps at most [`MAX_HISTORY_ENTRIES`] entries, the newest, in their order.
     pub fn sanitized(&self, now: DateTime<Utc>) -> PolicyState {
         let recommendations = newest(
             self.recommendations
@@ -136,7 +154,7 @@ impl PolicyState {
     /// state's order followed by the new ones), and the later of both last scale times. This is
     /// how the controller merges the events it applied and keeps in memory with those read back
     /// from status: a scale event lost from status (a status write that failed or was denied)
-    /// still counts against the rate limits. Lists stay within [`MAX_STATE_ENTRIES`].
+    /// still counts against the rate limits. Lists stay within [`MAX_HISTORY_ENTRIES`].
     pub fn merge_scale_events(&mut self, other: &PolicyState) {
         fn union(into: &mut Vec<ScaleEvent>, from: &[ScaleEvent]) {
             for e in from {
@@ -164,23 +182,16 @@ impl PolicyState {
     }
 }
 
-/// The most entries of each history list (recommendations, scale-up events, scale-down events)
-/// read back from status. The HPA's own bookkeeping keeps one recommendation per evaluation
-/// within the longest stabilization window (at most 3600 s at the 1 s interval floor) and far
-/// fewer scale events, so this never cuts a real history; it bounds the work and memory of a
-/// forged one.
-pub const MAX_STATE_ENTRIES: usize = 4096;
-
-/// `list` with at most [`MAX_STATE_ENTRIES`] entries: the newest by `time`, in their order.
+/// `list` with at most [`MAX_HISTORY_ENTRIES`] entries: the newest by `time`, in their order.
 fn newest<T>(list: Vec<T>, time: impl Fn(&T) -> DateTime<Utc>) -> Vec<T> {
-    if list.len() <= MAX_STATE_ENTRIES {
+    if list.len() <= MAX_HISTORY_ENTRIES {
         return list;
     }
     let mut times: Vec<DateTime<Utc>> = list.iter().map(&time).collect();
     times.sort_unstable();
     // Keep entries at or after the cutoff, and of those at the cutoff only as many as fit.
-    let cutoff = times[times.len() - MAX_STATE_ENTRIES];
-    let mut at_cutoff = times[times.len() - MAX_STATE_ENTRIES..]
+    let cutoff = times[times.len() - MAX_HISTORY_ENTRIES];
+    let mut at_cutoff = times[times.len() - MAX_HISTORY_ENTRIES..]
         .iter()
         .filter(|t| **t == cutoff)
         .count();
@@ -267,7 +278,7 @@ mod tests {
 
     #[test]
     fn long_lists_keep_the_newest_in_order() {
-        let n = MAX_STATE_ENTRIES + 10;
+        let n = MAX_HISTORY_ENTRIES + 10;
         let list: Vec<ScaleEvent> = (0..n)
             .map(|i| ScaleEvent {
                 change: 1,
@@ -279,8 +290,8 @@ mod tests {
             ..PolicyState::default()
         };
         let s = state.sanitized(at(1_000_000));
-        assert_eq!(s.scale_up_events.len(), MAX_STATE_ENTRIES);
-        assert_eq!(s.scale_up_events[..], list[..MAX_STATE_ENTRIES]);
+        assert_eq!(s.scale_up_events.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(s.scale_up_events[..], list[..MAX_HISTORY_ENTRIES]);
         // Equal times: still exactly the cap.
         let same: Vec<ScaleEvent> = (0..n)
             .map(|_| ScaleEvent {
@@ -294,7 +305,7 @@ mod tests {
         };
         assert_eq!(
             state.sanitized(at(2)).scale_down_events.len(),
-            MAX_STATE_ENTRIES
+            MAX_HISTORY_ENTRIES
         );
     }
 
@@ -388,5 +399,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_history_within_the_cap_is_unchanged() {
+        let mut s = PolicyState::default();
+        for i in 0..10 {
+            s.record_recommendation(i, at(i64::from(i)), None);
+        }
+        assert_eq!(s.clone().capped(), s);
+    }
+
+    #[test]
+    fn a_history_over_the_cap_keeps_its_newest_entries_in_order() {
+        let n = MAX_HISTORY_ENTRIES + 100;
+        let mut s = PolicyState::default();
+        // Slots reused out of time order, and ties at the boundary.
+        for i in 0..n as i64 {
+            s.recommendations.push(Recommendation {
+                replicas: i as i32,
+                time: at(i / 2),
+            });
+            s.scale_up_events.push(ScaleEvent {
+                change: 1,
+                time: at(n as i64 - i),
+            });
+        }
+        let c = s.clone().capped();
+        assert_eq!(c.recommendations.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(c.scale_up_events.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(c.recommendations.last(), s.recommendations.last());
+        assert_eq!(c.scale_up_events.first(), s.scale_up_events.first());
+        assert!(c.recommendations.windows(2).all(|w| w[0].time <= w[1].time));
     }
 }

@@ -160,11 +160,16 @@ impl Trace {
             path: path.to_path_buf(),
             source,
         })?;
+        Trace::from_reader(path, std::io::BufReader::with_capacity(1 << 16, file))
+    }
+
+    /// Reads and validates a CSV trace from `input`, the contents of `path` (named in errors).
+    pub fn from_reader(path: &Path, input: impl std::io::Read) -> Result<Trace, TraceError> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
             .trim(csv::Trim::All)
-            .from_reader(std::io::BufReader::with_capacity(1 << 16, file));
+            .from_reader(input);
         let mut record = csv::StringRecord::new();
 
         if !read_record(&mut reader, &mut record, path)? {

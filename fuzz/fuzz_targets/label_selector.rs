@@ -1,0 +1,10 @@
+//! The label-selector parser: no input panics.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = kscale::source::pods::parse_selector(text);
+    }
+});
