@@ -312,6 +312,42 @@ impl Scenario {
         self.exporter.set(&self.metric(workload), &[], value);
     }
 
+    /// Deployments `web` and `calm`, each at 2 replicas with metric value 10, and their
+    /// policies: `web` with `web_behavior`, `calm` (the healthy neighbour) with
+    /// [`CALM_BEHAVIOR`]; returns once both metrics are visible in Prometheus.
+    async fn web_and_calm(
+        env: &support::TestEnv,
+        client: &kube::Client,
+        prefix: &str,
+        web_behavior: &str,
+    ) -> Scenario {
+        let sc = Scenario::start(env, client, prefix).await;
+        sc.workload("web", 2, 10.0).await;
+        sc.workload("calm", 2, 10.0).await;
+        sc.policy(
+            "web",
+            "web",
+            "{apiVersion: apps/v1, kind: Deployment, name: web}",
+            web_behavior,
+        )
+        .await;
+        sc.calm_policy().await;
+        sc.wait_visible(env, "web", 10.0).await;
+        sc.wait_visible(env, "calm", 10.0).await;
+        sc
+    }
+
+    /// The healthy neighbour's policy: `calm` on Deployment `calm`, with [`CALM_BEHAVIOR`].
+    async fn calm_policy(&self) {
+        self.policy(
+            "calm",
+            "calm",
+            "{apiVersion: apps/v1, kind: Deployment, name: calm}",
+            CALM_BEHAVIOR,
+        )
+        .await;
+    }
+
     async fn wait_visible(&self, env: &support::TestEnv, workload: &str, value: f64) {
         let query = self.query(workload);
         support::wait_until(
@@ -461,6 +497,9 @@ spec:
     }
 }
 
+/// web's behavior where its rate policy is what is checked: one replica up per 600 s.
+const ONE_POD_PER_600S: &str = "{scaleUp: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 600}]}}";
+
 /// The neighbour's policy: no scale-down window, so both directions are immediate.
 const CALM_BEHAVIOR: &str = "{scaleDown: {stabilizationWindowSeconds: 0}}";
 
@@ -476,28 +515,16 @@ async fn a_manual_scale_between_read_and_write_is_not_overwritten() {
         return;
     };
     let client = env.client().await;
-    let sc = Scenario::start(env, &client, "iso-race").await;
-    let ns = sc.ns.name.clone();
-    sc.workload("web", 2, 10.0).await;
-    sc.workload("calm", 2, 10.0).await;
     // web never scales down by itself, so a re-decision from the manual 6 holds 6.
-    sc.policy(
-        "web",
-        "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+    let sc = Scenario::web_and_calm(
+        env,
+        &client,
+        "iso-race",
         "{scaleDown: {selectPolicy: Disabled}}",
     )
     .await;
-    sc.policy(
-        "calm",
-        "calm",
-        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
-        CALM_BEHAVIOR,
-    )
-    .await;
+    let ns = sc.ns.name.clone();
     support::wait_for_ready_pods(&client, &ns, "app=web", 2, Duration::from_secs(60)).await;
-    sc.wait_visible(env, "web", 10.0).await;
-    sc.wait_visible(env, "calm", 10.0).await;
 
     let proxy = ApiProxy::start(client.clone()).await;
     let daemon = start_daemon(
@@ -635,26 +662,8 @@ async fn the_rate_limit_holds_when_status_writes_are_denied() {
         return;
     };
     let client = env.client().await;
-    let sc = Scenario::start(env, &client, "iso-rbac").await;
+    let sc = Scenario::web_and_calm(env, &client, "iso-rbac", ONE_POD_PER_600S).await;
     let ns = sc.ns.name.clone();
-    sc.workload("web", 2, 10.0).await;
-    sc.workload("calm", 2, 10.0).await;
-    sc.policy(
-        "web",
-        "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
-        "{scaleUp: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 600}]}}",
-    )
-    .await;
-    sc.policy(
-        "calm",
-        "calm",
-        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
-        CALM_BEHAVIOR,
-    )
-    .await;
-    sc.wait_visible(env, "web", 10.0).await;
-    sc.wait_visible(env, "calm", 10.0).await;
 
     // The chart's RBAC, less the status rule.
     let (kubeconfig, guard) = support::service_account_kubeconfig(env, &client, &ns).await;
@@ -724,26 +733,8 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         return;
     };
     let client = env.client().await;
-    let sc = Scenario::start(env, &client, "iso-lease").await;
+    let sc = Scenario::web_and_calm(env, &client, "iso-lease", CALM_BEHAVIOR).await;
     let ns = sc.ns.name.clone();
-    sc.workload("web", 2, 10.0).await;
-    sc.workload("calm", 2, 10.0).await;
-    sc.policy(
-        "web",
-        "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
-        CALM_BEHAVIOR,
-    )
-    .await;
-    sc.policy(
-        "calm",
-        "calm",
-        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
-        CALM_BEHAVIOR,
-    )
-    .await;
-    sc.wait_visible(env, "web", 10.0).await;
-    sc.wait_visible(env, "calm", 10.0).await;
 
     let proxy_a = ApiProxy::start(client.clone()).await;
     let proxy_b = ApiProxy::start(client.clone()).await;
@@ -874,13 +865,7 @@ async fn one_writer_whether_or_not_the_target_names_its_api_version() {
         CALM_BEHAVIOR,
     )
     .await;
-    sc.policy(
-        "calm",
-        "calm",
-        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
-        CALM_BEHAVIOR,
-    )
-    .await;
+    sc.calm_policy().await;
     sc.wait_visible(env, "web", 20.0).await;
     sc.wait_visible(env, "web-more", 40.0).await;
     sc.wait_visible(env, "calm", 10.0).await;
@@ -951,26 +936,8 @@ async fn a_forged_status_history_is_saturated() {
         return;
     };
     let client = env.client().await;
-    let sc = Scenario::start(env, &client, "iso-forged").await;
+    let sc = Scenario::web_and_calm(env, &client, "iso-forged", ONE_POD_PER_600S).await;
     let ns = sc.ns.name.clone();
-    sc.workload("web", 2, 10.0).await;
-    sc.workload("calm", 2, 10.0).await;
-    sc.policy(
-        "web",
-        "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
-        "{scaleUp: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 600}]}}",
-    )
-    .await;
-    sc.policy(
-        "calm",
-        "calm",
-        "{apiVersion: apps/v1, kind: Deployment, name: calm}",
-        CALM_BEHAVIOR,
-    )
-    .await;
-    sc.wait_visible(env, "web", 10.0).await;
-    sc.wait_visible(env, "calm", 10.0).await;
     let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
     let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged", &[]);
     support::wait_until(
