@@ -49,10 +49,13 @@ pub enum Mode {
     printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxReplicas"}"#,
     printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentReplicas"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas"}"#,
+    printcolumn = r#"{"name":"Paused","type":"string","jsonPath":".status.paused"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("spec.maxReplicas must be at least spec.minReplicas").field_path(".maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.pausedReplicas) || !((has(self.paused) && self.paused) || (has(self.pausedScaleIn) && self.pausedScaleIn) || (has(self.pausedScaleOut) && self.pausedScaleOut))").message("spec.pausedReplicas pins the count and cannot be combined with spec.paused, spec.pausedScaleIn or spec.pausedScaleOut").field_path(".pausedReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.pausedReplicas) || (self.pausedReplicas <= self.maxReplicas && self.pausedReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("spec.pausedReplicas must be within [spec.minReplicas, spec.maxReplicas] (minReplicas defaults to 1)").field_path(".pausedReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicySpec {
     /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.
@@ -106,6 +109,28 @@ pub struct ScalingPolicySpec {
     /// unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast: Option<ForecastSpec>,
+    /// Pause (KEDA's `autoscaling.keda.sh/paused`): `true` holds the target at its current
+    /// replica count, whatever the metrics say. Evaluation goes on (status shows what the
+    /// metrics would decide) and nothing is written. Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Pin (KEDA's `autoscaling.keda.sh/paused-replicas`): run exactly this many replicas,
+    /// whatever the metrics, schedules or fallback say, reached in one step (no stabilization
+    /// or rate limit). Must be within [`minReplicas`, `maxReplicas`]; not combinable with
+    /// `paused`, `pausedScaleIn` or `pausedScaleOut`. Unset by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub paused_replicas: Option<i32>,
+    /// Freeze scale-in (KEDA's `autoscaling.keda.sh/paused-scale-in`): `true` lets the count
+    /// hold or rise, never fall (schedule ceilings and `maxReplicas` clamps included). Default
+    /// `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_scale_in: Option<bool>,
+    /// Freeze scale-out (KEDA's `autoscaling.keda.sh/paused-scale-out`): `true` lets the count
+    /// hold or fall, never rise (schedule floors, `minReplicas` clamps and the fallback
+    /// included). Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_scale_out: Option<bool>,
 }
 
 /// The forecasting model.
@@ -344,6 +369,14 @@ pub struct FallbackSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
+    /// How many consecutive evaluations must fail (a metric missing, stale, invalid or
+    /// failing, or the formula failing) before the fallback applies, as KEDA's
+    /// `fallback.failureThreshold`; before that the decision holds the current count. Between 1
+    /// and 1000, default 1 (the fallback applies at the first failure). The count is kept in
+    /// `status.consecutiveFailures`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub failure_threshold: Option<i32>,
 }
 
 /// Observed state of a ScalingPolicy.
@@ -368,7 +401,12 @@ pub struct ScalingPolicyStatus {
     /// Per-metric values and proposals of the last evaluation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricStatus>,
-    /// Ready, AbleToScale, ScalingActive, ScalingLimited, MetricsAvailable.
+    /// What pauses the policy, when something does (`spec.paused`, `spec.pausedReplicas`,
+    /// `spec.pausedScaleIn`, `spec.pausedScaleOut`): `Hold`, `Pinned to N`, `ScaleIn frozen`
+    /// or `ScaleOut frozen`. Absent when autoscaling is not paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// Ready, AbleToScale, ScalingActive, ScalingLimited, MetricsAvailable, Paused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Stabilization and rate-limit history, kept so a restart or failover does not flap.

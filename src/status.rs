@@ -62,6 +62,7 @@ pub fn status_from_decision(
         desired_replicas: Some(decision.replicas),
         last_evaluation_time: Some(now),
         reason: Some(decision.reason(policy)),
+        paused: decision.paused.map(|p| p.pause.label()),
         metrics,
         conditions,
         history: decision.state.clone().capped(),

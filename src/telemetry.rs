@@ -213,6 +213,7 @@ impl Metrics {
             Rule::Metrics(_) => "metrics",
             Rule::Formula => "formula",
             Rule::Fallback(_) => "fallback",
+            Rule::Paused(_) => "paused",
         };
         self.decisions
             .get_or_create(&DecisionLabels {

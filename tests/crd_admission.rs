@@ -160,6 +160,7 @@ async fn admission_rejects_bad_policies_naming_the_field() {
                     stale_after: None,
                     on_failure: Some(kscale::crd::OnFailure::Replicas),
                     replicas: None,
+                    failure_threshold: None,
                 })
             },
             &[

@@ -115,6 +115,35 @@ pub enum FailureAction {
     Replicas(i32),
 }
 
+/// The most consecutive failed evaluations `spec.fallback.failureThreshold` may wait for.
+pub const MAX_FAILURE_THRESHOLD: i32 = 1000;
+
+/// What `spec.paused`, `spec.pausedReplicas`, `spec.pausedScaleIn` and `spec.pausedScaleOut`
+/// ask for: the last step of an evaluation, over whatever the metrics decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Hold the current count (`paused`, or both freezes).
+    Hold,
+    /// Run exactly this many replicas (`pausedReplicas`).
+    Pin(i32),
+    /// Never lower the count (`pausedScaleIn`).
+    ScaleIn,
+    /// Never raise the count (`pausedScaleOut`).
+    ScaleOut,
+}
+
+impl Pause {
+    /// How status (`status.paused`, the printer column) and events name it.
+    pub fn label(self) -> String {
+        match self {
+            Pause::Hold => "Hold".into(),
+            Pause::Pin(n) => format!("Pinned to {n}"),
+            Pause::ScaleIn => "ScaleIn frozen".into(),
+            Pause::ScaleOut => "ScaleOut frozen".into(),
+        }
+    }
+}
+
 /// A validated policy, ready to evaluate.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
@@ -150,6 +179,11 @@ pub struct CompiledPolicy {
     pub forecast: Option<ForecastSettings>,
     /// The policy's own Prometheus, when it names one.
     pub prometheus: Option<PrometheusServer>,
+    /// Consecutive failed evaluations before the fallback applies (`spec.fallback.failureThreshold`,
+    /// default 1).
+    pub failure_threshold: i32,
+    /// `spec.paused*`, when one pauses the policy.
+    pub pause: Option<Pause>,
 }
 
 /// A policy's own Prometheus server, validated. Equal servers share one client and one query per
@@ -772,7 +806,18 @@ pub fn compile_spec(
 
     let mut stale_after = DEFAULT_STALE_AFTER;
     let mut on_failure = FailureAction::Hold;
+    let mut failure_threshold = 1;
     if let Some(f) = &spec.fallback {
+        if let Some(n) = f.failure_threshold {
+            if (1..=MAX_FAILURE_THRESHOLD).contains(&n) {
+                failure_threshold = n;
+            } else {
+                errors.push(err(
+                    "spec.fallback.failureThreshold",
+                    format!("must be between 1 and {MAX_FAILURE_THRESHOLD} (consecutive failed evaluations), got {n}"),
+                ));
+            }
+        }
         if let Some(text) = &f.stale_after
             && let Some(d) = duration_field(&mut errors, "spec.fallback.staleAfter", text)
         {
@@ -810,6 +855,7 @@ pub fn compile_spec(
         .forecast
         .as_ref()
         .map(|f| compile_forecast(&mut errors, f, interval, &metrics));
+    let pause = compile_pause(&mut errors, spec, min_replicas);
 
     if !errors.is_empty() {
         return Err(ValidationErrors(errors));
@@ -831,7 +877,45 @@ pub fn compile_spec(
         stale_after,
         on_failure,
         forecast,
+        failure_threshold,
+        pause,
     })
+}
+
+/// `spec.paused`, `spec.pausedReplicas`, `spec.pausedScaleIn`, `spec.pausedScaleOut`: a pin
+/// stands alone and within the bounds; `paused` or both freezes hold.
+fn compile_pause(
+    errors: &mut Vec<FieldError>,
+    spec: &ScalingPolicySpec,
+    min_replicas: i32,
+) -> Option<Pause> {
+    let paused = spec.paused == Some(true);
+    let scale_in = spec.paused_scale_in == Some(true);
+    let scale_out = spec.paused_scale_out == Some(true);
+    if let Some(n) = spec.paused_replicas {
+        if paused || scale_in || scale_out {
+            errors.push(err(
+                "spec.pausedReplicas",
+                "pins the count and cannot be combined with spec.paused, spec.pausedScaleIn or spec.pausedScaleOut".into(),
+            ));
+        }
+        if n < min_replicas || n > spec.max_replicas {
+            errors.push(err(
+                "spec.pausedReplicas",
+                format!(
+                    "{n} is outside [spec.minReplicas, spec.maxReplicas] = [{min_replicas}, {}]",
+                    spec.max_replicas
+                ),
+            ));
+        }
+        return Some(Pause::Pin(n));
+    }
+    match (paused, scale_in, scale_out) {
+        (true, _, _) | (_, true, true) => Some(Pause::Hold),
+        (false, true, false) => Some(Pause::ScaleIn),
+        (false, false, true) => Some(Pause::ScaleOut),
+        (false, false, false) => None,
+    }
 }
 
 /// Default pod start-up time, and so forecast horizon.

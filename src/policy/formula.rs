@@ -4,10 +4,15 @@
 //! name to its value (a double); `current` and `ready` are the current and ready replica counts.
 //! Functions: CEL's standard library, its math extension (`math.greatest`, `math.ceil`, ...), and
 //! `max(...)` / `min(...)`. The result must be a number; it is rounded up to a whole replica count.
+//!
+//! A metric without a usable number (missing, stale, invalid or failing) is absent: its name is
+//! unbound and `values` has no key for it, so `has(values.queue) ? queue : rps` routes around
+//! it, and a formula that reads it anyway fails (and the fallback applies).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 use cel::objects::{Key, Value};
 use cel::{Context, Env, Program};
 
@@ -22,6 +27,8 @@ pub struct Formula {
     env: Arc<Env>,
     /// Set on a formula its caller refused to run again (see [`Formula::refused`]).
     refused: Option<Arc<str>>,
+    /// The metrics whose presence the formula tests (`has(values.x)`, `'x' in values`).
+    guarded: Vec<String>,
 }
 
 impl std::fmt::Debug for Formula {
@@ -75,12 +82,16 @@ impl Formula {
                 BUILTIN_VARIABLES.join(", ")
             ));
         }
+        let mut guarded = Vec::new();
+        presence_tests(program.expression(), &mut guarded);
+        guarded.retain(|g| metric_names.contains(&g.as_str()));
         let formula = Formula {
             source: source.to_string(),
             names: metric_names.iter().map(|n| (*n).to_string()).collect(),
             program: Arc::new(program),
             env,
             refused: None,
+            guarded,
         };
         let proposals: Vec<i32> = metric_names.iter().map(|_| 1).collect();
         let values: Vec<f64> = metric_names.iter().map(|_| 1.0).collect();
@@ -103,11 +114,34 @@ impl Formula {
         }
     }
 
+    /// Whether the formula tests metric `name`'s presence (`has(values.name)` or
+    /// `'name' in values`): its author routed around that metric's failure explicitly.
+    pub fn tests_presence_of(&self, name: &str) -> bool {
+        self.guarded.iter().any(|g| g == name)
+    }
+
     /// Evaluates the formula with one proposal and one value per metric, in spec order; the result is rounded up and kept within `i32`.
     pub fn evaluate(
         &self,
         proposals: &[i32],
         values: &[f64],
+        current: i32,
+        ready: i32,
+    ) -> Result<i32, String> {
+        let present: Vec<Option<(i32, f64)>> = proposals
+            .iter()
+            .zip(values)
+            .map(|(p, v)| Some((*p, *v)))
+            .collect();
+        self.evaluate_present(&present, current, ready)
+    }
+
+    /// Evaluates the formula with one entry per metric, in spec order: `Some((proposal,
+    /// value))`, or `None` for a metric without a usable number, which the formula sees as
+    /// absent (its name unbound, no key in `values`).
+    pub fn evaluate_present(
+        &self,
+        present: &[Option<(i32, f64)>],
         current: i32,
         ready: i32,
     ) -> Result<i32, String> {
@@ -122,9 +156,11 @@ impl Formula {
         ctx.add_function("min", cel::functions::min)
             .map_err(|e| format!("could not set up CEL: {e}"))?;
         let mut map: HashMap<Key, Value> = HashMap::with_capacity(self.names.len());
-        for ((name, proposal), value) in self.names.iter().zip(proposals).zip(values) {
-            ctx.add_variable_from_value(name.as_str(), Value::Int(i64::from(*proposal)));
-            map.insert(Key::from(name.as_str()), Value::Float(*value));
+        for (name, entry) in self.names.iter().zip(present) {
+            if let Some((proposal, value)) = entry {
+                ctx.add_variable_from_value(name.as_str(), Value::Int(i64::from(*proposal)));
+                map.insert(Key::from(name.as_str()), Value::Float(*value));
+            }
         }
         ctx.add_variable_from_value("values", Value::Map(map.into()));
         ctx.add_variable_from_value("current", Value::Int(i64::from(current)));
@@ -148,6 +184,51 @@ impl Formula {
             return Err(format!("evaluated to {number}, not a finite number"));
         }
         Ok(number.ceil().clamp(0.0, f64::from(i32::MAX)) as i32)
+    }
+}
+
+/// Collects the names `e` tests for presence in `values`: `has(values.x)` and `'x' in values`.
+fn presence_tests(e: &IdedExpr, out: &mut Vec<String>) {
+    let is_values = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == "values");
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) | Expr::Ident(_) => {}
+        Expr::Select(s) => {
+            if s.test && is_values(&s.operand) {
+                out.push(s.field.clone());
+            }
+            presence_tests(&s.operand, out);
+        }
+        Expr::List(l) => l.elements.iter().for_each(|x| presence_tests(x, out)),
+        Expr::Map(m) => m.entries.iter().for_each(|x| entry_tests(&x.expr, out)),
+        Expr::Struct(s) => s.entries.iter().for_each(|x| entry_tests(&x.expr, out)),
+        Expr::Call(c) => {
+            if c.func_name == operators::IN
+                && let [key, map] = c.args.as_slice()
+                && let Expr::Literal(LiteralValue::String(k)) = &key.expr
+                && is_values(map)
+            {
+                out.push(k.inner().to_string());
+            }
+            if let Some(t) = c.target.as_deref() {
+                presence_tests(t, out);
+            }
+            c.args.iter().for_each(|x| presence_tests(x, out));
+        }
+        Expr::Comprehension(c) => {
+            for x in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+                presence_tests(x, out);
+            }
+        }
+    }
+}
+
+fn entry_tests(e: &EntryExpr, out: &mut Vec<String>) {
+    match e {
+        EntryExpr::MapEntry(m) => {
+            presence_tests(&m.key, out);
+            presence_tests(&m.value, out);
+        }
+        EntryExpr::StructField(f) => presence_tests(&f.value, out),
     }
 }
 

@@ -21,7 +21,7 @@ use std::fmt::{self, Write as _};
 use chrono::{DateTime, Utc};
 
 pub use compile::{
-    CompiledMetric, CompiledPolicy, FailureAction, FieldError, MetricSource, Target,
+    CompiledMetric, CompiledPolicy, FailureAction, FieldError, MetricSource, Pause, Target,
     ValidationErrors, compile_spec,
 };
 pub use state::PolicyState;
@@ -115,8 +115,22 @@ pub enum Rule {
     Metrics(Option<usize>),
     /// The CEL formula.
     Formula,
-    /// Metrics failed and the fallback decided.
+    /// Metrics failed and the fallback decided (or, before `failureThreshold` consecutive
+    /// failures, held the count).
     Fallback(FailureAction),
+    /// `spec.paused`, `spec.pausedReplicas` or a freeze overrode the evaluated count.
+    Paused(Pause),
+}
+
+/// What a pause overrode: the evaluation's own result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paused {
+    /// The pause in force.
+    pub pause: Pause,
+    /// The count the evaluation decided before the pause.
+    pub evaluated: i32,
+    /// The rule that decided it.
+    pub rule: Rule,
 }
 
 /// The result of one evaluation.
@@ -144,6 +158,8 @@ pub struct Decision {
     pub degraded: bool,
     /// The formula failed (its error), when there is one.
     pub formula_error: Option<String>,
+    /// The pause in force and what it overrode, when the policy is paused.
+    pub paused: Option<Paused>,
     /// The state to keep for the next evaluation.
     pub state: PolicyState,
 }
@@ -309,8 +325,61 @@ fn series_outcome(
 ///
 /// Pure and deterministic. The returned decision carries the next state; after the decision is
 /// acted on (the target rescaled), record it with [`PolicyState::record_scale`] through
-/// [`Decision::record_applied`].
+/// [`Decision::record_applied`]. A pause (`spec.paused*`) is the last step, over what the
+/// metrics decided ([`apply_pause`]).
 pub fn evaluate(
+    policy: &CompiledPolicy,
+    obs: &Observation,
+    state: &PolicyState,
+    now: DateTime<Utc>,
+) -> Decision {
+    let mut decision = evaluate_metrics(policy, obs, state, now);
+    if let Some(pause) = policy.pause {
+        apply_pause(&mut decision, pause);
+    }
+    decision
+}
+
+/// The last step of an evaluation: a pause overrides the evaluated count. `Hold` keeps the
+/// current count and `Pin(n)` sets `n` (both always decide); `ScaleIn` never lowers the count
+/// and `ScaleOut` never raises it (they decide only where they bind). The state (the
+/// recommendations, the failure count) is the evaluation's, so the stabilization window goes
+/// on as if nothing were paused.
+pub fn apply_pause(decision: &mut Decision, pause: Pause) {
+    let evaluated = decision.replicas;
+    let current = decision.current;
+    let replicas = match pause {
+        Pause::Hold => current,
+        Pause::Pin(n) => n,
+        Pause::ScaleIn => evaluated.max(current),
+        Pause::ScaleOut => evaluated.min(current),
+    };
+    decision.paused = Some(Paused {
+        pause,
+        evaluated,
+        rule: decision.rule,
+    });
+    if matches!(pause, Pause::Hold | Pause::Pin(_)) || replicas != evaluated {
+        decision.rule = Rule::Paused(pause);
+        decision.replicas = replicas;
+    }
+}
+
+/// Consecutive failed evaluations including this one, counted up to `threshold` (so a lasting
+/// failure leaves the count, and the status, unchanged).
+fn failure_count(state: &PolicyState, failing: bool, threshold: i32) -> i32 {
+    if failing {
+        state
+            .consecutive_failures
+            .max(0)
+            .saturating_add(1)
+            .min(threshold.max(1))
+    } else {
+        0
+    }
+}
+
+fn evaluate_metrics(
     policy: &CompiledPolicy,
     obs: &Observation,
     state: &PolicyState,
@@ -341,6 +410,8 @@ pub fn evaluate(
         .iter()
         .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::Partial))
         .count();
+    // A failed evaluation: a metric not valid (or, below, the formula failing).
+    next.consecutive_failures = failure_count(state, invalid > 0, policy.failure_threshold);
     let mut decision = Decision {
         replicas: current,
         current,
@@ -353,6 +424,7 @@ pub fn evaluate(
         schedule,
         degraded: invalid > 0,
         formula_error: None,
+        paused: None,
         state: next,
     };
 
@@ -373,27 +445,27 @@ pub fn evaluate(
     }
 
     // Combine the valid proposals: the formula, or the max as the HPA does (first metric wins ties).
+    // A metric without a usable number is absent from the formula, which may route around it.
     let (raw, rule) = match &policy.formula {
-        Some(formula) if unusable == 0 => {
-            let proposals: Vec<i32> = decision
+        Some(formula) => {
+            let present: Vec<Option<(i32, f64)>> = decision
                 .metrics
                 .iter()
-                .map(|m| m.proposal.unwrap_or(0))
+                .map(|m| match (m.state, m.proposal, m.value) {
+                    (MetricState::Valid | MetricState::Partial, Some(p), Some(v)) => Some((p, v)),
+                    _ => None,
+                })
                 .collect();
-            let values: Vec<f64> = decision
-                .metrics
-                .iter()
-                .map(|m| m.value.unwrap_or(0.0))
-                .collect();
-            match formula.evaluate(&proposals, &values, current, obs.ready_replicas) {
+            match formula.evaluate_present(&present, current, obs.ready_replicas) {
                 Ok(r) => (Some(r), Rule::Formula),
                 Err(e) => {
-                    decision.formula_error = Some(e);
+                    decision.formula_error = Some(absent_note(e, policy, &present));
+                    decision.state.consecutive_failures =
+                        failure_count(state, true, policy.failure_threshold);
                     (None, Rule::Formula)
                 }
             }
         }
-        Some(_) => (None, Rule::Formula),
         None => {
             let mut best: Option<(i32, usize)> = None;
             for (i, m) in decision.metrics.iter().enumerate() {
@@ -407,23 +479,41 @@ pub fn evaluate(
         }
     };
 
-    // Never scale down on partial data; the fallback decides instead.
+    // Never scale down on partial data; the fallback decides instead. A formula may, when it
+    // tests the presence of every metric that failed (its author routed around them) and no
+    // number is partial.
+    let may_scale_down = match &policy.formula {
+        Some(f) => decision.metrics.iter().zip(&policy.metrics).all(|(o, m)| match o.state {
+            MetricState::Valid => true,
+            MetricState::Partial => false,
+            _ => f.tests_presence_of(&m.name),
+        }),
+        None => invalid == 0,
+    };
     let failed = match raw {
         None => true,
-        Some(r) => invalid > 0 && r < current,
+        Some(r) => r < current && !may_scale_down,
     };
+    // The fallback applies from the `failureThreshold`-th consecutive failure; before, hold.
+    let fallback_applies = decision.state.consecutive_failures >= policy.failure_threshold;
     if failed {
         decision.rule = Rule::Fallback(policy.on_failure);
         decision.proposal = raw;
         decision.replicas = match policy.on_failure {
-            FailureAction::Replicas(n) if n > current => n.min(max),
+            FailureAction::Replicas(n) if n > current && fallback_applies => n.min(max),
             _ => current,
         };
         return decision;
     }
     let mut raw = raw.unwrap_or(current).max(0);
-    if let (true, FailureAction::Replicas(n)) = (invalid > 0, policy.on_failure) {
+    if let (true, true, FailureAction::Replicas(n)) =
+        (invalid > 0, fallback_applies, policy.on_failure)
+    {
         raw = raw.max(n);
+    }
+    // A formula routing around a failed metric never takes a running target to 0.
+    if unusable > 0 && current > 0 {
+        raw = raw.max(1);
     }
     decision.rule = rule;
     decision.proposal = Some(raw);
@@ -446,7 +536,31 @@ pub fn evaluate(
     decision
 }
 
+/// A formula error, with the metrics the formula saw as absent named (it read one without
+/// `has(values.<name>)`, most likely).
+fn absent_note(error: String, policy: &CompiledPolicy, present: &[Option<(i32, f64)>]) -> String {
+    let absent: Vec<&str> = policy
+        .metrics
+        .iter()
+        .zip(present)
+        .filter(|(_, p)| p.is_none())
+        .map(|(m, _)| m.name.as_str())
+        .collect();
+    if absent.is_empty() {
+        return error;
+    }
+    format!(
+        "{error} (absent from the formula because they failed: {}; test them with has(values.<name>))",
+        absent.join(", ")
+    )
+}
+
 impl Decision {
+    /// The rule the metrics decided by, under any pause.
+    pub fn evaluated_rule(&self) -> Rule {
+        self.paused.map_or(self.rule, |p| p.rule)
+    }
+
     /// Whether a metric's number came from a partial answer ([`MetricState::Partial`]).
     pub fn has_partial(&self) -> bool {
         self.metrics.iter().any(|m| m.state == MetricState::Partial)
@@ -495,7 +609,7 @@ impl Decision {
             },
         };
         out.push(able);
-        out.push(match self.rule {
+        out.push(match self.evaluated_rule() {
             Rule::ScalingDisabled => DecisionCondition {
                 type_: "ScalingActive",
                 status: false,
@@ -516,7 +630,7 @@ impl Decision {
             },
         });
         let limit = self.normalized.map_or(
-            match self.rule {
+            match self.evaluated_rule() {
                 Rule::AboveMax => Limit::TooManyReplicas,
                 Rule::BelowMin => Limit::TooFewReplicas,
                 _ => Limit::DesiredWithinRange,
@@ -544,15 +658,74 @@ impl Decision {
                 message: "every metric returned a valid, fresh value",
             }
         });
+        out.push(self.pause_condition());
         out
+    }
+
+    /// The `Paused` condition: which of `spec.paused*` is in force, if any.
+    pub fn pause_condition(&self) -> DecisionCondition {
+        let (status, reason, message) = match self.paused.map(|p| p.pause) {
+            None => (false, "NotPaused", "no spec.paused* field is set; kscale scales the target"),
+            Some(Pause::Hold) => (true, "Paused", "spec.paused holds the current replica count"),
+            Some(Pause::Pin(_)) => (true, "PinnedReplicas", "spec.pausedReplicas pins the replica count"),
+            Some(Pause::ScaleIn) => (true, "ScaleInFrozen", "spec.pausedScaleIn lets the replica count hold or rise, never fall"),
+            Some(Pause::ScaleOut) => (true, "ScaleOutFrozen", "spec.pausedScaleOut lets the replica count hold or fall, never rise"),
+        };
+        DecisionCondition {
+            type_: "Paused",
+            status,
+            reason,
+            message,
+        }
     }
 
     /// One line a person can read: the values, the proposals, which rule won and what clipped it.
     pub fn reason(&self, policy: &CompiledPolicy) -> String {
         let mut s = String::with_capacity(160);
         // Writing to a String cannot fail.
-        let _ = self.write_reason(policy, &mut s);
+        let _ = match self.paused {
+            Some(p) => self.write_paused_reason(policy, p, &mut s),
+            None => self.write_reason(policy, &mut s),
+        };
         s
+    }
+
+    /// A paused decision's reason: what the pause did, then what the evaluation alone decided.
+    fn write_paused_reason(
+        &self,
+        policy: &CompiledPolicy,
+        p: Paused,
+        s: &mut String,
+    ) -> fmt::Result {
+        let evaluated = Decision {
+            replicas: p.evaluated,
+            rule: p.rule,
+            paused: None,
+            ..self.clone()
+        };
+        if self.rule != Rule::Paused(p.pause) {
+            // A freeze that does not bind: the evaluation decided.
+            evaluated.write_reason(policy, s)?;
+            let field = match p.pause {
+                Pause::ScaleOut => "spec.pausedScaleOut freezes scale-out",
+                _ => "spec.pausedScaleIn freezes scale-in",
+            };
+            return write!(s, "; {field}, not binding");
+        }
+        let verb = match self.replicas.cmp(&self.current) {
+            std::cmp::Ordering::Greater => "scale up",
+            std::cmp::Ordering::Less => "scale down",
+            std::cmp::Ordering::Equal => "hold",
+        };
+        write!(s, "{verb} {}→{}: ", self.current, self.replicas)?;
+        match p.pause {
+            Pause::Hold => write!(s, "paused by spec.paused, holding the current count")?,
+            Pause::Pin(n) => write!(s, "pinned to {n} by spec.pausedReplicas")?,
+            Pause::ScaleIn => write!(s, "scale-in frozen by spec.pausedScaleIn")?,
+            Pause::ScaleOut => write!(s, "scale-out frozen by spec.pausedScaleOut")?,
+        }
+        s.push_str("; without the pause: ");
+        evaluated.write_reason(policy, s)
     }
 
     fn write_reason(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
@@ -624,7 +797,15 @@ impl Decision {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
-                    (None, true) => s.push_str("; the formula needs every metric"),
+                    (None, true) => write!(
+                        s,
+                        "; formula → {} would scale down, which kscale does not do while {} {} unless the formula tests has(values.<name>) for each failed metric",
+                        self.proposal.unwrap_or(0),
+                        self.names_where(policy, |o, m| o.state == MetricState::Partial
+                            || (o.state != MetricState::Valid
+                                && !policy.formula.as_ref().is_some_and(|f| f.tests_presence_of(&m.name)))),
+                        if self.has_partial() { "failed or is partial" } else { "failed" }
+                    )?,
                     (None, _) if self.proposal.is_some() && self.has_partial() => s.push_str(
                         "; the metrics would scale down, which kscale never does on partial data",
                     ),
@@ -633,7 +814,13 @@ impl Decision {
                     ),
                     _ => s.push_str("; no valid metric"),
                 }
+                let failures = self.state.consecutive_failures;
                 match action {
+                    _ if failures < policy.failure_threshold => write!(
+                        s,
+                        "; failure {failures} of {}: the fallback applies at {}, holding until then",
+                        policy.failure_threshold, policy.failure_threshold
+                    )?,
                     FailureAction::Hold => s.push_str("; fallback Hold keeps the current count"),
                     FailureAction::Replicas(n) if self.replicas > self.current => {
                         write!(s, "; fallback goes up to {n} replicas")?
@@ -668,7 +855,23 @@ impl Decision {
             s.push_str("; partial data may raise the count, never lower it");
         }
         if self.degraded && !only_partial && !matches!(self.rule, Rule::Fallback(_)) {
+            if self.rule == Rule::Formula {
+                write!(
+                    s,
+                    "; the formula ran without {} (absent)",
+                    self.names_where(policy, |o, _| !matches!(
+                        o.state,
+                        MetricState::Valid | MetricState::Partial
+                    ))
+                )?;
+            }
+            let failures = self.state.consecutive_failures;
             match policy.on_failure {
+                FailureAction::Replicas(_) if failures < policy.failure_threshold => write!(
+                    s,
+                    "; some metrics failed (failure {failures} of {}, no fallback floor yet)",
+                    policy.failure_threshold
+                )?,
                 FailureAction::Replicas(n) => {
                     write!(s, "; some metrics failed, fallback floor {n}")?
                 }
@@ -704,6 +907,21 @@ impl Decision {
             }
         }
         self.write_schedule(policy, s)
+    }
+
+    /// The names of the metrics whose outcome passes `pick`, comma-separated.
+    fn names_where(
+        &self,
+        policy: &CompiledPolicy,
+        pick: impl Fn(&MetricOutcome, &CompiledMetric) -> bool,
+    ) -> String {
+        self.metrics
+            .iter()
+            .zip(&policy.metrics)
+            .filter(|(o, m)| pick(o, m))
+            .map(|(_, m)| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {

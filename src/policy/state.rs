@@ -40,6 +40,15 @@ pub struct PolicyState {
     /// When the target was last rescaled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<DateTime<Utc>>,
+    /// Consecutive failed evaluations (a metric unusable or the formula failing), counted up to
+    /// `spec.fallback.failureThreshold` and reset by an evaluation without failure. Kept in
+    /// status so a restart or a new leader does not start the count again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub consecutive_failures: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// The most entries a policy's stored history keeps in each of its lists (recommendations,
@@ -58,6 +67,7 @@ impl PolicyState {
             scale_up_events: newest(self.scale_up_events, |e| e.time),
             scale_down_events: newest(self.scale_down_events, |e| e.time),
             last_scale_time: self.last_scale_time,
+            consecutive_failures: self.consecutive_failures,
         }
     }
 
@@ -119,7 +129,9 @@ impl PolicyState {
     ///   removed; a negative one, such as a forged `-2147483648`, counts nothing);
     /// - a time after `now` becomes `now`, so a forged future event is counted once, as if it had
     ///   just happened, instead of holding a rate limit or a stabilization window forever;
-    /// - each list keeps at most [`MAX_HISTORY_ENTRIES`] entries, the newest, in their order.
+    /// - each list keeps at most [`MAX_HISTORY_ENTRIES`] entries, the newest, in their order;
+    /// - a negative failure count becomes 0 (a forged huge one only makes the fallback apply at
+    ///   once, which is what `failureThreshold: 1`, the default, does anyway).
     pub fn sanitized(&self, now: DateTime<Utc>) -> PolicyState {
         let recommendations = newest(
             self.recommendations
@@ -147,6 +159,7 @@ impl PolicyState {
             scale_up_events: events(&self.scale_up_events),
             scale_down_events: events(&self.scale_down_events),
             last_scale_time: self.last_scale_time.map(|t| t.min(now)),
+            consecutive_failures: self.consecutive_failures.max(0),
         }
     }
 
@@ -236,6 +249,7 @@ mod tests {
                 time: DateTime::<Utc>::MAX_UTC,
             }],
             last_scale_time: Some(DateTime::<Utc>::MAX_UTC),
+            consecutive_failures: -7,
         };
         let s = forged.sanitized(now);
         assert_eq!(
@@ -260,6 +274,7 @@ mod tests {
             }
         );
         assert_eq!(s.last_scale_time, Some(now));
+        assert_eq!(s.consecutive_failures, 0);
         // A sane state is unchanged.
         let sane = PolicyState {
             recommendations: vec![Recommendation {
@@ -272,6 +287,7 @@ mod tests {
             }],
             scale_down_events: Vec::new(),
             last_scale_time: Some(at(6)),
+            consecutive_failures: 2,
         };
         assert_eq!(sane.sanitized(now), sane);
     }
@@ -364,6 +380,7 @@ mod tests {
                         scale_up_events,
                         scale_down_events,
                         last_scale_time,
+                        consecutive_failures: 0,
                     }
                 },
             )
