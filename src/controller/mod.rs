@@ -538,6 +538,11 @@ async fn publish_on(
 /// reason into one series and keeps the first note, so a second rescale would show the first
 /// one's sizes and reason; each rescale is a distinct fact, so it gets a distinct Event.
 async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
+    publish_fact(ctx, p, "SuccessfulRescale", note).await;
+}
+
+/// Records a Normal Event of its own (not folded into an earlier one with the same reason).
+async fn publish_fact(ctx: &Context, p: &ScalingPolicy, reason: &str, note: String) {
     use k8s_openapi::api::events::v1::Event as K8sEvent;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     let namespace = p.namespace().unwrap_or_default();
@@ -551,7 +556,7 @@ async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
         action: Some("Scale".into()),
         event_time: Some(MicroTime(now)),
         note: Some(note),
-        reason: Some("SuccessfulRescale".into()),
+        reason: Some(reason.into()),
         regarding: Some(object_ref(p)),
         reporting_controller: Some("kscale".into()),
         reporting_instance: Some(ctx.instance.clone()),
@@ -561,11 +566,14 @@ async fn publish_rescale(ctx: &Context, p: &ScalingPolicy, note: String) {
     let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
     // Right before the write: this replica still holds a valid Lease.
     if ctx.leadership.check().is_err() {
-        debug!("rescale event not published: this replica is not the leader");
+        debug!(
+            reason,
+            "event not published: this replica is not the leader"
+        );
         return;
     }
     if let Err(e) = api.create(&PostParams::default(), &event).await {
-        warn!(error = %e, "publishing the rescale event failed");
+        warn!(error = %e, reason, "publishing the event failed");
     }
 }
 
@@ -714,6 +722,9 @@ pub async fn reconcile(
                 // The re-decision from the fresh count wrote nothing: say why nothing changed.
                 publish(ctx, p, EventType::Normal, "ScaleConflict", reason.clone()).await;
             }
+            if let Some((event, note)) = pause_transition(p.status.as_ref(), &status, &reason) {
+                publish_fact(ctx, p, event, note).await;
+            }
             if e.wrote {
                 publish_rescale(
                     ctx,
@@ -770,6 +781,30 @@ pub async fn reconcile(
     result.map(|_| ()).map_err(PolicyError::from)
 }
 
+/// The event of a pause starting, changing or ending, judged from the stored status (so a
+/// restart or a new leader publishes nothing for a pause already reported): `ScalingPaused` or
+/// `ScalingResumed`, with its note.
+fn pause_transition(
+    old: Option<&ScalingPolicyStatus>,
+    new: &ScalingPolicyStatus,
+    reason: &str,
+) -> Option<(&'static str, String)> {
+    let before = old.and_then(|s| s.paused.as_deref());
+    match (before, new.paused.as_deref()) {
+        (None, None) => None,
+        (a, b) if a == b => None,
+        (None, Some(now)) => Some(("ScalingPaused", format!("Paused: {now}; {reason}"))),
+        (Some(was), Some(now)) => Some((
+            "ScalingPaused",
+            format!("Paused: {now} (was {was}); {reason}"),
+        )),
+        (Some(was), None) => Some((
+            "ScalingResumed",
+            format!("No longer paused (was {was}); {reason}"),
+        )),
+    }
+}
+
 /// A status that only moves `lastEvaluationTime` (a policy that keeps failing the same way, say)
 /// is written at most this often. Anything else is written at once, the stabilization history
 /// included, so a new leader continues the same windows.
@@ -811,6 +846,7 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
             s.history.scale_up_events.clone(),
             s.history.scale_down_events.clone(),
             s.history.last_scale_time,
+            s.history.consecutive_failures,
         )
     };
     decision(old) != decision(new)
@@ -1507,6 +1543,42 @@ mod tests {
         new.last_evaluation_time = Some(at(1));
         new.desired_replicas = Some(4);
         assert!(status_changed(Some(&old), &new));
+    }
+
+    #[test]
+    fn pause_events_are_edge_triggered_on_the_stored_status() {
+        let status = |paused: Option<&str>| ScalingPolicyStatus {
+            paused: paused.map(String::from),
+            ..Default::default()
+        };
+        let hold = status(Some("Hold"));
+        let none = status(None);
+        // Entering, from no status (a new policy) or an unpaused one.
+        for old in [None, Some(&none)] {
+            let (event, note) = pause_transition(old, &hold, "hold 3→3").unwrap();
+            assert_eq!(event, "ScalingPaused");
+            assert_eq!(note, "Paused: Hold; hold 3→3");
+        }
+        // Staying paused (every interval, after a restart: the status says so): nothing.
+        assert_eq!(pause_transition(Some(&hold), &hold, "r"), None);
+        assert_eq!(pause_transition(Some(&none), &none, "r"), None);
+        assert_eq!(pause_transition(None, &none, "r"), None);
+        // Changing and leaving.
+        let pin = status(Some("Pinned to 4"));
+        assert_eq!(
+            pause_transition(Some(&hold), &pin, "scale up 3→4").unwrap(),
+            (
+                "ScalingPaused",
+                "Paused: Pinned to 4 (was Hold); scale up 3→4".to_string()
+            )
+        );
+        assert_eq!(
+            pause_transition(Some(&pin), &none, "hold 4→4").unwrap(),
+            (
+                "ScalingResumed",
+                "No longer paused (was Pinned to 4); hold 4→4".to_string()
+            )
+        );
     }
 
     #[test]

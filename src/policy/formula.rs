@@ -215,7 +215,13 @@ fn presence_tests(e: &IdedExpr, out: &mut Vec<String>) {
             c.args.iter().for_each(|x| presence_tests(x, out));
         }
         Expr::Comprehension(c) => {
-            for x in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+            for x in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
                 presence_tests(x, out);
             }
         }

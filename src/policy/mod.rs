@@ -9,6 +9,8 @@
 
 pub mod behavior;
 pub mod compile;
+#[cfg(test)]
+mod controls_tests;
 pub mod forecast;
 pub mod formula;
 pub mod formula_cost;
@@ -483,11 +485,15 @@ fn evaluate_metrics(
     // tests the presence of every metric that failed (its author routed around them) and no
     // number is partial.
     let may_scale_down = match &policy.formula {
-        Some(f) => decision.metrics.iter().zip(&policy.metrics).all(|(o, m)| match o.state {
-            MetricState::Valid => true,
-            MetricState::Partial => false,
-            _ => f.tests_presence_of(&m.name),
-        }),
+        Some(f) => decision
+            .metrics
+            .iter()
+            .zip(&policy.metrics)
+            .all(|(o, m)| match o.state {
+                MetricState::Valid => true,
+                MetricState::Partial => false,
+                _ => f.tests_presence_of(&m.name),
+            }),
         None => invalid == 0,
     };
     let failed = match raw {
@@ -665,11 +671,31 @@ impl Decision {
     /// The `Paused` condition: which of `spec.paused*` is in force, if any.
     pub fn pause_condition(&self) -> DecisionCondition {
         let (status, reason, message) = match self.paused.map(|p| p.pause) {
-            None => (false, "NotPaused", "no spec.paused* field is set; kscale scales the target"),
-            Some(Pause::Hold) => (true, "Paused", "spec.paused holds the current replica count"),
-            Some(Pause::Pin(_)) => (true, "PinnedReplicas", "spec.pausedReplicas pins the replica count"),
-            Some(Pause::ScaleIn) => (true, "ScaleInFrozen", "spec.pausedScaleIn lets the replica count hold or rise, never fall"),
-            Some(Pause::ScaleOut) => (true, "ScaleOutFrozen", "spec.pausedScaleOut lets the replica count hold or fall, never rise"),
+            None => (
+                false,
+                "NotPaused",
+                "no spec.paused* field is set; kscale scales the target",
+            ),
+            Some(Pause::Hold) => (
+                true,
+                "Paused",
+                "spec.paused holds the current replica count",
+            ),
+            Some(Pause::Pin(_)) => (
+                true,
+                "PinnedReplicas",
+                "spec.pausedReplicas pins the replica count",
+            ),
+            Some(Pause::ScaleIn) => (
+                true,
+                "ScaleInFrozen",
+                "spec.pausedScaleIn lets the replica count hold or rise, never fall",
+            ),
+            Some(Pause::ScaleOut) => (
+                true,
+                "ScaleOutFrozen",
+                "spec.pausedScaleOut lets the replica count hold or fall, never rise",
+            ),
         };
         DecisionCondition {
             type_: "Paused",
@@ -803,8 +829,15 @@ impl Decision {
                         self.proposal.unwrap_or(0),
                         self.names_where(policy, |o, m| o.state == MetricState::Partial
                             || (o.state != MetricState::Valid
-                                && !policy.formula.as_ref().is_some_and(|f| f.tests_presence_of(&m.name)))),
-                        if self.has_partial() { "failed or is partial" } else { "failed" }
+                                && !policy
+                                    .formula
+                                    .as_ref()
+                                    .is_some_and(|f| f.tests_presence_of(&m.name)))),
+                        if self.has_partial() {
+                            "failed or is partial"
+                        } else {
+                            "failed"
+                        }
                     )?,
                     (None, _) if self.proposal.is_some() && self.has_partial() => s.push_str(
                         "; the metrics would scale down, which kscale never does on partial data",
