@@ -496,3 +496,111 @@ fn validate_refuses_an_interval_below_one_second() {
         "{out}"
     );
 }
+
+/// Issue 15, item 3: a formula routing around a failed metric, replayed from a trace with gaps
+/// (a gap older than `fallback.staleAfter` is a stale metric). Worked out by hand, interval 60s,
+/// 4 replicas at first; `rps` targets 100/replica and `queue` 10/replica, each proposing
+/// ceil(value / target) outside the 10% tolerance:
+/// - 00:00 rps 400, queue 40: 4 and 4, hold 4;
+/// - 00:01 queue stale: the formula takes `rps` (4), hold 4, failure 1;
+/// - 00:02 queue stale, rps 200: the formula says 2 and tests has(values.queue), so it may
+///   scale down: 4→2 (no stabilization), failure 2;
+/// - 00:03 both back, queue 50 on 2 replicas: 5, scale up 2→5, failures reset;
+/// - 00:04 rps stale: the formula reads `rps` without has() and fails: failure 1 of 2, hold;
+/// - 00:05 still stale: failure 2 of 2, fallback Hold keeps 5;
+/// - 00:06 both back at 5 replicas' worth: hold 5.
+#[test]
+fn backtest_formula_routes_around_a_failed_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write(
+        dir.path(),
+        "failover.yaml",
+        r#"apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: failover, namespace: t}
+spec:
+  targetRef: {kind: Deployment, name: w}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1m
+  metrics:
+  - {name: rps, prometheus: {query: rps}, target: {type: AverageValue, averageValue: "100"}}
+  - {name: queue, prometheus: {query: queue}, target: {type: AverageValue, averageValue: "10"}}
+  formula: 'has(values.queue) ? max(rps, queue) : rps'
+  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}
+  fallback: {staleAfter: 30s, failureThreshold: 2}
+"#,
+    );
+    let trace = write(
+        dir.path(),
+        "failover.csv",
+        "timestamp,rps,queue\n\
+         2026-01-01 00:00:00,400,40\n\
+         2026-01-01 00:01:00,400,\n\
+         2026-01-01 00:02:00,200,\n\
+         2026-01-01 00:03:00,200,50\n\
+         2026-01-01 00:04:00,,50\n\
+         2026-01-01 00:05:00,,50\n\
+         2026-01-01 00:06:00,500,50\n",
+    );
+    let o = kscale(&[
+        "backtest",
+        "-p",
+        policy.to_str().unwrap(),
+        "-t",
+        trace.to_str().unwrap(),
+        "--metric",
+        "rps=rps",
+        "--metric",
+        "queue=queue",
+        "--initial-replicas",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps = v["steps"].as_array().unwrap();
+    let replicas: Vec<i64> = steps
+        .iter()
+        .map(|s| s["replicas"].as_i64().unwrap())
+        .collect();
+    assert_eq!(replicas, [4, 4, 2, 5, 5, 5, 5], "{v:#}");
+    let reason = |i: usize| steps[i]["reason"].as_str().unwrap().to_string();
+    for (i, needles) in [
+        (0, &["hold 4→4", "formula"][..]),
+        (
+            1,
+            &[
+                "hold 4→4",
+                "queue stale",
+                "the formula ran without queue (absent)",
+            ],
+        ),
+        (
+            2,
+            &["scale down 4→2", "the formula ran without queue (absent)"],
+        ),
+        (3, &["scale up 2→5", "queue=50"]),
+        (
+            4,
+            &[
+                "hold 5→5",
+                "rps stale",
+                "absent from the formula because they failed: rps",
+                "failure 1 of 2: the fallback applies at 2, holding until then",
+            ],
+        ),
+        (5, &["hold 5→5", "fallback Hold keeps the current count"]),
+        (6, &["hold 5→5", "rps=500"]),
+    ] {
+        for needle in needles {
+            assert!(
+                reason(i).contains(needle),
+                "step {i}: {needle:?} not in {}",
+                reason(i)
+            );
+        }
+    }
+    assert_eq!(v["summary"]["degraded_evaluations"], 4);
+}

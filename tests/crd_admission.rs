@@ -99,7 +99,6 @@ async fn admission_rejects_bad_policies_naming_the_field() {
     let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     let base = example("examples/backend-rps.yaml", &ns.name);
 
-    type Mutation = fn(&mut ScalingPolicy);
     let cases: Vec<(&str, Mutation, &[&str])> = vec![
         (
             "min-above-max",
@@ -230,6 +229,18 @@ async fn admission_rejects_bad_policies_naming_the_field() {
             &["spec.forecast.minHeadroom"],
         ),
     ];
+    expect_rejections(&api, &base, cases).await;
+}
+
+type Mutation = fn(&mut ScalingPolicy);
+
+/// Creates `base` changed by each case's mutation, and checks the apiserver refuses it (422)
+/// with every needle in its message.
+async fn expect_rejections(
+    api: &Api<ScalingPolicy>,
+    base: &ScalingPolicy,
+    cases: Vec<(&str, Mutation, &[&str])>,
+) {
     for (name, mutate, needles) in cases {
         let mut p = base.clone();
         p.metadata.name = Some(name.to_string());
@@ -249,5 +260,109 @@ async fn admission_rejects_bad_policies_naming_the_field() {
             }
             Err(e) => panic!("{name}: unexpected error {e}"),
         }
+    }
+}
+
+/// Issue 15: the pause fields and `fallback.failureThreshold` at admission, the same checks as
+/// `kscale validate` (`policy/compile.rs`).
+#[tokio::test]
+async fn admission_checks_the_pause_fields_and_the_failure_threshold() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "crd-pause").await;
+    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    // minReplicas 3, maxReplicas 10.
+    let base = example("examples/backend-rps.yaml", &ns.name);
+    fn threshold(p: &mut ScalingPolicy, n: i32) {
+        if let Some(f) = p.spec.fallback.as_mut() {
+            f.failure_threshold = Some(n);
+        }
+    }
+    let cases: Vec<(&str, Mutation, &[&str])> = vec![
+        (
+            "pin-and-pause",
+            |p| {
+                p.spec.paused_replicas = Some(5);
+                p.spec.paused = Some(true);
+            },
+            &["spec.pausedReplicas", "cannot be combined with spec.paused"],
+        ),
+        (
+            "pin-and-freeze",
+            |p| {
+                p.spec.paused_replicas = Some(5);
+                p.spec.paused_scale_out = Some(true);
+            },
+            &["spec.pausedReplicas", "cannot be combined"],
+        ),
+        (
+            "pin-above-max",
+            |p| p.spec.paused_replicas = Some(11),
+            &[
+                "spec.pausedReplicas",
+                "must be within [spec.minReplicas, spec.maxReplicas]",
+            ],
+        ),
+        (
+            "pin-below-min",
+            |p| p.spec.paused_replicas = Some(2),
+            &[
+                "spec.pausedReplicas",
+                "must be within [spec.minReplicas, spec.maxReplicas]",
+            ],
+        ),
+        (
+            "pin-negative",
+            |p| p.spec.paused_replicas = Some(-1),
+            &["spec.pausedReplicas"],
+        ),
+        (
+            "failure-threshold-zero",
+            |p| threshold(p, 0),
+            &["spec.fallback.failureThreshold"],
+        ),
+        (
+            "failure-threshold-too-large",
+            |p| threshold(p, 1001),
+            &["spec.fallback.failureThreshold"],
+        ),
+    ];
+    // kscale validate refuses each too, naming the same field.
+    for (name, mutate, needles) in &cases {
+        let mut p = base.clone();
+        mutate(&mut p);
+        let e = CompiledPolicy::from_resource(&p)
+            .map(|_| ())
+            .expect_err(name)
+            .to_string();
+        assert!(e.contains(needles[0]), "{name}: {e}");
+    }
+    expect_rejections(&api, &base, cases).await;
+
+    // Valid ones are admitted: a pin within the bounds, both freezes, a threshold of 3.
+    let admitted: Vec<(&str, Mutation)> = vec![
+        ("pin", |p| p.spec.paused_replicas = Some(3)),
+        ("paused", |p| p.spec.paused = Some(true)),
+        ("both-freezes", |p| {
+            p.spec.paused_scale_in = Some(true);
+            p.spec.paused_scale_out = Some(true);
+        }),
+        ("pin-and-false-flags", |p| {
+            p.spec.paused_replicas = Some(10);
+            p.spec.paused = Some(false);
+        }),
+        ("threshold", |p| threshold(p, 3)),
+    ];
+    for (name, mutate) in admitted {
+        let mut p = base.clone();
+        p.metadata.name = Some(name.to_string());
+        mutate(&mut p);
+        CompiledPolicy::from_resource(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        create(&api, &p)
+            .await
+            .unwrap_or_else(|e| panic!("{name} was rejected: {e}"));
     }
 }
