@@ -1,0 +1,226 @@
+//! What the controller end-to-end tests share: `kscale run` as a child process (as the shipped
+//! RBAC's ServiceAccount), waiting for a condition or an Event, and the common scenario (a
+//! Deployment of simulated pods scaled on an exporter metric).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kscale::crd::{ScalingPolicy, ScalingPolicyStatus};
+use kube::api::{Api, ListParams, PostParams};
+
+/// The controller as a child process, killed on drop.
+pub struct Controller(pub Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_controller(
+    env: &super::TestEnv,
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+) -> Controller {
+    let log = std::fs::File::create(log).expect("controller log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
+        .args([
+            "--watch-namespace",
+            namespace,
+            "--leader-election-namespace",
+            namespace,
+            "--instance",
+            identity,
+        ])
+        .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .env("RUST_LOG", "kscale=debug,info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kscale run starts");
+    Controller(child)
+}
+
+/// A controller for `namespace`, running as the ServiceAccount bound to the shipped RBAC and
+/// logging to `target/<log_name>-<pid>.log`; it stops, and its binding goes, when dropped.
+pub struct Running {
+    pub controller: Controller,
+    pub binding: super::BindingGuard,
+    pub log: std::path::PathBuf,
+}
+
+pub async fn run_controller(
+    env: &super::TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+    log_name: &str,
+    identity: &str,
+) -> Running {
+    let (kubeconfig, binding) = super::service_account_kubeconfig(env, client, namespace).await;
+    let log = super::repo_root().join(format!("target/{log_name}-{}.log", std::process::id()));
+    let controller = start_controller(
+        env,
+        &kubeconfig,
+        &log,
+        super::free_port(),
+        namespace,
+        identity,
+    );
+    Running {
+        controller,
+        binding,
+        log,
+    }
+}
+
+/// Waits until condition `type_` of policy `name` satisfies `check` (which also sees the whole
+/// status); panics with the last condition and reason after `timeout`.
+pub async fn wait_condition(
+    policies: &Api<ScalingPolicy>,
+    name: &str,
+    type_: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Condition, &ScalingPolicyStatus) -> bool,
+) {
+    super::wait_until(what, timeout, || async {
+        let p = policies.get(name).await.map_err(|e| e.to_string())?;
+        let s = p.status.ok_or("no status yet")?;
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .ok_or_else(|| format!("no {type_} condition"))?;
+        if check(c, &s) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{c:?}; reason {:?}; metrics {:?}",
+                s.reason, s.metrics
+            ))
+        }
+    })
+    .await;
+}
+
+/// Waits until an Event in `namespace` satisfies `check`.
+pub async fn wait_event(
+    client: &kube::Client,
+    namespace: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Event) -> bool,
+) {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    super::wait_until(what, timeout, || async {
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        if list.items.iter().any(&check) {
+            Ok(())
+        } else {
+            Err(format!("{} events, none matches", list.items.len()))
+        }
+    })
+    .await;
+}
+
+/// What every controller test starts from: a namespace, a 2-replica Deployment `web` of
+/// simulated pods, an exporter metric at `initial`, and a ScalingPolicy `web` on it (1 s
+/// interval, 5 per replica, scale-down stabilization `down_window_s`), created.
+pub struct Scenario {
+    pub ns: super::TestNamespace,
+    /// Shared, so a [`Ramp`] can move the metric from a thread of its own.
+    pub exporter: std::sync::Arc<super::TestExporter>,
+    pub metric: String,
+    pub query: String,
+    pub policy: ScalingPolicy,
+    pub policies: Api<ScalingPolicy>,
+    pub deployments: Api<Deployment>,
+}
+
+impl Scenario {
+    pub async fn start(
+        env: &super::TestEnv,
+        client: &kube::Client,
+        prefix: &str,
+        initial: f64,
+        down_window_s: u32,
+    ) -> Scenario {
+        super::install_crd(client).await;
+        let ns = super::create_namespace(env, client, prefix).await;
+        super::create_kwok_deployment(client, &ns.name, "web", 2, "100m", "50m").await;
+        super::wait_for_ready_pods(client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
+        let exporter = std::sync::Arc::new(super::TestExporter::start(env, &ns.name));
+        let metric = format!("kscale_{prefix}_queue");
+        exporter.set(&metric, &[], initial);
+        let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
+        let policy: ScalingPolicy = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: {down_window_s}
+"#,
+            ns = ns.name
+        ))
+        .expect("policy parses");
+        let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+        policies
+            .create(&PostParams::default(), &policy)
+            .await
+            .expect("policy created");
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+        Scenario {
+            ns,
+            exporter,
+            metric,
+            query,
+            policy,
+            policies,
+            deployments,
+        }
+    }
+
+    /// Sets the metric the policy scales on.
+    pub fn set(&self, value: f64) {
+        self.exporter.set(&self.metric, &[], value);
+    }
+
+    /// Waits until Prometheus returns `value` for the policy's query.
+    pub async fn wait_visible(&self, env: &super::TestEnv, value: f64) {
+        super::wait_until(
+            "the metric in Prometheus",
+            Duration::from_secs(20),
+            || async {
+                match super::prometheus_scalar(env, &self.query) {
+                    Ok(Some(v)) if (v - value).abs() < 1e-9 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+}
