@@ -245,7 +245,7 @@ async fn expect_rejections(
         let mut p = base.clone();
         p.metadata.name = Some(name.to_string());
         mutate(&mut p);
-        match create(&api, &p).await {
+        match create(api, &p).await {
             Ok(_) => panic!("{name}: the apiserver admitted an invalid policy"),
             Err(kube::Error::Api(e)) => {
                 assert_eq!(e.code, 422, "{name}: {e:?}");

@@ -1,7 +1,7 @@
 //! Pause, pin and the freezes (the last step of [`evaluate`]), and per-metric failover: a failed
 //! metric absent from the formula, and `fallback.failureThreshold`.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 
 use super::{CompiledPolicy, FailureAction, Pause, PolicyState, Rule, evaluate};
 use crate::crd::ScalingPolicy;
