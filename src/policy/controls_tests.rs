@@ -382,6 +382,28 @@ fn a_formula_that_does_not_test_a_failed_metric_never_scales_down() {
 }
 
 #[test]
+fn with_every_metric_failed_even_a_guarded_formula_never_scales_down() {
+    let p = compiled("  formula: 'has(values.rps) ? rps : (has(values.queue) ? queue : 1)'\n");
+    let d = evaluate(
+        &p,
+        &seen(5, None, None, at(0)),
+        &PolicyState::default(),
+        at(0),
+    );
+    assert_eq!(
+        (d.rule, d.proposal, d.replicas),
+        (Rule::Fallback(FailureAction::Hold), Some(1), 5)
+    );
+    assert!(
+        d.reason(&p).contains(
+            "; formula → 1 would scale down, which kscale never does with no metric valid"
+        ),
+        "{}",
+        d.reason(&p)
+    );
+}
+
+#[test]
 fn a_formula_routing_around_a_failed_metric_never_goes_to_zero() {
     let p = compiled(
         "  minReplicas: 0\n  formula: 'has(values.queue) ? queue : 0'\n  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}\n",

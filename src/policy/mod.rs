@@ -482,18 +482,21 @@ fn evaluate_metrics(
     };
 
     // Never scale down on partial data; the fallback decides instead. A formula may, when it
-    // tests the presence of every metric that failed (its author routed around them) and no
-    // number is partial.
+    // tests the presence of every metric that failed (its author routed around them), no
+    // number is partial and some metric has a number.
     let may_scale_down = match &policy.formula {
-        Some(f) => decision
-            .metrics
-            .iter()
-            .zip(&policy.metrics)
-            .all(|(o, m)| match o.state {
-                MetricState::Valid => true,
-                MetricState::Partial => false,
-                _ => f.tests_presence_of(&m.name),
-            }),
+        Some(f) => {
+            unusable < decision.metrics.len()
+                && decision
+                    .metrics
+                    .iter()
+                    .zip(&policy.metrics)
+                    .all(|(o, m)| match o.state {
+                        MetricState::Valid => true,
+                        MetricState::Partial => false,
+                        _ => f.tests_presence_of(&m.name),
+                    })
+        }
         None => invalid == 0,
     };
     let failed = match raw {
@@ -823,6 +826,17 @@ impl Decision {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
+                    (None, true)
+                        if self.metrics.iter().all(|m| {
+                            !matches!(m.state, MetricState::Valid | MetricState::Partial)
+                        }) =>
+                    {
+                        write!(
+                            s,
+                            "; formula → {} would scale down, which kscale never does with no metric valid",
+                            self.proposal.unwrap_or(0)
+                        )?
+                    }
                     (None, true) => write!(
                         s,
                         "; formula → {} would scale down, which kscale does not do while {} {} unless the formula tests has(values.<name>) for each failed metric",
