@@ -122,4 +122,19 @@ mod tests {
                 .is_empty()
         );
     }
+
+    /// `fallback.failureThreshold`'s count comes back from status after a restart (a new
+    /// process has nothing in memory).
+    #[test]
+    fn the_failure_count_is_read_back_from_status() {
+        let mut p = policy("u1");
+        let mut status = crate::crd::ScalingPolicyStatus::default();
+        status.history.consecutive_failures = 2;
+        p.status = Some(status);
+        let json = serde_json::to_value(p.status.as_ref()).unwrap();
+        assert_eq!(json["consecutiveFailures"], 2);
+        p.status = serde_json::from_value(json).unwrap();
+        let h = ScaleMemory::default().history(&p, at(0));
+        assert_eq!(h.consecutive_failures, 2);
+    }
 }

@@ -333,6 +333,35 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_metric_is_absent_and_presence_tests_are_found() {
+        let f = Formula::compile(
+            "has(values.queue) ? max(rps, queue) : rps",
+            &["rps", "queue"],
+        )
+        .unwrap();
+        assert!(f.tests_presence_of("queue") && !f.tests_presence_of("rps"));
+        assert_eq!(f.evaluate_present(&[Some((3, 300.0)), None], 1, 1), Ok(3));
+        assert_eq!(
+            f.evaluate_present(&[Some((3, 300.0)), Some((8, 80.0))], 1, 1),
+            Ok(8)
+        );
+        // Read without a test, an absent metric is an error naming it.
+        let e = f
+            .evaluate_present(&[None, Some((8, 80.0))], 1, 1)
+            .unwrap_err();
+        assert!(e.contains("rps"), "{e}");
+        let f = Formula::compile(
+            "'rps' in values ? rps : [1].map(x, has(values.cpu) ? 1 : x)[0]",
+            &["rps", "cpu"],
+        )
+        .unwrap();
+        assert!(f.tests_presence_of("rps") && f.tests_presence_of("cpu"));
+        // Only tests of `values` count.
+        let f = Formula::compile("has({'rps': 1}.rps) ? rps : 1", &["rps"]).unwrap();
+        assert!(!f.tests_presence_of("rps"));
+    }
+
+    #[test]
     fn a_comprehension_variable_is_unknown_outside_its_comprehension() {
         let e = Formula::compile("[1].all(m, m > 0) && m > 0 ? 1 : 0", &["rps"]).unwrap_err();
         assert!(e.contains("names unknown metric \"m\""), "{e}");
