@@ -213,6 +213,8 @@ impl Metrics {
             Rule::Metrics(_) => "metrics",
             Rule::Formula => "formula",
             Rule::Fallback(_) => "fallback",
+            Rule::PausedAtZero => "paused_at_zero",
+            Rule::Idle => "idle",
         };
         self.decisions
             .get_or_create(&DecisionLabels {

@@ -811,6 +811,7 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
             s.history.scale_up_events.clone(),
             s.history.scale_down_events.clone(),
             s.history.last_scale_time,
+            s.history.scaled_to_zero_time,
         )
     };
     decision(old) != decision(new)

@@ -15,6 +15,7 @@ pub mod formula_cost;
 pub mod replicas;
 pub mod schedule;
 pub mod state;
+pub mod zero;
 
 use std::fmt::{self, Write as _};
 
@@ -117,6 +118,10 @@ pub enum Rule {
     Formula,
     /// Metrics failed and the fallback decided.
     Fallback(FailureAction),
+    /// The target is at 0, set there by someone other than kscale (`minReplicas: 0`): it stays.
+    PausedAtZero,
+    /// No metric is active: the idle count (held, or gone down to under `behavior.scaleDown`).
+    Idle,
 }
 
 /// The result of one evaluation.
@@ -146,6 +151,8 @@ pub struct Decision {
     pub formula_error: Option<String>,
     /// The state to keep for the next evaluation.
     pub state: PolicyState,
+    /// With `minReplicas: 0` or `idleReplicas`: activity and phase.
+    pub zero: Option<zero::ZeroDecision>,
 }
 
 fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, Option<usize>) {
@@ -354,19 +361,49 @@ pub fn evaluate(
         degraded: invalid > 0,
         formula_error: None,
         state: next,
+        zero: None,
     };
 
-    if current == 0 && min != 0 {
+    // As in the HPA, a target at 0 turns autoscaling off, unless the policy itself may idle at 0
+    // (`spec.minReplicas`, not a schedule's floor, says so).
+    if current == 0 && policy.min_replicas != 0 && policy.zero.is_none_or(|z| z.idle != 0) {
         decision.rule = Rule::ScalingDisabled;
         decision.replicas = 0;
         return decision;
     }
+    let mut min = min;
+    let mut zero_plan = None;
+    if let Some(z) = policy.zero {
+        let (status, plan) = zero::plan(
+            policy,
+            z,
+            &decision.metrics,
+            &mut decision.state,
+            current,
+            min,
+            now,
+        );
+        decision.zero = Some(status);
+        match plan {
+            zero::Plan::Now(replicas, rule) => {
+                decision.rule = rule;
+                decision.replicas = replicas.min(max);
+                return decision;
+            }
+            zero::Plan::Evaluate { floor, wake, idle } => {
+                min = floor.min(max);
+                decision.min_replicas = min;
+                zero_plan = Some((wake, idle));
+            }
+        }
+    }
+    let waking = zero_plan.is_some_and(|(wake, _)| wake);
     if current > max {
         decision.rule = Rule::AboveMax;
         decision.replicas = max;
         return decision;
     }
-    if current < min {
+    if current < min && !waking {
         decision.rule = Rule::BelowMin;
         decision.replicas = min;
         return decision;
@@ -419,6 +456,10 @@ pub fn evaluate(
             FailureAction::Replicas(n) if n > current => n.min(max),
             _ => current,
         };
+        if waking {
+            // An active metric is work to do, whatever the others say.
+            decision.replicas = decision.replicas.max(min);
+        }
         return decision;
     }
     let mut raw = raw.unwrap_or(current).max(0);
@@ -426,6 +467,14 @@ pub fn evaluate(
         raw = raw.max(n);
     }
     decision.rule = rule;
+    match zero_plan {
+        Some((true, _)) => raw = raw.max(min),
+        Some((_, true)) => {
+            raw = min;
+            decision.rule = Rule::Idle;
+        }
+        _ => {}
+    }
     decision.proposal = Some(raw);
     let normalized = match &policy.behavior {
         Some(b) => {
@@ -442,6 +491,10 @@ pub fn evaluate(
         ),
     };
     decision.replicas = normalized.replicas;
+    if waking {
+        // Waking is a direct clamp to the active floor, as the HPA's below-minReplicas one is.
+        decision.replicas = decision.replicas.max(min);
+    }
     decision.normalized = Some(normalized);
     decision
 }
@@ -469,6 +522,8 @@ impl Decision {
             ),
             None => self.state.last_scale_time = Some(now),
         }
+        // kscale's own zero, told apart from one someone else set.
+        self.state.scaled_to_zero_time = (self.replicas == 0).then_some(now);
     }
 
     /// The HPA-style conditions of this decision.
@@ -496,7 +551,7 @@ impl Decision {
         };
         out.push(able);
         out.push(match self.rule {
-            Rule::ScalingDisabled => DecisionCondition {
+            Rule::ScalingDisabled | Rule::PausedAtZero => DecisionCondition {
                 type_: "ScalingActive",
                 status: false,
                 reason: "ScalingDisabled",
@@ -544,6 +599,7 @@ impl Decision {
                 message: "every metric returned a valid, fresh value",
             }
         });
+        out.extend(self.zero_condition());
         out
     }
 
@@ -586,9 +642,24 @@ impl Decision {
                 )?;
                 return self.write_schedule(policy, s);
             }
+            Rule::PausedAtZero => return self.write_zero(policy, s),
+            Rule::Idle if self.normalized.is_none() => {
+                write!(s, ": ")?;
+                self.write_values(policy, s)?;
+                self.write_zero(policy, s)?;
+                return self.write_schedule(policy, s);
+            }
             _ => {}
         }
         s.push_str(": ");
+        self.write_values(policy, s)?;
+        self.write_rule(policy, s)?;
+        self.write_zero(policy, s)?;
+        self.write_schedule(policy, s)
+    }
+
+    /// Each metric's value, target and proposal, or why it is unusable.
+    fn write_values(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
         for (i, (m, o)) in policy.metrics.iter().zip(&self.metrics).enumerate() {
             if i > 0 {
                 s.push_str(", ");
@@ -620,6 +691,11 @@ impl Decision {
                 )?,
             }
         }
+        Ok(())
+    }
+
+    /// The rule that decided and what clipped it.
+    fn write_rule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
         match self.rule {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
@@ -703,7 +779,7 @@ impl Decision {
                 }
             }
         }
-        self.write_schedule(policy, s)
+        Ok(())
     }
 
     fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {

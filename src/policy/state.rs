@@ -40,6 +40,15 @@ pub struct PolicyState {
     /// When the target was last rescaled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<DateTime<Utc>>,
+    /// When kscale itself scaled the target to 0 (`minReplicas: 0` or `idleReplicas: 0`), while
+    /// the target is still at 0. A target at 0 without it was set there by someone else, and
+    /// stays there. Cleared as soon as the target runs replicas again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled_to_zero_time: Option<DateTime<Utc>>,
+    /// The last evaluation at which a metric was active (above its `activationThreshold`) or
+    /// could not be read (failing data never counts as idle): the cooldown runs from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_time: Option<DateTime<Utc>>,
 }
 
 /// The most entries a policy's stored history keeps in each of its lists (recommendations,
@@ -58,6 +67,8 @@ impl PolicyState {
             scale_up_events: newest(self.scale_up_events, |e| e.time),
             scale_down_events: newest(self.scale_down_events, |e| e.time),
             last_scale_time: self.last_scale_time,
+            scaled_to_zero_time: self.scaled_to_zero_time,
+            last_active_time: self.last_active_time,
         }
     }
 
@@ -118,7 +129,8 @@ impl PolicyState {
     /// - a scale event's `change` below 0 becomes 0 (an event is a count of replicas added or
     ///   removed; a negative one, such as a forged `-2147483648`, counts nothing);
     /// - a time after `now` becomes `now`, so a forged future event is counted once, as if it had
-    ///   just happened, instead of holding a rate limit or a stabilization window forever;
+    ///   just happened, instead of holding a rate limit or a stabilization window forever (a
+    ///   forged future `lastActiveTime` restarts the cooldown once, no more);
     /// - each list keeps at most [`MAX_HISTORY_ENTRIES`] entries, the newest, in their order.
     pub fn sanitized(&self, now: DateTime<Utc>) -> PolicyState {
         let recommendations = newest(
@@ -147,6 +159,8 @@ impl PolicyState {
             scale_up_events: events(&self.scale_up_events),
             scale_down_events: events(&self.scale_down_events),
             last_scale_time: self.last_scale_time.map(|t| t.min(now)),
+            scaled_to_zero_time: self.scaled_to_zero_time.map(|t| t.min(now)),
+            last_active_time: self.last_active_time.map(|t| t.min(now)),
         }
     }
 
@@ -167,10 +181,28 @@ impl PolicyState {
         }
         union(&mut self.scale_up_events, &other.scale_up_events);
         union(&mut self.scale_down_events, &other.scale_down_events);
-        self.last_scale_time = match (self.last_scale_time, other.last_scale_time) {
+        let later = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| match (a, b) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
+        // kscale's own zero: the one of the later record, and only while it is kscale's last
+        // scale (a later scale of its own woke the target since). A zero that status forgot
+        // (its write failed) is taken from `other` when it is newer than status' last scale; one
+        // that status cleared since (the target ran replicas) is not, as status' last scale is
+        // that zero's own time.
+        let status_scale = self.last_scale_time;
+        if let Some(z) = other.scaled_to_zero_time
+            && status_scale.is_none_or(|t| z > t)
+        {
+            self.scaled_to_zero_time = later(self.scaled_to_zero_time, Some(z));
+        }
+        self.last_scale_time = later(self.last_scale_time, other.last_scale_time);
+        self.last_active_time = later(self.last_active_time, other.last_active_time);
+        if let (Some(z), Some(t)) = (self.scaled_to_zero_time, self.last_scale_time)
+            && z < t
+        {
+            self.scaled_to_zero_time = None;
+        }
     }
 
     /// Only the scale events and the last scale time (what the controller keeps in memory).
@@ -236,6 +268,8 @@ mod tests {
                 time: DateTime::<Utc>::MAX_UTC,
             }],
             last_scale_time: Some(DateTime::<Utc>::MAX_UTC),
+            scaled_to_zero_time: Some(DateTime::<Utc>::MAX_UTC),
+            last_active_time: Some(DateTime::<Utc>::MAX_UTC),
         };
         let s = forged.sanitized(now);
         assert_eq!(
@@ -260,6 +294,8 @@ mod tests {
             }
         );
         assert_eq!(s.last_scale_time, Some(now));
+        assert_eq!(s.scaled_to_zero_time, Some(now));
+        assert_eq!(s.last_active_time, Some(now));
         // A sane state is unchanged.
         let sane = PolicyState {
             recommendations: vec![Recommendation {
@@ -272,6 +308,8 @@ mod tests {
             }],
             scale_down_events: Vec::new(),
             last_scale_time: Some(at(6)),
+            scaled_to_zero_time: Some(at(6)),
+            last_active_time: Some(at(4)),
         };
         assert_eq!(sane.sanitized(now), sane);
     }
@@ -364,6 +402,7 @@ mod tests {
                         scale_up_events,
                         scale_down_events,
                         last_scale_time,
+                        ..PolicyState::default()
                     }
                 },
             )
