@@ -230,9 +230,10 @@ pub struct MetricSpec {
     /// A quantity in the metric's own units (percent for a `Utilization` target; default 0;
     /// KEDA's term): the metric is *active* while its value is above it. With `minReplicas: 0`
     /// (or `idleReplicas`), a target at the idle count wakes when any metric is active, and goes
-    /// back to it only once every metric has been inactive for `spec.cooldown`. Not negative.
+    /// back to it only once every metric has been inactive for `spec.cooldown`. Not negative:
+    /// `kscale validate` and the controller refuse one below 0 (no CEL rule on a quantity of
+    /// unbounded length fits the apiserver's cost budget, as for `target.value`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).sign() >= 0").message("metrics[].activationThreshold must be a quantity of at least 0"))]
     pub activation_threshold: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
