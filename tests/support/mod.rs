@@ -8,6 +8,8 @@
 //! tests that need it return early with a loud message instead.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
