@@ -376,6 +376,41 @@ mod tests {
         assert_eq!(status, before);
     }
 
+    #[test]
+    fn kscales_zero_survives_a_lost_status_write_and_not_a_later_wake() {
+        // kscale scaled to 0 at 10 (memory), the status write failed (status: last scale at 5).
+        let memory = PolicyState {
+            last_scale_time: Some(at(10)),
+            scaled_to_zero_time: Some(at(10)),
+            last_active_time: Some(at(4)),
+            ..PolicyState::default()
+        };
+        let mut status = PolicyState {
+            last_scale_time: Some(at(5)),
+            last_active_time: Some(at(3)),
+            ..PolicyState::default()
+        };
+        status.merge_scale_events(&memory);
+        assert_eq!(status.scaled_to_zero_time, Some(at(10)));
+        assert_eq!(status.last_active_time, Some(at(4)));
+        // Status recorded the zero, then cleared it when the target ran replicas again: memory's
+        // older record does not bring it back.
+        let mut status = PolicyState {
+            last_scale_time: Some(at(10)),
+            ..PolicyState::default()
+        };
+        status.merge_scale_events(&memory);
+        assert_eq!(status.scaled_to_zero_time, None);
+        // kscale woke it at 20 (memory) but status still says zero at 10: the later scale wins.
+        let woke = PolicyState {
+            last_scale_time: Some(at(20)),
+            ..PolicyState::default()
+        };
+        let mut status = memory.clone();
+        status.merge_scale_events(&woke);
+        assert_eq!(status.scaled_to_zero_time, None);
+    }
+
     fn arb_time() -> impl Strategy<Value = DateTime<Utc>> {
         prop_oneof![
             (-10_000i64..10_000).prop_map(at),

@@ -14,8 +14,9 @@
 //!   if the behavior says so.
 //!
 //! A target at 0 that kscale did not send there (`PolicyState::scaled_to_zero_time` unset) was
-//! set to 0 by someone else: it stays at 0, as the HPA's `ScaledToZero` condition does. A
-//! schedule's floor above the idle count wakes a target kscale sent to 0.
+//! set to 0 by someone else: it stays at 0, as the HPA's `ScaledToZero` condition does (except
+//! in `ExternalMetric` mode, where the HPA is the writer and judges that itself). A schedule's
+//! floor above the idle count wakes a target kscale sent to 0.
 //!
 //! Pure, like the rest of `policy/`: the clock is an argument and the memory is the state.
 
@@ -25,6 +26,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use super::compile::ZeroSettings;
 use super::{CompiledPolicy, Decision, MetricOutcome, MetricState, Num, PolicyState, Rule};
+use crate::crd::Mode;
 use crate::model::DecisionCondition;
 
 /// What the metrics say about activity.
@@ -143,7 +145,13 @@ pub(crate) fn plan(
         .last_active_time
         .map_or(z.cooldown, |t| t + z.cooldown - now);
     let phase = match activity {
-        _ if current == 0 && z.idle == 0 && state.scaled_to_zero_time.is_none() => {
+        // In ExternalMetric mode the HPA is the writer and tells its own zero from a hand-set
+        // one (its `ScaledToZero` condition); kscale keeps publishing what it would decide.
+        _ if current == 0
+            && z.idle == 0
+            && state.scaled_to_zero_time.is_none()
+            && policy.mode != Mode::ExternalMetric =>
+        {
             Phase::PausedAtZero
         }
         Activity::Active(_) => Phase::Active,
@@ -252,5 +260,127 @@ impl Decision {
             (Phase::Active, _) => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ScalingPolicy;
+    use crate::model::{Observation, Sample};
+    use crate::policy::{CompiledPolicy, evaluate};
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn policy(extra: &str) -> CompiledPolicy {
+        let p: ScalingPolicy = serde_yaml::from_str(&format!(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: d}}\nspec:\n  targetRef: {{kind: Deployment, name: w}}\n  minReplicas: 0\n  maxReplicas: 10\n  metrics:\n  - name: q\n    prometheus: {{query: 'sum(q)'}}\n    target: {{type: AverageValue, averageValue: \"10\"}}\n    activationThreshold: \"5\"\n{extra}"
+        ))
+        .unwrap();
+        CompiledPolicy::from_resource(&p).unwrap()
+    }
+
+    fn obs(replicas: i32, q: Sample) -> Observation {
+        Observation {
+            spec_replicas: replicas,
+            status_replicas: replicas,
+            ready_replicas: replicas,
+            pods: replicas,
+            forecasts: Vec::new(),
+            samples: vec![q],
+        }
+    }
+
+    fn value(v: f64, now: DateTime<Utc>) -> Sample {
+        Sample::Series {
+            values: vec![v],
+            timestamp: now,
+        }
+    }
+
+    fn condition(d: &Decision) -> (bool, &'static str) {
+        let c = d.zero_condition().unwrap();
+        (c.status, c.reason)
+    }
+
+    #[test]
+    fn a_zero_someone_else_set_stays_and_kscales_own_wakes() {
+        let p = policy("");
+        let now = at(0);
+        // Active (30 > 5), at 0, no record of kscale's zero: paused.
+        let d = evaluate(&p, &obs(0, value(30.0, now)), &PolicyState::default(), now);
+        assert_eq!((d.replicas, d.rule), (0, Rule::PausedAtZero));
+        assert_eq!(condition(&d), (false, "ScaledToZeroByOther"));
+        assert!(
+            d.reason(&p).contains("someone other than kscale"),
+            "{}",
+            d.reason(&p)
+        );
+        // kscale's own zero wakes: ceil(30 / 10) = 3.
+        let own = PolicyState {
+            scaled_to_zero_time: Some(at(-60)),
+            ..PolicyState::default()
+        };
+        let d = evaluate(&p, &obs(0, value(30.0, now)), &own, now);
+        assert_eq!(d.replicas, 3, "{}", d.reason(&p));
+        assert_eq!(condition(&d), (false, "NotScaledToZero"));
+        // In ExternalMetric mode the HPA judges its zero; kscale publishes what it would do.
+        let mut external = policy("");
+        external.mode = Mode::ExternalMetric;
+        let d = evaluate(
+            &external,
+            &obs(0, value(30.0, now)),
+            &PolicyState::default(),
+            now,
+        );
+        assert_eq!(d.replicas, 3, "{}", d.reason(&external));
+    }
+
+    #[test]
+    fn kscales_zero_is_recorded_when_applied_and_forgotten_once_replicas_run() {
+        let p =
+            policy("  cooldown: 0s\n  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}\n");
+        let now = at(0);
+        let state = PolicyState {
+            last_active_time: Some(at(-600)),
+            ..PolicyState::default()
+        };
+        // 1 replica, 3 is inactive, the cooldown is over: idle count 0 (no stabilization, and
+        // the default rate policy allows 100 % down).
+        let mut d = evaluate(&p, &obs(1, value(3.0, now)), &state, now);
+        assert_eq!((d.replicas, d.rule), (0, Rule::Idle), "{}", d.reason(&p));
+        d.record_applied(&p, now);
+        assert_eq!(d.state.scaled_to_zero_time, Some(now));
+        assert_eq!(condition(&d), (true, "ScaledToZero"));
+        // Someone scales it to 2: the record goes.
+        let later = at(30);
+        let d = evaluate(&p, &obs(2, value(3.0, later)), &d.state, later);
+        assert_eq!(d.state.scaled_to_zero_time, None);
+    }
+
+    #[test]
+    fn an_active_metric_wakes_even_when_another_fails_with_a_formula() {
+        let p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: d}\nspec:\n  targetRef: {kind: Deployment, name: w}\n  minReplicas: 0\n  maxReplicas: 10\n  formula: max(a, b)\n  metrics:\n  - name: a\n    prometheus: {query: 'a'}\n    target: {type: AverageValue, averageValue: \"10\"}\n  - name: b\n    prometheus: {query: 'b'}\n    target: {type: AverageValue, averageValue: \"10\"}\n",
+        )
+        .unwrap();
+        let p = CompiledPolicy::from_resource(&p).unwrap();
+        let now = at(0);
+        let own = PolicyState {
+            scaled_to_zero_time: Some(at(-60)),
+            ..PolicyState::default()
+        };
+        let mut o = obs(0, value(30.0, now));
+        o.samples.push(Sample::Error {
+            message: "down".into(),
+        });
+        let d = evaluate(&p, &o, &own, now);
+        assert_eq!(d.replicas, 1, "{}", d.reason(&p));
+        // With only the failing one, nothing wakes.
+        o.samples[0] = value(0.0, now);
+        let d = evaluate(&p, &o, &own, now);
+        assert_eq!(d.replicas, 0, "{}", d.reason(&p));
     }
 }
