@@ -92,17 +92,7 @@ spec:
     }
 
     async fn wait_visible(&self, env: &support::TestEnv, value: f64) {
-        support::wait_until(
-            "the metric in Prometheus",
-            Duration::from_secs(20),
-            || async {
-                match support::prometheus_scalar(env, &self.query) {
-                    Ok(Some(v)) if (v - value).abs() < 1e-9 => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            },
-        )
-        .await;
+        support::wait_prometheus_value(env, &self.query, value).await;
     }
 
     async fn status(&self) -> ScalingPolicyStatus {
