@@ -56,6 +56,10 @@ pub enum Mode {
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("spec.maxReplicas must be at least spec.minReplicas").field_path(".maxReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.pausedReplicas) || !((has(self.paused) && self.paused) || (has(self.pausedScaleIn) && self.pausedScaleIn) || (has(self.pausedScaleOut) && self.pausedScaleOut))").message("spec.pausedReplicas pins the count and cannot be combined with spec.paused, spec.pausedScaleIn or spec.pausedScaleOut").field_path(".pausedReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.pausedReplicas) || (self.pausedReplicas <= self.maxReplicas && self.pausedReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("spec.pausedReplicas must be within [spec.minReplicas, spec.maxReplicas] (minReplicas defaults to 1)").field_path(".pausedReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.idleReplicas) || self.idleReplicas < (has(self.minReplicas) ? self.minReplicas : 1)").message("spec.idleReplicas must be below spec.minReplicas").field_path(".idleReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.cooldown) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("spec.cooldown only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".cooldown"))]
+#[x_kube(validation = Rule::new("!self.metrics.exists(m, has(m.activationThreshold)) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("metrics[].activationThreshold only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".metrics"))]
+#[x_kube(validation = Rule::new("!((has(self.minReplicas) && self.minReplicas == 0) || (has(self.idleReplicas) && self.idleReplicas == 0)) || self.metrics.exists(m, has(m.prometheus))").message("spec.minReplicas 0 (or spec.idleReplicas 0) needs a prometheus metric to wake the target: resource metrics have no pods to read at 0 replicas").field_path(".minReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicySpec {
     /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.
@@ -70,6 +74,23 @@ pub struct ScalingPolicySpec {
     /// Upper bound for the replica count.
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
+    /// The replica count while every metric is inactive (at or below its
+    /// `activationThreshold`) for `cooldown`: an integer below `minReplicas`, at least 0
+    /// (KEDA's `idleReplicaCount`). Unset: 0 when `minReplicas` is 0, otherwise no idle state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub idle_replicas: Option<i32>,
+    /// How long every metric must stay inactive before the target goes down to the idle count
+    /// (0, or `idleReplicas`), a Go-style duration (default `5m`, at most `24h`; KEDA's
+    /// `cooldownPeriod`). Only with `minReplicas: 0` or `idleReplicas`. The descent itself
+    /// follows `behavior.scaleDown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"),
+        length(max = 64)
+    )]
+    #[x_kube(validation = Rule::new(r"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h|d))+$') || self.contains('d') || duration(self) <= duration('24h')").message("spec.cooldown must be at most 24h"))]
+    pub cooldown: Option<String>,
     /// How often the policy is evaluated, a Go-style duration (default `15s`, at least `1s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
@@ -231,6 +252,14 @@ pub struct MetricSpec {
     pub resource: Option<ResourceSource>,
     /// The target value, exactly the HPA's `MetricTarget`.
     pub target: MetricTarget,
+    /// A quantity in the metric's own units (percent for a `Utilization` target; default 0;
+    /// KEDA's term): the metric is *active* while its value is above it. With `minReplicas: 0`
+    /// (or `idleReplicas`), a target at the idle count wakes when any metric is active, and goes
+    /// back to it only once every metric has been inactive for `spec.cooldown`. Not negative:
+    /// `kscale validate` and the controller refuse one below 0 (no CEL rule on a quantity of
+    /// unbounded length fits the apiserver's cost budget, as for `target.value`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_threshold: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 /// A Prometheus metric source.

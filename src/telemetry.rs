@@ -214,6 +214,8 @@ impl Metrics {
             Rule::Formula => "formula",
             Rule::Fallback(_) => "fallback",
             Rule::Paused(_) => "paused",
+            Rule::PausedAtZero => "paused_at_zero",
+            Rule::Idle => "idle",
         };
         self.decisions
             .get_or_create(&DecisionLabels {

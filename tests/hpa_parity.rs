@@ -464,7 +464,7 @@ impl NormalizeCase {
             scale_up_events: events(&self.up_events),
             scale_down_events: events(&self.down_events),
             last_scale_time: None,
-            consecutive_failures: 0,
+            ..PolicyState::default()
         };
         let normalized = match &self.behavior {
             Some(g) => {

@@ -467,6 +467,11 @@ pub fn run(
     let mut births: Vec<DateTime<Utc>> = vec![t0 - config.startup; initial as usize];
     let mut replicas = initial;
     let mut state = PolicyState::default();
+    if initial == 0 && policy.zero.is_some_and(|z| z.idle == 0) {
+        // The replay is kscale's own run: a start at 0 is a zero kscale set (so it wakes on an
+        // active metric), not one a person set by hand (which would stay at 0).
+        state.scaled_to_zero_time = Some(t0);
+    }
     let mut forecasts = ForecastState::new(policy);
     if forecasts.is_active() {
         // The warm-up is history only, as the controller re-reads it after a start: each

@@ -488,6 +488,8 @@ pub async fn evaluate_live(
             }
         }
     }
+    ctx.scale_events
+        .remember_activity(resource, decision.state.last_active_time);
     Ok(Evaluated {
         policy,
         scale,
@@ -847,6 +849,12 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
             s.history.scale_down_events.clone(),
             s.history.last_scale_time,
             s.history.consecutive_failures,
+            s.history.scaled_to_zero_time,
+            // The cooldown's start is written as soon as no metric is active any more (while
+            // one is, it moves with every evaluation and waits like the values do).
+            s.history
+                .last_active_time
+                .filter(|t| Some(*t) != s.last_evaluation_time),
         )
     };
     decision(old) != decision(new)

@@ -55,6 +55,22 @@ impl ScaleMemory {
         }
     }
 
+    /// Remembers the last time a metric of `p` was active (`lastActiveTime`), after every
+    /// evaluation: status is written at most every few seconds while nothing else changes, and
+    /// the cooldown must run from the last active evaluation, not from the last one written.
+    pub fn remember_activity(&self, p: &ScalingPolicy, last_active: Option<DateTime<Utc>>) {
+        let Some(t) = last_active else { return };
+        if let Ok(mut entries) = self.entries.lock() {
+            let entry = entries
+                .entry(key(p))
+                .or_insert_with(|| (p.metadata.uid.clone(), PolicyState::default()));
+            if entry.0 != p.metadata.uid {
+                *entry = (p.metadata.uid.clone(), PolicyState::default());
+            }
+            entry.1.last_active_time = Some(entry.1.last_active_time.map_or(t, |old| old.max(t)));
+        }
+    }
+
     /// Forgets the policies for which `keep(namespace/name)` is false (deleted ones).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         if let Ok(mut entries) = self.entries.lock() {

@@ -104,6 +104,9 @@ pub struct CompiledMetric {
     pub source: MetricSource,
     /// Its target.
     pub target: Target,
+    /// `activationThreshold` in the metric's own units (0 when unset): the metric is active
+    /// while its value is above it.
+    pub activation: f64,
 }
 
 /// What failing metrics lead to.
@@ -184,6 +187,25 @@ pub struct CompiledPolicy {
     pub failure_threshold: i32,
     /// `spec.paused*`, when one pauses the policy.
     pub pause: Option<Pause>,
+    /// Scale to zero (or to an idle count) and back: set with `minReplicas: 0` or
+    /// `idleReplicas`.
+    pub zero: Option<ZeroSettings>,
+}
+
+/// The default `spec.cooldown`.
+pub const DEFAULT_COOLDOWN: TimeDelta = TimeDelta::minutes(5);
+/// The longest `spec.cooldown` (also the CRD's admission rule).
+pub const MAX_COOLDOWN: TimeDelta = TimeDelta::hours(24);
+
+/// What `minReplicas: 0` or `spec.idleReplicas` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroSettings {
+    /// The count while every metric is inactive (`idleReplicas`, or 0).
+    pub idle: i32,
+    /// The least count while a metric is active or the cooldown runs: `minReplicas`, at least 1.
+    pub active_min: i32,
+    /// How long every metric must stay inactive before the target goes to `idle`.
+    pub cooldown: TimeDelta,
 }
 
 /// A policy's own Prometheus server, validated. Equal servers share one client and one query per
@@ -707,6 +729,7 @@ pub fn compile_spec(
                 name: m.name.clone(),
                 source,
                 target,
+                activation: activation_threshold(&mut errors, &path, m),
             });
         }
     }
@@ -856,6 +879,7 @@ pub fn compile_spec(
         .as_ref()
         .map(|f| compile_forecast(&mut errors, f, interval, &metrics));
     let pause = compile_pause(&mut errors, spec, min_replicas);
+    let zero = compile_zero(&mut errors, spec, min_replicas);
 
     if !errors.is_empty() {
         return Err(ValidationErrors(errors));
@@ -879,6 +903,110 @@ pub fn compile_spec(
         forecast,
         failure_threshold,
         pause,
+        zero,
+    })
+}
+
+/// `metrics[i].activationThreshold` in the metric's own units: a quantity of at least 0.
+fn activation_threshold(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    m: &crate::crd::MetricSpec,
+) -> f64 {
+    let Some(q) = &m.activation_threshold else {
+        return 0.0;
+    };
+    let path = format!("{path}.activationThreshold");
+    match Quantity::parse(&q.0) {
+        Ok(v) if v.as_f64() >= 0.0 => v.as_f64(),
+        Ok(_) => {
+            errors.push(err(path, format!("must not be negative, got {:?}", q.0)));
+            0.0
+        }
+        Err(e) => {
+            errors.push(err(path, e.to_string()));
+            0.0
+        }
+    }
+}
+
+/// `minReplicas: 0`, `idleReplicas`, `cooldown` and the activation thresholds, checked together
+/// (the same rules as the CRD's admission).
+fn compile_zero(
+    errors: &mut Vec<FieldError>,
+    spec: &ScalingPolicySpec,
+    min_replicas: i32,
+) -> Option<ZeroSettings> {
+    let idle = match spec.idle_replicas {
+        Some(n) if n < 0 => {
+            errors.push(err(
+                "spec.idleReplicas",
+                format!("must not be negative, got {n}"),
+            ));
+            None
+        }
+        Some(n) if n >= min_replicas => {
+            errors.push(err(
+                "spec.idleReplicas",
+                format!("{n} must be below spec.minReplicas ({min_replicas})"),
+            ));
+            None
+        }
+        Some(n) => Some(n),
+        None if min_replicas == 0 => Some(0),
+        None => None,
+    };
+    let enabled = spec.idle_replicas.is_some() || min_replicas == 0;
+    let cooldown = match spec.cooldown.as_deref() {
+        None => DEFAULT_COOLDOWN,
+        Some(text) => match parse_duration(text).map(TimeDelta::from_std) {
+            Ok(Ok(d)) if d <= MAX_COOLDOWN => d,
+            Ok(_) => {
+                errors.push(err(
+                    "spec.cooldown",
+                    format!("must be at most 24h, got {text:?}"),
+                ));
+                DEFAULT_COOLDOWN
+            }
+            Err(e) => {
+                errors.push(err("spec.cooldown", e.to_string()));
+                DEFAULT_COOLDOWN
+            }
+        },
+    };
+    if !enabled {
+        if spec.cooldown.is_some() {
+            errors.push(err(
+                "spec.cooldown",
+                "only applies with spec.minReplicas 0 or spec.idleReplicas".into(),
+            ));
+        }
+        for (i, m) in spec.metrics.iter().enumerate() {
+            if m.activation_threshold.is_some() {
+                errors.push(err(
+                    format!("spec.metrics[{i}].activationThreshold"),
+                    "only applies with spec.minReplicas 0 or spec.idleReplicas".into(),
+                ));
+            }
+        }
+        return None;
+    }
+    let idle = idle?;
+    if idle == 0 && !spec.metrics.iter().any(|m| m.prometheus.is_some()) {
+        let field = if min_replicas == 0 {
+            "spec.minReplicas"
+        } else {
+            "spec.idleReplicas"
+        };
+        errors.push(err(
+            field,
+            "0 needs a prometheus metric to wake the target: resource metrics (cpu, memory) have no pods to read at 0 replicas".into(),
+        ));
+    }
+    Some(ZeroSettings {
+        idle,
+        active_min: min_replicas.max(1),
+        cooldown,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod formula_cost;
 pub mod replicas;
 pub mod schedule;
 pub mod state;
+pub mod zero;
 
 use std::fmt::{self, Write as _};
 
@@ -122,6 +123,10 @@ pub enum Rule {
     Fallback(FailureAction),
     /// `spec.paused`, `spec.pausedReplicas` or a freeze overrode the evaluated count.
     Paused(Pause),
+    /// The target is at 0, set there by someone other than kscale (`minReplicas: 0`): it stays.
+    PausedAtZero,
+    /// No metric is active: the idle count (held, or gone down to under `behavior.scaleDown`).
+    Idle,
 }
 
 /// What a pause overrode: the evaluation's own result.
@@ -164,6 +169,8 @@ pub struct Decision {
     pub paused: Option<Paused>,
     /// The state to keep for the next evaluation.
     pub state: PolicyState,
+    /// With `minReplicas: 0` or `idleReplicas`: activity and phase.
+    pub zero: Option<zero::ZeroDecision>,
 }
 
 fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, Option<usize>) {
@@ -428,19 +435,49 @@ fn evaluate_metrics(
         formula_error: None,
         paused: None,
         state: next,
+        zero: None,
     };
 
-    if current == 0 && min != 0 {
+    // As in the HPA, a target at 0 turns autoscaling off, unless the policy itself may idle at 0
+    // (`spec.minReplicas`, not a schedule's floor, says so).
+    if current == 0 && policy.min_replicas != 0 && policy.zero.is_none_or(|z| z.idle != 0) {
         decision.rule = Rule::ScalingDisabled;
         decision.replicas = 0;
         return decision;
     }
+    let mut min = min;
+    let mut zero_plan = None;
+    if let Some(z) = policy.zero {
+        let (status, plan) = zero::plan(
+            policy,
+            z,
+            &decision.metrics,
+            &mut decision.state,
+            current,
+            min,
+            now,
+        );
+        decision.zero = Some(status);
+        match plan {
+            zero::Plan::Now(replicas, rule) => {
+                decision.rule = rule;
+                decision.replicas = replicas.min(max);
+                return decision;
+            }
+            zero::Plan::Evaluate { floor, wake, idle } => {
+                min = floor.min(max);
+                decision.min_replicas = min;
+                zero_plan = Some((wake, idle));
+            }
+        }
+    }
+    let waking = zero_plan.is_some_and(|(wake, _)| wake);
     if current > max {
         decision.rule = Rule::AboveMax;
         decision.replicas = max;
         return decision;
     }
-    if current < min {
+    if current < min && !waking {
         decision.rule = Rule::BelowMin;
         decision.replicas = min;
         return decision;
@@ -512,6 +549,10 @@ fn evaluate_metrics(
             FailureAction::Replicas(n) if n > current && fallback_applies => n.min(max),
             _ => current,
         };
+        if waking {
+            // An active metric is work to do, whatever the others say.
+            decision.replicas = decision.replicas.max(min);
+        }
         return decision;
     }
     let mut raw = raw.unwrap_or(current).max(0);
@@ -525,6 +566,14 @@ fn evaluate_metrics(
         raw = raw.max(1);
     }
     decision.rule = rule;
+    match zero_plan {
+        Some((true, _)) => raw = raw.max(min),
+        Some((_, true)) => {
+            raw = min;
+            decision.rule = Rule::Idle;
+        }
+        _ => {}
+    }
     decision.proposal = Some(raw);
     let normalized = match &policy.behavior {
         Some(b) => {
@@ -541,6 +590,10 @@ fn evaluate_metrics(
         ),
     };
     decision.replicas = normalized.replicas;
+    if waking {
+        // Waking is a direct clamp to the active floor, as the HPA's below-minReplicas one is.
+        decision.replicas = decision.replicas.max(min);
+    }
     decision.normalized = Some(normalized);
     decision
 }
@@ -592,6 +645,8 @@ impl Decision {
             ),
             None => self.state.last_scale_time = Some(now),
         }
+        // kscale's own zero, told apart from one someone else set.
+        self.state.scaled_to_zero_time = (self.replicas == 0).then_some(now);
     }
 
     /// The HPA-style conditions of this decision.
@@ -619,7 +674,7 @@ impl Decision {
         };
         out.push(able);
         out.push(match self.evaluated_rule() {
-            Rule::ScalingDisabled => DecisionCondition {
+            Rule::ScalingDisabled | Rule::PausedAtZero => DecisionCondition {
                 type_: "ScalingActive",
                 status: false,
                 reason: "ScalingDisabled",
@@ -668,6 +723,7 @@ impl Decision {
             }
         });
         out.push(self.pause_condition());
+        out.extend(self.zero_condition());
         out
     }
 
@@ -788,9 +844,24 @@ impl Decision {
                 )?;
                 return self.write_schedule(policy, s);
             }
+            Rule::PausedAtZero => return self.write_zero(policy, s),
+            Rule::Idle if self.normalized.is_none() => {
+                write!(s, ": ")?;
+                self.write_values(policy, s)?;
+                self.write_zero(policy, s)?;
+                return self.write_schedule(policy, s);
+            }
             _ => {}
         }
         s.push_str(": ");
+        self.write_values(policy, s)?;
+        self.write_rule(policy, s)?;
+        self.write_zero(policy, s)?;
+        self.write_schedule(policy, s)
+    }
+
+    /// Each metric's value, target and proposal, or why it is unusable.
+    fn write_values(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
         for (i, (m, o)) in policy.metrics.iter().zip(&self.metrics).enumerate() {
             if i > 0 {
                 s.push_str(", ");
@@ -822,6 +893,11 @@ impl Decision {
                 )?,
             }
         }
+        Ok(())
+    }
+
+    /// The rule that decided and what clipped it.
+    fn write_rule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
         match self.rule {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
@@ -953,7 +1029,7 @@ impl Decision {
                 }
             }
         }
-        self.write_schedule(policy, s)
+        Ok(())
     }
 
     /// The names of the metrics whose outcome passes `pick`, comma-separated.

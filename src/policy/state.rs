@@ -45,6 +45,15 @@ pub struct PolicyState {
     /// status so a restart or a new leader does not start the count again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub consecutive_failures: i32,
+    /// When kscale itself scaled the target to 0 (`minReplicas: 0` or `idleReplicas: 0`), while
+    /// the target is still at 0. A target at 0 without it was set there by someone else, and
+    /// stays there. Cleared as soon as the target runs replicas again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled_to_zero_time: Option<DateTime<Utc>>,
+    /// The last evaluation at which a metric was active (above its `activationThreshold`) or
+    /// could not be read (failing data never counts as idle): the cooldown runs from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_time: Option<DateTime<Utc>>,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -68,6 +77,8 @@ impl PolicyState {
             scale_down_events: newest(self.scale_down_events, |e| e.time),
             last_scale_time: self.last_scale_time,
             consecutive_failures: self.consecutive_failures,
+            scaled_to_zero_time: self.scaled_to_zero_time,
+            last_active_time: self.last_active_time,
         }
     }
 
@@ -128,7 +139,8 @@ impl PolicyState {
     /// - a scale event's `change` below 0 becomes 0 (an event is a count of replicas added or
     ///   removed; a negative one, such as a forged `-2147483648`, counts nothing);
     /// - a time after `now` becomes `now`, so a forged future event is counted once, as if it had
-    ///   just happened, instead of holding a rate limit or a stabilization window forever;
+    ///   just happened, instead of holding a rate limit or a stabilization window forever (a
+    ///   forged future `lastActiveTime` restarts the cooldown once, no more);
     /// - each list keeps at most [`MAX_HISTORY_ENTRIES`] entries, the newest, in their order;
     /// - a negative failure count becomes 0 (a forged huge one only makes the fallback apply at
     ///   once, which is what `failureThreshold: 1`, the default, does anyway).
@@ -160,6 +172,8 @@ impl PolicyState {
             scale_down_events: events(&self.scale_down_events),
             last_scale_time: self.last_scale_time.map(|t| t.min(now)),
             consecutive_failures: self.consecutive_failures.max(0),
+            scaled_to_zero_time: self.scaled_to_zero_time.map(|t| t.min(now)),
+            last_active_time: self.last_active_time.map(|t| t.min(now)),
         }
     }
 
@@ -180,10 +194,28 @@ impl PolicyState {
         }
         union(&mut self.scale_up_events, &other.scale_up_events);
         union(&mut self.scale_down_events, &other.scale_down_events);
-        self.last_scale_time = match (self.last_scale_time, other.last_scale_time) {
+        let later = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| match (a, b) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
+        // kscale's own zero: the one of the later record, and only while it is kscale's last
+        // scale (a later scale of its own woke the target since). A zero that status forgot
+        // (its write failed) is taken from `other` when it is newer than status' last scale; one
+        // that status cleared since (the target ran replicas) is not, as status' last scale is
+        // that zero's own time.
+        let status_scale = self.last_scale_time;
+        if let Some(z) = other.scaled_to_zero_time
+            && status_scale.is_none_or(|t| z > t)
+        {
+            self.scaled_to_zero_time = later(self.scaled_to_zero_time, Some(z));
+        }
+        self.last_scale_time = later(self.last_scale_time, other.last_scale_time);
+        self.last_active_time = later(self.last_active_time, other.last_active_time);
+        if let (Some(z), Some(t)) = (self.scaled_to_zero_time, self.last_scale_time)
+            && z < t
+        {
+            self.scaled_to_zero_time = None;
+        }
     }
 
     /// Only the scale events and the last scale time (what the controller keeps in memory).
@@ -250,6 +282,8 @@ mod tests {
             }],
             last_scale_time: Some(DateTime::<Utc>::MAX_UTC),
             consecutive_failures: -7,
+            scaled_to_zero_time: Some(DateTime::<Utc>::MAX_UTC),
+            last_active_time: Some(DateTime::<Utc>::MAX_UTC),
         };
         let s = forged.sanitized(now);
         assert_eq!(
@@ -275,6 +309,8 @@ mod tests {
         );
         assert_eq!(s.last_scale_time, Some(now));
         assert_eq!(s.consecutive_failures, 0);
+        assert_eq!(s.scaled_to_zero_time, Some(now));
+        assert_eq!(s.last_active_time, Some(now));
         // A sane state is unchanged.
         let sane = PolicyState {
             recommendations: vec![Recommendation {
@@ -288,6 +324,8 @@ mod tests {
             scale_down_events: Vec::new(),
             last_scale_time: Some(at(6)),
             consecutive_failures: 2,
+            scaled_to_zero_time: Some(at(6)),
+            last_active_time: Some(at(4)),
         };
         assert_eq!(sane.sanitized(now), sane);
     }
@@ -354,6 +392,41 @@ mod tests {
         assert_eq!(status, before);
     }
 
+    #[test]
+    fn kscales_zero_survives_a_lost_status_write_and_not_a_later_wake() {
+        // kscale scaled to 0 at 10 (memory), the status write failed (status: last scale at 5).
+        let memory = PolicyState {
+            last_scale_time: Some(at(10)),
+            scaled_to_zero_time: Some(at(10)),
+            last_active_time: Some(at(4)),
+            ..PolicyState::default()
+        };
+        let mut status = PolicyState {
+            last_scale_time: Some(at(5)),
+            last_active_time: Some(at(3)),
+            ..PolicyState::default()
+        };
+        status.merge_scale_events(&memory);
+        assert_eq!(status.scaled_to_zero_time, Some(at(10)));
+        assert_eq!(status.last_active_time, Some(at(4)));
+        // Status recorded the zero, then cleared it when the target ran replicas again: memory's
+        // older record does not bring it back.
+        let mut status = PolicyState {
+            last_scale_time: Some(at(10)),
+            ..PolicyState::default()
+        };
+        status.merge_scale_events(&memory);
+        assert_eq!(status.scaled_to_zero_time, None);
+        // kscale woke it at 20 (memory) but status still says zero at 10: the later scale wins.
+        let woke = PolicyState {
+            last_scale_time: Some(at(20)),
+            ..PolicyState::default()
+        };
+        let mut status = memory.clone();
+        status.merge_scale_events(&woke);
+        assert_eq!(status.scaled_to_zero_time, None);
+    }
+
     fn arb_time() -> impl Strategy<Value = DateTime<Utc>> {
         prop_oneof![
             (-10_000i64..10_000).prop_map(at),
@@ -380,7 +453,7 @@ mod tests {
                         scale_up_events,
                         scale_down_events,
                         last_scale_time,
-                        consecutive_failures: 0,
+                        ..PolicyState::default()
                     }
                 },
             )

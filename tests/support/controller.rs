@@ -211,16 +211,22 @@ spec:
 
     /// Waits until Prometheus returns `value` for the policy's query.
     pub async fn wait_visible(&self, env: &super::TestEnv, value: f64) {
-        super::wait_until(
-            "the metric in Prometheus",
-            Duration::from_secs(20),
-            || async {
-                match super::prometheus_scalar(env, &self.query) {
-                    Ok(Some(v)) if (v - value).abs() < 1e-9 => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            },
-        )
-        .await;
+        super::wait_prometheus_value(env, &self.query, value).await;
     }
+}
+
+/// Sets the replicas of Deployment `name` through its scale subresource as a person would
+/// (`kubectl scale`, field manager `kubectl-scale`).
+pub async fn scale_by_hand(api: &Api<Deployment>, name: &str, n: i32) {
+    let pp = kube::api::PatchParams {
+        field_manager: Some("kubectl-scale".into()),
+        ..Default::default()
+    };
+    api.patch_scale(
+        name,
+        &pp,
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": n}})),
+    )
+    .await
+    .expect("manual scale");
 }

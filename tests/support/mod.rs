@@ -605,6 +605,22 @@ pub fn prometheus_scalar(env: &TestEnv, promql: &str) -> Result<Option<f64>, Str
         .and_then(|v| v.parse().ok()))
 }
 
+/// Waits until Prometheus answers `promql` with `value` (an exporter's new value has been
+/// scraped).
+pub async fn wait_prometheus_value(env: &TestEnv, promql: &str, value: f64) {
+    wait_until(
+        "the metric in Prometheus",
+        Duration::from_secs(20),
+        || async {
+            match prometheus_scalar(env, promql) {
+                Ok(Some(v)) if (v - value).abs() < 1e-9 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
 
 /// A tiny Prometheus exporter on 127.0.0.1 for tests. It registers itself with the
