@@ -398,8 +398,8 @@ pub struct FallbackSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
-    /// How many consecutive evaluations must fail (a metric missing, stale, invalid or
-    /// failing, or the formula failing) before the fallback applies, as KEDA's
+    /// How many consecutive evaluations must fail (a metric missing, stale, invalid, partial
+    /// or failing, or the formula failing) before the fallback applies, as KEDA's
     /// `fallback.failureThreshold`; before that the decision holds the current count. Between 1
     /// and 1000, default 1 (the fallback applies at the first failure). The count is kept in
     /// `status.consecutiveFailures`.
