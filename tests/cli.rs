@@ -36,9 +36,10 @@ fn examples_validate() {
         "examples/backend-rps.yaml",
         "examples/backend-rich.yaml",
         "examples/backend-forecast.yaml",
+        "examples/worker-queue-zero.yaml",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(text(&o).matches(": valid").count(), 4, "{}", text(&o));
+    assert_eq!(text(&o).matches(": valid").count(), 5, "{}", text(&o));
 }
 
 #[test]

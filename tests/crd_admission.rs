@@ -45,6 +45,7 @@ async fn crd_installs_and_admits_the_examples() {
         "examples/backend-rps.yaml",
         "examples/backend-rich.yaml",
         "examples/backend-forecast.yaml",
+        "examples/worker-queue-zero.yaml",
     ] {
         let p = example(path, &ns.name);
         create(&api, &p)

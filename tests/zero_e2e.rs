@@ -1,8 +1,8 @@
 //! Scale to zero and back, end to end on the real control plane and Prometheus: a Deployment
-//! goes to 0 one step per `behavior.scaleDown` period, the last only after the cooldown, and wakes when its
-//! metric crosses the activation threshold (not at or below it); one a person scaled to 0 stays
-//! at 0 with the `ScaledToZero` condition saying so; a daemon restart in the middle of a cooldown
-//! neither zeroes early nor forgets kscale's own zero.
+//! goes to 0 one step per `behavior.scaleDown` period, the last only after the cooldown, and
+//! wakes when its metric crosses the activation threshold (not at or below it); one a person
+//! scaled to 0 stays at 0 with the `ScaledToZero` condition saying so; a daemon restart in the
+//! middle of a cooldown neither zeroes early nor forgets kscale's own zero.
 
 mod support;
 

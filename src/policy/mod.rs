@@ -680,12 +680,17 @@ impl Decision {
                 reason: "ScalingDisabled",
                 message: "scaling is disabled since the replica count of the target is zero",
             },
-            Rule::Fallback(_) => DecisionCondition {
-                type_: "ScalingActive",
-                status: false,
-                reason: "FailedGetMetrics",
-                message: "the metrics needed for a decision are missing, stale or invalid; the fallback applies",
-            },
+            // Held at the idle count because some metric failed: as the fallback does.
+            _ if matches!(self.rule, Rule::Fallback(_))
+                || (self.rule == Rule::Idle && self.data_unknown()) =>
+            {
+                DecisionCondition {
+                    type_: "ScalingActive",
+                    status: false,
+                    reason: "FailedGetMetrics",
+                    message: "the metrics needed for a decision are missing, stale or invalid; the fallback applies",
+                }
+            }
             _ => DecisionCondition {
                 type_: "ScalingActive",
                 status: true,

@@ -194,6 +194,11 @@ pub(crate) fn plan(
 }
 
 impl Decision {
+    /// Whether the idle state could not be judged because some metric failed.
+    pub(crate) fn data_unknown(&self) -> bool {
+        self.zero.is_some_and(|z| z.activity == Activity::Unknown)
+    }
+
     /// The `ScaledToZero` condition of a policy with an idle state (the HPA's name and reasons,
     /// from Kubernetes 1.36).
     pub(crate) fn zero_condition(&self) -> Option<DecisionCondition> {
@@ -382,5 +387,13 @@ mod tests {
         o.samples[0] = value(0.0, now);
         let d = evaluate(&p, &o, &own, now);
         assert_eq!(d.replicas, 0, "{}", d.reason(&p));
+        let active = d
+            .conditions()
+            .into_iter()
+            .find(|c| c.type_ == "ScalingActive");
+        assert_eq!(
+            active.map(|c| (c.status, c.reason)),
+            Some((false, "FailedGetMetrics"))
+        );
     }
 }
