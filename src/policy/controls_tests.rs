@@ -408,21 +408,17 @@ fn a_formula_routing_around_a_failed_metric_never_goes_to_zero() {
     let p = compiled(
         "  minReplicas: 0\n  formula: 'has(values.queue) ? queue : 0'\n  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}\n",
     );
-    let d = evaluate(
-        &p,
-        &seen(3, Some(300.0), None, at(0)),
-        &PolicyState::default(),
-        at(0),
-    );
-    assert_eq!((d.rule, d.replicas), (Rule::Formula, 1));
-    // With every metric valid the formula decides alone.
-    let d = evaluate(
-        &p,
-        &seen(3, Some(300.0), Some(0.0), at(0)),
-        &PolicyState::default(),
-        at(0),
-    );
-    assert_eq!(d.replicas, 0);
+    // Every metric inactive since long before the cooldown (5m): only failing data keeps it up.
+    let idle_since = PolicyState {
+        last_active_time: Some(at(-3600)),
+        ..PolicyState::default()
+    };
+    let d = evaluate(&p, &seen(3, Some(0.0), None, at(0)), &idle_since, at(0));
+    assert_eq!((d.rule, d.replicas), (Rule::Formula, 1), "{}", d.reason(&p));
+    // With every metric valid (and inactive past the cooldown) the target may go to 0; with
+    // `minReplicas: 0` the way there is the idle state's.
+    let d = evaluate(&p, &seen(3, Some(0.0), Some(0.0), at(0)), &idle_since, at(0));
+    assert_eq!((d.rule, d.replicas), (Rule::Idle, 0), "{}", d.reason(&p));
 }
 
 #[test]
