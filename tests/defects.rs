@@ -1,0 +1,164 @@
+//! Decision defects found by replaying public bug reports (issue 15, item 4): each input from
+//! the issue, turned into a test with the right value, through the same `compile_spec` the CLI's
+//! `validate` runs and the same `policy::evaluate` the controller and the backtest call.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use kscale::crd::ScalingPolicy;
+use kscale::model::{Observation, Sample};
+use kscale::policy::{CompiledPolicy, PolicyState, Rule, evaluate};
+
+fn t(s: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+}
+
+/// Compiles a policy on one Deployment from its `spec` body (YAML, indented two spaces).
+fn compile(spec: &str) -> Result<CompiledPolicy, String> {
+    let yaml = format!(
+        "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: default}}\nspec:\n  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}\n{spec}"
+    );
+    let p: ScalingPolicy = serde_yaml::from_str(&yaml).map_err(|e| e.to_string())?;
+    CompiledPolicy::from_resource(&p).map_err(|e| e.to_string())
+}
+
+fn policy(spec: &str) -> CompiledPolicy {
+    compile(spec).unwrap_or_else(|e| panic!("{e}\n{spec}"))
+}
+
+/// One observation: `replicas` running and ready, one sample per metric (each a list of series).
+fn obs(replicas: i32, series: &[&[f64]], now: DateTime<Utc>) -> Observation {
+    Observation {
+        spec_replicas: replicas,
+        status_replicas: replicas,
+        ready_replicas: replicas,
+        pods: replicas,
+        forecasts: Vec::new(),
+        samples: series
+            .iter()
+            .map(|values| Sample::Series {
+                values: values.to_vec(),
+                timestamp: now - TimeDelta::seconds(1),
+            })
+            .collect(),
+    }
+}
+
+fn decide(p: &CompiledPolicy, o: &Observation, now: DateTime<Utc>) -> kscale::policy::Decision {
+    evaluate(p, o, &PolicyState::default(), now)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valid CEL rejected.
+
+/// A policy with one metric `rps` (AverageValue 70, so its proposal at 300 is 5) and `formula`.
+fn formula_policy(formula: &str) -> Result<CompiledPolicy, String> {
+    compile(&format!(
+        "  minReplicas: 1\n  maxReplicas: 100\n  formula: '{}'\n  metrics:\n  - name: rps\n    prometheus: {{query: 'sum(rate(x[1m]))'}}\n    target: {{type: AverageValue, averageValue: \"70\"}}\n",
+        formula.replace('\'', "''")
+    ))
+}
+
+#[test]
+fn the_reported_formula_validates_and_gives_5_at_rps_300() {
+    let p = formula_policy("math.ceil(values.rps / 70.0)").unwrap();
+    let d = decide(&p, &obs(1, &[&[300.0]], t(0)), t(0));
+    assert_eq!(d.rule, Rule::Formula);
+    assert_eq!(d.proposal, Some(5), "{}", d.reason(&p));
+}
+
+/// Every function and extension the README promises a formula (`max`/`min`, CEL's math
+/// extension, the standard library's operators, conversions, strings and macros) validates
+/// through `compile_spec` and evaluates to the value worked out by hand, at rps 300 with one
+/// replica running and ready (the metric `rps` proposes `ceil(300 / 70)` = 5).
+#[test]
+fn every_promised_cel_function_validates_and_evaluates() {
+    let cases: &[(&str, i32)] = &[
+        ("math.ceil(values.rps / 70.0)", 5),
+        ("max(rps, 7)", 7),
+        ("min(rps, 3)", 3),
+        ("max([rps, 2, current])", 5),
+        ("math.greatest(rps, 9, ready)", 9),
+        ("math.least(rps, 4)", 4),
+        ("math.greatest([1, 6, rps])", 6),
+        ("math.least([8, rps])", 5),
+        ("math.floor(values.rps / 70.0)", 4),
+        ("math.round(values.rps / 80.0)", 4), // 3.75
+        ("math.trunc(values.rps / 70.0)", 4),
+        ("math.abs(1 - rps)", 4),
+        ("math.abs(-2.5)", 3),
+        ("math.sign(values.rps) * 2.0", 2),
+        ("math.sign(-rps) + 2", 1),
+        ("math.sqrt(values.rps + 24.0)", 18),
+        ("math.sqrt(16)", 4),
+        ("math.isNaN(values.rps) ? 1 : 2", 2),
+        ("math.isInf(values.rps) ? 1 : 3", 3),
+        ("math.isFinite(values.rps) ? 4 : 1", 4),
+        ("math.bitAnd(rps, 3)", 1),
+        ("math.bitOr(rps, 2)", 7),
+        ("math.bitXor(rps, 1)", 4),
+        ("math.bitNot(rps) + 10", 4),
+        ("math.bitShiftLeft(rps, 1)", 10),
+        ("math.bitShiftRight(rps, 1)", 2),
+        ("rps + 2 * 3 - current / 1 + ready % 3", 11),
+        ("rps > 4 ? rps : 1", 5),
+        ("values.rps / 100.0", 3),
+        ("int(values.rps) / 60", 5),
+        ("int(double(rps)) + int(uint(rps))", 10),
+        ("double(rps) * 1.5", 8),
+        ("size(values) + size('abc') + size([1, 2])", 6),
+        ("'rps' in values ? rps : 1", 5),
+        ("has(values.rps) ? rps : 1", 5),
+        ("values['rps'] / 60.0", 5),
+        ("string(rps) == '5' ? 2 : 1", 2),
+        (
+            "'abc'.contains('b') && 'abc'.startsWith('a') && 'abc'.endsWith('c') ? 3 : 1",
+            3,
+        ),
+        ("values.exists(m, values[m] > 100.0) ? max(rps, 6) : 1", 6),
+        ("values.all(m, values[m] >= 0.0) ? 2 : 1", 2),
+        ("values.exists_one(m, m == 'rps') ? 3 : 1", 3),
+        ("[rps, 1, 2].map(x, x * 2).filter(x, x > 2).size()", 2),
+        ("[rps, 1].map(x, x > 1, x + 1)[0]", 6),
+        ("{'a': rps}['a']", 5),
+        ("type(rps) == int ? 2 : 1", 2),
+        // Valid formulas that fail or give no number only at the inputs `validate` tries (every
+        // proposal and value 1): refusing them would be refusing valid CEL.
+        ("[rps, 1].map(x, x > 1, x + 1)[0]", 6),
+        ("60 / (rps - 1) + 1", 16),
+        ("rps % (rps - 1)", 1),
+        ("values.rps / (values.rps - 1.0) + 1.0", 3),
+    ];
+    let mut failures = Vec::new();
+    for (formula, want) in cases {
+        match formula_policy(formula) {
+            Err(e) => failures.push(format!("{formula}: refused: {e}")),
+            Ok(p) => {
+                let d = decide(&p, &obs(1, &[&[300.0]], t(0)), t(0));
+                if d.rule != Rule::Formula || d.proposal != Some(*want) {
+                    failures.push(format!(
+                        "{formula}: want {want}, got {:?} ({})",
+                        d.proposal,
+                        d.reason(&p)
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What stays refused: a name CEL does not know, a result that is not a number at all.
+#[test]
+fn formulas_that_are_not_valid_stay_refused() {
+    for (formula, why) in [
+        ("math.ceiling(values.rps)", "Undeclared reference"),
+        ("'abc'.matches('a')", "Undeclared reference"),
+        ("'x'", "must evaluate to a number"),
+        ("math.ceil(rps)", "math.ceil"),
+    ] {
+        let e = formula_policy(formula).unwrap_err();
+        assert!(
+            e.contains("spec.formula") && e.contains(why),
+            "{formula}: {e}"
+        );
+    }
+}
