@@ -53,6 +53,8 @@ pub enum Mode {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("spec.maxReplicas must be at least spec.minReplicas").field_path(".maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.maxReplicas) || s.maxReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("a schedule's maxReplicas must be at least spec.minReplicas (default 1)").field_path(".schedules"))]
+#[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.minReplicas) || s.minReplicas <= self.maxReplicas)").message("a schedule's minReplicas must be at most spec.maxReplicas").field_path(".schedules"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicySpec {
     /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.

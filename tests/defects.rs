@@ -162,3 +162,95 @@ fn formulas_that_are_not_valid_stay_refused() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Schedules explained and validated wrongly.
+
+/// Two metrics-free bounds around `schedules` (YAML flow list), one metric `q` at 10/replica.
+fn schedule_policy(min: i32, schedules: &str) -> Result<CompiledPolicy, String> {
+    compile(&format!(
+        "  minReplicas: {min}\n  maxReplicas: 20\n  schedules: {schedules}\n  metrics:\n  - name: q\n    prometheus: {{query: 'sum(q)'}}\n    target: {{type: AverageValue, averageValue: \"10\"}}\n"
+    ))
+}
+
+#[test]
+fn overlapping_floors_name_the_one_that_applies() {
+    // Both open all day: office raises the floor to 5, lunch to 7; lunch's 7 applies.
+    let p = schedule_policy(
+        2,
+        "[{name: office, cron: '0 0 * * *', duration: 24h, minReplicas: 5}, {name: lunch, cron: '0 0 * * *', duration: 24h, minReplicas: 7}]",
+    )
+    .unwrap();
+    let d = decide(&p, &obs(7, &[&[10.0]], t(0)), t(0));
+    assert_eq!((d.replicas, d.min_replicas), (7, 7));
+    let reason = d.reason(&p);
+    assert!(reason.contains("lunch active (bounds 7–20)"), "{reason}");
+    assert!(!reason.contains("office"), "{reason}");
+
+    // Listed the other way round, the answer is the same.
+    let p = schedule_policy(
+        2,
+        "[{name: lunch, cron: '0 0 * * *', duration: 24h, minReplicas: 7}, {name: office, cron: '0 0 * * *', duration: 24h, minReplicas: 5}]",
+    )
+    .unwrap();
+    let reason = decide(&p, &obs(7, &[&[10.0]], t(0)), t(0)).reason(&p);
+    assert!(reason.contains("lunch active (bounds 7–20)"), "{reason}");
+}
+
+#[test]
+fn a_floor_that_overrides_a_ceiling_says_so() {
+    // office: floor 5; night: ceiling 3; both open. The floor wins: bounds 5–5.
+    let p = schedule_policy(
+        1,
+        "[{name: night, cron: '0 0 * * *', duration: 24h, maxReplicas: 3}, {name: office, cron: '0 0 * * *', duration: 24h, minReplicas: 5}]",
+    )
+    .unwrap();
+    let d = decide(&p, &obs(5, &[&[100.0]], t(0)), t(0));
+    assert_eq!((d.min_replicas, d.max_replicas, d.replicas), (5, 5, 5));
+    let reason = d.reason(&p);
+    assert!(
+        reason.contains("office active (bounds 5–5): the floor 5 overrides night's ceiling 3"),
+        "{reason}"
+    );
+
+    // A floor and a ceiling from two schedules that agree: both are named.
+    let p = schedule_policy(
+        1,
+        "[{name: night, cron: '0 0 * * *', duration: 24h, maxReplicas: 9}, {name: office, cron: '0 0 * * *', duration: 24h, minReplicas: 5}]",
+    )
+    .unwrap();
+    let reason = decide(&p, &obs(5, &[&[50.0]], t(0)), t(0)).reason(&p);
+    assert!(
+        reason.contains("office active (bounds 5–9, ceiling 9 from night)"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_schedule_ceiling_under_spec_min_replicas_is_refused() {
+    let e = schedule_policy(
+        2,
+        "[{name: quiet, cron: '0 0 * * *', duration: 24h, maxReplicas: 1}]",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("spec.schedules[0].maxReplicas") && e.contains("below spec.minReplicas (2)"),
+        "{e}"
+    );
+    // The mirror case, as before.
+    let e = schedule_policy(
+        2,
+        "[{name: busy, cron: '0 0 * * *', duration: 24h, minReplicas: 21}]",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("spec.schedules[0].minReplicas") && e.contains("above spec.maxReplicas"),
+        "{e}"
+    );
+    // At spec.minReplicas exactly, the ceiling is fine.
+    schedule_policy(
+        2,
+        "[{name: quiet, cron: '0 0 * * *', duration: 24h, maxReplicas: 2}]",
+    )
+    .unwrap();
+}

@@ -745,6 +745,15 @@ pub fn compile_spec(
                     format!("must be at least 1, got {m}"),
                 ));
             }
+            let spec_min = spec.min_replicas.unwrap_or(1);
+            if m < spec_min {
+                errors.push(err(
+                    format!("{path}.maxReplicas"),
+                    format!(
+                        "{m} is below spec.minReplicas ({spec_min}); a schedule ceiling never goes under the floor"
+                    ),
+                ));
+            }
             if let Some(lo) = s.min_replicas.filter(|lo| *lo > m) {
                 errors.push(err(
                     format!("{path}.maxReplicas"),

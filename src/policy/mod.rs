@@ -138,8 +138,8 @@ pub struct Decision {
     pub min_replicas: i32,
     /// Effective upper bound.
     pub max_replicas: i32,
-    /// The schedule that set the bounds, if one was active.
-    pub schedule: Option<usize>,
+    /// The schedules that set the bounds, if any was open.
+    pub schedule: ScheduleBounds,
     /// Some metric was not valid.
     pub degraded: bool,
     /// The formula failed (its error), when there is one.
@@ -148,23 +148,44 @@ pub struct Decision {
     pub state: PolicyState,
 }
 
-fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, Option<usize>) {
+/// Which schedules set the bounds in force, for the reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScheduleBounds {
+    /// The first active schedule, if any is open.
+    pub active: Option<usize>,
+    /// The schedule whose floor applies (the highest; the first of equal ones).
+    pub floor: Option<usize>,
+    /// The schedule whose ceiling applies (the lowest; the first of equal ones).
+    pub ceiling: Option<usize>,
+    /// A ceiling the floor overrode: the lowest ceiling when it was under the floor.
+    pub overridden_ceiling: Option<i32>,
+}
+
+/// The bounds in force at `now`: the spec's, raised by the highest open floor and lowered by the
+/// lowest open ceiling; a ceiling under the floor gives way to the floor (and the reason says so).
+fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
     let mut min = policy.min_replicas;
     let mut max = policy.max_replicas;
-    let mut active = None;
+    let mut by = ScheduleBounds::default();
     for (i, s) in policy.schedules.iter().enumerate() {
-        if s.is_active(now) {
-            if let Some(m) = s.min_replicas {
-                min = min.max(m);
-            }
-            if let Some(m) = s.max_replicas {
-                max = max.min(m);
-            }
-            active.get_or_insert(i);
+        if !s.is_active(now) {
+            continue;
+        }
+        by.active.get_or_insert(i);
+        if let Some(m) = s.min_replicas.filter(|m| *m > min) {
+            min = m;
+            by.floor = Some(i);
+        }
+        if let Some(m) = s.max_replicas.filter(|m| *m < max) {
+            max = m;
+            by.ceiling = Some(i);
         }
     }
-    // A schedule ceiling never goes under the floor.
-    (min, max.max(min), active)
+    if max < min {
+        by.overridden_ceiling = Some(max);
+        max = min;
+    }
+    (min, max, by)
 }
 
 fn metric_outcome(
@@ -707,14 +728,33 @@ impl Decision {
     }
 
     fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
-        if let Some(sched) = self.schedule.and_then(|i| policy.schedules.get(i)) {
-            write!(
+        let by = self.schedule;
+        let label = |i: Option<usize>| i.and_then(|i| policy.schedules.get(i)).map(|s| &s.label);
+        let Some(first) = label(by.floor.or(by.ceiling).or(by.active)) else {
+            return Ok(());
+        };
+        write!(
+            s,
+            "; {first} active (bounds {}–{}",
+            self.min_replicas, self.max_replicas
+        )?;
+        let ceiling = label(by.ceiling).filter(|_| by.ceiling != by.floor);
+        match (by.overridden_ceiling, ceiling) {
+            (Some(m), Some(c)) => write!(
                 s,
-                "; {} active (bounds {}–{})",
-                sched.label, self.min_replicas, self.max_replicas
-            )?;
+                "): the floor {} overrides {c}'s ceiling {m}",
+                self.min_replicas
+            ),
+            (Some(m), None) => write!(
+                s,
+                "): the floor {} overrides the ceiling {m}",
+                self.min_replicas
+            ),
+            (None, Some(c)) if by.floor.is_some() => {
+                write!(s, ", ceiling {} from {c})", self.max_replicas)
+            }
+            _ => s.write_char(')'),
         }
-        Ok(())
     }
 }
 
