@@ -254,3 +254,163 @@ fn a_schedule_ceiling_under_spec_min_replicas_is_refused() {
     )
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Large quantities saturate.
+
+/// One Prometheus metric `q` with `target` (a flow mapping), bounds 1–`max`.
+fn target_policy(target: &str, max: i32) -> CompiledPolicy {
+    policy(&format!(
+        "  minReplicas: 1\n  maxReplicas: {max}\n  metrics:\n  - name: q\n    prometheus: {{query: 'sum(q)'}}\n    target: {target}\n"
+    ))
+}
+
+#[test]
+fn a_peta_target_at_exactly_its_value_holds() {
+    // 3e16 over 30 replicas is 1e15 per replica: the ratio is exactly 1.
+    let p = target_policy("{type: AverageValue, averageValue: \"1P\"}", 100);
+    let d = decide(&p, &obs(30, &[&[3e16]], t(0)), t(0));
+    assert_eq!(d.replicas, 30, "{}", d.reason(&p));
+    let reason = d.reason(&p);
+    assert!(
+        reason.contains("q=30000000000000000 (target 1000000000000000/replica) → 30"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn an_exa_target_is_shown_exactly_and_scales() {
+    let p = target_policy("{type: AverageValue, averageValue: \"1E\"}", 100);
+    // 3e19 over 10 replicas at 1e18 each: ratio 3, 30 wanted, the legacy step allows 20.
+    let d = decide(&p, &obs(10, &[&[3e19]], t(0)), t(0));
+    let reason = d.reason(&p);
+    assert!(
+        reason.contains("(target 1000000000000000000/replica) → 30"),
+        "{reason}"
+    );
+    assert_eq!(d.replicas, 20, "{reason}");
+    // At exactly 1e18 per replica it holds.
+    let d = decide(&p, &obs(10, &[&[1e19]], t(0)), t(0));
+    assert_eq!(d.replicas, 10, "{}", d.reason(&p));
+    // A Value target of 8Ei: exact as well (ratio 2 on 4 ready replicas).
+    let p = target_policy("{type: Value, value: \"8Ei\"}", 100);
+    let d = decide(&p, &obs(4, &[&[2.0 * 8.0 * 2f64.powi(60)]], t(0)), t(0));
+    assert_eq!(d.proposal, Some(8), "{}", d.reason(&p));
+    assert!(
+        d.reason(&p).contains("(target 9223372036854775808)"),
+        "{}",
+        d.reason(&p)
+    );
+}
+
+#[test]
+fn sums_past_int64_milli_units_stay_exact() {
+    // Three series of 4e15 (1.2e19 milli-units in all, past i64): 12e15 over 1P per replica.
+    let p = target_policy("{type: AverageValue, averageValue: \"1P\"}", 100);
+    let d = decide(&p, &obs(12, &[&[4e15, 4e15, 4e15]], t(0)), t(0));
+    assert_eq!(d.replicas, 12, "{}", d.reason(&p));
+}
+
+#[test]
+fn values_and_quantities_past_the_exact_range_are_errors_not_saturated() {
+    // A value past 10^29 holds the count, naming why.
+    let p = target_policy("{type: AverageValue, averageValue: \"1P\"}", 100);
+    let d = decide(&p, &obs(5, &[&[1e30]], t(0)), t(0));
+    assert_eq!(d.replicas, 5);
+    assert!(matches!(d.rule, Rule::Fallback(_)));
+    let reason = d.reason(&p);
+    assert!(
+        reason.contains("q invalid") && reason.contains("10^29"),
+        "{reason}"
+    );
+    // A target past it is refused at validation, naming the field.
+    let e = compile(
+        "  maxReplicas: 5\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: Value, value: \"1e30\"}\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("spec.metrics[0].target.value") && e.contains("10^29"),
+        "{e}"
+    );
+    // A resource AverageValue target past the pods' i64 milli-values is refused too.
+    let e = compile(
+        "  maxReplicas: 5\n  metrics:\n  - name: mem\n    resource: {name: memory}\n    target: {type: AverageValue, averageValue: \"9E\"}\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("spec.metrics[0].target.averageValue") && e.contains("per-pod"),
+        "{e}"
+    );
+}
+
+mod quantity_range {
+    use super::*;
+    use kscale::units::{Quantity, format_milli, format_quantity};
+    use proptest::prelude::*;
+
+    const SUFFIXES: [(&str, f64); 14] = [
+        ("", 1.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("e18", 1e18),
+    ];
+
+    /// Kubernetes' largest documented quantity, 2^63-1, in milli-units.
+    const MAX_MILLI: i128 = (i64::MAX as i128) * 1000;
+
+    proptest! {
+        /// Every quantity up to 2^63-1 in magnitude, written in milli-units, in units with a
+        /// decimal point, or in exponent form, parses back to exactly its milli-units, and
+        /// `format_milli` writes it back to the same number.
+        #[test]
+        fn every_quantity_parses_exactly(milli in -MAX_MILLI..=MAX_MILLI) {
+            let units = format!(
+                "{}{}.{:03}",
+                if milli < 0 { "-" } else { "" },
+                (milli / 1000).abs(),
+                (milli % 1000).abs()
+            );
+            for text in [format!("{milli}m"), units, format!("{milli}e-3"), format_milli(milli)] {
+                let q = Quantity::parse(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(q.milli(), milli, "{}", text);
+            }
+        }
+
+        /// With a target of `a<suffix>` per replica and a value of exactly `a<suffix>` times
+        /// the replicas (a float that holds it exactly), the ratio is 1 and the count holds;
+        /// at twice that value it doubles. Over every suffix up to `E`, `Ei` and `e18`.
+        #[test]
+        fn the_ratio_is_exact_over_the_whole_range(
+            // a·r·2·5^18 < 2^53: every value below is a float that holds it exactly.
+            a in 1u32..20,
+            r in 1i32..30,
+            suffix in 0usize..SUFFIXES.len(),
+        ) {
+            let (name, multiplier) = SUFFIXES[suffix];
+            let p = target_policy(
+                &format!("{{type: AverageValue, averageValue: \"{a}{name}\"}}"),
+                1000,
+            );
+            let value = f64::from(a) * multiplier * f64::from(r);
+            let d = decide(&p, &obs(r, &[&[value]], t(0)), t(0));
+            prop_assert_eq!(d.replicas, r, "{}", d.reason(&p));
+            let d = decide(&p, &obs(r, &[&[2.0 * value]], t(0)), t(0));
+            prop_assert_eq!(d.proposal, Some(2 * r), "{}", d.reason(&p));
+            // Status and the adapter show the value exactly.
+            prop_assert_eq!(
+                Quantity::parse(&format_quantity(value)).map(|q| q.as_f64()),
+                Ok(value)
+            );
+        }
+    }
+}

@@ -230,7 +230,17 @@ fn metric_outcome(
                     (*cpu, ResourceTarget::Utilization(u))
                 }
                 (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => {
-                    (*cpu, ResourceTarget::AverageMilli(v))
+                    // compile.rs keeps resource targets within the pods' i64 milli-values.
+                    match i64::try_from(v) {
+                        Ok(v) => (*cpu, ResourceTarget::AverageMilli(v)),
+                        Err(_) => {
+                            return MetricOutcome::failed(
+                                MetricState::Invalid,
+                                "the target is above the largest per-pod usage in milli-units"
+                                    .into(),
+                            );
+                        }
+                    }
                 }
                 _ => return MetricOutcome::failed(
                     MetricState::Invalid,
@@ -292,7 +302,7 @@ fn series_outcome(
     let value: f64 = values.iter().sum();
     let propose = |values: &[f64]| match metric.target {
         Target::Value(t) => replicas::external_value(
-            replicas::sum_milli_value(values),
+            replicas::sum_milli_value(values)?,
             t,
             obs.spec_replicas,
             obs.ready_replicas,
@@ -300,7 +310,7 @@ fn series_outcome(
             tol,
         ),
         Target::AverageValue(t) => Ok(replicas::external_average(
-            replicas::sum_milli_average(values),
+            replicas::sum_milli_average(values)?,
             t,
             obs.status_replicas,
             tol,
@@ -618,10 +628,8 @@ impl Decision {
                 (Some(v), Some(p)) => {
                     write!(s, "{}={}", m.name, Num(v))?;
                     match m.target {
-                        Target::Value(t) => write!(s, " (target {})", Num(t as f64 / 1000.0))?,
-                        Target::AverageValue(t) => {
-                            write!(s, " (target {}/replica)", Num(t as f64 / 1000.0))?
-                        }
+                        Target::Value(t) => write!(s, " (target {})", Milli(t))?,
+                        Target::AverageValue(t) => write!(s, " (target {}/replica)", Milli(t))?,
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
                     write!(s, " → {p}")?;
@@ -754,6 +762,24 @@ impl Decision {
                 write!(s, ", ceiling {} from {c})", self.max_replicas)
             }
             _ => s.write_char(')'),
+        }
+    }
+}
+
+/// Milli-units printed exactly as units (`1000000000000000000`, `0.25`).
+struct Milli(i128);
+
+impl fmt::Display for Milli {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (whole, frac) = (self.0 / 1000, (self.0 % 1000).abs());
+        if self.0 < 0 && whole == 0 {
+            f.write_str("-")?;
+        }
+        if frac == 0 {
+            write!(f, "{whole}")
+        } else {
+            let text = format!("{whole}.{frac:03}");
+            f.write_str(text.trim_end_matches('0'))
         }
     }
 }
