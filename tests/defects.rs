@@ -414,3 +414,22 @@ mod quantity_range {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Failures that leave no trace (the event itself: tests/defects_e2e.rs).
+
+#[test]
+fn the_reason_shows_how_many_series_went_into_a_sum() {
+    let p = target_policy("{type: AverageValue, averageValue: \"100\"}", 10);
+    let reason = decide(&p, &obs(3, &[&[100.0, 150.0, 50.0]], t(0)), t(0)).reason(&p);
+    assert!(
+        reason.contains("q=300 (sum of 3 series, target 100/replica) → 3"),
+        "{reason}"
+    );
+    // One series: nothing to say.
+    let reason = decide(&p, &obs(3, &[&[300.0]], t(0)), t(0)).reason(&p);
+    assert!(
+        reason.contains("q=300 (target 100/replica) → 3"),
+        "{reason}"
+    );
+}

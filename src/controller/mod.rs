@@ -608,6 +608,68 @@ fn same_failure(p: &ScalingPolicy, reason: &str, message: &str) -> bool {
     })
 }
 
+/// The HPA's event reason for a metric it could not read, by source.
+fn metric_failure_reason(source: &crate::policy::MetricSource) -> &'static str {
+    match source {
+        crate::policy::MetricSource::Prometheus { .. } => "FailedGetExternalMetric",
+        crate::policy::MetricSource::Resource { .. } => "FailedGetResourceMetric",
+    }
+}
+
+/// The metrics of `decision` that failed where the last status had them in another state (valid,
+/// or failing another way): a new failure, as opposed to one that lasts.
+fn new_metric_failures<'a>(
+    p: &ScalingPolicy,
+    policy: &'a CompiledPolicy,
+    decision: &'a crate::policy::Decision,
+) -> Vec<(
+    &'a crate::policy::CompiledMetric,
+    &'a crate::policy::MetricOutcome,
+)> {
+    use crate::policy::MetricState;
+    policy
+        .metrics
+        .iter()
+        .zip(&decision.metrics)
+        .filter(|(_, o)| !matches!(o.state, MetricState::Valid | MetricState::Partial))
+        .filter(|(m, o)| {
+            let before = p
+                .status
+                .as_ref()
+                .and_then(|s| s.metrics.iter().find(|old| old.name == m.name));
+            before.is_none_or(|old| old.state != o.state.as_str())
+        })
+        .collect()
+}
+
+/// A Warning event per metric that newly failed (the HPA's `FailedGetExternalMetric` /
+/// `FailedGetResourceMetric`), once per new failure rather than once per interval: the status
+/// written after it records the metric's state, which the next evaluation compares with.
+async fn publish_metric_failures(
+    ctx: &Context,
+    p: &ScalingPolicy,
+    policy: &CompiledPolicy,
+    decision: &crate::policy::Decision,
+) {
+    for (m, o) in new_metric_failures(p, policy, decision) {
+        let note = format!(
+            "metric {}: {}: {}; holding at {} unless the fallback says otherwise (see the status)",
+            m.name,
+            o.state.as_str().to_lowercase(),
+            o.message.as_deref().unwrap_or("unusable"),
+            decision.current
+        );
+        publish(
+            ctx,
+            p,
+            EventType::Warning,
+            metric_failure_reason(&m.source),
+            note,
+        )
+        .await;
+    }
+}
+
 /// A status for a policy that could not be evaluated: the condition says why, the history is kept.
 fn failure_status(
     p: &ScalingPolicy,
@@ -710,6 +772,7 @@ pub async fn reconcile(
                 status.reason = Some(reason.clone());
             }
             info!(policy = %name, target = %p.spec.target_ref.name, current = e.decision.current, desired = e.decision.replicas, wrote = e.wrote, %reason, "evaluated");
+            publish_metric_failures(ctx, p, &e.policy, &e.decision).await;
             if e.conflicts > 0 && !e.wrote {
                 // The re-decision from the fresh count wrote nothing: say why nothing changed.
                 publish(ctx, p, EventType::Normal, "ScaleConflict", reason.clone()).await;
@@ -811,6 +874,11 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
             s.history.scale_up_events.clone(),
             s.history.scale_down_events.clone(),
             s.history.last_scale_time,
+            // A metric's state too: the failure events compare with it.
+            s.metrics
+                .iter()
+                .map(|m| (m.name.clone(), m.state.clone()))
+                .collect::<Vec<_>>(),
         )
     };
     decision(old) != decision(new)
@@ -1521,5 +1589,64 @@ mod tests {
         assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
         let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
         assert!(!status_changed(Some(&first), &again));
+    }
+
+    /// Issue 15: a failing metric gets one Warning event when it starts failing (or fails
+    /// another way), not one per interval while the failure lasts.
+    #[test]
+    fn a_metric_failure_is_new_once() {
+        use crate::model::{Observation, Sample};
+        let mut p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: Value, value: '10'}\n",
+        )
+        .unwrap();
+        let policy = CompiledPolicy::from_resource(&p).unwrap();
+        let decide = |sample: Sample| {
+            let obs = Observation {
+                spec_replicas: 2,
+                status_replicas: 2,
+                ready_replicas: 2,
+                pods: 2,
+                forecasts: Vec::new(),
+                samples: vec![sample],
+            };
+            crate::policy::evaluate(&policy, &obs, &Default::default(), at(0))
+        };
+        let failing = decide(Sample::Error {
+            message: "connection refused".into(),
+        });
+        let names = |d: &crate::policy::Decision, p: &ScalingPolicy| {
+            new_metric_failures(p, &policy, d)
+                .iter()
+                .map(|(m, _)| m.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&failing, &p), ["q"], "first evaluation: new");
+        assert_eq!(
+            metric_failure_reason(&policy.metrics[0].source),
+            "FailedGetExternalMetric"
+        );
+        p.status = Some(status_from_decision(&policy, &failing, None, None, at(0)));
+        assert!(
+            names(&failing, &p).is_empty(),
+            "the same failure again: not new"
+        );
+        let missing = decide(Sample::Missing {
+            reason: "query returned no series".into(),
+        });
+        assert_eq!(names(&missing, &p), ["q"], "failing another way: new");
+        let valid = decide(Sample::Series {
+            values: vec![20.0],
+            timestamp: at(0),
+        });
+        assert!(names(&valid, &p).is_empty());
+        p.status = Some(status_from_decision(&policy, &valid, None, None, at(1)));
+        assert_eq!(names(&failing, &p), ["q"], "failing after recovering: new");
+        // The state change alone gets the status written, so the next evaluation sees it.
+        let before = status_from_decision(&policy, &valid, None, None, at(1));
+        let mut after = status_from_decision(&policy, &failing, Some(&before), None, at(2));
+        after.conditions = before.conditions.clone();
+        after.desired_replicas = before.desired_replicas;
+        assert!(status_changed(Some(&before), &after));
     }
 }

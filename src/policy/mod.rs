@@ -76,6 +76,8 @@ pub struct MetricOutcome {
     pub message: Option<String>,
     /// The forecast and the replicas it proposes, when `spec.forecast` made one.
     pub forecast: Option<(Prediction, i32)>,
+    /// How many series were summed into the value (Prometheus metrics with a value).
+    pub series: Option<usize>,
 }
 
 impl MetricOutcome {
@@ -98,6 +100,7 @@ impl MetricOutcome {
             proposal: None,
             message: Some(message),
             forecast: None,
+            series: None,
         }
     }
 }
@@ -263,6 +266,7 @@ fn metric_outcome(
                     proposal: Some(p.replicas),
                     message: None,
                     forecast: None,
+                    series: None,
                 },
                 Err(message) => MetricOutcome::failed(MetricState::Invalid, message),
             }
@@ -333,6 +337,7 @@ fn series_outcome(
         proposal: Some(forecast.map_or(proposal, |(_, p)| p.max(proposal))),
         message: None,
         forecast,
+        series: Some(values.len()),
     }
 }
 
@@ -627,9 +632,15 @@ impl Decision {
             match (o.value, o.proposal) {
                 (Some(v), Some(p)) => {
                     write!(s, "{}={}", m.name, Num(v))?;
+                    let sum = match o.series {
+                        Some(n) if n > 1 => format!("sum of {n} series, "),
+                        _ => String::new(),
+                    };
                     match m.target {
-                        Target::Value(t) => write!(s, " (target {})", Milli(t))?,
-                        Target::AverageValue(t) => write!(s, " (target {}/replica)", Milli(t))?,
+                        Target::Value(t) => write!(s, " ({sum}target {})", Milli(t))?,
+                        Target::AverageValue(t) => {
+                            write!(s, " ({sum}target {}/replica)", Milli(t))?
+                        }
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
                     write!(s, " → {p}")?;
