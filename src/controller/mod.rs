@@ -350,29 +350,37 @@ pub async fn evaluate_live(
         ),
         None => None,
     };
+    // Without a selector, or without the pods, the ready count is unknown: it is never made up
+    // from status.replicas. What needs it (a Value target's proposal, resource metrics) fails
+    // naming why; an AverageValue target needs only status.replicas and still decides.
     let (pod_count, ready) = match &pods {
         Some(Ok(list)) => (
             list.len() as i32,
             list.iter().filter(|p| pod_ready(p)).count() as i32,
         ),
         Some(Err(e)) => {
-            warn!(policy = %name, error = %e, "reading the target's pods failed; counting status replicas as ready");
-            (scale.status_replicas, scale.status_replicas)
+            warn!(policy = %name, error = %e, "reading the target's pods failed; what needs the ready count holds");
+            (0, 0)
         }
-        None => (scale.status_replicas, scale.status_replicas),
+        None => (0, 0),
     };
+    let pods_unknown = pods_unknown(&scale, &pods);
 
     let mut samples = Vec::with_capacity(policy.metrics.len());
     for m in &policy.metrics {
         let sample = match &m.source {
-            MetricSource::Prometheus { query } => prometheus
-                .get(query.as_str())
-                .cloned()
-                .unwrap_or(Sample::Missing { reason: "the query was not run this tick".into() }),
+            MetricSource::Prometheus { query } => match (&pods_unknown, m.target) {
+                (Some(why), crate::policy::Target::Value(_)) => Sample::Error {
+                    message: format!("{why}; a Value target multiplies by the ready pods, which kscale does not make up"),
+                },
+                _ => prometheus
+                    .get(query.as_str())
+                    .cloned()
+                    .unwrap_or(Sample::Missing { reason: "the query was not run this tick".into() }),
+            },
             MetricSource::Resource { cpu, container } => match (&scale.selector, &pods) {
                 (Some(selector), Some(Ok(list))) => resource_sample(&ctx.client, &namespace, selector, list, ResourceName::from_cpu_flag(*cpu), container.as_deref()).await,
-                (_, Some(Err(e))) => Sample::Error { message: e.clone() },
-                _ => Sample::Error { message: "the target's scale subresource has no status.selector, so its pods are unknown".into() },
+                _ => Sample::Error { message: pods_unknown.clone().unwrap_or_else(|| "the target's pods are unknown".into()) },
             },
         };
         samples.push(sample);
@@ -393,7 +401,6 @@ pub async fn evaluate_live(
             now,
         )
         .await;
-    let pods_known = matches!(pods, Some(Ok(_)));
     let mut obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
@@ -460,10 +467,6 @@ pub async fn evaluate_live(
                         scale = target.read().await.map_err(target_err)?;
                         obs.spec_replicas = scale.spec_replicas;
                         obs.status_replicas = scale.status_replicas;
-                        if !pods_known {
-                            obs.pods = scale.status_replicas;
-                            obs.ready_replicas = scale.status_replicas;
-                        }
                         (policy, decision) = ctx
                             .formulas
                             .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
@@ -497,6 +500,22 @@ pub async fn evaluate_live(
         conflicts,
         first_read: (conflicts > 0).then_some(first_read),
     })
+}
+
+/// Why the target's ready pods are unknown, if they are: its scale has no selector (the HPA
+/// refuses such a target: "selector is required"), or its pods could not be read.
+fn pods_unknown(
+    scale: &crate::actuate::ScaleState,
+    pods: &Option<Result<Vec<Pod>, String>>,
+) -> Option<String> {
+    match (&scale.selector, pods) {
+        (None, _) => Some(
+            "selector is required: the target's scale subresource has no status.selector (for a custom resource, its CRD's scale subresource sets no labelSelectorPath), so its pods are unknown"
+                .into(),
+        ),
+        (_, Some(Err(e))) => Some(format!("the target's pods could not be read: {e}")),
+        _ => None,
+    }
 }
 
 fn object_ref(p: &ScalingPolicy) -> ObjectReference {
