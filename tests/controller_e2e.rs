@@ -4,139 +4,17 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use support::controller::{
+    Controller, run_controller, start_controller, wait_condition, wait_event,
+};
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kscale::crd::{ScalingPolicy, ScalingPolicyStatus};
+use kscale::crd::ScalingPolicy;
 use kube::api::{Api, ListParams, PostParams};
-
-/// The controller as a child process, killed on drop.
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_controller(
-    env: &support::TestEnv,
-    kubeconfig: &std::path::Path,
-    log: &std::path::Path,
-    admin_port: u16,
-    namespace: &str,
-    identity: &str,
-) -> Controller {
-    let log = std::fs::File::create(log).expect("controller log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
-        .args([
-            "--watch-namespace",
-            namespace,
-            "--leader-election-namespace",
-            namespace,
-            "--instance",
-            identity,
-        ])
-        .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
-        .env("KUBECONFIG", kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .env("RUST_LOG", "kscale=debug,info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("kscale run starts");
-    Controller(child)
-}
-
-/// A controller for `namespace`, running as the ServiceAccount bound to the shipped RBAC and
-/// logging to `target/<log_name>-<pid>.log`; it stops, and its binding goes, when dropped.
-struct Running {
-    _controller: Controller,
-    _binding: support::BindingGuard,
-    log: std::path::PathBuf,
-}
-
-async fn run_controller(
-    env: &support::TestEnv,
-    client: &kube::Client,
-    namespace: &str,
-    log_name: &str,
-    identity: &str,
-) -> Running {
-    let (kubeconfig, binding) = support::service_account_kubeconfig(env, client, namespace).await;
-    let log = support::repo_root().join(format!("target/{log_name}-{}.log", std::process::id()));
-    let controller = start_controller(
-        env,
-        &kubeconfig,
-        &log,
-        support::free_port(),
-        namespace,
-        identity,
-    );
-    Running {
-        _controller: controller,
-        _binding: binding,
-        log,
-    }
-}
-
-/// Waits until condition `type_` of policy `name` satisfies `check` (which also sees the whole
-/// status); panics with the last condition and reason after `timeout`.
-async fn wait_condition(
-    policies: &Api<ScalingPolicy>,
-    name: &str,
-    type_: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Condition, &ScalingPolicyStatus) -> bool,
-) {
-    support::wait_until(what, timeout, || async {
-        let p = policies.get(name).await.map_err(|e| e.to_string())?;
-        let s = p.status.ok_or("no status yet")?;
-        let c = s
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .ok_or_else(|| format!("no {type_} condition"))?;
-        if check(c, &s) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{c:?}; reason {:?}; metrics {:?}",
-                s.reason, s.metrics
-            ))
-        }
-    })
-    .await;
-}
-
-/// Waits until an Event in `namespace` satisfies `check`.
-async fn wait_event(
-    client: &kube::Client,
-    namespace: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Event) -> bool,
-) {
-    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    support::wait_until(what, timeout, || async {
-        let list = events
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        if list.items.iter().any(&check) {
-            Ok(())
-        } else {
-            Err(format!("{} events, none matches", list.items.len()))
-        }
-    })
-    .await;
-}
 
 /// The apiserver-restart test needs the apiserver to itself: the other tests of this file hold
 /// this lock for reading, that one for writing.

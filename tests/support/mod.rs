@@ -26,6 +26,8 @@ use kube::core::GroupVersionKind;
 use kube::discovery::{self, Scope};
 use kube::{Client, Config};
 
+pub mod controller;
+
 /// Name of the simulated node that `scripts/testenv` creates.
 pub const NODE_NAME: &str = "kwok-node-0";
 /// Pod annotations kwok reads to simulate a pod's resource usage (see kwok's
