@@ -371,16 +371,34 @@ pub async fn evaluate_live(
         let sample = match &m.source {
             MetricSource::Prometheus { query } => match (&pods_unknown, m.target) {
                 (Some(why), crate::policy::Target::Value(_)) => Sample::Error {
-                    message: format!("{why}; a Value target multiplies by the ready pods, which kscale does not make up"),
+                    message: format!(
+                        "{why}; a Value target multiplies by the ready pods, which kscale does not make up"
+                    ),
                 },
                 _ => prometheus
                     .get(query.as_str())
                     .cloned()
-                    .unwrap_or(Sample::Missing { reason: "the query was not run this tick".into() }),
+                    .unwrap_or(Sample::Missing {
+                        reason: "the query was not run this tick".into(),
+                    }),
             },
             MetricSource::Resource { cpu, container } => match (&scale.selector, &pods) {
-                (Some(selector), Some(Ok(list))) => resource_sample(&ctx.client, &namespace, selector, list, ResourceName::from_cpu_flag(*cpu), container.as_deref()).await,
-                _ => Sample::Error { message: pods_unknown.clone().unwrap_or_else(|| "the target's pods are unknown".into()) },
+                (Some(selector), Some(Ok(list))) => {
+                    resource_sample(
+                        &ctx.client,
+                        &namespace,
+                        selector,
+                        list,
+                        ResourceName::from_cpu_flag(*cpu),
+                        container.as_deref(),
+                    )
+                    .await
+                }
+                _ => Sample::Error {
+                    message: pods_unknown
+                        .clone()
+                        .unwrap_or_else(|| "the target's pods are unknown".into()),
+                },
             },
         };
         samples.push(sample);

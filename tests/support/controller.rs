@@ -85,7 +85,15 @@ pub async fn run_controller(
     log_name: &str,
     identity: &str,
 ) -> Running {
-    run_controller_at(env, client, namespace, log_name, identity, &env.prometheus_url).await
+    run_controller_at(
+        env,
+        client,
+        namespace,
+        log_name,
+        identity,
+        &env.prometheus_url,
+    )
+    .await
 }
 
 /// [`run_controller`] with `prometheus_url` as the daemon's default Prometheus.
@@ -166,4 +174,3 @@ pub async fn wait_event(
     })
     .await;
 }
-
