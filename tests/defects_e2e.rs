@@ -129,28 +129,6 @@ async fn an_unreachable_prometheus_records_one_warning_event() {
     );
 }
 
-const TARGET_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: noselectors.defects.kscale.dev}
-spec:
-  group: defects.kscale.dev
-  scope: Namespaced
-  names: {kind: NoSelector, plural: noselectors, singular: noselector}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources:
-      status: {}
-      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, properties: {replicas: {type: integer}}}
-          status: {type: object, properties: {replicas: {type: integer}}}
-"#;
-
 /// Lets the test's kscale ServiceAccount read and scale `NoSelector` resources (the chart's
 /// RBAC covers Deployments and StatefulSets).
 const TARGET_RBAC: &str = r#"apiVersion: rbac.authorization.k8s.io/v1
@@ -181,7 +159,12 @@ async fn a_target_without_a_selector_holds_as_the_hpa_refuses() {
     };
     let client = env.client().await;
     support::install_crd(&client).await;
-    support::apply_yaml(&client, "default", TARGET_CRD).await;
+    support::apply_yaml(
+        &client,
+        "default",
+        &support::scale_crd_yaml("defects.kscale.dev", "NoSelector", "noselectors"),
+    )
+    .await;
     let gvk = GroupVersionKind::gvk("defects.kscale.dev", "v1", "NoSelector");
     support::wait_until("NoSelector served", Duration::from_secs(30), || async {
         kube::discovery::pinned_kind(&client, &gvk)
@@ -246,7 +229,7 @@ spec:
         Duration::from_secs(20),
         || async {
             match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if v == 300.0 => Ok(()),
+                Ok(Some(v)) if (v - 300.0).abs() < 1e-9 => Ok(()),
                 other => Err(format!("{other:?}")),
             }
         },
