@@ -30,28 +30,6 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use kube::core::GroupVersionKind;
 use kube::runtime::{WatchStreamExt, watcher};
 
-const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: benchtargets.bench.kscale.dev}
-spec:
-  group: bench.kscale.dev
-  scope: Namespaced
-  names: {kind: BenchTarget, plural: benchtargets, singular: benchtarget}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources:
-      status: {}
-      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, properties: {replicas: {type: integer}}}
-          status: {type: object, properties: {replicas: {type: integer}}}
-"#;
-
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -112,7 +90,12 @@ async fn main() {
     };
     let client = env.client().await;
     support::install_crd(&client).await;
-    support::apply_yaml(&client, "default", CRD).await;
+    support::apply_yaml(
+        &client,
+        "default",
+        &support::scale_crd_yaml("bench.kscale.dev", "BenchTarget", "benchtargets"),
+    )
+    .await;
     support::wait_until("BenchTarget served", Duration::from_secs(30), || async {
         let gvk = GroupVersionKind::gvk("bench.kscale.dev", "v1", "BenchTarget");
         kube::discovery::pinned_kind(&client, &gvk)

@@ -60,6 +60,8 @@ pub enum Mode {
 #[x_kube(validation = Rule::new("!has(self.cooldown) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("spec.cooldown only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".cooldown"))]
 #[x_kube(validation = Rule::new("!self.metrics.exists(m, has(m.activationThreshold)) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("metrics[].activationThreshold only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".metrics"))]
 #[x_kube(validation = Rule::new("!((has(self.minReplicas) && self.minReplicas == 0) || (has(self.idleReplicas) && self.idleReplicas == 0)) || self.metrics.exists(m, has(m.prometheus))").message("spec.minReplicas 0 (or spec.idleReplicas 0) needs a prometheus metric to wake the target: resource metrics have no pods to read at 0 replicas").field_path(".minReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.maxReplicas) || s.maxReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("a schedule's maxReplicas must be at least spec.minReplicas (default 1)").field_path(".schedules"))]
+#[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.minReplicas) || s.minReplicas <= self.maxReplicas)").message("a schedule's minReplicas must be at most spec.maxReplicas").field_path(".schedules"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicySpec {
     /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.

@@ -20,15 +20,27 @@ fn unit_error(message: &'static str, value: &str) -> UnitError {
     }
 }
 
-/// A parsed Kubernetes resource quantity (`100`, `250m`, `1.5k`, `2Gi`, `1e3`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The largest magnitude, in units, that kscale computes with exactly: 10^29. Kubernetes
+/// documents 2^63-1 (about 9.2·10^18) as the largest quantity, so every quantity it documents,
+/// and its value in milli-units (up to 9.2·10^21, past `i64`), fits; larger ones are refused
+/// with an error instead of saturating.
+pub const MAX_EXACT_UNITS: f64 = 1e29;
+
+const NANO_PER_UNIT: i128 = 1_000_000_000;
+const MAX_EXACT_NANO: i128 = 100_000_000_000_000_000_000_000_000_000_000_000_000; // 10^38
+
+/// A parsed Kubernetes resource quantity (`100`, `250m`, `1.5k`, `2Gi`, `1e3`, `1E`), held
+/// exactly in nano-units as Kubernetes holds it (rounded up to a nano-unit, away from zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quantity {
-    value: f64,
+    nano: i128,
 }
 
 impl Quantity {
     /// Parses the canonical Kubernetes quantity grammar: a signed decimal number followed by an
-    /// optional binary (`Ki`..`Ei`), decimal (`n u m k M G T P E`) or exponent (`e3`, `E-2`) suffix.
+    /// optional binary (`Ki`..`Ei`), decimal (`n u m k M G T P E`) or exponent (`e3`, `E-2`)
+    /// suffix. Exact over the whole range of Kubernetes quantities; a magnitude above
+    /// [`MAX_EXACT_UNITS`] is an error, never a saturated value.
     pub fn parse(text: &str) -> Result<Quantity, UnitError> {
         let s = text.trim();
         if s.is_empty() {
@@ -39,61 +51,126 @@ impl Quantity {
             .find(|&(i, c)| !(c.is_ascii_digit() || c == '.' || ((c == '+' || c == '-') && i == 0)))
             .map_or(s.len(), |(i, _)| i);
         let (number, suffix) = s.split_at(split);
-        if number.is_empty() || number == "+" || number == "-" || number == "." {
+        let (negative, digits) = match number.as_bytes().first() {
+            Some(b'-') => (true, &number[1..]),
+            Some(b'+') => (false, &number[1..]),
+            _ => (false, number),
+        };
+        if digits.is_empty() || digits == "." {
             return Err(unit_error("quantity must start with a number", text));
         }
-        let base: f64 = number
-            .parse()
-            .map_err(|_| unit_error("quantity has a malformed number", text))?;
-        let multiplier = match suffix {
-            "" => 1.0,
-            "n" => 1e-9,
-            "u" => 1e-6,
-            "m" => 1e-3,
-            "k" => 1e3,
-            "M" => 1e6,
-            "G" => 1e9,
-            "T" => 1e12,
-            "P" => 1e15,
-            "E" => 1e18,
-            "Ki" => 1024.0,
-            "Mi" => 1024f64.powi(2),
-            "Gi" => 1024f64.powi(3),
-            "Ti" => 1024f64.powi(4),
-            "Pi" => 1024f64.powi(5),
-            "Ei" => 1024f64.powi(6),
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        if fraction.contains('.') {
+            return Err(unit_error("quantity has a malformed number", text));
+        }
+        let (exp10, binary): (i64, u32) = match suffix {
+            "" => (0, 0),
+            "n" => (-9, 0),
+            "u" => (-6, 0),
+            "m" => (-3, 0),
+            "k" => (3, 0),
+            "M" => (6, 0),
+            "G" => (9, 0),
+            "T" => (12, 0),
+            "P" => (15, 0),
+            "E" => (18, 0),
+            "Ki" => (0, 10),
+            "Mi" => (0, 20),
+            "Gi" => (0, 30),
+            "Ti" => (0, 40),
+            "Pi" => (0, 50),
+            "Ei" => (0, 60),
             other => {
                 let exp = other
                     .strip_prefix('e')
                     .or_else(|| other.strip_prefix('E'))
                     .ok_or_else(|| unit_error("quantity has an unknown suffix", text))?;
-                let exp: i32 = exp
+                let exp: i64 = exp
                     .parse()
                     .map_err(|_| unit_error("quantity has a malformed exponent", text))?;
-                10f64.powi(exp)
+                (exp, 0)
             }
         };
-        let value = base * multiplier;
-        if !value.is_finite() {
-            return Err(unit_error("quantity is out of range", text));
+        let out_of_range = || {
+            unit_error(
+                "quantity is larger than 10^29, the most kscale computes with exactly (Kubernetes documents 2^63-1 as its largest quantity)",
+                text,
+            )
+        };
+        // The digits as one integer, leading zeros dropped; its scale is 10^(exp10 - fraction).
+        let significant = format!("{whole}{fraction}");
+        let significant = significant.trim_start_matches('0');
+        let mut mantissa: i128 = 0;
+        for d in significant.bytes() {
+            mantissa = mantissa
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(i128::from(d - b'0')))
+                .ok_or_else(out_of_range)?;
         }
-        Ok(Quantity { value })
+        // nano = mantissa * 2^binary * 10^(exp10 - fraction + 9), rounded up away from zero.
+        mantissa = mantissa
+            .checked_mul(1i128 << binary)
+            .ok_or_else(out_of_range)?;
+        let shift = exp10
+            .saturating_sub(fraction.len() as i64)
+            .saturating_add(9);
+        let nano = if mantissa == 0 {
+            0
+        } else if shift >= 0 {
+            let factor = u32::try_from(shift)
+                .ok()
+                .and_then(|e| 10i128.checked_pow(e))
+                .ok_or_else(out_of_range)?;
+            mantissa.checked_mul(factor).ok_or_else(out_of_range)?
+        } else {
+            // Below a nano-unit: Kubernetes rounds up, so a non-zero quantity never becomes 0.
+            match u32::try_from(-shift)
+                .ok()
+                .and_then(|e| 10i128.checked_pow(e))
+            {
+                Some(divisor) => ceil_div(mantissa, divisor),
+                None => 1,
+            }
+        };
+        if nano > MAX_EXACT_NANO {
+            return Err(out_of_range());
+        }
+        Ok(Quantity {
+            nano: if negative { -nano } else { nano },
+        })
     }
 
     /// The value as a float (Kubernetes' `AsApproximateFloat64`).
     pub fn as_f64(self) -> f64 {
-        self.value
+        // Whole units and the fraction apart, so a whole number converts with one rounding.
+        let (whole, fraction) = (self.nano / NANO_PER_UNIT, self.nano % NANO_PER_UNIT);
+        whole as f64 + fraction as f64 / NANO_PER_UNIT as f64
     }
 
-    /// The value in thousandths, rounded up as Kubernetes' `MilliValue` does.
-    pub fn milli(self) -> i64 {
-        to_milli(self.value)
+    /// The value in thousandths, rounded up (away from zero) as Kubernetes' `MilliValue` does;
+    /// exact where `MilliValue` saturates at `i64::MAX`.
+    pub fn milli(self) -> i128 {
+        let magnitude = ceil_div(self.nano.abs(), 1_000_000);
+        if self.nano < 0 { -magnitude } else { magnitude }
     }
 }
 
+/// `ceil(a / b)` for a non-negative `a` and a positive `b`.
+fn ceil_div(a: i128, b: i128) -> i128 {
+    a / b + i128::from(a % b != 0)
+}
+
 /// Converts a float to thousandths rounding away from zero, as a Quantity's `MilliValue` does for
-/// a value that a metrics API served; saturates instead of overflowing.
-pub fn to_milli(value: f64) -> i64 {
+/// a value that a metrics API served. Exact for the float given; `None` for NaN, infinities and
+/// magnitudes above [`MAX_EXACT_UNITS`] (never a saturated value).
+pub fn to_milli(value: f64) -> Option<i128> {
+    if !value.is_finite() || value.abs() > MAX_EXACT_UNITS {
+        return None;
+    }
+    if value.abs() >= 9_007_199_254_740_992.0 {
+        // 2^53 and above a float is a whole number: multiply exactly, not in floating point.
+        return Some((value as i128) * 1000);
+    }
     let scaled = value * 1000.0;
     // Undo float noise such as 0.1 * 1000 = 100.00000000000001 before rounding up.
     let nearest = scaled.round();
@@ -107,22 +184,27 @@ pub fn to_milli(value: f64) -> i64 {
     } else {
         scaled.floor()
     };
-    if rounded >= i64::MAX as f64 {
-        i64::MAX
-    } else if rounded <= i64::MIN as f64 {
-        i64::MIN
-    } else {
-        rounded as i64
-    }
+    Some(rounded as i128)
 }
 
-/// Formats a float as a compact quantity string (`"42"`, `"1500m"`), for status and the adapter.
-pub fn format_quantity(value: f64) -> String {
-    let milli = to_milli(value);
+/// Formats milli-units exactly as a Kubernetes quantity (`"42"`, `"1500m"`,
+/// `"1000000000000000000000"`).
+pub fn format_milli(milli: i128) -> String {
     if milli % 1000 == 0 {
         format!("{}", milli / 1000)
     } else {
         format!("{milli}m")
+    }
+}
+
+/// Formats a float as a compact quantity string (`"42"`, `"1500m"`), for status and the adapter:
+/// exact milli-units up to [`MAX_EXACT_UNITS`], and the float's shortest exponent form past it
+/// (`"1e30"`, a valid quantity too).
+pub fn format_quantity(value: f64) -> String {
+    match to_milli(value) {
+        Some(milli) => format_milli(milli),
+        None if value.is_finite() => format!("{value:e}"),
+        None => value.to_string(),
     }
 }
 
@@ -227,11 +309,14 @@ mod tests {
 
     #[test]
     fn milli_rounds_up_like_kubernetes() {
-        assert_eq!(to_milli(0.0001), 1);
-        assert_eq!(to_milli(1.0), 1000);
-        assert_eq!(to_milli(0.1), 100);
-        assert_eq!(to_milli(-0.0001), -1);
-        assert_eq!(to_milli(f64::INFINITY), i64::MAX);
+        assert_eq!(to_milli(0.0001), Some(1));
+        assert_eq!(to_milli(1.0), Some(1000));
+        assert_eq!(to_milli(0.1), Some(100));
+        assert_eq!(to_milli(-0.0001), Some(-1));
+        assert_eq!(to_milli(f64::INFINITY), None);
+        assert_eq!(to_milli(f64::NAN), None);
+        assert_eq!(to_milli(3e16), Some(30_000_000_000_000_000_000));
+        assert_eq!(to_milli(1e30), None);
     }
 
     #[test]

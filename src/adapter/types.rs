@@ -158,6 +158,18 @@ mod tests {
         );
     }
 
+    /// Issue 15: values past `i64` milli-units are served exactly, not saturated; past 10^29
+    /// in exponent form (a valid quantity too).
+    #[test]
+    fn large_values_are_served_exactly() {
+        let at = DateTime::from_timestamp(0, 0).unwrap();
+        let served = |v: f64| ExternalMetricValue::new("m", BTreeMap::new(), at, v).value;
+        assert_eq!(served(3e16), "30000000000000000");
+        assert_eq!(served(1e21), "1000000000000000000000");
+        assert_eq!(served(2.5e-3), "3m");
+        assert_eq!(served(1e30), "1e30");
+    }
+
     #[test]
     fn status_carries_reason_and_code() {
         let json = serde_json::to_value(Status::failure(404, "nope")).unwrap();

@@ -350,29 +350,55 @@ pub async fn evaluate_live(
         ),
         None => None,
     };
+    // Without a selector, or without the pods, the ready count is unknown: it is never made up
+    // from status.replicas. What needs it (a Value target's proposal, resource metrics) fails
+    // naming why; an AverageValue target needs only status.replicas and still decides.
     let (pod_count, ready) = match &pods {
         Some(Ok(list)) => (
             list.len() as i32,
             list.iter().filter(|p| pod_ready(p)).count() as i32,
         ),
         Some(Err(e)) => {
-            warn!(policy = %name, error = %e, "reading the target's pods failed; counting status replicas as ready");
-            (scale.status_replicas, scale.status_replicas)
+            warn!(policy = %name, error = %e, "reading the target's pods failed; what needs the ready count holds");
+            (0, 0)
         }
-        None => (scale.status_replicas, scale.status_replicas),
+        None => (0, 0),
     };
+    let pods_unknown = pods_unknown(&scale, &pods);
 
     let mut samples = Vec::with_capacity(policy.metrics.len());
     for m in &policy.metrics {
         let sample = match &m.source {
-            MetricSource::Prometheus { query } => prometheus
-                .get(query.as_str())
-                .cloned()
-                .unwrap_or(Sample::Missing { reason: "the query was not run this tick".into() }),
+            MetricSource::Prometheus { query } => match (&pods_unknown, m.target) {
+                (Some(why), crate::policy::Target::Value(_)) => Sample::Error {
+                    message: format!(
+                        "{why}; a Value target multiplies by the ready pods, which kscale does not make up"
+                    ),
+                },
+                _ => prometheus
+                    .get(query.as_str())
+                    .cloned()
+                    .unwrap_or(Sample::Missing {
+                        reason: "the query was not run this tick".into(),
+                    }),
+            },
             MetricSource::Resource { cpu, container } => match (&scale.selector, &pods) {
-                (Some(selector), Some(Ok(list))) => resource_sample(&ctx.client, &namespace, selector, list, ResourceName::from_cpu_flag(*cpu), container.as_deref()).await,
-                (_, Some(Err(e))) => Sample::Error { message: e.clone() },
-                _ => Sample::Error { message: "the target's scale subresource has no status.selector, so its pods are unknown".into() },
+                (Some(selector), Some(Ok(list))) => {
+                    resource_sample(
+                        &ctx.client,
+                        &namespace,
+                        selector,
+                        list,
+                        ResourceName::from_cpu_flag(*cpu),
+                        container.as_deref(),
+                    )
+                    .await
+                }
+                _ => Sample::Error {
+                    message: pods_unknown
+                        .clone()
+                        .unwrap_or_else(|| "the target's pods are unknown".into()),
+                },
             },
         };
         samples.push(sample);
@@ -393,7 +419,6 @@ pub async fn evaluate_live(
             now,
         )
         .await;
-    let pods_known = matches!(pods, Some(Ok(_)));
     let mut obs = Observation {
         spec_replicas: scale.spec_replicas,
         status_replicas: scale.status_replicas,
@@ -460,10 +485,6 @@ pub async fn evaluate_live(
                         scale = target.read().await.map_err(target_err)?;
                         obs.spec_replicas = scale.spec_replicas;
                         obs.status_replicas = scale.status_replicas;
-                        if !pods_known {
-                            obs.pods = scale.status_replicas;
-                            obs.ready_replicas = scale.status_replicas;
-                        }
                         (policy, decision) = ctx
                             .formulas
                             .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
@@ -499,6 +520,22 @@ pub async fn evaluate_live(
         conflicts,
         first_read: (conflicts > 0).then_some(first_read),
     })
+}
+
+/// Why the target's ready pods are unknown, if they are: its scale has no selector (the HPA
+/// refuses such a target: "selector is required"), or its pods could not be read.
+fn pods_unknown(
+    scale: &crate::actuate::ScaleState,
+    pods: &Option<Result<Vec<Pod>, String>>,
+) -> Option<String> {
+    match (&scale.selector, pods) {
+        (None, _) => Some(
+            "selector is required: the target's scale subresource has no status.selector (for a custom resource, its CRD's scale subresource sets no labelSelectorPath), so its pods are unknown"
+                .into(),
+        ),
+        (_, Some(Err(e))) => Some(format!("the target's pods could not be read: {e}")),
+        _ => None,
+    }
 }
 
 fn object_ref(p: &ScalingPolicy) -> ObjectReference {
@@ -618,6 +655,68 @@ fn same_failure(p: &ScalingPolicy, reason: &str, message: &str) -> bool {
     })
 }
 
+/// The HPA's event reason for a metric it could not read, by source.
+fn metric_failure_reason(source: &crate::policy::MetricSource) -> &'static str {
+    match source {
+        crate::policy::MetricSource::Prometheus { .. } => "FailedGetExternalMetric",
+        crate::policy::MetricSource::Resource { .. } => "FailedGetResourceMetric",
+    }
+}
+
+/// The metrics of `decision` that failed where the last status had them in another state (valid,
+/// or failing another way): a new failure, as opposed to one that lasts.
+fn new_metric_failures<'a>(
+    p: &ScalingPolicy,
+    policy: &'a CompiledPolicy,
+    decision: &'a crate::policy::Decision,
+) -> Vec<(
+    &'a crate::policy::CompiledMetric,
+    &'a crate::policy::MetricOutcome,
+)> {
+    use crate::policy::MetricState;
+    policy
+        .metrics
+        .iter()
+        .zip(&decision.metrics)
+        .filter(|(_, o)| !matches!(o.state, MetricState::Valid | MetricState::Partial))
+        .filter(|(m, o)| {
+            let before = p
+                .status
+                .as_ref()
+                .and_then(|s| s.metrics.iter().find(|old| old.name == m.name));
+            before.is_none_or(|old| old.state != o.state.as_str())
+        })
+        .collect()
+}
+
+/// A Warning event per metric that newly failed (the HPA's `FailedGetExternalMetric` /
+/// `FailedGetResourceMetric`), once per new failure rather than once per interval: the status
+/// written after it records the metric's state, which the next evaluation compares with.
+async fn publish_metric_failures(
+    ctx: &Context,
+    p: &ScalingPolicy,
+    policy: &CompiledPolicy,
+    decision: &crate::policy::Decision,
+) {
+    for (m, o) in new_metric_failures(p, policy, decision) {
+        let note = format!(
+            "metric {}: {}: {}; holding at {} unless the fallback says otherwise (see the status)",
+            m.name,
+            o.state.as_str().to_lowercase(),
+            o.message.as_deref().unwrap_or("unusable"),
+            decision.current
+        );
+        publish(
+            ctx,
+            p,
+            EventType::Warning,
+            metric_failure_reason(&m.source),
+            note,
+        )
+        .await;
+    }
+}
+
 /// A status for a policy that could not be evaluated: the condition says why, the history is kept.
 fn failure_status(
     p: &ScalingPolicy,
@@ -720,6 +819,7 @@ pub async fn reconcile(
                 status.reason = Some(reason.clone());
             }
             info!(policy = %name, target = %p.spec.target_ref.name, current = e.decision.current, desired = e.decision.replicas, wrote = e.wrote, %reason, "evaluated");
+            publish_metric_failures(ctx, p, &e.policy, &e.decision).await;
             if e.conflicts > 0 && !e.wrote {
                 // The re-decision from the fresh count wrote nothing: say why nothing changed.
                 publish(ctx, p, EventType::Normal, "ScaleConflict", reason.clone()).await;
@@ -855,6 +955,11 @@ fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) 
             s.history
                 .last_active_time
                 .filter(|t| Some(*t) != s.last_evaluation_time),
+            // A metric's state too: the failure events compare with it.
+            s.metrics
+                .iter()
+                .map(|m| (m.name.clone(), m.state.clone()))
+                .collect::<Vec<_>>(),
         )
     };
     decision(old) != decision(new)
@@ -1601,5 +1706,64 @@ mod tests {
         assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
         let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
         assert!(!status_changed(Some(&first), &again));
+    }
+
+    /// Issue 15: a failing metric gets one Warning event when it starts failing (or fails
+    /// another way), not one per interval while the failure lasts.
+    #[test]
+    fn a_metric_failure_is_new_once() {
+        use crate::model::{Observation, Sample};
+        let mut p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: Value, value: '10'}\n",
+        )
+        .unwrap();
+        let policy = CompiledPolicy::from_resource(&p).unwrap();
+        let decide = |sample: Sample| {
+            let obs = Observation {
+                spec_replicas: 2,
+                status_replicas: 2,
+                ready_replicas: 2,
+                pods: 2,
+                forecasts: Vec::new(),
+                samples: vec![sample],
+            };
+            crate::policy::evaluate(&policy, &obs, &Default::default(), at(0))
+        };
+        let failing = decide(Sample::Error {
+            message: "connection refused".into(),
+        });
+        let names = |d: &crate::policy::Decision, p: &ScalingPolicy| {
+            new_metric_failures(p, &policy, d)
+                .iter()
+                .map(|(m, _)| m.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&failing, &p), ["q"], "first evaluation: new");
+        assert_eq!(
+            metric_failure_reason(&policy.metrics[0].source),
+            "FailedGetExternalMetric"
+        );
+        p.status = Some(status_from_decision(&policy, &failing, None, None, at(0)));
+        assert!(
+            names(&failing, &p).is_empty(),
+            "the same failure again: not new"
+        );
+        let missing = decide(Sample::Missing {
+            reason: "query returned no series".into(),
+        });
+        assert_eq!(names(&missing, &p), ["q"], "failing another way: new");
+        let valid = decide(Sample::Series {
+            values: vec![20.0],
+            timestamp: at(0),
+        });
+        assert!(names(&valid, &p).is_empty());
+        p.status = Some(status_from_decision(&policy, &valid, None, None, at(1)));
+        assert_eq!(names(&failing, &p), ["q"], "failing after recovering: new");
+        // The state change alone gets the status written, so the next evaluation sees it.
+        let before = status_from_decision(&policy, &valid, None, None, at(1));
+        let mut after = status_from_decision(&policy, &failing, Some(&before), None, at(2));
+        after.conditions = before.conditions.clone();
+        after.desired_replicas = before.desired_replicas;
+        assert!(status_changed(Some(&before), &after));
     }
 }

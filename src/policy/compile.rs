@@ -74,13 +74,14 @@ pub enum MetricSource {
     },
 }
 
-/// A metric target in milli-units, as the HPA compares them.
+/// A metric target in milli-units, as the HPA compares them (exact: 128 bits hold every
+/// Kubernetes quantity in milli-units, where the HPA's `MilliValue` saturates past `i64`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// The whole metric against a value.
-    Value(i64),
+    Value(i128),
     /// The metric per replica against a value.
-    AverageValue(i64),
+    AverageValue(i128),
     /// Percent of the pods' requests.
     Utilization(i32),
 }
@@ -360,7 +361,7 @@ fn positive_quantity(
     path: String,
     q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     type_: &str,
-) -> Option<i64> {
+) -> Option<i128> {
     match q {
         None => {
             errors.push(err(
@@ -405,13 +406,24 @@ fn compile_target(
             positive_quantity(errors, format!("{path}.value"), &target.value, "Value")
                 .map(Target::Value)
         }
-        "AverageValue" => positive_quantity(
-            errors,
-            format!("{path}.averageValue"),
-            &target.average_value,
-            "AverageValue",
-        )
-        .map(Target::AverageValue),
+        "AverageValue" => {
+            let path = format!("{path}.averageValue");
+            let milli =
+                positive_quantity(errors, path.clone(), &target.average_value, "AverageValue")?;
+            if is_resource && i64::try_from(milli).is_err() {
+                // Pod usages and requests are the HPA's i64 milli-values.
+                errors.push(err(
+                    path,
+                    format!(
+                        "{} is above {}, the largest per-pod resource usage in milli-units",
+                        crate::units::format_milli(milli),
+                        crate::units::format_milli(i128::from(i64::MAX))
+                    ),
+                ));
+                return None;
+            }
+            Some(Target::AverageValue(milli))
+        }
         "Utilization" => {
             if !is_resource {
                 errors.push(err(
@@ -800,6 +812,15 @@ pub fn compile_spec(
                 errors.push(err(
                     format!("{path}.maxReplicas"),
                     format!("must be at least 1, got {m}"),
+                ));
+            }
+            let spec_min = spec.min_replicas.unwrap_or(1);
+            if m < spec_min {
+                errors.push(err(
+                    format!("{path}.maxReplicas"),
+                    format!(
+                        "{m} is below spec.minReplicas ({spec_min}); a schedule ceiling never goes under the floor"
+                    ),
                 ));
             }
             if let Some(lo) = s.min_replicas.filter(|lo| *lo > m) {

@@ -417,7 +417,12 @@ fn a_formula_routing_around_a_failed_metric_never_goes_to_zero() {
     assert_eq!((d.rule, d.replicas), (Rule::Formula, 1), "{}", d.reason(&p));
     // With every metric valid (and inactive past the cooldown) the target may go to 0; with
     // `minReplicas: 0` the way there is the idle state's.
-    let d = evaluate(&p, &seen(3, Some(0.0), Some(0.0), at(0)), &idle_since, at(0));
+    let d = evaluate(
+        &p,
+        &seen(3, Some(0.0), Some(0.0), at(0)),
+        &idle_since,
+        at(0),
+    );
     assert_eq!((d.rule, d.replicas), (Rule::Idle, 0), "{}", d.reason(&p));
 }
 

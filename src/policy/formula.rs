@@ -93,9 +93,20 @@ impl Formula {
             refused: None,
             guarded,
         };
-        let proposals: Vec<i32> = metric_names.iter().map(|_| 1).collect();
-        let values: Vec<f64> = metric_names.iter().map(|_| 1.0).collect();
-        formula.evaluate(&proposals, &values, 1, 1)?;
+        let sample: Vec<Option<(i32, f64)>> = metric_names.iter().map(|_| Some((1, 1.0))).collect();
+        match formula.execute(&sample, 1, 1)? {
+            // A non-finite result at these inputs (`1.0 / (values.rps - 1.0)`) is the same.
+            Ok(result) => {
+                number_of(result)?;
+            }
+            // An error only these sample inputs cause (a division by `rps - 1`, an index past
+            // a filtered list) does not make the formula invalid: at run time the fallback
+            // applies when it happens.
+            Err(e) if depends_on_inputs(&e) => {}
+            Err(e) => {
+                return Err(format!("failed to evaluate: {}", one_line(&e.to_string())));
+            }
+        }
         Ok(formula)
     }
 
@@ -148,6 +159,20 @@ impl Formula {
         if let Some(reason) = &self.refused {
             return Err(reason.to_string());
         }
+        let result = self
+            .execute(present, current, ready)?
+            .map_err(|e| format!("failed to evaluate: {}", one_line(&e.to_string())))?;
+        to_replicas(result)
+    }
+
+    /// Runs the program on one set of inputs; the outer error is a set-up failure, the inner
+    /// one CEL's own.
+    fn execute(
+        &self,
+        present: &[Option<(i32, f64)>],
+        current: i32,
+        ready: i32,
+    ) -> Result<Result<Value, cel::ExecutionError>, String> {
         let mut ctx = Context::with_env(Arc::clone(&self.env));
         // `max(a, b, ...)` and `min(...)` read naturally in a policy; cel-go spells them
         // `math.greatest` / `math.least`, which work too.
@@ -165,25 +190,7 @@ impl Formula {
         ctx.add_variable_from_value("values", Value::Map(map.into()));
         ctx.add_variable_from_value("current", Value::Int(i64::from(current)));
         ctx.add_variable_from_value("ready", Value::Int(i64::from(ready)));
-        let result = self
-            .program
-            .execute(&ctx)
-            .map_err(|e| format!("failed to evaluate: {}", one_line(&e.to_string())))?;
-        let number = match result {
-            Value::Int(i) => i as f64,
-            Value::UInt(u) => u as f64,
-            Value::Float(f) => f,
-            other => {
-                return Err(format!(
-                    "must evaluate to a number, got {}",
-                    type_name(&other)
-                ));
-            }
-        };
-        if !number.is_finite() {
-            return Err(format!("evaluated to {number}, not a finite number"));
-        }
-        Ok(number.ceil().clamp(0.0, f64::from(i32::MAX)) as i32)
+        Ok(self.program.execute(&ctx))
     }
 }
 
@@ -236,6 +243,45 @@ fn entry_tests(e: &EntryExpr, out: &mut Vec<String>) {
         }
         EntryExpr::StructField(f) => presence_tests(&f.value, out),
     }
+}
+
+/// Whether a CEL error comes from the values a formula ran on rather than from the formula
+/// itself (an unknown function, a wrong type): the variables' types never change, their
+/// values do.
+fn depends_on_inputs(e: &cel::ExecutionError) -> bool {
+    use cel::ExecutionError as E;
+    matches!(
+        e,
+        E::DivisionByZero(_)
+            | E::RemainderByZero(_)
+            | E::Overflow(..)
+            | E::IndexOutOfBounds(_)
+            | E::FunctionError { .. }
+    )
+}
+
+/// A formula's result as a replica count: a finite number, rounded up and kept within `i32`.
+fn to_replicas(result: Value) -> Result<i32, String> {
+    let number = number_of(result)?;
+    if !number.is_finite() {
+        return Err(format!("evaluated to {number}, not a finite number"));
+    }
+    Ok(number.ceil().clamp(0.0, f64::from(i32::MAX)) as i32)
+}
+
+/// A formula's result as a number, or why it is not one.
+fn number_of(result: Value) -> Result<f64, String> {
+    Ok(match result {
+        Value::Int(i) => i as f64,
+        Value::UInt(u) => u as f64,
+        Value::Float(f) => f,
+        other => {
+            return Err(format!(
+                "must evaluate to a number, got {}",
+                type_name(&other)
+            ));
+        }
+    })
 }
 
 fn type_name(v: &Value) -> &'static str {

@@ -79,6 +79,8 @@ pub struct MetricOutcome {
     pub message: Option<String>,
     /// The forecast and the replicas it proposes, when `spec.forecast` made one.
     pub forecast: Option<(Prediction, i32)>,
+    /// How many series were summed into the value (Prometheus metrics with a value).
+    pub series: Option<usize>,
 }
 
 impl MetricOutcome {
@@ -101,6 +103,7 @@ impl MetricOutcome {
             proposal: None,
             message: Some(message),
             forecast: None,
+            series: None,
         }
     }
 }
@@ -159,8 +162,8 @@ pub struct Decision {
     pub min_replicas: i32,
     /// Effective upper bound.
     pub max_replicas: i32,
-    /// The schedule that set the bounds, if one was active.
-    pub schedule: Option<usize>,
+    /// The schedules that set the bounds, if any was open.
+    pub schedule: ScheduleBounds,
     /// Some metric was not valid.
     pub degraded: bool,
     /// The formula failed (its error), when there is one.
@@ -173,23 +176,44 @@ pub struct Decision {
     pub zero: Option<zero::ZeroDecision>,
 }
 
-fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, Option<usize>) {
+/// Which schedules set the bounds in force, for the reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScheduleBounds {
+    /// The first active schedule, if any is open.
+    pub active: Option<usize>,
+    /// The schedule whose floor applies (the highest; the first of equal ones).
+    pub floor: Option<usize>,
+    /// The schedule whose ceiling applies (the lowest; the first of equal ones).
+    pub ceiling: Option<usize>,
+    /// A ceiling the floor overrode: the lowest ceiling when it was under the floor.
+    pub overridden_ceiling: Option<i32>,
+}
+
+/// The bounds in force at `now`: the spec's, raised by the highest open floor and lowered by the
+/// lowest open ceiling; a ceiling under the floor gives way to the floor (and the reason says so).
+fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
     let mut min = policy.min_replicas;
     let mut max = policy.max_replicas;
-    let mut active = None;
+    let mut by = ScheduleBounds::default();
     for (i, s) in policy.schedules.iter().enumerate() {
-        if s.is_active(now) {
-            if let Some(m) = s.min_replicas {
-                min = min.max(m);
-            }
-            if let Some(m) = s.max_replicas {
-                max = max.min(m);
-            }
-            active.get_or_insert(i);
+        if !s.is_active(now) {
+            continue;
+        }
+        by.active.get_or_insert(i);
+        if let Some(m) = s.min_replicas.filter(|m| *m > min) {
+            min = m;
+            by.floor = Some(i);
+        }
+        if let Some(m) = s.max_replicas.filter(|m| *m < max) {
+            max = m;
+            by.ceiling = Some(i);
         }
     }
-    // A schedule ceiling never goes under the floor.
-    (min, max.max(min), active)
+    if max < min {
+        by.overridden_ceiling = Some(max);
+        max = min;
+    }
+    (min, max, by)
 }
 
 fn metric_outcome(
@@ -234,7 +258,17 @@ fn metric_outcome(
                     (*cpu, ResourceTarget::Utilization(u))
                 }
                 (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => {
-                    (*cpu, ResourceTarget::AverageMilli(v))
+                    // compile.rs keeps resource targets within the pods' i64 milli-values.
+                    match i64::try_from(v) {
+                        Ok(v) => (*cpu, ResourceTarget::AverageMilli(v)),
+                        Err(_) => {
+                            return MetricOutcome::failed(
+                                MetricState::Invalid,
+                                "the target is above the largest per-pod usage in milli-units"
+                                    .into(),
+                            );
+                        }
+                    }
                 }
                 _ => return MetricOutcome::failed(
                     MetricState::Invalid,
@@ -257,6 +291,7 @@ fn metric_outcome(
                     proposal: Some(p.replicas),
                     message: None,
                     forecast: None,
+                    series: None,
                 },
                 Err(message) => MetricOutcome::failed(MetricState::Invalid, message),
             }
@@ -296,7 +331,7 @@ fn series_outcome(
     let value: f64 = values.iter().sum();
     let propose = |values: &[f64]| match metric.target {
         Target::Value(t) => replicas::external_value(
-            replicas::sum_milli_value(values),
+            replicas::sum_milli_value(values)?,
             t,
             obs.spec_replicas,
             obs.ready_replicas,
@@ -304,7 +339,7 @@ fn series_outcome(
             tol,
         ),
         Target::AverageValue(t) => Ok(replicas::external_average(
-            replicas::sum_milli_average(values),
+            replicas::sum_milli_average(values)?,
             t,
             obs.status_replicas,
             tol,
@@ -327,6 +362,7 @@ fn series_outcome(
         proposal: Some(forecast.map_or(proposal, |(_, p)| p.max(proposal))),
         message: None,
         forecast,
+        series: Some(values.len()),
     }
 }
 
@@ -874,10 +910,14 @@ impl Decision {
             match (o.value, o.proposal) {
                 (Some(v), Some(p)) => {
                     write!(s, "{}={}", m.name, Num(v))?;
+                    let sum = match o.series {
+                        Some(n) if n > 1 => format!("sum of {n} series, "),
+                        _ => String::new(),
+                    };
                     match m.target {
-                        Target::Value(t) => write!(s, " (target {})", Num(t as f64 / 1000.0))?,
+                        Target::Value(t) => write!(s, " ({sum}target {})", Milli(t))?,
                         Target::AverageValue(t) => {
-                            write!(s, " (target {}/replica)", Num(t as f64 / 1000.0))?
+                            write!(s, " ({sum}target {}/replica)", Milli(t))?
                         }
                         Target::Utilization(u) => write!(s, "% (target {u}%)")?,
                     }
@@ -1053,14 +1093,51 @@ impl Decision {
     }
 
     fn write_schedule(&self, policy: &CompiledPolicy, s: &mut String) -> fmt::Result {
-        if let Some(sched) = self.schedule.and_then(|i| policy.schedules.get(i)) {
-            write!(
+        let by = self.schedule;
+        let label = |i: Option<usize>| i.and_then(|i| policy.schedules.get(i)).map(|s| &s.label);
+        let Some(first) = label(by.floor.or(by.ceiling).or(by.active)) else {
+            return Ok(());
+        };
+        write!(
+            s,
+            "; {first} active (bounds {}–{}",
+            self.min_replicas, self.max_replicas
+        )?;
+        let ceiling = label(by.ceiling).filter(|_| by.ceiling != by.floor);
+        match (by.overridden_ceiling, ceiling) {
+            (Some(m), Some(c)) => write!(
                 s,
-                "; {} active (bounds {}–{})",
-                sched.label, self.min_replicas, self.max_replicas
-            )?;
+                "): the floor {} overrides {c}'s ceiling {m}",
+                self.min_replicas
+            ),
+            (Some(m), None) => write!(
+                s,
+                "): the floor {} overrides the ceiling {m}",
+                self.min_replicas
+            ),
+            (None, Some(c)) if by.floor.is_some() => {
+                write!(s, ", ceiling {} from {c})", self.max_replicas)
+            }
+            _ => s.write_char(')'),
         }
-        Ok(())
+    }
+}
+
+/// Milli-units printed exactly as units (`1000000000000000000`, `0.25`).
+struct Milli(i128);
+
+impl fmt::Display for Milli {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (whole, frac) = (self.0 / 1000, (self.0 % 1000).abs());
+        if self.0 < 0 && whole == 0 {
+            f.write_str("-")?;
+        }
+        if frac == 0 {
+            write!(f, "{whole}")
+        } else {
+            let text = format!("{whole}.{frac:03}");
+            f.write_str(text.trim_end_matches('0'))
+        }
     }
 }
 

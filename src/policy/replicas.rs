@@ -55,45 +55,53 @@ fn ceil_to_replicas(x: f64) -> i32 {
     }
 }
 
-/// Sum of the series for a `Value` target, in milli-units, as the HPA sums External metric
-/// values there: a positive overflow caps at `i64::MAX`.
-pub fn sum_milli_value(values: &[f64]) -> i64 {
-    let mut usage = 0i64;
-    for v in values {
-        let v = crate::units::to_milli(*v);
-        if v > 0 && usage > i64::MAX - v {
-            return i64::MAX;
-        }
-        usage = usage.wrapping_add(v);
-    }
-    usage
+/// Why a set of series has no exact milli-unit sum.
+fn out_of_range(v: f64) -> String {
+    format!(
+        "value {v:e} is beyond ±10^29, the most kscale computes with exactly; holding instead of saturating"
+    )
 }
 
-/// Sum of the series for an `AverageValue` target, in milli-units, as the HPA sums them there:
-/// a running sum that goes negative is taken for an overflow and becomes `i64::MAX`.
-pub fn sum_milli_average(values: &[f64]) -> i64 {
-    let mut usage = 0i64;
+/// Sum of the series for a `Value` target, in milli-units, exact (the HPA's `int64` sum caps a
+/// positive overflow at `MaxInt64`, which turns a large value into a wrong one; kscale sums in
+/// 128 bits and agrees with it wherever it does not overflow). A value past
+/// [`crate::units::MAX_EXACT_UNITS`] is an error.
+pub fn sum_milli_value(values: &[f64]) -> Result<i128, String> {
+    let mut usage = 0i128;
     for v in values {
-        usage = usage.wrapping_add(crate::units::to_milli(*v));
+        let milli = crate::units::to_milli(*v).ok_or_else(|| out_of_range(*v))?;
+        usage = usage.checked_add(milli).ok_or_else(|| out_of_range(*v))?;
+    }
+    Ok(usage)
+}
+
+/// Sum of the series for an `AverageValue` target, in milli-units, exact as
+/// [`sum_milli_value`]. One HPA rule is kept for parity: a running sum that goes negative (which
+/// the HPA takes for an `int64` overflow) becomes `MaxInt64`.
+pub fn sum_milli_average(values: &[f64]) -> Result<i128, String> {
+    let mut usage = 0i128;
+    for v in values {
+        let milli = crate::units::to_milli(*v).ok_or_else(|| out_of_range(*v))?;
+        usage = usage.checked_add(milli).ok_or_else(|| out_of_range(*v))?;
         if usage < 0 {
-            return i64::MAX;
+            return Ok(i128::from(i64::MAX));
         }
     }
-    usage
+    Ok(usage)
 }
 
 /// External metric with a `Value` target: `ratio = usage / target`; with replicas running,
 /// `ceil(ratio * ready)` unless within tolerance (an error when the selector matches no pod at
 /// all); from zero, `ceil(ratio)`.
 pub fn external_value(
-    usage_milli: i64,
-    target_milli: i64,
+    usage_milli: i128,
+    target_milli: i128,
     spec_replicas: i32,
     ready: i32,
     pods: i32,
     tol: Tolerances,
 ) -> Result<i32, String> {
-    let ratio = usage_milli as f64 / target_milli as f64;
+    let ratio = ratio(usage_milli, target_milli);
     if spec_replicas == 0 {
         return Ok(ceil_to_replicas(ratio));
     }
@@ -109,17 +117,36 @@ pub fn external_value(
 /// External metric with an `AverageValue` target: `ratio = usage / (target * status replicas)`;
 /// outside tolerance, `ceil(usage / target)`; within, the status replica count.
 pub fn external_average(
-    usage_milli: i64,
-    target_milli: i64,
+    usage_milli: i128,
+    target_milli: i128,
     status_replicas: i32,
     tol: Tolerances,
 ) -> i32 {
-    let ratio = usage_milli as f64 / (target_milli as f64 * f64::from(status_replicas));
+    let ratio = match target_milli.checked_mul(i128::from(status_replicas)) {
+        Some(per_replica) => ratio(usage_milli, per_replica),
+        None => usage_milli as f64 / (target_milli as f64 * f64::from(status_replicas)),
+    };
     if tol.within(ratio) {
         status_replicas
     } else {
-        ceil_to_replicas(usage_milli as f64 / target_milli as f64)
+        ceil_to_replicas(self::ratio(usage_milli, target_milli))
     }
+}
+
+/// `num / den` in floating point as the HPA divides (`float64(a) / float64(b)`), after dividing
+/// both by their greatest common divisor. Below 2^53 the result is the HPA's to the bit (a
+/// correctly rounded division of the same rational); above, where a milli-unit count no longer
+/// fits a float, a ratio such as 5.4e22 / 9e21 still comes out as exactly 6.
+fn ratio(num: i128, den: i128) -> f64 {
+    let (mut a, mut b) = (num.unsigned_abs(), den.unsigned_abs());
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    if a <= 1 {
+        return num as f64 / den as f64;
+    }
+    let g = a as i128; // a divides |den| <= i128::MAX, so it fits
+    (num / g) as f64 / (den / g) as f64
 }
 
 /// How a resource target is measured.
@@ -372,13 +399,25 @@ mod tests {
 
     #[test]
     fn series_sums_follow_the_hpa() {
-        assert_eq!(sum_milli_value(&[1.0, 2.5]), 3500);
-        assert_eq!(sum_milli_average(&[1.0, 2.5]), 3500);
+        assert_eq!(sum_milli_value(&[1.0, 2.5]), Ok(3500));
+        assert_eq!(sum_milli_average(&[1.0, 2.5]), Ok(3500));
         // A negative running sum counts as an overflow for AverageValue targets only.
-        assert_eq!(sum_milli_average(&[-1.0, 5.0]), i64::MAX);
-        assert_eq!(sum_milli_average(&[5.0, -1.0]), 4000);
-        assert_eq!(sum_milli_value(&[-1.0, 5.0]), 4000);
-        assert_eq!(sum_milli_value(&[9e15, 9e15]), i64::MAX);
+        assert_eq!(sum_milli_average(&[-1.0, 5.0]), Ok(i128::from(i64::MAX)));
+        assert_eq!(sum_milli_average(&[5.0, -1.0]), Ok(4000));
+        assert_eq!(sum_milli_value(&[-1.0, 5.0]), Ok(4000));
+        // Past i64 milli-units the sum stays exact, where the HPA's caps at MaxInt64 (a
+        // deliberate difference: the capped sum makes a wrong decision).
+        assert_eq!(
+            sum_milli_value(&[9e15, 9e15]),
+            Ok(18_000_000_000_000_000_000)
+        );
+        assert_eq!(
+            sum_milli_average(&[9e15, 9e15]),
+            Ok(18_000_000_000_000_000_000)
+        );
+        // Past 10^29 a value is an error, not a saturated number.
+        assert!(sum_milli_value(&[1e30]).unwrap_err().contains("10^29"));
+        assert!(sum_milli_average(&[f64::MAX]).is_err());
     }
 
     #[test]

@@ -273,10 +273,17 @@ fn pod_phase(phase: Option<&str>) -> PodPhase {
     }
 }
 
+/// A pod quantity in the HPA's `i64` milli-units: one past that range is an error, not a
+/// saturated value.
 fn milli_of(q: &K8sQuantity) -> Result<i64, String> {
-    Quantity::parse(&q.0)
-        .map(Quantity::milli)
-        .map_err(|e| e.to_string())
+    let milli = Quantity::parse(&q.0).map_err(|e| e.to_string())?.milli();
+    i64::try_from(milli).map_err(|_| {
+        format!(
+            "quantity {:?} is above {}m, the largest milli-value a pod metric can hold",
+            q.0,
+            i64::MAX
+        )
+    })
 }
 
 /// One pod's usage from its PodMetrics: `Ok(None)` when the resource (or the named container)
@@ -370,7 +377,8 @@ fn pod_request_milli(pod: &Pod, resource: ResourceName, container: Option<&str>)
         .chain(init.iter().filter(|c| is_restartable(c)))
     {
         if container.is_none_or(|wanted| wanted == c.name) {
-            let milli = Quantity::parse(&request_of(c, key)?.0).ok()?.milli();
+            let milli =
+                i64::try_from(Quantity::parse(&request_of(c, key)?.0).ok()?.milli()).ok()?;
             sum = sum.saturating_add(milli);
             if container.is_some() {
                 // Container names are unique inside a pod.
@@ -436,7 +444,9 @@ fn pod_level_request_milli(pod: &Pod, key: &str) -> Option<i64> {
     {
         add(&mut total, v);
     }
-    total.map(crate::units::to_milli)
+    total
+        .and_then(crate::units::to_milli)
+        .and_then(|m| i64::try_from(m).ok())
 }
 
 // ------------------------------------------------------------------ I/O

@@ -29,6 +29,25 @@ pub fn start_controller(
     namespace: &str,
     identity: &str,
 ) -> Controller {
+    start_controller_at(
+        kubeconfig,
+        log,
+        admin_port,
+        namespace,
+        identity,
+        &env.prometheus_url,
+    )
+}
+
+/// [`start_controller`] with `prometheus_url` as the daemon's default Prometheus.
+pub fn start_controller_at(
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+    prometheus_url: &str,
+) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
@@ -42,7 +61,7 @@ pub fn start_controller(
         ])
         .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
         .env("KUBECONFIG", kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .env("KSCALE_PROMETHEUS_URL", prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -66,15 +85,35 @@ pub async fn run_controller(
     log_name: &str,
     identity: &str,
 ) -> Running {
+    run_controller_at(
+        env,
+        client,
+        namespace,
+        log_name,
+        identity,
+        &env.prometheus_url,
+    )
+    .await
+}
+
+/// [`run_controller`] with `prometheus_url` as the daemon's default Prometheus.
+pub async fn run_controller_at(
+    env: &super::TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+    log_name: &str,
+    identity: &str,
+    prometheus_url: &str,
+) -> Running {
     let (kubeconfig, binding) = super::service_account_kubeconfig(env, client, namespace).await;
     let log = super::repo_root().join(format!("target/{log_name}-{}.log", std::process::id()));
-    let controller = start_controller(
-        env,
+    let controller = start_controller_at(
         &kubeconfig,
         &log,
         super::free_port(),
         namespace,
         identity,
+        prometheus_url,
     );
     Running {
         controller,

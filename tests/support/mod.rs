@@ -28,6 +28,36 @@ use kube::{Client, Config};
 
 pub mod controller;
 
+/// A namespaced CustomResourceDefinition `<plural>.<group>` (version `v1`) whose `scale`
+/// subresource reads `.spec.replicas` and `.status.replicas` and sets no `labelSelectorPath`
+/// (so its scale has no selector), as YAML.
+pub fn scale_crd_yaml(group: &str, kind: &str, plural: &str) -> String {
+    format!(
+        r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: {plural}.{group}}}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{kind: {kind}, plural: {plural}, singular: {singular}}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {{}}
+      scale: {{specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {{type: object, properties: {{replicas: {{type: integer}}}}}}
+          status: {{type: object, properties: {{replicas: {{type: integer}}}}}}
+"#,
+        singular = kind.to_lowercase()
+    )
+}
+
 /// Name of the simulated node that `scripts/testenv` creates.
 pub const NODE_NAME: &str = "kwok-node-0";
 /// Pod annotations kwok reads to simulate a pod's resource usage (see kwok's
