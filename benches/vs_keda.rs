@@ -20,8 +20,10 @@
 //! proxy in front of the shared Prometheus, seen by that object alone).
 //!
 //! Run: `scripts/testenv up --with keda && KSCALE_VS_KEDA_N=20 cargo bench --bench vs_keda`
-//! (`KSCALE_VS_KEDA_N`, default 100; `KSCALE_VS_KEDA_ROUNDS`, `KSCALE_VS_KEDA_WINDOW_S`,
-//! `KSCALE_VS_KEDA_BAD_WAIT_S`; `KSCALE_VS_KEDA_CACHED=1` sets KEDA's `useCachedMetrics`).
+//! (`KSCALE_VS_KEDA_N`, default 100; `KSCALE_VS_KEDA_ROUNDS`, default 10;
+//! `KSCALE_VS_KEDA_WINDOW_S` and `KSCALE_VS_KEDA_BAD_WAIT_S`, default 60;
+//! `KSCALE_VS_KEDA_INTERVAL_S`, both systems' interval, default 10; `KSCALE_VS_KEDA_CACHED=1`
+//! sets KEDA's `useCachedMetrics`).
 //! The bench starts KEDA itself if it is not running. While KEDA's phase runs, the bench owns
 //! the APIService `v1beta1.external.metrics.k8s.io` (kscale's own adapter tests register that
 //! name too: do not run them at the same time); it refuses to start if something else holds it.
@@ -964,7 +966,13 @@ fn report(s: &Settings, baseline: &Window, figures: &[Figures], loads: &[String]
                         .join("→")
                 )
             };
-            format!("{} ({during}; {})", b.end, b.why.replace('|', "/"))
+            // The HPA's messages repeat the metric's selector; the cause is at the end.
+            let why = b.why.replace('|', "/");
+            let why = match why.rsplit_once("external metrics API: ") {
+                Some((_, cause)) => format!("HPA ScalingActive False: {cause}"),
+                None => why,
+            };
+            format!("{} ({during}; {why})", b.end)
         };
         let _ = writeln!(o, "| {case} | {} | {} |", cell(k), cell(e));
     }
@@ -982,7 +990,7 @@ async fn main() {
         n,
         queries: n.div_ceil(10),
         rounds: env_usize("KSCALE_VS_KEDA_ROUNDS", 10),
-        interval_s: 10,
+        interval_s: env_usize("KSCALE_VS_KEDA_INTERVAL_S", 10).max(1) as u64,
         window: Duration::from_secs(env_usize("KSCALE_VS_KEDA_WINDOW_S", 60) as u64),
         bad_wait: Duration::from_secs(env_usize("KSCALE_VS_KEDA_BAD_WAIT_S", 60) as u64),
         keda_cached: std::env::var("KSCALE_VS_KEDA_CACHED").is_ok_and(|v| v == "1"),
