@@ -123,7 +123,13 @@ async fn main() {
 
     // Rounds: one query's value moves (up, then back down); its policies' writes are timed
     // from the first moment Prometheus returns the new value.
-    let delays = moves.run(&writes, rounds, &log.display().to_string()).await;
+    let (delays, missed) = moves.run(&writes, rounds, &log.display().to_string()).await;
+    assert_eq!(
+        missed,
+        0,
+        "{missed} writes did not come; see {}",
+        log.display()
+    );
 
     let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
