@@ -801,26 +801,61 @@ pub fn socket_addr_of(url: &str) -> SocketAddr {
 }
 
 /// An HTTP proxy on 127.0.0.1 in front of Prometheus that demands `Authorization: Bearer
-/// <token>` (401 otherwise), as an authenticating gateway in front of a real Prometheus does.
+/// <token>` (401 otherwise), as an authenticating gateway in front of a real Prometheus does
+/// ([`AuthProxy::start`]), or lets everything through ([`AuthProxy::open`]). Its
+/// [`ProxyFault`] makes the Prometheus behind it look stopped or slow to whoever uses the proxy.
 /// One request per connection (`Connection: close`). Counts the requests it forwards.
 pub struct AuthProxy {
     pub url: String,
     addr: SocketAddr,
     pub forwarded: Arc<AtomicU32>,
     pub refused: Arc<AtomicU32>,
+    fault: Arc<Mutex<ProxyFault>>,
     stop: Arc<AtomicBool>,
+}
+
+/// What an [`AuthProxy`] does to the requests it would forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFault {
+    /// Forward them.
+    None,
+    /// Close each connection without an answer, as a stopped server behind a load balancer.
+    Down,
+    /// Wait this long, then forward (slower than any client's timeout makes it an error).
+    Slow(Duration),
 }
 
 impl AuthProxy {
     pub fn start(prometheus_url: &str, token: &str) -> AuthProxy {
+        Self::start_with(prometheus_url, Some(format!("bearer {token}")))
+    }
+
+    /// A proxy that asks for no credentials.
+    pub fn open(prometheus_url: &str) -> AuthProxy {
+        Self::start_with(prometheus_url, None)
+    }
+
+    /// From now on, applies `fault` to every new request.
+    pub fn set_fault(&self, fault: ProxyFault) {
+        if let Ok(mut f) = self.fault.lock() {
+            *f = fault;
+        }
+    }
+
+    fn start_with(prometheus_url: &str, expected: Option<String>) -> AuthProxy {
         let upstream = socket_addr_of(prometheus_url);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (forwarded, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
         let stop = Arc::new(AtomicBool::new(false));
-        let expected = format!("bearer {token}");
+        let fault = Arc::new(Mutex::new(ProxyFault::None));
         {
-            let (forwarded, refused, stop) = (forwarded.clone(), refused.clone(), stop.clone());
+            let (forwarded, refused, stop, fault) = (
+                forwarded.clone(),
+                refused.clone(),
+                stop.clone(),
+                fault.clone(),
+            );
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -829,8 +864,16 @@ impl AuthProxy {
                     let Ok(client) = conn else { continue };
                     let (forwarded, refused, expected) =
                         (forwarded.clone(), refused.clone(), expected.clone());
+                    let fault = fault.lock().map(|f| *f).unwrap_or(ProxyFault::None);
                     std::thread::spawn(move || {
-                        proxy_one(client, upstream, &expected, &forwarded, &refused)
+                        proxy_one(
+                            client,
+                            upstream,
+                            expected.as_deref(),
+                            fault,
+                            &forwarded,
+                            &refused,
+                        )
                     });
                 }
             });
@@ -840,6 +883,7 @@ impl AuthProxy {
             addr,
             forwarded,
             refused,
+            fault,
             stop,
         }
     }
@@ -848,10 +892,16 @@ impl AuthProxy {
 fn proxy_one(
     mut client: TcpStream,
     upstream: SocketAddr,
-    expected: &str,
+    expected: Option<&str>,
+    fault: ProxyFault,
     forwarded: &AtomicU32,
     refused: &AtomicU32,
 ) {
+    match fault {
+        ProxyFault::None => {}
+        ProxyFault::Down => return,
+        ProxyFault::Slow(delay) => std::thread::sleep(delay),
+    }
     let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
     let mut data = Vec::new();
     let mut buf = [0u8; 8192];
@@ -866,7 +916,7 @@ fn proxy_one(
     };
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
     let mut length = 0usize;
-    let mut authorized = false;
+    let mut authorized = expected.is_none();
     let mut lines: Vec<&str> = Vec::new();
     for line in head.split("\r\n").filter(|l| !l.is_empty()) {
         let lower = line.to_ascii_lowercase();
@@ -874,7 +924,7 @@ fn proxy_one(
             length = v.trim().parse().unwrap_or(0);
         }
         if let Some(v) = lower.strip_prefix("authorization:") {
-            authorized = v.trim() == expected;
+            authorized = expected.is_none_or(|e| v.trim() == e);
         }
         if !lower.starts_with("connection:") {
             lines.push(line);
@@ -1215,6 +1265,12 @@ pub async fn https_get(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("bad status line: {head}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, dechunk(body)?));
+    }
     Ok((status, body.to_string()))
 }
 
@@ -1331,6 +1387,29 @@ pub async fn register_external_metrics(
     ca_pem: &str,
     log: &Path,
 ) -> ApiServiceGuard {
+    register_external_metrics_service(
+        env,
+        client,
+        namespace,
+        "kscale-external-metrics",
+        port,
+        ca_pem,
+        log,
+    )
+    .await
+}
+
+/// [`register_external_metrics`] through a Service named `service` (whose
+/// `<service>.<namespace>.svc` the serving certificate must name): KEDA's metrics server, say.
+pub async fn register_external_metrics_service(
+    env: &TestEnv,
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    port: u16,
+    ca_pem: &str,
+    log: &Path,
+) -> ApiServiceGuard {
     use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
     let guard = ApiServiceGuard(env.kubeconfig.clone());
     let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()))
@@ -1341,7 +1420,7 @@ pub async fn register_external_metrics(
         &format!(
             r#"apiVersion: v1
 kind: Service
-metadata: {{name: kscale-external-metrics, namespace: {namespace}}}
+metadata: {{name: {service}, namespace: {namespace}}}
 spec: {{type: ExternalName, externalName: 127.0.0.1}}
 ---
 apiVersion: apiregistration.k8s.io/v1
@@ -1350,7 +1429,7 @@ metadata: {{name: v1beta1.external.metrics.k8s.io}}
 spec:
   group: external.metrics.k8s.io
   version: v1beta1
-  service: {{name: kscale-external-metrics, namespace: {namespace}, port: {port}}}
+  service: {{name: {service}, namespace: {namespace}, port: {port}}}
   caBundle: {ca_bundle}
   groupPriorityMinimum: 100
   versionPriority: 100
