@@ -59,6 +59,7 @@ pub enum Mode {
 #[x_kube(validation = Rule::new("!has(self.idleReplicas) || self.idleReplicas < (has(self.minReplicas) ? self.minReplicas : 1)").message("spec.idleReplicas must be below spec.minReplicas").field_path(".idleReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.cooldown) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("spec.cooldown only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".cooldown"))]
 #[x_kube(validation = Rule::new("!self.metrics.exists(m, has(m.activationThreshold)) || has(self.idleReplicas) || (has(self.minReplicas) && self.minReplicas == 0)").message("metrics[].activationThreshold only applies with spec.minReplicas 0 or spec.idleReplicas").field_path(".metrics"))]
+#[x_kube(validation = Rule::new("!((has(self.minReplicas) && self.minReplicas == 0) || has(self.idleReplicas)) || self.metrics.all(m, !has(m.resource) || has(m.activationThreshold))").message("metrics[].activationThreshold is required on a resource metric when spec.minReplicas is 0 or spec.idleReplicas is set: a running pod always uses some cpu and memory, so with the default of 0 the target would never go idle").field_path(".metrics"))]
 #[x_kube(validation = Rule::new("!((has(self.minReplicas) && self.minReplicas == 0) || (has(self.idleReplicas) && self.idleReplicas == 0)) || self.metrics.exists(m, has(m.prometheus))").message("spec.minReplicas 0 (or spec.idleReplicas 0) needs a prometheus metric to wake the target: resource metrics have no pods to read at 0 replicas").field_path(".minReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.maxReplicas) || s.maxReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("a schedule's maxReplicas must be at least spec.minReplicas (default 1)").field_path(".schedules"))]
 #[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.minReplicas) || s.minReplicas <= self.maxReplicas)").message("a schedule's minReplicas must be at most spec.maxReplicas").field_path(".schedules"))]
@@ -451,8 +452,9 @@ pub struct ScalingPolicyStatus {
 pub struct MetricStatus {
     /// The metric's name.
     pub name: String,
-    /// `Valid`, `Missing`, `Stale`, `Invalid`, `Error`, or `Partial` (a value from an answer
-    /// with warnings, which never scales down).
+    /// `Valid`, `Missing`, `Stale`, `Invalid`, `Error`, `Partial` (a value from an answer
+    /// with warnings, which never scales down), or `NoPods` (a resource metric of a target at 0
+    /// replicas: nothing to measure, which is not a failure).
     pub state: String,
     /// The value as a quantity string, when valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -254,7 +254,10 @@ impl Metrics {
                     .get_or_create(&ml)
                     .set(o.forecast.map_or(f64::NAN, |(f, _)| f.upper));
             }
-            if o.state != crate::policy::MetricState::Valid {
+            if !matches!(
+                o.state,
+                crate::policy::MetricState::Valid | crate::policy::MetricState::NoPods
+            ) {
                 let source = match m.source {
                     crate::policy::MetricSource::Prometheus { .. } => "prometheus",
                     crate::policy::MetricSource::Resource { .. } => "resource",

@@ -678,7 +678,12 @@ fn new_metric_failures<'a>(
         .metrics
         .iter()
         .zip(&decision.metrics)
-        .filter(|(_, o)| !matches!(o.state, MetricState::Valid | MetricState::Partial))
+        .filter(|(_, o)| {
+            !matches!(
+                o.state,
+                MetricState::Valid | MetricState::Partial | MetricState::NoPods
+            )
+        })
         .filter(|(m, o)| {
             let before = p
                 .status

@@ -50,6 +50,10 @@ pub enum MetricState {
     /// A number from an answer that says it is incomplete (Prometheus `warnings`): its proposal
     /// may hold or raise the count, never lower it.
     Partial,
+    /// A resource metric of a target at 0 replicas: there are no pods to measure, which is
+    /// what an idle target is, not a failure. It is inactive, proposes nothing and never
+    /// counts as failing (no degraded condition, no failure count, no Warning event).
+    NoPods,
 }
 
 impl MetricState {
@@ -62,6 +66,7 @@ impl MetricState {
             MetricState::Invalid => "Invalid",
             MetricState::Error => "Error",
             MetricState::Partial => "Partial",
+            MetricState::NoPods => "NoPods",
         }
     }
 }
@@ -445,15 +450,32 @@ fn evaluate_metrics(
             metric_outcome(policy, m, obs.samples.get(i), forecast, obs, now)
         })
         .collect();
+    // A target at 0 runs no pods: its resource metrics have nothing to measure.
+    let mut metrics = metrics;
+    if current == 0 {
+        for (m, o) in policy.metrics.iter().zip(metrics.iter_mut()) {
+            if matches!(m.source, MetricSource::Resource { .. }) {
+                *o = MetricOutcome::failed(
+                    MetricState::NoPods,
+                    "no pods to measure at 0 replicas".into(),
+                );
+            }
+        }
+    }
     // Metrics without a usable number, and those whose number may be too low (partial data):
     // either kind forbids a scale-down.
     let invalid = metrics
         .iter()
-        .filter(|m| m.state != MetricState::Valid)
+        .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::NoPods))
         .count();
     let unusable = metrics
         .iter()
-        .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::Partial))
+        .filter(|m| {
+            !matches!(
+                m.state,
+                MetricState::Valid | MetricState::Partial | MetricState::NoPods
+            )
+        })
         .count();
     // A failed evaluation: a metric not valid (or, below, the formula failing).
     next.consecutive_failures = failure_count(state, invalid > 0, policy.failure_threshold);
@@ -565,7 +587,7 @@ fn evaluate_metrics(
                     .iter()
                     .zip(&policy.metrics)
                     .all(|(o, m)| match o.state {
-                        MetricState::Valid => true,
+                        MetricState::Valid | MetricState::NoPods => true,
                         MetricState::Partial => false,
                         _ => f.tests_presence_of(&m.name),
                     })
@@ -1043,6 +1065,9 @@ impl Decision {
                 FailureAction::Replicas(n) => {
                     write!(s, "; some metrics failed, fallback floor {n}")?
                 }
+                FailureAction::Hold if self.rule == Rule::Formula => {
+                    s.push_str("; some metrics failed, the formula decided without them")
+                }
                 FailureAction::Hold => {
                     s.push_str("; some metrics failed, scaling up on the valid ones")
                 }
@@ -1149,9 +1174,34 @@ impl fmt::Display for Num {
         let v = self.0;
         if v == v.trunc() && v.abs() < 1e15 {
             write!(f, "{}", v as i64)
+        } else if v.abs() < 1e-3 {
+            // Too small for 3 decimals (which would print 0): 4 significant digits.
+            let text = format!("{v:.3e}");
+            let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
+            let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+            write!(f, "{mantissa}e{exponent}")
         } else {
             let text = format!("{v:.3}");
             f.write_str(text.trim_end_matches('0').trim_end_matches('.'))
         }
+    }
+}
+
+#[cfg(test)]
+mod num_tests {
+    use super::Num;
+
+    /// Values in reasons: integers whole, others to 3 decimals, and values too small for 3
+    /// decimals in 4 significant digits (never a misleading 0).
+    #[test]
+    fn reasons_never_print_a_small_value_as_zero() {
+        let shown = |v: f64| Num(v).to_string();
+        assert_eq!(shown(300.0), "300");
+        assert_eq!(shown(0.0), "0");
+        assert_eq!(shown(1.25), "1.25");
+        assert_eq!(shown(0.001), "0.001");
+        assert_eq!(shown(2e-9), "2e-9");
+        assert_eq!(shown(1e-300), "1e-300");
+        assert_eq!(shown(-1.2345e-5), "-1.234e-5");
     }
 }

@@ -107,7 +107,7 @@ pub fn activity(policy: &CompiledPolicy, metrics: &[MetricOutcome]) -> Activity 
             (MetricState::Valid | MetricState::Partial, Some(v)) if v > m.activation => {
                 return Activity::Active(i);
             }
-            (MetricState::Valid, Some(_)) => {}
+            (MetricState::Valid, Some(_)) | (MetricState::NoPods, _) => {}
             _ => unknown = true,
         }
     }
@@ -308,6 +308,43 @@ mod tests {
     fn condition(d: &Decision) -> (bool, &'static str) {
         let c = d.zero_condition().unwrap();
         (c.status, c.reason)
+    }
+
+    /// At kscale's own zero a resource metric has no pods to read: that is the idle state, not a
+    /// failure. No degraded condition, no failure count; an active queue still wakes the target.
+    #[test]
+    fn a_resource_metric_at_zero_is_idle_not_failing() {
+        let p = policy(
+            "  - name: cpu\n    resource: {name: cpu}\n    target: {type: Utilization, averageUtilization: 50}\n    activationThreshold: \"10\"\n",
+        );
+        let now = at(0);
+        let idle = PolicyState {
+            scaled_to_zero_time: Some(at(-600)),
+            last_active_time: Some(at(-900)),
+            ..PolicyState::default()
+        };
+        let no_pods = Sample::Error {
+            message: "unable to get metrics: no pods".into(),
+        };
+        let mut o = obs(0, value(0.0, now));
+        o.samples.push(no_pods.clone());
+        let d = evaluate(&p, &o, &idle, now);
+        assert_eq!((d.replicas, d.rule), (0, Rule::Idle), "{}", d.reason(&p));
+        assert_eq!(d.metrics[1].state, MetricState::NoPods);
+        assert!(!d.degraded, "{}", d.reason(&p));
+        assert_eq!(d.state.consecutive_failures, 0);
+        assert_eq!(condition(&d), (true, "ScaledToZero"));
+        let available = d
+            .conditions()
+            .into_iter()
+            .find(|c| c.type_ == "MetricsAvailable")
+            .unwrap();
+        assert!(available.status, "{available:?}");
+        // The queue turns active: it wakes to ceil(30 / 10) = 3.
+        let mut o = obs(0, value(30.0, now));
+        o.samples.push(no_pods);
+        let d = evaluate(&p, &o, &idle, now);
+        assert_eq!(d.replicas, 3, "{}", d.reason(&p));
     }
 
     #[test]
