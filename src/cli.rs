@@ -532,6 +532,39 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     })
 }
 
+/// The status of the ScalingPolicy in the cluster with `resource`'s namespace and name, if
+/// there is one (a policy not created yet has none), and where the state came from, for the
+/// output.
+async fn live_status(
+    client: &kube::Client,
+    resource: &crate::crd::ScalingPolicy,
+) -> Result<(Option<crate::crd::ScalingPolicyStatus>, &'static str), CliError> {
+    let namespace = resource.metadata.namespace.as_deref().unwrap_or("default");
+    let Some(name) = resource.metadata.name.as_deref() else {
+        return Ok((None, "none (the policy has no name)"));
+    };
+    let api: kube::Api<crate::crd::ScalingPolicy> =
+        kube::Api::namespaced(client.clone(), namespace);
+    match api.get_opt(name).await {
+        Ok(Some(live)) if live.status.is_some() => {
+            Ok((live.status, "the live ScalingPolicy's status"))
+        }
+        Ok(Some(_)) => Ok((None, "none (the live ScalingPolicy has no status yet)")),
+        // A missing CRD is no live policy either.
+        Ok(None) => Ok((None, "none (no ScalingPolicy of this name in the cluster)")),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            Ok((None, "none (no ScalingPolicy of this name in the cluster)"))
+        }
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok((
+            None,
+            "none (reading ScalingPolicies is forbidden to this user: the evaluation starts from an empty history)",
+        )),
+        Err(e) => Err(CliError::Cluster(format!(
+            "reading ScalingPolicy {namespace}/{name} for its status: {e}"
+        ))),
+    }
+}
+
 fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (mut resource, mut policy) = first_document(&args.policy)?;
     if resource.metadata.namespace.is_none() {
@@ -546,6 +579,11 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
+        // The evaluation goes on from the live policy's status when one of that name exists
+        // (its stabilization window, scale events, kscale's own zero, the cooldown and the
+        // failure count), as the controller's next evaluation would.
+        let (live, state_from) = live_status(&client, &resource).await?;
+        resource.status = live;
         let mut ctx = crate::controller::Context::new(client.clone(), backend.clone(), None);
         ctx.servers = crate::controller::servers::Servers::new(
             client,
@@ -574,6 +612,7 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
         .map_err(|e| CliError::Cluster(e.to_string()))?;
         let d = &e.decision;
         writeln!(out, "policy    {}", e.policy.name).map_err(io)?;
+        writeln!(out, "state     {state_from}").map_err(io)?;
         writeln!(
             out,
             "target    {} {} (spec {}, status {})",

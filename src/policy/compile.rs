@@ -1024,6 +1024,16 @@ fn compile_zero(
             "0 needs a prometheus metric to wake the target: resource metrics (cpu, memory) have no pods to read at 0 replicas".into(),
         ));
     }
+    // A running pod always uses some CPU and memory: with the default threshold of 0 such a
+    // metric is active whenever the target runs, and the target never goes idle.
+    for (i, m) in spec.metrics.iter().enumerate() {
+        if m.resource.is_some() && m.activation_threshold.is_none() {
+            errors.push(err(
+                format!("spec.metrics[{i}].activationThreshold"),
+                "is required on a resource metric when spec.minReplicas is 0 or spec.idleReplicas is set: a running pod always uses some cpu and memory, so with the default of 0 the target would never go idle".into(),
+            ));
+        }
+    }
     Some(ZeroSettings {
         idle,
         active_min: min_replicas.max(1),
