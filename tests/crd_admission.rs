@@ -57,17 +57,13 @@ async fn crd_installs_and_admits_the_examples() {
     let p = example("examples/backend-rps.yaml", &ns.name);
     let policy = CompiledPolicy::from_resource(&p).expect("valid");
     let now = chrono::Utc::now();
-    let obs = Observation {
-        spec_replicas: 3,
-        status_replicas: 3,
-        ready_replicas: 3,
-        pods: 3,
-        forecasts: Vec::new(),
-        samples: vec![Sample::Series {
+    let obs = Observation::steady(
+        3,
+        vec![Sample::Series {
             values: vec![450.0],
             timestamp: now,
         }],
-    };
+    );
     let mut decision = evaluate(&policy, &obs, &PolicyState::default(), now);
     decision.record_applied(&policy, now);
     let status = kscale::status::status_from_decision(&policy, &decision, None, Some(1), now);

@@ -163,14 +163,7 @@ spec:
     ))
     .expect("policy YAML");
     let policy = CompiledPolicy::from_resource(&policy).expect("policy compiles");
-    let obs = Observation {
-        spec_replicas: 3,
-        status_replicas: 3,
-        ready_replicas: 3,
-        pods: 3,
-        forecasts: Vec::new(),
-        samples: vec![Sample::Pods(samples.clone())],
-    };
+    let obs = Observation::steady(3, vec![Sample::Pods(samples.clone())]);
     let decision = evaluate(&policy, &obs, &PolicyState::default(), now);
     assert_eq!(
         (decision.replicas, decision.metrics[0].proposal),
