@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
 use kube::runtime::{WatchStreamExt, watcher};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -90,23 +89,10 @@ async fn main() {
     };
     let client = env.client().await;
     support::install_crd(&client).await;
-    support::apply_yaml(
-        &client,
-        "default",
-        &support::scale_crd_yaml("bench.kscale.dev", "BenchTarget", "benchtargets"),
-    )
-    .await;
-    support::wait_until("BenchTarget served", Duration::from_secs(30), || async {
-        let gvk = GroupVersionKind::gvk("bench.kscale.dev", "v1", "BenchTarget");
-        kube::discovery::pinned_kind(&client, &gvk)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    let resource =
+        support::install_scale_crd(&client, "bench.kscale.dev", "BenchTarget", "benchtargets")
+            .await;
     let ns = support::create_namespace(env, &client, "bench").await;
-    let gvk = GroupVersionKind::gvk("bench.kscale.dev", "v1", "BenchTarget");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "benchtargets");
     let targets: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &resource);
 
     let exporter = support::TestExporter::start(env, &ns.name);

@@ -11,8 +11,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::events::v1::Event;
 use kscale::crd::ScalingPolicy;
 use kscale::policy::CompiledPolicy;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use support::controller::{run_controller, run_controller_at, wait_condition, wait_event};
 
 /// A policy `name` in `ns` on `target` (`apiVersion`, `kind`, `name` as a flow mapping), one
@@ -159,20 +158,9 @@ async fn a_target_without_a_selector_holds_as_the_hpa_refuses() {
     };
     let client = env.client().await;
     support::install_crd(&client).await;
-    support::apply_yaml(
-        &client,
-        "default",
-        &support::scale_crd_yaml("defects.kscale.dev", "NoSelector", "noselectors"),
-    )
-    .await;
-    let gvk = GroupVersionKind::gvk("defects.kscale.dev", "v1", "NoSelector");
-    support::wait_until("NoSelector served", Duration::from_secs(30), || async {
-        kube::discovery::pinned_kind(&client, &gvk)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    let resource =
+        support::install_scale_crd(&client, "defects.kscale.dev", "NoSelector", "noselectors")
+            .await;
     let ns = support::create_namespace(env, &client, "def-sel").await;
     support::apply_yaml(
         &client,
@@ -180,7 +168,6 @@ async fn a_target_without_a_selector_holds_as_the_hpa_refuses() {
         &TARGET_RBAC.replace("NAMESPACE", &ns.name),
     )
     .await;
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "noselectors");
     let targets: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &resource);
     for name in ["hpa-target", "value-target", "average-target"] {
         let mut obj = DynamicObject::new(name, &resource);
@@ -224,17 +211,7 @@ spec:
     let exporter = support::TestExporter::start(env, &ns.name);
     exporter.set("kscale_defects_q", &[], 300.0);
     let query = format!("sum(kscale_defects_q{{exporter=\"{}\"}})", exporter.id);
-    support::wait_until(
-        "the metric in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 300.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 300.0).await;
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     for (name, target, spec) in [
         ("value", "value-target", "{type: Value, value: \"100\"}"),

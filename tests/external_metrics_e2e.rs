@@ -76,17 +76,7 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     let metric = "kscale_xm_queue";
     exporter.set(metric, &[("app", "web")], 15.0);
     let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
-    support::wait_until(
-        "the metric in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 15.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 15.0).await;
 
     let policy: ScalingPolicy = serde_yaml::from_str(&format!(
         r#"

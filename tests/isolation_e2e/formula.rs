@@ -175,17 +175,7 @@ async fn nested_comprehensions_are_refused_and_the_neighbour_keeps_its_interval(
     )
     .await;
     exporter.set(metric, &[], 30.0);
-    support::wait_until(
-        "30 visible in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 30.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 30.0).await;
     let visible = Instant::now();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     support::wait_replicas(&deployments, 6, Duration::from_secs(20), &log).await;

@@ -58,6 +58,30 @@ spec:
     )
 }
 
+/// Installs [`scale_crd_yaml`]'s CustomResourceDefinition, waits until the apiserver serves the
+/// kind, and returns its resource.
+pub async fn install_scale_crd(
+    client: &Client,
+    group: &str,
+    kind: &str,
+    plural: &str,
+) -> kube::core::ApiResource {
+    apply_yaml(client, "default", &scale_crd_yaml(group, kind, plural)).await;
+    let gvk = GroupVersionKind::gvk(group, "v1", kind);
+    wait_until(
+        &format!("{kind} served"),
+        Duration::from_secs(30),
+        || async {
+            discovery::pinned_kind(client, &gvk)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    kube::core::ApiResource::from_gvk_with_plural(&gvk, plural)
+}
+
 /// Name of the simulated node that `scripts/testenv` creates.
 pub const NODE_NAME: &str = "kwok-node-0";
 /// Pod annotations kwok reads to simulate a pod's resource usage (see kwok's
