@@ -17,14 +17,12 @@ use support::controller::{run_controller, run_controller_at, wait_condition, wai
 /// A policy `name` in `ns` on `target` (`apiVersion`, `kind`, `name` as a flow mapping), one
 /// metric `q` on `query` with `target_spec`, evaluated every second.
 fn policy(ns: &str, name: &str, target: &str, query: &str, target_spec: &str) -> ScalingPolicy {
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  targetRef: {target}
-  minReplicas: 1
+    support::scaling_policy(
+        ns,
+        name,
+        target,
+        &format!(
+            r#"  minReplicas: 1
   maxReplicas: 10
   interval: 1s
   metrics:
@@ -32,8 +30,8 @@ spec:
     prometheus: {{query: '{query}'}}
     target: {target_spec}
 "#
-    ))
-    .expect("policy parses")
+        ),
+    )
 }
 
 #[tokio::test]
@@ -49,7 +47,7 @@ async fn an_unreachable_prometheus_records_one_warning_event() {
     let p = policy(
         &ns.name,
         "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+        support::WEB_DEPLOYMENT,
         "sum(up)",
         "{type: AverageValue, averageValue: \"5\"}",
     );
@@ -323,7 +321,7 @@ async fn admission_refuses_a_schedule_ceiling_under_min_replicas() {
         let mut p = policy(
             &ns.name,
             name,
-            "{apiVersion: apps/v1, kind: Deployment, name: web}",
+            support::WEB_DEPLOYMENT,
             "sum(up)",
             "{type: AverageValue, averageValue: \"5\"}",
         );
@@ -352,7 +350,7 @@ async fn admission_refuses_a_schedule_ceiling_under_min_replicas() {
     let mut p = policy(
         &ns.name,
         "ceiling-at-floor",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+        support::WEB_DEPLOYMENT,
         "sum(up)",
         "{type: AverageValue, averageValue: \"5\"}",
     );

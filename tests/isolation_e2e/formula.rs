@@ -36,14 +36,12 @@ fn nested(depth: usize) -> String {
 }
 
 fn policy(ns: &str, name: &str, target: &str, query: &str, extra: &str) -> ScalingPolicy {
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: {target}}}
-  minReplicas: 1
+    support::scaling_policy(
+        ns,
+        name,
+        &format!("{{apiVersion: apps/v1, kind: Deployment, name: {target}}}"),
+        &format!(
+            r#"  minReplicas: 1
   maxReplicas: 10
   interval: 1s
   metrics:
@@ -51,8 +49,8 @@ spec:
     prometheus: {{query: '{query}'}}
     target: {{type: AverageValue, averageValue: "5"}}
 {extra}"#
-    ))
-    .expect("policy parses")
+        ),
+    )
 }
 
 /// Creates a policy, retrying while the new resource is not yet served (discovery lag).

@@ -235,18 +235,7 @@ impl Scenario {
         let metric = format!("kscale_{prefix}_queue").replace('-', "_");
         exporter.set(&metric, &[], initial);
         let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
-        let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-            r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-{spec}"#,
-            ns = ns.name,
-            spec = spec(&query),
-        ))
-        .expect("policy parses");
+        let policy = super::scaling_policy(&ns.name, "web", super::WEB_DEPLOYMENT, &spec(&query));
         let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
         policies
             .create(&PostParams::default(), &policy)

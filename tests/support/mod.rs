@@ -942,6 +942,23 @@ impl Drop for AuthProxy {
 
 // ------------------------------------------------------------------ kscale's CRD
 
+/// The `targetRef` of Deployment `web`, as a YAML flow mapping.
+pub const WEB_DEPLOYMENT: &str = "{apiVersion: apps/v1, kind: Deployment, name: web}";
+
+/// A ScalingPolicy `name` in `ns` on `target_ref` (a YAML flow mapping); `spec` is the rest of
+/// its spec as YAML lines indented by two spaces.
+pub fn scaling_policy(
+    ns: &str,
+    name: &str,
+    target_ref: &str,
+    spec: &str,
+) -> kscale::crd::ScalingPolicy {
+    let yaml = format!(
+        "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRef: {target_ref}\n{spec}"
+    );
+    serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("policy parses: {e}\n{yaml}"))
+}
+
 /// Installs (server-side applies) kscale's ScalingPolicy CRD and waits until it is Established.
 pub async fn install_crd(client: &Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
