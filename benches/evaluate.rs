@@ -73,13 +73,9 @@ fn warm_state(policy: &CompiledPolicy) -> PolicyState {
 }
 
 fn observation(replicas: i32, rps: f64, now: DateTime<Utc>) -> Observation {
-    Observation {
-        spec_replicas: replicas,
-        status_replicas: replicas,
-        ready_replicas: replicas,
-        pods: replicas,
-        forecasts: Vec::new(),
-        samples: vec![
+    Observation::steady(
+        replicas,
+        vec![
             Sample::Series {
                 values: vec![rps],
                 timestamp: now - TimeDelta::seconds(5),
@@ -93,7 +89,7 @@ fn observation(replicas: i32, rps: f64, now: DateTime<Utc>) -> Observation {
                 timestamp: now - TimeDelta::seconds(5),
             },
         ],
-    }
+    )
 }
 
 fn bench_evaluate(c: &mut Criterion) {

@@ -119,6 +119,21 @@ pub struct Observation {
     pub forecasts: Vec<Option<crate::policy::forecast::Prediction>>,
 }
 
+impl Observation {
+    /// A target at rest: all `replicas` asked for exist, run and are ready (the backtest's
+    /// simulated target), with one sample per `spec.metrics` entry and no forecasts.
+    pub fn steady(replicas: i32, samples: Vec<Sample>) -> Self {
+        Self {
+            spec_replicas: replicas,
+            status_replicas: replicas,
+            ready_replicas: replicas,
+            pods: replicas,
+            samples,
+            forecasts: Vec::new(),
+        }
+    }
+}
+
 /// A condition of the decision, mirroring the HPA's condition types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecisionCondition {

@@ -95,17 +95,13 @@ spec:
         .unwrap();
         let policy = CompiledPolicy::from_resource(&p).unwrap();
         let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        let obs = Observation {
-            spec_replicas: 2,
-            status_replicas: 2,
-            ready_replicas: 2,
-            pods: 2,
-            forecasts: Vec::new(),
-            samples: vec![Sample::Series {
+        let obs = Observation::steady(
+            2,
+            vec![Sample::Series {
                 values: vec![450.0],
                 timestamp: t0,
             }],
-        };
+        );
         let d = evaluate(&policy, &obs, &PolicyState::default(), t0);
         let s1 = status_from_decision(&policy, &d, None, Some(3), t0);
         assert_eq!(s1.desired_replicas, Some(4)); // legacy: max(2*2, 4)

@@ -663,26 +663,21 @@ async fn scales_on_cpu_utilization_from_metrics_server() {
     // 2 pods requesting 200m and using 180m each: 90 % against a 50 % target.
     support::create_kwok_deployment(&client, &ns.name, "web", 2, "200m", "180m").await;
     support::wait_for_ready_pods(&client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
+    let policy = support::scaling_policy(
+        &ns.name,
+        "web",
+        support::WEB_DEPLOYMENT,
+        r#"  minReplicas: 1
   maxReplicas: 4
   interval: 2s
   metrics:
   - name: cpu
-    resource: {{name: cpu}}
-    target: {{type: Utilization, averageUtilization: 50}}
+    resource: {name: cpu}
+    target: {type: Utilization, averageUtilization: 50}
   behavior:
-    scaleDown: {{stabilizationWindowSeconds: 0}}
+    scaleDown: {stabilizationWindowSeconds: 0}
 "#,
-        ns = ns.name
-    ))
-    .expect("policy parses");
+    );
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     policies
         .create(&PostParams::default(), &policy)

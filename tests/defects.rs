@@ -26,20 +26,16 @@ fn policy(spec: &str) -> CompiledPolicy {
 
 /// One observation: `replicas` running and ready, one sample per metric (each a list of series).
 fn obs(replicas: i32, series: &[&[f64]], now: DateTime<Utc>) -> Observation {
-    Observation {
-        spec_replicas: replicas,
-        status_replicas: replicas,
-        ready_replicas: replicas,
-        pods: replicas,
-        forecasts: Vec::new(),
-        samples: series
+    Observation::steady(
+        replicas,
+        series
             .iter()
             .map(|values| Sample::Series {
                 values: values.to_vec(),
                 timestamp: now - TimeDelta::seconds(1),
             })
             .collect(),
-    }
+    )
 }
 
 fn decide(p: &CompiledPolicy, o: &Observation, now: DateTime<Utc>) -> kscale::policy::Decision {

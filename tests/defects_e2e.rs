@@ -11,21 +11,18 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::events::v1::Event;
 use kscale::crd::ScalingPolicy;
 use kscale::policy::CompiledPolicy;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use support::controller::{run_controller, run_controller_at, wait_condition, wait_event};
 
 /// A policy `name` in `ns` on `target` (`apiVersion`, `kind`, `name` as a flow mapping), one
 /// metric `q` on `query` with `target_spec`, evaluated every second.
 fn policy(ns: &str, name: &str, target: &str, query: &str, target_spec: &str) -> ScalingPolicy {
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  targetRef: {target}
-  minReplicas: 1
+    support::scaling_policy(
+        ns,
+        name,
+        target,
+        &format!(
+            r#"  minReplicas: 1
   maxReplicas: 10
   interval: 1s
   metrics:
@@ -33,8 +30,8 @@ spec:
     prometheus: {{query: '{query}'}}
     target: {target_spec}
 "#
-    ))
-    .expect("policy parses")
+        ),
+    )
 }
 
 #[tokio::test]
@@ -50,7 +47,7 @@ async fn an_unreachable_prometheus_records_one_warning_event() {
     let p = policy(
         &ns.name,
         "web",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+        support::WEB_DEPLOYMENT,
         "sum(up)",
         "{type: AverageValue, averageValue: \"5\"}",
     );
@@ -159,19 +156,13 @@ async fn a_target_without_a_selector_holds_as_the_hpa_refuses() {
     };
     let client = env.client().await;
     support::install_crd(&client).await;
-    support::apply_yaml(
+    let resource = support::install_scale_crd(
         &client,
-        "default",
-        &support::scale_crd_yaml("defects.kscale.dev", "NoSelector", "noselectors"),
+        "defects.kscale.dev",
+        "NoSelector",
+        "noselectors",
+        false,
     )
-    .await;
-    let gvk = GroupVersionKind::gvk("defects.kscale.dev", "v1", "NoSelector");
-    support::wait_until("NoSelector served", Duration::from_secs(30), || async {
-        kube::discovery::pinned_kind(&client, &gvk)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
     .await;
     let ns = support::create_namespace(env, &client, "def-sel").await;
     support::apply_yaml(
@@ -180,7 +171,6 @@ async fn a_target_without_a_selector_holds_as_the_hpa_refuses() {
         &TARGET_RBAC.replace("NAMESPACE", &ns.name),
     )
     .await;
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "noselectors");
     let targets: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &resource);
     for name in ["hpa-target", "value-target", "average-target"] {
         let mut obj = DynamicObject::new(name, &resource);
@@ -224,17 +214,7 @@ spec:
     let exporter = support::TestExporter::start(env, &ns.name);
     exporter.set("kscale_defects_q", &[], 300.0);
     let query = format!("sum(kscale_defects_q{{exporter=\"{}\"}})", exporter.id);
-    support::wait_until(
-        "the metric in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 300.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 300.0).await;
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
     for (name, target, spec) in [
         ("value", "value-target", "{type: Value, value: \"100\"}"),
@@ -346,7 +326,7 @@ async fn admission_refuses_a_schedule_ceiling_under_min_replicas() {
         let mut p = policy(
             &ns.name,
             name,
-            "{apiVersion: apps/v1, kind: Deployment, name: web}",
+            support::WEB_DEPLOYMENT,
             "sum(up)",
             "{type: AverageValue, averageValue: \"5\"}",
         );
@@ -375,7 +355,7 @@ async fn admission_refuses_a_schedule_ceiling_under_min_replicas() {
     let mut p = policy(
         &ns.name,
         "ceiling-at-floor",
-        "{apiVersion: apps/v1, kind: Deployment, name: web}",
+        support::WEB_DEPLOYMENT,
         "sum(up)",
         "{type: AverageValue, averageValue: \"5\"}",
     );

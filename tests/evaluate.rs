@@ -43,14 +43,7 @@ fn obs(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>) 
             reason: "query returned no series".into(),
         },
     };
-    Observation {
-        spec_replicas: replicas,
-        status_replicas: replicas,
-        ready_replicas: replicas,
-        pods: replicas,
-        forecasts: Vec::new(),
-        samples: vec![s(rps), s(queue)],
-    }
+    Observation::steady(replicas, vec![s(rps), s(queue)])
 }
 
 /// Runs a sequence of (seconds, rps) through the policy, applying each decision.

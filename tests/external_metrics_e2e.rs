@@ -76,26 +76,14 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     let metric = "kscale_xm_queue";
     exporter.set(metric, &[("app", "web")], 15.0);
     let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
-    support::wait_until(
-        "the metric in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 15.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 15.0).await;
 
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns_name}}}
-spec:
-  mode: ExternalMetric
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+    let policy = support::scaling_policy(
+        &ns_name,
+        "web",
+        support::WEB_DEPLOYMENT,
+        &format!(
+            r#"  mode: ExternalMetric
   minReplicas: 1
   maxReplicas: 10
   interval: 1s
@@ -107,8 +95,8 @@ spec:
     scaleDown:
       stabilizationWindowSeconds: 0
 "#
-    ))
-    .expect("policy parses");
+        ),
+    );
     Api::<ScalingPolicy>::namespaced(client.clone(), &ns_name)
         .create(&PostParams::default(), &policy)
         .await

@@ -314,14 +314,7 @@ spec:
     )
     .unwrap();
     let policy = CompiledPolicy::from_resource(&resource).unwrap();
-    let obs = Observation {
-        spec_replicas: 3,
-        status_replicas: 3,
-        ready_replicas: 3,
-        pods: 3,
-        forecasts: Vec::new(),
-        samples: vec![sample],
-    };
+    let obs = Observation::steady(3, vec![sample]);
     let d = evaluate(&policy, &obs, &PolicyState::default(), Utc::now());
     assert_eq!(d.metrics[0].state, MetricState::Invalid, "{d:?}");
     assert_eq!(d.replicas, 3, "{}", d.reason(&policy));

@@ -13,7 +13,6 @@ use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use kscale::crd::ScalingPolicy;
 use kscale::model::{Observation, PodPhase, PodSample, Sample};
 use kscale::policy::replicas::{ReadinessSettings, ResourceTarget, Tolerances, resource};
 use kscale::policy::{CompiledPolicy, PolicyState, evaluate};
@@ -145,32 +144,20 @@ async fn deployment_pods_with_simulated_cpu_give_samples_and_the_hpa_proposal() 
 
     // The same through the evaluator with a compiled policy (legacy behavior: a scale-up
     // from 3 may go to max(2 × 3, 4) = 6, so 5 stands).
-    let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
+    let policy = support::scaling_policy(
+        &ns.name,
+        "web",
+        support::WEB_DEPLOYMENT,
+        r#"  minReplicas: 1
   maxReplicas: 10
   metrics:
   - name: cpu
-    resource: {{name: cpu}}
-    target: {{type: Utilization, averageUtilization: 50}}
+    resource: {name: cpu}
+    target: {type: Utilization, averageUtilization: 50}
 "#,
-        ns = ns.name
-    ))
-    .expect("policy YAML");
+    );
     let policy = CompiledPolicy::from_resource(&policy).expect("policy compiles");
-    let obs = Observation {
-        spec_replicas: 3,
-        status_replicas: 3,
-        ready_replicas: 3,
-        pods: 3,
-        forecasts: Vec::new(),
-        samples: vec![Sample::Pods(samples.clone())],
-    };
+    let obs = Observation::steady(3, vec![Sample::Pods(samples.clone())]);
     let decision = evaluate(&policy, &obs, &PolicyState::default(), now);
     assert_eq!(
         (decision.replicas, decision.metrics[0].proposal),

@@ -8,22 +8,22 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
-use kscale::crd::{ScalingPolicy, ScalingPolicyStatus};
-use kube::api::{Api, ListParams, PostParams};
-use support::controller::{run_controller, scale_by_hand, wait_condition};
+use kscale::crd::ScalingPolicyStatus;
+use kube::api::{Api, ListParams};
+use support::controller::{Scenario, run_controller, scale_by_hand, wait_condition};
 
 /// A namespace with Deployment `web` of `replicas` simulated pods, an exporter metric at
 /// `initial`, and a ScalingPolicy `web` on it: `minReplicas: 0`, 1s interval, 5 per replica,
 /// `activationThreshold: 2`, the given cooldown, and one replica removed per `step_s` seconds.
-struct Zero {
-    ns: support::TestNamespace,
-    exporter: support::TestExporter,
-    metric: String,
-    query: String,
-    policies: Api<ScalingPolicy>,
-    deployments: Api<Deployment>,
+/// The shared [`Scenario`] set-up with this policy.
+struct Zero(Scenario);
+
+impl std::ops::Deref for Zero {
+    type Target = Scenario;
+    fn deref(&self) -> &Scenario {
+        &self.0
+    }
 }
 
 impl Zero {
@@ -36,21 +36,10 @@ impl Zero {
         cooldown: &str,
         step_s: u32,
     ) -> Zero {
-        support::install_crd(client).await;
-        let ns = support::create_namespace(env, client, prefix).await;
-        support::create_kwok_deployment(client, &ns.name, "web", replicas, "100m", "50m").await;
-        let exporter = support::TestExporter::start(env, &ns.name);
-        let metric = format!("kscale_{prefix}_queue").replace('-', "_");
-        exporter.set(&metric, &[], initial);
-        let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
-        let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-            r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 0
+        let zero = Zero(
+            Scenario::start_with(env, client, prefix, replicas, initial, |query| {
+                format!(
+                    r#"  minReplicas: 0
   maxReplicas: 10
   interval: 1s
   cooldown: {cooldown}
@@ -63,24 +52,11 @@ spec:
     scaleDown:
       stabilizationWindowSeconds: 0
       policies: [{{type: Pods, value: 1, periodSeconds: {step_s}}}]
-"#,
-            ns = ns.name
-        ))
-        .expect("policy parses");
-        let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-        policies
-            .create(&PostParams::default(), &policy)
-            .await
-            .expect("policy created");
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-        let zero = Zero {
-            ns,
-            exporter,
-            metric,
-            query,
-            policies,
-            deployments,
-        };
+"#
+                )
+            })
+            .await,
+        );
         zero.wait_visible(env, initial).await;
         zero
     }
@@ -89,10 +65,6 @@ spec:
     async fn set(&self, env: &support::TestEnv, value: f64) {
         self.exporter.set(&self.metric, &[], value);
         self.wait_visible(env, value).await;
-    }
-
-    async fn wait_visible(&self, env: &support::TestEnv, value: f64) {
-        support::wait_prometheus_value(env, &self.query, value).await;
     }
 
     async fn status(&self) -> ScalingPolicyStatus {

@@ -15,32 +15,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
 use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::support;
-
-const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: benchtargets.bench.kscale.dev}
-spec:
-  group: bench.kscale.dev
-  scope: Namespaced
-  names: {kind: BenchTarget, plural: benchtargets, singular: benchtarget}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources:
-      status: {}
-      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas, labelSelectorPath: .status.selector}
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, properties: {replicas: {type: integer}}}
-          status: {type: object, properties: {replicas: {type: integer}, selector: {type: string}}}
-"#;
 
 /// `apiVersion` of the bench targets.
 pub const TARGET_API_VERSION: &str = "bench.kscale.dev/v1";
@@ -96,18 +73,17 @@ pub fn query_requests(env: &support::TestEnv) -> f64 {
     .unwrap_or(f64::NAN)
 }
 
-/// Installs the `BenchTarget` CRD and waits until it is served.
+/// Installs the `BenchTarget` CRD (its scale has a selector, as a Deployment's does) and waits
+/// until it is served.
 pub async fn install_target_crd(client: &kube::Client) -> ApiResource {
-    support::apply_yaml(client, "default", CRD).await;
-    let gvk = GroupVersionKind::gvk("bench.kscale.dev", "v1", TARGET_KIND);
-    support::wait_until("BenchTarget served", Duration::from_secs(30), || async {
-        kube::discovery::pinned_kind(client, &gvk)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
-    ApiResource::from_gvk_with_plural(&gvk, "benchtargets")
+    support::install_scale_crd(
+        client,
+        "bench.kscale.dev",
+        TARGET_KIND,
+        "benchtargets",
+        true,
+    )
+    .await
 }
 
 /// Creates targets `names` with `replicas` (spec and status) and a selector of their own,

@@ -489,14 +489,7 @@ pub fn run(
             }
         }
     }
-    let mut obs = Observation {
-        spec_replicas: replicas,
-        status_replicas: replicas,
-        ready_replicas: replicas,
-        pods: replicas,
-        forecasts: Vec::new(),
-        samples: Vec::with_capacity(feeds.len()),
-    };
+    let mut obs = Observation::steady(replicas, Vec::with_capacity(feeds.len()));
     let step_hours = interval.num_milliseconds() as f64 / 3_600_000.0;
     let step_minutes = step_hours * 60.0;
     let mut steps = Vec::with_capacity(total as usize);

@@ -157,17 +157,13 @@ spec:
     }
 
     fn obs(now: DateTime<Utc>) -> Observation {
-        Observation {
-            spec_replicas: 3,
-            status_replicas: 3,
-            ready_replicas: 3,
-            pods: 3,
-            forecasts: Vec::new(),
-            samples: vec![Sample::Series {
+        Observation::steady(
+            3,
+            vec![Sample::Series {
                 values: vec![500.0],
                 timestamp: now,
             }],
-        }
+        )
     }
 
     /// A formula of a few thousand iterations: milliseconds, far above a budget of zero.

@@ -1724,14 +1724,7 @@ mod tests {
         .unwrap();
         let policy = CompiledPolicy::from_resource(&p).unwrap();
         let decide = |sample: Sample| {
-            let obs = Observation {
-                spec_replicas: 2,
-                status_replicas: 2,
-                ready_replicas: 2,
-                pods: 2,
-                forecasts: Vec::new(),
-                samples: vec![sample],
-            };
+            let obs = Observation::steady(2, vec![sample]);
             crate::policy::evaluate(&policy, &obs, &Default::default(), at(0))
         };
         let failing = decide(Sample::Error {

@@ -37,14 +37,7 @@ fn seen(replicas: i32, rps: Option<f64>, queue: Option<f64>, now: DateTime<Utc>)
             message: "connection refused".into(),
         },
     };
-    Observation {
-        spec_replicas: replicas,
-        status_replicas: replicas,
-        ready_replicas: replicas,
-        pods: replicas,
-        samples: vec![sample(rps), sample(queue)],
-        forecasts: Vec::new(),
-    }
+    Observation::steady(replicas, vec![sample(rps), sample(queue)])
 }
 
 fn condition(d: &super::Decision, type_: &str) -> (bool, &'static str) {

@@ -288,14 +288,7 @@ mod tests {
     }
 
     fn obs(replicas: i32, q: Sample) -> Observation {
-        Observation {
-            spec_replicas: replicas,
-            status_replicas: replicas,
-            ready_replicas: replicas,
-            pods: replicas,
-            forecasts: Vec::new(),
-            samples: vec![q],
-        }
+        Observation::steady(replicas, vec![q])
     }
 
     fn value(v: f64, now: DateTime<Utc>) -> Sample {

@@ -1336,17 +1336,13 @@ spec:
         .unwrap();
         let policy = crate::policy::CompiledPolicy::from_resource(&resource).unwrap();
         let now = ts(1_700_000_000.0);
-        let obs = crate::model::Observation {
-            spec_replicas: 4,
-            status_replicas: 4,
-            ready_replicas: 4,
-            pods: 4,
-            forecasts: Vec::new(),
-            samples: vec![Sample::Series {
+        let obs = crate::model::Observation::steady(
+            4,
+            vec![Sample::Series {
                 values: vec![f64::NAN],
                 timestamp: now,
             }],
-        };
+        );
         let d = crate::policy::evaluate(&policy, &obs, &Default::default(), now);
         let reason = d.reason(&policy);
         assert_eq!(d.replicas, 4, "{reason}");

@@ -125,14 +125,12 @@ impl Scene {
 
 /// An ExternalMetric policy `name` on Deployment `web` reading `query`.
 fn policy(ns: &str, name: &str, metric: &str, query: &str) -> ScalingPolicy {
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  mode: ExternalMetric
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+    support::scaling_policy(
+        ns,
+        name,
+        support::WEB_DEPLOYMENT,
+        &format!(
+            r#"  mode: ExternalMetric
   minReplicas: 1
   maxReplicas: 10
   interval: 1s
@@ -141,8 +139,8 @@ spec:
     prometheus: {{query: '{query}'}}
     target: {{type: AverageValue, averageValue: "5"}}
 "#
-    ))
-    .expect("policy parses")
+        ),
+    )
 }
 
 /// The daemon's resident memory in KiB (Linux `/proc`).

@@ -36,14 +36,12 @@ fn nested(depth: usize) -> String {
 }
 
 fn policy(ns: &str, name: &str, target: &str, query: &str, extra: &str) -> ScalingPolicy {
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: {target}}}
-  minReplicas: 1
+    support::scaling_policy(
+        ns,
+        name,
+        &format!("{{apiVersion: apps/v1, kind: Deployment, name: {target}}}"),
+        &format!(
+            r#"  minReplicas: 1
   maxReplicas: 10
   interval: 1s
   metrics:
@@ -51,8 +49,8 @@ spec:
     prometheus: {{query: '{query}'}}
     target: {{type: AverageValue, averageValue: "5"}}
 {extra}"#
-    ))
-    .expect("policy parses")
+        ),
+    )
 }
 
 /// Creates a policy, retrying while the new resource is not yet served (discovery lag).
@@ -175,17 +173,7 @@ async fn nested_comprehensions_are_refused_and_the_neighbour_keeps_its_interval(
     )
     .await;
     exporter.set(metric, &[], 30.0);
-    support::wait_until(
-        "30 visible in Prometheus",
-        Duration::from_secs(20),
-        || async {
-            match support::prometheus_scalar(env, &query) {
-                Ok(Some(v)) if (v - 30.0).abs() < 1e-9 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    support::wait_prometheus_value(env, &query, 30.0).await;
     let visible = Instant::now();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     support::wait_replicas(&deployments, 6, Duration::from_secs(20), &log).await;

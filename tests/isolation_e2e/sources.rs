@@ -300,14 +300,12 @@ impl Scenario {
         exporter.set(&metric, &[], 10.0);
         let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
         let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-        let web: ScalingPolicy = serde_yaml::from_str(&format!(
-            r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
+        let web = support::scaling_policy(
+            &ns.name,
+            "web",
+            support::WEB_DEPLOYMENT,
+            &format!(
+                r#"  minReplicas: 1
   maxReplicas: 20
   interval: {interval}s
   metrics:
@@ -317,10 +315,9 @@ spec:
   behavior:
     scaleDown: {{stabilizationWindowSeconds: 0}}
 "#,
-            ns = ns.name,
-            interval = INTERVAL.as_secs(),
-        ))
-        .expect("neighbour policy parses");
+                interval = INTERVAL.as_secs(),
+            ),
+        );
         policies
             .create(&PostParams::default(), &web)
             .await

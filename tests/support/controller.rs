@@ -197,22 +197,9 @@ impl Scenario {
         initial: f64,
         down_window_s: u32,
     ) -> Scenario {
-        super::install_crd(client).await;
-        let ns = super::create_namespace(env, client, prefix).await;
-        super::create_kwok_deployment(client, &ns.name, "web", 2, "100m", "50m").await;
-        super::wait_for_ready_pods(client, &ns.name, "app=web", 2, Duration::from_secs(60)).await;
-        let exporter = std::sync::Arc::new(super::TestExporter::start(env, &ns.name));
-        let metric = format!("kscale_{prefix}_queue");
-        exporter.set(&metric, &[], initial);
-        let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
-        let policy: ScalingPolicy = serde_yaml::from_str(&format!(
-            r#"
-apiVersion: kscale.dev/v1alpha1
-kind: ScalingPolicy
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
-  minReplicas: 1
+        Scenario::start_with(env, client, prefix, 2, initial, |query| {
+            format!(
+                r#"  minReplicas: 1
   maxReplicas: 10
   interval: 1s
   metrics:
@@ -222,10 +209,33 @@ spec:
   behavior:
     scaleDown:
       stabilizationWindowSeconds: {down_window_s}
-"#,
-            ns = ns.name
-        ))
-        .expect("policy parses");
+"#
+            )
+        })
+        .await
+    }
+
+    /// The scenario with `replicas` pods (waited for until Ready) and the policy's spec after
+    /// `targetRef` as `spec(query)` gives it (lines indented by two spaces).
+    pub async fn start_with(
+        env: &super::TestEnv,
+        client: &kube::Client,
+        prefix: &str,
+        replicas: i32,
+        initial: f64,
+        spec: impl FnOnce(&str) -> String,
+    ) -> Scenario {
+        super::install_crd(client).await;
+        let ns = super::create_namespace(env, client, prefix).await;
+        super::create_kwok_deployment(client, &ns.name, "web", replicas, "100m", "50m").await;
+        let count = usize::try_from(replicas).expect("a replica count is not negative");
+        super::wait_for_ready_pods(client, &ns.name, "app=web", count, Duration::from_secs(60))
+            .await;
+        let exporter = std::sync::Arc::new(super::TestExporter::start(env, &ns.name));
+        let metric = format!("kscale_{prefix}_queue").replace('-', "_");
+        exporter.set(&metric, &[], initial);
+        let query = format!("sum({metric}{{exporter=\"{}\"}})", exporter.id);
+        let policy = super::scaling_policy(&ns.name, "web", super::WEB_DEPLOYMENT, &spec(&query));
         let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
         policies
             .create(&PostParams::default(), &policy)

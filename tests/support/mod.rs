@@ -29,9 +29,18 @@ use kube::{Client, Config};
 pub mod controller;
 
 /// A namespaced CustomResourceDefinition `<plural>.<group>` (version `v1`) whose `scale`
-/// subresource reads `.spec.replicas` and `.status.replicas` and sets no `labelSelectorPath`
-/// (so its scale has no selector), as YAML.
-pub fn scale_crd_yaml(group: &str, kind: &str, plural: &str) -> String {
+/// subresource reads `.spec.replicas` and `.status.replicas`, as YAML. With `selector`, the scale
+/// also reads its label selector from `.status.selector` (`labelSelectorPath`); without, it sets
+/// none, so its scale has no selector.
+pub fn scale_crd_yaml(group: &str, kind: &str, plural: &str, selector: bool) -> String {
+    let (selector_path, selector_field) = if selector {
+        (
+            ", labelSelectorPath: .status.selector",
+            ", selector: {type: string}",
+        )
+    } else {
+        ("", "")
+    };
     format!(
         r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -46,16 +55,46 @@ spec:
     storage: true
     subresources:
       status: {{}}
-      scale: {{specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}}
+      scale: {{specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas{selector_path}}}
     schema:
       openAPIV3Schema:
         type: object
         properties:
           spec: {{type: object, properties: {{replicas: {{type: integer}}}}}}
-          status: {{type: object, properties: {{replicas: {{type: integer}}}}}}
+          status: {{type: object, properties: {{replicas: {{type: integer}}{selector_field}}}}}
 "#,
         singular = kind.to_lowercase()
     )
+}
+
+/// Installs [`scale_crd_yaml`]'s CustomResourceDefinition, waits until the apiserver serves the
+/// kind, and returns its resource.
+pub async fn install_scale_crd(
+    client: &Client,
+    group: &str,
+    kind: &str,
+    plural: &str,
+    selector: bool,
+) -> kube::core::ApiResource {
+    apply_yaml(
+        client,
+        "default",
+        &scale_crd_yaml(group, kind, plural, selector),
+    )
+    .await;
+    let gvk = GroupVersionKind::gvk(group, "v1", kind);
+    wait_until(
+        &format!("{kind} served"),
+        Duration::from_secs(30),
+        || async {
+            discovery::pinned_kind(client, &gvk)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    kube::core::ApiResource::from_gvk_with_plural(&gvk, plural)
 }
 
 /// Name of the simulated node that `scripts/testenv` creates.
@@ -967,6 +1006,23 @@ impl Drop for AuthProxy {
 }
 
 // ------------------------------------------------------------------ kscale's CRD
+
+/// The `targetRef` of Deployment `web`, as a YAML flow mapping.
+pub const WEB_DEPLOYMENT: &str = "{apiVersion: apps/v1, kind: Deployment, name: web}";
+
+/// A ScalingPolicy `name` in `ns` on `target_ref` (a YAML flow mapping); `spec` is the rest of
+/// its spec as YAML lines indented by two spaces.
+pub fn scaling_policy(
+    ns: &str,
+    name: &str,
+    target_ref: &str,
+    spec: &str,
+) -> kscale::crd::ScalingPolicy {
+    let yaml = format!(
+        "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRef: {target_ref}\n{spec}"
+    );
+    serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("policy parses: {e}\n{yaml}"))
+}
 
 /// Installs (server-side applies) kscale's ScalingPolicy CRD and waits until it is Established.
 pub async fn install_crd(client: &Client) {
