@@ -392,14 +392,19 @@ async fn admission_and_compile_check_the_zero_fields() {
         ))
     }
     fn cpu_only(p: &mut ScalingPolicy) {
-        p.spec.metrics[0].prometheus = None;
-        p.spec.metrics[0].resource = Some(kscale::crd::ResourceSource {
+        cpu_only_at(p, 0);
+    }
+    /// Metric `i` becomes a CPU utilization metric.
+    fn cpu_only_at(p: &mut ScalingPolicy, i: usize) {
+        let m = &mut p.spec.metrics[i];
+        m.prometheus = None;
+        m.resource = Some(kscale::crd::ResourceSource {
             name: "cpu".into(),
             container: None,
         });
-        p.spec.metrics[0].target.type_ = "Utilization".into();
-        p.spec.metrics[0].target.average_value = None;
-        p.spec.metrics[0].target.average_utilization = Some(50);
+        m.target.type_ = "Utilization".into();
+        m.target.average_value = None;
+        m.target.average_utilization = Some(50);
     }
 
     // (name, mutation, what admission says, the field compile.rs names)
@@ -467,6 +472,21 @@ async fn admission_and_compile_check_the_zero_fields() {
             &["needs a prometheus metric to wake the target"],
             "spec.idleReplicas",
         ),
+        (
+            "zero-with-a-resource-metric-without-threshold",
+            |p| {
+                p.spec.min_replicas = Some(0);
+                let mut cpu = p.spec.metrics[0].clone();
+                cpu.name = "cpu".into();
+                p.spec.metrics.push(cpu);
+                cpu_only_at(p, 1);
+            },
+            &[
+                "activationThreshold is required on a resource metric",
+                "would never go idle",
+            ],
+            "spec.metrics[1].activationThreshold",
+        ),
     ];
     for (name, mutate, _, field) in &cases {
         let mut p = base.clone();
@@ -502,6 +522,14 @@ async fn admission_and_compile_check_the_zero_fields() {
         ("idle-count", |p| {
             p.spec.idle_replicas = Some(1);
             p.spec.cooldown = Some("1h".into());
+        }),
+        ("to-zero-with-cpu-threshold", |p| {
+            p.spec.min_replicas = Some(0);
+            let mut cpu = p.spec.metrics[0].clone();
+            cpu.name = "cpu".into();
+            p.spec.metrics.push(cpu);
+            cpu_only_at(p, 1);
+            p.spec.metrics[1].activation_threshold = quantity("20");
         }),
     ];
     expect_admitted(&api, &base, goods).await;
