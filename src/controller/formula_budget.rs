@@ -93,12 +93,13 @@ impl FormulaBudget {
             return (policy, decision);
         }
         let inputs = Arc::new((policy, obs, history));
+        let started = std::time::Instant::now();
         let job = {
             let inputs = Arc::clone(&inputs);
             tokio::task::spawn_blocking(move || evaluate(&inputs.0, &inputs.1, &inputs.2, now))
         };
         let reason = match tokio::time::timeout(self.timeout, job).await {
-            Ok(Ok(decision)) => {
+            Ok(Ok(decision)) if started.elapsed() <= self.timeout => {
                 let (policy, _, _) = Arc::unwrap_or_clone(inputs);
                 return (policy, decision);
             }
@@ -108,7 +109,9 @@ impl FormulaBudget {
                  policy changes"
                     .to_string()
             }
-            Err(_) => {
+            // Past the budget, whether the timer fired first or the result came in before the
+            // timer was first polled (a late poll must not make an overrun a success).
+            Ok(Ok(_)) | Err(_) => {
                 warn!(
                     policy = key,
                     timeout_ms = self.timeout.as_millis() as u64,
