@@ -192,6 +192,9 @@ pub struct ScheduleBounds {
     pub ceiling: Option<usize>,
     /// A ceiling the floor overrode: the lowest ceiling when it was under the floor.
     pub overridden_ceiling: Option<i32>,
+    /// The highest floor of the open schedules, even one at or under `spec.minReplicas` (with
+    /// scale to zero, an idle target still keeps it).
+    pub open_floor: Option<i32>,
 }
 
 /// The bounds in force at `now`: the spec's, raised by the highest open floor and lowered by the
@@ -205,6 +208,7 @@ fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, S
             continue;
         }
         by.active.get_or_insert(i);
+        by.open_floor = by.open_floor.max(s.min_replicas);
         if let Some(m) = s.min_replicas.filter(|m| *m > min) {
             min = m;
             by.floor = Some(i);
@@ -512,7 +516,10 @@ fn evaluate_metrics(
             &decision.metrics,
             &mut decision.state,
             current,
-            min,
+            zero::Floors {
+                min,
+                schedule: schedule.open_floor,
+            },
             now,
         );
         decision.zero = Some(status);

@@ -27,7 +27,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -219,17 +218,10 @@ async fn forward(
 
 // ------------------------------------------------------------------ daemons
 
-/// A `kscale run` child process, killed on drop.
+/// A `kscale run` child process (killed on drop) and its log.
 struct Daemon {
-    child: Child,
+    controller: support::controller::Controller,
     log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_daemon(
@@ -243,32 +235,16 @@ fn start_daemon(
         "target/isolation-writes-{identity}-{}.log",
         std::process::id()
     ));
-    let file = std::fs::File::create(&log).expect("daemon log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args([
-            "run",
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", support::free_port()),
-            "--watch-namespace",
-            namespace,
-            "--leader-election-namespace",
-            namespace,
-            "--instance",
-            identity,
-            "--leader-lease-duration",
-            "4s",
-            "--leader-renew",
-            "1s",
-        ])
-        .args(extra)
-        .env("KUBECONFIG", kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .env("RUST_LOG", "kscale=debug,info")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("kscale run starts");
-    Daemon { child, log }
+    let controller = support::controller::start_controller_with(
+        kubeconfig,
+        &log,
+        support::free_port(),
+        namespace,
+        identity,
+        &env.prometheus_url,
+        extra,
+    );
+    Daemon { controller, log }
 }
 
 // ------------------------------------------------------------------ scenario
@@ -975,7 +951,12 @@ async fn a_forged_status_history_is_saturated() {
     sc.stays("web", 3, Duration::from_secs(4), &daemon.log)
         .await;
     assert!(
-        daemon.child.try_wait().expect("daemon status").is_none(),
+        daemon
+            .controller
+            .0
+            .try_wait()
+            .expect("daemon status")
+            .is_none(),
         "the daemon must survive a forged status; {}",
         support::log_tail(&daemon.log)
     );

@@ -48,6 +48,27 @@ pub fn start_controller_at(
     identity: &str,
     prometheus_url: &str,
 ) -> Controller {
+    start_controller_with(
+        kubeconfig,
+        log,
+        admin_port,
+        namespace,
+        identity,
+        prometheus_url,
+        &[],
+    )
+}
+
+/// [`start_controller_at`] with `extra` flags added to `kscale run`.
+pub fn start_controller_with(
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+    prometheus_url: &str,
+    extra: &[&str],
+) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
     let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
@@ -60,6 +81,7 @@ pub fn start_controller_at(
             identity,
         ])
         .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("KSCALE_PROMETHEUS_URL", prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
