@@ -254,10 +254,7 @@ impl Metrics {
                     .get_or_create(&ml)
                     .set(o.forecast.map_or(f64::NAN, |(f, _)| f.upper));
             }
-            if !matches!(
-                o.state,
-                crate::policy::MetricState::Valid | crate::policy::MetricState::NoPods
-            ) {
+            if o.state.is_failure() {
                 let source = match m.source {
                     crate::policy::MetricSource::Prometheus { .. } => "prometheus",
                     crate::policy::MetricSource::Resource { .. } => "resource",

@@ -673,17 +673,11 @@ fn new_metric_failures<'a>(
     &'a crate::policy::CompiledMetric,
     &'a crate::policy::MetricOutcome,
 )> {
-    use crate::policy::MetricState;
     policy
         .metrics
         .iter()
         .zip(&decision.metrics)
-        .filter(|(_, o)| {
-            !matches!(
-                o.state,
-                MetricState::Valid | MetricState::Partial | MetricState::NoPods
-            )
-        })
+        .filter(|(_, o)| o.state.is_failure())
         .filter(|(m, o)| {
             let before = p
                 .status

@@ -57,6 +57,28 @@ pub enum MetricState {
 }
 
 impl MetricState {
+    /// The sample gave a number the evaluator used: complete, or partial (which may hold or raise
+    /// the count, never lower it).
+    pub fn gave_value(self) -> bool {
+        matches!(self, MetricState::Valid | MetricState::Partial)
+    }
+
+    /// Nothing is wrong with the data: a complete number, or no pods to measure at 0 replicas.
+    /// Only metrics in such a state let a proposal lower the count.
+    pub fn is_complete(self) -> bool {
+        matches!(self, MetricState::Valid | MetricState::NoPods)
+    }
+
+    /// The metric failed (missing, stale, invalid or an error): it proposes nothing, counts toward
+    /// `fallback.failureThreshold` and the degraded condition, and is reported in a Warning event
+    /// and in `kscale_source_errors_total`. Partial data and `NoPods` are not failures.
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            MetricState::Valid | MetricState::Partial | MetricState::NoPods
+        )
+    }
+
     /// The name used in status and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -468,19 +490,8 @@ fn evaluate_metrics(
     }
     // Metrics without a usable number, and those whose number may be too low (partial data):
     // either kind forbids a scale-down.
-    let invalid = metrics
-        .iter()
-        .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::NoPods))
-        .count();
-    let unusable = metrics
-        .iter()
-        .filter(|m| {
-            !matches!(
-                m.state,
-                MetricState::Valid | MetricState::Partial | MetricState::NoPods
-            )
-        })
-        .count();
+    let invalid = metrics.iter().filter(|m| !m.state.is_complete()).count();
+    let unusable = metrics.iter().filter(|m| m.state.is_failure()).count();
     // A failed evaluation: a metric not valid (or, below, the formula failing).
     next.consecutive_failures = failure_count(state, invalid > 0, policy.failure_threshold);
     let mut decision = Decision {
@@ -556,7 +567,7 @@ fn evaluate_metrics(
                 .metrics
                 .iter()
                 .map(|m| match (m.state, m.proposal, m.value) {
-                    (MetricState::Valid | MetricState::Partial, Some(p), Some(v)) => Some((p, v)),
+                    (state, Some(p), Some(v)) if state.gave_value() => Some((p, v)),
                     _ => None,
                 })
                 .collect();
@@ -589,15 +600,9 @@ fn evaluate_metrics(
     let may_scale_down = match &policy.formula {
         Some(f) => {
             unusable < decision.metrics.len()
-                && decision
-                    .metrics
-                    .iter()
-                    .zip(&policy.metrics)
-                    .all(|(o, m)| match o.state {
-                        MetricState::Valid | MetricState::NoPods => true,
-                        MetricState::Partial => false,
-                        _ => f.tests_presence_of(&m.name),
-                    })
+                && decision.metrics.iter().zip(&policy.metrics).all(|(o, m)| {
+                    o.state.is_complete() || (o.state.is_failure() && f.tests_presence_of(&m.name))
+                })
         }
         None => invalid == 0,
     };
@@ -976,17 +981,11 @@ impl Decision {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
-                    (None, true)
-                        if self.metrics.iter().all(|m| {
-                            !matches!(m.state, MetricState::Valid | MetricState::Partial)
-                        }) =>
-                    {
-                        write!(
-                            s,
-                            "; formula → {} would scale down, which kscale never does with no metric valid",
-                            self.proposal.unwrap_or(0)
-                        )?
-                    }
+                    (None, true) if self.metrics.iter().all(|m| !m.state.gave_value()) => write!(
+                        s,
+                        "; formula → {} would scale down, which kscale never does with no metric valid",
+                        self.proposal.unwrap_or(0)
+                    )?,
                     (None, true) => write!(
                         s,
                         "; formula → {} would scale down, which kscale does not do while {} {} unless the formula tests has(values.<name>) for each failed metric",
@@ -1044,10 +1043,7 @@ impl Decision {
             }
             _ => {}
         }
-        let only_partial = self
-            .metrics
-            .iter()
-            .all(|m| matches!(m.state, MetricState::Valid | MetricState::Partial));
+        let only_partial = self.metrics.iter().all(|m| m.state.gave_value());
         if self.has_partial() && !matches!(self.rule, Rule::Fallback(_)) {
             s.push_str("; partial data may raise the count, never lower it");
         }

@@ -104,9 +104,10 @@ pub fn activity(policy: &CompiledPolicy, metrics: &[MetricOutcome]) -> Activity 
     let mut unknown = false;
     for (i, (m, o)) in policy.metrics.iter().zip(metrics).enumerate() {
         match (o.state, o.value) {
-            (MetricState::Valid | MetricState::Partial, Some(v)) if v > m.activation => {
+            (state, Some(v)) if state.gave_value() && v > m.activation => {
                 return Activity::Active(i);
             }
+            // Partial data at or under the threshold cannot tell: the missing part may be above.
             (MetricState::Valid, Some(_)) | (MetricState::NoPods, _) => {}
             _ => unknown = true,
         }
