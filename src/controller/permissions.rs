@@ -67,12 +67,15 @@ pub fn hint(access: Access<'_>) -> String {
     }
 }
 
-/// `error`, followed by [`hint`] when it is a 403.
+/// `error`, followed by [`hint`] when it is a 403. An apiserver error shows as its message,
+/// code and reason (not the whole Status).
 pub fn explain(error: &kube::Error, access: Access<'_>) -> String {
-    if is_forbidden(error) {
-        format!("{error}; {}", hint(access))
-    } else {
-        error.to_string()
+    match error {
+        kube::Error::Api(s) if s.code == 403 => {
+            format!("{} (403 {}); {}", s.message, s.reason, hint(access))
+        }
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => other.to_string(),
     }
 }
 
@@ -149,7 +152,12 @@ mod tests {
                 .with_code(404)
                 .boxed(),
         );
-        assert!(!explain(&other, Access::Lease { namespace: "n" }).contains("ServiceAccount"));
+        let e = explain(&other, Access::Lease { namespace: "n" });
+        assert_eq!(e, "gone (404 NotFound)");
+        assert!(
+            explain(&forbidden(), Access::Lease { namespace: "n" })
+                .starts_with("leases is forbidden (403 Forbidden); ")
+        );
     }
 
     #[test]
