@@ -990,6 +990,7 @@ pub async fn reconcile(
                 let message = conflict.to_string();
                 // One event per new conflict, not one per interval while it lasts.
                 if !same_failure(p, conflict.kind_label(), &message) {
+                    warn!(policy = %name, error = %message, "the target has another writer; nothing is written while it lasts");
                     publish(ctx, p, EventType::Warning, conflict.kind_label(), message).await;
                 }
             }
