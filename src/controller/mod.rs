@@ -553,7 +553,10 @@ async fn hpa_conflict(
         return None;
     }
     match ctx.hpas.check(&ctx.client, &ctx.kinds, target).await {
-        Ok(()) => None,
+        Ok(()) => {
+            ctx.reported.clear(&format!("hpas/{name}"));
+            None
+        }
         Err(conflict @ ActuateError::HpaConflict { .. }) => Some(conflict),
         Err(e) => {
             let error = e.to_string();
@@ -1519,18 +1522,27 @@ impl TickState {
                 {
                     // Logged once while the same failure lasts (it is in status and events).
                     let error = e.explained();
-                    if ctx.reported.first(&format!("evaluation/{}", pending.key), &error) {
+                    if ctx.reported.first(&evaluation_key(p), &error) {
                         warn!(%error, "evaluation failed (reported once while it lasts)");
                     } else {
                         debug!(%error, "evaluation failed again");
                     }
                 } else {
-                    ctx.reported.clear(&format!("evaluation/{}", pending.key));
+                    ctx.reported.clear(&evaluation_key(p));
                 }
                 Done::Evaluated(pending.key)
             }));
         }
     }
+}
+
+/// The key of a policy's failed evaluations in [`Context::reported`].
+fn evaluation_key(p: &ScalingPolicy) -> String {
+    format!(
+        "evaluation/{}/{}",
+        p.namespace().unwrap_or_default(),
+        p.name_any()
+    )
 }
 
 /// The next evaluation after `now` for `interval`, aligned to multiples of the interval since
@@ -1592,6 +1604,7 @@ async fn run_tick(
     };
     ctx.forecasts.retain(is_live);
     ctx.scale_events.retain(is_live);
+    ctx.reported.retain_policies(is_live);
     state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();

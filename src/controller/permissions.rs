@@ -101,6 +101,21 @@ impl Once {
         true
     }
 
+    /// Forgets the failures of policies that are gone: keys of the form
+    /// `<what>/<namespace>/<name>` whose `<namespace>/<name>` is not `live`. Other keys stay.
+    pub fn retain_policies(&self, live: impl Fn(&str) -> bool) {
+        let Ok(mut seen) = self.0.lock() else {
+            return;
+        };
+        seen.retain(|e| {
+            let key = e.split('\u{0}').next().unwrap_or_default();
+            match key.split_once('/') {
+                Some((_, policy)) if policy.contains('/') => live(policy),
+                _ => true,
+            }
+        });
+    }
+
     /// Forgets `key` (the failure cleared); returns whether it had been reported.
     pub fn clear(&self, key: &str) -> bool {
         let prefix = format!("{key}\u{0}");
@@ -173,5 +188,14 @@ mod tests {
             once.first("lease", "timeout"),
             "failing again after recovering"
         );
+        assert!(once.first("evaluation/n/gone", "403"));
+        assert!(once.first("evaluation/n/kept", "403"));
+        once.retain_policies(|p| p == "n/kept");
+        assert!(
+            once.first("evaluation/n/gone", "403"),
+            "a deleted policy is forgotten"
+        );
+        assert!(!once.first("evaluation/n/kept", "403"));
+        assert!(!once.first("events/n", "403"), "not a policy key: kept");
     }
 }
