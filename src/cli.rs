@@ -161,9 +161,11 @@ pub struct RunArgs {
     /// Elect a leader through a Lease, so several replicas can run (only the leader acts).
     #[arg(long, env = "KSCALE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
-    /// Namespace of the leader-election Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub leader_election_namespace: String,
+    /// Namespace of the leader-election Lease (default: the daemon's own namespace, from
+    /// POD_NAMESPACE, which the chart sets through the downward API, then the ServiceAccount's
+    /// namespace file, then `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
     /// Name of the leader-election Lease.
     #[arg(
         long,
@@ -434,7 +436,10 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     let election = args
         .leader_elect
         .then(|| crate::controller::leader::LeaderConfig {
-            namespace: args.leader_election_namespace.clone(),
+            namespace: crate::controller::leader::lease_namespace(
+                args.leader_election_namespace.as_deref(),
+                std::path::Path::new(crate::controller::leader::SERVICE_ACCOUNT_NAMESPACE),
+            ),
             name: args.leader_election_lease.clone(),
             identity: args.instance.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -452,11 +457,22 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         cfg.validate()
             .map_err(|e| CliError::Config(e.to_string()))?;
     }
+    if let Some(cfg) = &election {
+        tracing::info!(namespace = %cfg.namespace, lease = %cfg.name, identity = %cfg.identity, "leader election through this Lease (--leader-election-namespace, --leader-election-lease)");
+    }
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
         let mut ctx =
             crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
+        if args.prometheus.prometheus_url.is_none() {
+            // The daemon works without one (resource metrics, policies with their own server),
+            // so it starts, ready, and says so: in the log, on /readyz and as a metric.
+            tracing::warn!("{}; policies without spec.prometheus.url fail their Prometheus metrics and their fallback applies", crate::controller::NO_PROMETHEUS);
+            ctx.metrics.add_warning(crate::controller::NO_PROMETHEUS.to_string());
+        } else {
+            ctx.metrics.default_prometheus.set(1);
+        }
         ctx.watch_namespace = args.watch_namespace.clone();
         let adapter = match args.external_metrics.external_metrics_addr {
             Some(addr) => {
@@ -492,6 +508,11 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         )
         .with_limits(args.prometheus.limits());
         // The targets' pods come from a watch, as the HPA's come from an informer.
+        let (hpas, hpa_watch) = crate::controller::hpas::Hpas::watch(
+            client.clone(),
+            args.watch_namespace.as_deref(),
+        );
+        ctx.hpas = hpas;
         let (pods, pod_watch) =
             crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
         ctx.pods = pods;
@@ -525,6 +546,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();
         pod_watch.abort();
+        hpa_watch.abort();
         if let Some(task) = adapter {
             task.abort();
         }
@@ -638,6 +660,13 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
             )
             .map_err(io)?;
         }
+        let ready = crate::controller::ready_condition(&e);
+        writeln!(
+            out,
+            "condition {:<16} {:<5} {}",
+            "Ready", ready.status, ready.reason
+        )
+        .map_err(io)?;
         for c in d.conditions() {
             writeln!(
                 out,
@@ -645,6 +674,9 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 c.type_, c.status, c.reason
             )
             .map_err(io)?;
+        }
+        if let Some(conflict) = &e.hpa_conflict {
+            writeln!(out, "conflict  {conflict}").map_err(io)?;
         }
         writeln!(
             out,

@@ -229,7 +229,6 @@ fn start_daemon(
     kubeconfig: &Path,
     namespace: &str,
     identity: &str,
-    extra: &[&str],
 ) -> Daemon {
     let log = support::repo_root().join(format!(
         "target/isolation-writes-{identity}-{}.log",
@@ -241,8 +240,8 @@ fn start_daemon(
         support::free_port(),
         namespace,
         identity,
-        &env.prometheus_url,
-        extra,
+        Some(&env.prometheus_url),
+        support::controller::Lease::Flag(namespace),
     );
     Daemon { controller, log }
 }
@@ -503,13 +502,7 @@ async fn a_manual_scale_between_read_and_write_is_not_overwritten() {
     support::wait_for_ready_pods(&client, &ns, "app=web", 2, Duration::from_secs(60)).await;
 
     let proxy = ApiProxy::start(client.clone()).await;
-    let daemon = start_daemon(
-        env,
-        &proxy.kubeconfig(&format!("race-{ns}")),
-        &ns,
-        "race",
-        &[],
-    );
+    let daemon = start_daemon(env, &proxy.kubeconfig(&format!("race-{ns}")), &ns, "race");
     support::wait_until(
         "web's first evaluation",
         Duration::from_secs(30),
@@ -669,7 +662,7 @@ async fn the_rate_limit_holds_when_status_writes_are_denied() {
         "the chart grants scalingpolicies/status in one rule"
     );
 
-    let daemon = start_daemon(env, &kubeconfig, &ns, "rbac", &[]);
+    let daemon = start_daemon(env, &kubeconfig, &ns, "rbac");
     // The daemon runs, but cannot write any status.
     support::wait_until("a denied status write", Duration::from_secs(30), || async {
         let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
@@ -719,7 +712,6 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         &proxy_a.kubeconfig(&format!("lease-a-{ns}")),
         &ns,
         "replica-a",
-        &[],
     );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = || async {
@@ -744,7 +736,6 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         &proxy_b.kubeconfig(&format!("lease-b-{ns}")),
         &ns,
         "replica-b",
-        &[],
     );
     // replica-a writes: demand moves, web follows.
     sc.set("web", 20.0);
@@ -847,7 +838,7 @@ async fn one_writer_whether_or_not_the_target_names_its_api_version() {
     sc.wait_visible(env, "calm", 10.0).await;
 
     let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
-    let daemon = start_daemon(env, &kubeconfig, &ns, "writer", &[]);
+    let daemon = start_daemon(env, &kubeconfig, &ns, "writer");
     sc.wait_replicas("web", 4, Duration::from_secs(30), &daemon.log)
         .await;
     support::wait_until(
@@ -915,7 +906,7 @@ async fn a_forged_status_history_is_saturated() {
     let sc = Scenario::web_and_calm(env, &client, "iso-forged", ONE_POD_PER_600S).await;
     let ns = sc.ns.name.clone();
     let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
-    let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged", &[]);
+    let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged");
     support::wait_until(
         "web's first evaluation",
         Duration::from_secs(30),
