@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backtest::plot::{PlotData, PlotRun, write_plot};
+use crate::backtest::verdict::verdict;
 use crate::backtest::{BacktestConfig, Run, Summary, run};
 use crate::crd::ScalingPolicy;
 use crate::load::load_policies;
@@ -745,6 +746,9 @@ struct JsonRun<'a> {
     steps: Vec<JsonStep<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<Box<JsonRun<'a>>>,
+    /// The verdict line against the compared policy (with `--compare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<String>,
 }
 
 fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
@@ -773,6 +777,7 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
             })
             .collect(),
         compare: None,
+        verdict: None,
     }
 }
 
@@ -832,6 +837,7 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             let mut doc = json_run(&policy, &main_run);
             if let (Some(c), Some(r)) = (&compare, &compare_run) {
                 doc.compare = Some(Box::new(json_run(c, r)));
+                doc.verdict = Some(verdict(&main_run.summary, &r.summary));
             }
             serde_json::to_writer(&mut *out, &doc).map_err(|e| CliError::Output(e.to_string()))?;
             writeln!(out).map_err(io)?;
@@ -1043,6 +1049,12 @@ fn write_table(
                 .collect(),
         ),
         (
+            "unbounded oracle r-h",
+            runs.iter()
+                .map(|r| opt(r.summary.oracle_unbounded_replica_hours, 1))
+                .collect(),
+        ),
+        (
             "ratio to oracle",
             runs.iter()
                 .map(|r| opt(r.summary.ratio_to_oracle, 3))
@@ -1086,6 +1098,9 @@ fn write_table(
         for r in runs {
             write_violations(&r.summary, capacity, out)?;
         }
+    }
+    if let [ours, baseline, ..] = runs {
+        writeln!(out, "\n{}", verdict(&ours.summary, &baseline.summary))?;
     }
     Ok(())
 }
