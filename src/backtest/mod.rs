@@ -14,6 +14,7 @@
 //!   capacity) of it), or a column can be mapped to them as utilization percent.
 
 pub mod plot;
+pub mod report;
 pub mod verdict;
 
 use chrono::{DateTime, TimeDelta, Utc};
