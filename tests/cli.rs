@@ -3,6 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "support/readme_backtest.rs"]
+mod readme_backtest;
+use readme_backtest::elb_comparison;
+
 fn kscale(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(args)
@@ -271,25 +275,7 @@ fn backtest_json_on_a_real_trace() {
 /// scaling actions 639 vs 1017).
 #[test]
 fn backtest_summary_ends_with_the_verdict() {
-    let args = |format: &'static str| {
-        [
-            "backtest",
-            "-p",
-            "examples/backend-rps.yaml",
-            "-t",
-            ELB,
-            "--scale",
-            "1.5",
-            "--capacity",
-            "100",
-            "--startup",
-            "60s",
-            "--compare",
-            "examples/backend-hpa-cpu.yaml",
-            "--format",
-            format,
-        ]
-    };
+    let args = |format: &'static str| elb_comparison(&["--format", format]);
     let expected = "shop/backend: \u{2212}11 % replica-hours, +64 % SLO-violation minutes, \
                     \u{2212}37 % scaling actions vs shop/backend-hpa-cpu";
     let o = kscale(&args("table"));
@@ -339,23 +325,7 @@ fn backtest_writes_svg_and_png_plots() {
     let dir = tempfile::tempdir().unwrap();
     for ext in ["svg", "png"] {
         let plot = dir.path().join(format!("plot.{ext}"));
-        let o = kscale(&[
-            "backtest",
-            "-p",
-            "examples/backend-rps.yaml",
-            "-t",
-            ELB,
-            "--scale",
-            "1.5",
-            "--capacity",
-            "100",
-            "--startup",
-            "60s",
-            "--compare",
-            "examples/backend-hpa-cpu.yaml",
-            "--plot",
-            plot.to_str().unwrap(),
-        ]);
+        let o = kscale(&elb_comparison(&["--plot", plot.to_str().unwrap()]));
         assert!(o.status.success(), "{}", text(&o));
         // The table says when each policy was short of capacity.
         let out = text(&o);

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const ELB: &str = "examples/traces/elb_request_count_8c0756.csv";
+#[path = "support/readme_backtest.rs"]
+mod readme_backtest;
+use readme_backtest::elb_comparison;
+
 const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 3000;
 
@@ -67,22 +70,7 @@ fn console_problems(stderr: &[u8]) -> Vec<String> {
 fn report(dir: &Path) -> PathBuf {
     let path = dir.join("report.html");
     let o = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args([
-            "backtest",
-            "-p",
-            "examples/backend-rps.yaml",
-            "-t",
-            ELB,
-            "--scale",
-            "1.5",
-            "--capacity",
-            "100",
-            "--startup",
-            "60s",
-            "--compare",
-            "examples/backend-hpa-cpu.yaml",
-            "--report",
-        ])
+        .args(elb_comparison(&["--report"]))
         .arg(&path)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

@@ -479,30 +479,31 @@ fn draw_panel<DB: DrawingBackend>(
     if let Some(c) = data.capacity {
         draw_demand(&mut chart, data, w, columns, 1.0 / c)?;
     }
-    let ready = steps(&data.times, w.from, w.to, columns, |i| {
-        Some(f64::from(run.ready[i]))
-    });
-    chart
-        .draw_series(
-            ready
-                .into_iter()
-                .map(|s| PathElement::new(s, READY.stroke_width(1))),
-        )
-        .map_err(e)?
-        .label("ready replicas")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], READY.stroke_width(1)));
-    let replicas = steps(&data.times, w.from, w.to, columns, |i| {
-        Some(f64::from(run.replicas[i]))
-    });
-    chart
-        .draw_series(
-            replicas
-                .into_iter()
-                .map(|s| PathElement::new(s, colour.stroke_width(2))),
-        )
-        .map_err(e)?
-        .label(format!("replicas ({})", run.label))
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(2)));
+    let lines = [
+        (&run.ready, READY, 1, "ready replicas".to_string()),
+        (
+            &run.replicas,
+            colour,
+            2,
+            format!("replicas ({})", run.label),
+        ),
+    ];
+    for (values, colour, width, label) in lines {
+        let segments = steps(reduce(&data.times, w.from, w.to, columns, |i| {
+            Some(f64::from(values[i]))
+        }));
+        chart
+            .draw_series(
+                segments
+                    .into_iter()
+                    .map(|s| PathElement::new(s, colour.stroke_width(width))),
+            )
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(width))
+            });
+    }
     finish_legend(&mut chart)
 }
 
@@ -615,15 +616,9 @@ fn reduce(
     segments
 }
 
-/// [`reduce`], drawn as steps: each value holds until the next point's time.
-fn steps(
-    times: &[DateTime<Utc>],
-    from: usize,
-    to: usize,
-    columns: usize,
-    value: impl Fn(usize) -> Option<f64>,
-) -> Vec<Vec<(DateTime<Utc>, f64)>> {
-    reduce(times, from, to, columns, value)
+/// Segments (from [`reduce`]) drawn as steps: each value holds until the next point's time.
+fn steps(segments: Vec<Vec<(DateTime<Utc>, f64)>>) -> Vec<Vec<(DateTime<Utc>, f64)>> {
+    segments
         .into_iter()
         .map(|segment| {
             let mut out = Vec::with_capacity(segment.len() * 2);
@@ -850,7 +845,7 @@ mod tests {
         let d = data(60);
         let seg = reduce(&d.times, 0, 60, 1000, |i| d.demand[i]);
         assert_eq!(seg.len(), 2, "the gap at 20..23 splits the area");
-        let s = steps(&d.times, 0, 3, 1000, |i| Some([1.0, 1.0, 3.0][i]));
+        let s = steps(reduce(&d.times, 0, 3, 1000, |i| Some([1.0, 1.0, 3.0][i])));
         assert_eq!(
             s[0].iter().map(|(_, v)| *v).collect::<Vec<_>>(),
             [1.0, 1.0, 1.0, 3.0]
