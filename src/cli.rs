@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backtest::plot::{PlotData, PlotRun, write_plot};
+use crate::backtest::report::{LISTED_VIOLATIONS, ReportInput, summary_rows, write_report};
+use crate::backtest::verdict::verdict;
 use crate::backtest::{BacktestConfig, Run, Summary, run};
 use crate::crd::ScalingPolicy;
 use crate::load::load_policies;
@@ -314,9 +316,14 @@ pub struct BacktestArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Write a plot (.svg or .png).
+    /// Write a plot (.svg or .png): one panel per policy over the whole run, the busiest day and
+    /// the worst SLO violation.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Write a self-contained HTML report (summaries side by side, the verdict, the SLO
+    /// violations and the plot's panels; no script, no network).
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
     /// A second policy to run on the same data, side by side.
     #[arg(long, value_name = "FILE")]
     pub compare: Option<PathBuf>,
@@ -777,6 +784,9 @@ struct JsonRun<'a> {
     steps: Vec<JsonStep<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<Box<JsonRun<'a>>>,
+    /// The verdict line against the compared policy (with `--compare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<String>,
 }
 
 fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
@@ -805,6 +815,7 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
             })
             .collect(),
         compare: None,
+        verdict: None,
     }
 }
 
@@ -864,6 +875,7 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             let mut doc = json_run(&policy, &main_run);
             if let (Some(c), Some(r)) = (&compare, &compare_run) {
                 doc.compare = Some(Box::new(json_run(c, r)));
+                doc.verdict = Some(verdict(&main_run.summary, &r.summary));
             }
             serde_json::to_writer(&mut *out, &doc).map_err(|e| CliError::Output(e.to_string()))?;
             writeln!(out).map_err(io)?;
@@ -874,50 +886,116 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             write_table(&trace, args, &runs, out).map_err(io)?;
         }
     }
+    if args.plot.is_none() && args.report.is_none() {
+        return Ok(());
+    }
+    let mut runs = vec![(&policy, &main_run)];
+    if let (Some(c), Some(r)) = (&compare, &compare_run) {
+        runs.push((c, r));
+    }
+    let verdict_line = compare_run
+        .as_ref()
+        .map(|r| verdict(&main_run.summary, &r.summary));
+    let data = plot_data(&trace, args, &runs, verdict_line.as_deref());
     if let Some(path) = &args.plot {
-        let mut runs = vec![PlotRun {
-            label: policy.name.clone(),
-            replicas: main_run.steps.iter().map(|s| s.replicas).collect(),
-            ready: main_run.steps.iter().map(|s| s.ready_replicas).collect(),
-        }];
-        if let (Some(c), Some(r)) = (&compare, &compare_run) {
-            runs.push(PlotRun {
-                label: c.name.clone(),
-                replicas: r.steps.iter().map(|s| s.replicas).collect(),
-                ready: r.steps.iter().map(|s| s.ready_replicas).collect(),
-            });
+        write_plot(&data, path)?;
+        if args.format == Format::Table {
+            writeln!(out, "plot written to {}", path.display()).map_err(io)?;
         }
-        let s = &main_run.summary;
-        let data = PlotData {
-            title: format!(
-                "{} on {}",
-                policy.name,
-                trace.path.file_name().map_or_else(
-                    || trace.path.display().to_string(),
-                    |f| f.to_string_lossy().into_owned()
-                )
-            ),
-            subtitle: format!(
+    }
+    if let Some(path) = &args.report {
+        let input = ReportInput {
+            plot: &data,
+            summaries: runs.iter().map(|(_, r)| &r.summary).collect(),
+            verdict: verdict_line,
+            setup: setup_lines(&trace, args, &main_run.summary),
+        };
+        write_report(&input, path)?;
+        if args.format == Format::Table {
+            writeln!(out, "report written to {}", path.display()).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `--plot` and `--report` draw: every run, titled with the trace and subtitled with the
+/// verdict (or, alone, the run's figures).
+fn plot_data(
+    trace: &Trace,
+    args: &BacktestArgs,
+    runs: &[(&CompiledPolicy, &Run)],
+    verdict_line: Option<&str>,
+) -> PlotData {
+    let (policy, main) = runs[0];
+    let s = &main.summary;
+    let subtitle = verdict_line.map_or_else(
+        || {
+            format!(
                 "{:.1} replica-hours, {} scaling actions{}{}",
                 s.replica_hours,
                 s.scaling_actions,
                 s.slo_violation_minutes
                     .map_or(String::new(), |v| format!(", {v:.1} SLO-violation minutes")),
                 s.ratio_to_oracle.map_or(String::new(), |r| format!(
-                    ", {r:.2}× the oracle's replica-hours"
+                    ", {r:.2}× the bounded oracle's replica-hours"
                 )),
-            ),
-            times: main_run.steps.iter().map(|s| s.time).collect(),
-            demand: main_run.demand.clone(),
-            capacity: args.capacity,
-            runs,
-        };
-        write_plot(&data, path)?;
-        if args.format == Format::Table {
-            writeln!(out, "plot written to {}", path.display()).map_err(io)?;
-        }
+            )
+        },
+        str::to_string,
+    );
+    PlotData {
+        title: format!(
+            "{} on {}",
+            policy.name,
+            trace.path.file_name().map_or_else(
+                || trace.path.display().to_string(),
+                |f| f.to_string_lossy().into_owned()
+            )
+        ),
+        subtitle,
+        times: main.steps.iter().map(|s| s.time).collect(),
+        demand: main.demand.clone(),
+        capacity: args.capacity,
+        runs: runs
+            .iter()
+            .map(|(p, r)| PlotRun {
+                label: p.name.clone(),
+                replicas: r.steps.iter().map(|s| s.replicas).collect(),
+                ready: r.steps.iter().map(|s| s.ready_replicas).collect(),
+                violations: r
+                    .summary
+                    .slo_violations
+                    .iter()
+                    .map(|v| (v.start, v.end))
+                    .collect(),
+            })
+            .collect(),
     }
-    Ok(())
+}
+
+/// The trace and model lines of the table's heading, as (label, value).
+fn setup_lines(trace: &Trace, args: &BacktestArgs, first: &Summary) -> Vec<(String, String)> {
+    vec![
+        (
+            "trace".to_string(),
+            format!(
+                "{} ({} rows, {} → {})",
+                trace.path.display(),
+                trace.times.len(),
+                first.start.format("%Y-%m-%d %H:%M"),
+                first.end.format("%Y-%m-%d %H:%M")
+            ),
+        ),
+        (
+            "model".to_string(),
+            format!(
+                "scale {}, capacity {}, startup {}s",
+                args.scale,
+                args.capacity.map_or("none".to_string(), |c| c.to_string()),
+                args.startup.num_seconds()
+            ),
+        ),
+    ]
 }
 
 /// Reads `policies`' metric history from Prometheus, with a progress bar on stderr.
@@ -1004,103 +1082,12 @@ fn write_table(
     runs: &[&Run],
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
-    let first = &runs[0].summary;
-    writeln!(
-        out,
-        "trace     {} ({} rows, {} → {})",
-        trace.path.display(),
-        trace.times.len(),
-        first.start.format("%Y-%m-%d %H:%M"),
-        first.end.format("%Y-%m-%d %H:%M")
-    )?;
-    writeln!(
-        out,
-        "model     scale {}, capacity {}, startup {}s",
-        args.scale,
-        args.capacity.map_or("none".to_string(), |c| c.to_string()),
-        args.startup.num_seconds()
-    )?;
+    for (label, value) in setup_lines(trace, args, &runs[0].summary) {
+        writeln!(out, "{label:<10}{value}")?;
+    }
     writeln!(out)?;
-    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    let rows: Vec<(&str, Vec<String>)> = vec![
-        (
-            "policy",
-            runs.iter().map(|r| r.summary.policy.clone()).collect(),
-        ),
-        (
-            "evaluations",
-            runs.iter()
-                .map(|r| r.summary.evaluations.to_string())
-                .collect(),
-        ),
-        (
-            "replica-hours",
-            runs.iter()
-                .map(|r| format!("{:.1}", r.summary.replica_hours))
-                .collect(),
-        ),
-        (
-            "scaling actions",
-            runs.iter()
-                .map(|r| {
-                    format!(
-                        "{} ({} up, {} down)",
-                        r.summary.scaling_actions, r.summary.scale_ups, r.summary.scale_downs
-                    )
-                })
-                .collect(),
-        ),
-        (
-            "replicas min/max",
-            runs.iter()
-                .map(|r| format!("{}/{}", r.summary.min_replicas, r.summary.max_replicas))
-                .collect(),
-        ),
-        (
-            "degraded evaluations",
-            runs.iter()
-                .map(|r| r.summary.degraded_evaluations.to_string())
-                .collect(),
-        ),
-        (
-            "SLO-violation minutes",
-            runs.iter()
-                .map(|r| opt(r.summary.slo_violation_minutes, 1))
-                .collect(),
-        ),
-        (
-            "oracle replica-hours",
-            runs.iter()
-                .map(|r| opt(r.summary.oracle_replica_hours, 1))
-                .collect(),
-        ),
-        (
-            "ratio to oracle",
-            runs.iter()
-                .map(|r| opt(r.summary.ratio_to_oracle, 3))
-                .collect(),
-        ),
-        (
-            "accuracy U/O %",
-            runs.iter()
-                .map(|r| {
-                    r.summary.elasticity.map_or("-".into(), |e| {
-                        format!("{:.2}/{:.2}", e.accuracy_under, e.accuracy_over)
-                    })
-                })
-                .collect(),
-        ),
-        (
-            "timeshare U/O %",
-            runs.iter()
-                .map(|r| {
-                    r.summary.elasticity.map_or("-".into(), |e| {
-                        format!("{:.2}/{:.2}", e.timeshare_under, e.timeshare_over)
-                    })
-                })
-                .collect(),
-        ),
-    ];
+    let summaries: Vec<&Summary> = runs.iter().map(|r| &r.summary).collect();
+    let rows = summary_rows(&summaries);
     let width = runs
         .iter()
         .map(|r| r.summary.policy.len())
@@ -1118,6 +1105,9 @@ fn write_table(
         for r in runs {
             write_violations(&r.summary, capacity, out)?;
         }
+    }
+    if let [ours, baseline, ..] = runs {
+        writeln!(out, "\n{}", verdict(&ours.summary, &baseline.summary))?;
     }
     Ok(())
 }
@@ -1144,6 +1134,3 @@ fn write_violations(s: &Summary, capacity: f64, out: &mut dyn Write) -> std::io:
     }
     Ok(())
 }
-
-/// How many SLO-violation stretches the table lists per run.
-const LISTED_VIOLATIONS: usize = 10;

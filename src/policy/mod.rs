@@ -221,7 +221,8 @@ pub struct ScheduleBounds {
 
 /// The bounds in force at `now`: the spec's, raised by the highest open floor and lowered by the
 /// lowest open ceiling; a ceiling under the floor gives way to the floor (and the reason says so).
-fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
+/// Public for the backtest's bounded oracle, which must respect the same bounds.
+pub fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
     let mut min = policy.min_replicas;
     let mut max = policy.max_replicas;
     let mut by = ScheduleBounds::default();
