@@ -311,7 +311,9 @@ pub async fn release(client: &Client, cfg: &LeaderConfig) {
     spec.renew_time = None;
     match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(_) => info!(lease = %cfg.name, "leadership released"),
-        Err(e) => warn!(lease = %cfg.name, error = %e, "releasing the lease failed"),
+        Err(e) => {
+            warn!(lease = %cfg.name, error = %crate::api_error::human(&e), "releasing the lease failed")
+        }
     }
 }
 
@@ -342,7 +344,7 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                     warn!(identity = %cfg.identity, "lost the lease to another instance");
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "lease update failed"),
+            Ok(Err(e)) => warn!(error = %crate::api_error::human(&e), "lease update failed"),
             Err(_) => warn!(
                 deadline = ?cfg.renew_deadline,
                 "lease update took longer than --leader-renew-deadline; abandoned"

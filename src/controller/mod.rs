@@ -257,7 +257,7 @@ pub enum PolicyError {
         source: leader::NotLeader,
     },
     /// Writing status failed.
-    #[error("policy {policy}: writing status: {source}")]
+    #[error("policy {policy}: writing status: {}", crate::api_error::human(.source))]
     Status {
         /// Policy.
         policy: String,
@@ -569,7 +569,7 @@ async fn publish_on(
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, regarding).await {
-        warn!(error = %e, "publishing an event failed");
+        warn!(error = %crate::api_error::human(&e), "publishing an event failed");
     }
 }
 
@@ -612,7 +612,7 @@ async fn publish_fact(ctx: &Context, p: &ScalingPolicy, reason: &str, note: Stri
         return;
     }
     if let Err(e) = api.create(&PostParams::default(), &event).await {
-        warn!(error = %e, reason, "publishing the event failed");
+        warn!(error = %crate::api_error::human(&e), reason, "publishing the event failed");
     }
 }
 
@@ -733,6 +733,9 @@ fn failure_status(
     status.observed_generation = p.metadata.generation;
     status.last_evaluation_time = Some(now);
     status.reason = Some(message.clone());
+    status.short_reason = Some(reason.into());
+    // No evaluation: the last values are no longer current.
+    status.targets = None;
     let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         type_: "Ready".into(),
         status: "False".into(),
