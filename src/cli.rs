@@ -1145,16 +1145,14 @@ mod tests {
     #[test]
     fn every_daemon_flag_has_an_environment_variable() {
         let cli = Cli::command();
-        for name in ["run"] {
-            let command = cli.find_subcommand(name).unwrap();
-            let missing: Vec<String> = command
-                .get_arguments()
-                .filter(|a| a.get_long().is_some() && a.get_env().is_none())
-                .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
-                .map(|a| format!("--{}", a.get_long().unwrap_or_default()))
-                .collect();
-            assert!(missing.is_empty(), "kscale {name}: {missing:?} lack `env`");
-        }
+        let command = cli.find_subcommand("run").unwrap();
+        let missing: Vec<String> = command
+            .get_arguments()
+            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .map(|a| format!("--{}", a.get_long().unwrap_or_default()))
+            .collect();
+        assert!(missing.is_empty(), "kscale run: {missing:?} lack `env`");
     }
 
     #[test]

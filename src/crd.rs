@@ -434,7 +434,7 @@ pub struct ScalingPolicyStatus {
     pub reason: Option<String>,
     /// The last decision in a few words, at most 60 characters (the `Reason` column of
     /// `kubectl get sp`): the change, what decided it and any limit that clipped it, such as
-    /// `scale up 3→5 by rps` or `hold 6→6 by fallback, ScaleDownStabilized`; the reason code
+    /// `scale up 3→5 by rps` or `hold 6→6 by fallback Hold, ScaleDownStabilized`; the reason code
     /// of the `Ready` condition when the policy could not be evaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 60))]

@@ -80,7 +80,7 @@ pub fn status_from_decision(
 
 /// `status.shortReason`: the change, what decided it and the limit that clipped it, in at
 /// most [`MAX_SHORT_REASON_CHARS`] characters (`scale up 3→5 by rps`,
-/// `hold 6→6 by fallback, ScaleDownStabilized`).
+/// `hold 6→6 by fallback Hold, ScaleDownStabilized`).
 pub fn short_reason(policy: &CompiledPolicy, decision: &Decision) -> String {
     let verb = match decision.replicas.cmp(&decision.current) {
         std::cmp::Ordering::Greater => "scale up",
