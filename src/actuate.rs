@@ -35,7 +35,7 @@ pub enum ActuateError {
     BadApiVersion(String),
     /// The kind is not served.
     #[error(
-        "{kind} {namespace}/{name}: kind {api_version}/{kind} is not served by the apiserver: {source}"
+        "{kind} {namespace}/{name}: kind {api_version}/{kind} is not served by the apiserver: {}", crate::api_error::human(.source)
     )]
     UnknownKind {
         /// apiVersion.

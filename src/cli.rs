@@ -82,8 +82,14 @@ pub struct PrometheusArgs {
     /// PEM client key.
     #[arg(long, env = "KSCALE_PROMETHEUS_CLIENT_KEY_FILE")]
     pub prometheus_client_key_file: Option<PathBuf>,
-    /// Extra header on every request: NAME=VALUE (repeatable).
-    #[arg(long = "prometheus-header", value_name = "NAME=VALUE", value_parser = parse_mapping)]
+    /// Extra header on every request: NAME=VALUE (repeatable; in the environment, one per line).
+    #[arg(
+        long = "prometheus-header",
+        env = "KSCALE_PROMETHEUS_HEADER",
+        value_name = "NAME=VALUE",
+        value_parser = parse_mapping,
+        value_delimiter = '\n'
+    )]
     pub prometheus_headers: Vec<(String, String)>,
     /// The largest Prometheus answer read, in bytes, for every server (the default and the
     /// policies' own), instant and range queries alike: reading stops at the cap and the query
@@ -176,16 +182,16 @@ pub struct RunArgs {
     )]
     pub leader_election_lease: String,
     /// How long a leader's renewal stays valid (failover takes at most this plus --leader-renew).
-    #[arg(long, default_value = "10s", value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_LEASE_DURATION", default_value = "10s", value_parser = parse_std_duration)]
     pub leader_lease_duration: std::time::Duration,
     /// How often the leader renews and candidates retry (shorter than --leader-renew-deadline).
-    #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_RENEW", default_value = "2s", value_parser = parse_std_duration)]
     pub leader_renew: std::time::Duration,
     /// How long after the start of its last successful renewal the leader still writes, by its
     /// own clock (default: two thirds of --leader-lease-duration). Must be shorter than
     /// --leader-lease-duration, so a leader whose renewal stalls stops writing before another
     /// replica may take the Lease over.
-    #[arg(long, value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_RENEW_DEADLINE", value_parser = parse_std_duration)]
     pub leader_renew_deadline: Option<std::time::Duration>,
     /// How many times a scale write that lost a race (409 Conflict: the target's scale changed
     /// between kscale's read and its write) is re-read, re-decided and retried within one
@@ -422,12 +428,22 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(log_colours(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr);
     // A second initialization (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether log lines carry ANSI colour codes: only on a terminal (never in a file or a pipe), and
+/// not when `NO_COLOR` is set to anything but the empty string (no-color.org).
+fn log_colours(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn kube_client() -> Result<kube::Client, CliError> {
@@ -713,7 +729,7 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
             Ok(docs) => {
                 for doc in docs {
                     let name = doc.name.as_deref().unwrap_or("(unnamed)");
-                    match doc.result {
+                    match &doc.result {
                         Ok(_) => writeln!(out, "{}: {name}: valid", path.display()).map_err(io)?,
                         Err(problems) => {
                             invalid += 1;
@@ -727,7 +743,11 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
                             )
                             .map_err(io)?;
                             for p in problems {
-                                writeln!(out, "  {p}").map_err(io)?;
+                                match doc.line_of(p) {
+                                    Some(line) => writeln!(out, "  line {line}: {p}"),
+                                    None => writeln!(out, "  {p}"),
+                                }
+                                .map_err(io)?;
                             }
                         }
                     }
@@ -1012,9 +1032,10 @@ fn prometheus_history(
         url: url.to_string(),
         timeout: std::time::Duration::from_secs(120),
         limits,
+        url_setting: "--prometheus",
         ..PrometheusConfig::default()
     })
-    .map_err(|e| CliError::Config(format!("--prometheus: {e}")))?;
+    .map_err(|e| CliError::Config(e.to_string()))?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps read")
@@ -1133,4 +1154,35 @@ fn write_violations(s: &Summary, capacity: f64, out: &mut dyn Write) -> std::io:
         writeln!(out, "  … and {more} more (--format json lists them all)")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_daemon_flag_has_an_environment_variable() {
+        let cli = Cli::command();
+        let command = cli.find_subcommand("run").unwrap();
+        let missing: Vec<String> = command
+            .get_arguments()
+            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .map(|a| format!("--{}", a.get_long().unwrap_or_default()))
+            .collect();
+        assert!(missing.is_empty(), "kscale run: {missing:?} lack `env`");
+    }
+
+    #[test]
+    fn log_colours_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, None));
+        assert!(
+            !log_colours(false, None),
+            "a file or a pipe gets no colour codes"
+        );
+        assert!(!log_colours(true, Some("1".into())));
+        // NO_COLOR set but empty does not count (no-color.org).
+        assert!(log_colours(true, Some("".into())));
+    }
 }

@@ -185,6 +185,67 @@ fn validate_checks_the_policy_prometheus() {
     }
 }
 
+/// Issue 16: the walkthrough's mistakes (a misspelled field, a type error, broken PromQL) and
+/// more, all in one run, each with its path and line; a misspelling is an unknown field with a
+/// suggestion, never a missing field.
+#[test]
+fn validate_reports_every_mistake_in_one_run_with_lines_and_suggestions() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "three.yaml",
+        r#"apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: backend}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: backend}
+  minReplicas: three
+  maxReplica: 10
+  mode: Dryrun
+  interval: 1ms
+  metrics:
+  - name: rps
+    prometheus:
+      query: 'sum(rate(http_requests_total[1m])'
+    target: {type: AverageValue, averageValue: "70"}
+  - name: queue
+    prometheus: {query: 'sum(queue_depth) $ 2'}
+    target: {type: AverageValue, averageValue: "5"}
+    activationTreshold: "1"
+"#,
+    );
+    let o = kscale(&["validate", "-p", f.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    for needle in [
+        "backend (document 1): 7 problems",
+        "  line 6: spec.minReplicas: must be an integer, got the string \"three\"",
+        "  line 7: spec.maxReplica: unknown field; did you mean maxReplicas?",
+        "  line 8: spec.mode: unknown value \"Dryrun\"; expected one of Controller, ExternalMetric, DryRun; did you mean DryRun?",
+        "  line 18: spec.metrics[1].activationTreshold: unknown field; did you mean activationThreshold?",
+        "  line 9: spec.interval: must be at least 1s",
+        "  line 13: spec.metrics[0].prometheus.query: is not valid PromQL: unclosed left parenthesis (at character 4)",
+        "  line 16: spec.metrics[1].prometheus.query: is not valid PromQL: unexpected character: '$' (at character 18)",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in\n{out}");
+    }
+    assert!(!out.contains("missing field"), "{out}");
+
+    // Fixed, the same file is valid: the checks above were about the mistakes alone.
+    let fixed = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("minReplicas: three", "minReplicas: 3")
+        .replace("maxReplica:", "maxReplicas:")
+        .replace("Dryrun", "DryRun")
+        .replace("1ms", "15s")
+        .replace("[1m])'", "[1m]))'")
+        .replace(" $ 2", " / 2")
+        .replace("activationTreshold: \"1\"", "");
+    let f = write(dir.path(), "fixed.yaml", &fixed);
+    let o = kscale(&["validate", "-p", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn validate_missing_file() {
     let o = kscale(&["validate", "-p", "/nonexistent/policy.yaml"]);

@@ -331,7 +331,9 @@ pub async fn release(client: &Client, cfg: &LeaderConfig) {
     spec.renew_time = None;
     match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(_) => info!(lease = %cfg.name, "leadership released"),
-        Err(e) => warn!(lease = %cfg.name, error = %e, "releasing the lease failed"),
+        Err(e) => {
+            warn!(lease = %cfg.name, error = %crate::api_error::human(&e), "releasing the lease failed")
+        }
     }
 }
 

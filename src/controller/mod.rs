@@ -266,7 +266,7 @@ pub enum PolicyError {
         source: leader::NotLeader,
     },
     /// Writing status failed.
-    #[error("policy {policy}: writing status: {source}")]
+    #[error("policy {policy}: writing status: {}", crate::api_error::human(.source))]
     Status {
         /// Policy.
         policy: String,
@@ -809,6 +809,9 @@ fn failure_status(
     status.observed_generation = p.metadata.generation;
     status.last_evaluation_time = Some(now);
     status.reason = Some(message.clone());
+    status.short_reason = Some(reason.into());
+    // No evaluation: the last values are no longer current.
+    status.targets = None;
     let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         type_: "Ready".into(),
         status: "False".into(),

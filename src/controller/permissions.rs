@@ -70,12 +70,10 @@ pub fn hint(access: Access<'_>) -> String {
 /// `error`, followed by [`hint`] when it is a 403. An apiserver error shows as its message,
 /// code and reason (not the whole Status).
 pub fn explain(error: &kube::Error, access: Access<'_>) -> String {
+    let text = crate::api_error::human(error);
     match error {
-        kube::Error::Api(s) if s.code == 403 => {
-            format!("{} (403 {}); {}", s.message, s.reason, hint(access))
-        }
-        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => other.to_string(),
+        kube::Error::Api(s) if s.code == 403 => format!("{text}; {}", hint(access)),
+        _ => text.to_string(),
     }
 }
 
@@ -168,10 +166,10 @@ mod tests {
                 .boxed(),
         );
         let e = explain(&other, Access::Lease { namespace: "n" });
-        assert_eq!(e, "gone (404 NotFound)");
+        assert_eq!(e, "gone (NotFound, HTTP 404)");
         assert!(
             explain(&forbidden(), Access::Lease { namespace: "n" })
-                .starts_with("leases is forbidden (403 Forbidden); ")
+                .starts_with("leases is forbidden (Forbidden, HTTP 403); ")
         );
     }
 

@@ -14,6 +14,7 @@ mod controls_tests;
 pub mod forecast;
 pub mod formula;
 pub mod formula_cost;
+pub mod promql;
 pub mod replicas;
 pub mod schedule;
 pub mod state;

@@ -330,3 +330,33 @@ pub async fn scale_by_hand(api: &Api<Deployment>, name: &str, n: i32) {
     .await
     .expect("manual scale");
 }
+
+/// A cell of `kubectl get sp <name>`: the apiserver's Table for the policy, whose columns are
+/// the CRD's additionalPrinterColumns (`None`: an empty cell). Panics on an unknown column.
+pub async fn printer_column(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    column: &str,
+) -> Option<String> {
+    let request = http::Request::get(format!(
+        "/apis/kscale.dev/v1alpha1/namespaces/{namespace}/scalingpolicies/{name}"
+    ))
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .expect("request builds");
+    let table: serde_json::Value = client.request(request).await.expect("table read");
+    let columns = table["columnDefinitions"].as_array().expect("columns");
+    let i = columns
+        .iter()
+        .position(|c| c["name"] == column)
+        .unwrap_or_else(|| panic!("no {column} column"));
+    match &table["rows"][0]["cells"][i] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => panic!("the {column} cell is {other}"),
+    }
+}
