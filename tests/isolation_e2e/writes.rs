@@ -234,14 +234,13 @@ fn start_daemon(
         "target/isolation-writes-{identity}-{}.log",
         std::process::id()
     ));
-    let controller = support::controller::start_controller_with(
+    let controller = support::controller::start_controller(
+        env,
         kubeconfig,
         &log,
         support::free_port(),
         namespace,
         identity,
-        Some(&env.prometheus_url),
-        support::controller::Lease::Flag(namespace),
     );
     Daemon { controller, log }
 }
