@@ -33,7 +33,7 @@ pub fn verdict(ours: &Summary, baseline: &Summary) -> String {
     )
 }
 
-/// One figure's change: `−23 % what`, `+4 % what`, `±0 % what`, `0 vs 0 what` or
+/// One figure's change: `−23 % what`, `+4 % what`, `−<0.1 % what`, `±0 % what`, `0 vs 0 what` or
 /// `+12.5 (from 0) what`. `decimals` is the figure's own precision (for the from-0 case).
 fn change(ours: f64, baseline: f64, decimals: usize, what: &str) -> String {
     if baseline == 0.0 {
@@ -44,11 +44,17 @@ fn change(ours: f64, baseline: f64, decimals: usize, what: &str) -> String {
         };
     }
     let pct = (ours - baseline) / baseline * 100.0;
-    if ours == baseline {
+    // Equal as printed (the summary's own precision) is no change: 1009.8 against 1009.8 is ±0,
+    // whatever the digits behind the ones shown.
+    let scale = 10f64.powi(i32::try_from(decimals).unwrap_or(i32::MAX));
+    if (ours * scale).round() == (baseline * scale).round() {
         return format!("±0 % {what}");
     }
-    // Whole percent, except that a change under 1 % keeps one decimal so it never reads as 0.
-    let magnitude = if pct.abs() < 0.95 {
+    // Whole percent, except that a change under 1 % keeps one decimal, and one under 0.05 % reads
+    // `<0.1`, so a change never reads as 0.
+    let magnitude = if pct.abs() < 0.05 {
+        "<0.1".to_string()
+    } else if pct.abs() < 0.95 {
         format!("{:.1}", pct.abs())
     } else {
         format!("{:.0}", pct.abs())
@@ -116,6 +122,17 @@ mod tests {
             verdict(&ours, &base),
             "a: +0.4 % replica-hours, +2.5 (from 0) SLO-violation minutes, 0 vs 0 scaling actions vs b"
         );
+        // 1009.8 vs 1009.9 is −0.0099 %: it reads as under 0.1 %, never as −0.0; equal as
+        // printed is ±0.
+        let ours = summary("a", 1009.8, None, 10);
+        let base = summary("b", 1009.9, None, 10);
+        assert_eq!(
+            verdict(&ours, &base),
+            "a: \u{2212}<0.1 % replica-hours, ±0 % scaling actions vs b"
+        );
+        let ours = summary("a", 1009.84, None, 10);
+        let base = summary("b", 1009.81, None, 10);
+        assert!(verdict(&ours, &base).starts_with("a: ±0 % replica-hours"));
     }
 
     #[test]
