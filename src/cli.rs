@@ -31,9 +31,13 @@ pub struct Cli {
 pub enum Command {
     /// Check policy files; prints every problem with its field path, exits 1 on any.
     Validate {
-        /// Policy files (YAML; several documents per file are fine).
-        #[arg(long = "policy", short = 'p', required = true, num_args = 1..)]
+        /// Policy files (YAML; several documents per file are fine; documents of other kinds
+        /// are skipped).
+        #[arg(long = "policy", short = 'p', num_args = 1..)]
         policies: Vec<PathBuf>,
+        /// Policy files given without `--policy`, as `kscale validate FILE...`.
+        #[arg(value_name = "FILE", required_unless_present = "policies")]
+        files: Vec<PathBuf>,
     },
     /// Replay a recorded trace through a policy and report what it would have done.
     Backtest(BacktestArgs),
@@ -394,12 +398,21 @@ pub enum CliError {
     /// Validation found problems (already printed).
     #[error("{0} invalid {policies}", policies = if *.0 == 1 { "policy" } else { "policies" })]
     ValidationFailed(usize),
+    /// `validate` was given files, none of which holds a ScalingPolicy.
+    #[error(
+        "{which} ScalingPolicy (apiVersion kscale.dev/v1alpha1, kind ScalingPolicy); nothing was checked",
+        which = if *.0 == 1 { "the file given holds no".to_string() } else { format!("none of the {} files given holds a", .0) }
+    )]
+    NoPolicyInFiles(usize),
 }
 
 /// Runs a parsed command line; output goes to `out`.
 pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
-        Command::Validate { policies } => validate(&policies, out),
+        Command::Validate { policies, files } => {
+            let all: Vec<PathBuf> = policies.into_iter().chain(files).collect();
+            validate(&all, out)
+        }
         Command::Backtest(args) => backtest(&args, out),
         Command::Run(args) => run_daemon(&args),
         Command::DryRun(args) => dry_run(&args, out),
@@ -718,9 +731,15 @@ fn io(e: std::io::Error) -> CliError {
 
 fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
     let mut invalid = 0;
+    let mut policies = 0;
     let mut first_error = None;
     for path in paths {
         match load_policies(path) {
+            // A file of other kinds (the Deployment or HPA beside a policy, `dir/*.yaml`) is
+            // skipped, as the README says, and said so.
+            Err(crate::load::LoadError::NoPolicy { .. }) => {
+                writeln!(out, "{}: no ScalingPolicy, skipped", path.display()).map_err(io)?;
+            }
             Err(e) => {
                 writeln!(out, "{e}").map_err(io)?;
                 invalid += 1;
@@ -728,6 +747,7 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
             }
             Ok(docs) => {
                 for doc in docs {
+                    policies += 1;
                     let name = doc.name.as_deref().unwrap_or("(unnamed)");
                     match &doc.result {
                         Ok(_) => writeln!(out, "{}: {name}: valid", path.display()).map_err(io)?,
@@ -742,6 +762,10 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
                                 if problems.len() == 1 { "" } else { "s" }
                             )
                             .map_err(io)?;
+                            // In the file's order: the shape and the compiled checks are
+                            // two passes, each in its own order.
+                            let mut problems: Vec<_> = problems.iter().collect();
+                            problems.sort_by_key(|p| doc.line_of(p).unwrap_or(usize::MAX));
                             for p in problems {
                                 match doc.line_of(p) {
                                     Some(line) => writeln!(out, "  line {line}: {p}"),
@@ -757,6 +781,10 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
     }
     if invalid > 0 {
         return Err(CliError::ValidationFailed(invalid));
+    }
+    if policies == 0 {
+        // Nothing was checked: a typo'd glob must not pass as "valid".
+        return Err(CliError::NoPolicyInFiles(paths.len()));
     }
     Ok(())
 }

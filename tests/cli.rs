@@ -145,7 +145,9 @@ spec:
         "{out}"
     );
     assert!(
-        out.contains("spec.schedules[0].cron: \"0 25 * * *\" does not parse"),
+        out.contains(
+            "spec.schedules[0].cron: \"0 25 * * *\": the hour (0-23) field \"25\" is not valid"
+        ),
         "{out}"
     );
     assert!(out.contains("kscale: 1 invalid policy"), "{out}");
@@ -244,6 +246,42 @@ spec:
     let f = write(dir.path(), "fixed.yaml", &fixed);
     let o = kscale(&["validate", "-p", f.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn validate_takes_files_without_the_flag_and_skips_other_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = write(
+        dir.path(),
+        "deployment.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n",
+    );
+    // `kscale validate FILE...`, a new user's first try, with a glob that also matches the
+    // Deployment beside the policy.
+    let o = kscale(&[
+        "validate",
+        "examples/backend-rps.yaml",
+        deployment.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("deployment.yaml: no ScalingPolicy, skipped"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("examples/backend-rps.yaml: backend: valid"),
+        "{}",
+        text(&o)
+    );
+    // Files of other kinds only: nothing was checked, which is not a pass.
+    let o = kscale(&["validate", deployment.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("the file given holds no ScalingPolicy"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

@@ -18,6 +18,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 use serde_yaml::{Mapping, Value};
 
 use crate::policy::FieldError;
+use crate::policy::compile::suggest;
 
 /// What the walk found.
 pub(crate) struct Shape {
@@ -317,21 +318,6 @@ fn describe(v: &Value) -> String {
 
 fn type_error(path: &str, expected: &str, found: &Value) -> FieldError {
     err(path, format!("must be {expected}, got {}", describe(found)))
-}
-
-/// The candidate closest to `word`, when it is close enough to be a slip of the keyboard: at
-/// most two edits (one for words of up to four letters), case ignored.
-pub(crate) fn suggest<'a>(
-    word: &str,
-    candidates: impl Iterator<Item = &'a str>,
-) -> Option<&'a str> {
-    let lower = word.to_lowercase();
-    let limit = if word.chars().count() <= 4 { 1 } else { 2 };
-    candidates
-        .map(|c| (strsim::damerau_levenshtein(&lower, &c.to_lowercase()), c))
-        .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
 }
 
 #[cfg(test)]

@@ -463,7 +463,7 @@ fn compile_target(
         other => {
             errors.push(err(
                 format!("{path}.type"),
-                format!("unknown value {other:?} (expected Value, AverageValue or Utilization)"),
+                unknown_value(other, &["Value", "AverageValue", "Utilization"]),
             ));
             None
         }
@@ -530,7 +530,7 @@ fn compile_rules(
         Some(other) => {
             errors.push(err(
                 format!("{path}.selectPolicy"),
-                format!("unknown value {other:?} (expected Max, Min or Disabled)"),
+                unknown_value(other, &["Max", "Min", "Disabled"]),
             ));
             SelectPolicy::Max
         }
@@ -555,7 +555,7 @@ fn compile_rules(
                     other => {
                         errors.push(err(
                             format!("{ppath}.type"),
-                            format!("unknown value {other:?} (expected Pods or Percent)"),
+                            unknown_value(other, &["Pods", "Percent"]),
                         ));
                         None
                     }
@@ -721,7 +721,7 @@ pub fn compile_spec(
                 other => {
                     errors.push(err(
                         format!("{path}.resource.name"),
-                        format!("unknown value {other:?} (expected cpu or memory)"),
+                        unknown_value(other, &["cpu", "memory"]),
                     ));
                     None
                 }
@@ -855,7 +855,11 @@ pub fn compile_spec(
             s.max_replicas,
         ) {
             Ok(schedule) => schedules.push(schedule),
-            Err((field, message)) => errors.push(err(format!("{path}.{field}"), message)),
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|(field, message)| err(format!("{path}.{field}"), message)),
+            ),
         }
     }
 
@@ -1200,5 +1204,52 @@ fn compile_forecast(
         refit,
         confidence: confidence / 100.0,
         min_headroom,
+    }
+}
+
+/// The candidate closest to `word`, when it is close enough to be a slip of the keyboard: at
+/// most two edits (one for words of up to four letters), case ignored.
+pub(crate) fn suggest<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let lower = word.to_lowercase();
+    let limit = if word.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(&lower, &c.to_lowercase()), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// `unknown value "X" (expected A, B or C)`, with `; did you mean B?` for a near miss.
+fn unknown_value(other: &str, allowed: &[&str]) -> String {
+    let list = match allowed {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    };
+    let mut message = format!("unknown value {other:?} (expected {list})");
+    if let Some(near) = suggest(other, allowed.iter().copied()) {
+        message.push_str(&format!("; did you mean {near}?"));
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A review's input: a near-miss enum value gets the same suggestion as a near-miss field.
+    #[test]
+    fn an_unknown_value_names_the_allowed_ones_and_the_near_miss() {
+        assert_eq!(
+            unknown_value("AverageValu", &["Value", "AverageValue", "Utilization"]),
+            "unknown value \"AverageValu\" (expected Value, AverageValue or Utilization); did you mean AverageValue?"
+        );
+        assert_eq!(
+            unknown_value("Both", &["Pods", "Percent"]),
+            "unknown value \"Both\" (expected Pods or Percent)"
+        );
     }
 }

@@ -69,13 +69,31 @@ fn parses_up_to(query: &str) -> Option<String> {
             _ => {}
         }
     }
-    cuts.iter()
+    let (byte, chars) = cuts
+        .iter()
         .rev()
         .filter(|(byte, _)| !query[..*byte].trim().is_empty())
         .take(MAX_PREFIX_PARSES)
-        .find(|(byte, _)| promql_parser::parser::parse(&query[..*byte]).is_ok())
-        .map(|(_, chars)| format!("it parses up to character {chars}"))
+        .find(|(byte, _)| promql_parser::parser::parse(&query[..*byte]).is_ok())?;
+    // What follows the query that parses, where it starts (1-based, in characters).
+    let rest = query[*byte..].trim_start();
+    let rest_at = chars + query[*byte..].chars().count() - rest.chars().count() + 1;
+    let rest = rest.trim_end();
+    Some(if BINARY_OPERATORS.contains(&rest) {
+        format!("the operator {rest:?} at character {rest_at} has no right-hand operand")
+    } else {
+        let shown: String = rest.chars().take(24).collect();
+        let more = if shown.len() < rest.len() { "…" } else { "" };
+        format!(
+            "it parses up to character {chars}; {shown:?}{more} at character {rest_at} does not fit there"
+        )
+    })
 }
+
+/// PromQL's binary operators, for an error at a dangling one.
+const BINARY_OPERATORS: [&str; 15] = [
+    "+", "-", "*", "/", "%", "^", "==", "!=", ">", "<", ">=", "<=", "and", "or", "unless",
+];
 
 /// For an error of the lexer: `at character N`, where the shortest failing prefix ends.
 fn lexical_error_at(query: &str, message: &str) -> Option<String> {
@@ -218,7 +236,12 @@ mod tests {
         // A grammar error says how far the query parses.
         assert_eq!(
             check("sum(rate(x[1m])) by job"),
-            Err("is not valid PromQL: invalid promql query (it parses up to character 16)".into())
+            Err("is not valid PromQL: invalid promql query (it parses up to character 16; \"by job\" at character 18 does not fit there)".into())
+        );
+        // A review's input: a dangling operator at the end.
+        assert_eq!(
+            check("sum(rate(x[1m])) +"),
+            Err("is not valid PromQL: invalid promql query (the operator \"+\" at character 18 has no right-hand operand)".into())
         );
         assert!(
             check("rate(x)")

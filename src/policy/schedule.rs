@@ -28,39 +28,32 @@ impl Schedule {
         tz: Option<&str>,
         min_replicas: Option<i32>,
         max_replicas: Option<i32>,
-    ) -> Result<Schedule, (&'static str, String)> {
-        let fields = cron.split_whitespace().count();
-        if fields != 5 {
-            return Err((
-                "cron",
-                format!(
-                    "{cron:?} has {fields} fields; expected 5 (minute hour day-of-month month day-of-week)"
-                ),
-            ));
-        }
-        let parsed = CronParser::builder()
-            .seconds(Seconds::Disallowed)
-            .year(Year::Disallowed)
-            .build()
-            .parse(cron)
-            .map_err(|e| ("cron", format!("{cron:?} does not parse: {e}")))?;
-        let tz: Tz = match tz {
-            None => Tz::UTC,
-            Some(name) => name.parse().map_err(|_| {
-                (
-                    "timezone",
-                    format!("unknown time zone {name:?} (use an IANA name like Europe/Berlin)"),
-                )
-            })?,
+    ) -> Result<Schedule, Vec<(&'static str, String)>> {
+        let mut errors = Vec::new();
+        let parsed = parse_cron(cron).map_err(|e| errors.push(("cron", e))).ok();
+        let tz: Option<Tz> = match tz {
+            None => Some(Tz::UTC),
+            Some(name) => name
+                .parse()
+                .map_err(|_| {
+                    errors.push((
+                        "timezone",
+                        format!("unknown time zone {name:?} (use an IANA name like Europe/Berlin)"),
+                    ));
+                })
+                .ok(),
         };
-        Ok(Schedule {
-            label,
-            cron: parsed,
-            duration,
-            tz,
-            min_replicas,
-            max_replicas,
-        })
+        match (parsed, tz) {
+            (Some(cron), Some(tz)) if errors.is_empty() => Ok(Schedule {
+                label,
+                cron,
+                duration,
+                tz,
+                min_replicas,
+                max_replicas,
+            }),
+            _ => Err(errors),
+        }
     }
 
     /// Whether the window is open at `now`: the latest start at or before `now` is less than
@@ -72,6 +65,56 @@ impl Schedule {
             Err(_) => false,
         }
     }
+}
+
+/// The five cron fields, in order, with their ranges, for errors.
+const CRON_FIELDS: [&str; 5] = [
+    "minute (0-59)",
+    "hour (0-23)",
+    "day-of-month (1-31)",
+    "month (1-12 or JAN-DEC)",
+    "day-of-week (0-7 or SUN-SAT; 0 and 7 are Sunday)",
+];
+
+fn cron_parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .build()
+}
+
+/// Parses a five-field cron expression. An error names the field at fault and its range: each
+/// field is tried alone (the others `*`) to find the one the parser refuses.
+fn parse_cron(cron: &str) -> Result<Cron, String> {
+    let fields: Vec<&str> = cron.split_whitespace().collect();
+    if fields.len() != 5 {
+        return Err(format!(
+            "{cron:?} has {} fields; expected 5 (minute hour day-of-month month day-of-week)",
+            fields.len()
+        ));
+    }
+    let parser = cron_parser();
+    parser.parse(cron).map_err(|whole| {
+        let bad: Vec<String> = fields
+            .iter()
+            .enumerate()
+            .filter_map(|(i, field)| {
+                let mut alone = ["*"; 5];
+                alone[i] = field;
+                let e = parser.parse(&alone.join(" ")).err()?;
+                Some(format!(
+                    "the {} field {field:?} is not valid ({e})",
+                    CRON_FIELDS[i]
+                ))
+            })
+            .collect();
+        if bad.is_empty() {
+            // Each field parses alone; together they do not.
+            format!("{cron:?} does not parse: {whole}")
+        } else {
+            format!("{cron:?}: {}", bad.join("; "))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -100,46 +143,42 @@ mod tests {
         assert!(!s.is_active(Utc.with_ymd_and_hms(2026, 11, 28, 9, 0, 0).unwrap()));
     }
 
+    fn problems(cron: &str, tz: Option<&str>) -> Vec<(&'static str, String)> {
+        Schedule::new("x".into(), cron, TimeDelta::hours(1), tz, Some(1), None).unwrap_err()
+    }
+
     #[test]
     fn bad_cron_and_zone() {
-        assert_eq!(
-            Schedule::new(
-                "x".into(),
-                "61 8 * * *",
-                TimeDelta::hours(1),
-                None,
-                Some(1),
-                None
-            )
-            .unwrap_err()
-            .0,
-            "cron"
+        let p = problems("61 8 * * *", None);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, "cron");
+        assert!(
+            p[0].1.contains("the minute (0-59) field \"61\""),
+            "{}",
+            p[0].1
         );
-        assert_eq!(
-            Schedule::new(
-                "x".into(),
-                "0 8 * *",
-                TimeDelta::hours(1),
-                None,
-                Some(1),
-                None
-            )
-            .unwrap_err()
-            .0,
-            "cron"
+        let p = problems("0 8 * *", None);
+        assert_eq!(p[0].0, "cron");
+        assert!(p[0].1.contains("has 4 fields; expected 5"), "{}", p[0].1);
+        let p = problems("0 8 * * *", Some("Mars/Base"));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, "timezone");
+    }
+
+    /// A review's input: a bad day-of-week and a misspelled zone are both reported in one
+    /// run, and the cron error names its field and range.
+    #[test]
+    fn a_bad_cron_and_a_bad_zone_are_both_reported_naming_the_field() {
+        let p = problems("0 8 * * 1-8", Some("Europe/Berln"));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].0, "cron");
+        assert!(
+            p[0].1
+                .contains("the day-of-week (0-7 or SUN-SAT; 0 and 7 are Sunday) field \"1-8\""),
+            "{}",
+            p[0].1
         );
-        assert_eq!(
-            Schedule::new(
-                "x".into(),
-                "0 8 * * *",
-                TimeDelta::hours(1),
-                Some("Mars/Base"),
-                Some(1),
-                None
-            )
-            .unwrap_err()
-            .0,
-            "timezone"
-        );
+        assert_eq!(p[1].0, "timezone");
+        assert!(p[1].1.contains("Europe/Berln"), "{}", p[1].1);
     }
 }
