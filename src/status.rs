@@ -182,7 +182,7 @@ pub fn targets(policy: &CompiledPolicy, decision: &Decision) -> String {
 }
 
 /// `text` cut to at most `max` characters, with `…` where it was cut.
-fn truncate_chars(text: String, max: usize) -> String {
+pub fn truncate_chars(text: String, max: usize) -> String {
     if text.chars().count() <= max {
         return text;
     }

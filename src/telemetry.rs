@@ -415,9 +415,11 @@ impl crate::listener::Handler<tokio::net::TcpStream> for Admin {
 /// header size and timeouts: [`crate::listener`]) until the task is dropped; accept errors never
 /// end it.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, limits: crate::listener::Limits) {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a: SocketAddr| a.to_string());
     info!(
-        ?addr,
+        %addr,
         max_connections = limits.max_connections,
         "serving /metrics, /healthz, /readyz"
     );

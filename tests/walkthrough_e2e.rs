@@ -3,7 +3,9 @@
 //! - A daemon without a default Prometheus starts, warns (log, `/readyz`, a metric), and each
 //!   policy that needs one reports `Ready=False` naming the setting, with one Warning event.
 //! - An HPA on a Controller policy's target is reported at the first evaluation (condition and
-//!   one Warning event), although kscale never wants to write, and `kscale dry-run` says it.
+//!   one Warning event), although kscale never wants to write, and `kscale dry-run` says it;
+//!   when kscale wants a change, the short reason says it is not written and why.
+//! - Each failing metric gets its own Warning event (once per new failure) and a WARN log line.
 //! - The leader-election Lease defaults to the daemon's own namespace (`POD_NAMESPACE`); a Lease
 //!   the chart's RBAC forbids is reported once, naming the flag, not every renewal.
 
@@ -43,8 +45,24 @@ async fn without_a_default_prometheus_the_daemon_warns_and_the_policy_names_the_
         return;
     };
     let client = env.client().await;
-    // 10 / 5 per replica = 2 replicas, if the metric could be read.
-    let sc = Scenario::start(env, &client, "walk-noprom", 10.0, 0).await;
+    // 10 / 5 per replica = 2 replicas, if the metrics could be read. Two metrics, so each one's
+    // failure is seen to get its own Warning (the recorder folds events by reason and action).
+    let sc = Scenario::start_with(env, &client, "walk-noprom", 2, 10.0, |query| {
+        format!(
+            r#"  minReplicas: 1
+  maxReplicas: 10
+  interval: 1s
+  metrics:
+  - name: queue
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+  - name: backlog
+    prometheus: {{query: '{query}'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+"#
+        )
+    })
+    .await;
     let ns = &sc.ns.name;
     let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, ns).await;
     let log = support::repo_root().join(format!("target/walk-noprom-{}.log", std::process::id()));
@@ -122,14 +140,39 @@ async fn without_a_default_prometheus_the_daemon_warns_and_the_policy_names_the_
         support::log_tail(&log)
     );
 
-    // Many intervals later (1 s each): still one Warning, and the target untouched.
+    assert!(
+        text.contains("WARN") && text.contains("metric failed (reported once per new failure)"),
+        "a WARN line for the failing metrics: {}",
+        support::log_tail(&log)
+    );
+
+    // Many intervals later (1 s each): still one Warning per metric, each naming its metric and
+    // what the decision is, and the target untouched.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let warnings = events_of(&client, ns, "web", "FailedGetExternalMetric").await;
-    assert_eq!(
-        warnings.iter().map(occurrences).sum::<i32>(),
-        1,
-        "one Warning for a lasting failure: {warnings:?}"
-    );
+    for metric in ["queue", "backlog"] {
+        let mine: Vec<&Event> = warnings
+            .iter()
+            .filter(|e| {
+                e.note
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(&format!("metric {metric}: error: ")))
+            })
+            .collect();
+        assert_eq!(
+            mine.iter().map(|e| occurrences(e)).sum::<i32>(),
+            1,
+            "one Warning for {metric}'s lasting failure: {warnings:?}"
+        );
+        assert!(
+            mine[0]
+                .note
+                .as_deref()
+                .is_some_and(|n| n.contains("; the decision: hold 2→2 by fallback Hold")),
+            "{warnings:?}"
+        );
+    }
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert_eq!(support::replicas(&sc.deployments).await, 2);
 }
 
@@ -196,6 +239,26 @@ async fn an_hpa_on_the_target_is_reported_at_the_first_evaluation_and_by_dry_run
         |e| e.reason.as_deref() == Some("ConflictingHPA") && e.type_.as_deref() == Some("Warning"),
     )
     .await;
+    // kscale now wants 4 (20 / 5): the columns say that nothing is written, and why.
+    sc.set(20.0);
+    wait_condition(
+        &sc.policies,
+        "web",
+        "Ready",
+        "shortReason saying the HPA keeps kscale from writing",
+        Duration::from_secs(30),
+        |c, s| {
+            c.reason == "ConflictingHPA"
+                && s.short_reason.as_deref()
+                    == Some("not written: HPA web-cpu drives the target (wants 2→4)")
+                && s.reason.as_deref().is_some_and(|r| {
+                    r.contains("; not written: Deployment")
+                        && r.contains("HorizontalPodAutoscaler web-cpu")
+                })
+        },
+    )
+    .await;
+    assert_eq!(support::replicas(&sc.deployments).await, 2);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let warnings = events_of(&client, ns, "web", "ConflictingHPA").await;
     assert_eq!(

@@ -589,14 +589,17 @@ fn object_ref(p: &ScalingPolicy) -> ObjectReference {
 }
 
 async fn publish(ctx: &Context, p: &ScalingPolicy, type_: EventType, reason: &str, note: String) {
-    publish_on(ctx, &object_ref(p), type_, reason, note).await;
+    publish_on(ctx, &object_ref(p), type_, reason, "Scale", note).await;
 }
 
+/// Publishes an event with `action` (the Event API's "what was done or failed": `Scale`, or
+/// `GetMetric NAME`). The recorder folds events of one reason and action into a series.
 async fn publish_on(
     ctx: &Context,
     regarding: &ObjectReference,
     type_: EventType,
     reason: &str,
+    action: &str,
     note: String,
 ) {
     // Right before the write: this replica still holds a valid Lease.
@@ -611,7 +614,7 @@ async fn publish_on(
         type_,
         reason: reason.into(),
         note: Some(note),
-        action: "Scale".into(),
+        action: action.into(),
         secondary: None,
     };
     let namespace = regarding.namespace.as_deref().unwrap_or_default();
@@ -779,19 +782,23 @@ async fn publish_metric_failures(
     policy: &CompiledPolicy,
     decision: &crate::policy::Decision,
 ) {
+    let outcome = crate::status::short_reason(policy, decision);
     for (m, o) in new_metric_failures(p, policy, decision) {
         let note = format!(
-            "metric {}: {}: {}; holding at {} unless the fallback says otherwise (see the status)",
+            "metric {}: {}: {}; the decision: {outcome}",
             m.name,
             o.state.as_str().to_lowercase(),
             o.message.as_deref().unwrap_or("unusable"),
-            decision.current
         );
-        publish(
+        warn!(policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), metric = %m.name, state = o.state.as_str(), %note, "metric failed (reported once per new failure)");
+        // One series per metric: the recorder groups events by reason and action, not by note,
+        // so two metrics failing under one action would show only the first one's note.
+        publish_on(
             ctx,
-            p,
+            &object_ref(p),
             EventType::Warning,
             metric_failure_reason(&m.source),
+            &format!("GetMetric {}", m.name),
             note,
         )
         .await;
@@ -961,6 +968,20 @@ pub async fn reconcile(
                 now,
             );
             let mut reason = e.decision.reason(&e.policy);
+            if let Some(conflict @ ActuateError::HpaConflict { hpa, .. }) = &e.hpa_conflict
+                && e.decision.replicas != e.decision.current
+            {
+                // The columns say that nothing is written, not a change that never happens.
+                status.short_reason = Some(crate::status::truncate_chars(
+                    format!(
+                        "not written: HPA {hpa} drives the target (wants {}→{})",
+                        e.decision.current, e.decision.replicas
+                    ),
+                    crate::status::MAX_SHORT_REASON_CHARS,
+                ));
+                reason = format!("{reason}; not written: {conflict}");
+                status.reason = Some(reason.clone());
+            }
             if let Some(first) = e.first_read {
                 reason = format!(
                     "{reason}; the scale changed between kscale's read ({first} replicas) and its write, {} time(s) (409 Conflict), so the decision was made again from a fresh read of {} replicas",
@@ -1681,6 +1702,7 @@ async fn run_tick(
             &regarding,
             EventType::Warning,
             "MalformedPolicy",
+            "Scale",
             format!("kscale cannot read this ScalingPolicy and ignores it (other policies are unaffected): {error}"),
         )
         .await;

@@ -737,11 +737,19 @@ impl Decision {
                 reason: "ScaleDownStabilized",
                 message: "recent recommendations were higher than current one, applying the highest recent recommendation",
             },
-            _ => DecisionCondition {
+            // The HPA writes "recommended size matches current size" here whatever the sizes;
+            // kscale says so only when they match.
+            _ if self.replicas == self.current => DecisionCondition {
                 type_: "AbleToScale",
                 status: true,
                 reason: "ReadyForNewScale",
                 message: "recommended size matches current size",
+            },
+            _ => DecisionCondition {
+                type_: "AbleToScale",
+                status: true,
+                reason: "ReadyForNewScale",
+                message: "no stabilization window holds the recommendation back",
             },
         };
         out.push(able);
