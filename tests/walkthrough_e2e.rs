@@ -87,7 +87,7 @@ async fn without_a_default_prometheus_the_daemon_warns_and_the_policy_names_the_
         |c, _| {
             c.status == "False"
                 && c.reason == "MetricsUnavailable"
-                && c.message.contains("metric queue is error")
+                && c.message.contains("metric queue failed: ")
                 && c.message.contains("--prometheus-url")
                 && c.message.contains("prometheus.url")
         },

@@ -876,9 +876,9 @@ pub fn ready_condition(e: &Evaluated) -> ReadyCondition {
         })
         .map(|(m, o)| {
             format!(
-                "metric {} is {}: {}",
+                "metric {} {}: {}",
                 m.name,
-                o.state.as_str().to_lowercase(),
+                o.state.described(),
                 o.message.as_deref().unwrap_or("unusable")
             )
         })
@@ -1961,7 +1961,7 @@ mod tests {
             assert!(ready.message.contains(setting), "{}", ready.message);
         }
         assert!(
-            ready.message.starts_with("metric q is error: "),
+            ready.message.starts_with("metric q failed: "),
             "{}",
             ready.message
         );

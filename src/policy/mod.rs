@@ -80,6 +80,20 @@ impl MetricState {
         )
     }
 
+    /// The state as a predicate for a sentence about the metric: `failed`, `is missing`,
+    /// `is stale`, `is invalid` (NaN or infinite), `is partial`, `has no pods`, `is valid`.
+    pub fn described(self) -> &'static str {
+        match self {
+            MetricState::Valid => "is valid",
+            MetricState::Missing => "is missing",
+            MetricState::Stale => "is stale",
+            MetricState::Invalid => "is invalid",
+            MetricState::Error => "failed",
+            MetricState::Partial => "is partial",
+            MetricState::NoPods => "has no pods",
+        }
+    }
+
     /// The name used in status and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

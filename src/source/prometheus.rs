@@ -807,7 +807,7 @@ impl PrometheusSource {
     ) -> Result<T, QueryError> {
         let limits = self.limits;
         let exchange = async {
-            let response = request.await.map_err(|e| classify(&e))?;
+            let response = request.await.map_err(|e| classify(&e, &self.url()))?;
             let status = response.status();
             let body = read_capped(response, limits.max_bytes).await?;
             parse(status.as_u16(), &body, limits)
@@ -879,8 +879,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The kind and text of a failed request.
-pub fn classify(e: &prometheus_http_query::Error) -> QueryError {
+/// The kind and text of a failed request to the Prometheus at `url` (shown without credentials).
+pub fn classify(e: &prometheus_http_query::Error, url: &str) -> QueryError {
     use prometheus_http_query::Error as E;
     let kind = match e {
         E::Prometheus(p) if p.is_timeout() => "timeout",
@@ -895,11 +895,34 @@ pub fn classify(e: &prometheus_http_query::Error) -> QueryError {
         },
         _ => "http",
     };
-    let mut message = error_chain(e);
-    if let E::Prometheus(_) = e {
-        message = format!("Prometheus rejected the query: {message}");
-    }
+    // A transport failure reads as what happened, where, and its innermost cause (`Connection
+    // refused (os error 111)`), not as the HTTP stack's four-level chain.
+    let transport = matches!(e, E::Client(c) if c.inner().is_some_and(|r| !r.is_status()));
+    let message = match e {
+        E::Prometheus(_) => format!("Prometheus rejected the query: {}", error_chain(e)),
+        _ if kind == "connect" => {
+            format!("cannot connect to Prometheus at {url}: {}", root_cause(e))
+        }
+        _ if kind == "timeout" => format!(
+            "Prometheus at {url} did not answer in time: {}",
+            root_cause(e)
+        ),
+        _ if transport => format!(
+            "the request to Prometheus at {url} failed: {}",
+            root_cause(e)
+        ),
+        _ => error_chain(e),
+    };
     QueryError { kind, message }
+}
+
+/// The innermost source of `e`: the cause the layers above it wrap.
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(s) = cause.source() {
+        cause = s;
+    }
+    cause.to_string()
 }
 
 /// The JSON envelope of every Prometheus API answer. Unknown fields (`infos`, say) are ignored.
