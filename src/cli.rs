@@ -46,6 +46,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Evaluate a policy once against the live cluster and Prometheus; never writes anything.
     DryRun(DryRunArgs),
+    /// Print HorizontalPodAutoscalers (from the cluster or from files) as equivalent
+    /// ScalingPolicies (YAML on standard output); what cannot be carried is named on standard
+    /// error, and that HPA is left out (exit status 1).
+    Import(ImportArgs),
     /// Print the ScalingPolicy CustomResourceDefinition (YAML).
     Crd,
     /// Print shell completions.
@@ -245,6 +249,52 @@ pub struct DryRunArgs {
     pub prometheus: PrometheusArgs,
 }
 
+/// The mode of imported policies (`spec.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportMode {
+    /// kscale writes the scale (remove or stop the HPA first: a target has one writer).
+    #[value(name = "Controller")]
+    Controller,
+    /// kscale publishes the decision through external.metrics.k8s.io for an HPA.
+    #[value(name = "ExternalMetric")]
+    ExternalMetric,
+    /// kscale only reports what it would do, beside the HPA (shadow mode).
+    #[value(name = "DryRun")]
+    DryRun,
+}
+
+impl From<ImportMode> for crate::crd::Mode {
+    fn from(m: ImportMode) -> Self {
+        match m {
+            ImportMode::Controller => crate::crd::Mode::Controller,
+            ImportMode::ExternalMetric => crate::crd::Mode::ExternalMetric,
+            ImportMode::DryRun => crate::crd::Mode::DryRun,
+        }
+    }
+}
+
+/// `kscale import` arguments: HPAs from the cluster (`-n`, names, `-A`) or from files (`-f`),
+/// as kubectl takes them.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// HPA names in the namespace (every HPA of the namespace when none is given).
+    pub names: Vec<String>,
+    /// Namespace of the HPAs read from the cluster.
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// Every HPA of every namespace.
+    #[arg(long, short = 'A', conflicts_with_all = ["names", "namespace"])]
+    pub all_namespaces: bool,
+    /// Read HPAs from YAML files instead of the cluster (autoscaling/v1, v2beta2 or v2; several
+    /// documents and `kubectl get hpa -o yaml` lists are fine; other kinds are skipped).
+    #[arg(long = "filename", short = 'f', conflicts_with_all = ["names", "all_namespaces"])]
+    pub files: Vec<PathBuf>,
+    /// The mode of the policies written. DryRun (the default) runs beside the HPA without
+    /// writing: the safe first step.
+    #[arg(long, value_enum, default_value = "DryRun")]
+    pub mode: ImportMode,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -398,6 +448,12 @@ pub enum CliError {
     /// Validation found problems (already printed).
     #[error("{0} invalid {policies}", policies = if *.0 == 1 { "policy" } else { "policies" })]
     ValidationFailed(usize),
+    /// An HPA file could not be read.
+    #[error("{0}")]
+    Import(#[from] crate::import::ImportError),
+    /// Some HPAs could not be carried whole (each named on standard error).
+    #[error("{0} of {1} HorizontalPodAutoscalers not imported (see above)")]
+    NotImported(usize, usize),
     /// `validate` was given files, none of which holds a ScalingPolicy.
     #[error(
         "{which} ScalingPolicy (apiVersion kscale.dev/v1alpha1, kind ScalingPolicy); nothing was checked",
@@ -416,6 +472,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Backtest(args) => backtest(&args, out),
         Command::Run(args) => run_daemon(&args),
         Command::DryRun(args) => dry_run(&args, out),
+        Command::Import(args) => import(&args, out, &mut std::io::stderr()),
         Command::Crd => {
             let yaml = crate::crd::crd_yaml().map_err(|e| CliError::Output(e.to_string()))?;
             out.write_all(yaml.as_bytes())
@@ -785,6 +842,97 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
     if policies == 0 {
         // Nothing was checked: a typo'd glob must not pass as "valid".
         return Err(CliError::NoPolicyInFiles(paths.len()));
+    }
+    Ok(())
+}
+
+/// `kscale import`: each HPA as a ScalingPolicy document on `out`; what cannot be carried on
+/// `err`, naming the HPA and the field.
+fn import(args: &ImportArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), CliError> {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    let hpas: Vec<(String, HorizontalPodAutoscaler)> = if args.files.is_empty() {
+        runtime()?.block_on(async {
+            let client = kube_client().await?;
+            let api: kube::Api<HorizontalPodAutoscaler> = if args.all_namespaces {
+                kube::Api::all(client)
+            } else {
+                kube::Api::namespaced(client, &args.namespace)
+            };
+            let what = if args.all_namespaces {
+                "all namespaces".to_string()
+            } else {
+                format!("namespace {}", args.namespace)
+            };
+            let listing = |e: kube::Error| {
+                CliError::Cluster(format!(
+                    "listing HorizontalPodAutoscalers in {what}: {}",
+                    crate::api_error::human(&e)
+                ))
+            };
+            let items = if args.names.is_empty() {
+                api.list(&Default::default()).await.map_err(listing)?.items
+            } else {
+                let mut items = Vec::new();
+                for name in &args.names {
+                    items.push(api.get(name).await.map_err(|e| {
+                        CliError::Cluster(format!(
+                            "HorizontalPodAutoscaler {}/{name}: {}",
+                            args.namespace,
+                            crate::api_error::human(&e)
+                        ))
+                    })?);
+                }
+                items
+            };
+            // The apiserver serves every HPA as autoscaling/v2, whatever it was written in.
+            Ok::<_, CliError>(
+                items
+                    .into_iter()
+                    .map(|h| ("autoscaling/v2".to_string(), h))
+                    .collect(),
+            )
+        })?
+    } else {
+        let mut hpas = Vec::new();
+        for path in &args.files {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|source| {
+                CliError::Import(crate::import::ImportError::Read {
+                    path: shown.clone(),
+                    source,
+                })
+            })?;
+            hpas.extend(crate::import::hpas_of_yaml(&shown, &text).map_err(CliError::Import)?);
+        }
+        hpas
+    };
+    if hpas.is_empty() {
+        writeln!(err, "no HorizontalPodAutoscaler found").map_err(io)?;
+        return Ok(());
+    }
+    let mut left_out = 0;
+    let mut first = true;
+    for (version, hpa) in &hpas {
+        match crate::import::from_v2(hpa, version, args.mode.into()) {
+            Ok(policy) => {
+                let yaml = serde_yaml::to_string(&policy)
+                    .map_err(|e| CliError::Config(format!("writing YAML: {e}")))?;
+                if !first {
+                    writeln!(out, "---").map_err(io)?;
+                }
+                first = false;
+                write!(out, "{yaml}").map_err(io)?;
+            }
+            Err(problems) => {
+                left_out += 1;
+                for p in problems {
+                    writeln!(err, "not imported: {p}").map_err(io)?;
+                }
+            }
+        }
+    }
+    if left_out > 0 {
+        return Err(CliError::NotImported(left_out, hpas.len()));
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod import;
 pub mod listener;
 pub mod load;
 pub mod model;

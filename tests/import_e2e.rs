@@ -1,0 +1,201 @@
+//! `kscale import` on the real control plane (issue 18, item 3): HPAs written in
+//! `autoscaling/v1` and `v2`, with Resource and ContainerResource metrics and a `behavior`, are
+//! read from the cluster and printed as ScalingPolicies whose `kscale dry-run` decisions equal
+//! each HPA's `status.desiredReplicas` once the real HPA controller has settled; an HPA with a
+//! metric kscale cannot carry is named on standard error, field by field, and left out.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kscale::crd::{Mode, ScalingPolicy};
+use kube::api::Api;
+
+/// Each HPA, its target and the count it settles at. The kwok pods request 100m cpu and 64Mi
+/// memory and use 50m and 32Mi (50 % each), and start at 2 replicas.
+const HPAS: &str = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: cpu-v2}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: cpu-v2}
+  minReplicas: 1
+  maxReplicas: 6
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 60
+      policies: [{type: Pods, value: 1, periodSeconds: 30}]
+---
+apiVersion: autoscaling/v1
+kind: HorizontalPodAutoscaler
+metadata: {name: cpu-v1}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: cpu-v1}
+  minReplicas: 1
+  maxReplicas: 3
+  targetCPUUtilizationPercentage: 40
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: mem-container}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: mem-container}
+  minReplicas: 1
+  maxReplicas: 4
+  metrics:
+  - type: ContainerResource
+    containerResource: {name: memory, container: app, target: {type: AverageValue, averageValue: 16Mi}}
+"#;
+
+/// What each HPA settles at: cpu-v2 at its target (2); cpu-v1 wants 2 × 50/40 → 3, then
+/// 3 × 1.25 → 4, clipped to 3; mem-container wants 2 × 32Mi/16Mi = 4, its maximum.
+const SETTLED: [(&str, i32); 3] = [("cpu-v2", 2), ("cpu-v1", 3), ("mem-container", 4)];
+
+fn kscale(args: &[&str], env: &support::TestEnv) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(args)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("kscale runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn policies_of(yaml: &str) -> Vec<ScalingPolicy> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| {
+            <ScalingPolicy as serde::Deserialize>::deserialize(d).expect("a ScalingPolicy document")
+        })
+        .collect()
+}
+
+/// The `decision  N replicas` of a dry-run's output.
+fn decision(text: &str) -> Option<i32> {
+    let line = text.lines().find(|l| l.starts_with("decision "))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_named() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    let ns = support::create_namespace(env, &client, "import").await;
+    for (name, _) in SETTLED {
+        support::create_kwok_deployment(&client, &ns.name, name, 2, "100m", "50m").await;
+    }
+    for (name, _) in SETTLED {
+        support::wait_for_ready_pods(
+            &client,
+            &ns.name,
+            &format!("app={name}"),
+            2,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    support::apply_yaml(&client, &ns.name, HPAS).await;
+
+    // The real HPA controller settles: desired = current = the Deployment's count, pods ready.
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    for (name, want) in SETTLED {
+        support::wait_until(
+            &format!("HPA {name} settled at {want}"),
+            Duration::from_secs(120),
+            || async {
+                let h = hpas.get(name).await.map_err(|e| e.to_string())?;
+                let s = h.status.ok_or("no status")?;
+                if s.desired_replicas == want && s.current_replicas == Some(want) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "desired {} current {:?}",
+                        s.desired_replicas, s.current_replicas
+                    ))
+                }
+            },
+        )
+        .await;
+        support::wait_for_ready_pods(
+            &client,
+            &ns.name,
+            &format!("app={name}"),
+            usize::try_from(want).expect("positive"),
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+
+    let (code, stdout, stderr) = kscale(&["import", "-n", &ns.name], env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let imported = policies_of(&stdout);
+    let by_name: BTreeMap<String, &ScalingPolicy> = imported
+        .iter()
+        .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
+        .collect();
+    assert_eq!(by_name.len(), 3, "{stdout}");
+    for (name, want) in SETTLED {
+        let p = by_name[name];
+        assert_eq!(p.spec.mode, Mode::DryRun, "the default mode");
+        assert_eq!(p.spec.target_ref.name, name);
+        let (ok, text) = support::controller::dry_run(env, p, &format!("import-{name}"));
+        assert!(ok, "{text}");
+        assert_eq!(
+            decision(&text),
+            Some(want),
+            "{name}: kscale's dry-run of the imported policy against the HPA's desiredReplicas\n{text}"
+        );
+    }
+    // The behavior is carried as it is (the apiserver filled in the HPA's defaults).
+    let down = by_name["cpu-v2"]
+        .spec
+        .behavior
+        .as_ref()
+        .and_then(|b| b.scale_down.as_ref())
+        .expect("scaleDown");
+    assert_eq!(down.stabilization_window_seconds, Some(60));
+
+    // An HPA kscale cannot carry: named field by field, left out; the others still printed.
+    support::apply_yaml(
+        &client,
+        &ns.name,
+        r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: queue}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: queue-worker}
+  maxReplicas: 5
+  metrics:
+  - type: External
+    external: {metric: {name: queue_depth}, target: {type: AverageValue, averageValue: "30"}}
+"#,
+    )
+    .await;
+    let (code, stdout, stderr) = kscale(&["import", "-n", &ns.name, "--mode", "Controller"], env);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "not imported: {}/queue: spec.metrics[0].type: External: kscale has no external.metrics.k8s.io source yet",
+            ns.name
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 4 HorizontalPodAutoscalers not imported"),
+        "{stderr}"
+    );
+    let imported = policies_of(&stdout);
+    assert_eq!(imported.len(), 3, "{stdout}");
+    assert!(imported.iter().all(|p| p.spec.mode == Mode::Controller));
+}
