@@ -285,6 +285,56 @@ fn validate_takes_files_without_the_flag_and_skips_other_kinds() {
 }
 
 #[test]
+fn import_reads_hpa_files_and_writes_policies_that_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let hpas = write(
+        dir.path(),
+        "hpas.yaml",
+        r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: autoscaling/v1
+  kind: HorizontalPodAutoscaler
+  metadata: {name: backend, namespace: shop}
+  spec:
+    scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: backend}
+    maxReplicas: 10
+    targetCPUUtilizationPercentage: 50
+- apiVersion: autoscaling/v2
+  kind: HorizontalPodAutoscaler
+  metadata: {name: worker, namespace: shop}
+  spec:
+    scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: worker}
+    maxReplicas: 10
+    metrics:
+    - type: Pods
+      pods: {metric: {name: jobs}, target: {type: AverageValue, averageValue: "5"}}
+"#,
+    );
+    let o = kscale(&["import", "-f", hpas.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("not imported: shop/worker: spec.metrics[0].type: Pods: kscale has no custom.metrics.k8s.io source yet"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(stdout.contains("name: backend"), "{stdout}");
+    assert!(stdout.contains("averageUtilization: 50"), "{stdout}");
+    assert!(stdout.contains("mode: DryRun"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "kscale.dev/imported-from: autoscaling/v1 HorizontalPodAutoscaler shop/backend"
+        ),
+        "{stdout}"
+    );
+    // What import writes, validate accepts.
+    let policy = write(dir.path(), "policy.yaml", &stdout);
+    let o = kscale(&["validate", policy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
 fn validate_missing_file() {
     let o = kscale(&["validate", "-p", "/nonexistent/policy.yaml"]);
     assert!(!o.status.success());
