@@ -446,13 +446,21 @@ impl ScaleTarget {
         client: &Client,
         cache: Option<&KindCache>,
     ) -> Result<(), ActuateError> {
+        let list = self.list_hpas(client).await?;
+        self.check_no_hpa_among(client, cache, list.iter()).await
+    }
+
+    /// The HPAs of the target's namespace, listed.
+    pub async fn list_hpas(
+        &self,
+        client: &Client,
+    ) -> Result<Vec<HorizontalPodAutoscaler>, ActuateError> {
         let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &self.namespace);
-        let list = hpas
+        Ok(hpas
             .list(&ListParams::default())
             .await
-            .map_err(|e| self.api_error("listing HorizontalPodAutoscalers for", e))?;
-        self.check_no_hpa_among(client, cache, list.items.iter())
-            .await
+            .map_err(|e| self.api_error("listing HorizontalPodAutoscalers for", e))?
+            .items)
     }
 
     /// The one-writer rule against `hpas` (the target's namespace's, from a list or a watch):
@@ -463,6 +471,25 @@ impl ScaleTarget {
         cache: Option<&KindCache>,
         hpas: impl Iterator<Item = &HorizontalPodAutoscaler>,
     ) -> Result<(), ActuateError> {
+        match self.driving_hpa(client, cache, hpas).await {
+            Some(hpa) => Err(ActuateError::HpaConflict {
+                kind: self.reference.kind.clone(),
+                namespace: self.namespace.clone(),
+                name: self.reference.name.clone(),
+                hpa: hpa.metadata.name.clone().unwrap_or_default(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The first of `hpas` whose `scaleTargetRef` is this target (same namespace, name and
+    /// resource; the kind alone when its group cannot be resolved).
+    pub async fn driving_hpa<'a>(
+        &self,
+        client: &Client,
+        cache: Option<&KindCache>,
+        hpas: impl Iterator<Item = &'a HorizontalPodAutoscaler>,
+    ) -> Option<&'a HorizontalPodAutoscaler> {
         for hpa in hpas {
             if hpa.metadata.namespace.as_deref() != Some(self.namespace.as_str()) {
                 continue;
@@ -476,15 +503,10 @@ impl ScaleTarget {
                 Err(_) => r.kind == self.key.kind,
             };
             if same {
-                return Err(ActuateError::HpaConflict {
-                    kind: self.reference.kind.clone(),
-                    namespace: self.namespace.clone(),
-                    name: self.reference.name.clone(),
-                    hpa: hpa.metadata.name.clone().unwrap_or_default(),
-                });
+                return Some(hpa);
             }
         }
-        Ok(())
+        None
     }
 }
 

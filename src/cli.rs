@@ -50,6 +50,10 @@ pub enum Command {
     /// ScalingPolicies (YAML on standard output); what cannot be carried is named on standard
     /// error, and that HPA is left out (exit status 1).
     Import(ImportArgs),
+    /// Summarize a period of shadow mode from Prometheus: a DryRun policy's desired replicas
+    /// against the HPA's beside it (replica-hours of each, the time each was below the other,
+    /// the largest gaps and when).
+    ShadowReport(ShadowReportArgs),
     /// Print the ScalingPolicy CustomResourceDefinition (YAML).
     Crd,
     /// Print shell completions.
@@ -295,6 +299,28 @@ pub struct ImportArgs {
     pub mode: ImportMode,
 }
 
+/// `kscale shadow-report` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ShadowReportArgs {
+    /// The DryRun policy's name.
+    pub policy: String,
+    /// Its namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// The Prometheus that scrapes the daemon's `/metrics`.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: String,
+    /// Start of the period (RFC 3339, or Unix seconds).
+    #[arg(long, value_parser = parse_time)]
+    pub from: DateTime<Utc>,
+    /// End of the period (RFC 3339, or Unix seconds).
+    #[arg(long, value_parser = parse_time)]
+    pub to: DateTime<Utc>,
+    /// Resolution (Go-style duration; at least the scrape interval makes sense).
+    #[arg(long, value_parser = parse_delta, default_value = "15s")]
+    pub step: TimeDelta,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -473,6 +499,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Run(args) => run_daemon(&args),
         Command::DryRun(args) => dry_run(&args, out),
         Command::Import(args) => import(&args, out, &mut std::io::stderr()),
+        Command::ShadowReport(args) => shadow_report(&args, out),
         Command::Crd => {
             let yaml = crate::crd::crd_yaml().map_err(|e| CliError::Output(e.to_string()))?;
             out.write_all(yaml.as_bytes())
@@ -771,6 +798,15 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
         if let Some(conflict) = &e.hpa_conflict {
             writeln!(out, "conflict  {conflict}").map_err(io)?;
         }
+        if let Some((hpa, hpa_desired)) = &e.shadow {
+            writeln!(
+                out,
+                "shadow    HPA {hpa} wants {hpa_desired}; kscale {} (divergence {:+})",
+                d.replicas,
+                d.replicas - hpa_desired
+            )
+            .map_err(io)?;
+        }
         writeln!(
             out,
             "decision  {} replicas (dry run: nothing written)",
@@ -935,6 +971,52 @@ fn import(args: &ImportArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
         return Err(CliError::NotImported(left_out, hpas.len()));
     }
     Ok(())
+}
+
+/// `kscale shadow-report`: the two shadow-mode gauges read back with range queries, summed up.
+fn shadow_report(args: &ShadowReportArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    use crate::source::prometheus::{PrometheusConfig, PrometheusSource};
+    let source = PrometheusSource::new(&PrometheusConfig {
+        url: args.prometheus.clone(),
+        timeout: std::time::Duration::from_secs(120),
+        url_setting: "--prometheus",
+        ..PrometheusConfig::default()
+    })
+    .map_err(|e| CliError::Config(e.to_string()))?;
+    let selector = format!(
+        "{{namespace={},policy={}}}",
+        promql_string(&args.namespace),
+        promql_string(&args.policy)
+    );
+    // `max`: one series whatever the scrape adds (instance, pod) or a failover doubles.
+    let kscale_query = format!("max(kscale_desired_replicas{selector})");
+    let hpa_query = format!("max(kscale_shadow_hpa_desired_replicas{selector})");
+    let (kscale, hpa) = runtime()?.block_on(async {
+        let read = |q: String| {
+            let source = &source;
+            async move {
+                source
+                    .query_range(&q, args.from, args.to, args.step, &mut |_, _| {})
+                    .await
+                    .map_err(|e| {
+                        CliError::Config(format!(
+                            "--prometheus {}: {q}: {}",
+                            args.prometheus, e.message
+                        ))
+                    })
+            }
+        };
+        Ok::<_, CliError>((read(kscale_query).await?, read(hpa_query).await?))
+    })?;
+    let summary = crate::backtest::shadow::summarize(&kscale, &hpa, args.step)
+        .map_err(|e| CliError::Config(format!("{}/{}: {e}", args.namespace, args.policy)))?;
+    let what = format!("{}/{} beside its HPA", args.namespace, args.policy);
+    write!(out, "{}", crate::backtest::shadow::render(&what, &summary)).map_err(io)
+}
+
+/// `text` as a PromQL string literal.
+fn promql_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// The first ScalingPolicy of a file, parsed and compiled, or every problem with it.

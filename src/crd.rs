@@ -459,9 +459,26 @@ pub struct ScalingPolicyStatus {
     /// Ready, AbleToScale, ScalingActive, ScalingLimited, MetricsAvailable, Paused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Shadow mode: a DryRun policy whose target an HPA drives records, at every evaluation,
+    /// what the HPA wanted beside what kscale would do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
     /// Stabilization and rate-limit history, kept so a restart or failover does not flap.
     #[serde(flatten)]
     pub history: PolicyState,
+}
+
+/// A DryRun policy beside the HPA that drives its target (shadow mode), at one evaluation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowStatus {
+    /// The HPA's name.
+    pub hpa: String,
+    /// The HPA's `status.desiredReplicas` when kscale evaluated (replicas).
+    pub hpa_desired_replicas: i32,
+    /// kscale's `desiredReplicas` minus the HPA's (replicas; 0 when they agree, positive when
+    /// kscale would run more).
+    pub divergence: i32,
 }
 
 /// One metric's last observation.

@@ -74,6 +74,8 @@ pub fn status_from_decision(
         paused: decision.paused.map(|p| p.pause.label()),
         metrics,
         conditions,
+        // Set by the controller when an HPA drives a DryRun policy's target.
+        shadow: None,
         history: decision.state.clone().capped(),
     }
 }

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub policy_ready: Family<PolicyLabels, Gauge>,
     /// 1 when the daemon has a default Prometheus (`--prometheus-url`), 0 when it has none.
     pub default_prometheus: Gauge,
+    /// Shadow mode: the `status.desiredReplicas` of the HPA beside a DryRun policy.
+    pub shadow_hpa_desired_replicas: Family<PolicyLabels, Gauge>,
+    /// Shadow mode: kscale's desired replicas minus the HPA's.
+    pub shadow_divergence_replicas: Family<PolicyLabels, Gauge>,
     ready: AtomicBool,
     /// Settings that leave the daemon running but some policies failing; `/readyz` lists them.
     warnings: std::sync::Mutex<Vec<String>>,
@@ -135,6 +139,8 @@ impl Metrics {
             leader: Gauge::default(),
             policy_ready: Family::default(),
             default_prometheus: Gauge::default(),
+            shadow_hpa_desired_replicas: Family::default(),
+            shadow_divergence_replicas: Family::default(),
             ready: AtomicBool::new(false),
             warnings: std::sync::Mutex::new(Vec::new()),
             registry: Registry::default(),
@@ -202,6 +208,16 @@ impl Metrics {
             m.leader.clone(),
         );
         registry.register(
+            "shadow_hpa_desired_replicas",
+            "Shadow mode: the desiredReplicas of the HPA beside a DryRun policy",
+            m.shadow_hpa_desired_replicas.clone(),
+        );
+        registry.register(
+            "shadow_divergence_replicas",
+            "Shadow mode: kscale's desired replicas minus the HPA's (0 when they agree)",
+            m.shadow_divergence_replicas.clone(),
+        );
+        registry.register(
             "policy_ready",
             "1 while the policy's Ready condition is True (evaluated, no conflict, every metric valid)",
             m.policy_ready.clone(),
@@ -230,6 +246,29 @@ impl Metrics {
     }
 
     /// Records one decision.
+    /// Shadow mode's gauges for a policy: set beside an HPA (`Some((hpa_desired, divergence))`),
+    /// removed otherwise, so a policy that left shadow mode shows no stale divergence.
+    pub fn record_shadow(&self, namespace: &str, name: &str, shadow: Option<(i32, i32)>) {
+        let labels = PolicyLabels {
+            namespace: namespace.to_string(),
+            policy: name.to_string(),
+        };
+        match shadow {
+            Some((hpa_desired, divergence)) => {
+                self.shadow_hpa_desired_replicas
+                    .get_or_create(&labels)
+                    .set(i64::from(hpa_desired));
+                self.shadow_divergence_replicas
+                    .get_or_create(&labels)
+                    .set(i64::from(divergence));
+            }
+            None => {
+                self.shadow_hpa_desired_replicas.remove(&labels);
+                self.shadow_divergence_replicas.remove(&labels);
+            }
+        }
+    }
+
     pub fn record(
         &self,
         namespace: &str,

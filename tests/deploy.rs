@@ -496,12 +496,46 @@ async fn example_scales_under_the_chart_service_account_and_every_dashboard_quer
         "statefulsets/scale is allowed: {allowed:?}"
     );
 
+    // Shadow mode, for its panel: a DryRun policy beside the HPA that drives its target.
+    support::create_kwok_deployment(&client, &ns.name, "shadowed", 2, "100m", "50m").await;
+    support::apply_yaml(
+        &client,
+        &ns.name,
+        r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: shadowed}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: shadowed}
+  minReplicas: 1
+  maxReplicas: 4
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+---
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: backend-shadow}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: shadowed}
+  mode: DryRun
+  minReplicas: 1
+  maxReplicas: 4
+  interval: 2s
+  metrics:
+  - name: cpu
+    resource: {name: cpu}
+    target: {type: Utilization, averageUtilization: 50}
+"#,
+    )
+    .await;
+
     // Every dashboard query returns data from Prometheus scraping this daemon.
     let queries = dashboard_queries();
     for (title, expr) in &queries {
         let promql = expr
             .replace("$namespace", &ns.name)
-            .replace("$policy", "backend")
+            .replace("$policy", "backend|backend-shadow")
             .replace("$__rate_interval", "1m");
         support::wait_until(
             &format!("data for dashboard query of {title:?}: {promql}"),

@@ -1,8 +1,10 @@
 //! `kscale import` on the real control plane (issue 18, item 3): HPAs written in
 //! `autoscaling/v1` and `v2`, with Resource and ContainerResource metrics and a `behavior`, are
 //! read from the cluster and printed as ScalingPolicies whose `kscale dry-run` decisions equal
-//! each HPA's `status.desiredReplicas` once the real HPA controller has settled; an HPA with a
-//! metric kscale cannot carry is named on standard error, field by field, and left out.
+//! each HPA's `status.desiredReplicas` once the real HPA controller has settled. Run beside
+//! their HPAs in shadow mode (DryRun), they diverge by 0 (status, reason, `/metrics`) and write
+//! nothing. An HPA with a metric kscale cannot carry is named on standard error, field by
+//! field, and left out.
 
 mod support;
 
@@ -11,8 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kscale::crd::{Mode, ScalingPolicy};
+use kscale::crd::{Mode, ScalingPolicy, ShadowStatus};
 use kube::api::Api;
+use support::controller::{Lease, start_controller_with};
 
 /// Each HPA, its target and the count it settles at. The kwok pods request 100m cpu and 64Mi
 /// memory and use 50m and 32Mi (50 % each), and start at 2 replicas.
@@ -90,6 +93,7 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
         return;
     };
     let client = env.client().await;
+    support::install_crd(&client).await;
     let ns = support::create_namespace(env, &client, "import").await;
     for (name, _) in SETTLED {
         support::create_kwok_deployment(&client, &ns.name, name, 2, "100m", "50m").await;
@@ -164,6 +168,139 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
         .and_then(|b| b.scale_down.as_ref())
         .expect("scaleDown");
     assert_eq!(down.stabilization_window_seconds, Some(60));
+
+    // Shadow mode: the imported DryRun policies run beside their HPAs and record, at every
+    // evaluation, what each HPA wanted; a faithful import diverges by 0.
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    for p in &imported {
+        policies
+            .create(&Default::default(), p)
+            .await
+            .expect("an imported policy is admitted");
+    }
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
+    let log = support::repo_root().join(format!("target/import-shadow-{}.log", std::process::id()));
+    let port = support::free_port();
+    let _controller = start_controller_with(
+        &kubeconfig,
+        &log,
+        port,
+        &ns.name,
+        "import-shadow",
+        Some(&env.prometheus_url),
+        Lease::Flag(&ns.name),
+    );
+    for (name, want) in SETTLED {
+        support::wait_until(
+            &format!("{name}'s shadow status"),
+            Duration::from_secs(60),
+            || async {
+                let p = policies.get(name).await.map_err(|e| e.to_string())?;
+                let s = p.status.ok_or("no status yet")?;
+                let shadow = s
+                    .shadow
+                    .clone()
+                    .ok_or(format!("no shadow: {:?}", s.reason))?;
+                if shadow
+                    == (ShadowStatus {
+                        hpa: name.to_string(),
+                        hpa_desired_replicas: want,
+                        divergence: 0,
+                    })
+                    && s.desired_replicas == Some(want)
+                    && s.reason.as_deref().is_some_and(|r| {
+                        r.ends_with(&format!("; shadow: HPA {name} wants {want} (kscale +0)"))
+                    })
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{shadow:?} desired {:?} {:?}",
+                        s.desired_replicas, s.reason
+                    ))
+                }
+            },
+        )
+        .await;
+    }
+    let (_, metrics) =
+        support::http_get(&format!("http://127.0.0.1:{port}"), "/metrics").expect("/metrics");
+    for (name, want) in SETTLED {
+        let labels = format!("{{namespace=\"{}\",policy=\"{name}\"}}", ns.name);
+        assert!(
+            metrics.contains(&format!("kscale_shadow_divergence_replicas{labels} 0")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "kscale_shadow_hpa_desired_replicas{labels} {want}"
+            )),
+            "{metrics}"
+        );
+    }
+    // The shadow report reads the period back from Prometheus, which scrapes the daemon.
+    let _scraped = support::ScrapeTarget::register(
+        env,
+        format!("127.0.0.1:{port}").parse().expect("address"),
+        &ns.name,
+    );
+    let from = chrono::Utc::now();
+    let hpa_series = format!(
+        "count_over_time(kscale_shadow_hpa_desired_replicas{{namespace=\"{}\",policy=\"cpu-v1\"}}[1m])",
+        ns.name
+    );
+    support::wait_until(
+        "10 scrapes of the shadow gauges",
+        Duration::from_secs(60),
+        || async {
+            match support::prometheus_scalar(env, &hpa_series) {
+                Ok(Some(n)) if n >= 10.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let to = chrono::Utc::now();
+    for (name, _) in SETTLED {
+        let (code, stdout, stderr) = kscale(
+            &[
+                "shadow-report",
+                name,
+                "-n",
+                &ns.name,
+                "--prometheus",
+                &env.prometheus_url,
+                "--from",
+                &from.timestamp().to_string(),
+                "--to",
+                &to.timestamp().to_string(),
+                "--step",
+                "1s",
+            ],
+            env,
+        );
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("shadow report: {}/{name} beside its HPA", ns.name)),
+            "{stdout}"
+        );
+        assert!(stdout.contains("they agreed at every sample"), "{stdout}");
+        // Equal replica-hours over the samples both series have.
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("replica-hours"))
+            .expect("replica-hours row");
+        let cells: Vec<&str> = row.split_whitespace().skip(1).collect();
+        assert_eq!(cells.len(), 2, "{row}");
+        assert_eq!(cells[0], cells[1], "{stdout}");
+    }
+
+    // Nothing was written: every target is where its HPA put it.
+    for (name, want) in SETTLED {
+        let d: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(client.clone(), &ns.name);
+        assert_eq!(support::replicas_of(&d, name).await, want);
+    }
 
     // An HPA kscale cannot carry: named field by field, left out; the others still printed.
     support::apply_yaml(

@@ -15,6 +15,7 @@
 
 pub mod plot;
 pub mod report;
+pub mod shadow;
 pub mod verdict;
 
 use chrono::{DateTime, TimeDelta, Utc};

@@ -1,4 +1,5 @@
-//! The HorizontalPodAutoscalers, for the one-writer rule at every evaluation.
+//! The HorizontalPodAutoscalers, for the one-writer rule at every evaluation and for shadow
+//! mode (a DryRun policy beside the HPA that drives its target records what the HPA wanted).
 //!
 //! A Controller policy whose target an HPA drives is reported at its first evaluation (a
 //! condition, a Warning event, `kscale dry-run`'s output), not only when kscale wants to write.
@@ -39,10 +40,16 @@ impl Hpas {
             watcher(api, watcher::Config::default())
                 .default_backoff()
                 .modify(|hpa| {
-                    // Only the namespace, name and scaleTargetRef are read.
+                    // Only the namespace, name, scaleTargetRef and desiredReplicas (shadow
+                    // mode) are read.
                     hpa.metadata.managed_fields = None;
                     hpa.metadata.annotations = None;
-                    hpa.status = None;
+                    hpa.status = hpa.status.take().map(|s| {
+                        k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerStatus {
+                            desired_replicas: s.desired_replicas,
+                            ..Default::default()
+                        }
+                    });
                 }),
         )
         .applied_objects();
@@ -66,6 +73,36 @@ impl Hpas {
                     .await
             }
             _ => target.check_no_hpa(client, Some(kinds)).await,
+        }
+    }
+
+    /// Shadow mode: the HPA that drives `target` and its `status.desiredReplicas`, if one does
+    /// and has decided; `Err` with the listing's error when the HPAs cannot be read.
+    pub async fn desired_by_hpa(
+        &self,
+        client: &Client,
+        kinds: &KindCache,
+        target: &ScaleTarget,
+    ) -> Result<Option<(String, i32)>, ActuateError> {
+        let of = |h: &HorizontalPodAutoscaler| {
+            let desired = h.status.as_ref().map(|s| s.desired_replicas)?;
+            Some((h.metadata.name.clone().unwrap_or_default(), desired))
+        };
+        match self {
+            Hpas::Watch(store) if store.wait_until_ready().now_or_never().is_some() => {
+                let all = store.state();
+                Ok(target
+                    .driving_hpa(client, Some(kinds), all.iter().map(|h| h.as_ref()))
+                    .await
+                    .and_then(of))
+            }
+            _ => {
+                let list = target.list_hpas(client).await?;
+                Ok(target
+                    .driving_hpa(client, Some(kinds), list.iter())
+                    .await
+                    .and_then(of))
+            }
         }
     }
 }

@@ -297,6 +297,9 @@ pub struct Evaluated {
     /// A Controller policy's target that an HPA drives ([`ActuateError::HpaConflict`]): found
     /// at every evaluation, dry runs included; nothing is written while it lasts.
     pub hpa_conflict: Option<ActuateError>,
+    /// Shadow mode: a DryRun policy's target driven by an HPA, with the HPA's name and its
+    /// `status.desiredReplicas`.
+    pub shadow: Option<(String, i32)>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -352,6 +355,7 @@ pub async fn evaluate_live(
     .map_err(target_err)?;
     let mut scale = target.read().await.map_err(target_err)?;
     let hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
+    let shadow = shadow_of(ctx, &name, &policy, &target).await;
 
     // The target's pods, read once for the readiness count and every resource metric.
     let pods: Option<Result<Vec<Pod>, String>> = match &scale.selector {
@@ -537,7 +541,39 @@ pub async fn evaluate_live(
         conflicts,
         first_read: (conflicts > 0).then_some(first_read),
         hpa_conflict,
+        shadow,
     })
+}
+
+/// Shadow mode: for a DryRun policy, the HPA that drives its target and the replica count it
+/// wants (`status.desiredReplicas`), if one does. When the HPAs cannot be read, the evaluation
+/// goes on without (reported once while it lasts).
+async fn shadow_of(
+    ctx: &Context,
+    name: &str,
+    policy: &CompiledPolicy,
+    target: &ScaleTarget,
+) -> Option<(String, i32)> {
+    if policy.mode != Mode::DryRun {
+        return None;
+    }
+    match ctx
+        .hpas
+        .desired_by_hpa(&ctx.client, &ctx.kinds, target)
+        .await
+    {
+        Ok(found) => {
+            ctx.reported.clear(&format!("shadow/{name}"));
+            found
+        }
+        Err(e) => {
+            let error = e.to_string();
+            if ctx.reported.first(&format!("shadow/{name}"), &error) {
+                warn!(policy = %name, %error, "reading the HPA beside a DryRun policy failed (reported once while it lasts)");
+            }
+            None
+        }
+    }
 }
 
 /// The one-writer rule at every evaluation of a Controller policy (not only before a write, so
@@ -982,6 +1018,25 @@ pub async fn reconcile(
                 reason = format!("{reason}; not written: {conflict}");
                 status.reason = Some(reason.clone());
             }
+            if let Some((hpa, hpa_desired)) = &e.shadow {
+                let divergence = e.decision.replicas - hpa_desired;
+                status.shadow = Some(crate::crd::ShadowStatus {
+                    hpa: hpa.clone(),
+                    hpa_desired_replicas: *hpa_desired,
+                    divergence,
+                });
+                reason = format!(
+                    "{reason}; shadow: HPA {hpa} wants {hpa_desired} (kscale {divergence:+})"
+                );
+                status.reason = Some(reason.clone());
+            }
+            ctx.metrics.record_shadow(
+                &p.namespace().unwrap_or_default(),
+                &p.name_any(),
+                e.shadow
+                    .as_ref()
+                    .map(|(_, d)| (*d, e.decision.replicas - d)),
+            );
             if let Some(first) = e.first_read {
                 reason = format!(
                     "{reason}; the scale changed between kscale's read ({first} replicas) and its write, {} time(s) (409 Conflict), so the decision was made again from a fresh read of {} replicas",
@@ -1939,6 +1994,7 @@ mod tests {
                 conflicts: 0,
                 first_read: None,
                 hpa_conflict: None,
+                shadow: None,
             }
         };
         let valid = evaluated(Sample::Series {

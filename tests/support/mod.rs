@@ -701,8 +701,38 @@ pub struct TestExporter {
     pub id: String,
     series: Arc<Mutex<Series>>,
     stop: Arc<AtomicBool>,
-    target_file: PathBuf,
+    _scrape: ScrapeTarget,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// An address the test Prometheus scrapes (`/metrics`, every second, with the target label
+/// `exporter` set to the id), through its file_sd folder, until dropped.
+pub struct ScrapeTarget {
+    file: PathBuf,
+}
+
+impl ScrapeTarget {
+    pub fn register(env: &TestEnv, addr: std::net::SocketAddr, id: &str) -> ScrapeTarget {
+        let targets = env.dir.join("prometheus/targets");
+        std::fs::create_dir_all(&targets).expect("create file_sd folder");
+        let file = targets.join(format!(
+            "test-exporter-{}-{}.json",
+            std::process::id(),
+            addr.port()
+        ));
+        let sd = serde_json::json!([{"targets": [addr.to_string()], "labels": {"exporter": id}}]);
+        // Write then rename, so Prometheus never reads a half-written file.
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, sd.to_string()).expect("write file_sd file");
+        std::fs::rename(&tmp, &file).expect("install file_sd file");
+        ScrapeTarget { file }
+    }
+}
+
+impl Drop for ScrapeTarget {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
 }
 
 impl TestExporter {
@@ -716,24 +746,13 @@ impl TestExporter {
             let stop = stop.clone();
             std::thread::spawn(move || serve_metrics(listener, series, stop))
         };
-        let targets = env.dir.join("prometheus/targets");
-        std::fs::create_dir_all(&targets).expect("create file_sd folder");
-        let target_file = targets.join(format!(
-            "test-exporter-{}-{}.json",
-            std::process::id(),
-            addr.port()
-        ));
-        let sd = serde_json::json!([{"targets": [addr.to_string()], "labels": {"exporter": id}}]);
-        // Write then rename, so Prometheus never reads a half-written file.
-        let tmp = target_file.with_extension("tmp");
-        std::fs::write(&tmp, sd.to_string()).expect("write file_sd file");
-        std::fs::rename(&tmp, &target_file).expect("install file_sd file");
+        let scrape = ScrapeTarget::register(env, addr, id);
         TestExporter {
             addr,
             id: id.to_string(),
             series,
             stop,
-            target_file,
+            _scrape: scrape,
             thread: Some(thread),
         }
     }
@@ -760,7 +779,6 @@ impl TestExporter {
 
 impl Drop for TestExporter {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.target_file);
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
@@ -1349,7 +1367,12 @@ pub fn log_tail(log: &Path) -> String {
 
 /// `spec.replicas` of Deployment `web` (-1 if it cannot be read).
 pub async fn replicas(api: &Api<Deployment>) -> i32 {
-    api.get("web")
+    replicas_of(api, "web").await
+}
+
+/// Deployment `name`'s `spec.replicas`, or -1 when it cannot be read.
+pub async fn replicas_of(api: &Api<Deployment>, name: &str) -> i32 {
+    api.get(name)
         .await
         .ok()
         .and_then(|d| d.spec)
