@@ -16,7 +16,9 @@ use std::time::Duration;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
-use support::controller::{Lease, Scenario, start_controller_with, wait_condition, wait_event};
+use support::controller::{
+    Lease, Scenario, metric_yaml, start_controller_with, wait_condition, wait_event,
+};
 
 /// The Events of `reason` about policy `name` in `namespace`.
 async fn events_of(client: &kube::Client, namespace: &str, name: &str, reason: &str) -> Vec<Event> {
@@ -49,17 +51,9 @@ async fn without_a_default_prometheus_the_daemon_warns_and_the_policy_names_the_
     // failure is seen to get its own Warning (the recorder folds events by reason and action).
     let sc = Scenario::start_with(env, &client, "walk-noprom", 2, 10.0, |query| {
         format!(
-            r#"  minReplicas: 1
-  maxReplicas: 10
-  interval: 1s
-  metrics:
-  - name: queue
-    prometheus: {{query: '{query}'}}
-    target: {{type: AverageValue, averageValue: "5"}}
-  - name: backlog
-    prometheus: {{query: '{query}'}}
-    target: {{type: AverageValue, averageValue: "5"}}
-"#
+            "  minReplicas: 1\n  maxReplicas: 10\n  interval: 1s\n  metrics:\n{}{}",
+            metric_yaml("queue", query),
+            metric_yaml("backlog", query)
         )
     })
     .await;

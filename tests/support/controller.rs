@@ -240,6 +240,14 @@ pub struct Scenario {
     pub deployments: Api<Deployment>,
 }
 
+/// A `metrics[]` entry (indented for a spec under `spec:`): `name` from Prometheus `query`, 5
+/// per replica.
+pub fn metric_yaml(name: &str, query: &str) -> String {
+    format!(
+        "  - name: {name}\n    prometheus: {{query: '{query}'}}\n    target: {{type: AverageValue, averageValue: \"5\"}}\n"
+    )
+}
+
 impl Scenario {
     pub async fn start(
         env: &super::TestEnv,
@@ -254,13 +262,11 @@ impl Scenario {
   maxReplicas: 10
   interval: 1s
   metrics:
-  - name: queue
-    prometheus: {{query: '{query}'}}
-    target: {{type: AverageValue, averageValue: "5"}}
-  behavior:
+{}  behavior:
     scaleDown:
       stabilizationWindowSeconds: {down_window_s}
-"#
+"#,
+                metric_yaml("queue", query)
             )
         })
         .await
