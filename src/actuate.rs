@@ -120,6 +120,20 @@ pub enum ActuateError {
         /// Why.
         source: crate::controller::leader::NotLeader,
     },
+    /// `spec.takeover` could not be carried out.
+    #[error("{kind} {namespace}/{name}: spec.takeover.hpa {hpa}: {message}")]
+    Takeover {
+        /// Kind.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The HPA named.
+        hpa: String,
+        /// What went wrong, naming what to change.
+        message: String,
+    },
     /// An API call failed (a 403 names the grant to add).
     #[error(
         "{what} {kind} {namespace}/{name}: {}",
@@ -151,6 +165,27 @@ fn api_message(what: &str, kind: &str, namespace: &str, source: &kube::Error) ->
     explain(source, access)
 }
 
+/// The bounds an inert HPA is given (`spec.takeover` with `Disable`).
+pub const INERT_MIN_REPLICAS: i32 = 1;
+/// See [`INERT_MIN_REPLICAS`].
+pub const INERT_MAX_REPLICAS: i32 = i32::MAX;
+
+/// Whether `hpa` can never write its target: both directions' `selectPolicy` are `Disabled`
+/// (its recommendation stays the current count) and its bounds are 1 and 2147483647 (the HPA
+/// controller forces `minReplicas` and `maxReplicas` on the count before any policy, and leaves
+/// a target at 0 alone while `minReplicas` is not 0).
+pub fn is_inert(hpa: &HorizontalPodAutoscaler) -> bool {
+    let disabled = |rules: Option<&k8s_openapi::api::autoscaling::v2::HPAScalingRules>| {
+        rules.and_then(|r| r.select_policy.as_deref()) == Some("Disabled")
+    };
+    let spec = &hpa.spec;
+    spec.behavior
+        .as_ref()
+        .is_some_and(|b| disabled(b.scale_up.as_ref()) && disabled(b.scale_down.as_ref()))
+        && spec.min_replicas.unwrap_or(1) <= INERT_MIN_REPLICAS
+        && spec.max_replicas == INERT_MAX_REPLICAS
+}
+
 impl ActuateError {
     /// A short label for metrics and condition reasons.
     pub fn kind_label(&self) -> &'static str {
@@ -158,6 +193,7 @@ impl ActuateError {
             ActuateError::BadApiVersion(_) | ActuateError::UnknownKind { .. } => "InvalidTargetRef",
             ActuateError::NotScalable { .. } => "TargetNotScalable",
             ActuateError::HpaConflict { .. } => "ConflictingHPA",
+            ActuateError::Takeover { .. } => "FailedTakeover",
             ActuateError::PolicyConflict { .. } => "ConflictingPolicy",
             ActuateError::ScaleConflict { .. } => "ScaleConflict",
             ActuateError::NotLeader { .. } => "NotLeader",
@@ -355,6 +391,22 @@ impl ScaleTarget {
         })
     }
 
+    /// The target's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// [`ActuateError::Takeover`] for this target.
+    pub fn takeover_error(&self, hpa: &str, message: String) -> ActuateError {
+        ActuateError::Takeover {
+            kind: self.reference.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.reference.name.clone(),
+            hpa: hpa.to_string(),
+            message,
+        }
+    }
+
     fn api_error(&self, what: &'static str, source: kube::Error) -> ActuateError {
         ActuateError::Api {
             what,
@@ -483,7 +535,8 @@ impl ScaleTarget {
     }
 
     /// The first of `hpas` whose `scaleTargetRef` is this target (same namespace, name and
-    /// resource; the kind alone when its group cannot be resolved).
+    /// resource; the kind alone when its group cannot be resolved) and that can write it (not
+    /// [`is_inert`]).
     pub async fn driving_hpa<'a>(
         &self,
         client: &Client,
@@ -491,7 +544,7 @@ impl ScaleTarget {
         hpas: impl Iterator<Item = &'a HorizontalPodAutoscaler>,
     ) -> Option<&'a HorizontalPodAutoscaler> {
         for hpa in hpas {
-            if hpa.metadata.namespace.as_deref() != Some(self.namespace.as_str()) {
+            if hpa.metadata.namespace.as_deref() != Some(self.namespace.as_str()) || is_inert(hpa) {
                 continue;
             }
             let r = &hpa.spec.scale_target_ref;

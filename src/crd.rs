@@ -65,6 +65,7 @@ pub enum Mode {
 #[x_kube(validation = Rule::new("!((has(self.minReplicas) && self.minReplicas == 0) || (has(self.idleReplicas) && self.idleReplicas == 0)) || self.metrics.exists(m, has(m.prometheus))").message("spec.minReplicas 0 (or spec.idleReplicas 0) needs a prometheus metric to wake the target: resource metrics have no pods to read at 0 replicas").field_path(".minReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.maxReplicas) || s.maxReplicas >= (has(self.minReplicas) ? self.minReplicas : 1))").message("a schedule's maxReplicas must be at least spec.minReplicas (default 1)").field_path(".schedules"))]
 #[x_kube(validation = Rule::new("!has(self.schedules) || self.schedules.all(s, !has(s.minReplicas) || s.minReplicas <= self.maxReplicas)").message("a schedule's minReplicas must be at most spec.maxReplicas").field_path(".schedules"))]
+#[x_kube(validation = Rule::new("!has(self.takeover) || !has(self.mode) || self.mode == 'Controller'").message("spec.takeover needs mode Controller: kscale becomes the writer of the target").field_path(".takeover"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicySpec {
     /// The workload to scale, as an HPA's `scaleTargetRef`: any kind with a `scale` subresource.
@@ -157,6 +158,40 @@ pub struct ScalingPolicySpec {
     /// included). Default `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_scale_out: Option<bool>,
+    /// Take over from the HPA that drives the target today (KEDA calls it transferring the
+    /// HPA's ownership). At its first evaluation as leader kscale stops the HPA as `action`
+    /// says, and carries on from the current count with its scale-down window full of that count:
+    /// the first decision does not jump, and nothing scales down before the window has passed.
+    /// Mode `Controller` only. The hand-back is in the README.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<TakeoverSpec>,
+}
+
+/// What `spec.takeover` does to the HPA it replaces.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum TakeoverAction {
+    /// Keep the HPA, inert: both directions' `selectPolicy: Disabled`, `minReplicas` 1 and
+    /// `maxReplicas` 2147483647 (an HPA still forces its bounds on the count otherwise), with
+    /// its previous settings kept in the annotation `kscale.dev/restore-patch` for the hand-back.
+    #[default]
+    Disable,
+    /// Delete the HPA.
+    Delete,
+}
+
+/// The HPA a policy replaces (`spec.takeover`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeoverSpec {
+    /// The HPA's name, in the policy's namespace. Its `scaleTargetRef` must be the policy's
+    /// target.
+    #[schemars(length(min = 1, max = 253))]
+    pub hpa: String,
+    /// `Disable` (default) or `Delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<TakeoverAction>,
 }
 
 /// The forecasting model.
@@ -463,9 +498,26 @@ pub struct ScalingPolicyStatus {
     /// what the HPA wanted beside what kscale would do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowStatus>,
+    /// `spec.takeover` done: the HPA, what was done to it, when, and the count carried on from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<TakeoverStatus>,
     /// Stabilization and rate-limit history, kept so a restart or failover does not flap.
     #[serde(flatten)]
     pub history: PolicyState,
+}
+
+/// A takeover from an HPA, as done (`status.takeover`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeoverStatus {
+    /// The HPA's name.
+    pub hpa: String,
+    /// `Disable`, `Delete`, or `Absent` when no such HPA existed at the first evaluation.
+    pub action: String,
+    /// When.
+    pub time: chrono::DateTime<chrono::Utc>,
+    /// The replica count kscale carried on from.
+    pub replicas: i32,
 }
 
 /// A DryRun policy beside the HPA that drives its target (shadow mode), at one evaluation.

@@ -149,6 +149,7 @@ fn empty_spec() -> ScalingPolicySpec {
         paused_replicas: None,
         paused_scale_in: None,
         paused_scale_out: None,
+        takeover: None,
     }
 }
 

@@ -76,6 +76,8 @@ pub fn status_from_decision(
         conditions,
         // Set by the controller when an HPA drives a DryRun policy's target.
         shadow: None,
+        // A takeover is done once; its record stays.
+        takeover: previous.and_then(|p| p.takeover.clone()),
         history: decision.state.clone().capped(),
     }
 }

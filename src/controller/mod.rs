@@ -24,6 +24,7 @@ pub mod hpas;
 pub mod leader;
 pub mod permissions;
 pub mod servers;
+pub mod takeover;
 pub mod writes;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -300,6 +301,8 @@ pub struct Evaluated {
     /// Shadow mode: a DryRun policy's target driven by an HPA, with the HPA's name and its
     /// `status.desiredReplicas`.
     pub shadow: Option<(String, i32)>,
+    /// `spec.takeover` carried out at this evaluation, for `status.takeover`.
+    pub took_over: Option<crate::crd::TakeoverStatus>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -354,7 +357,42 @@ pub async fn evaluate_live(
     .await
     .map_err(target_err)?;
     let mut scale = target.read().await.map_err(target_err)?;
-    let hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
+    // spec.takeover, once, by the leader, before the one-writer rule looks at the HPA.
+    let took_over = match &resource.spec.takeover {
+        Some(spec)
+            if write
+                && policy.mode == Mode::Controller
+                && resource
+                    .status
+                    .as_ref()
+                    .is_none_or(|s| s.takeover.is_none()) =>
+        {
+            ctx.leadership
+                .check()
+                .map_err(|e| target_err(target.not_leader(e)))?;
+            Some(
+                takeover::take_over(
+                    &ctx.client,
+                    &ctx.kinds,
+                    &name,
+                    spec,
+                    &target,
+                    scale.spec_replicas,
+                    now,
+                )
+                .await
+                .map_err(target_err)?,
+            )
+        }
+        _ => None,
+    };
+    let mut hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
+    // The HPA just deleted may still be in the watch's store.
+    if let (Some(ActuateError::HpaConflict { hpa, .. }), Some(t)) = (&hpa_conflict, &took_over)
+        && *hpa == t.hpa
+    {
+        hpa_conflict = None;
+    }
     let shadow = shadow_of(ctx, &name, &policy, &target).await;
 
     // The target's pods, read once for the readiness count and every resource metric.
@@ -446,7 +484,17 @@ pub async fn evaluate_live(
     };
     // Status values are checked and saturated, and merged with the scale events this replica
     // applied (a failed status write does not lose them).
-    let history = ctx.scale_events.history(resource, now);
+    let mut history = ctx.scale_events.history(resource, now);
+    if let Some(t) = &took_over {
+        // The HPA's recommendations are lost with it: the scale-down window starts full of the
+        // count taken over, so nothing goes down before it has passed.
+        history
+            .recommendations
+            .push(crate::policy::state::Recommendation {
+                replicas: t.replicas,
+                time: now,
+            });
+    }
     let generation = resource.metadata.generation;
     // A formula runs off the async workers under its run-time budget.
     let (mut policy, mut decision) = ctx
@@ -542,6 +590,7 @@ pub async fn evaluate_live(
         first_read: (conflicts > 0).then_some(first_read),
         hpa_conflict,
         shadow,
+        took_over,
     })
 }
 
@@ -1017,6 +1066,14 @@ pub async fn reconcile(
                 ));
                 reason = format!("{reason}; not written: {conflict}");
                 status.reason = Some(reason.clone());
+            }
+            if let Some(t) = &e.took_over {
+                let note = takeover::describe(t);
+                reason = format!("{reason}; {note}");
+                status.reason = Some(reason.clone());
+                status.takeover = Some(t.clone());
+                info!(policy = %name, hpa = %t.hpa, action = %t.action, replicas = t.replicas, "took over from the HPA");
+                publish(ctx, p, EventType::Normal, "TakenOver", note).await;
             }
             if let Some((hpa, hpa_desired)) = &e.shadow {
                 let divergence = e.decision.replicas - hpa_desired;
@@ -1995,6 +2052,7 @@ mod tests {
                 first_read: None,
                 hpa_conflict: None,
                 shadow: None,
+                took_over: None,
             }
         };
         let valid = evaluated(Sample::Series {

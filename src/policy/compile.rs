@@ -619,6 +619,17 @@ pub fn compile_spec(
     if spec.target_ref.name.is_empty() {
         errors.push(err("spec.targetRef.name", "is required".into()));
     }
+    if let Some(t) = &spec.takeover {
+        if spec.mode != crate::crd::Mode::Controller {
+            errors.push(err(
+                "spec.takeover",
+                "needs mode Controller: kscale becomes the writer of the target".into(),
+            ));
+        }
+        if t.hpa.is_empty() {
+            errors.push(err("spec.takeover.hpa", "is required".into()));
+        }
+    }
     let min_replicas = spec.min_replicas.unwrap_or(1);
     if min_replicas < 0 {
         errors.push(err(
