@@ -674,3 +674,237 @@ pub fn resource_list(resources: Vec<serde_json::Value>) -> serde_json::Value {
         "groupVersion": GROUP_VERSION, "resources": resources
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_that_could_reach_another_path_are_refused() {
+        for ok in [
+            "foreign-metric",
+            "s0-prometheus-http_requests_total",
+            "job:requests:rate5m",
+            "datadogmetric@default:queue",
+            "A.b~c",
+        ] {
+            assert!(is_metric_segment(ok), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", "a/b", "a%2Fb", "%2e%2e", "a?b", "a#b", "a b", "a\\b", "é",
+        ] {
+            assert!(!is_metric_segment(bad), "{bad:?}");
+        }
+        for ok in ["default", "team-a", "a", "x1"] {
+            assert!(is_namespace(ok), "{ok}");
+        }
+        for bad in ["", "..", "Team", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
+            assert!(!is_namespace(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_url_is_https_without_credentials_and_keeps_its_prefix() {
+        assert_eq!(
+            base_url("https://keda-metrics.keda:443/").unwrap(),
+            "https://keda-metrics.keda"
+        );
+        assert_eq!(
+            base_url("https://10.0.0.1:6443/proxy/x/").unwrap(),
+            "https://10.0.0.1:6443/proxy/x"
+        );
+        for (url, says) in [
+            ("http://keda:80", "not https"),
+            (
+                "https://user:pw@keda",
+                "--external-metrics-upstream-bearer-token-file",
+            ),
+            ("https://keda/?a=b", "query"),
+            ("keda:443", "not https"),
+            ("https://", "empty host"),
+        ] {
+            let e = base_url(url).unwrap_err().to_string();
+            assert!(e.starts_with(UPSTREAM_FLAG), "{url}: {e}");
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn discovery_lists_kscales_names_then_the_upstreams_others() {
+        let upstream = vec![
+            serde_json::json!({"name": "s0-queue", "namespaced": true, "kind": "ExternalMetricValueList", "verbs": ["get"]}),
+            serde_json::json!({"name": "web-queue", "kind": "theirs"}),
+            serde_json::json!({"name": "s0-queue", "kind": "again"}),
+        ];
+        let merged = merge_resources(&["web-queue".into(), "xm-total".into()], upstream);
+        let names: Vec<&str> = merged.iter().filter_map(|r| r["name"].as_str()).collect();
+        assert_eq!(names, ["web-queue", "xm-total", "s0-queue"]);
+        assert_eq!(
+            merged[0]["kind"], "ExternalMetricValueList",
+            "kscale's entry wins"
+        );
+        assert_eq!(
+            merged[2]["namespaced"], true,
+            "the upstream's entry is kept as given"
+        );
+    }
+
+    struct Nobody;
+    impl Owners for Nobody {
+        fn owns(&self, _: &str, _: &str) -> Option<bool> {
+            Some(false)
+        }
+    }
+
+    fn forwarder(counter: Family<ForwardLabels, Counter>) -> Forwarder {
+        let args = UpstreamArgs {
+            external_metrics_upstream: Some("https://127.0.0.1:1".into()),
+            ..UpstreamArgs::default()
+        };
+        Forwarder::new(&args, Arc::new(Nobody), counter)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn failures_are_counted_each_time_and_logged_once_until_they_change() {
+        let counter = Family::<ForwardLabels, Counter>::default();
+        let f = forwarder(counter.clone());
+        let count = |request: &str, outcome: &str| {
+            counter
+                .get_or_create(&ForwardLabels {
+                    request: request.into(),
+                    outcome: outcome.into(),
+                })
+                .get()
+        };
+        let failed = |outcome| {
+            Err(Failure {
+                outcome,
+                message: "boom".into(),
+            })
+        };
+        let answer = |code: u16| {
+            Ok(Answer {
+                status: StatusCode::from_u16(code).unwrap(),
+                content_type: None,
+                body: Vec::new(),
+            })
+        };
+        assert_eq!(
+            f.note("metric", &failed(Outcome::Connect)),
+            Outcome::Connect
+        );
+        assert_eq!(*lock(&f.failing), Some(Outcome::Connect));
+        f.note("metric", &failed(Outcome::Connect));
+        f.note("discovery", &failed(Outcome::Timeout));
+        assert_eq!(
+            *lock(&f.failing),
+            Some(Outcome::Timeout),
+            "a new error is logged"
+        );
+        assert_eq!(f.note("metric", &answer(404)), Outcome::HttpError);
+        assert_eq!(*lock(&f.failing), None, "any answer is a recovery");
+        assert_eq!(f.note("metric", &answer(200)), Outcome::Ok);
+        assert_eq!(
+            (
+                count("metric", "connect"),
+                count("discovery", "timeout"),
+                count("metric", "http_error"),
+                count("metric", "ok"),
+                count("metric", "limit"),
+            ),
+            (2, 1, 1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_and_missing_credential_files_name_their_flag() {
+        let counter = Family::<ForwardLabels, Counter>::default();
+        let new = |args: UpstreamArgs| {
+            Forwarder::new(&args, Arc::new(Nobody), counter.clone())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let base = || UpstreamArgs {
+            external_metrics_upstream: Some("https://keda:443".into()),
+            ..UpstreamArgs::default()
+        };
+        assert!(
+            new(UpstreamArgs {
+                external_metrics_upstream_timeout: Some(Duration::ZERO),
+                ..base()
+            })
+            .starts_with(TIMEOUT_FLAG)
+        );
+        let missing = std::path::PathBuf::from("/nonexistent/kscale-test");
+        assert!(
+            new(UpstreamArgs {
+                external_metrics_upstream_ca_file: Some(missing.clone()),
+                ..base()
+            })
+            .starts_with(UPSTREAM_FLAGS.ca)
+        );
+        assert!(
+            new(UpstreamArgs {
+                external_metrics_upstream_bearer_token_file: Some(missing),
+                ..base()
+            })
+            .starts_with(UPSTREAM_FLAGS.bearer_token)
+        );
+        let none = Forwarder::new(&UpstreamArgs::default(), Arc::new(Nobody), counter.clone());
+        assert!(matches!(none, Ok(None)), "no upstream, no forwarder");
+    }
+
+    fn guard(json: serde_json::Value) -> Arc<DeserializeGuard<ScalingPolicy>> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn names_the_namespaces_policies_publish_stay_with_kscale() {
+        use kube::runtime::watcher::Event;
+        let policies = SyncedPolicies::default();
+        assert_eq!(policies.owns("ns", "web-queue"), None, "not synced yet");
+        let (reader, mut writer) = kube::runtime::reflector::store();
+        let meta = |name: &str| serde_json::json!({"name": name, "namespace": "ns"});
+        writer.apply_watcher_event(&Event::Apply(
+            (*guard(serde_json::json!({
+                "apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy",
+                "metadata": meta("web-api"),
+                "spec": {
+                    "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "minReplicas": 1, "maxReplicas": 3,
+                    "metrics": [{"name": "queue", "prometheus": {"query": "up"},
+                                 "target": {"type": "Value", "value": "1"}}]
+                }
+            })))
+            .clone(),
+        ));
+        writer.apply_watcher_event(&Event::Apply(
+            (*guard(serde_json::json!({
+                "apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy",
+                "metadata": meta("broken"),
+                "spec": {"metrics": "not a list"}
+            })))
+            .clone(),
+        ));
+        policies.set(reader);
+        for (name, owned) in [
+            ("web-api-queue", true),
+            ("web-api-desired-replicas", true),
+            ("web-api-other", false),
+            ("web-queue", false),
+            ("broken-anything", true),
+            ("foreign-metric", false),
+            ("web", false),
+        ] {
+            assert_eq!(policies.owns("ns", name), Some(owned), "{name}");
+        }
+        assert_eq!(
+            policies.owns("other", "web-api-queue"),
+            Some(false),
+            "another namespace"
+        );
+    }
+}
