@@ -102,7 +102,7 @@ async fn parts(
 
 #[tokio::test]
 async fn forwarded_requests_keep_their_query_and_leave_the_callers_credentials_behind() {
-    let upstream = Upstream::start(Some(TOKEN)).await;
+    let upstream = Upstream::start(Some(TOKEN));
     upstream.set("foreign-metric", "42");
     let dir = tempfile::tempdir().expect("temp dir");
     let (f, counter) = forwarder(&upstream, dir.path(), Duration::from_secs(5), 1 << 20);
@@ -237,7 +237,7 @@ async fn forwarded_requests_keep_their_query_and_leave_the_callers_credentials_b
 
 #[tokio::test]
 async fn an_upstream_that_answers_too_much_hangs_or_is_gone_is_a_503_counted_by_outcome() {
-    let upstream = Upstream::start(Some(TOKEN)).await;
+    let upstream = Upstream::start(Some(TOKEN));
     upstream.set("foreign-metric", "42");
     let dir = tempfile::tempdir().expect("temp dir");
     let (f, counter) = forwarder(&upstream, dir.path(), Duration::from_millis(500), 1024);
@@ -355,7 +355,7 @@ async fn kscale_owns_the_apiservice_and_forwards_the_names_it_does_not_serve() {
         .expect("policy created");
 
     // The upstream serves foreign-metric, and web-queue too: kscale must never ask it for that.
-    let upstream = Upstream::start(Some(TOKEN)).await;
+    let upstream = Upstream::start(Some(TOKEN));
     upstream.set("foreign-metric", "30");
     upstream.set("web-queue", "999");
 

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
@@ -46,6 +46,7 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
     fault: Mutex<Fault>,
+    stop: AtomicBool,
 }
 
 /// A running upstream; stopped on drop.
@@ -55,7 +56,7 @@ pub struct Upstream {
     /// The CA of its serving certificate (for `--external-metrics-upstream-ca-file`).
     pub ca_pem: String,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,8 +67,9 @@ const PREFIX: &str = "/apis/external.metrics.k8s.io/v1beta1";
 
 impl Upstream {
     /// Starts serving on a free port of 127.0.0.1 with a certificate for `localhost` and
-    /// `127.0.0.1`; with `token`, every request must carry `Authorization: Bearer <token>`.
-    pub async fn start(token: Option<&str>) -> Upstream {
+    /// `127.0.0.1`; with `token`, every request must carry `Authorization: Bearer <token>`. It
+    /// runs on a thread and runtime of its own, so it answers whatever the test's runtime does.
+    pub fn start(token: Option<&str>) -> Upstream {
         use rustls_pki_types::pem::PemObject as _;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         let (ca_pem, cert_pem, key_pem) =
@@ -85,9 +87,8 @@ impl Upstream {
         .with_single_cert(certs, key)
         .expect("server config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
             token: token.map(str::to_string),
@@ -95,38 +96,21 @@ impl Upstream {
             seen: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             fault: Mutex::new(Fault::None),
+            stop: AtomicBool::new(false),
         });
         let served = state.clone();
-        let task = tokio::spawn(async move {
-            // Connections live in this set: aborting the task drops them all.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                served.connections.fetch_add(1, Ordering::SeqCst);
-                let acceptor = acceptor.clone();
-                let state = served.clone();
-                connections.spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-                while connections.try_join_next().is_some() {}
-            }
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(serve(listener, acceptor, served));
         });
         Upstream {
             addr,
             ca_pem,
             state,
-            task,
+            thread: Mutex::new(Some(thread)),
         }
     }
 
@@ -155,15 +139,55 @@ impl Upstream {
         self.state.connections.load(Ordering::SeqCst)
     }
 
-    /// Closes the listener and every connection.
+    /// Closes the listener and every connection, and waits until they are closed.
     pub fn stop(&self) {
-        self.task.abort();
+        self.state.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
     }
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
+    }
+}
+
+/// Accepts until [`Upstream::stop`]; the connections end with it.
+async fn serve(
+    listener: std::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    // Dropped (and so every connection aborted) when this function returns.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        if state.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        state.connections.fetch_add(1, Ordering::SeqCst);
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        connections.spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
     }
 }
 
