@@ -37,7 +37,7 @@
 //! up to `--external-metrics-upstream-max-response-bytes` (the code that reads Prometheus
 //! answers, [`crate::source::prometheus`]). When the upstream does not answer (connection
 //! refused, timeout, an answer over the cap, a TLS or body error), its names answer 503, the
-//! error is logged once until it changes or the upstream recovers (and that recovery is logged),
+//! failure is logged once, again every five minutes while it lasts, and at the recovery,
 //! and `kscale_external_metrics_forwarded_total{outcome}` counts it. The caller never sees the
 //! upstream's error text.
 //!
@@ -294,6 +294,59 @@ pub struct Failure {
     pub message: String,
 }
 
+/// How long a failing upstream stays quiet in the log: one line when it starts failing, one
+/// every this long while it keeps failing, one when it answers again.
+pub const LOG_AGAIN_AFTER: Duration = Duration::from_secs(300);
+
+/// An upstream failing since the last log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Failing {
+    logged_at: Instant,
+    /// Failures since that line.
+    quiet: u64,
+}
+
+/// A log line about the upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HealthLine {
+    /// It started failing.
+    Failing,
+    /// It still fails, with this many failures since the last line.
+    StillFailing(u64),
+    /// It answers again.
+    Recovered,
+}
+
+/// The line to log (if any) for one request's `failed` (or not) at `now`, updating `state`.
+fn health_line(state: &mut Option<Failing>, failed: bool, now: Instant) -> Option<HealthLine> {
+    match (state.as_mut(), failed) {
+        (None, true) => {
+            *state = Some(Failing {
+                logged_at: now,
+                quiet: 0,
+            });
+            Some(HealthLine::Failing)
+        }
+        (Some(f), true) if now.duration_since(f.logged_at) >= LOG_AGAIN_AFTER => {
+            let quiet = f.quiet;
+            *f = Failing {
+                logged_at: now,
+                quiet: 0,
+            };
+            Some(HealthLine::StillFailing(quiet))
+        }
+        (Some(f), true) => {
+            f.quiet += 1;
+            None
+        }
+        (Some(_), false) => {
+            *state = None;
+            Some(HealthLine::Recovered)
+        }
+        (None, false) => None,
+    }
+}
+
 /// The upstream's resources last read for discovery.
 #[derive(Default)]
 struct Discovery {
@@ -312,8 +365,8 @@ pub struct Forwarder {
     max_bytes: u64,
     owners: Arc<dyn Owners>,
     counter: Family<ForwardLabels, Counter>,
-    /// The failure last logged (`None` while the upstream answers).
-    failing: Mutex<Option<Outcome>>,
+    /// Since when the upstream fails, as logged (`None` while it answers).
+    failing: Mutex<Option<Failing>>,
     discovery: Mutex<Discovery>,
 }
 
@@ -607,7 +660,8 @@ impl Forwarder {
         }
     }
 
-    /// Counts one request and logs a failure once until it changes, and the recovery.
+    /// Counts one request; logs the upstream's failure once, again every [`LOG_AGAIN_AFTER`]
+    /// while it lasts, and its recovery.
     fn note(&self, request: &str, result: &Result<Answer, Failure>) -> Outcome {
         let outcome = match result {
             Ok(a) if a.status.is_success() => Outcome::Ok,
@@ -620,16 +674,18 @@ impl Forwarder {
                 outcome: outcome.as_str().to_string(),
             })
             .inc();
-        let mut failing = lock(&self.failing);
-        match result {
-            Err(f) if *failing != Some(f.outcome) => {
+        let line = health_line(&mut lock(&self.failing), result.is_err(), Instant::now());
+        match (line, result) {
+            (Some(HealthLine::Failing), Err(f)) => {
                 warn!(upstream = %self.base, outcome = outcome.as_str(), error = %f.message,
-                    "external metrics upstream gave no answer; its metrics answer 503 (logged again only when the error changes)");
-                *failing = Some(f.outcome);
+                    "external metrics upstream gave no answer; its metrics answer 503 until it does (logged again every 5 minutes while it lasts)");
             }
-            Ok(_) if failing.is_some() => {
+            (Some(HealthLine::StillFailing(quiet)), Err(f)) => {
+                warn!(upstream = %self.base, outcome = outcome.as_str(), error = %f.message, failures_since_last_line = quiet,
+                    "external metrics upstream still gives no answer; its metrics answer 503");
+            }
+            (Some(HealthLine::Recovered), _) => {
                 info!(upstream = %self.base, "external metrics upstream answers again");
-                *failing = None;
             }
             _ => {}
         }
@@ -767,7 +823,25 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_counted_each_time_and_logged_once_until_they_change() {
+    fn a_failing_upstream_is_logged_once_then_every_few_minutes_and_at_recovery() {
+        let t0 = Instant::now();
+        let mut state = None;
+        let mut at = |failed: bool, secs: u64| {
+            health_line(&mut state, failed, t0 + Duration::from_secs(secs))
+        };
+        assert_eq!(at(false, 0), None);
+        assert_eq!(at(true, 1), Some(HealthLine::Failing));
+        assert_eq!(at(true, 2), None);
+        assert_eq!(at(true, 300), None);
+        assert_eq!(at(true, 301), Some(HealthLine::StillFailing(2)));
+        assert_eq!(at(true, 302), None);
+        assert_eq!(at(false, 303), Some(HealthLine::Recovered));
+        assert_eq!(at(false, 304), None);
+        assert_eq!(at(true, 305), Some(HealthLine::Failing));
+    }
+
+    #[test]
+    fn failures_are_counted_each_time() {
         let counter = Family::<ForwardLabels, Counter>::default();
         let f = forwarder(counter.clone());
         let count = |request: &str, outcome: &str| {
@@ -795,14 +869,9 @@ mod tests {
             f.note("metric", &failed(Outcome::Connect)),
             Outcome::Connect
         );
-        assert_eq!(*lock(&f.failing), Some(Outcome::Connect));
         f.note("metric", &failed(Outcome::Connect));
         f.note("discovery", &failed(Outcome::Timeout));
-        assert_eq!(
-            *lock(&f.failing),
-            Some(Outcome::Timeout),
-            "a new error is logged"
-        );
+        assert_eq!(lock(&f.failing).map(|s| s.quiet), Some(2));
         assert_eq!(f.note("metric", &answer(404)), Outcome::HttpError);
         assert_eq!(*lock(&f.failing), None, "any answer is a recovery");
         assert_eq!(f.note("metric", &answer(200)), Outcome::Ok);
