@@ -181,21 +181,7 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     support::apply_yaml(
         &client,
         &ns_name,
-        r#"apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: web}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
-  minReplicas: 1
-  maxReplicas: 10
-  metrics:
-  - type: External
-    external:
-      metric: {name: web-desired-replicas}
-      target: {type: AverageValue, averageValue: "1"}
-  behavior:
-    scaleDown: {stabilizationWindowSeconds: 0}
-"#,
+        &support::external_hpa_yaml("web-desired-replicas", "1"),
     )
     .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);

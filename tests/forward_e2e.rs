@@ -456,21 +456,7 @@ async fn kscale_owns_the_apiservice_and_forwards_the_names_it_does_not_serve() {
     support::apply_yaml(
         &client,
         &ns_name,
-        r#"apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: web}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
-  minReplicas: 1
-  maxReplicas: 10
-  metrics:
-  - type: External
-    external:
-      metric: {name: foreign-metric}
-      target: {type: AverageValue, averageValue: "5"}
-  behavior:
-    scaleDown: {stabilizationWindowSeconds: 0}
-"#,
+        &support::external_hpa_yaml("foreign-metric", "5"),
     )
     .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);

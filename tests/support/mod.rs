@@ -1551,6 +1551,28 @@ pub fn adapter_daemon(
     command
 }
 
+/// A stock autoscaling/v2 HPA `web` on Deployment `web` (1 to 10 replicas, no scale-down
+/// stabilization) with one External metric `metric` and target `AverageValue: average_value`.
+pub fn external_hpa_yaml(metric: &str, average_value: &str) -> String {
+    format!(
+        r#"apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {{name: web}}
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - type: External
+    external:
+      metric: {{name: {metric}}}
+      target: {{type: AverageValue, averageValue: "{average_value}"}}
+  behavior:
+    scaleDown: {{stabilizationWindowSeconds: 0}}
+"#
+    )
+}
+
 /// Writes `dir/tls.crt` and `dir/tls.key`: a serving certificate for the names the aggregator
 /// verifies for a Service `kscale-external-metrics` in `namespace` (and localhost); the CA (PEM).
 pub fn write_adapter_certificate(dir: &Path, namespace: &str) -> String {
