@@ -224,6 +224,7 @@ fn main() {
             external_rules: None,
             external_metrics_max_connections:
                 kscale::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
+            upstream: Default::default(),
         };
         let running = Adapter::start(
             &args,
@@ -233,6 +234,7 @@ fn main() {
             kscale::listener::Limits::with_max_connections(
                 kscale::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
             ),
+            None,
         )
         .await
         .expect("adapter starts");

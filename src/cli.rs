@@ -596,6 +596,12 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         ctx.watch_namespace = args.watch_namespace.clone();
         let adapter = match args.external_metrics.external_metrics_addr {
             Some(addr) => {
+                let forward = crate::adapter::forward::Forwarder::new(
+                    &args.external_metrics.upstream,
+                    std::sync::Arc::new(ctx.synced_policies.clone()),
+                    ctx.metrics.forwarded.clone(),
+                )
+                .map_err(|e| CliError::Config(e.to_string()))?;
                 let running = crate::adapter::Adapter::start(
                     &args.external_metrics,
                     addr,
@@ -603,6 +609,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
                     backend.clone(),
                     args.listeners
                         .limits(args.external_metrics.external_metrics_max_connections),
+                    forward,
                 )
                 .await
                 .map_err(|e| CliError::Config(e.to_string()))?;

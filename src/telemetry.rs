@@ -71,6 +71,18 @@ pub struct SourceErrorLabels {
     pub kind: String,
 }
 
+/// Labels of a request the external metrics adapter forwarded to
+/// `--external-metrics-upstream`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    /// `metric` (a metric's values) or `discovery` (the upstream's resource list).
+    pub request: String,
+    /// `ok` (a 2xx answer relayed), `http_error` (any other status, relayed), or why there was
+    /// no answer: `connect`, `timeout`, `limit` (over the byte cap), `error` (TLS, a broken
+    /// body).
+    pub outcome: String,
+}
+
 /// Every metric kscale exports.
 pub struct Metrics {
     registry: Registry,
@@ -108,6 +120,8 @@ pub struct Metrics {
     pub shadow_hpa_desired_replicas: Family<PolicyLabels, Gauge>,
     /// Shadow mode: kscale's desired replicas minus the HPA's.
     pub shadow_divergence_replicas: Family<PolicyLabels, Gauge>,
+    /// Requests forwarded to the external metrics upstream, by outcome.
+    pub forwarded: Family<ForwardLabels, Counter>,
     ready: AtomicBool,
     /// Settings that leave the daemon running but some policies failing; `/readyz` lists them.
     warnings: std::sync::Mutex<Vec<String>>,
@@ -141,6 +155,7 @@ impl Metrics {
             default_prometheus: Gauge::default(),
             shadow_hpa_desired_replicas: Family::default(),
             shadow_divergence_replicas: Family::default(),
+            forwarded: Family::default(),
             ready: AtomicBool::new(false),
             warnings: std::sync::Mutex::new(Vec::new()),
             registry: Registry::default(),
@@ -226,6 +241,12 @@ impl Metrics {
             "default_prometheus_configured",
             "1 when the daemon has a default Prometheus (--prometheus-url), 0 when it has none",
             m.default_prometheus.clone(),
+        );
+        registry.register(
+            "external_metrics_forwarded",
+            "Requests the external metrics adapter forwarded to --external-metrics-upstream, by \
+             request (metric or discovery) and outcome",
+            m.forwarded.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -8,7 +8,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -114,30 +113,10 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     let port = support::free_port();
     let log = dir.join("daemon.log");
     let start_daemon = |port: u16, log: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_kscale"))
-            .args([
-                "run",
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", support::free_port()),
-            ])
-            .args([
-                "--watch-namespace",
-                &ns_name,
-                "--leader-election-namespace",
-                &ns_name,
-            ])
-            .args(["--external-metrics-addr", &format!("127.0.0.1:{port}")])
-            .arg("--external-metrics-tls-cert-file")
-            .arg(dir.join("tls.crt"))
-            .arg("--external-metrics-tls-key-file")
-            .arg(dir.join("tls.key"))
+        let ports = (port, support::free_port());
+        support::adapter_daemon(env, &kubeconfig, &ns_name, ports, &dir, log)
             .arg("--external-rules")
             .arg(dir.join("rules.yaml"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-            .env("RUST_LOG", "kscale=debug,info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
             .spawn()
             .expect("kscale run starts")
     };
@@ -202,21 +181,7 @@ async fn a_stock_hpa_scales_on_kscale_external_metrics() {
     support::apply_yaml(
         &client,
         &ns_name,
-        r#"apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: web}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
-  minReplicas: 1
-  maxReplicas: 10
-  metrics:
-  - type: External
-    external:
-      metric: {name: web-desired-replicas}
-      target: {type: AverageValue, averageValue: "1"}
-  behavior:
-    scaleDown: {stabilizationWindowSeconds: 0}
-"#,
+        &support::external_hpa_yaml("web-desired-replicas", "1"),
     )
     .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);

@@ -7,6 +7,8 @@
 //! - [`rules`]: static external rules and the label selector → PromQL matchers translation.
 //! - [`auth`]: front-proxy certificates, TokenReview, SubjectAccessReview.
 //! - [`tls`]: serving certificate (files or self-signed) and client-certificate verification.
+//! - [`forward`]: with `--external-metrics-upstream`, every name kscale does not serve goes to
+//!   another provider (KEDA's, prometheus-adapter), whose answer is relayed.
 //!
 //! Served paths: `/apis`, `/apis/external.metrics.k8s.io`, `/apis/external.metrics.k8s.io/v1beta1`
 //! (discovery), `/openapi/v2`, `/openapi/v3[/...]`, and
@@ -15,6 +17,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod forward;
 pub mod rules;
 pub mod tls;
 pub mod types;
@@ -78,6 +81,9 @@ pub struct ExternalMetricsArgs {
           default_value_t = crate::listener::DEFAULT_EXTERNAL_METRICS_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
     pub external_metrics_max_connections: usize,
+    /// The provider that serves every other name ([`forward`]).
+    #[command(flatten)]
+    pub upstream: forward::UpstreamArgs,
 }
 
 /// Why the adapter could not start.
@@ -92,6 +98,9 @@ pub enum AdapterError {
     /// The rules file.
     #[error("external metrics adapter: {0}")]
     Rules(#[from] rules::RulesError),
+    /// The upstream provider's settings.
+    #[error("external metrics adapter: {0}")]
+    Forward(#[from] forward::ForwardError),
     /// Binding the address.
     #[error("--external-metrics-addr {addr}: {source}")]
     Bind {
@@ -112,6 +121,8 @@ pub struct Adapter {
     front_proxy: RwLock<Arc<auth::FrontProxy>>,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     reviewer: auth::Reviewer,
+    /// Where names kscale does not serve go (`--external-metrics-upstream`).
+    forward: Option<Arc<forward::Forwarder>>,
 }
 
 /// How often the front-proxy settings and a certificate from files are read again (a rotated
@@ -161,13 +172,15 @@ pub struct Running {
 
 impl Adapter {
     /// Reads the front-proxy settings and the rules, and binds; the accept loop runs in a task
-    /// and serves under `limits` ([`crate::listener`]).
+    /// and serves under `limits` ([`crate::listener`]). With `forward`, names it does not serve
+    /// go there ([`forward::Forwarder::new`] builds it from the flags).
     pub async fn start(
         args: &ExternalMetricsArgs,
         addr: SocketAddr,
         client: kube::Client,
         prometheus: Arc<dyn QueryBackend>,
         limits: crate::listener::Limits,
+        forward: Option<forward::Forwarder>,
     ) -> Result<Running, AdapterError> {
         let rules = match &args.external_rules {
             Some(path) => rules::load(path)?,
@@ -199,8 +212,10 @@ impl Adapter {
             front_proxy: RwLock::new(Arc::new(front_proxy)),
             tls: RwLock::new(config),
             reviewer: auth::Reviewer::new(client.clone()),
+            forward: forward.map(Arc::new),
         });
-        info!(%addr, rules = adapter.rules.len(), max_connections = limits.max_connections, "serving external.metrics.k8s.io/v1beta1");
+        let upstream = adapter.forward.as_ref().map(|f| f.url().to_string());
+        info!(%addr, rules = adapter.rules.len(), max_connections = limits.max_connections, upstream, "serving external.metrics.k8s.io/v1beta1");
         let reload = reload(adapter.clone(), client, source, cert_pem.clone());
         let task = tokio::spawn(async move {
             tokio::select! {
@@ -482,6 +497,16 @@ impl Adapter {
                 "paths": {}
             })),
             Route::Metric { namespace, metric } => {
+                // A name kscale does not serve goes upstream with its query string untouched
+                // (kscale's selector parser never sees it).
+                if let Some(forward) = &self.forward
+                    && !self.serves(namespace, metric)
+                    && let Some(answer) = forward
+                        .metric(namespace, metric, req.uri().query(), req.headers())
+                        .await
+                {
+                    return answer;
+                }
                 match label_selector(req.uri().query())
                     .and_then(|s| rules::parse_selector(&s).map_err(|e| e.to_string()))
                 {
@@ -525,22 +550,25 @@ impl Adapter {
         }
     }
 
+    /// Discovery: kscale's names, then the upstream's others ([`forward`]).
     fn resources(&self) -> serde_json::Value {
         let mut names = self.cache.names();
         names.extend(self.rules.iter().map(|r| r.rule.name.clone()));
         names.sort();
         names.dedup();
-        let resources: Vec<serde_json::Value> = names
-            .iter()
-            .map(|n| {
-                serde_json::json!({"name": n, "singularName": "", "namespaced": true,
-                    "kind": "ExternalMetricValueList", "verbs": ["get"]})
-            })
-            .collect();
-        serde_json::json!({
-            "kind": "APIResourceList", "apiVersion": "v1",
-            "groupVersion": GROUP_VERSION, "resources": resources
-        })
+        let upstream = self
+            .forward
+            .as_ref()
+            .map(forward::Forwarder::resources)
+            .unwrap_or_default();
+        forward::resource_list(forward::merge_resources(&names, upstream))
+    }
+
+    /// Whether kscale answers `metric` in `namespace` from what it holds: a static rule (any
+    /// namespace) or a policy's published name.
+    fn serves(&self, namespace: &str, metric: &str) -> bool {
+        self.rules.iter().any(|r| r.rule.name == metric)
+            || self.cache.get(namespace, metric).is_some()
     }
 
     async fn metric(

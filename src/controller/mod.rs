@@ -173,6 +173,9 @@ pub struct Context {
     pub concurrency: usize,
     /// The external metrics adapter's cache, filled after every evaluation when it serves.
     pub external_metrics: Option<Arc<crate::adapter::Cache>>,
+    /// The ScalingPolicy store, set once it has synced: the forwarding adapter keeps the names
+    /// these policies publish for itself ([`crate::adapter::forward`]).
+    pub synced_policies: crate::adapter::forward::SyncedPolicies,
     /// Forecasting state of the policies with `spec.forecast`.
     pub forecasts: forecast::Forecasts,
     /// Whether this replica may write now; checked right before every write (scale, status,
@@ -220,6 +223,7 @@ impl Context {
             watch_namespace: None,
             instance: instance_name,
             external_metrics: None,
+            synced_policies: crate::adapter::forward::SyncedPolicies::default(),
             forecasts: forecast::Forecasts::default(),
             leadership: leader::Leadership::always(),
             scale_conflict_retries: 3,
@@ -1297,6 +1301,7 @@ pub async fn run(
         _ = &mut shutdown => { watch.abort(); return Ok(()); }
     }
     info!("ScalingPolicy watch synced");
+    ctx.synced_policies.set(reader.clone());
     let mut state = TickState::default();
     let mut inflight: InFlight = FuturesUnordered::new();
     let mut wait = Duration::ZERO;

@@ -278,10 +278,13 @@ pub enum SourceError {
         message: String,
     },
     /// A client certificate without its key, or a key without its certificate.
-    #[error(
-        "--prometheus-client-cert-file and --prometheus-client-key-file must be given together"
-    )]
-    ClientCertPair,
+    #[error("{cert} and {key} must be given together")]
+    ClientCertPair {
+        /// The certificate's flag.
+        cert: &'static str,
+        /// The key's flag.
+        key: &'static str,
+    },
     /// Bearer token and basic auth both set.
     #[error(
         "--prometheus-bearer-token-file and --prometheus-basic-auth-user are mutually exclusive"
@@ -305,8 +308,10 @@ pub enum SourceError {
         message: String,
     },
     /// The HTTP client could not be built.
-    #[error("--prometheus-url {url}: cannot build the HTTP client: {message}")]
+    #[error("{setting} {url}: cannot build the HTTP client: {message}")]
     Client {
+        /// The flag or field that gave the URL.
+        setting: &'static str,
         /// The URL, without credentials.
         url: String,
         /// The error.
@@ -359,18 +364,45 @@ impl fmt::Debug for PrometheusSource {
     }
 }
 
-const TOKEN_FLAG: &str = "--prometheus-bearer-token-file";
+/// The flags that name a client's credentials and answer cap in its errors: the Prometheus
+/// source's ([`PROMETHEUS_FLAGS`]), or those of another upstream that shares this code (the
+/// external metrics adapter's `--external-metrics-upstream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialFlags {
+    /// The CA bundle's flag.
+    pub ca: &'static str,
+    /// The client certificate's flag.
+    pub client_cert: &'static str,
+    /// The client key's flag.
+    pub client_key: &'static str,
+    /// The bearer token file's flag.
+    pub bearer_token: &'static str,
+    /// The answer byte cap's flag.
+    pub max_bytes: &'static str,
+}
+
+/// The Prometheus source's flags.
+pub const PROMETHEUS_FLAGS: CredentialFlags = CredentialFlags {
+    ca: "--prometheus-ca-file",
+    client_cert: "--prometheus-client-cert-file",
+    client_key: "--prometheus-client-key-file",
+    bearer_token: "--prometheus-bearer-token-file",
+    max_bytes: MAX_BYTES_FLAG,
+};
+
+const TOKEN_FLAG: &str = PROMETHEUS_FLAGS.bearer_token;
 /// The flag of [`AnswerLimits::max_bytes`].
 pub const MAX_BYTES_FLAG: &str = "--prometheus-max-response-bytes";
 /// The flag of [`AnswerLimits::max_series`].
 pub const MAX_SERIES_FLAG: &str = "--prometheus-max-series";
 
-fn read_token(m: &Material) -> Result<String, SourceError> {
+/// The token of a bearer token credential, trimmed; `flag` names it in errors.
+pub(crate) fn read_token(m: &Material, flag: &str) -> Result<String, SourceError> {
     let content = |message: &str| SourceError::Content {
-        origin: m.origin(TOKEN_FLAG),
+        origin: m.origin(flag),
         message: message.into(),
     };
-    let token = String::from_utf8(m.read(TOKEN_FLAG)?)
+    let token = String::from_utf8(m.read(flag)?)
         .map_err(|_| content("not UTF-8 text"))?
         .trim()
         .to_string();
@@ -380,10 +412,15 @@ fn read_token(m: &Material) -> Result<String, SourceError> {
     Ok(token)
 }
 
-fn bearer_header(m: &Material, token: &str) -> Result<HeaderValue, SourceError> {
+/// `Authorization: Bearer <token>`, marked sensitive; `flag` names the credential in errors.
+pub(crate) fn bearer_header(
+    m: &Material,
+    token: &str,
+    flag: &str,
+) -> Result<HeaderValue, SourceError> {
     let mut value =
         HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| SourceError::Content {
-            origin: m.origin(TOKEN_FLAG),
+            origin: m.origin(flag),
             message: "the token holds characters not allowed in an HTTP header".into(),
         })?;
     value.set_sensitive(true);
@@ -432,15 +469,45 @@ fn strip_userinfo(text: &str) -> String {
 }
 
 fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceError> {
-    const CA_FLAG: &str = "--prometheus-ca-file";
-    const CERT_FLAG: &str = "--prometheus-client-cert-file";
-    const KEY_FLAG: &str = "--prometheus-client-key-file";
+    client_tls(
+        ClientTls {
+            ca: cfg.ca.as_ref(),
+            client_cert: cfg.client_cert.as_ref(),
+            client_key: cfg.client_key.as_ref(),
+        },
+        &PROMETHEUS_FLAGS,
+        cfg.url_setting,
+        &cfg.url,
+    )
+}
+
+/// The TLS material of an https client: each `None` is left out (the system roots, no client
+/// certificate).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTls<'a> {
+    /// PEM certificates that replace the system roots.
+    pub ca: Option<&'a Material>,
+    /// PEM client certificate (chain), with `client_key`.
+    pub client_cert: Option<&'a Material>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<&'a Material>,
+}
+
+/// A rustls client configuration from `tls`, on ring. Errors name the credential by `flags`
+/// (or its Secret key), and the URL by `url_setting`.
+pub fn client_tls(
+    tls: ClientTls<'_>,
+    flags: &CredentialFlags,
+    url_setting: &'static str,
+    url: &str,
+) -> Result<rustls::ClientConfig, SourceError> {
+    let (ca_flag, cert_flag, key_flag) = (flags.ca, flags.client_cert, flags.client_key);
     let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca {
+    match tls.ca {
         Some(ca) => {
-            let bytes = ca.read(CA_FLAG)?;
+            let bytes = ca.read(ca_flag)?;
             let content = |message: String| SourceError::Content {
-                origin: ca.origin(CA_FLAG),
+                origin: ca.origin(ca_flag),
                 message,
             };
             let mut count = 0;
@@ -466,40 +533,44 @@ fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceErro
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SourceError::Client {
-            url: strip_userinfo(&cfg.url),
+            setting: url_setting,
+            url: strip_userinfo(url),
             message: e.to_string(),
         })?
         .with_root_certificates(roots);
-    match (&cfg.client_cert, &cfg.client_key) {
+    match (tls.client_cert, tls.client_key) {
         (None, None) => Ok(builder.with_no_client_auth()),
         (Some(cert), Some(key)) => {
-            let bytes = cert.read(CERT_FLAG)?;
+            let bytes = cert.read(cert_flag)?;
             let certs = CertificateDer::pem_slice_iter(&bytes)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| SourceError::Content {
-                    origin: cert.origin(CERT_FLAG),
+                    origin: cert.origin(cert_flag),
                     message: format!("bad PEM: {e}"),
                 })?;
             if certs.is_empty() {
                 return Err(SourceError::Content {
-                    origin: cert.origin(CERT_FLAG),
+                    origin: cert.origin(cert_flag),
                     message: "no PEM certificate in it".into(),
                 });
             }
-            let key_bytes = key.read(KEY_FLAG)?;
+            let key_bytes = key.read(key_flag)?;
             let private =
                 PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| SourceError::Content {
-                    origin: key.origin(KEY_FLAG),
+                    origin: key.origin(key_flag),
                     message: format!("no usable PEM private key: {e}"),
                 })?;
             builder
                 .with_client_auth_cert(certs, private)
                 .map_err(|e| SourceError::ClientCert {
-                    origin: cert.origin(CERT_FLAG),
-                    message: format!("does not go with {}: {e}", key.origin(KEY_FLAG)),
+                    origin: cert.origin(cert_flag),
+                    message: format!("does not go with {}: {e}", key.origin(key_flag)),
                 })
         }
-        _ => Err(SourceError::ClientCertPair),
+        _ => Err(SourceError::ClientCertPair {
+            cert: cert_flag,
+            key: key_flag,
+        }),
     }
 }
 
@@ -578,8 +649,8 @@ impl PrometheusSource {
             secrets.push(auth.password.clone());
         }
         if let Some(m) = &cfg.bearer_token {
-            let token = read_token(m)?;
-            bearer_header(m, &token)?;
+            let token = read_token(m, TOKEN_FLAG)?;
+            bearer_header(m, &token, TOKEN_FLAG)?;
             // A fixed token (not a file) is a fixed secret to scrub from error texts.
             if let Material::Bytes { .. } = m {
                 secrets.push(token);
@@ -596,6 +667,7 @@ impl PrometheusSource {
             .default_headers(headers)
             .build()
             .map_err(|e| SourceError::Client {
+                setting: cfg.url_setting,
                 url: shown_url.clone(),
                 message: error_chain(&e),
             })?;
@@ -653,8 +725,8 @@ impl PrometheusSource {
             // One token read per tick: a rotated token is picked up at the next tick.
             let token = match &self.bearer_token {
                 None => Ok(None),
-                Some(m) => read_token(m)
-                    .and_then(|t| bearer_header(m, &t).map(|h| Some((h, t))))
+                Some(m) => read_token(m, TOKEN_FLAG)
+                    .and_then(|t| bearer_header(m, &t, TOKEN_FLAG).map(|h| Some((h, t))))
                     .map_err(|e| e.to_string()),
             };
             let mut answers = std::pin::pin!(
@@ -745,11 +817,11 @@ impl PrometheusSource {
         let token = match &self.bearer_token {
             None => None,
             Some(m) => {
-                let t = read_token(m).map_err(|e| QueryError {
+                let t = read_token(m, TOKEN_FLAG).map_err(|e| QueryError {
                     kind: "auth",
                     message: e.to_string(),
                 })?;
-                let h = bearer_header(m, &t).map_err(|e| QueryError {
+                let h = bearer_header(m, &t, TOKEN_FLAG).map_err(|e| QueryError {
                     kind: "auth",
                     message: e.to_string(),
                 })?;
@@ -809,7 +881,7 @@ impl PrometheusSource {
         let exchange = async {
             let response = request.await.map_err(|e| classify(&e, &self.url()))?;
             let status = response.status();
-            let body = read_capped(response, limits.max_bytes).await?;
+            let body = read_capped(response, limits.max_bytes, MAX_BYTES_FLAG).await?;
             parse(status.as_u16(), &body, limits)
         };
         let span = tracing::info_span!("prometheus_answer", url = %self.url());
@@ -863,7 +935,7 @@ impl PrometheusSource {
 
 /// An error and its sources as one line, leaving out a source whose text the previous one
 /// already contains.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut last = text.clone();
     let mut source = e.source();
@@ -996,12 +1068,17 @@ const PROMETHEUS_ERROR_TYPES: [&str; 8] = [
 const ERROR_TEXT_CHARS: usize = 300;
 
 /// Reads a response body in chunks and stops as soon as it passes `max` bytes: an answer over
-/// the cap is never buffered past it (a `Content-Length` over the cap is refused unread).
-async fn read_capped(mut response: reqwest::Response, max: u64) -> Result<Vec<u8>, QueryError> {
+/// the cap is never buffered past it (a `Content-Length` over the cap is refused unread). `flag`
+/// names the cap in the error (kind `limit`; `timeout` or `decode` for a failed read).
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    max: u64,
+    flag: &str,
+) -> Result<Vec<u8>, QueryError> {
     let over = || QueryError {
         kind: "limit",
         message: format!(
-            "the answer is larger than the {max}-byte cap ({MAX_BYTES_FLAG}); kscale stopped reading it"
+            "the answer is larger than the {max}-byte cap ({flag}); kscale stopped reading it"
         ),
     };
     if response.content_length().is_some_and(|n| n > max) {

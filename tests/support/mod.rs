@@ -1539,6 +1539,63 @@ spec:
     }
 }
 
+/// `kscale run` as `kubeconfig`'s user serving external metrics on 127.0.0.1:`port` with the
+/// certificate [`write_adapter_certificate`] wrote in `dir`, `/metrics` on 127.0.0.1:
+/// `metrics_port`, watching `namespace` only and electing its leader there, against the test
+/// Prometheus, its log in `log`. Add flags, then spawn it.
+pub fn adapter_daemon(
+    env: &TestEnv,
+    kubeconfig: &Path,
+    namespace: &str,
+    ports: (u16, u16),
+    dir: &Path,
+    log: &Path,
+) -> Command {
+    let (port, metrics_port) = ports;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kscale"));
+    command
+        .args([
+            "run",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .args(["--watch-namespace", namespace])
+        .args(["--leader-election-namespace", namespace])
+        .args(["--external-metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg("--external-metrics-tls-cert-file")
+        .arg(dir.join("tls.crt"))
+        .arg("--external-metrics-tls-key-file")
+        .arg(dir.join("tls.key"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .env("RUST_LOG", "kscale=debug,info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"));
+    command
+}
+
+/// A stock autoscaling/v2 HPA `web` on Deployment `web` (1 to 10 replicas, no scale-down
+/// stabilization) with one External metric `metric` and target `AverageValue: average_value`.
+pub fn external_hpa_yaml(metric: &str, average_value: &str) -> String {
+    format!(
+        r#"apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {{name: web}}
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - type: External
+    external:
+      metric: {{name: {metric}}}
+      target: {{type: AverageValue, averageValue: "{average_value}"}}
+  behavior:
+    scaleDown: {{stabilizationWindowSeconds: 0}}
+"#
+    )
+}
+
 /// Writes `dir/tls.crt` and `dir/tls.key`: a serving certificate for the names the aggregator
 /// verifies for a Service `kscale-external-metrics` in `namespace` (and localhost); the CA (PEM).
 pub fn write_adapter_certificate(dir: &Path, namespace: &str) -> String {
