@@ -1172,17 +1172,23 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 // A server answered (or its deadline passed), or an evaluation finished: start
-                // what is ready. Policies that waited for it are due at once.
-                if matches!(done, Done::Evaluated(_)) {
-                    // Ready after the first sync and the first evaluation.
-                    ctx.metrics.set_ready();
-                }
+                // what is ready. Policies that waited for it are due at once; an evaluation
+                // that ends unblocks only its own policy, so the loop does not scan every
+                // policy after each one.
+                let unblocks = match &done {
+                    Done::Evaluated(key) => {
+                        // Ready after the first sync and the first evaluation.
+                        ctx.metrics.set_ready();
+                        state.deferred.contains(key)
+                    }
+                    Done::Fetched { .. } => !state.deferred.is_empty(),
+                };
                 state.finish(done);
                 state.start_ready(&ctx, &mut inflight);
-                wait = if state.deferred.is_empty() {
-                    state.next_wait()
-                } else {
+                wait = if unblocks {
                     Duration::ZERO
+                } else {
+                    state.next_wait()
                 };
                 continue;
             }
@@ -1310,7 +1316,7 @@ fn writers(
             continue;
         };
         let valid = match schedule.get(&ObjectRef::from_obj(obj.as_ref())) {
-            Some((_, generation, valid)) if *generation == p.metadata.generation => *valid,
+            Some((_, generation, valid, _)) if *generation == p.metadata.generation => *valid,
             _ => CompiledPolicy::from_resource(p).is_ok(),
         };
         if !valid {
@@ -1418,13 +1424,46 @@ impl TickState {
         self.schedule
             .iter()
             .filter(|(k, _)| !self.deferred.contains(*k))
-            .map(|(_, (at, _, _))| *at)
+            .map(|(_, (at, _, _, _))| *at)
             .min()
             // Past due: at once. Nothing due (no policies, or all waiting): the next poll.
             .map_or(POLL, |at| {
                 (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
             })
             .min(POLL)
+    }
+
+    /// Whether the policy `key` (now at `generation`) starts an evaluation at `now`: `None` when
+    /// it is not due, or when it is due but its last evaluation is still pending (waiting for
+    /// its server, queued or running). That pending evaluation answers this due time too: the
+    /// policy is coalesced into it and next due a whole interval on, so a daemon that falls
+    /// behind never queues a policy twice nor sends its queries again within the interval. A
+    /// policy whose spec changed meanwhile waits for the pending evaluation instead
+    /// ([`TickState::deferred`]) and goes at once after it. `Some(fresh)` when it starts (fresh:
+    /// new, or its spec changed).
+    fn take_due(
+        &mut self,
+        key: &PolicyRef,
+        generation: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Option<bool> {
+        let (is_due, fresh) = match self.schedule.get(key) {
+            None => (true, true),
+            Some((at, g, _, _)) => (*g != generation || *at <= now, *g != generation),
+        };
+        if !is_due {
+            return None;
+        }
+        if self.busy.contains(key) {
+            match self.schedule.get_mut(key) {
+                Some((at, _, _, interval)) if !fresh => *at = next_due(now, *interval),
+                _ => {
+                    self.deferred.insert(key.clone());
+                }
+            }
+            return None;
+        }
+        Some(fresh)
     }
 
     fn enqueue(&mut self, urgent: bool, job: Job) {
@@ -1567,8 +1606,9 @@ fn fingerprint(sample: &Sample) -> Option<Vec<u64>> {
     }
 }
 
-/// Per policy: when it is next due, the generation last seen, and whether it compiled.
-type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool)>;
+/// Per policy: when it is next due, the generation last seen, whether it compiled, and its
+/// interval.
+type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool, chrono::TimeDelta)>;
 
 /// One tick: finds the due policies and starts their work without waiting for it. Each server's
 /// distinct queries run as one group under the server's own deadline
@@ -1607,18 +1647,10 @@ async fn run_tick(
     let mut malformed = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
-        let generation = obj.meta().generation;
-        let (is_due, fresh) = match state.schedule.get(&key) {
-            None => (true, true),
-            Some((at, g, _)) => (*g != generation || *at <= now, *g != generation),
+        let Some(fresh) = state.take_due(&key, obj.meta().generation, now) else {
+            continue;
         };
-        if !is_due {
-            continue;
-        }
-        if state.busy.contains(&key) {
-            state.deferred.insert(key);
-            continue;
-        }
+        let generation = obj.meta().generation;
         match &obj.0 {
             Ok(p) => {
                 // Compiled once per tick: for the interval, the queries and the evaluation.
@@ -1640,7 +1672,12 @@ async fn run_tick(
                 };
                 state.schedule.insert(
                     key.clone(),
-                    (next_due(now, interval), generation, compiled.is_ok()),
+                    (
+                        next_due(now, interval),
+                        generation,
+                        compiled.is_ok(),
+                        interval,
+                    ),
                 );
                 due.push(Pending {
                     key,
@@ -1656,7 +1693,12 @@ async fn run_tick(
                 // Malformed objects are reported once per generation and never stop the others.
                 state.schedule.insert(
                     key,
-                    (now + chrono::TimeDelta::days(3650), generation, false),
+                    (
+                        now + chrono::TimeDelta::days(3650),
+                        generation,
+                        false,
+                        ctx.default_interval,
+                    ),
                 );
                 let meta = &invalid.metadata;
                 warn!(policy = %format!("{}/{}", meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
@@ -1767,6 +1809,8 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
     }
 
+    const TEN_S: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
     #[test]
     fn the_loop_sleeps_until_the_next_policy_that_is_not_waiting() {
         let mut state = TickState::default();
@@ -1775,7 +1819,7 @@ mod tests {
         let past = Utc::now() - chrono::TimeDelta::seconds(5);
         state
             .schedule
-            .insert(waiting.clone(), (past, Some(1), true));
+            .insert(waiting.clone(), (past, Some(1), true, TEN_S));
         assert_eq!(state.next_wait(), Duration::ZERO, "past due: at once");
         state.deferred.insert(waiting);
         assert_eq!(
@@ -1785,8 +1829,47 @@ mod tests {
         );
         let other: PolicyRef = ObjectRef::new("web").within("ns");
         let soon = Utc::now() + chrono::TimeDelta::milliseconds(50);
-        state.schedule.insert(other, (soon, Some(1), true));
+        state.schedule.insert(other, (soon, Some(1), true, TEN_S));
         assert!(state.next_wait() <= Duration::from_millis(50));
+    }
+
+    /// Issue 17: a daemon that falls behind never queues a policy twice. A policy due while
+    /// its last evaluation is still pending is coalesced into it (next due a whole interval
+    /// on), so its queries are not sent again within the interval; a spec change waits for the
+    /// pending evaluation and goes right after it.
+    #[test]
+    fn a_policy_due_while_its_evaluation_is_pending_is_not_queued_twice() {
+        let mut state = TickState::default();
+        let p: PolicyRef = ObjectRef::new("web").within("ns");
+        assert_eq!(
+            state.take_due(&p, Some(1), at(3)),
+            Some(true),
+            "new: at once"
+        );
+        state
+            .schedule
+            .insert(p.clone(), (next_due(at(3), TEN_S), Some(1), true, TEN_S));
+        state.busy.insert(p.clone());
+        assert_eq!(state.take_due(&p, Some(1), at(5)), None, "not due yet");
+        // Due at 10 s while still pending: coalesced, next due at 20 s, not deferred.
+        assert_eq!(state.take_due(&p, Some(1), at(10)), None);
+        assert_eq!(state.schedule[&p].0, at(20));
+        assert!(state.deferred.is_empty());
+        assert_eq!(
+            state.take_due(&p, Some(1), at(12)),
+            None,
+            "no second evaluation"
+        );
+        // Its spec changes while pending: it waits for the pending evaluation, then goes.
+        assert_eq!(state.take_due(&p, Some(2), at(13)), None);
+        assert!(state.deferred.contains(&p));
+        state.finish(Done::Evaluated(p.clone()));
+        assert_eq!(state.take_due(&p, Some(2), at(14)), Some(true));
+        // Not pending any more and due: it starts.
+        state
+            .schedule
+            .insert(p.clone(), (at(20), Some(2), true, TEN_S));
+        assert_eq!(state.take_due(&p, Some(2), at(20)), Some(false));
     }
 
     #[test]
