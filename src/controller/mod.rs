@@ -1403,6 +1403,8 @@ struct TickState {
     keys: KeyCache,
     /// When `last` was last pruned.
     pruned: Option<std::time::Instant>,
+    /// When the per-policy memory of deleted policies was last forgotten ([`PRUNE_EVERY`]).
+    forgot: Option<std::time::Instant>,
     /// Servers with a group of queries in flight: a server answers one group at a time, so a
     /// server that never answers holds at most one group (bounded by its deadline).
     busy_servers: HashSet<servers::ServerKey>,
@@ -1606,6 +1608,16 @@ fn fingerprint(sample: &Sample) -> Option<Vec<u64>> {
     }
 }
 
+/// How often the per-policy memory of deleted policies is forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// The `namespace/name` of each live policy, the key of the controller's per-policy memory.
+fn live_names(live: &HashSet<PolicyRef>) -> HashSet<String> {
+    live.iter()
+        .filter_map(|r| r.namespace.as_deref().map(|ns| format!("{ns}/{}", r.name)))
+        .collect()
+}
+
 /// Per policy: when it is next due, the generation last seen, whether it compiled, and its
 /// interval.
 type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool, chrono::TimeDelta)>;
@@ -1632,16 +1644,17 @@ async fn run_tick(
     state.schedule.retain(|k, _| live.contains(k));
     let keys = target_keys(ctx, &all, &mut state.keys).await;
     let writers = Arc::new(writers(&all, &state.schedule, &keys));
-    let is_live = |key: &str| {
-        live.iter().any(|r| {
-            r.namespace
-                .as_deref()
-                .is_some_and(|ns| key == format!("{ns}/{}", r.name))
-        })
-    };
-    ctx.forecasts.retain(is_live);
-    ctx.scale_events.retain(is_live);
-    ctx.reported.retain_policies(is_live);
+    // What the daemon remembers per policy (forecasts, applied scale events, failures already
+    // logged) is forgotten for deleted policies every PRUNE_EVERY: one set of names, one lookup
+    // per entry.
+    if state.forgot.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+        let names = live_names(&live);
+        let is_live = |key: &str| names.contains(key);
+        ctx.forecasts.retain(is_live);
+        ctx.scale_events.retain(is_live);
+        ctx.reported.retain_policies(is_live);
+        state.forgot = Some(std::time::Instant::now());
+    }
     state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();
@@ -1870,6 +1883,18 @@ mod tests {
             .schedule
             .insert(p.clone(), (at(20), Some(2), true, TEN_S));
         assert_eq!(state.take_due(&p, Some(2), at(20)), Some(false));
+    }
+
+    #[test]
+    fn live_names_are_the_keys_of_the_per_policy_memory() {
+        let live: HashSet<PolicyRef> = [
+            ObjectRef::new("web").within("a"),
+            ObjectRef::new("api").within("b"),
+        ]
+        .into();
+        let names = live_names(&live);
+        assert!(names.contains("a/web") && names.contains("b/api"));
+        assert!(!names.contains("b/web") && !names.contains("web"));
     }
 
     #[test]
