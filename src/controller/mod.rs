@@ -1042,7 +1042,8 @@ pub async fn reconcile(
             policy: p.name_any(),
         })
         .set(i64::from(ready));
-    if status_changed(p.status.as_ref(), &status) {
+    let compiled = result.as_ref().ok().map(|e| &e.policy);
+    if status_changed(p.status.as_ref(), &status, status_refresh(compiled, ready)) {
         write_status(ctx, p, &status).await?;
     }
     result.map(|_| ()).map_err(PolicyError::from)
@@ -1072,30 +1073,76 @@ fn pause_transition(
     }
 }
 
-/// A status that only moves `lastEvaluationTime` (a policy that keeps failing the same way, say)
-/// is written at most this often. Anything else is written at once, the stabilization history
-/// included, so a new leader continues the same windows.
+/// A status whose only news is the time (`lastEvaluationTime`; the times of recommendations
+/// whose counts did not change; `lastActiveTime` while a metric stays active) is written at
+/// least this often while the policy is not Ready (a policy that keeps failing the same way
+/// shows it is retried), and at most this often otherwise ([`status_refresh`]).
 const STATUS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// The longest a Ready policy's status goes unwritten when only its times move: at 10,000
+/// policies, 17 writes a second.
+const STATUS_REFRESH_MAX: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// How long a status whose only news is the time may wait ([`status_changed`]): while `ready`,
+/// half the shortest span its history is read over (the stabilization windows, the scale-to-zero
+/// cooldown), so a new leader continues the same windows within that much, between
+/// [`STATUS_REFRESH`] and [`STATUS_REFRESH_MAX`]; otherwise [`STATUS_REFRESH`].
+fn status_refresh(policy: Option<&CompiledPolicy>, ready: bool) -> chrono::TimeDelta {
+    let Some(policy) = policy.filter(|_| ready) else {
+        return STATUS_REFRESH;
+    };
+    let windows = match &policy.behavior {
+        Some(b) => vec![b.up.stabilization, b.down.stabilization],
+        None => vec![policy.downscale_window],
+    };
+    windows
+        .into_iter()
+        .chain(policy.zero.map(|z| z.cooldown))
+        .filter(|w| *w > chrono::TimeDelta::zero())
+        .min()
+        .map_or(STATUS_REFRESH_MAX, |w| w / 2)
+        .clamp(STATUS_REFRESH, STATUS_REFRESH_MAX)
+}
+
+/// `status` with the times that move at every evaluation set aside: `lastEvaluationTime`,
+/// recommendation times (their counts stay), and `lastActiveTime` while it is the evaluation's
+/// own time (a metric still active).
+fn without_times(status: &ScalingPolicyStatus) -> ScalingPolicyStatus {
+    let mut s = status.clone();
+    if s.history.last_active_time.is_some() && s.history.last_active_time == s.last_evaluation_time
+    {
+        s.history.last_active_time = None;
+    }
+    s.last_evaluation_time = None;
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    for r in &mut s.history.recommendations {
+        r.time = epoch;
+    }
+    s
+}
 
 /// Within this long of the last status write, a status whose decision is unchanged (only metric
 /// values, proposals, the reason's figures or recommendations moved) waits: one policy writes its
 /// status at most once per this period unless its decision changes, whatever its interval.
 const STATUS_MIN_PERIOD: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
-/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`]. A
-/// change of decision (replicas, generation, conditions, scale events) is written at once; any
-/// other change at most every [`STATUS_MIN_PERIOD`].
-fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) -> bool {
+/// Whether `new` says something `old` does not, or `old` is older than `refresh`
+/// ([`status_refresh`]). A change of decision (replicas, generation, conditions, scale events)
+/// is written at once; any other change but the times at most every [`STATUS_MIN_PERIOD`]; a
+/// change of the times alone ([`without_times`]) only after `refresh`.
+fn status_changed(
+    old: Option<&ScalingPolicyStatus>,
+    new: &ScalingPolicyStatus,
+    refresh: chrono::TimeDelta,
+) -> bool {
     let Some(old) = old else { return true };
     let (Some(then), Some(now)) = (old.last_evaluation_time, new.last_evaluation_time) else {
         return true;
     };
-    if now - then >= STATUS_REFRESH {
+    if now - then >= refresh {
         return true;
     }
-    let mut same = new.clone();
-    same.last_evaluation_time = old.last_evaluation_time;
-    if same == *old {
+    if without_times(new) == without_times(old) {
         return false;
     }
     if now - then >= STATUS_MIN_PERIOD {
@@ -1917,13 +1964,75 @@ mod tests {
         };
         let mut new = old.clone();
         new.last_evaluation_time = Some(at(10));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(60));
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(10));
         new.desired_replicas = Some(4);
-        assert!(status_changed(Some(&old), &new));
-        assert!(status_changed(None, &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
+        assert!(status_changed(None, &new, STATUS_REFRESH));
+    }
+
+    /// Issue 17: apiserver writes only on change. A status whose only news is the time (the
+    /// evaluation's, recommendations' with the same counts, an active metric's) is not written
+    /// again before the refresh; a recommendation of another count is news.
+    #[test]
+    fn a_status_whose_only_news_is_the_time_waits_for_the_refresh() {
+        use crate::policy::state::Recommendation;
+        let status = |t: i64, recommended: i32| {
+            let mut s = ScalingPolicyStatus {
+                desired_replicas: Some(3),
+                reason: Some("rps 100".into()),
+                last_evaluation_time: Some(at(t)),
+                ..Default::default()
+            };
+            s.history.last_active_time = Some(at(t));
+            s.history.recommendations = vec![Recommendation {
+                replicas: recommended,
+                time: at(t),
+            }];
+            s
+        };
+        let old = status(0, 3);
+        let refresh = STATUS_REFRESH_MAX;
+        for t in [10, 60, 590] {
+            assert!(!status_changed(Some(&old), &status(t, 3), refresh), "{t}");
+        }
+        assert!(status_changed(Some(&old), &status(600, 3), refresh));
+        assert!(status_changed(Some(&old), &status(10, 2), refresh));
+        // A metric that stops being active: its lastActiveTime stays behind, at once news.
+        let mut idle = status(10, 3);
+        idle.history.last_active_time = Some(at(0));
+        assert!(status_changed(Some(&old), &idle, refresh));
+    }
+
+    #[test]
+    fn the_refresh_is_half_the_shortest_window_within_its_bounds() {
+        let policy = |behavior: &str| {
+            let p: ScalingPolicy = serde_yaml::from_str(&format!(
+                "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: n}}\nspec:\n  targetRef: {{kind: Deployment, name: d}}\n  maxReplicas: 3\n  metrics:\n  - name: q\n    prometheus: {{query: 'sum(q)'}}\n    target: {{type: AverageValue, averageValue: '10'}}\n{behavior}"
+            ))
+            .unwrap();
+            CompiledPolicy::from_resource(&p).unwrap()
+        };
+        let minutes = chrono::TimeDelta::minutes;
+        // The HPA's default scale-down window, 300 s: every 150 s.
+        let default = policy("");
+        assert_eq!(
+            status_refresh(Some(&default), true),
+            chrono::TimeDelta::seconds(150)
+        );
+        // Not Ready: every minute, whatever the windows.
+        assert_eq!(status_refresh(Some(&default), false), STATUS_REFRESH);
+        assert_eq!(status_refresh(None, true), STATUS_REFRESH);
+        // No window at all: the longest refresh.
+        let none = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}\n");
+        assert_eq!(status_refresh(Some(&none), true), minutes(10));
+        // A short window: never below a minute.
+        let short = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 30}\n");
+        assert_eq!(status_refresh(Some(&short), true), STATUS_REFRESH);
+        let long = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 3600}\n");
+        assert_eq!(status_refresh(Some(&long), true), minutes(10));
     }
 
     /// Issue 13, kind 5: a policy evaluated every second whose values move but whose decision
@@ -1939,14 +2048,14 @@ mod tests {
         let mut new = old.clone();
         new.reason = Some("rps 101".into());
         new.last_evaluation_time = Some(at(1));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(4));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(5));
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(1));
         new.desired_replicas = Some(4);
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
     }
 
     #[test]
@@ -1996,7 +2105,7 @@ mod tests {
         assert!(same_failure(&p, "InvalidPolicy", "spec.metrics: empty"));
         assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
         let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
-        assert!(!status_changed(Some(&first), &again));
+        assert!(!status_changed(Some(&first), &again, STATUS_REFRESH));
     }
 
     /// Issue 16: `Ready` is True only when the policy works as written; a failing metric (the
@@ -2116,6 +2225,6 @@ mod tests {
         let mut after = status_from_decision(&policy, &failing, Some(&before), None, at(2));
         after.conditions = before.conditions.clone();
         after.desired_replicas = before.desired_replicas;
-        assert!(status_changed(Some(&before), &after));
+        assert!(status_changed(Some(&before), &after, STATUS_REFRESH));
     }
 }
