@@ -231,6 +231,7 @@ pub struct ScaleTarget {
     pub namespace: String,
     /// The normalized key (group and kind as discovery serves them).
     pub key: TargetKey,
+    resource: ApiResource,
     api: Api<DynamicObject>,
 }
 
@@ -352,7 +353,13 @@ impl ScaleTarget {
             namespace: namespace.to_string(),
             key: key_of(&ar, namespace, &reference.name),
             api: Api::namespaced_with(client.clone(), namespace, &ar),
+            resource: ar,
         })
+    }
+
+    /// The served resource of the target's kind.
+    pub fn resource(&self) -> &ApiResource {
+        &self.resource
     }
 
     fn api_error(&self, what: &'static str, source: kube::Error) -> ActuateError {

@@ -23,6 +23,7 @@ pub mod formula_budget;
 pub mod hpas;
 pub mod leader;
 pub mod permissions;
+pub mod scales;
 pub mod servers;
 pub mod writes;
 
@@ -168,6 +169,9 @@ pub struct Context {
     pub default_interval: chrono::TimeDelta,
     /// Discovery answers for the targets' kinds.
     pub kinds: crate::actuate::KindCache,
+    /// The targets' scale (a `GET` per read, or from the watch of the targets' metadata in the
+    /// daemon).
+    pub scales: scales::Scales,
     /// Policies evaluated at once (`--max-concurrent-evaluations`).
     pub concurrency: usize,
     /// The external metrics adapter's cache, filled after every evaluation when it serves.
@@ -207,6 +211,7 @@ impl Context {
             pods: PodCache::listing(client.clone()),
             default_interval: crate::policy::compile::DEFAULT_INTERVAL,
             kinds: crate::actuate::KindCache::default(),
+            scales: scales::Scales::Reading,
             concurrency: 16,
             servers: servers::Servers::new(
                 client.clone(),
@@ -350,7 +355,7 @@ pub async fn evaluate_live(
     )
     .await
     .map_err(target_err)?;
-    let mut scale = target.read().await.map_err(target_err)?;
+    let mut scale = ctx.scales.read(&target).await.map_err(target_err)?;
     let hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
 
     // The target's pods, read once for the readiness count and every resource metric.
@@ -479,11 +484,10 @@ pub async fn evaluate_live(
                 ctx.leadership
                     .check()
                     .map_err(|e| target_err(target.not_leader(e)))?;
-                match target
-                    .write(decision.replicas, &scale)
-                    .await
-                    .map_err(target_err)?
-                {
+                let written = target.write(decision.replicas, &scale).await;
+                // Whatever came of it, the next read asks the apiserver.
+                ctx.scales.forget(&target);
+                match written.map_err(target_err)? {
                     WriteOutcome::Written => {
                         decision.record_applied(&policy, now);
                         ctx.scale_events.remember(resource, &decision.state);
