@@ -54,100 +54,7 @@ use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
 
-/// A query's history: `(time, value)` per step.
-pub type History = Vec<(DateTime<Utc>, f64)>;
-
-/// Where Prometheus samples come from.
-pub trait QueryBackend: Send + Sync {
-    /// Runs each distinct query once and returns one sample per query.
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>>;
-    /// The query's history, summed over series, every `step` from `start` to `end`.
-    fn query_range(
-        &self,
-        query: String,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>>;
-}
-
-/// A Prometheus that cannot be used (none is configured, or its Secret is missing, say): every
-/// query is an explicit error saying why, never a zero.
-pub struct Unavailable(pub String);
-
-impl Unavailable {
-    /// No Prometheus is configured.
-    pub fn no_prometheus() -> Unavailable {
-        Unavailable(NO_PROMETHEUS.into())
-    }
-
-    fn answer_all(&self, queries: Vec<String>) -> BoxFuture<'static, HashMap<String, Sample>> {
-        let message = self.0.clone();
-        Box::pin(async move {
-            queries
-                .into_iter()
-                .map(|q| {
-                    (
-                        q,
-                        Sample::Error {
-                            message: message.clone(),
-                        },
-                    )
-                })
-                .collect()
-        })
-    }
-}
-
-impl QueryBackend for Unavailable {
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
-        self.answer_all(queries)
-    }
-
-    fn query_range(
-        &self,
-        _query: String,
-        _start: DateTime<Utc>,
-        _end: DateTime<Utc>,
-        _step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>> {
-        let message = self.0.clone();
-        Box::pin(async move { Err(message) })
-    }
-}
-
-/// Why a policy without `spec.prometheus` has no server: names every place the setting goes.
-pub const NO_PROMETHEUS: &str = "no default Prometheus is configured: set --prometheus-url, KSCALE_PROMETHEUS_URL or the Helm chart's prometheus.url (or give the policy spec.prometheus.url)";
-
-impl QueryBackend for crate::source::prometheus::PrometheusSource {
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
-        Box::pin(async move {
-            let refs: Vec<&str> = queries.iter().map(|q| q.as_str()).collect();
-            crate::source::prometheus::PrometheusSource::query_all(self, refs).await
-        })
-    }
-
-    fn query_range(
-        &self,
-        query: String,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>> {
-        Box::pin(async move {
-            crate::source::prometheus::PrometheusSource::query_range(
-                self,
-                &query,
-                start,
-                end,
-                step,
-                &mut |_, _| {},
-            )
-            .await
-            .map_err(|e| e.message)
-        })
-    }
-}
+pub use crate::source::query::{History, NO_PROMETHEUS, QueryBackend, Unavailable};
 
 /// What the controller needs.
 pub struct Context {
@@ -925,10 +832,19 @@ pub async fn reconcile(
         .evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
     if let Some(cache) = &ctx.external_metrics {
+        use crate::adapter::Evaluation;
+        let evaluation = match &result {
+            Ok(e) => Evaluation::Decided {
+                policy: &e.policy,
+                decision: &e.decision,
+            },
+            Err(EvalError::Invalid { .. }) => Evaluation::Invalid,
+            Err(EvalError::Target { .. }) => Evaluation::TargetUnreadable,
+        };
         cache.record(
             &p.namespace().unwrap_or_default(),
             &p.name_any(),
-            &result,
+            evaluation,
             prometheus,
             now,
         );
