@@ -1119,11 +1119,18 @@ pub async fn run(
         None => Api::all(ctx.client.clone()),
     };
     let (reader, writer) = reflector::store();
+    // Counts the store's changes, so a wake-up with nothing due and nothing changed skips the
+    // scan of every policy.
+    let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = changes.clone();
     let stream = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     )
-    .touched_objects();
+    .touched_objects()
+    .inspect(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
     let watch = crate::source::spawn_watch(stream, "ScalingPolicy");
     tokio::pin!(shutdown);
     tokio::select! {
@@ -1168,7 +1175,12 @@ pub async fn run(
             state.schedule.clear();
         }
         state.leading = is_leader;
-        if is_leader {
+        if !state.needs_tick(
+            changes.load(std::sync::atomic::Ordering::Relaxed),
+            Utc::now(),
+        ) {
+            // Nothing due and no policy changed: nothing to scan.
+        } else if is_leader {
             run_tick(&ctx, &reader, &mut state, &mut inflight).await;
         } else if ctx.external_metrics.is_some() {
             // A follower that serves external metrics evaluates too, to publish the same values
@@ -1372,6 +1384,8 @@ struct TickState {
     pruned: Option<std::time::Instant>,
     /// When the per-policy memory of deleted policies was last forgotten ([`PRUNE_EVERY`]).
     forgot: Option<std::time::Instant>,
+    /// The policy store's change count at the last tick ([`TickState::needs_tick`]).
+    store_changes: Option<u64>,
     /// Servers with a group of queries in flight: a server answers one group at a time, so a
     /// server that never answers holds at most one group (bounded by its deadline).
     busy_servers: HashSet<servers::ServerKey>,
@@ -1400,6 +1414,18 @@ impl TickState {
                 (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
             })
             .min(POLL)
+    }
+
+    /// Whether a tick has anything to do at `now`, the policy store having changed `changes`
+    /// times so far: a policy is due (a deferred one included), none is scheduled yet (the first
+    /// tick, or a new leader's), or a policy was added, changed or deleted since the last tick.
+    /// Otherwise the loop's wake-up (at least every [`POLL`]) skips the scan of every policy.
+    fn needs_tick(&mut self, changes: u64, now: DateTime<Utc>) -> bool {
+        let changed = self.store_changes != Some(changes);
+        self.store_changes = Some(changes);
+        changed
+            || self.schedule.is_empty()
+            || self.schedule.values().any(|(at, _, _, _)| *at <= now)
     }
 
     /// Whether the policy `key` (now at `generation`) starts an evaluation at `now`: `None` when
@@ -1850,6 +1876,26 @@ mod tests {
             .schedule
             .insert(p.clone(), (at(20), Some(2), true, TEN_S));
         assert_eq!(state.take_due(&p, Some(2), at(20)), Some(false));
+    }
+
+    /// Issue 17: the loop wakes at least every 100 ms, but scans the policies only when one is
+    /// due or the store changed.
+    #[test]
+    fn a_wake_up_with_nothing_due_and_nothing_changed_scans_nothing() {
+        let mut state = TickState::default();
+        assert!(state.needs_tick(0, at(0)), "the first tick");
+        assert!(state.needs_tick(0, at(0)), "nothing scheduled yet");
+        let p: PolicyRef = ObjectRef::new("web").within("ns");
+        state
+            .schedule
+            .insert(p.clone(), (at(10), Some(1), true, TEN_S));
+        assert!(!state.needs_tick(0, at(1)));
+        assert!(!state.needs_tick(0, at(9)));
+        assert!(state.needs_tick(1, at(9)), "a policy was added or changed");
+        assert!(!state.needs_tick(1, at(9)));
+        assert!(state.needs_tick(1, at(10)), "due");
+        state.deferred.insert(p);
+        assert!(state.needs_tick(1, at(11)), "due, waiting for its server");
     }
 
     #[test]
