@@ -1222,12 +1222,12 @@ pub async fn run(
 
 /// How long a policy's normalized target key is reused before it is resolved again (its
 /// generation changing resolves it at once); discovery answers themselves are cached too.
-const KEY_TTL: Duration = Duration::from_secs(60);
+const KEY_TTL_S: u64 = 60;
 
 /// Each Controller policy's target, normalized through discovery ([`crate::actuate::target_key`]):
 /// `apps/v1`, another version of `apps` and no `apiVersion` name the same Deployment. Kept in
-/// `keys` per policy and generation for [`KEY_TTL`] (a failure too, so a policy naming an
-/// unknown kind costs one discovery request per [`KEY_TTL`], not one per tick).
+/// `keys` per policy and generation for [`KEY_TTL_S`] (a failure too, so a policy naming an
+/// unknown kind costs one discovery request per [`KEY_TTL_S`], not one per tick).
 async fn target_keys(
     ctx: &Context,
     all: &[Arc<DeserializeGuard<ScalingPolicy>>],
@@ -1237,7 +1237,7 @@ async fn target_keys(
         .iter()
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
-    keys.retain(|k, _| live.contains(k));
+    keys.retain(|k| live.contains(k));
     let mut out = HashMap::new();
     for obj in all {
         let Ok(p) = &obj.0 else { continue };
@@ -1245,9 +1245,9 @@ async fn target_keys(
             continue;
         }
         let r = ObjectRef::from_obj(obj.as_ref());
-        let fresh = keys.get(&r).is_some_and(|(generation, _, at)| {
-            *generation == p.metadata.generation && at.elapsed() < KEY_TTL
-        });
+        let fresh = keys
+            .get(&r)
+            .is_some_and(|(generation, _)| *generation == p.metadata.generation);
         if !fresh {
             let key = crate::actuate::target_key(
                 &ctx.client,
@@ -1257,22 +1257,21 @@ async fn target_keys(
             )
             .await
             .ok();
-            keys.insert(
-                r.clone(),
-                (p.metadata.generation, key, std::time::Instant::now()),
-            );
+            keys.insert(r.clone(), (p.metadata.generation, key));
         }
-        if let Some((_, Some(key), _)) = keys.get(&r) {
+        if let Some((_, Some(key))) = keys.get(&r) {
             out.insert(r, key.clone());
         }
     }
     out
 }
 
-/// Per policy: the generation its key was resolved for, the key (if it resolved) and when.
-type KeyCache = HashMap<
+/// Per policy: the generation its key was resolved for and the key (if it resolved), for
+/// [`KEY_TTL_S`].
+type KeyCache = crate::actuate::Expiring<
     ObjectRef<DeserializeGuard<ScalingPolicy>>,
-    (Option<i64>, Option<TargetKey>, std::time::Instant),
+    (Option<i64>, Option<TargetKey>),
+    KEY_TTL_S,
 >;
 
 /// The one policy allowed to write each target: among valid policies in mode `Controller`, the
