@@ -18,7 +18,8 @@
 //! competing for this machine's two cores.
 //!
 //! Run: `scripts/testenv up && cargo bench --bench controller_scale`
-//! (`BENCH_POLICIES`, `BENCH_QUERIES`, `BENCH_ROUNDS`, `BENCH_INTERVAL_S` change the sizes).
+//! (`BENCH_POLICIES`, `BENCH_QUERIES`, `BENCH_ROUNDS`, `BENCH_INTERVAL_S` change the sizes;
+//! `BENCH_FIRST_EVAL_S` bounds the wait for every policy's first evaluation).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -105,17 +106,18 @@ async fn main() {
 
     // Every policy evaluated once.
     let policies_typed: Api<kscale::crd::ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    let first = scale_targets::wait_count(
-        "every policy evaluated",
-        policies,
-        Duration::from_secs(300),
-        || scale_targets::policies_evaluated(&policies_typed),
-    )
-    .await;
-    eprintln!(
-        "all {policies} policies evaluated {:.1?} after start",
-        first
-    );
+    // How far the first evaluations got within the bound is a figure, not a failure
+    // (`BENCH_FIRST_EVAL_S`, default 300 s): the measurements go on from there.
+    let first_bound = Duration::from_secs(env_usize("BENCH_FIRST_EVAL_S", 300) as u64);
+    let first = match scale_targets::count_within(policies, first_bound, || {
+        scale_targets::policies_evaluated(&policies_typed)
+    })
+    .await
+    {
+        Ok(took) => format!("{took:.1?}"),
+        Err(short) => format!("not all: {short}"),
+    };
+    eprintln!("every policy evaluated once: {first} after start");
 
     // Steady state: queries per interval, counted by Prometheus, and apiserver requests,
     // counted by kube-apiserver.
@@ -187,7 +189,7 @@ async fn main() {
     println!(
         "  kube-apiserver requests per interval (steady state): {writes_per_interval:.1} writes (target 0: nothing changes), of them {status_writes_per_interval:.1} status writes; {scale_reads_per_interval:.1} /scale reads"
     );
-    println!("  every policy evaluated once: {first:.1?} after the daemon's start");
+    println!("  every policy evaluated once: {first} after the daemon's start");
     println!(
         "  change visible in Prometheus -> scale written, over {} writes in {rounds} rounds: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < {} ms)",
         delays.len(),
