@@ -7,14 +7,19 @@
 //! - the delay from a metric change being visible in Prometheus to the scale write, over
 //!   rounds that each move one query's value (10 policies), up and down (target: p99 under
 //!   interval + 250 ms);
-//! - the daemon's resident memory (target: under 64 MiB).
+//! - the daemon's resident memory (target: under 64 MiB; at more than 1,000 policies, 256 MiB);
+//! - kube-apiserver requests per interval in steady state, by its own
+//!   `apiserver_request_total`: writes (target: none while nothing changes), `/scale` reads and
+//!   status writes;
+//! - how long after the daemon's start every policy had its first evaluation.
 //!
 //! The targets are 1,000 objects of a small custom resource with a `scale` subresource (kscale
 //! scales any such kind), so that the figures measure kscale and not a thousand simulated pods
 //! competing for this machine's two cores.
 //!
 //! Run: `scripts/testenv up && cargo bench --bench controller_scale`
-//! (`BENCH_POLICIES`, `BENCH_QUERIES`, `BENCH_ROUNDS`, `BENCH_INTERVAL_S` change the sizes).
+//! (`BENCH_POLICIES`, `BENCH_QUERIES`, `BENCH_ROUNDS`, `BENCH_INTERVAL_S` change the sizes;
+//! `BENCH_FIRST_EVAL_S` bounds the wait for every policy's first evaluation).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -101,25 +106,46 @@ async fn main() {
 
     // Every policy evaluated once.
     let policies_typed: Api<kscale::crd::ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    let first = scale_targets::wait_count(
-        "every policy evaluated",
-        policies,
-        Duration::from_secs(300),
-        || scale_targets::policies_evaluated(&policies_typed),
-    )
-    .await;
-    eprintln!(
-        "all {policies} policies evaluated {:.1?} after start",
-        first
-    );
+    // How far the first evaluations got within the bound is a figure, not a failure
+    // (`BENCH_FIRST_EVAL_S`, default 300 s): the measurements go on from there.
+    let first_bound = Duration::from_secs(env_usize("BENCH_FIRST_EVAL_S", 300) as u64);
+    let first = match scale_targets::count_within(policies, first_bound, || {
+        scale_targets::policies_evaluated(&policies_typed)
+    })
+    .await
+    {
+        Ok(took) => format!("{took:.1?}"),
+        Err(short) => format!("not all: {short}"),
+    };
+    eprintln!("every policy evaluated once: {first} after start");
 
-    // Steady state: queries per interval, counted by Prometheus.
+    // Steady state: queries per interval, counted by Prometheus, and apiserver requests,
+    // counted by kube-apiserver.
     tokio::time::sleep(Duration::from_secs(interval_s)).await;
+    let api0 = support::apiserver_request_counts(&client).await;
     let (q0, t0) = (query_requests(env), Instant::now());
     tokio::time::sleep(Duration::from_secs(3 * interval_s)).await;
     let (q1, t1) = (query_requests(env), Instant::now());
+    let api1 = support::apiserver_request_counts(&client).await;
+    let intervals = (t1 - t0).as_secs_f64() / interval_s as f64;
     // The second reading counts the first one's request too.
-    let per_interval = (q1 - q0 - 1.0) / ((t1 - t0).as_secs_f64() / interval_s as f64);
+    let per_interval = (q1 - q0 - 1.0) / intervals;
+    let api_per_interval = |keep: &dyn Fn(&str) -> bool| {
+        api1.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| v - api0.get(k).copied().unwrap_or(0.0))
+            .sum::<f64>()
+            / intervals
+    };
+    let writes_per_interval = api_per_interval(&|k| {
+        ["APPLY ", "PATCH ", "PUT ", "POST ", "DELETE "]
+            .iter()
+            .any(|verb| k.starts_with(verb))
+    });
+    let scale_reads_per_interval =
+        api_per_interval(&|k| k == "GET bench.kscale.dev/benchtargets/scale");
+    let status_writes_per_interval =
+        api_per_interval(&|k| k.ends_with(" kscale.dev/scalingpolicies/status"));
 
     // Rounds: one query's value moves (up, then back down); its policies' writes are timed
     // from the first moment Prometheus returns the new value.
@@ -153,16 +179,27 @@ async fn main() {
     println!(
         "  Prometheus queries per interval (steady state): {per_interval:.1} (target {queries})"
     );
+    // The targets: at 1,000 policies, p99 under interval + 250 ms and 64 MiB; at
+    // 10,000, interval + 1 s and 256 MiB.
+    let (slack_ms, memory_mib) = if policies > 1000 {
+        (1000, 256)
+    } else {
+        (250, 64)
+    };
+    println!(
+        "  kube-apiserver requests per interval (steady state): {writes_per_interval:.1} writes (target 0: nothing changes), of them {status_writes_per_interval:.1} status writes; {scale_reads_per_interval:.1} /scale reads"
+    );
+    println!("  every policy evaluated once: {first} after the daemon's start");
     println!(
         "  change visible in Prometheus -> scale written, over {} writes in {rounds} rounds: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < {} ms)",
         delays.len(),
         percentile(&delays, 50.0),
         percentile(&delays, 99.0),
         delays.last().copied().unwrap_or(f64::NAN),
-        interval_s * 1000 + 250
+        interval_s * 1000 + slack_ms
     );
     println!(
-        "  kscale resident memory: {:.1} MiB now, {:.1} MiB peak (target < 64 MiB)",
+        "  kscale resident memory: {:.1} MiB now, {:.1} MiB peak (target < {memory_mib} MiB)",
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );

@@ -197,45 +197,12 @@ impl ExternalServer {
             .await
             .unwrap_or_else(|e| panic!("KEDA metrics server /metrics: {e}"));
         assert_eq!(status, 200, "KEDA metrics server /metrics: {body}");
-        apiserver_requests(&body)
+        support::apiserver_requests(&body)
             .iter()
             .filter(|(k, _)| k.contains(" external.metrics.k8s.io/"))
             .map(|(_, v)| v)
             .sum()
     }
-}
-
-/// `apiserver_request_total` summed by "VERB group/resource[/subresource]".
-fn apiserver_requests(metrics: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let mut get = BTreeMap::new();
-        for pair in labels.split("\",") {
-            if let Some((k, v)) = pair.split_once("=\"") {
-                get.insert(k.trim(), v.trim_end_matches('"'));
-            }
-        }
-        let label = |k: &str| get.get(k).copied().unwrap_or("");
-        let group = match label("group") {
-            "" => "core",
-            g => g,
-        };
-        let mut key = format!("{} {group}/{}", label("verb"), label("resource"));
-        if !label("subresource").is_empty() {
-            key = format!("{key}/{}", label("subresource"));
-        }
-        *out.entry(key).or_insert(0.0) += value;
-    }
-    out
 }
 
 async fn snapshot(
@@ -254,7 +221,7 @@ async fn snapshot(
         external,
         at: Instant::now(),
         queries: query_requests(env),
-        api: apiserver_requests(&metrics),
+        api: support::apiserver_requests(&metrics),
         cpu: procs
             .iter()
             .map(|p| proc_cpu_seconds(p.pid).unwrap_or(f64::NAN))

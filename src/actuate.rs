@@ -16,15 +16,50 @@ use kube::{Client, discovery};
 /// The field manager of every kscale write.
 pub const FIELD_MANAGER: &str = "kscale";
 
-/// How long a discovery answer is reused.
-const KIND_TTL: Duration = Duration::from_secs(300);
+/// How long a discovery answer is reused, in seconds.
+const KIND_TTL_S: u64 = 300;
 
 /// Discovery answers (the resource of a kind, and whether it has `/scale`), kept for
-/// [`KIND_TTL`]: resolving a kind on every evaluation would cost a discovery request per policy
+/// [`KIND_TTL_S`]: resolving a kind on every evaluation would cost a discovery request per policy
 /// per interval. Failures are not kept, so a CRD installed later is found at the next try.
 #[derive(Default)]
 pub struct KindCache {
-    entries: Mutex<HashMap<GroupVersionKind, (Instant, ApiResource, bool)>>,
+    entries: Mutex<Expiring<GroupVersionKind, (ApiResource, bool), KIND_TTL_S>>,
+}
+
+/// Answers kept for `TTL_S` seconds: each remembers when it was stored, and an older one is no
+/// answer (the discovery answers of [`KindCache`], the controller's normalized target keys).
+#[derive(Debug)]
+pub struct Expiring<K, V, const TTL_S: u64> {
+    entries: HashMap<K, (Instant, V)>,
+}
+
+impl<K, V, const TTL_S: u64> Default for Expiring<K, V, TTL_S> {
+    fn default() -> Self {
+        Expiring {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V, const TTL_S: u64> Expiring<K, V, TTL_S> {
+    /// The value of `key`, if it was stored less than `TTL_S` seconds ago.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.entries
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(TTL_S))
+            .map(|(_, v)| v)
+    }
+
+    /// Stores `value` for `key`, from now.
+    pub fn insert(&mut self, key: K, value: V) {
+        self.entries.insert(key, (Instant::now(), value));
+    }
+
+    /// Keeps only the keys for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.entries.retain(|k, _| keep(k));
+    }
 }
 
 /// Why the target could not be read or written; messages name the target.
@@ -267,6 +302,7 @@ pub struct ScaleTarget {
     pub namespace: String,
     /// The normalized key (group and kind as discovery serves them).
     pub key: TargetKey,
+    resource: ApiResource,
     api: Api<DynamicObject>,
 }
 
@@ -318,11 +354,10 @@ async fn discover(
     let (group, version) = parse_gv(&api_version)?;
     let gvk = GroupVersionKind::gvk(&group, &version, &reference.kind);
     let cached = cache.and_then(|c| {
-        c.entries.lock().ok().and_then(|m| {
-            m.get(&gvk)
-                .filter(|(at, _, _)| at.elapsed() < KIND_TTL)
-                .map(|(_, ar, scalable)| (ar.clone(), *scalable))
-        })
+        c.entries
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&gvk).map(|(ar, scalable)| (ar.clone(), *scalable)))
     });
     if let Some((ar, scalable)) = cached {
         return Ok((ar, scalable, api_version));
@@ -341,7 +376,7 @@ async fn discover(
         .iter()
         .any(|(sub, _)| sub.plural == "scale");
     if let Some(mut m) = cache.and_then(|c| c.entries.lock().ok()) {
-        m.insert(gvk, (Instant::now(), ar.clone(), scalable));
+        m.insert(gvk, (ar.clone(), scalable));
     }
     Ok((ar, scalable, api_version))
 }
@@ -388,6 +423,7 @@ impl ScaleTarget {
             namespace: namespace.to_string(),
             key: key_of(&ar, namespace, &reference.name),
             api: Api::namespaced_with(client.clone(), namespace, &ar),
+            resource: ar,
         })
     }
 
@@ -405,6 +441,11 @@ impl ScaleTarget {
             hpa: hpa.to_string(),
             message,
         }
+    }
+
+    /// The served resource of the target's kind.
+    pub fn resource(&self) -> &ApiResource {
+        &self.resource
     }
 
     fn api_error(&self, what: &'static str, source: kube::Error) -> ActuateError {
@@ -566,6 +607,19 @@ impl ScaleTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_answer_is_no_answer() {
+        let mut fresh: Expiring<&str, i32, 60> = Expiring::default();
+        fresh.insert("a", 1);
+        fresh.insert("b", 2);
+        assert_eq!(fresh.get(&"a"), Some(&1));
+        fresh.retain(|k| *k != "a");
+        assert_eq!((fresh.get(&"a"), fresh.get(&"b")), (None, Some(&2)));
+        let mut expired: Expiring<&str, i32, 0> = Expiring::default();
+        expired.insert("a", 1);
+        assert_eq!(expired.get(&"a"), None);
+    }
 
     #[test]
     fn group_versions() {

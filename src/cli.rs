@@ -640,6 +640,11 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             args.watch_namespace.as_deref(),
         );
         ctx.hpas = hpas;
+        // The targets' scale is read again only when their metadata watch shows a change.
+        ctx.scales = crate::controller::scales::Scales::watching(
+            client.clone(),
+            args.watch_namespace.as_deref(),
+        );
         let (pods, pod_watch) =
             crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
         ctx.pods = pods;

@@ -4,7 +4,7 @@
 //! [`Sample::Missing`] or [`Sample::Error`] with the reason, and the evaluator decides what that
 //! means (the policy's fallback).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 /// One metric's reading, as a source delivers it.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,8 +115,8 @@ pub struct Observation {
     /// One sample per `spec.metrics` entry, in the same order.
     pub samples: Vec<Sample>,
     /// One forecast per `spec.metrics` entry (`spec.forecast` only; empty or `None` otherwise),
-    /// made by [`crate::policy::forecast::ForecastState`] from the history.
-    pub forecasts: Vec<Option<crate::policy::forecast::Prediction>>,
+    /// made by the forecaster (`policy::forecast`) from the history.
+    pub forecasts: Vec<Option<Prediction>>,
 }
 
 impl Observation {
@@ -145,4 +145,37 @@ pub struct DecisionCondition {
     pub reason: &'static str,
     /// A sentence.
     pub message: &'static str,
+}
+
+/// Which model a policy asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Damped-trend Holt (level and trend).
+    Trend,
+    /// Additive Holt-Winters (level, damped trend and a season).
+    HoltWinters,
+}
+
+impl ModelKind {
+    /// The name used in reasons and the CRD.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Trend => "Trend",
+            ModelKind::HoltWinters => "HoltWinters",
+        }
+    }
+}
+
+/// One metric's forecast at an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// The model's point forecast for `now + horizon`.
+    pub point: f64,
+    /// The upper bound sized for: the point plus the headroom (see the module docs), never
+    /// below 0.
+    pub upper: f64,
+    /// The model that made it.
+    pub model: ModelKind,
+    /// The horizon.
+    pub horizon: TimeDelta,
 }

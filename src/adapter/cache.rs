@@ -10,9 +10,26 @@ use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::controller::{EvalError, Evaluated};
 use crate::model::Sample;
-use crate::policy::{MetricSource, MetricState};
+use crate::policy::{CompiledPolicy, Decision, MetricSource, MetricState};
+
+/// What one evaluation gives the adapter (the controller's seam, [`Cache::record`]): the
+/// decision, or why there is none. The adapter depends on the evaluation's types, never on the
+/// controller that makes them.
+#[derive(Debug, Clone, Copy)]
+pub enum Evaluation<'a> {
+    /// The policy was evaluated.
+    Decided {
+        /// The compiled policy.
+        policy: &'a CompiledPolicy,
+        /// Its decision.
+        decision: &'a Decision,
+    },
+    /// The spec does not validate.
+    Invalid,
+    /// The target could not be resolved, read or written.
+    TargetUnreadable,
+}
 
 /// Suffix of the metric holding a policy's desired replica count.
 pub const DESIRED_REPLICAS: &str = "desired-replicas";
@@ -214,7 +231,7 @@ impl Cache {
         &self,
         namespace: &str,
         name: &str,
-        result: &Result<Evaluated, EvalError>,
+        result: Evaluation<'_>,
         prometheus: &HashMap<String, Sample>,
         now: DateTime<Utc>,
     ) {
@@ -225,13 +242,12 @@ impl Cache {
             ])
         };
         let entries = match result {
-            Ok(e) => {
-                let bound = e.policy.stale_after + e.policy.interval;
-                let mut entries: Vec<(String, Entry)> = e
-                    .policy
+            Evaluation::Decided { policy, decision } => {
+                let bound = policy.stale_after + policy.interval;
+                let mut entries: Vec<(String, Entry)> = policy
                     .metrics
                     .iter()
-                    .zip(&e.decision.metrics)
+                    .zip(&decision.metrics)
                     .map(|(m, outcome)| {
                         let value = match (outcome.state, outcome.value) {
                             (MetricState::Valid, Some(v)) => Value::Number {
@@ -259,7 +275,7 @@ impl Cache {
                     Entry {
                         labels: labels(DESIRED_REPLICAS),
                         value: Value::Number {
-                            value: f64::from(e.decision.replicas),
+                            value: f64::from(decision.replicas),
                             timestamp: now,
                             bound,
                         },
@@ -267,12 +283,11 @@ impl Cache {
                 ));
                 entries
             }
-            Err(err) => {
-                let message = match err {
-                    EvalError::Invalid { .. } => "the policy is invalid (see its status)",
-                    EvalError::Target { .. } => {
-                        "the policy's target could not be read (see its status)"
-                    }
+            failed @ (Evaluation::Invalid | Evaluation::TargetUnreadable) => {
+                let message = if matches!(failed, Evaluation::TargetUnreadable) {
+                    "the policy's target could not be read (see its status)"
+                } else {
+                    "the policy is invalid (see its status)"
                 };
                 let unavailable = |metric: &str| Entry {
                     labels: labels(metric),

@@ -35,10 +35,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::controller::QueryBackend;
 use crate::model::Sample;
-pub use cache::Cache;
+use crate::source::query::QueryBackend;
 use cache::Value;
+pub use cache::{Cache, Evaluation};
 use rules::CompiledRule;
 use types::{ExternalMetricValue, ExternalMetricValueList, GROUP, GROUP_VERSION, Status, VERSION};
 

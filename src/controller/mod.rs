@@ -23,6 +23,7 @@ pub mod formula_budget;
 pub mod hpas;
 pub mod leader;
 pub mod permissions;
+pub mod scales;
 pub mod servers;
 pub mod takeover;
 pub mod writes;
@@ -54,100 +55,7 @@ use crate::source::pods::PodCache;
 use crate::source::resource::{ResourceName, sample as resource_sample};
 use crate::status::{k8s_time, status_from_decision};
 
-/// A query's history: `(time, value)` per step.
-pub type History = Vec<(DateTime<Utc>, f64)>;
-
-/// Where Prometheus samples come from.
-pub trait QueryBackend: Send + Sync {
-    /// Runs each distinct query once and returns one sample per query.
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>>;
-    /// The query's history, summed over series, every `step` from `start` to `end`.
-    fn query_range(
-        &self,
-        query: String,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>>;
-}
-
-/// A Prometheus that cannot be used (none is configured, or its Secret is missing, say): every
-/// query is an explicit error saying why, never a zero.
-pub struct Unavailable(pub String);
-
-impl Unavailable {
-    /// No Prometheus is configured.
-    pub fn no_prometheus() -> Unavailable {
-        Unavailable(NO_PROMETHEUS.into())
-    }
-
-    fn answer_all(&self, queries: Vec<String>) -> BoxFuture<'static, HashMap<String, Sample>> {
-        let message = self.0.clone();
-        Box::pin(async move {
-            queries
-                .into_iter()
-                .map(|q| {
-                    (
-                        q,
-                        Sample::Error {
-                            message: message.clone(),
-                        },
-                    )
-                })
-                .collect()
-        })
-    }
-}
-
-impl QueryBackend for Unavailable {
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
-        self.answer_all(queries)
-    }
-
-    fn query_range(
-        &self,
-        _query: String,
-        _start: DateTime<Utc>,
-        _end: DateTime<Utc>,
-        _step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>> {
-        let message = self.0.clone();
-        Box::pin(async move { Err(message) })
-    }
-}
-
-/// Why a policy without `spec.prometheus` has no server: names every place the setting goes.
-pub const NO_PROMETHEUS: &str = "no default Prometheus is configured: set --prometheus-url, KSCALE_PROMETHEUS_URL or the Helm chart's prometheus.url (or give the policy spec.prometheus.url)";
-
-impl QueryBackend for crate::source::prometheus::PrometheusSource {
-    fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
-        Box::pin(async move {
-            let refs: Vec<&str> = queries.iter().map(|q| q.as_str()).collect();
-            crate::source::prometheus::PrometheusSource::query_all(self, refs).await
-        })
-    }
-
-    fn query_range(
-        &self,
-        query: String,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        step: chrono::TimeDelta,
-    ) -> BoxFuture<'_, Result<History, String>> {
-        Box::pin(async move {
-            crate::source::prometheus::PrometheusSource::query_range(
-                self,
-                &query,
-                start,
-                end,
-                step,
-                &mut |_, _| {},
-            )
-            .await
-            .map_err(|e| e.message)
-        })
-    }
-}
+pub use crate::source::query::{History, NO_PROMETHEUS, QueryBackend, Unavailable};
 
 /// What the controller needs.
 pub struct Context {
@@ -169,6 +77,9 @@ pub struct Context {
     pub default_interval: chrono::TimeDelta,
     /// Discovery answers for the targets' kinds.
     pub kinds: crate::actuate::KindCache,
+    /// The targets' scale (a `GET` per read, or from the watch of the targets' metadata in the
+    /// daemon).
+    pub scales: scales::Scales,
     /// Policies evaluated at once (`--max-concurrent-evaluations`).
     pub concurrency: usize,
     /// The external metrics adapter's cache, filled after every evaluation when it serves.
@@ -211,6 +122,7 @@ impl Context {
             pods: PodCache::listing(client.clone()),
             default_interval: crate::policy::compile::DEFAULT_INTERVAL,
             kinds: crate::actuate::KindCache::default(),
+            scales: scales::Scales::Reading,
             concurrency: 16,
             servers: servers::Servers::new(
                 client.clone(),
@@ -360,7 +272,7 @@ pub async fn evaluate_live(
     )
     .await
     .map_err(target_err)?;
-    let mut scale = target.read().await.map_err(target_err)?;
+    let mut scale = ctx.scales.read(&target).await.map_err(target_err)?;
     // spec.takeover, once, by the leader, before the one-writer rule looks at the HPA.
     let took_over = match &resource.spec.takeover {
         Some(spec)
@@ -535,11 +447,10 @@ pub async fn evaluate_live(
                 ctx.leadership
                     .check()
                     .map_err(|e| target_err(target.not_leader(e)))?;
-                match target
-                    .write(decision.replicas, &scale)
-                    .await
-                    .map_err(target_err)?
-                {
+                let written = target.write(decision.replicas, &scale).await;
+                // Whatever came of it, the next read asks the apiserver.
+                ctx.scales.forget(&target);
+                match written.map_err(target_err)? {
                     WriteOutcome::Written => {
                         decision.record_applied(&policy, now);
                         ctx.scale_events.remember(resource, &decision.state);
@@ -1017,10 +928,19 @@ pub async fn reconcile(
         .evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
     if let Some(cache) = &ctx.external_metrics {
+        use crate::adapter::Evaluation;
+        let evaluation = match &result {
+            Ok(e) => Evaluation::Decided {
+                policy: &e.policy,
+                decision: &e.decision,
+            },
+            Err(EvalError::Invalid { .. }) => Evaluation::Invalid,
+            Err(EvalError::Target { .. }) => Evaluation::TargetUnreadable,
+        };
         cache.record(
             &p.namespace().unwrap_or_default(),
             &p.name_any(),
-            &result,
+            evaluation,
             prometheus,
             now,
         );
@@ -1179,7 +1099,8 @@ pub async fn reconcile(
             policy: p.name_any(),
         })
         .set(i64::from(ready));
-    if status_changed(p.status.as_ref(), &status) {
+    let compiled = result.as_ref().ok().map(|e| &e.policy);
+    if status_changed(p.status.as_ref(), &status, status_refresh(compiled, ready)) {
         write_status(ctx, p, &status).await?;
     }
     result.map(|_| ()).map_err(PolicyError::from)
@@ -1209,30 +1130,76 @@ fn pause_transition(
     }
 }
 
-/// A status that only moves `lastEvaluationTime` (a policy that keeps failing the same way, say)
-/// is written at most this often. Anything else is written at once, the stabilization history
-/// included, so a new leader continues the same windows.
+/// A status whose only news is the time (`lastEvaluationTime`; the times of recommendations
+/// whose counts did not change; `lastActiveTime` while a metric stays active) is written at
+/// least this often while the policy is not Ready (a policy that keeps failing the same way
+/// shows it is retried), and at most this often otherwise ([`status_refresh`]).
 const STATUS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// The longest a Ready policy's status goes unwritten when only its times move: at 10,000
+/// policies, 17 writes a second.
+const STATUS_REFRESH_MAX: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// How long a status whose only news is the time may wait ([`status_changed`]): while `ready`,
+/// half the shortest span its history is read over (the stabilization windows, the scale-to-zero
+/// cooldown), so a new leader continues the same windows within that much, between
+/// [`STATUS_REFRESH`] and [`STATUS_REFRESH_MAX`]; otherwise [`STATUS_REFRESH`].
+fn status_refresh(policy: Option<&CompiledPolicy>, ready: bool) -> chrono::TimeDelta {
+    let Some(policy) = policy.filter(|_| ready) else {
+        return STATUS_REFRESH;
+    };
+    let windows = match &policy.behavior {
+        Some(b) => vec![b.up.stabilization, b.down.stabilization],
+        None => vec![policy.downscale_window],
+    };
+    windows
+        .into_iter()
+        .chain(policy.zero.map(|z| z.cooldown))
+        .filter(|w| *w > chrono::TimeDelta::zero())
+        .min()
+        .map_or(STATUS_REFRESH_MAX, |w| w / 2)
+        .clamp(STATUS_REFRESH, STATUS_REFRESH_MAX)
+}
+
+/// `status` with the times that move at every evaluation set aside: `lastEvaluationTime`,
+/// recommendation times (their counts stay), and `lastActiveTime` while it is the evaluation's
+/// own time (a metric still active).
+fn without_times(status: &ScalingPolicyStatus) -> ScalingPolicyStatus {
+    let mut s = status.clone();
+    if s.history.last_active_time.is_some() && s.history.last_active_time == s.last_evaluation_time
+    {
+        s.history.last_active_time = None;
+    }
+    s.last_evaluation_time = None;
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    for r in &mut s.history.recommendations {
+        r.time = epoch;
+    }
+    s
+}
 
 /// Within this long of the last status write, a status whose decision is unchanged (only metric
 /// values, proposals, the reason's figures or recommendations moved) waits: one policy writes its
 /// status at most once per this period unless its decision changes, whatever its interval.
 const STATUS_MIN_PERIOD: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
-/// Whether `new` says something `old` does not, or `old` is older than [`STATUS_REFRESH`]. A
-/// change of decision (replicas, generation, conditions, scale events) is written at once; any
-/// other change at most every [`STATUS_MIN_PERIOD`].
-fn status_changed(old: Option<&ScalingPolicyStatus>, new: &ScalingPolicyStatus) -> bool {
+/// Whether `new` says something `old` does not, or `old` is older than `refresh`
+/// ([`status_refresh`]). A change of decision (replicas, generation, conditions, scale events)
+/// is written at once; any other change but the times at most every [`STATUS_MIN_PERIOD`]; a
+/// change of the times alone ([`without_times`]) only after `refresh`.
+fn status_changed(
+    old: Option<&ScalingPolicyStatus>,
+    new: &ScalingPolicyStatus,
+    refresh: chrono::TimeDelta,
+) -> bool {
     let Some(old) = old else { return true };
     let (Some(then), Some(now)) = (old.last_evaluation_time, new.last_evaluation_time) else {
         return true;
     };
-    if now - then >= STATUS_REFRESH {
+    if now - then >= refresh {
         return true;
     }
-    let mut same = new.clone();
-    same.last_evaluation_time = old.last_evaluation_time;
-    if same == *old {
+    if without_times(new) == without_times(old) {
         return false;
     }
     if now - then >= STATUS_MIN_PERIOD {
@@ -1289,11 +1256,20 @@ pub async fn run(
         None => Api::all(ctx.client.clone()),
     };
     let (reader, writer) = reflector::store();
+    // Counts the store's changes, so a wake-up with nothing due and nothing changed skips the
+    // scan of every policy.
+    let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = changes.clone();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|p| strip_unread(p.meta_mut())),
     )
-    .touched_objects();
+    .touched_objects()
+    .inspect(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
     let watch = crate::source::spawn_watch(stream, "ScalingPolicy");
     tokio::pin!(shutdown);
     tokio::select! {
@@ -1310,17 +1286,23 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 // A server answered (or its deadline passed), or an evaluation finished: start
-                // what is ready. Policies that waited for it are due at once.
-                if matches!(done, Done::Evaluated(_)) {
-                    // Ready after the first sync and the first evaluation.
-                    ctx.metrics.set_ready();
-                }
+                // what is ready. Policies that waited for it are due at once; an evaluation
+                // that ends unblocks only its own policy, so the loop does not scan every
+                // policy after each one.
+                let unblocks = match &done {
+                    Done::Evaluated(key) => {
+                        // Ready after the first sync and the first evaluation.
+                        ctx.metrics.set_ready();
+                        state.deferred.contains(key)
+                    }
+                    Done::Fetched { .. } => !state.deferred.is_empty(),
+                };
                 state.finish(done);
                 state.start_ready(&ctx, &mut inflight);
-                wait = if state.deferred.is_empty() {
-                    state.next_wait()
-                } else {
+                wait = if unblocks {
                     Duration::ZERO
+                } else {
+                    state.next_wait()
                 };
                 continue;
             }
@@ -1333,7 +1315,12 @@ pub async fn run(
             state.schedule.clear();
         }
         state.leading = is_leader;
-        if is_leader {
+        if !state.needs_tick(
+            changes.load(std::sync::atomic::Ordering::Relaxed),
+            Utc::now(),
+        ) {
+            // Nothing due and no policy changed: nothing to scan.
+        } else if is_leader {
             run_tick(&ctx, &reader, &mut state, &mut inflight).await;
         } else if ctx.external_metrics.is_some() {
             // A follower that serves external metrics evaluates too, to publish the same values
@@ -1375,12 +1362,12 @@ pub async fn run(
 
 /// How long a policy's normalized target key is reused before it is resolved again (its
 /// generation changing resolves it at once); discovery answers themselves are cached too.
-const KEY_TTL: Duration = Duration::from_secs(60);
+const KEY_TTL_S: u64 = 60;
 
 /// Each Controller policy's target, normalized through discovery ([`crate::actuate::target_key`]):
 /// `apps/v1`, another version of `apps` and no `apiVersion` name the same Deployment. Kept in
-/// `keys` per policy and generation for [`KEY_TTL`] (a failure too, so a policy naming an
-/// unknown kind costs one discovery request per [`KEY_TTL`], not one per tick).
+/// `keys` per policy and generation for [`KEY_TTL_S`] (a failure too, so a policy naming an
+/// unknown kind costs one discovery request per [`KEY_TTL_S`], not one per tick).
 async fn target_keys(
     ctx: &Context,
     all: &[Arc<DeserializeGuard<ScalingPolicy>>],
@@ -1390,7 +1377,7 @@ async fn target_keys(
         .iter()
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect();
-    keys.retain(|k, _| live.contains(k));
+    keys.retain(|k| live.contains(k));
     let mut out = HashMap::new();
     for obj in all {
         let Ok(p) = &obj.0 else { continue };
@@ -1398,9 +1385,9 @@ async fn target_keys(
             continue;
         }
         let r = ObjectRef::from_obj(obj.as_ref());
-        let fresh = keys.get(&r).is_some_and(|(generation, _, at)| {
-            *generation == p.metadata.generation && at.elapsed() < KEY_TTL
-        });
+        let fresh = keys
+            .get(&r)
+            .is_some_and(|(generation, _)| *generation == p.metadata.generation);
         if !fresh {
             let key = crate::actuate::target_key(
                 &ctx.client,
@@ -1410,22 +1397,21 @@ async fn target_keys(
             )
             .await
             .ok();
-            keys.insert(
-                r.clone(),
-                (p.metadata.generation, key, std::time::Instant::now()),
-            );
+            keys.insert(r.clone(), (p.metadata.generation, key));
         }
-        if let Some((_, Some(key), _)) = keys.get(&r) {
+        if let Some((_, Some(key))) = keys.get(&r) {
             out.insert(r, key.clone());
         }
     }
     out
 }
 
-/// Per policy: the generation its key was resolved for, the key (if it resolved) and when.
-type KeyCache = HashMap<
+/// Per policy: the generation its key was resolved for and the key (if it resolved), for
+/// [`KEY_TTL_S`].
+type KeyCache = crate::actuate::Expiring<
     ObjectRef<DeserializeGuard<ScalingPolicy>>,
-    (Option<i64>, Option<TargetKey>, std::time::Instant),
+    (Option<i64>, Option<TargetKey>),
+    KEY_TTL_S,
 >;
 
 /// The one policy allowed to write each target: among valid policies in mode `Controller`, the
@@ -1448,7 +1434,7 @@ fn writers(
             continue;
         };
         let valid = match schedule.get(&ObjectRef::from_obj(obj.as_ref())) {
-            Some((_, generation, valid)) if *generation == p.metadata.generation => *valid,
+            Some((_, generation, valid, _)) if *generation == p.metadata.generation => *valid,
             _ => CompiledPolicy::from_resource(p).is_ok(),
         };
         if !valid {
@@ -1535,6 +1521,10 @@ struct TickState {
     keys: KeyCache,
     /// When `last` was last pruned.
     pruned: Option<std::time::Instant>,
+    /// When the per-policy memory of deleted policies was last forgotten ([`PRUNE_EVERY`]).
+    forgot: Option<std::time::Instant>,
+    /// The policy store's change count at the last tick ([`TickState::needs_tick`]).
+    store_changes: Option<u64>,
     /// Servers with a group of queries in flight: a server answers one group at a time, so a
     /// server that never answers holds at most one group (bounded by its deadline).
     busy_servers: HashSet<servers::ServerKey>,
@@ -1556,13 +1546,58 @@ impl TickState {
         self.schedule
             .iter()
             .filter(|(k, _)| !self.deferred.contains(*k))
-            .map(|(_, (at, _, _))| *at)
+            .map(|(_, (at, _, _, _))| *at)
             .min()
             // Past due: at once. Nothing due (no policies, or all waiting): the next poll.
             .map_or(POLL, |at| {
                 (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
             })
             .min(POLL)
+    }
+
+    /// Whether a tick has anything to do at `now`, the policy store having changed `changes`
+    /// times so far: a policy is due (a deferred one included), none is scheduled yet (the first
+    /// tick, or a new leader's), or a policy was added, changed or deleted since the last tick.
+    /// Otherwise the loop's wake-up (at least every [`POLL`]) skips the scan of every policy.
+    fn needs_tick(&mut self, changes: u64, now: DateTime<Utc>) -> bool {
+        let changed = self.store_changes != Some(changes);
+        self.store_changes = Some(changes);
+        changed
+            || self.schedule.is_empty()
+            || self.schedule.values().any(|(at, _, _, _)| *at <= now)
+    }
+
+    /// Whether the policy `key` (now at `generation`) starts an evaluation at `now`: `None` when
+    /// it is not due, or when it is due but its last evaluation is still pending (waiting for
+    /// its server, queued or running). That pending evaluation answers this due time too: the
+    /// policy is coalesced into it and next due a whole interval on, so a daemon that falls
+    /// behind never queues a policy twice nor sends its queries again within the interval. A
+    /// policy whose spec changed meanwhile waits for the pending evaluation instead
+    /// ([`TickState::deferred`]) and goes at once after it. `Some(fresh)` when it starts (fresh:
+    /// new, or its spec changed).
+    fn take_due(
+        &mut self,
+        key: &PolicyRef,
+        generation: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Option<bool> {
+        let (is_due, fresh) = match self.schedule.get(key) {
+            None => (true, true),
+            Some((at, g, _, _)) => (*g != generation || *at <= now, *g != generation),
+        };
+        if !is_due {
+            return None;
+        }
+        if self.busy.contains(key) {
+            match self.schedule.get_mut(key) {
+                Some((at, _, _, interval)) if !fresh => *at = next_due(now, *interval),
+                _ => {
+                    self.deferred.insert(key.clone());
+                }
+            }
+            return None;
+        }
+        Some(fresh)
     }
 
     fn enqueue(&mut self, urgent: bool, job: Job) {
@@ -1705,8 +1740,28 @@ fn fingerprint(sample: &Sample) -> Option<Vec<u64>> {
     }
 }
 
-/// Per policy: when it is next due, the generation last seen, and whether it compiled.
-type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool)>;
+/// Drops what the controller never reads of a policy and what, at 10,000 policies, is the bulk
+/// of the store: the field managers and `kubectl apply`'s copy of the whole object.
+fn strip_unread(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// How often the per-policy memory of deleted policies is forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// The `namespace/name` of each live policy, the key of the controller's per-policy memory.
+fn live_names(live: &HashSet<PolicyRef>) -> HashSet<String> {
+    live.iter()
+        .filter_map(|r| r.namespace.as_deref().map(|ns| format!("{ns}/{}", r.name)))
+        .collect()
+}
+
+/// Per policy: when it is next due, the generation last seen, whether it compiled, and its
+/// interval.
+type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool, chrono::TimeDelta)>;
 
 /// One tick: finds the due policies and starts their work without waiting for it. Each server's
 /// distinct queries run as one group under the server's own deadline
@@ -1730,33 +1785,26 @@ async fn run_tick(
     state.schedule.retain(|k, _| live.contains(k));
     let keys = target_keys(ctx, &all, &mut state.keys).await;
     let writers = Arc::new(writers(&all, &state.schedule, &keys));
-    let is_live = |key: &str| {
-        live.iter().any(|r| {
-            r.namespace
-                .as_deref()
-                .is_some_and(|ns| key == format!("{ns}/{}", r.name))
-        })
-    };
-    ctx.forecasts.retain(is_live);
-    ctx.scale_events.retain(is_live);
-    ctx.reported.retain_policies(is_live);
+    // What the daemon remembers per policy (forecasts, applied scale events, failures already
+    // logged) is forgotten for deleted policies every PRUNE_EVERY: one set of names, one lookup
+    // per entry.
+    if state.forgot.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+        let names = live_names(&live);
+        let is_live = |key: &str| names.contains(key);
+        ctx.forecasts.retain(is_live);
+        ctx.scale_events.retain(is_live);
+        ctx.reported.retain_policies(is_live);
+        state.forgot = Some(std::time::Instant::now());
+    }
     state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
-        let generation = obj.meta().generation;
-        let (is_due, fresh) = match state.schedule.get(&key) {
-            None => (true, true),
-            Some((at, g, _)) => (*g != generation || *at <= now, *g != generation),
+        let Some(fresh) = state.take_due(&key, obj.meta().generation, now) else {
+            continue;
         };
-        if !is_due {
-            continue;
-        }
-        if state.busy.contains(&key) {
-            state.deferred.insert(key);
-            continue;
-        }
+        let generation = obj.meta().generation;
         match &obj.0 {
             Ok(p) => {
                 // Compiled once per tick: for the interval, the queries and the evaluation.
@@ -1778,7 +1826,12 @@ async fn run_tick(
                 };
                 state.schedule.insert(
                     key.clone(),
-                    (next_due(now, interval), generation, compiled.is_ok()),
+                    (
+                        next_due(now, interval),
+                        generation,
+                        compiled.is_ok(),
+                        interval,
+                    ),
                 );
                 due.push(Pending {
                     key,
@@ -1794,7 +1847,12 @@ async fn run_tick(
                 // Malformed objects are reported once per generation and never stop the others.
                 state.schedule.insert(
                     key,
-                    (now + chrono::TimeDelta::days(3650), generation, false),
+                    (
+                        now + chrono::TimeDelta::days(3650),
+                        generation,
+                        false,
+                        ctx.default_interval,
+                    ),
                 );
                 let meta = &invalid.metadata;
                 warn!(policy = %format!("{}/{}", meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
@@ -1906,6 +1964,8 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
     }
 
+    const TEN_S: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
     #[test]
     fn the_loop_sleeps_until_the_next_policy_that_is_not_waiting() {
         let mut state = TickState::default();
@@ -1914,7 +1974,7 @@ mod tests {
         let past = Utc::now() - chrono::TimeDelta::seconds(5);
         state
             .schedule
-            .insert(waiting.clone(), (past, Some(1), true));
+            .insert(waiting.clone(), (past, Some(1), true, TEN_S));
         assert_eq!(state.next_wait(), Duration::ZERO, "past due: at once");
         state.deferred.insert(waiting);
         assert_eq!(
@@ -1924,8 +1984,99 @@ mod tests {
         );
         let other: PolicyRef = ObjectRef::new("web").within("ns");
         let soon = Utc::now() + chrono::TimeDelta::milliseconds(50);
-        state.schedule.insert(other, (soon, Some(1), true));
+        state.schedule.insert(other, (soon, Some(1), true, TEN_S));
         assert!(state.next_wait() <= Duration::from_millis(50));
+    }
+
+    /// Issue 17: a daemon that falls behind never queues a policy twice. A policy due while
+    /// its last evaluation is still pending is coalesced into it (next due a whole interval
+    /// on), so its queries are not sent again within the interval; a spec change waits for the
+    /// pending evaluation and goes right after it.
+    #[test]
+    fn a_policy_due_while_its_evaluation_is_pending_is_not_queued_twice() {
+        let mut state = TickState::default();
+        let p: PolicyRef = ObjectRef::new("web").within("ns");
+        assert_eq!(
+            state.take_due(&p, Some(1), at(3)),
+            Some(true),
+            "new: at once"
+        );
+        state
+            .schedule
+            .insert(p.clone(), (next_due(at(3), TEN_S), Some(1), true, TEN_S));
+        state.busy.insert(p.clone());
+        assert_eq!(state.take_due(&p, Some(1), at(5)), None, "not due yet");
+        // Due at 10 s while still pending: coalesced, next due at 20 s, not deferred.
+        assert_eq!(state.take_due(&p, Some(1), at(10)), None);
+        assert_eq!(state.schedule[&p].0, at(20));
+        assert!(state.deferred.is_empty());
+        assert_eq!(
+            state.take_due(&p, Some(1), at(12)),
+            None,
+            "no second evaluation"
+        );
+        // Its spec changes while pending: it waits for the pending evaluation, then goes.
+        assert_eq!(state.take_due(&p, Some(2), at(13)), None);
+        assert!(state.deferred.contains(&p));
+        state.finish(Done::Evaluated(p.clone()));
+        assert_eq!(state.take_due(&p, Some(2), at(14)), Some(true));
+        // Not pending any more and due: it starts.
+        state
+            .schedule
+            .insert(p.clone(), (at(20), Some(2), true, TEN_S));
+        assert_eq!(state.take_due(&p, Some(2), at(20)), Some(false));
+    }
+
+    /// Issue 17: the loop wakes at least every 100 ms, but scans the policies only when one is
+    /// due or the store changed.
+    #[test]
+    fn a_wake_up_with_nothing_due_and_nothing_changed_scans_nothing() {
+        let mut state = TickState::default();
+        assert!(state.needs_tick(0, at(0)), "the first tick");
+        assert!(state.needs_tick(0, at(0)), "nothing scheduled yet");
+        let p: PolicyRef = ObjectRef::new("web").within("ns");
+        state
+            .schedule
+            .insert(p.clone(), (at(10), Some(1), true, TEN_S));
+        assert!(!state.needs_tick(0, at(1)));
+        assert!(!state.needs_tick(0, at(9)));
+        assert!(state.needs_tick(1, at(9)), "a policy was added or changed");
+        assert!(!state.needs_tick(1, at(9)));
+        assert!(state.needs_tick(1, at(10)), "due");
+        state.deferred.insert(p);
+        assert!(state.needs_tick(1, at(11)), "due, waiting for its server");
+    }
+
+    #[test]
+    fn the_store_keeps_no_field_managers_nor_applied_copy() {
+        let mut meta: kube::api::ObjectMeta = serde_json::from_value(serde_json::json!({
+            "name": "web", "namespace": "ns", "generation": 3,
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "team": "a"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+        }))
+        .unwrap();
+        strip_unread(&mut meta);
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(
+            meta.annotations.unwrap().into_keys().collect::<Vec<_>>(),
+            ["team"]
+        );
+        assert_eq!(
+            (meta.name.as_deref(), meta.generation),
+            (Some("web"), Some(3))
+        );
+    }
+
+    #[test]
+    fn live_names_are_the_keys_of_the_per_policy_memory() {
+        let live: HashSet<PolicyRef> = [
+            ObjectRef::new("web").within("a"),
+            ObjectRef::new("api").within("b"),
+        ]
+        .into();
+        let names = live_names(&live);
+        assert!(names.contains("a/web") && names.contains("b/api"));
+        assert!(!names.contains("b/web") && !names.contains("web"));
     }
 
     #[test]
@@ -1948,13 +2099,75 @@ mod tests {
         };
         let mut new = old.clone();
         new.last_evaluation_time = Some(at(10));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(60));
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(10));
         new.desired_replicas = Some(4);
-        assert!(status_changed(Some(&old), &new));
-        assert!(status_changed(None, &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
+        assert!(status_changed(None, &new, STATUS_REFRESH));
+    }
+
+    /// Issue 17: apiserver writes only on change. A status whose only news is the time (the
+    /// evaluation's, recommendations' with the same counts, an active metric's) is not written
+    /// again before the refresh; a recommendation of another count is news.
+    #[test]
+    fn a_status_whose_only_news_is_the_time_waits_for_the_refresh() {
+        use crate::policy::state::Recommendation;
+        let status = |t: i64, recommended: i32| {
+            let mut s = ScalingPolicyStatus {
+                desired_replicas: Some(3),
+                reason: Some("rps 100".into()),
+                last_evaluation_time: Some(at(t)),
+                ..Default::default()
+            };
+            s.history.last_active_time = Some(at(t));
+            s.history.recommendations = vec![Recommendation {
+                replicas: recommended,
+                time: at(t),
+            }];
+            s
+        };
+        let old = status(0, 3);
+        let refresh = STATUS_REFRESH_MAX;
+        for t in [10, 60, 590] {
+            assert!(!status_changed(Some(&old), &status(t, 3), refresh), "{t}");
+        }
+        assert!(status_changed(Some(&old), &status(600, 3), refresh));
+        assert!(status_changed(Some(&old), &status(10, 2), refresh));
+        // A metric that stops being active: its lastActiveTime stays behind, at once news.
+        let mut idle = status(10, 3);
+        idle.history.last_active_time = Some(at(0));
+        assert!(status_changed(Some(&old), &idle, refresh));
+    }
+
+    #[test]
+    fn the_refresh_is_half_the_shortest_window_within_its_bounds() {
+        let policy = |behavior: &str| {
+            let p: ScalingPolicy = serde_yaml::from_str(&format!(
+                "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: n}}\nspec:\n  targetRef: {{kind: Deployment, name: d}}\n  maxReplicas: 3\n  metrics:\n  - name: q\n    prometheus: {{query: 'sum(q)'}}\n    target: {{type: AverageValue, averageValue: '10'}}\n{behavior}"
+            ))
+            .unwrap();
+            CompiledPolicy::from_resource(&p).unwrap()
+        };
+        let minutes = chrono::TimeDelta::minutes;
+        // The HPA's default scale-down window, 300 s: every 150 s.
+        let default = policy("");
+        assert_eq!(
+            status_refresh(Some(&default), true),
+            chrono::TimeDelta::seconds(150)
+        );
+        // Not Ready: every minute, whatever the windows.
+        assert_eq!(status_refresh(Some(&default), false), STATUS_REFRESH);
+        assert_eq!(status_refresh(None, true), STATUS_REFRESH);
+        // No window at all: the longest refresh.
+        let none = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}\n");
+        assert_eq!(status_refresh(Some(&none), true), minutes(10));
+        // A short window: never below a minute.
+        let short = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 30}\n");
+        assert_eq!(status_refresh(Some(&short), true), STATUS_REFRESH);
+        let long = policy("  behavior:\n    scaleDown: {stabilizationWindowSeconds: 3600}\n");
+        assert_eq!(status_refresh(Some(&long), true), minutes(10));
     }
 
     /// Issue 13, kind 5: a policy evaluated every second whose values move but whose decision
@@ -1970,14 +2183,14 @@ mod tests {
         let mut new = old.clone();
         new.reason = Some("rps 101".into());
         new.last_evaluation_time = Some(at(1));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(4));
-        assert!(!status_changed(Some(&old), &new));
+        assert!(!status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(5));
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
         new.last_evaluation_time = Some(at(1));
         new.desired_replicas = Some(4);
-        assert!(status_changed(Some(&old), &new));
+        assert!(status_changed(Some(&old), &new, STATUS_REFRESH));
     }
 
     #[test]
@@ -2027,7 +2240,7 @@ mod tests {
         assert!(same_failure(&p, "InvalidPolicy", "spec.metrics: empty"));
         assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
         let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
-        assert!(!status_changed(Some(&first), &again));
+        assert!(!status_changed(Some(&first), &again, STATUS_REFRESH));
     }
 
     /// Issue 16: `Ready` is True only when the policy works as written; a failing metric (the
@@ -2149,6 +2362,6 @@ mod tests {
         let mut after = status_from_decision(&policy, &failing, Some(&before), None, at(2));
         after.conditions = before.conditions.clone();
         after.desired_replicas = before.desired_replicas;
-        assert!(status_changed(Some(&before), &after));
+        assert!(status_changed(Some(&before), &after, STATUS_REFRESH));
     }
 }

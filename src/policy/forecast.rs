@@ -30,25 +30,7 @@ use std::collections::{BTreeMap, VecDeque};
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::model::Sample;
-
-/// Which model a policy asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelKind {
-    /// Damped-trend Holt (level and trend).
-    Trend,
-    /// Additive Holt-Winters (level, damped trend and a season).
-    HoltWinters,
-}
-
-impl ModelKind {
-    /// The name used in reasons and the CRD.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Trend => "Trend",
-            ModelKind::HoltWinters => "HoltWinters",
-        }
-    }
-}
+pub use crate::model::{ModelKind, Prediction};
 
 /// A compiled `spec.forecast`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -393,20 +375,6 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
 /// A one-step error `e` of the value `y` (both scaled) relative to the prediction `y - e`.
 fn relative_error(e: f64, y: f64) -> f64 {
     e.abs() / (y - e).max(REL_FLOOR)
-}
-
-/// One metric's forecast at an evaluation.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Prediction {
-    /// The model's point forecast for `now + horizon`.
-    pub point: f64,
-    /// The upper bound sized for: the point plus the headroom (see the module docs), never
-    /// below 0.
-    pub upper: f64,
-    /// The model that made it.
-    pub model: ModelKind,
-    /// The horizon.
-    pub horizon: TimeDelta,
 }
 
 /// One metric's history and model.

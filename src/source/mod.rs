@@ -4,6 +4,7 @@
 pub mod history;
 pub mod pods;
 pub mod prometheus;
+pub mod query;
 pub mod resource;
 pub mod trace;
 

@@ -1426,6 +1426,47 @@ pub async fn raw_get(client: &Client, path: &str) -> (u16, String) {
     }
 }
 
+/// `apiserver_request_total` summed by "VERB group/resource[/subresource]".
+pub fn apiserver_requests(metrics: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let mut get = BTreeMap::new();
+        for pair in labels.split("\",") {
+            if let Some((k, v)) = pair.split_once("=\"") {
+                get.insert(k.trim(), v.trim_end_matches('"'));
+            }
+        }
+        let label = |k: &str| get.get(k).copied().unwrap_or("");
+        let group = match label("group") {
+            "" => "core",
+            g => g,
+        };
+        let mut key = format!("{} {group}/{}", label("verb"), label("resource"));
+        if !label("subresource").is_empty() {
+            key = format!("{key}/{}", label("subresource"));
+        }
+        *out.entry(key).or_insert(0.0) += value;
+    }
+    out
+}
+
+/// kube-apiserver's `apiserver_request_total` so far, summed by "VERB group/resource[/subresource]"
+/// (read through `client`, which must be allowed `/metrics`).
+pub async fn apiserver_request_counts(client: &Client) -> BTreeMap<String, f64> {
+    let (code, body) = raw_get(client, "/metrics").await;
+    assert_eq!(code, 200, "kube-apiserver /metrics: {body}");
+    apiserver_requests(&body)
+}
+
 /// The values of a successful ExternalMetricValueList answer.
 pub fn external_metric_values(body: &str) -> Result<Vec<String>, String> {
     let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
