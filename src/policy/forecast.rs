@@ -19,11 +19,19 @@
 //!
 //! A forecast is made from inside the current bucket (its values so far smooth the state
 //! provisionally) for the bucket holding `now + horizon`, `h` buckets on: the point forecast `ŷ`
-//! plus the headroom `max(q · max(ŷ, 0.2 · peak) · √h, min_headroom · target)`. Here `q` is the
-//! `confidence` quantile of the model's relative one-step errors over the last history's worth
-//! of buckets (`|e| / max(prediction, 0.2 · peak)`: empirical, since demand errors have heavy
-//! tails, and relative, since they grow with the level), `peak` the fitted history's largest
-//! value, and `min_headroom · target` a floor for bursts the history has not shown.
+//! plus the headroom `max(q · g · max(ŷ, 0.2 · peak) · √h, min_headroom · target)`. Here `q` is
+//! the `confidence` quantile of the model's relative one-step errors over the last history's
+//! worth of buckets (`|e| / max(prediction, 0.2 · peak)`: empirical, since demand errors have
+//! heavy tails, and relative, since they grow with the level), `g` 1 where the window holds
+//! enough errors to support that quantile and otherwise follows the last three errors against
+//! the window's mean (see [`Fitted::recency`]: a young history's headroom decays once the model
+//! predicts well again, instead of lasting a history after one surprise), `peak` the fitted
+//! history's largest value, and `min_headroom · target` a floor for bursts the history has not
+//! shown.
+//!
+//! The trend is extrapolated only as far as the last three bucket-to-bucket changes of the
+//! deseasonalised value confirm it (all of its sign; no steeper than the gentlest): a step or
+//! the end of a ramp is a new level, not a lasting trend. The fit scores the same predictions.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -124,6 +132,12 @@ pub struct Fitted {
     recent: VecDeque<f32>,
     /// How many errors are kept: the history's length in buckets.
     window: usize,
+    /// The sum of `recent`, for the window's mean relative error.
+    recent_sum: f64,
+    /// The last value fed, less its season (scaled); `None` after a gap.
+    last_plain: Option<f64>,
+    /// The last [`CONFIRM`] bucket-to-bucket changes of that value, oldest first.
+    slopes: VecDeque<f64>,
     /// The series is divided by this before fitting, so huge values cannot overflow.
     scale: f64,
 }
@@ -135,6 +149,30 @@ const ALPHAS: [f64; 6] = [0.1, 0.25, 0.4, 0.6, 0.85, 1.0];
 const BETAS: [f64; 5] = [0.01, 0.05, 0.2, 0.5, 0.8];
 const GAMMAS: [f64; 3] = [0.05, 0.15, 0.35];
 const PHIS: [f64; 2] = [0.9, 0.98];
+/// A trend is extrapolated only once this many consecutive bucket-to-bucket changes of the
+/// (deseasonalised) value confirm it, and never steeper than the gentlest of them: a step
+/// (one large change among flat ones) is a new level, not a lasting trend.
+const CONFIRM: usize = 3;
+/// Where the window holds too few errors to support the `confidence` quantile, the learned
+/// headroom follows the recent errors: see [`Fitted::recency`].
+const RECENT: usize = 3;
+
+/// The trend a forecast extrapolates: `trend` as far as the recent changes `slopes` confirm it
+/// (all of the same sign as the trend, [`CONFIRM`] of them), and no steeper than the gentlest.
+fn confirmed_trend(trend: f64, slopes: impl Iterator<Item = f64>) -> f64 {
+    let (mut n, mut gentlest) = (0usize, f64::INFINITY);
+    for d in slopes {
+        if d * trend <= 0.0 || !d.is_finite() {
+            return 0.0;
+        }
+        n += 1;
+        gentlest = gentlest.min(d.abs());
+    }
+    if n < CONFIRM {
+        return 0.0;
+    }
+    trend.signum() * trend.abs().min(gentlest)
+}
 
 impl Fitted {
     fn season_at(&self, bucket: i64) -> f64 {
@@ -156,13 +194,25 @@ impl Fitted {
         (level, trend)
     }
 
+    /// The trend the next prediction extrapolates (see [`confirmed_trend`]), given the change
+    /// `pending` of a value not yet fed (a bucket being filled), if any.
+    fn trend_used(&self, trend: f64, pending: Option<f64>) -> f64 {
+        let skip = if pending.is_some() {
+            (self.slopes.len() + 1).saturating_sub(CONFIRM)
+        } else {
+            0
+        };
+        let kept = self.slopes.iter().skip(skip).copied();
+        confirmed_trend(trend, kept.chain(pending))
+    }
+
     /// Feeds bucket `self.next` (`None`: a gap, the state coasts); returns the one-step error.
     fn update(&mut self, y: Option<f64>) -> Option<f64> {
         let Params { gamma, phi, .. } = self.params;
         let error = match y.map(|y| y / self.scale).filter(|y| y.is_finite()) {
             Some(y) => {
                 let s = self.season_at(self.next);
-                let pred = self.level + phi * self.trend + s;
+                let pred = self.level + phi * self.trend_used(self.trend, None) + s;
                 let (level, trend) = self.smoothed(y);
                 self.level = level;
                 self.trend = trend;
@@ -170,11 +220,20 @@ impl Fitted {
                     let i = self.next.rem_euclid(self.season.len() as i64) as usize;
                     self.season[i] = gamma * (y - level) + (1.0 - gamma) * s;
                 }
+                if let Some(last) = self.last_plain {
+                    self.slopes.push_back(y - s - last);
+                    while self.slopes.len() > CONFIRM {
+                        self.slopes.pop_front();
+                    }
+                }
+                self.last_plain = Some(y - s);
                 Some(y - pred)
             }
             None => {
                 self.level += phi * self.trend;
                 self.trend *= phi;
+                self.last_plain = None;
+                self.slopes.clear();
                 None
             }
         };
@@ -197,10 +256,12 @@ impl Fitted {
             return;
         }
         self.recent.push_back(r);
+        self.recent_sum += f64::from(r);
         let at = self.rel_errors.partition_point(|x| x.total_cmp(&r).is_lt());
         self.rel_errors.insert(at, r);
         while self.recent.len() > self.window.max(1) {
             if let Some(old) = self.recent.pop_front() {
+                self.recent_sum -= f64::from(old);
                 let at = self
                     .rel_errors
                     .partition_point(|x| x.total_cmp(&old).is_lt());
@@ -213,7 +274,7 @@ impl Fitted {
 
     /// Point forecast `h ≥ 1` buckets after the last one fed, in the series' units.
     pub fn predict(&self, h: usize) -> f64 {
-        self.extrapolate(self.level, self.trend, self.next, h)
+        self.extrapolate(self.level, self.trend_used(self.trend, None), self.next, h)
     }
 
     /// Point forecast `h ≥ 1` buckets after bucket `self.next`, whose values so far average
@@ -221,11 +282,21 @@ impl Fitted {
     /// inside a bucket uses what that bucket has shown already instead of lagging a bucket
     /// behind. Nothing is kept: the bucket updates the state once, when it completes.
     pub fn predict_within(&self, partial: f64, h: usize) -> f64 {
-        let (level, trend) = self.smoothed(partial / self.scale);
+        let y = partial / self.scale;
+        let (level, trend) = self.smoothed(y);
+        let change = self
+            .last_plain
+            .map(|last| y - self.season_at(self.next) - last);
+        let trend = match change {
+            Some(d) => self.trend_used(trend, Some(d)),
+            // No value before this bucket: nothing confirms a trend yet.
+            None => 0.0,
+        };
         self.extrapolate(level, trend, self.next + 1, h)
     }
 
-    /// `level` and `trend` as of the start of bucket `next`, extrapolated `h ≥ 1` buckets.
+    /// `level` and the (confirmed) `trend` as of the start of bucket `next`, extrapolated
+    /// `h ≥ 1` buckets.
     fn extrapolate(&self, level: f64, trend: f64, next: i64, h: usize) -> f64 {
         let phi = self.params.phi;
         let mut damp = 0.0;
@@ -237,10 +308,37 @@ impl Fitted {
         (level + damp * trend + self.season_at(next + h as i64 - 1)) * self.scale
     }
 
-    /// Headroom over a forecast of `point`: the `p` quantile of the relative errors times
-    /// `max(point, REL_FLOOR × the history's peak)`, in the series' units.
+    /// Headroom over a forecast of `point`: the `p` quantile of the relative errors, scaled
+    /// by [`Fitted::recency`], times `max(point, REL_FLOOR × the history's peak)`, in the
+    /// series' units.
     pub fn headroom(&self, point: f64, p: f64) -> f64 {
-        self.error_quantile(p) * point.max(REL_FLOOR * self.scale)
+        self.error_quantile(p) * self.recency(p) * point.max(REL_FLOOR * self.scale)
+    }
+
+    /// The share of the `p` quantile the headroom takes, in [0, 1]. The quantile is trusted in
+    /// proportion to the errors behind it: `t = min(1, n · (1 − p))`, the number of the window's
+    /// `n` errors expected beyond it (at 99.9 %, full trust from 1,000 errors on). Below that
+    /// the quantile is the window's largest error or close to it, one surprise (the step of a
+    /// new workload, say) that would otherwise set the headroom for a whole history; there the
+    /// rest follows the recent errors: `g = min(1, mean of the last RECENT errors / the window's
+    /// mean)`, and the factor is `g + (1 − g) · t`. So a young history's headroom decays as soon
+    /// as the model predicts well again, and a burst raises it at once.
+    pub fn recency(&self, p: f64) -> f64 {
+        let n = self.recent.len();
+        let mean = self.recent_sum / n.max(1) as f64;
+        if n < RECENT || mean.is_nan() || mean <= f64::EPSILON {
+            return 1.0;
+        }
+        let last: f64 = self
+            .recent
+            .iter()
+            .rev()
+            .take(RECENT)
+            .map(|r| f64::from(*r))
+            .sum();
+        let g = (last / RECENT as f64 / mean).clamp(0.0, 1.0);
+        let trust = (n as f64 * (1.0 - p.clamp(0.0, 1.0))).clamp(0.0, 1.0);
+        g + (1.0 - g) * trust
     }
 
     /// Root-mean-square one-step error, in the series' units.
@@ -308,6 +406,9 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         rel_errors: Vec::new(),
         recent: VecDeque::new(),
         window: series.len(),
+        recent_sum: 0.0,
+        last_plain: None,
+        slopes: VecDeque::with_capacity(CONFIRM + 1),
         scale: 1.0,
     })
 }
@@ -384,6 +485,7 @@ pub fn fit(series: &[Option<f64>], first: i64, kind: ModelKind, season: usize) -
         }
     }
     best.recent.retain(|r| r.is_finite());
+    best.recent_sum = best.recent.iter().map(|r| f64::from(*r)).sum();
     best.rel_errors = Vec::with_capacity(best.window + 1);
     best.rel_errors.extend(best.recent.iter().copied());
     best.rel_errors.sort_by(f32::total_cmp);
@@ -752,9 +854,9 @@ mod tests {
 
     #[test]
     fn headroom_is_the_empirical_quantile_of_the_errors() {
-        // A flat series with one burst: the largest error is the burst (200 over a forecast
-        // of 100: 2.0 relative), the median is nothing.
-        let series = some((0..200).map(|i| if i == 100 { 300.0 } else { 100.0 }));
+        // A flat series with one burst two buckets before its end: the largest error is the
+        // burst (200 over a forecast of 100: 2.0 relative), the median is nothing.
+        let series = some((0..200).map(|i| if i == 197 { 300.0 } else { 100.0 }));
         let f = fit(&series, 0, ModelKind::Trend, 0).expect("fits");
         assert!(
             (f.error_quantile(1.0) - 2.0).abs() < 0.01,
@@ -762,9 +864,34 @@ mod tests {
             f.error_quantile(1.0)
         );
         assert!(f.error_quantile(0.5) < 0.01, "{}", f.error_quantile(0.5));
+        // The burst is among the last three errors: the headroom is the quantile in full.
+        assert_eq!(f.recency(1.0), 1.0);
         // Headroom scales with the level, but not below 20 % of the peak (300).
         assert!((f.headroom(100.0, 1.0) - 200.0).abs() < 2.0);
         assert!((f.headroom(1.0, 1.0) - 120.0).abs() < 2.0);
+    }
+
+    /// The same burst a hundred buckets back, with every error since then zero: the quantile
+    /// still remembers it, but where 199 errors cannot support it (at 100 %, or in part at
+    /// 99.9 %) the headroom has all but decayed (the model has predicted every bucket since
+    /// almost exactly); at 99 % they can, and it keeps it; where the recent errors are as large
+    /// as usual, it has not decayed either.
+    #[test]
+    fn headroom_decays_with_the_recent_errors() {
+        let calm = some((0..200).map(|i| if i == 100 { 300.0 } else { 100.0 }));
+        let f = fit(&calm, 0, ModelKind::Trend, 0).expect("fits");
+        assert!((f.error_quantile(1.0) - 2.0).abs() < 0.01);
+        assert!(f.recency(1.0) < 0.05, "{}", f.recency(1.0));
+        assert!(f.headroom(100.0, 1.0) < 10.0, "{}", f.headroom(100.0, 1.0));
+        // At 99 %, 199 errors expect about two beyond the quantile: it is trusted in full.
+        assert_eq!(f.recency(0.99), 1.0);
+        // At 99.9 % a fifth of it is.
+        let r = f.recency(0.999);
+        assert!(r > 0.19 && r < 0.25, "{r}");
+        // Alternating noise of ±10 %: every recent error is as large as the window's mean.
+        let noisy = some((0..200).map(|i| if i % 2 == 0 { 90.0 } else { 110.0 }));
+        let g = fit(&noisy, 0, ModelKind::Trend, 0).expect("fits");
+        assert!((g.recency(1.0) - 1.0).abs() < 0.05, "{}", g.recency(1.0));
     }
 
     #[test]
@@ -952,6 +1079,99 @@ mod tests {
         f.observe(at(40) + TimeDelta::seconds(15), 9.0);
         assert_eq!(f.current, Some((b(40), 16.0, 2)));
         assert!(f.forecast(at(40) + TimeDelta::seconds(15)).is_some());
+    }
+
+    /// The walkthrough's inputs, sampled every 15 s as the controller does: 10 minutes flat at
+    /// 50 req/s, a ramp of 70 req/s a minute up to 400, 15 minutes flat at 400, then a fall to a
+    /// flat 50. `(minute, value, forecast)` at each evaluation, from the Trend model with the
+    /// defaults `spec.forecast: {model: Trend}` compiles to (1m buckets, 1d of history,
+    /// confidence 99.9, no `minHeadroom`).
+    fn walkthrough() -> Vec<(i64, f64, Option<Prediction>)> {
+        let mut f = Forecaster::new(
+            ForecastSettings {
+                history: TimeDelta::days(1),
+                step: TimeDelta::minutes(1),
+                refit: TimeDelta::hours(6),
+                confidence: 0.999,
+                ..settings(ModelKind::Trend)
+            },
+            70.0,
+        );
+        let t0 = 1_700_000_040i64; // a multiple of a minute
+        let value = |minute: i64| match minute {
+            ..10 => 50.0,
+            10..15 => 50.0 + 70.0 * (minute - 9) as f64,
+            15..30 => 400.0,
+            _ => 50.0,
+        };
+        (0..45 * 4)
+            .map(|k| {
+                let minute = k / 4;
+                let now = DateTime::from_timestamp(t0 + 15 * k, 0).expect("time");
+                f.observe(now, value(minute));
+                (minute, value(minute), f.forecast(now))
+            })
+            .collect()
+    }
+
+    /// A ramp that stops at a flat 400 req/s is a new level, not a lasting trend: within a few
+    /// minutes the forecast's upper bound is 400 again, which needs 6 replicas at 70 per replica
+    /// (it used to read 750, and in the walkthrough 1238.743 → 18, pinning the target at 10).
+    #[test]
+    fn a_ramp_that_stops_is_a_new_level_not_a_lasting_trend() {
+        let run = walkthrough();
+        for (minute, value, p) in &run {
+            if (19..30).contains(minute) {
+                let p = p.expect("a forecast");
+                assert!((p.point - value).abs() < 1.0, "minute {minute}: {p:?}");
+                assert!(p.upper <= 420.0, "minute {minute}: {p:?}");
+                assert_eq!((p.upper / 70.0).ceil(), 6.0, "minute {minute}: {p:?}");
+            }
+        }
+    }
+
+    /// After traffic falls from 400 to a flat 50 req/s the point forecast is 50 at once (the
+    /// fall is not extrapolated into a negative trend), and the headroom the fall taught decays
+    /// as soon as the model predicts well again: the upper bound is back near 50 within four
+    /// minutes (it used to stay at 184 to 202 for the rest of the history, a whole day).
+    #[test]
+    fn the_headroom_decays_once_the_errors_shrink() {
+        let run = walkthrough();
+        for (minute, _, p) in run.iter().filter(|(minute, _, _)| *minute >= 30) {
+            let p = p.expect("a forecast");
+            {
+                assert!((p.point - 50.0).abs() < 1.0, "minute {minute}: {p:?}");
+                assert!(p.upper <= 50.0 + 70.0, "minute {minute}: {p:?}");
+            }
+            if *minute >= 34 {
+                assert!(p.upper <= 55.0, "minute {minute}: {p:?}");
+            }
+        }
+    }
+
+    /// A single step among flat buckets is not extrapolated; a ramp is, once three buckets in a
+    /// row confirm it, and never steeper than the gentlest of them.
+    #[test]
+    fn a_trend_is_extrapolated_only_where_recent_changes_confirm_it() {
+        let step = some((0..100).map(|i| if i < 99 { 100.0 } else { 200.0 }));
+        let f = fit(&step, 0, ModelKind::Trend, 0).expect("fits");
+        assert!(f.predict(5) <= 200.0 + 1e-9, "{}", f.predict(5));
+        let ramp = some((0..100).map(|i| {
+            if i < 96 {
+                100.0
+            } else {
+                100.0 + 10.0 * (i - 95) as f64
+            }
+        }));
+        let f = fit(&ramp, 0, ModelKind::Trend, 0).expect("fits");
+        let one = f.predict(1);
+        assert!(one > 140.0 && one <= 150.0 + 1e-9, "{one}");
+        assert_eq!(confirmed_trend(5.0, [1.0, 2.0, 3.0].into_iter()), 1.0);
+        assert_eq!(confirmed_trend(-5.0, [-1.0, -2.0, -3.0].into_iter()), -1.0);
+        assert_eq!(confirmed_trend(0.5, [1.0, 2.0, 3.0].into_iter()), 0.5);
+        assert_eq!(confirmed_trend(5.0, [1.0, -2.0, 3.0].into_iter()), 0.0);
+        assert_eq!(confirmed_trend(5.0, [1.0, 2.0].into_iter()), 0.0);
+        assert_eq!(confirmed_trend(-5.0, [1.0, 2.0, 3.0].into_iter()), 0.0);
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
