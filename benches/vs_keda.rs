@@ -64,6 +64,9 @@ struct Settings {
     interval_s: u64,
     window: Duration,
     bad_wait: Duration,
+    /// How long a system may take to evaluate every object once before the bench records how
+    /// far it got and goes on (`KSCALE_VS_KEDA_FIRST_EVAL_S`, default 900).
+    first_eval_bound: Duration,
     keda_cached: bool,
 }
 
@@ -313,7 +316,8 @@ async fn measure(
 /// What one system's phase measured.
 struct Figures {
     system: System,
-    first_eval: Duration,
+    /// Creating the objects → every one evaluated once, or how far it got within the bound.
+    first_eval: Result<Duration, scale_targets::Shortfall>,
     steady: Window,
     delays: Vec<f64>,
     /// Writes the rounds waited for in vain (`round_timeout`).
@@ -322,6 +326,108 @@ struct Figures {
     /// the end of the phase, CPU seconds over the whole phase.
     own: Vec<(String, f64, u64, u64, f64)>,
     bad: Vec<BadOutcome>,
+}
+
+/// Which column of `Figures::own` to add up over a system's own processes.
+#[derive(Clone, Copy)]
+enum Own {
+    CpuPerMin,
+    RssMib,
+    PeakRssMib,
+    CpuPhase,
+}
+
+impl Figures {
+    fn own_sum(&self, what: Own) -> f64 {
+        self.own
+            .iter()
+            .map(|x| match what {
+                Own::CpuPerMin => x.1,
+                Own::RssMib => x.2 as f64 / 1024.0,
+                Own::PeakRssMib => x.3 as f64 / 1024.0,
+                Own::CpuPhase => x.4,
+            })
+            .sum()
+    }
+
+    fn api_above(&self, baseline: &Window) -> f64 {
+        self.steady.api_total() - baseline.api_total()
+    }
+
+    /// Metric change → scale write, the `q`th percentile in seconds.
+    fn delay_s(&self, q: f64) -> f64 {
+        percentile(&self.delays, q) / 1000.0
+    }
+
+    fn first_eval_text(&self) -> String {
+        match &self.first_eval {
+            Ok(took) => format!("{:.1} s", took.as_secs_f64()),
+            Err(short) => format!("not all: {short}"),
+        }
+    }
+
+    /// One bad-data case: the replicas at the end, the writes during, and the system's reason.
+    fn bad_cell(&self, case: usize) -> String {
+        let b = &self.bad[case];
+        let during = if b.during.is_empty() {
+            "no write".to_string()
+        } else {
+            format!(
+                "writes {}",
+                b.during
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join("→")
+            )
+        };
+        // The HPA's messages repeat the metric's selector; the cause is at the end.
+        let why = b.why.replace('|', "/");
+        let why = match why.rsplit_once("external metrics API: ") {
+            Some((_, cause)) => format!("HPA ScalingActive False: {cause}"),
+            None => why,
+        };
+        format!("{} ({during}; {why})", b.end)
+    }
+}
+
+/// One system's figures alone, printed as soon as its phase ends.
+fn phase_report(s: &Settings, baseline: &Window, f: &Figures) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "{} phase, N = {}:", f.system.name(), s.n);
+    let _ = writeln!(o, "- Prometheus queries / min: {:.0}", f.steady.queries);
+    let _ = writeln!(
+        o,
+        "- apiserver requests / min above baseline: {:.0}",
+        f.api_above(baseline)
+    );
+    let _ = writeln!(
+        o,
+        "- external metrics API requests / min: {:.0}",
+        f.steady.external
+    );
+    let _ = writeln!(
+        o,
+        "- metric change → scale write: p50 {:.2} s, p99 {:.2} s ({} timed, {} missed)",
+        f.delay_s(50.0),
+        f.delay_s(99.0),
+        f.delays.len(),
+        f.missed
+    );
+    let _ = writeln!(o, "- every object evaluated once: {}", f.first_eval_text());
+    let _ = writeln!(
+        o,
+        "- own processes: RSS {:.1} MiB (peak {:.1}), CPU {:.2} s/min steady, {:.1} s over the phase",
+        f.own_sum(Own::RssMib),
+        f.own_sum(Own::PeakRssMib),
+        f.own_sum(Own::CpuPerMin),
+        f.own_sum(Own::CpuPhase)
+    );
+    for (i, case) in BAD_CASES.iter().enumerate() {
+        let _ = writeln!(o, "- bad data, {case}: {}", f.bad_cell(i));
+    }
+    o
 }
 
 struct BadOutcome {
@@ -679,19 +785,23 @@ async fn phase(
         })
         .collect();
     scale_targets::create_all(&scalers, specs).await;
-    scale_targets::wait_count(
-        &format!("every {} object evaluated once", system.name()),
-        s.n,
-        Duration::from_secs(900),
-        || evaluated(system, client, &ns.name),
-    )
-    .await;
-    let first_eval = created.elapsed();
-    eprintln!(
-        "{}: all {} evaluated after {first_eval:.1?}",
-        system.name(),
-        s.n
-    );
+    // Timed from before the objects are created, as the figure's name says.
+    let first_eval = scale_targets::count_within(s.n, s.first_eval_bound, || {
+        evaluated(system, client, &ns.name)
+    })
+    .await
+    .map(|_| created.elapsed())
+    .map_err(|short| scale_targets::Shortfall {
+        after: created.elapsed(),
+        ..short
+    });
+    match &first_eval {
+        Ok(took) => eprintln!("{}: all {} evaluated after {took:.1?}", system.name(), s.n),
+        Err(short) => eprintln!(
+            "{}: evaluated once: only {short}; measuring the rest anyway",
+            system.name()
+        ),
+    }
 
     tokio::time::sleep(Duration::from_secs(s.interval_s)).await;
     let mut procs = running
@@ -810,12 +920,11 @@ fn report(s: &Settings, baseline: &Window, figures: &[Figures], loads: &[String]
         "",
         0,
     );
-    let api = |f: &Figures| f.steady.api_total() - baseline.api_total();
     row(
         &mut o,
         "apiserver requests / min above baseline",
-        api(k),
-        api(e),
+        k.api_above(baseline),
+        e.api_above(baseline),
         "",
         0,
     );
@@ -827,20 +936,19 @@ fn report(s: &Settings, baseline: &Window, figures: &[Figures], loads: &[String]
         "",
         0,
     );
-    let p = |f: &Figures, q: f64| percentile(&f.delays, q) / 1000.0;
     row(
         &mut o,
         "metric change → scale write, p50",
-        p(k, 50.0),
-        p(e, 50.0),
+        k.delay_s(50.0),
+        e.delay_s(50.0),
         " s",
         2,
     );
     row(
         &mut o,
         "metric change → scale write, p99",
-        p(k, 99.0),
-        p(e, 99.0),
+        k.delay_s(99.0),
+        e.delay_s(99.0),
         " s",
         2,
     );
@@ -853,54 +961,46 @@ fn report(s: &Settings, baseline: &Window, figures: &[Figures], loads: &[String]
         e.delays.len(),
         e.missed
     );
-    row(
-        &mut o,
-        "creating the objects → every one evaluated once",
-        k.first_eval.as_secs_f64(),
-        e.first_eval.as_secs_f64(),
-        " s",
-        1,
-    );
-    let sum = |f: &Figures, i: usize| -> f64 {
-        f.own
-            .iter()
-            .map(|x| match i {
-                1 => x.1,
-                2 => x.2 as f64 / 1024.0,
-                3 => x.3 as f64 / 1024.0,
-                _ => x.4,
-            })
-            .sum()
+    let first_ratio = match (&k.first_eval, &e.first_eval) {
+        (Ok(a), Ok(b)) => ratio(b.as_secs_f64(), a.as_secs_f64()),
+        (Ok(a), Err(short)) => format!("> {}", ratio(short.after.as_secs_f64(), a.as_secs_f64())),
+        _ => "–".into(),
     };
+    let _ = writeln!(
+        o,
+        "| creating the objects → every one evaluated once | {} | {} | {first_ratio} |",
+        k.first_eval_text(),
+        e.first_eval_text()
+    );
     row(
         &mut o,
         "own processes: resident memory at the end (MiB)",
-        sum(k, 2),
-        sum(e, 2),
+        k.own_sum(Own::RssMib),
+        e.own_sum(Own::RssMib),
         "",
         1,
     );
     row(
         &mut o,
         "own processes: peak resident memory (MiB)",
-        sum(k, 3),
-        sum(e, 3),
+        k.own_sum(Own::PeakRssMib),
+        e.own_sum(Own::PeakRssMib),
         "",
         1,
     );
     row(
         &mut o,
         "own processes: CPU s / min, steady state",
-        sum(k, 1),
-        sum(e, 1),
+        k.own_sum(Own::CpuPerMin),
+        e.own_sum(Own::CpuPerMin),
         "",
         2,
     );
     row(
         &mut o,
         "own processes: CPU s over the whole phase",
-        sum(k, 4),
-        sum(e, 4),
+        k.own_sum(Own::CpuPhase),
+        e.own_sum(Own::CpuPhase),
         "",
         1,
     );
@@ -968,29 +1068,7 @@ fn report(s: &Settings, baseline: &Window, figures: &[Figures], loads: &[String]
     let _ = writeln!(o, "| case | kscale | KEDA |");
     let _ = writeln!(o, "|---|---|---|");
     for (i, case) in BAD_CASES.iter().enumerate() {
-        let cell = |f: &Figures| {
-            let b = &f.bad[i];
-            let during = if b.during.is_empty() {
-                "no write".to_string()
-            } else {
-                format!(
-                    "writes {}",
-                    b.during
-                        .iter()
-                        .map(|r| r.to_string())
-                        .collect::<Vec<_>>()
-                        .join("→")
-                )
-            };
-            // The HPA's messages repeat the metric's selector; the cause is at the end.
-            let why = b.why.replace('|', "/");
-            let why = match why.rsplit_once("external metrics API: ") {
-                Some((_, cause)) => format!("HPA ScalingActive False: {cause}"),
-                None => why,
-            };
-            format!("{} ({during}; {why})", b.end)
-        };
-        let _ = writeln!(o, "| {case} | {} | {} |", cell(k), cell(e));
+        let _ = writeln!(o, "| {case} | {} | {} |", k.bad_cell(i), e.bad_cell(i));
     }
     o
 }
@@ -1009,6 +1087,7 @@ async fn main() {
         interval_s: env_usize("KSCALE_VS_KEDA_INTERVAL_S", 10).max(1) as u64,
         window: Duration::from_secs(env_usize("KSCALE_VS_KEDA_WINDOW_S", 60) as u64),
         bad_wait: Duration::from_secs(env_usize("KSCALE_VS_KEDA_BAD_WAIT_S", 60) as u64),
+        first_eval_bound: Duration::from_secs(env_usize("KSCALE_VS_KEDA_FIRST_EVAL_S", 900) as u64),
         keda_cached: std::env::var("KSCALE_VS_KEDA_CACHED").is_ok_and(|v| v == "1"),
     };
     let Some(env) = support::testenv() else {
@@ -1034,7 +1113,19 @@ async fn main() {
     let mut figures = Vec::new();
     let mut loads = Vec::new();
     for system in [System::Kscale, System::Keda] {
-        figures.push(phase(system, env, &client, &target_resource, &s).await);
+        let f = phase(system, env, &client, &target_resource, &s).await;
+        // Each phase's own figures as soon as it ends: a long run that dies later keeps them.
+        let text = phase_report(&s, &baseline, &f);
+        eprintln!("{text}");
+        let out = support::repo_root().join(format!("target/vs-keda-{n}-{}.md", system.slug()));
+        if std::fs::write(&out, &text).is_ok() {
+            eprintln!(
+                "vs_keda: {} phase written to {}",
+                system.name(),
+                out.display()
+            );
+        }
+        figures.push(f);
         loads.push(load_average());
     }
     let text = report(&s, &baseline, &figures, &loads);

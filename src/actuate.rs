@@ -35,7 +35,7 @@ pub enum ActuateError {
     BadApiVersion(String),
     /// The kind is not served.
     #[error(
-        "{kind} {namespace}/{name}: kind {api_version}/{kind} is not served by the apiserver: {source}"
+        "{kind} {namespace}/{name}: kind {api_version}/{kind} is not served by the apiserver: {}", crate::api_error::human(.source)
     )]
     UnknownKind {
         /// apiVersion.
@@ -120,8 +120,11 @@ pub enum ActuateError {
         /// Why.
         source: crate::controller::leader::NotLeader,
     },
-    /// An API call failed.
-    #[error("{what} {kind} {namespace}/{name}: {source}")]
+    /// An API call failed (a 403 names the grant to add).
+    #[error(
+        "{what} {kind} {namespace}/{name}: {}",
+        api_message(what, kind, namespace, source)
+    )]
     Api {
         /// What was attempted.
         what: &'static str,
@@ -134,6 +137,18 @@ pub enum ActuateError {
         /// The error.
         source: Box<kube::Error>,
     },
+}
+
+/// An API error, with what to change when it is a 403: the HPA list of the one-writer rule, or
+/// the target kind's `/scale`.
+fn api_message(what: &str, kind: &str, namespace: &str, source: &kube::Error) -> String {
+    use crate::controller::permissions::{Access, explain};
+    let access = if what.contains("HorizontalPodAutoscalers") {
+        Access::Hpas { namespace }
+    } else {
+        Access::Scale { kind }
+    };
+    explain(source, access)
 }
 
 impl ActuateError {
@@ -436,7 +451,22 @@ impl ScaleTarget {
             .list(&ListParams::default())
             .await
             .map_err(|e| self.api_error("listing HorizontalPodAutoscalers for", e))?;
-        for hpa in list {
+        self.check_no_hpa_among(client, cache, list.items.iter())
+            .await
+    }
+
+    /// The one-writer rule against `hpas` (the target's namespace's, from a list or a watch):
+    /// [`ActuateError::HpaConflict`] naming the first HPA that drives this target.
+    pub async fn check_no_hpa_among(
+        &self,
+        client: &Client,
+        cache: Option<&KindCache>,
+        hpas: impl Iterator<Item = &HorizontalPodAutoscaler>,
+    ) -> Result<(), ActuateError> {
+        for hpa in hpas {
+            if hpa.metadata.namespace.as_deref() != Some(self.namespace.as_str()) {
+                continue;
+            }
             let r = &hpa.spec.scale_target_ref;
             if r.name != self.key.name {
                 continue;
@@ -450,7 +480,7 @@ impl ScaleTarget {
                     kind: self.reference.kind.clone(),
                     namespace: self.namespace.clone(),
                     name: self.reference.name.clone(),
-                    hpa: hpa.metadata.name.unwrap_or_default(),
+                    hpa: hpa.metadata.name.clone().unwrap_or_default(),
                 });
             }
         }

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::backtest::plot::{PlotData, PlotRun, write_plot};
+use crate::backtest::report::{LISTED_VIOLATIONS, ReportInput, summary_rows, write_report};
+use crate::backtest::verdict::verdict;
 use crate::backtest::{BacktestConfig, Run, Summary, run};
 use crate::crd::ScalingPolicy;
 use crate::load::load_policies;
@@ -80,8 +82,14 @@ pub struct PrometheusArgs {
     /// PEM client key.
     #[arg(long, env = "KSCALE_PROMETHEUS_CLIENT_KEY_FILE")]
     pub prometheus_client_key_file: Option<PathBuf>,
-    /// Extra header on every request: NAME=VALUE (repeatable).
-    #[arg(long = "prometheus-header", value_name = "NAME=VALUE", value_parser = parse_mapping)]
+    /// Extra header on every request: NAME=VALUE (repeatable; in the environment, one per line).
+    #[arg(
+        long = "prometheus-header",
+        env = "KSCALE_PROMETHEUS_HEADER",
+        value_name = "NAME=VALUE",
+        value_parser = parse_mapping,
+        value_delimiter = '\n'
+    )]
     pub prometheus_headers: Vec<(String, String)>,
     /// The largest Prometheus answer read, in bytes, for every server (the default and the
     /// policies' own), instant and range queries alike: reading stops at the cap and the query
@@ -161,9 +169,11 @@ pub struct RunArgs {
     /// Elect a leader through a Lease, so several replicas can run (only the leader acts).
     #[arg(long, env = "KSCALE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
-    /// Namespace of the leader-election Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub leader_election_namespace: String,
+    /// Namespace of the leader-election Lease (default: the daemon's own namespace, from
+    /// POD_NAMESPACE, which the chart sets through the downward API, then the ServiceAccount's
+    /// namespace file, then `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
     /// Name of the leader-election Lease.
     #[arg(
         long,
@@ -172,16 +182,16 @@ pub struct RunArgs {
     )]
     pub leader_election_lease: String,
     /// How long a leader's renewal stays valid (failover takes at most this plus --leader-renew).
-    #[arg(long, default_value = "10s", value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_LEASE_DURATION", default_value = "10s", value_parser = parse_std_duration)]
     pub leader_lease_duration: std::time::Duration,
     /// How often the leader renews and candidates retry (shorter than --leader-renew-deadline).
-    #[arg(long, default_value = "2s", value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_RENEW", default_value = "2s", value_parser = parse_std_duration)]
     pub leader_renew: std::time::Duration,
     /// How long after the start of its last successful renewal the leader still writes, by its
     /// own clock (default: two thirds of --leader-lease-duration). Must be shorter than
     /// --leader-lease-duration, so a leader whose renewal stalls stops writing before another
     /// replica may take the Lease over.
-    #[arg(long, value_parser = parse_std_duration)]
+    #[arg(long, env = "KSCALE_LEADER_RENEW_DEADLINE", value_parser = parse_std_duration)]
     pub leader_renew_deadline: Option<std::time::Duration>,
     /// How many times a scale write that lost a race (409 Conflict: the target's scale changed
     /// between kscale's read and its write) is re-read, re-decided and retried within one
@@ -312,9 +322,14 @@ pub struct BacktestArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Write a plot (.svg or .png).
+    /// Write a plot (.svg or .png): one panel per policy over the whole run, the busiest day and
+    /// the worst SLO violation.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Write a self-contained HTML report (summaries side by side, the verdict, the SLO
+    /// violations and the plot's panels; no script, no network).
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
     /// A second policy to run on the same data, side by side.
     #[arg(long, value_name = "FILE")]
     pub compare: Option<PathBuf>,
@@ -413,12 +428,22 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(log_colours(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr);
     // A second initialization (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether log lines carry ANSI colour codes: only on a terminal (never in a file or a pipe), and
+/// not when `NO_COLOR` is set to anything but the empty string (no-color.org).
+fn log_colours(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn kube_client() -> Result<kube::Client, CliError> {
@@ -434,7 +459,10 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
     let election = args
         .leader_elect
         .then(|| crate::controller::leader::LeaderConfig {
-            namespace: args.leader_election_namespace.clone(),
+            namespace: crate::controller::leader::lease_namespace(
+                args.leader_election_namespace.as_deref(),
+                std::path::Path::new(crate::controller::leader::SERVICE_ACCOUNT_NAMESPACE),
+            ),
             name: args.leader_election_lease.clone(),
             identity: args.instance.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -452,11 +480,22 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         cfg.validate()
             .map_err(|e| CliError::Config(e.to_string()))?;
     }
+    if let Some(cfg) = &election {
+        tracing::info!(namespace = %cfg.namespace, lease = %cfg.name, identity = %cfg.identity, "leader election through this Lease (--leader-election-namespace, --leader-election-lease)");
+    }
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {
         let client = kube_client().await?;
         let mut ctx =
             crate::controller::Context::new(client.clone(), backend.clone(), args.instance.clone());
+        if args.prometheus.prometheus_url.is_none() {
+            // The daemon works without one (resource metrics, policies with their own server),
+            // so it starts, ready, and says so: in the log, on /readyz and as a metric.
+            tracing::warn!("{}; policies without spec.prometheus.url fail their Prometheus metrics and their fallback applies", crate::controller::NO_PROMETHEUS);
+            ctx.metrics.add_warning(crate::controller::NO_PROMETHEUS.to_string());
+        } else {
+            ctx.metrics.default_prometheus.set(1);
+        }
         ctx.watch_namespace = args.watch_namespace.clone();
         let adapter = match args.external_metrics.external_metrics_addr {
             Some(addr) => {
@@ -492,6 +531,11 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
         )
         .with_limits(args.prometheus.limits());
         // The targets' pods come from a watch, as the HPA's come from an informer.
+        let (hpas, hpa_watch) = crate::controller::hpas::Hpas::watch(
+            client.clone(),
+            args.watch_namespace.as_deref(),
+        );
+        ctx.hpas = hpas;
         let (pods, pod_watch) =
             crate::source::pods::PodCache::watch(client, args.watch_namespace.as_deref());
         ctx.pods = pods;
@@ -525,6 +569,7 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Cluster(format!("the ScalingPolicy watch failed: {e}")));
         admin.abort();
         pod_watch.abort();
+        hpa_watch.abort();
         if let Some(task) = adapter {
             task.abort();
         }
@@ -638,6 +683,13 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
             )
             .map_err(io)?;
         }
+        let ready = crate::controller::ready_condition(&e);
+        writeln!(
+            out,
+            "condition {:<16} {:<5} {}",
+            "Ready", ready.status, ready.reason
+        )
+        .map_err(io)?;
         for c in d.conditions() {
             writeln!(
                 out,
@@ -645,6 +697,9 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 c.type_, c.status, c.reason
             )
             .map_err(io)?;
+        }
+        if let Some(conflict) = &e.hpa_conflict {
+            writeln!(out, "conflict  {conflict}").map_err(io)?;
         }
         writeln!(
             out,
@@ -674,7 +729,7 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
             Ok(docs) => {
                 for doc in docs {
                     let name = doc.name.as_deref().unwrap_or("(unnamed)");
-                    match doc.result {
+                    match &doc.result {
                         Ok(_) => writeln!(out, "{}: {name}: valid", path.display()).map_err(io)?,
                         Err(problems) => {
                             invalid += 1;
@@ -688,7 +743,11 @@ fn validate(paths: &[PathBuf], out: &mut dyn Write) -> Result<(), CliError> {
                             )
                             .map_err(io)?;
                             for p in problems {
-                                writeln!(out, "  {p}").map_err(io)?;
+                                match doc.line_of(p) {
+                                    Some(line) => writeln!(out, "  line {line}: {p}"),
+                                    None => writeln!(out, "  {p}"),
+                                }
+                                .map_err(io)?;
                             }
                         }
                     }
@@ -745,6 +804,9 @@ struct JsonRun<'a> {
     steps: Vec<JsonStep<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<Box<JsonRun<'a>>>,
+    /// The verdict line against the compared policy (with `--compare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<String>,
 }
 
 fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
@@ -773,6 +835,7 @@ fn json_run<'a>(policy: &CompiledPolicy, r: &'a Run) -> JsonRun<'a> {
             })
             .collect(),
         compare: None,
+        verdict: None,
     }
 }
 
@@ -832,6 +895,7 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             let mut doc = json_run(&policy, &main_run);
             if let (Some(c), Some(r)) = (&compare, &compare_run) {
                 doc.compare = Some(Box::new(json_run(c, r)));
+                doc.verdict = Some(verdict(&main_run.summary, &r.summary));
             }
             serde_json::to_writer(&mut *out, &doc).map_err(|e| CliError::Output(e.to_string()))?;
             writeln!(out).map_err(io)?;
@@ -842,50 +906,116 @@ fn backtest(args: &BacktestArgs, out: &mut dyn Write) -> Result<(), CliError> {
             write_table(&trace, args, &runs, out).map_err(io)?;
         }
     }
+    if args.plot.is_none() && args.report.is_none() {
+        return Ok(());
+    }
+    let mut runs = vec![(&policy, &main_run)];
+    if let (Some(c), Some(r)) = (&compare, &compare_run) {
+        runs.push((c, r));
+    }
+    let verdict_line = compare_run
+        .as_ref()
+        .map(|r| verdict(&main_run.summary, &r.summary));
+    let data = plot_data(&trace, args, &runs, verdict_line.as_deref());
     if let Some(path) = &args.plot {
-        let mut runs = vec![PlotRun {
-            label: policy.name.clone(),
-            replicas: main_run.steps.iter().map(|s| s.replicas).collect(),
-            ready: main_run.steps.iter().map(|s| s.ready_replicas).collect(),
-        }];
-        if let (Some(c), Some(r)) = (&compare, &compare_run) {
-            runs.push(PlotRun {
-                label: c.name.clone(),
-                replicas: r.steps.iter().map(|s| s.replicas).collect(),
-                ready: r.steps.iter().map(|s| s.ready_replicas).collect(),
-            });
+        write_plot(&data, path)?;
+        if args.format == Format::Table {
+            writeln!(out, "plot written to {}", path.display()).map_err(io)?;
         }
-        let s = &main_run.summary;
-        let data = PlotData {
-            title: format!(
-                "{} on {}",
-                policy.name,
-                trace.path.file_name().map_or_else(
-                    || trace.path.display().to_string(),
-                    |f| f.to_string_lossy().into_owned()
-                )
-            ),
-            subtitle: format!(
+    }
+    if let Some(path) = &args.report {
+        let input = ReportInput {
+            plot: &data,
+            summaries: runs.iter().map(|(_, r)| &r.summary).collect(),
+            verdict: verdict_line,
+            setup: setup_lines(&trace, args, &main_run.summary),
+        };
+        write_report(&input, path)?;
+        if args.format == Format::Table {
+            writeln!(out, "report written to {}", path.display()).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `--plot` and `--report` draw: every run, titled with the trace and subtitled with the
+/// verdict (or, alone, the run's figures).
+fn plot_data(
+    trace: &Trace,
+    args: &BacktestArgs,
+    runs: &[(&CompiledPolicy, &Run)],
+    verdict_line: Option<&str>,
+) -> PlotData {
+    let (policy, main) = runs[0];
+    let s = &main.summary;
+    let subtitle = verdict_line.map_or_else(
+        || {
+            format!(
                 "{:.1} replica-hours, {} scaling actions{}{}",
                 s.replica_hours,
                 s.scaling_actions,
                 s.slo_violation_minutes
                     .map_or(String::new(), |v| format!(", {v:.1} SLO-violation minutes")),
                 s.ratio_to_oracle.map_or(String::new(), |r| format!(
-                    ", {r:.2}× the oracle's replica-hours"
+                    ", {r:.2}× the bounded oracle's replica-hours"
                 )),
-            ),
-            times: main_run.steps.iter().map(|s| s.time).collect(),
-            demand: main_run.demand.clone(),
-            capacity: args.capacity,
-            runs,
-        };
-        write_plot(&data, path)?;
-        if args.format == Format::Table {
-            writeln!(out, "plot written to {}", path.display()).map_err(io)?;
-        }
+            )
+        },
+        str::to_string,
+    );
+    PlotData {
+        title: format!(
+            "{} on {}",
+            policy.name,
+            trace.path.file_name().map_or_else(
+                || trace.path.display().to_string(),
+                |f| f.to_string_lossy().into_owned()
+            )
+        ),
+        subtitle,
+        times: main.steps.iter().map(|s| s.time).collect(),
+        demand: main.demand.clone(),
+        capacity: args.capacity,
+        runs: runs
+            .iter()
+            .map(|(p, r)| PlotRun {
+                label: p.name.clone(),
+                replicas: r.steps.iter().map(|s| s.replicas).collect(),
+                ready: r.steps.iter().map(|s| s.ready_replicas).collect(),
+                violations: r
+                    .summary
+                    .slo_violations
+                    .iter()
+                    .map(|v| (v.start, v.end))
+                    .collect(),
+            })
+            .collect(),
     }
-    Ok(())
+}
+
+/// The trace and model lines of the table's heading, as (label, value).
+fn setup_lines(trace: &Trace, args: &BacktestArgs, first: &Summary) -> Vec<(String, String)> {
+    vec![
+        (
+            "trace".to_string(),
+            format!(
+                "{} ({} rows, {} → {})",
+                trace.path.display(),
+                trace.times.len(),
+                first.start.format("%Y-%m-%d %H:%M"),
+                first.end.format("%Y-%m-%d %H:%M")
+            ),
+        ),
+        (
+            "model".to_string(),
+            format!(
+                "scale {}, capacity {}, startup {}s",
+                args.scale,
+                args.capacity.map_or("none".to_string(), |c| c.to_string()),
+                args.startup.num_seconds()
+            ),
+        ),
+    ]
 }
 
 /// Reads `policies`' metric history from Prometheus, with a progress bar on stderr.
@@ -902,9 +1032,10 @@ fn prometheus_history(
         url: url.to_string(),
         timeout: std::time::Duration::from_secs(120),
         limits,
+        url_setting: "--prometheus",
         ..PrometheusConfig::default()
     })
-    .map_err(|e| CliError::Config(format!("--prometheus: {e}")))?;
+    .map_err(|e| CliError::Config(e.to_string()))?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps read")
@@ -972,103 +1103,12 @@ fn write_table(
     runs: &[&Run],
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
-    let first = &runs[0].summary;
-    writeln!(
-        out,
-        "trace     {} ({} rows, {} → {})",
-        trace.path.display(),
-        trace.times.len(),
-        first.start.format("%Y-%m-%d %H:%M"),
-        first.end.format("%Y-%m-%d %H:%M")
-    )?;
-    writeln!(
-        out,
-        "model     scale {}, capacity {}, startup {}s",
-        args.scale,
-        args.capacity.map_or("none".to_string(), |c| c.to_string()),
-        args.startup.num_seconds()
-    )?;
+    for (label, value) in setup_lines(trace, args, &runs[0].summary) {
+        writeln!(out, "{label:<10}{value}")?;
+    }
     writeln!(out)?;
-    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    let rows: Vec<(&str, Vec<String>)> = vec![
-        (
-            "policy",
-            runs.iter().map(|r| r.summary.policy.clone()).collect(),
-        ),
-        (
-            "evaluations",
-            runs.iter()
-                .map(|r| r.summary.evaluations.to_string())
-                .collect(),
-        ),
-        (
-            "replica-hours",
-            runs.iter()
-                .map(|r| format!("{:.1}", r.summary.replica_hours))
-                .collect(),
-        ),
-        (
-            "scaling actions",
-            runs.iter()
-                .map(|r| {
-                    format!(
-                        "{} ({} up, {} down)",
-                        r.summary.scaling_actions, r.summary.scale_ups, r.summary.scale_downs
-                    )
-                })
-                .collect(),
-        ),
-        (
-            "replicas min/max",
-            runs.iter()
-                .map(|r| format!("{}/{}", r.summary.min_replicas, r.summary.max_replicas))
-                .collect(),
-        ),
-        (
-            "degraded evaluations",
-            runs.iter()
-                .map(|r| r.summary.degraded_evaluations.to_string())
-                .collect(),
-        ),
-        (
-            "SLO-violation minutes",
-            runs.iter()
-                .map(|r| opt(r.summary.slo_violation_minutes, 1))
-                .collect(),
-        ),
-        (
-            "oracle replica-hours",
-            runs.iter()
-                .map(|r| opt(r.summary.oracle_replica_hours, 1))
-                .collect(),
-        ),
-        (
-            "ratio to oracle",
-            runs.iter()
-                .map(|r| opt(r.summary.ratio_to_oracle, 3))
-                .collect(),
-        ),
-        (
-            "accuracy U/O %",
-            runs.iter()
-                .map(|r| {
-                    r.summary.elasticity.map_or("-".into(), |e| {
-                        format!("{:.2}/{:.2}", e.accuracy_under, e.accuracy_over)
-                    })
-                })
-                .collect(),
-        ),
-        (
-            "timeshare U/O %",
-            runs.iter()
-                .map(|r| {
-                    r.summary.elasticity.map_or("-".into(), |e| {
-                        format!("{:.2}/{:.2}", e.timeshare_under, e.timeshare_over)
-                    })
-                })
-                .collect(),
-        ),
-    ];
+    let summaries: Vec<&Summary> = runs.iter().map(|r| &r.summary).collect();
+    let rows = summary_rows(&summaries);
     let width = runs
         .iter()
         .map(|r| r.summary.policy.len())
@@ -1086,6 +1126,9 @@ fn write_table(
         for r in runs {
             write_violations(&r.summary, capacity, out)?;
         }
+    }
+    if let [ours, baseline, ..] = runs {
+        writeln!(out, "\n{}", verdict(&ours.summary, &baseline.summary))?;
     }
     Ok(())
 }
@@ -1113,5 +1156,33 @@ fn write_violations(s: &Summary, capacity: f64, out: &mut dyn Write) -> std::io:
     Ok(())
 }
 
-/// How many SLO-violation stretches the table lists per run.
-const LISTED_VIOLATIONS: usize = 10;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_daemon_flag_has_an_environment_variable() {
+        let cli = Cli::command();
+        let command = cli.find_subcommand("run").unwrap();
+        let missing: Vec<String> = command
+            .get_arguments()
+            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .map(|a| format!("--{}", a.get_long().unwrap_or_default()))
+            .collect();
+        assert!(missing.is_empty(), "kscale run: {missing:?} lack `env`");
+    }
+
+    #[test]
+    fn log_colours_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, None));
+        assert!(
+            !log_colours(false, None),
+            "a file or a pipe gets no colour codes"
+        );
+        assert!(!log_colours(true, Some("1".into())));
+        // NO_COLOR set but empty does not count (no-color.org).
+        assert!(log_colours(true, Some("".into())));
+    }
+}

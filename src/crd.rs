@@ -43,15 +43,17 @@ pub enum Mode {
     shortname = "sp",
     namespaced,
     status = "ScalingPolicyStatus",
-    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Reference","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".status.targets"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minReplicas"}"#,
     printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxReplicas"}"#,
     printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentReplicas"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas"}"#,
     printcolumn = r#"{"name":"Paused","type":"string","jsonPath":".status.paused"}"#,
-    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.shortReason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Detail","type":"string","jsonPath":".status.reason","priority":1}"#
 )]
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("spec.maxReplicas must be at least spec.minReplicas").field_path(".maxReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.pausedReplicas) || !((has(self.paused) && self.paused) || (has(self.pausedScaleIn) && self.pausedScaleIn) || (has(self.pausedScaleOut) && self.pausedScaleOut))").message("spec.pausedReplicas pins the count and cannot be combined with spec.paused, spec.pausedScaleIn or spec.pausedScaleOut").field_path(".pausedReplicas"))]
@@ -427,9 +429,25 @@ pub struct ScalingPolicyStatus {
     /// When the last evaluation ran (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_evaluation_time: Option<chrono::DateTime<chrono::Utc>>,
-    /// The last decision's reason, one line.
+    /// The last decision's reason, one line (the `Detail` column of `kubectl get sp -o wide`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The last decision in a few words, at most 60 characters (the `Reason` column of
+    /// `kubectl get sp`): the change, what decided it and any limit that clipped it, such as
+    /// `scale up 3→5 by rps` or `hold 6→6 by fallback Hold, ScaleDownStabilized`; the reason code
+    /// of the `Ready` condition when the policy could not be evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 60))]
+    pub short_reason: Option<String>,
+    /// Each metric against its target, as the HPA's `TARGETS` column shows them (the `Targets`
+    /// column of `kubectl get sp`): `<value>/<target> (<metric>)`, comma-separated, such as
+    /// `112500m/70 (rps), 43%/60% (cpu)`. A Prometheus metric with an `AverageValue` target
+    /// shows its value per current replica, as the HPA does; a metric without a value shows its
+    /// state (`<Missing>/70 (rps)`). At most 120 characters: metrics past that are counted
+    /// (`+ 2 more`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 120))]
+    pub targets: Option<String>,
     /// Per-metric values and proposals of the last evaluation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricStatus>,

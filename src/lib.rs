@@ -8,6 +8,7 @@
 //! - [`listener`]: the accept/serve loop and limits shared by every listener.
 //! - [`status`]: a decision as a ScalingPolicy status (conditions, metrics, history).
 //! - [`source`]: metric sources (recorded traces for now).
+//! - [`api_error`]: Kubernetes client errors as people read them (no `Some(...)`).
 //! - [`actuate`]: reading and writing a target's `scale` subresource; one writer per target.
 //! - [`backtest`]: replays a trace through a policy with a simulated clock and capacity model.
 //! - [`load`]: reading policy files, with errors naming file, document and field.
@@ -18,6 +19,7 @@
 
 pub mod actuate;
 pub mod adapter;
+pub mod api_error;
 pub mod backtest;
 pub mod cli;
 pub mod config;

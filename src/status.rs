@@ -5,8 +5,15 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MetricStatus, ScalingPolicyStatus};
-use crate::policy::{CompiledPolicy, Decision};
+use crate::policy::behavior::{Limit, Stabilization};
+use crate::policy::compile::{FailureAction, MetricSource, Target};
+use crate::policy::{CompiledPolicy, Decision, Rule};
 use crate::units::format_quantity;
+
+/// The longest `status.shortReason`, in characters (also its schema's `maxLength`).
+pub const MAX_SHORT_REASON_CHARS: usize = 60;
+/// The longest `status.targets`, in characters (also its schema's `maxLength`).
+pub const MAX_TARGETS_CHARS: usize = 120;
 
 /// A chrono time as a Kubernetes `Time`.
 pub fn k8s_time(t: DateTime<Utc>) -> Time {
@@ -62,11 +69,126 @@ pub fn status_from_decision(
         desired_replicas: Some(decision.replicas),
         last_evaluation_time: Some(now),
         reason: Some(decision.reason(policy)),
+        short_reason: Some(short_reason(policy, decision)),
+        targets: Some(targets(policy, decision)),
         paused: decision.paused.map(|p| p.pause.label()),
         metrics,
         conditions,
         history: decision.state.clone().capped(),
     }
+}
+
+/// `status.shortReason`: the change, what decided it and the limit that clipped it, in at
+/// most [`MAX_SHORT_REASON_CHARS`] characters (`scale up 3→5 by rps`,
+/// `hold 6→6 by fallback Hold, ScaleDownStabilized`).
+pub fn short_reason(policy: &CompiledPolicy, decision: &Decision) -> String {
+    let verb = match decision.replicas.cmp(&decision.current) {
+        std::cmp::Ordering::Greater => "scale up",
+        std::cmp::Ordering::Less => "scale down",
+        std::cmp::Ordering::Equal => "hold",
+    };
+    let by = match decision.rule {
+        Rule::ScalingDisabled => "scaling disabled at 0",
+        Rule::AboveMax => "above maxReplicas",
+        Rule::BelowMin => "below minReplicas",
+        Rule::Metrics(Some(i)) => policy.metrics.get(i).map_or("metrics", |m| m.name.as_str()),
+        Rule::Metrics(None) => "metrics",
+        Rule::Formula => "formula",
+        Rule::Fallback(FailureAction::Hold) => "fallback Hold",
+        Rule::Fallback(FailureAction::Replicas(_)) => "fallback replicas",
+        Rule::Paused(_) => "spec.paused*",
+        Rule::PausedAtZero => "zero set by another",
+        Rule::Idle => "idle",
+    };
+    let mut out = format!("{verb} {}→{} by {by}", decision.current, decision.replicas);
+    if let Some(n) = decision.normalized {
+        match n.stabilization {
+            Stabilization::ScaleUpStabilized => out.push_str(", ScaleUpStabilized"),
+            Stabilization::ScaleDownStabilized => out.push_str(", ScaleDownStabilized"),
+            Stabilization::ReadyForNewScale => {}
+        }
+        if n.limit != Limit::DesiredWithinRange {
+            out.push_str(", ");
+            out.push_str(n.limit.reason());
+        }
+    }
+    truncate_chars(out, MAX_SHORT_REASON_CHARS)
+}
+
+/// `status.targets`: each metric against its target as the HPA's `TARGETS` column shows them
+/// (`112500m/70 (rps), 43%/60% (cpu)`), in at most [`MAX_TARGETS_CHARS`] characters; the
+/// metrics that do not fit are counted (`+ 2 more`).
+pub fn targets(policy: &CompiledPolicy, decision: &Decision) -> String {
+    let entries: Vec<String> = policy
+        .metrics
+        .iter()
+        .zip(&decision.metrics)
+        .map(|(m, o)| {
+            let (value, target) = match m.target {
+                Target::Utilization(p) => (
+                    o.value.map(|v| format!("{}%", format_quantity(v))),
+                    format!("{p}%"),
+                ),
+                Target::AverageValue(_) => {
+                    // A Prometheus value is the total: per replica, as the HPA shows an
+                    // External AverageValue (the total at 0 replicas). A resource value is
+                    // already an average over pods.
+                    let per_replica = |v: f64| match m.source {
+                        MetricSource::Prometheus { .. } if decision.current > 0 => {
+                            v / f64::from(decision.current)
+                        }
+                        _ => v,
+                    };
+                    (
+                        o.value.map(|v| format_quantity(per_replica(v))),
+                        format_quantity(m.target.value()),
+                    )
+                }
+                Target::Value(_) => (
+                    o.value.map(format_quantity),
+                    format_quantity(m.target.value()),
+                ),
+            };
+            let value = value.unwrap_or_else(|| format!("<{}>", o.state.as_str()));
+            format!("{value}/{target} ({})", m.name)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let more = entries.len() - i - 1;
+        let tail = if more > 0 {
+            format!(", + {more} more")
+        } else {
+            String::new()
+        };
+        let separator = if i == 0 { "" } else { ", " };
+        let fits =
+            out.chars().count() + separator.len() + entry.chars().count() + tail.chars().count()
+                <= MAX_TARGETS_CHARS;
+        if !fits {
+            let rest = entries.len() - i;
+            let note = if i == 0 {
+                format!("+ {rest} more")
+            } else {
+                format!(", + {rest} more")
+            };
+            out.push_str(&note);
+            break;
+        }
+        out.push_str(separator);
+        out.push_str(entry);
+    }
+    truncate_chars(out, MAX_TARGETS_CHARS)
+}
+
+/// `text` cut to at most `max` characters, with `…` where it was cut.
+fn truncate_chars(text: String, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text;
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 #[cfg(test)]
@@ -109,6 +231,12 @@ spec:
         assert_eq!(s1.metrics[0].proposal, Some(5));
         assert_eq!(s1.metrics[0].forecast, None, "no spec.forecast");
         assert!(s1.reason.as_deref().unwrap().starts_with("scale up 2→4"));
+        // The kubectl columns: the value per replica against the target, and a short reason.
+        assert_eq!(s1.targets.as_deref(), Some("225/100 (rps)"));
+        assert_eq!(
+            s1.short_reason.as_deref(),
+            Some("scale up 2→4 by rps, ScaleUpLimit")
+        );
         // Serializes as JSON and back, history included.
         let json = serde_json::to_value(&s1).unwrap();
         assert!(json["recommendations"].is_array());
@@ -139,5 +267,51 @@ spec:
         );
         assert_eq!(s3.metrics[0].state, "Error");
         assert_eq!(s3.metrics[0].message.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn the_targets_column_stays_within_its_bound() {
+        let metrics: String = (0..16)
+            .map(|i| {
+                format!(
+                    "  - name: a_metric_with_a_rather_long_name_{i:02}\n    prometheus: {{query: 'sum(x)'}}\n    target: {{type: Value, value: \"10\"}}\n"
+                )
+            })
+            .collect();
+        let p: ScalingPolicy = serde_yaml::from_str(&format!(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{kind: Deployment, name: web}}\n  maxReplicas: 10\n  metrics:\n{metrics}"
+        ))
+        .unwrap();
+        let policy = CompiledPolicy::from_resource(&p).unwrap();
+        let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let mut samples: Vec<Sample> = (0..16)
+            .map(|_| Sample::Series {
+                values: vec![12.5],
+                timestamp: t0,
+            })
+            .collect();
+        samples[0] = Sample::Missing {
+            reason: "empty".into(),
+        };
+        let d = evaluate(
+            &policy,
+            &Observation::steady(2, samples),
+            &PolicyState::default(),
+            t0,
+        );
+        let t = targets(&policy, &d);
+        assert!(t.chars().count() <= MAX_TARGETS_CHARS, "{t}");
+        assert!(
+            t.starts_with("<Missing>/10 (a_metric_with_a_rather_long_name_00), 12500m/10 (a_metric_with_a_rather_long_name_01), + 14 more"),
+            "{t}"
+        );
+        let r = short_reason(&policy, &d);
+        assert!(r.chars().count() <= MAX_SHORT_REASON_CHARS, "{r}");
+        // A missing metric forbids a scale-down only: the others may still raise the count.
+        assert_eq!(r, "scale up 2→3 by a_metric_with_a_rather_long_name_01");
+        // A metric name of 63 characters still fits the short reason, cut with an ellipsis.
+        let long = truncate_chars("x".repeat(100), MAX_SHORT_REASON_CHARS);
+        assert_eq!(long.chars().count(), MAX_SHORT_REASON_CHARS);
+        assert!(long.ends_with('…'));
     }
 }

@@ -54,9 +54,17 @@ pub struct MetricLabels {
     pub metric: String,
 }
 
-/// Labels of a source error.
+/// Labels of a source error. Their cardinality is bounded by the policies: one set per policy,
+/// metric source, server and kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceErrorLabels {
+    /// The policy's namespace.
+    pub namespace: String,
+    /// The policy's name.
+    pub policy: String,
+    /// Where the metric came from: `default` (the daemon's `--prometheus-url`), the policy's own
+    /// `spec.prometheus.url`, or `metrics.k8s.io` for resource metrics.
+    pub server: String,
     /// `prometheus` or `resource`.
     pub source: String,
     /// `missing`, `stale`, `invalid` or `error`.
@@ -92,7 +100,13 @@ pub struct Metrics {
     pub prometheus_seconds: Histogram,
     /// 1 while this instance is the one that evaluates and writes.
     pub leader: Gauge,
+    /// 1 while the policy's `Ready` condition is True, 0 while it is False (what to alert on).
+    pub policy_ready: Family<PolicyLabels, Gauge>,
+    /// 1 when the daemon has a default Prometheus (`--prometheus-url`), 0 when it has none.
+    pub default_prometheus: Gauge,
     ready: AtomicBool,
+    /// Settings that leave the daemon running but some policies failing; `/readyz` lists them.
+    warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -119,7 +133,10 @@ impl Metrics {
             evaluation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             prometheus_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
+            policy_ready: Family::default(),
+            default_prometheus: Gauge::default(),
             ready: AtomicBool::new(false),
+            warnings: std::sync::Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
         registry.register("evaluations", "Policy evaluations", m.evaluations.clone());
@@ -184,7 +201,32 @@ impl Metrics {
             "1 while this instance evaluates and writes",
             m.leader.clone(),
         );
+        registry.register(
+            "policy_ready",
+            "1 while the policy's Ready condition is True (evaluated, no conflict, every metric valid)",
+            m.policy_ready.clone(),
+        );
+        registry.register(
+            "default_prometheus_configured",
+            "1 when the daemon has a default Prometheus (--prometheus-url), 0 when it has none",
+            m.default_prometheus.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Records a setting that leaves the daemon running but some policies failing: `/readyz`
+    /// stays 200 and lists it.
+    pub fn add_warning(&self, warning: String) {
+        if let Ok(mut w) = self.warnings.lock()
+            && !w.contains(&warning)
+        {
+            w.push(warning);
+        }
+    }
+
+    /// The warnings `/readyz` lists.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// Records one decision.
@@ -254,16 +296,22 @@ impl Metrics {
                     .get_or_create(&ml)
                     .set(o.forecast.map_or(f64::NAN, |(f, _)| f.upper));
             }
-            if !matches!(
-                o.state,
-                crate::policy::MetricState::Valid | crate::policy::MetricState::NoPods
-            ) {
-                let source = match m.source {
-                    crate::policy::MetricSource::Prometheus { .. } => "prometheus",
-                    crate::policy::MetricSource::Resource { .. } => "resource",
+            if o.state.is_failure() {
+                let (source, server) = match m.source {
+                    crate::policy::MetricSource::Prometheus { .. } => (
+                        "prometheus",
+                        policy
+                            .prometheus
+                            .as_ref()
+                            .map_or("default", |p| p.url.as_str()),
+                    ),
+                    crate::policy::MetricSource::Resource { .. } => ("resource", "metrics.k8s.io"),
                 };
                 self.source_errors
                     .get_or_create(&SourceErrorLabels {
+                        namespace: labels.namespace.clone(),
+                        policy: labels.policy.clone(),
+                        server: server.into(),
                         source: source.into(),
                         kind: o.state.as_str().to_lowercase(),
                     })
@@ -299,6 +347,18 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     r
 }
 
+/// `/readyz`'s body when ready: `ok`, then one `warning:` line per setting that leaves some
+/// policies failing (the daemon itself works, so it stays ready: see the README's Readiness).
+fn ready_body(metrics: &Metrics) -> String {
+    let mut body = String::from("ok\n");
+    for w in metrics.warnings() {
+        body.push_str("warning: ");
+        body.push_str(&w);
+        body.push('\n');
+    }
+    body
+}
+
 fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => match metrics.encode() {
@@ -314,7 +374,9 @@ fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if metrics.is_ready() => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if metrics.is_ready() => {
+            respond(StatusCode::OK, "text/plain", ready_body(metrics))
+        }
         "/readyz" => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -360,4 +422,38 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, limits: crate::
         "serving /metrics, /healthz, /readyz"
     );
     crate::listener::serve(listener, limits, Arc::new(Admin(metrics)), "metrics").await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readyz_lists_the_warnings_and_source_errors_name_the_policy_and_server() {
+        let m = Metrics::new();
+        assert_eq!(ready_body(&m), "ok\n");
+        m.add_warning("no default Prometheus".into());
+        m.add_warning("no default Prometheus".into());
+        assert_eq!(ready_body(&m), "ok\nwarning: no default Prometheus\n");
+
+        let p: crate::crd::ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  prometheus: {url: 'http://thanos:9090'}\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: AverageValue, averageValue: '10'}\n",
+        )
+        .unwrap();
+        let policy = CompiledPolicy::from_resource(&p).unwrap();
+        let obs = crate::model::Observation::steady(
+            2,
+            vec![crate::model::Sample::Error {
+                message: "refused".into(),
+            }],
+        );
+        let t = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let d = crate::policy::evaluate(&policy, &obs, &Default::default(), t);
+        m.record("shop", &policy, "web", &d, false);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(r#"kscale_source_errors_total{namespace="shop",policy="web",server="http://thanos:9090",source="prometheus",kind="error"} 1"#),
+            "{text}"
+        );
+    }
 }

@@ -3,6 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "support/readme_backtest.rs"]
+mod readme_backtest;
+use readme_backtest::elb_comparison;
+
 fn kscale(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kscale"))
         .args(args)
@@ -181,6 +185,67 @@ fn validate_checks_the_policy_prometheus() {
     }
 }
 
+/// Issue 16: the walkthrough's mistakes (a misspelled field, a type error, broken PromQL) and
+/// more, all in one run, each with its path and line; a misspelling is an unknown field with a
+/// suggestion, never a missing field.
+#[test]
+fn validate_reports_every_mistake_in_one_run_with_lines_and_suggestions() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "three.yaml",
+        r#"apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {name: backend}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: backend}
+  minReplicas: three
+  maxReplica: 10
+  mode: Dryrun
+  interval: 1ms
+  metrics:
+  - name: rps
+    prometheus:
+      query: 'sum(rate(http_requests_total[1m])'
+    target: {type: AverageValue, averageValue: "70"}
+  - name: queue
+    prometheus: {query: 'sum(queue_depth) $ 2'}
+    target: {type: AverageValue, averageValue: "5"}
+    activationTreshold: "1"
+"#,
+    );
+    let o = kscale(&["validate", "-p", f.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    for needle in [
+        "backend (document 1): 7 problems",
+        "  line 6: spec.minReplicas: must be an integer, got the string \"three\"",
+        "  line 7: spec.maxReplica: unknown field; did you mean maxReplicas?",
+        "  line 8: spec.mode: unknown value \"Dryrun\"; expected one of Controller, ExternalMetric, DryRun; did you mean DryRun?",
+        "  line 18: spec.metrics[1].activationTreshold: unknown field; did you mean activationThreshold?",
+        "  line 9: spec.interval: must be at least 1s",
+        "  line 13: spec.metrics[0].prometheus.query: is not valid PromQL: unclosed left parenthesis (at character 4)",
+        "  line 16: spec.metrics[1].prometheus.query: is not valid PromQL: unexpected character: '$' (at character 18)",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in\n{out}");
+    }
+    assert!(!out.contains("missing field"), "{out}");
+
+    // Fixed, the same file is valid: the checks above were about the mistakes alone.
+    let fixed = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("minReplicas: three", "minReplicas: 3")
+        .replace("maxReplica:", "maxReplicas:")
+        .replace("Dryrun", "DryRun")
+        .replace("1ms", "15s")
+        .replace("[1m])'", "[1m]))'")
+        .replace(" $ 2", " / 2")
+        .replace("activationTreshold: \"1\"", "");
+    let f = write(dir.path(), "fixed.yaml", &fixed);
+    let o = kscale(&["validate", "-p", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn validate_missing_file() {
     let o = kscale(&["validate", "-p", "/nonexistent/policy.yaml"]);
@@ -236,6 +301,16 @@ fn backtest_json_on_a_real_trace() {
     let rh = summary["replica_hours"].as_f64().unwrap();
     let oracle = summary["oracle_replica_hours"].as_f64().unwrap();
     assert!(rh > oracle && oracle > 0.0, "{rh} vs {oracle}");
+    // The oracle is held to minReplicas 3: at least 3 replicas at every evaluation, and never
+    // below the unbounded one (which may run 0).
+    let floor = 3.0 * steps.len() as f64 * 15.0 / 3600.0;
+    assert!(oracle >= floor - 1e-6, "{oracle} under the floor's {floor}");
+    let unbounded = summary["oracle_unbounded_replica_hours"].as_f64().unwrap();
+    assert!(
+        unbounded > 0.0 && unbounded < oracle,
+        "{unbounded} vs {oracle}"
+    );
+    assert!(v.get("verdict").is_none(), "no verdict without --compare");
     // Every minute short of capacity is in one of the listed stretches, in order and disjoint
     // (adjacent ones would have been one), each really short at its peak.
     let minutes = summary["slo_violation_minutes"].as_f64().unwrap();
@@ -254,6 +329,35 @@ fn backtest_json_on_a_real_trace() {
         previous_end = Some(end);
     }
     assert!((total - minutes).abs() < 1e-6, "{total} vs {minutes}");
+}
+
+/// The README's first comparison: the table and the JSON end with the same verdict line, with the
+/// figures the summaries give (replica-hours 1094.1 vs 1233.7, SLO minutes 82.2 vs 50.0,
+/// scaling actions 639 vs 1017).
+#[test]
+fn backtest_summary_ends_with_the_verdict() {
+    let args = |format: &'static str| elb_comparison(&["--format", format]);
+    let expected = "shop/backend: \u{2212}11 % replica-hours, +64 % SLO-violation minutes, \
+                    \u{2212}37 % scaling actions vs shop/backend-hpa-cpu";
+    let o = kscale(&args("table"));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert_eq!(out.trim_end().lines().last(), Some(expected), "{out}");
+    // Both oracles per policy: held to minReplicas 3..maxReplicas 10, and unbounded.
+    let row = |label: &str| {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no row {label}: {out}"))
+    };
+    assert_eq!(row("oracle replica-hours")[2..], ["1023.7", "1023.7"]);
+    assert_eq!(row("unbounded oracle r-h")[3..], ["528.5", "528.5"]);
+    assert_eq!(row("ratio to oracle")[3..], ["1.069", "1.205"]);
+
+    let o = kscale(&args("json"));
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], expected);
 }
 
 #[test]
@@ -282,23 +386,7 @@ fn backtest_writes_svg_and_png_plots() {
     let dir = tempfile::tempdir().unwrap();
     for ext in ["svg", "png"] {
         let plot = dir.path().join(format!("plot.{ext}"));
-        let o = kscale(&[
-            "backtest",
-            "-p",
-            "examples/backend-rps.yaml",
-            "-t",
-            ELB,
-            "--scale",
-            "1.5",
-            "--capacity",
-            "100",
-            "--startup",
-            "60s",
-            "--compare",
-            "examples/backend-hpa-cpu.yaml",
-            "--plot",
-            plot.to_str().unwrap(),
-        ]);
+        let o = kscale(&elb_comparison(&["--plot", plot.to_str().unwrap()]));
         assert!(o.status.success(), "{}", text(&o));
         // The table says when each policy was short of capacity.
         let out = text(&o);

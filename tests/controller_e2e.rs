@@ -187,29 +187,14 @@ async fn scales_a_deployment_on_a_prometheus_metric() {
     );
 
     // dry-run: one live evaluation, printed, nothing written.
-    let file = support::repo_root().join(format!(
-        "target/controller-e2e-policy-{}.yaml",
-        std::process::id()
-    ));
     let mut dry = policy.clone();
     dry.metadata.name = Some("web-dry".into());
-    std::fs::write(&file, serde_yaml::to_string(&dry).expect("yaml")).expect("write policy");
     sc.set(100.0);
     sc.wait_visible(env, 100.0).await;
     drop(_controller);
     let before = support::replicas(deployments).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
-        .env("KUBECONFIG", &env.kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .output()
-        .expect("kscale dry-run runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = support::controller::dry_run(env, &dry, "controller-e2e-policy");
+    assert!(ok, "{text}");
     assert!(
         text.contains("decision  10 replicas (dry run: nothing written)"),
         "{text}"
@@ -1160,23 +1145,8 @@ async fn forecast_scales_ahead_of_a_ramp_and_survives_a_restart() {
         ..Default::default()
     };
     dry.status = None;
-    let file = support::repo_root().join(format!(
-        "target/controller-e2e-forecast-{}.yaml",
-        std::process::id()
-    ));
-    std::fs::write(&file, serde_yaml::to_string(&dry).expect("yaml")).expect("write policy");
-    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
-        .env("KUBECONFIG", &env.kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .output()
-        .expect("kscale dry-run runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = support::controller::dry_run(env, &dry, "controller-e2e-forecast");
+    assert!(ok, "{text}");
     let metric_line = text
         .lines()
         .find(|l| l.starts_with("metric "))

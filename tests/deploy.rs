@@ -591,3 +591,65 @@ fn rendered_deployment_is_locked_down() {
         }
     }
 }
+
+/// The `helm install` command lines of `text`, each with its continuation lines joined and its
+/// whitespace collapsed.
+fn helm_installs(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        // A command line of a code block, not prose that mentions one.
+        if !line.trim_start().starts_with("helm install ") {
+            continue;
+        }
+        let mut command = line.trim_start().to_string();
+        while command.ends_with('\\') {
+            command.pop();
+            command.push(' ');
+            command.push_str(lines.next().unwrap_or_default());
+        }
+        out.push(command.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    out
+}
+
+/// Issue 16: one install path, the same in every document: the chart into its own namespace
+/// (`--create-namespace`, so the chart renders no Namespace of its own), with the default
+/// Prometheus and the image's registry set.
+#[test]
+fn every_document_gives_the_same_install_command() {
+    let root = support::repo_root();
+    let docs = ["README.md", "deploy/examples/scalable-backend/README.md"];
+    let mut commands = BTreeSet::new();
+    for doc in docs {
+        let found = helm_installs(&read(&root.join(doc)));
+        assert!(!found.is_empty(), "{doc} gives no helm install command");
+        for command in found {
+            for needed in [
+                "-n kscale --create-namespace",
+                "--set prometheus.url=",
+                "--set image.repository=",
+                "--set image.tag=",
+            ] {
+                assert!(command.contains(needed), "{doc}: {command} lacks {needed}");
+            }
+            commands.insert(command);
+        }
+    }
+    assert_eq!(commands.len(), 1, "the documents disagree: {commands:#?}");
+    // With --create-namespace Helm creates the namespace; the chart must not render one too.
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&read(&root.join("deploy/helm/kscale/values.yaml"))).expect("values");
+    assert_eq!(values["createNamespace"], serde_yaml::Value::Bool(false));
+    // The image comes from the Dockerfile: the install path says so.
+    let readme = read(&root.join("README.md"));
+    assert!(readme.contains("docker build -t registry.example.com/kscale:0.1.0 ."));
+    // No document offers a second way in.
+    for doc in docs {
+        let text = read(&root.join(doc));
+        assert!(
+            !text.contains("kubectl apply -f deploy/manifests"),
+            "{doc} offers the plain manifests as an install path"
+        );
+    }
+}

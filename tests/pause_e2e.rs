@@ -70,29 +70,9 @@ async fn notes(client: &kube::Client, namespace: &str, reason: &str) -> Vec<Stri
     list.into_iter().filter_map(|e| e.note).collect()
 }
 
-/// The `Paused` column of `kubectl get sp web`: the apiserver's Table for the policy, whose
-/// columns are the CRD's additionalPrinterColumns (`None`: an empty cell).
+/// The `Paused` column of `kubectl get sp web`.
 async fn paused_column(client: &kube::Client, namespace: &str) -> Option<String> {
-    let request = http::Request::get(format!(
-        "/apis/kscale.dev/v1alpha1/namespaces/{namespace}/scalingpolicies/web"
-    ))
-    .header(
-        "Accept",
-        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
-    )
-    .body(Vec::new())
-    .expect("request builds");
-    let table: serde_json::Value = client.request(request).await.expect("table read");
-    let columns = table["columnDefinitions"].as_array().expect("columns");
-    let i = columns
-        .iter()
-        .position(|c| c["name"] == "Paused")
-        .expect("a Paused column");
-    match &table["rows"][0]["cells"][i] {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s.clone()),
-        other => panic!("the Paused cell is {other}"),
-    }
+    support::controller::printer_column(client, namespace, "web", "Paused").await
 }
 
 async fn replicas_now(sc: &Scenario) -> i32 {

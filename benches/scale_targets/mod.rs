@@ -323,15 +323,71 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<usize, String>>,
 {
-    let start = Instant::now();
-    support::wait_until(what, timeout, || async {
-        match count().await? {
-            done if done >= n => Ok(()),
-            done => Err(format!("{done}/{n}")),
+    match count_within(n, timeout, count).await {
+        Ok(took) => took,
+        Err(short) => panic!("timed out waiting for {what}: {short}"),
+    }
+}
+
+/// How far a count got when its bound ran out.
+#[derive(Debug, Clone)]
+pub struct Shortfall {
+    /// The count at the bound (the last count that could be read).
+    pub reached: usize,
+    pub wanted: usize,
+    pub after: Duration,
+    /// The last error reading the count, if the last poll failed.
+    pub last_error: Option<String>,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} after {:.0} s",
+            self.reached,
+            self.wanted,
+            self.after.as_secs_f64()
+        )?;
+        if let Some(e) = &self.last_error {
+            write!(f, " (last read failed: {e})")?;
         }
-    })
-    .await;
-    start.elapsed()
+        Ok(())
+    }
+}
+
+/// Polls `count` every 200 ms until it reaches `n`: how long that took, or how far it got
+/// within `timeout` (a figure to report, not a failure).
+pub async fn count_within<F, Fut>(
+    n: usize,
+    timeout: Duration,
+    count: F,
+) -> Result<Duration, Shortfall>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, String>>,
+{
+    let start = Instant::now();
+    let mut reached = 0;
+    loop {
+        let last_error = match count().await {
+            Ok(done) if done >= n => return Ok(start.elapsed()),
+            Ok(done) => {
+                reached = done;
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if start.elapsed() >= timeout {
+            return Err(Shortfall {
+                reached,
+                wanted: n,
+                after: start.elapsed(),
+                last_error,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Starts the release `kscale run` (no leader election) against the test environment, with

@@ -61,7 +61,7 @@ pub struct FrontProxy {
 pub enum AuthError {
     /// The ConfigMap could not be read.
     #[error(
-        "reading ConfigMap {AUTH_CONFIGMAP} (the ServiceAccount needs the extension-apiserver-authentication-reader Role in kube-system): {0}"
+        "reading ConfigMap {AUTH_CONFIGMAP} (the ServiceAccount needs the extension-apiserver-authentication-reader Role in kube-system): {}", crate::api_error::human(.0)
     )]
     ConfigMap(Box<kube::Error>),
     /// The ConfigMap lacks the front-proxy settings.
@@ -78,7 +78,7 @@ pub enum AuthError {
         message: String,
     },
     /// A review request failed.
-    #[error("{kind} failed: {source}")]
+    #[error("{kind} failed: {}", crate::api_error::human(.source))]
     Review {
         /// `TokenReview` or `SubjectAccessReview`.
         kind: &'static str,
@@ -386,7 +386,7 @@ async fn review_access(
         })?;
     let allowed = answer.status.is_some_and(|s| s.allowed);
     if !allowed {
-        warn!(user = %user.name, ?attrs, "request denied by SubjectAccessReview");
+        warn!(user = %user.name, attrs = %attrs.describe(), "request denied by SubjectAccessReview");
     }
     Ok(allowed)
 }

@@ -14,13 +14,15 @@
 //!   capacity) of it), or a column can be mapped to them as utilization percent.
 
 pub mod plot;
+pub mod report;
+pub mod verdict;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 
 use crate::model::{Observation, PodPhase, PodSample, PodUsage, Sample};
 use crate::policy::forecast::ForecastState;
-use crate::policy::{CompiledPolicy, MetricSource, PolicyState, evaluate};
+use crate::policy::{CompiledPolicy, MetricSource, PolicyState, effective_bounds, evaluate};
 use crate::source::trace::Trace;
 
 /// Prometheus' default lookback for instant queries.
@@ -179,9 +181,15 @@ pub struct Summary {
     pub slo_violation_minutes: Option<f64>,
     /// When: each run of consecutive evaluations with demand above ready capacity.
     pub slo_violations: Vec<Violation>,
-    /// Replica-hours of a perfect-foresight oracle (needs a capacity).
+    /// Replica-hours of a perfect-foresight oracle held to the policy's bounds (needs a
+    /// capacity): it never runs fewer than the policy's floor nor more than its ceiling at that
+    /// time (schedules included), so the ratio does not blame the policy for its own
+    /// `minReplicas`.
     pub oracle_replica_hours: Option<f64>,
-    /// Our replica-hours over the oracle's.
+    /// Replica-hours of the same oracle without the policy's bounds: exactly the replicas demand
+    /// needs, 0 when idle (needs a capacity).
+    pub oracle_unbounded_replica_hours: Option<f64>,
+    /// Our replica-hours over the bounded oracle's.
     pub ratio_to_oracle: Option<f64>,
     /// SPEC RG elasticity metrics (needs a capacity), see [`Elasticity`].
     pub elasticity: Option<Elasticity>,
@@ -509,9 +517,11 @@ pub fn run(
         slo_violation_minutes: config.capacity.map(|_| 0.0),
         slo_violations: Vec::new(),
         oracle_replica_hours: None,
+        oracle_unbounded_replica_hours: None,
         ratio_to_oracle: None,
         elasticity: None,
     };
+    let mut bounds = Vec::with_capacity(total as usize);
     let mut elasticity = Elasticity::default();
     let mut elasticity_steps = 0u64;
     let ready_at = |births: &[DateTime<Utc>], t: DateTime<Utc>| {
@@ -619,6 +629,7 @@ pub fn run(
             reason,
         });
         demand_series.push(demand);
+        bounds.push(ReplicaBounds::at(policy, t));
         if summary.evaluations.is_multiple_of(8192) {
             progress(summary.evaluations, total);
         }
@@ -626,8 +637,12 @@ pub fn run(
     }
     progress(summary.evaluations, total);
     if let Some(c) = config.capacity {
-        let oracle = oracle_replica_hours(&demand_series, c, config.startup, interval);
+        let needed = oracle_replicas(&demand_series, c, config.startup, interval);
+        let bounded = needed.iter().zip(&bounds).map(|(n, b)| b.clamp(*n));
+        let oracle = replica_hours(bounded, interval);
         summary.oracle_replica_hours = Some(oracle);
+        summary.oracle_unbounded_replica_hours =
+            Some(replica_hours(needed.iter().copied(), interval));
         summary.ratio_to_oracle = (oracle > 0.0).then(|| summary.replica_hours / oracle);
         summary.elasticity = Some(elasticity.finish(elasticity_steps));
     }
@@ -678,15 +693,60 @@ pub fn needed_replicas(demand: f64, capacity: f64) -> i64 {
     (demand / capacity).ceil().max(0.0) as i64
 }
 
-/// Replica-hours of a perfect-foresight oracle: at each step it runs exactly the replicas needed
-/// (`ceil(demand / capacity)`) for every moment up to `startup` ahead, so each replica is ready
-/// when its demand arrives.
-pub fn oracle_replica_hours(
+/// The replica bounds a policy holds a target to at one time: what the bounded oracle respects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaBounds {
+    /// The floor while demand needs a replica (`minReplicas`, raised by an open schedule).
+    pub min: i32,
+    /// The floor while demand needs none: `min`, or with `minReplicas: 0` / `idleReplicas`
+    /// the idle count (unless an open schedule sets a floor).
+    pub idle: i32,
+    /// The ceiling (`maxReplicas`, lowered by an open schedule).
+    pub max: i32,
+}
+
+impl ReplicaBounds {
+    /// The bounds `policy` is held to at `t` (the evaluator's own effective bounds).
+    pub fn at(policy: &CompiledPolicy, t: DateTime<Utc>) -> ReplicaBounds {
+        let (min, max, by) = effective_bounds(policy, t);
+        match policy.zero {
+            Some(z) if by.floor.is_none() => ReplicaBounds {
+                min: min.max(z.active_min).min(max),
+                idle: z.idle.min(max),
+                max,
+            },
+            _ => ReplicaBounds {
+                min,
+                idle: min,
+                max,
+            },
+        }
+    }
+
+    /// `needed` replicas held within these bounds.
+    pub fn clamp(&self, needed: i64) -> i64 {
+        let floor = if needed == 0 { self.idle } else { self.min };
+        needed
+            .max(i64::from(floor))
+            .min(i64::from(self.max.max(floor)))
+    }
+}
+
+/// Replica-hours of a count per step of `interval`.
+pub fn replica_hours(counts: impl IntoIterator<Item = i64>, interval: TimeDelta) -> f64 {
+    let total: i64 = counts.into_iter().sum();
+    total as f64 * interval.num_milliseconds() as f64 / 3_600_000.0
+}
+
+/// The replicas a perfect-foresight oracle runs at each step, unbounded: exactly the replicas
+/// needed (`ceil(demand / capacity)`) for every moment up to `startup` ahead, so each replica is
+/// ready when its demand arrives.
+pub fn oracle_replicas(
     demand: &[Option<f64>],
     capacity: f64,
     startup: TimeDelta,
     interval: TimeDelta,
-) -> f64 {
+) -> Vec<i64> {
     let needed: Vec<i64> = demand
         .iter()
         .map(|d| d.map_or(0, |d| needed_replicas(d, capacity)))
@@ -695,8 +755,8 @@ pub fn oracle_replica_hours(
         .ceil() as usize;
     // Sliding-window maximum over [i, i + ahead] with a monotonic deque.
     let mut deque: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
-    let mut total: i64 = 0;
     let n = needed.len();
+    let mut out = Vec::with_capacity(n);
     let mut next = 0usize;
     for i in 0..n {
         while next < n && next <= i + ahead {
@@ -709,9 +769,22 @@ pub fn oracle_replica_hours(
         while deque.front().is_some_and(|&j| j < i) {
             deque.pop_front();
         }
-        total += deque.front().map_or(0, |&j| needed[j]);
+        out.push(deque.front().map_or(0, |&j| needed[j]));
     }
-    total as f64 * interval.num_milliseconds() as f64 / 3_600_000.0
+    out
+}
+
+/// Replica-hours of the unbounded perfect-foresight oracle ([`oracle_replicas`]).
+pub fn oracle_unbounded_replica_hours(
+    demand: &[Option<f64>],
+    capacity: f64,
+    startup: TimeDelta,
+    interval: TimeDelta,
+) -> f64 {
+    replica_hours(
+        oracle_replicas(demand, capacity, startup, interval),
+        interval,
+    )
 }
 
 #[cfg(test)]
@@ -738,9 +811,67 @@ mod tests {
         let iv = TimeDelta::seconds(60);
         // Needs 0,0,5,0 with 60s startup: replicas 0,5,5,0 -> 10 replica-minutes.
         let d = [Some(0.0), Some(0.0), Some(50.0), Some(0.0)];
-        let h = oracle_replica_hours(&d, 10.0, TimeDelta::seconds(60), iv);
+        let h = oracle_unbounded_replica_hours(&d, 10.0, TimeDelta::seconds(60), iv);
         assert!((h - 10.0 / 60.0).abs() < 1e-9, "{h}");
-        let h0 = oracle_replica_hours(&d, 10.0, TimeDelta::zero(), iv);
+        let h0 = oracle_unbounded_replica_hours(&d, 10.0, TimeDelta::zero(), iv);
         assert!((h0 - 5.0 / 60.0).abs() < 1e-9, "{h0}");
+    }
+
+    fn policy(yaml_spec: &str) -> CompiledPolicy {
+        let doc = format!(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{kind: Deployment, name: web}}\n{yaml_spec}  metrics:\n  - name: rps\n    prometheus: {{query: 'sum(x)'}}\n    target: {{type: AverageValue, averageValue: \"10\"}}\n"
+        );
+        let spec: crate::crd::ScalingPolicy = serde_yaml::from_str(&doc).expect("test policy");
+        CompiledPolicy::from_resource(&spec).expect("valid test policy")
+    }
+
+    #[test]
+    fn bounded_oracle_runs_within_min_and_max_replicas() {
+        let p = policy("  minReplicas: 3\n  maxReplicas: 6\n");
+        let t = DateTime::from_timestamp(0, 0).expect("epoch");
+        let b = ReplicaBounds::at(&p, t);
+        assert_eq!(
+            b,
+            ReplicaBounds {
+                min: 3,
+                idle: 3,
+                max: 6
+            }
+        );
+        // Needs 0, 2, 5, 9: the floor lifts 0 and 2 to 3, the ceiling caps 9 at 6.
+        assert_eq!([0, 2, 5, 9].map(|n| b.clamp(n)), [3, 3, 5, 6]);
+        let iv = TimeDelta::minutes(60);
+        let d = [Some(0.0), Some(20.0), Some(50.0), Some(90.0)];
+        let needed = oracle_replicas(&d, 10.0, TimeDelta::zero(), iv);
+        assert_eq!(needed, [0, 2, 5, 9]);
+        assert!((replica_hours(needed.iter().map(|n| b.clamp(*n)), iv) - 17.0).abs() < 1e-9);
+        assert!(
+            (oracle_unbounded_replica_hours(&d, 10.0, TimeDelta::zero(), iv) - 16.0).abs() < 1e-9
+        );
+    }
+
+    #[test]
+    fn bounded_oracle_goes_idle_only_where_the_policy_can() {
+        // minReplicas 0: idle at 0, at least 1 while anything is needed.
+        let p = policy("  minReplicas: 0\n  maxReplicas: 4\n");
+        let b = ReplicaBounds::at(&p, DateTime::from_timestamp(0, 0).expect("epoch"));
+        assert_eq!([0, 1, 3, 7].map(|n| b.clamp(n)), [0, 1, 3, 4]);
+        // idleReplicas 1 under minReplicas 2.
+        let p = policy("  minReplicas: 2\n  idleReplicas: 1\n  maxReplicas: 4\n");
+        let b = ReplicaBounds::at(&p, DateTime::from_timestamp(0, 0).expect("epoch"));
+        assert_eq!([0, 1, 3].map(|n| b.clamp(n)), [1, 2, 3]);
+    }
+
+    #[test]
+    fn bounded_oracle_follows_an_open_schedule() {
+        // A schedule open all day raises the floor to 5 and wins over the idle count.
+        let p = policy(
+            "  minReplicas: 0\n  maxReplicas: 8\n  schedules:\n  - {cron: \"0 0 * * *\", duration: 24h, minReplicas: 5}\n",
+        );
+        let t = DateTime::parse_from_rfc3339("2026-01-02T12:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let b = ReplicaBounds::at(&p, t);
+        assert_eq!([0, 7, 9].map(|n| b.clamp(n)), [5, 7, 8]);
     }
 }

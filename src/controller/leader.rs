@@ -26,7 +26,27 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+/// Where a pod finds its own namespace when nothing else says it.
+pub const SERVICE_ACCOUNT_NAMESPACE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The Lease's namespace: `flag` (`--leader-election-namespace`, or `POD_NAMESPACE`, which the
+/// chart sets through the downward API) when given, else the namespace in `service_account_file`
+/// (the pod's own), else `default` (outside a cluster).
+pub fn lease_namespace(flag: Option<&str>, service_account_file: &std::path::Path) -> String {
+    flag.map(str::trim)
+        .filter(|ns| !ns.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            std::fs::read_to_string(service_account_file)
+                .ok()
+                .map(|ns| ns.trim().to_string())
+                .filter(|ns| !ns.is_empty())
+        })
+        .unwrap_or_else(|| "default".to_string())
+}
 
 /// Election settings.
 #[derive(Debug, Clone)]
@@ -311,7 +331,9 @@ pub async fn release(client: &Client, cfg: &LeaderConfig) {
     spec.renew_time = None;
     match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(_) => info!(lease = %cfg.name, "leadership released"),
-        Err(e) => warn!(lease = %cfg.name, error = %e, "releasing the lease failed"),
+        Err(e) => {
+            warn!(lease = %cfg.name, error = %crate::api_error::human(&e), "releasing the lease failed")
+        }
     }
 }
 
@@ -326,12 +348,20 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
         observed: None,
     };
     let mut was_leader = false;
+    // A failure that repeats every renewal is logged once (then at debug), with what to change.
+    let reported = super::permissions::Once::default();
+    let access = super::permissions::Access::Lease {
+        namespace: &cfg.namespace,
+    };
     loop {
         let started = Instant::now();
         let attempt = tokio::time::timeout(cfg.renew_deadline, elector.try_acquire()).await;
         match attempt {
             Ok(Ok(true)) => {
                 leadership.hold_until(started + cfg.renew_deadline);
+                if reported.clear("lease") {
+                    info!(lease = %cfg.name, "lease update works again");
+                }
                 if !was_leader {
                     info!(identity = %cfg.identity, lease = %cfg.name, "became the leader");
                 }
@@ -342,7 +372,14 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                     warn!(identity = %cfg.identity, "lost the lease to another instance");
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "lease update failed"),
+            Ok(Err(e)) => {
+                let error = super::permissions::explain(&e, access);
+                if reported.first("lease", &error) {
+                    warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "lease update failed (reported once while it lasts)");
+                } else {
+                    debug!(%error, "lease update failed again");
+                }
+            }
             Err(_) => warn!(
                 deadline = ?cfg.renew_deadline,
                 "lease update took longer than --leader-renew-deadline; abandoned"
@@ -396,6 +433,25 @@ mod tests {
         let mut c = cfg(4, 2000, 1000);
         c.duration = Duration::from_millis(4500);
         assert_eq!(c.duration_seconds(), 5, "rounded up");
+    }
+
+    #[test]
+    fn the_lease_lives_in_the_daemons_own_namespace_by_default() {
+        let dir = std::env::temp_dir().join(format!("kscale-lease-ns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("namespace");
+        let missing = dir.join("missing");
+        assert_eq!(lease_namespace(Some("ops"), &missing), "ops", "the flag");
+        assert_eq!(lease_namespace(None, &missing), "default", "outside a pod");
+        std::fs::write(&file, "kscale\n").unwrap();
+        assert_eq!(lease_namespace(None, &file), "kscale", "the pod's own");
+        assert_eq!(
+            lease_namespace(Some(" "), &file),
+            "kscale",
+            "an empty POD_NAMESPACE"
+        );
+        assert_eq!(lease_namespace(Some("ops"), &file), "ops", "the flag wins");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

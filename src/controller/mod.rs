@@ -20,7 +20,9 @@
 
 pub mod forecast;
 pub mod formula_budget;
+pub mod hpas;
 pub mod leader;
+pub mod permissions;
 pub mod servers;
 pub mod writes;
 
@@ -113,8 +115,8 @@ impl QueryBackend for Unavailable {
     }
 }
 
-const NO_PROMETHEUS: &str =
-    "no Prometheus is configured (set --prometheus-url or KSCALE_PROMETHEUS_URL)";
+/// Why a policy without `spec.prometheus` has no server: names every place the setting goes.
+pub const NO_PROMETHEUS: &str = "no default Prometheus is configured: set --prometheus-url, KSCALE_PROMETHEUS_URL or the Helm chart's prometheus.url (or give the policy spec.prometheus.url)";
 
 impl QueryBackend for crate::source::prometheus::PrometheusSource {
     fn query_all(&self, queries: Vec<String>) -> BoxFuture<'_, HashMap<String, Sample>> {
@@ -181,6 +183,11 @@ pub struct Context {
     pub scale_events: writes::ScaleMemory,
     /// The run-time budget of formulas (`--formula-timeout`) and the ones refused for overrunning.
     pub formulas: formula_budget::FormulaBudget,
+    /// The HorizontalPodAutoscalers, for the one-writer rule at every evaluation (a watch in the
+    /// daemon, a list per call elsewhere).
+    pub hpas: hpas::Hpas,
+    /// Failures already logged (permission errors, repeated failures): logged once each.
+    pub reported: permissions::Once,
 }
 
 impl Context {
@@ -217,6 +224,8 @@ impl Context {
             scale_conflict_retries: 3,
             scale_events: writes::ScaleMemory::default(),
             formulas: formula_budget::FormulaBudget::default(),
+            hpas: hpas::Hpas::Listing,
+            reported: permissions::Once::default(),
         }
     }
 }
@@ -257,7 +266,7 @@ pub enum PolicyError {
         source: leader::NotLeader,
     },
     /// Writing status failed.
-    #[error("policy {policy}: writing status: {source}")]
+    #[error("policy {policy}: writing status: {}", crate::api_error::human(.source))]
     Status {
         /// Policy.
         policy: String,
@@ -285,6 +294,9 @@ pub struct Evaluated {
     /// The replica count first read, when a conflict made the decision start again from a
     /// fresh read.
     pub first_read: Option<i32>,
+    /// A Controller policy's target that an HPA drives ([`ActuateError::HpaConflict`]): found
+    /// at every evaluation, dry runs included; nothing is written while it lasts.
+    pub hpa_conflict: Option<ActuateError>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -339,6 +351,7 @@ pub async fn evaluate_live(
     .await
     .map_err(target_err)?;
     let mut scale = target.read().await.map_err(target_err)?;
+    let hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
 
     // The target's pods, read once for the readiness count and every resource metric.
     let pods: Option<Result<Vec<Pod>, String>> = match &scale.selector {
@@ -441,6 +454,10 @@ pub async fn evaluate_live(
     let mut conflicts = 0u32;
     let first_read = scale.spec_replicas;
     while decision.replicas != decision.current {
+        if let Some(conflict) = &hpa_conflict {
+            not_written = Some(conflict.to_string());
+            break;
+        }
         match policy.mode {
             Mode::Controller if write => {
                 let other = writers
@@ -519,7 +536,36 @@ pub async fn evaluate_live(
         not_written,
         conflicts,
         first_read: (conflicts > 0).then_some(first_read),
+        hpa_conflict,
     })
+}
+
+/// The one-writer rule at every evaluation of a Controller policy (not only before a write, so
+/// the conflict shows at once, in dry runs too): the HPA that drives the target, if one does.
+/// When the HPAs cannot be read, the evaluation goes on; the write checks again and fails then.
+async fn hpa_conflict(
+    ctx: &Context,
+    name: &str,
+    policy: &CompiledPolicy,
+    target: &ScaleTarget,
+) -> Option<ActuateError> {
+    if policy.mode != Mode::Controller {
+        return None;
+    }
+    match ctx.hpas.check(&ctx.client, &ctx.kinds, target).await {
+        Ok(()) => {
+            ctx.reported.clear(&format!("hpas/{name}"));
+            None
+        }
+        Err(conflict @ ActuateError::HpaConflict { .. }) => Some(conflict),
+        Err(e) => {
+            let error = e.to_string();
+            if ctx.reported.first(&format!("hpas/{name}"), &error) {
+                warn!(policy = %name, %error, "checking for an HPA on the target failed (reported once while it lasts)");
+            }
+            None
+        }
+    }
 }
 
 /// Why the target's ready pods are unknown, if they are: its scale has no selector (the HPA
@@ -568,8 +614,27 @@ async fn publish_on(
         action: "Scale".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
-        warn!(error = %e, "publishing an event failed");
+    let namespace = regarding.namespace.as_deref().unwrap_or_default();
+    match ctx.recorder.publish(&event, regarding).await {
+        Ok(()) => event_published(ctx, namespace),
+        Err(e) => event_failed(ctx, namespace, reason, &e),
+    }
+}
+
+/// Logs a failed Event write once per namespace and failure (a 403 names the grant), then at
+/// debug while it lasts.
+fn event_failed(ctx: &Context, namespace: &str, reason: &str, e: &kube::Error) {
+    let error = permissions::explain(e, permissions::Access::Events { namespace });
+    if ctx.reported.first(&format!("events/{namespace}"), &error) {
+        warn!(%error, reason, "publishing an event failed (reported once while it lasts)");
+    } else {
+        debug!(%error, reason, "publishing an event failed again");
+    }
+}
+
+fn event_published(ctx: &Context, namespace: &str) {
+    if ctx.reported.clear(&format!("events/{namespace}")) {
+        info!(namespace, "publishing events works again");
     }
 }
 
@@ -611,8 +676,9 @@ async fn publish_fact(ctx: &Context, p: &ScalingPolicy, reason: &str, note: Stri
         );
         return;
     }
-    if let Err(e) = api.create(&PostParams::default(), &event).await {
-        warn!(error = %e, reason, "publishing the event failed");
+    match api.create(&PostParams::default(), &event).await {
+        Ok(_) => event_published(ctx, &namespace),
+        Err(e) => event_failed(ctx, &namespace, reason, &e),
     }
 }
 
@@ -645,6 +711,22 @@ async fn write_status(
     })
 }
 
+impl PolicyError {
+    /// The error as logged: a status write refused with 403 names the grant to add.
+    fn explained(&self) -> String {
+        match self {
+            PolicyError::Status { policy, source } => {
+                let namespace = policy.split('/').next().unwrap_or_default();
+                format!(
+                    "policy {policy}: writing status: {}",
+                    permissions::explain(source, permissions::Access::Status { namespace })
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Whether the policy's status already reports this failure (Ready False, same reason and
 /// message).
 fn same_failure(p: &ScalingPolicy, reason: &str, message: &str) -> bool {
@@ -673,17 +755,11 @@ fn new_metric_failures<'a>(
     &'a crate::policy::CompiledMetric,
     &'a crate::policy::MetricOutcome,
 )> {
-    use crate::policy::MetricState;
     policy
         .metrics
         .iter()
         .zip(&decision.metrics)
-        .filter(|(_, o)| {
-            !matches!(
-                o.state,
-                MetricState::Valid | MetricState::Partial | MetricState::NoPods
-            )
-        })
+        .filter(|(_, o)| o.state.is_failure())
         .filter(|(m, o)| {
             let before = p
                 .status
@@ -733,6 +809,9 @@ fn failure_status(
     status.observed_generation = p.metadata.generation;
     status.last_evaluation_time = Some(now);
     status.reason = Some(message.clone());
+    status.short_reason = Some(reason.into());
+    // No evaluation: the last values are no longer current.
+    status.targets = None;
     let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         type_: "Ready".into(),
         status: "False".into(),
@@ -749,6 +828,72 @@ fn failure_status(
     status.conditions.retain(|c| c.type_ != "Ready");
     status.conditions.push(condition);
     status
+}
+
+/// The `Ready` condition of an evaluation that completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyCondition {
+    /// True: kscale scales the target on valid metrics as the policy says.
+    pub status: bool,
+    /// `Evaluated`, `ConflictingHPA` or `MetricsUnavailable`.
+    pub reason: &'static str,
+    /// Why, naming the HPA or each failing metric and its cause.
+    pub message: String,
+}
+
+/// `Ready` is True only when the policy works as written: evaluated, free to write (no HPA on
+/// its target) and every metric valid. A failing metric makes it False (`MetricsUnavailable`,
+/// naming each metric and why, e.g. the missing `--prometheus-url`), so `kubectl wait
+/// --for=condition=Ready` and alerts on `kscale_policy_ready` see a policy that only holds or
+/// applies its fallback. `MetricsAvailable` says the same per decision, `ScalingActive` whether
+/// the fallback decided.
+pub fn ready_condition(e: &Evaluated) -> ReadyCondition {
+    use crate::policy::MetricState;
+    if let Some(conflict) = &e.hpa_conflict {
+        return ReadyCondition {
+            status: false,
+            reason: conflict.kind_label(),
+            message: conflict.to_string(),
+        };
+    }
+    let failing: Vec<String> = e
+        .policy
+        .metrics
+        .iter()
+        .zip(&e.decision.metrics)
+        .filter(|(_, o)| {
+            !matches!(
+                o.state,
+                MetricState::Valid | MetricState::Partial | MetricState::NoPods
+            )
+        })
+        .map(|(m, o)| {
+            format!(
+                "metric {} is {}: {}",
+                m.name,
+                o.state.as_str().to_lowercase(),
+                o.message.as_deref().unwrap_or("unusable")
+            )
+        })
+        .collect();
+    if !failing.is_empty() {
+        return ReadyCondition {
+            status: false,
+            reason: "MetricsUnavailable",
+            message: format!(
+                "{}; the decision holds or the fallback applies (see status.reason)",
+                failing.join("; ")
+            ),
+        };
+    }
+    ReadyCondition {
+        status: true,
+        reason: "Evaluated",
+        message: e
+            .not_written
+            .clone()
+            .unwrap_or_else(|| "the policy is evaluated every interval".into()),
+    }
 }
 
 /// Evaluates one policy and reports the outcome in status, events and logs. A follower
@@ -840,24 +985,27 @@ pub async fn reconcile(
                 )
                 .await;
             }
+            let ready = ready_condition(e);
+            if let Some(conflict) = &e.hpa_conflict {
+                let message = conflict.to_string();
+                // One event per new conflict, not one per interval while it lasts.
+                if !same_failure(p, conflict.kind_label(), &message) {
+                    warn!(policy = %name, error = %message, "the target has another writer; nothing is written while it lasts");
+                    publish(ctx, p, EventType::Warning, conflict.kind_label(), message).await;
+                }
+            }
             status
                 .conditions
                 .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
                     type_: "Ready".into(),
-                    status: "True".into(),
-                    reason: "Evaluated".into(),
-                    message: e
-                        .not_written
-                        .clone()
-                        .unwrap_or_else(|| "the policy is evaluated every interval".into()),
+                    status: if ready.status { "True" } else { "False" }.into(),
+                    reason: ready.reason.into(),
+                    message: ready.message,
                     last_transition_time: p
                         .status
                         .as_ref()
-                        .and_then(|s| {
-                            s.conditions
-                                .iter()
-                                .find(|c| c.type_ == "Ready" && c.status == "True")
-                        })
+                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                        .filter(|c| c.status == if ready.status { "True" } else { "False" })
                         .map_or_else(|| k8s_time(now), |c| c.last_transition_time.clone()),
                     observed_generation: p.metadata.generation,
                 });
@@ -873,7 +1021,8 @@ pub async fn reconcile(
             failure_status(p, "InvalidPolicy", message, now)
         }
         Err(EvalError::Target { source, .. }) => {
-            warn!(policy = %name, error = %source, "target");
+            // Logged by the caller, once while it lasts.
+            debug!(policy = %name, error = %source, "target");
             let label = source.kind_label();
             let message = source.to_string();
             if !same_failure(p, label, &message) {
@@ -882,6 +1031,17 @@ pub async fn reconcile(
             failure_status(p, label, message, now)
         }
     };
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ctx.metrics
+        .policy_ready
+        .get_or_create(&crate::telemetry::PolicyLabels {
+            namespace: p.namespace().unwrap_or_default(),
+            policy: p.name_any(),
+        })
+        .set(i64::from(ready));
     if status_changed(p.status.as_ref(), &status) {
         write_status(ctx, p, &status).await?;
     }
@@ -1357,12 +1517,29 @@ impl TickState {
                 .instrument(span)
                 .await
                 {
-                    warn!(error = %e, "evaluation failed");
+                    // Logged once while the same failure lasts (it is in status and events).
+                    let error = e.explained();
+                    if ctx.reported.first(&evaluation_key(p), &error) {
+                        warn!(%error, "evaluation failed (reported once while it lasts)");
+                    } else {
+                        debug!(%error, "evaluation failed again");
+                    }
+                } else {
+                    ctx.reported.clear(&evaluation_key(p));
                 }
                 Done::Evaluated(pending.key)
             }));
         }
     }
+}
+
+/// The key of a policy's failed evaluations in [`Context::reported`].
+fn evaluation_key(p: &ScalingPolicy) -> String {
+    format!(
+        "evaluation/{}/{}",
+        p.namespace().unwrap_or_default(),
+        p.name_any()
+    )
 }
 
 /// The next evaluation after `now` for `interval`, aligned to multiples of the interval since
@@ -1424,6 +1601,7 @@ async fn run_tick(
     };
     ctx.forecasts.retain(is_live);
     ctx.scale_events.retain(is_live);
+    ctx.reported.retain_policies(is_live);
     state.deferred.clear();
     let mut due = Vec::new();
     let mut malformed = Vec::new();
@@ -1711,6 +1889,74 @@ mod tests {
         assert!(!same_failure(&p, "InvalidPolicy", "another problem"));
         let again = failure_status(&p, "InvalidPolicy", "spec.metrics: empty".into(), at(10));
         assert!(!status_changed(Some(&first), &again));
+    }
+
+    /// Issue 16: `Ready` is True only when the policy works as written; a failing metric (the
+    /// missing default Prometheus, say) or an HPA on the target makes it False, naming why.
+    #[test]
+    fn ready_says_whether_the_policy_works_as_written() {
+        use crate::model::{Observation, Sample};
+        let p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  targetRef: {kind: Deployment, name: d}\n  maxReplicas: 3\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: AverageValue, averageValue: '10'}\n",
+        )
+        .unwrap();
+        let policy = CompiledPolicy::from_resource(&p).unwrap();
+        let evaluated = |sample: Sample| {
+            let obs = Observation::steady(2, vec![sample]);
+            Evaluated {
+                decision: crate::policy::evaluate(&policy, &obs, &Default::default(), at(0)),
+                policy: policy.clone(),
+                scale: ScaleState {
+                    spec_replicas: 2,
+                    status_replicas: 2,
+                    selector: Some("app=d".into()),
+                    resource_version: None,
+                },
+                wrote: false,
+                not_written: None,
+                conflicts: 0,
+                first_read: None,
+                hpa_conflict: None,
+            }
+        };
+        let valid = evaluated(Sample::Series {
+            values: vec![20.0],
+            timestamp: at(0),
+        });
+        let ready = ready_condition(&valid);
+        assert_eq!((ready.status, ready.reason), (true, "Evaluated"));
+
+        let unconfigured = evaluated(Sample::Error {
+            message: NO_PROMETHEUS.into(),
+        });
+        let ready = ready_condition(&unconfigured);
+        assert_eq!((ready.status, ready.reason), (false, "MetricsUnavailable"));
+        for setting in [
+            "--prometheus-url",
+            "KSCALE_PROMETHEUS_URL",
+            "prometheus.url",
+        ] {
+            assert!(ready.message.contains(setting), "{}", ready.message);
+        }
+        assert!(
+            ready.message.starts_with("metric q is error: "),
+            "{}",
+            ready.message
+        );
+
+        let mut conflicted = evaluated(Sample::Series {
+            values: vec![20.0],
+            timestamp: at(0),
+        });
+        conflicted.hpa_conflict = Some(ActuateError::HpaConflict {
+            kind: "Deployment".into(),
+            namespace: "n".into(),
+            name: "d".into(),
+            hpa: "d-cpu".into(),
+        });
+        let ready = ready_condition(&conflicted);
+        assert_eq!((ready.status, ready.reason), (false, "ConflictingHPA"));
+        assert!(ready.message.contains("HorizontalPodAutoscaler d-cpu"));
     }
 
     /// Issue 15: a failing metric gets one Warning event when it starts failing (or fails

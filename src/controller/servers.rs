@@ -68,6 +68,9 @@ pub const ALLOWED_PREFIX_FLAG: &str = "--policy-prometheus-allowed-prefix";
 /// fragment; the path is normalized by the URL parser (dot segments removed) and a trailing `/`
 /// dropped.
 fn url_parts(text: &str) -> Result<(String, String, u16, Vec<String>), String> {
+    if let Some(fix) = crate::policy::compile::missing_scheme(text) {
+        return Err(fix);
+    }
     let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("scheme {:?} is not http or https", url.scheme()));
@@ -435,6 +438,7 @@ pub fn config_for(
         client_cert: key("tls.crt"),
         client_key: key("tls.key"),
         headers: server.headers.clone(),
+        url_setting: "spec.prometheus.url",
         timeout_setting: if server.timeout.is_some() {
             "spec.prometheus.timeout"
         } else {
@@ -584,7 +588,11 @@ mod tests {
         assert!(!p.admits("http://127.0.0.1:90900"));
 
         for (bad, why) in [
-            ("prometheus.monitoring", "not a URL"),
+            (
+                "prometheus.monitoring",
+                "has no scheme; write \"http://prometheus.monitoring\"",
+            ),
+            ("http://", "not a URL"),
             ("ftp://x", "scheme"),
             ("http://u:p@x", "credentials"),
             ("http://x/?a=b", "query"),

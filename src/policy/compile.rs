@@ -282,6 +282,13 @@ fn duration_field(errors: &mut Vec<FieldError>, path: &str, text: &str) -> Optio
     }
 }
 
+/// What to tell a user whose URL (a flag's or a field's) has no scheme, such as
+/// `prometheus.monitoring:9090`, which a URL parser reads as a relative URL or as the scheme
+/// `prometheus.monitoring`: the fix. `None` when it has one.
+pub fn missing_scheme(url: &str) -> Option<String> {
+    (!url.contains("://")).then(|| format!("has no scheme; write \"http://{url}\" (or https://)"))
+}
+
 fn compile_server(
     errors: &mut Vec<FieldError>,
     p: &crate::crd::PrometheusServer,
@@ -290,7 +297,9 @@ fn compile_server(
         .url
         .split_once("://")
         .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
-    if !url_ok {
+    if let Some(fix) = missing_scheme(&p.url) {
+        errors.push(err("spec.prometheus.url", format!("{:?} {fix}", p.url)));
+    } else if !url_ok {
         errors.push(err(
             "spec.prometheus.url",
             format!("{:?} is not an http:// or https:// URL", p.url),
@@ -697,6 +706,8 @@ pub fn compile_spec(
                         format!("{path}.prometheus.query"),
                         "must not be empty".into(),
                     ));
+                } else if let Err(message) = super::promql::check(&p.query) {
+                    errors.push(err(format!("{path}.prometheus.query"), message));
                 }
                 Some(MetricSource::Prometheus {
                     query: p.query.clone(),

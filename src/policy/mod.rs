@@ -14,6 +14,7 @@ mod controls_tests;
 pub mod forecast;
 pub mod formula;
 pub mod formula_cost;
+pub mod promql;
 pub mod replicas;
 pub mod schedule;
 pub mod state;
@@ -57,6 +58,28 @@ pub enum MetricState {
 }
 
 impl MetricState {
+    /// The sample gave a number the evaluator used: complete, or partial (which may hold or raise
+    /// the count, never lower it).
+    pub fn gave_value(self) -> bool {
+        matches!(self, MetricState::Valid | MetricState::Partial)
+    }
+
+    /// Nothing is wrong with the data: a complete number, or no pods to measure at 0 replicas.
+    /// Only metrics in such a state let a proposal lower the count.
+    pub fn is_complete(self) -> bool {
+        matches!(self, MetricState::Valid | MetricState::NoPods)
+    }
+
+    /// The metric failed (missing, stale, invalid or an error): it proposes nothing, counts toward
+    /// `fallback.failureThreshold` and the degraded condition, and is reported in a Warning event
+    /// and in `kscale_source_errors_total`. Partial data and `NoPods` are not failures.
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            MetricState::Valid | MetricState::Partial | MetricState::NoPods
+        )
+    }
+
     /// The name used in status and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -194,11 +217,15 @@ pub struct ScheduleBounds {
     pub ceiling: Option<usize>,
     /// A ceiling the floor overrode: the lowest ceiling when it was under the floor.
     pub overridden_ceiling: Option<i32>,
+    /// The highest floor of the open schedules, even one at or under `spec.minReplicas` (with
+    /// scale to zero, an idle target still keeps it).
+    pub open_floor: Option<i32>,
 }
 
 /// The bounds in force at `now`: the spec's, raised by the highest open floor and lowered by the
 /// lowest open ceiling; a ceiling under the floor gives way to the floor (and the reason says so).
-fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
+/// Public for the backtest's bounded oracle, which must respect the same bounds.
+pub fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, ScheduleBounds) {
     let mut min = policy.min_replicas;
     let mut max = policy.max_replicas;
     let mut by = ScheduleBounds::default();
@@ -207,6 +234,7 @@ fn effective_bounds(policy: &CompiledPolicy, now: DateTime<Utc>) -> (i32, i32, S
             continue;
         }
         by.active.get_or_insert(i);
+        by.open_floor = by.open_floor.max(s.min_replicas);
         if let Some(m) = s.min_replicas.filter(|m| *m > min) {
             min = m;
             by.floor = Some(i);
@@ -466,19 +494,8 @@ fn evaluate_metrics(
     }
     // Metrics without a usable number, and those whose number may be too low (partial data):
     // either kind forbids a scale-down.
-    let invalid = metrics
-        .iter()
-        .filter(|m| !matches!(m.state, MetricState::Valid | MetricState::NoPods))
-        .count();
-    let unusable = metrics
-        .iter()
-        .filter(|m| {
-            !matches!(
-                m.state,
-                MetricState::Valid | MetricState::Partial | MetricState::NoPods
-            )
-        })
-        .count();
+    let invalid = metrics.iter().filter(|m| !m.state.is_complete()).count();
+    let unusable = metrics.iter().filter(|m| m.state.is_failure()).count();
     // A failed evaluation: a metric not valid (or, below, the formula failing).
     next.consecutive_failures = failure_count(state, invalid > 0, policy.failure_threshold);
     let mut decision = Decision {
@@ -514,7 +531,10 @@ fn evaluate_metrics(
             &decision.metrics,
             &mut decision.state,
             current,
-            min,
+            zero::Floors {
+                min,
+                schedule: schedule.open_floor,
+            },
             now,
         );
         decision.zero = Some(status);
@@ -551,7 +571,7 @@ fn evaluate_metrics(
                 .metrics
                 .iter()
                 .map(|m| match (m.state, m.proposal, m.value) {
-                    (MetricState::Valid | MetricState::Partial, Some(p), Some(v)) => Some((p, v)),
+                    (state, Some(p), Some(v)) if state.gave_value() => Some((p, v)),
                     _ => None,
                 })
                 .collect();
@@ -584,15 +604,9 @@ fn evaluate_metrics(
     let may_scale_down = match &policy.formula {
         Some(f) => {
             unusable < decision.metrics.len()
-                && decision
-                    .metrics
-                    .iter()
-                    .zip(&policy.metrics)
-                    .all(|(o, m)| match o.state {
-                        MetricState::Valid | MetricState::NoPods => true,
-                        MetricState::Partial => false,
-                        _ => f.tests_presence_of(&m.name),
-                    })
+                && decision.metrics.iter().zip(&policy.metrics).all(|(o, m)| {
+                    o.state.is_complete() || (o.state.is_failure() && f.tests_presence_of(&m.name))
+                })
         }
         None => invalid == 0,
     };
@@ -971,17 +985,11 @@ impl Decision {
             Rule::Fallback(action) => {
                 match (&self.formula_error, policy.formula.is_some()) {
                     (Some(e), _) => write!(s, "; formula {e}")?,
-                    (None, true)
-                        if self.metrics.iter().all(|m| {
-                            !matches!(m.state, MetricState::Valid | MetricState::Partial)
-                        }) =>
-                    {
-                        write!(
-                            s,
-                            "; formula → {} would scale down, which kscale never does with no metric valid",
-                            self.proposal.unwrap_or(0)
-                        )?
-                    }
+                    (None, true) if self.metrics.iter().all(|m| !m.state.gave_value()) => write!(
+                        s,
+                        "; formula → {} would scale down, which kscale never does with no metric valid",
+                        self.proposal.unwrap_or(0)
+                    )?,
                     (None, true) => write!(
                         s,
                         "; formula → {} would scale down, which kscale does not do while {} {} unless the formula tests has(values.<name>) for each failed metric",
@@ -1039,10 +1047,7 @@ impl Decision {
             }
             _ => {}
         }
-        let only_partial = self
-            .metrics
-            .iter()
-            .all(|m| matches!(m.state, MetricState::Valid | MetricState::Partial));
+        let only_partial = self.metrics.iter().all(|m| m.state.gave_value());
         if self.has_partial() && !matches!(self.rule, Rule::Fallback(_)) {
             s.push_str("; partial data may raise the count, never lower it");
         }

@@ -89,14 +89,14 @@ pub(crate) enum Plan {
     },
 }
 
-/// The largest floor of the schedules open at `now`, if any.
-fn schedule_floor(policy: &CompiledPolicy, now: DateTime<Utc>) -> Option<i32> {
-    policy
-        .schedules
-        .iter()
-        .filter(|s| s.is_active(now))
-        .filter_map(|s| s.min_replicas)
-        .max()
+/// The floors `plan` works between.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Floors {
+    /// The effective lower bound while active: `spec.minReplicas` raised by open schedules.
+    pub min: i32,
+    /// The highest floor of the open schedules (`ScheduleBounds::open_floor`): the idle count
+    /// never goes under it.
+    pub schedule: Option<i32>,
 }
 
 /// Whether any metric is active, every one is inactive, or the data cannot tell.
@@ -104,9 +104,10 @@ pub fn activity(policy: &CompiledPolicy, metrics: &[MetricOutcome]) -> Activity 
     let mut unknown = false;
     for (i, (m, o)) in policy.metrics.iter().zip(metrics).enumerate() {
         match (o.state, o.value) {
-            (MetricState::Valid | MetricState::Partial, Some(v)) if v > m.activation => {
+            (state, Some(v)) if state.gave_value() && v > m.activation => {
                 return Activity::Active(i);
             }
+            // Partial data at or under the threshold cannot tell: the missing part may be above.
             (MetricState::Valid, Some(_)) | (MetricState::NoPods, _) => {}
             _ => unknown = true,
         }
@@ -119,15 +120,14 @@ pub fn activity(policy: &CompiledPolicy, metrics: &[MetricOutcome]) -> Activity 
 }
 
 /// Decides the phase at `now`, updates `state` (the last active time; kscale's zero is forgotten
-/// once the target runs replicas) and says how the evaluation goes on. `min` is the effective
-/// floor (schedules included).
+/// once the target runs replicas) and says how the evaluation goes on.
 pub(crate) fn plan(
     policy: &CompiledPolicy,
     z: ZeroSettings,
     metrics: &[MetricOutcome],
     state: &mut PolicyState,
     current: i32,
-    min: i32,
+    floors: Floors,
     now: DateTime<Utc>,
 ) -> (ZeroDecision, Plan) {
     let activity = activity(policy, metrics);
@@ -139,8 +139,8 @@ pub(crate) fn plan(
     if activity != Activity::Inactive || state.last_active_time.is_none() {
         state.last_active_time = Some(now);
     }
-    let idle = z.idle.max(schedule_floor(policy, now).unwrap_or(0));
-    let active_min = z.active_min.max(min);
+    let idle = z.idle.max(floors.schedule.unwrap_or(0));
+    let active_min = z.active_min.max(floors.min);
     let left = state
         .last_active_time
         .map_or(z.cooldown, |t| t + z.cooldown - now);
@@ -393,6 +393,26 @@ mod tests {
         let later = at(30);
         let d = evaluate(&p, &obs(2, value(3.0, later)), &d.state, later);
         assert_eq!(d.state.scaled_to_zero_time, None);
+    }
+
+    /// An open schedule's floor lifts the idle count even when it is under `spec.minReplicas`
+    /// (it does not raise the effective minimum then, but an idle target still keeps it).
+    #[test]
+    fn an_open_schedule_floor_under_min_replicas_still_lifts_the_idle_count() {
+        let p: ScalingPolicy = serde_yaml::from_str(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p, namespace: d}\nspec:\n  targetRef: {kind: Deployment, name: w}\n  minReplicas: 3\n  idleReplicas: 0\n  maxReplicas: 10\n  cooldown: 0s\n  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}\n  schedules:\n  - {cron: '0 0 * * *', duration: 24h, minReplicas: 2}\n  metrics:\n  - name: q\n    prometheus: {query: 'sum(q)'}\n    target: {type: AverageValue, averageValue: \"10\"}\n    activationThreshold: \"5\"\n",
+        )
+        .unwrap();
+        let p = CompiledPolicy::from_resource(&p).unwrap();
+        let now = at(0);
+        let state = PolicyState {
+            last_active_time: Some(at(-600)),
+            ..PolicyState::default()
+        };
+        let d = evaluate(&p, &obs(5, value(3.0, now)), &state, now);
+        assert_eq!(d.schedule.floor, None);
+        assert_eq!(d.schedule.open_floor, Some(2));
+        assert_eq!((d.replicas, d.rule), (2, Rule::Idle), "{}", d.reason(&p));
     }
 
     #[test]

@@ -18,7 +18,7 @@ where
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
-                tracing::warn!(error = %e, "{what} watch error (retrying with backoff)");
+                tracing::warn!(error = %crate::api_error::human_watch(&e), "{what} watch error (retrying with backoff)");
             }
         }
     })

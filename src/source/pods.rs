@@ -168,7 +168,7 @@ fn strip(pod: &mut Pod) {
 
 /// Why the pods of a target could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("listing pods in namespace {namespace} with selector {selector:?}: {source}")]
+#[error("listing pods in namespace {namespace} with selector {selector:?}: {}", crate::api_error::human(.source))]
 pub struct PodsError {
     /// Namespace.
     pub namespace: String,

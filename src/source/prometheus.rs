@@ -177,6 +177,9 @@ pub struct PrometheusConfig {
     pub max_concurrency: usize,
     /// The caps on every answer (`--prometheus-max-response-bytes`, `--prometheus-max-series`).
     pub limits: AnswerLimits,
+    /// The setting that gave [`url`](Self::url), named in its errors (`--prometheus-url`,
+    /// `--prometheus` for the backtest, `spec.prometheus.url` for a policy's own server).
+    pub url_setting: &'static str,
     /// The setting that gave [`timeout`](Self::timeout), named in timeout errors
     /// (`--prometheus-timeout`, or `spec.prometheus.timeout` for a policy's own server).
     pub timeout_setting: &'static str,
@@ -226,6 +229,7 @@ impl Default for PrometheusConfig {
             headers: Vec::new(),
             max_concurrency: 8,
             limits: AnswerLimits::default(),
+            url_setting: "--prometheus-url",
             timeout_setting: "--prometheus-timeout",
         }
     }
@@ -236,8 +240,10 @@ impl Default for PrometheusConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The URL does not parse or is not http(s).
-    #[error("--prometheus-url {url}: {message}")]
+    #[error("{setting} {url}: {message}")]
     Url {
+        /// The flag or field that gave the URL (`PrometheusConfig::url_setting`).
+        setting: &'static str,
         /// The URL, without credentials.
         url: String,
         /// What is wrong.
@@ -502,12 +508,21 @@ impl PrometheusSource {
     /// Every error names the setting at fault.
     pub fn new(cfg: &PrometheusConfig) -> Result<Self, SourceError> {
         let shown_url = strip_userinfo(&cfg.url);
+        if let Some(fix) = crate::policy::compile::missing_scheme(&shown_url) {
+            return Err(SourceError::Url {
+                setting: cfg.url_setting,
+                url: shown_url,
+                message: fix,
+            });
+        }
         let parsed = reqwest::Url::parse(&cfg.url).map_err(|e| SourceError::Url {
+            setting: cfg.url_setting,
             url: shown_url.clone(),
             message: e.to_string(),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(SourceError::Url {
+                setting: cfg.url_setting,
                 url: shown_url,
                 message: format!("scheme {:?} is not http or https", parsed.scheme()),
             });
@@ -586,6 +601,7 @@ impl PrometheusSource {
             })?;
         let client =
             prometheus_http_query::Client::from(http, &cfg.url).map_err(|e| SourceError::Url {
+                setting: cfg.url_setting,
                 url: shown_url.clone(),
                 message: error_chain(&e),
             })?;
@@ -1458,6 +1474,20 @@ spec:
         assert!(!e.contains("hunter22"), "{e}");
         let e = cfg(|c| c.url = "not a url".into());
         assert!(e.starts_with("--prometheus-url not a url: "), "{e}");
+        // A URL without a scheme says so and how to fix it (not "relative URL without a base").
+        let e = cfg(|c| c.url = "prometheus.monitoring:9090".into());
+        assert_eq!(
+            e,
+            "--prometheus-url prometheus.monitoring:9090: has no scheme; write \"http://prometheus.monitoring:9090\" (or https://)"
+        );
+        let e = cfg(|c| {
+            c.url = "thanos".into();
+            c.url_setting = "spec.prometheus.url";
+        });
+        assert!(
+            e.starts_with("spec.prometheus.url thanos: has no scheme"),
+            "{e}"
+        );
         let e = cfg(|c| c.bearer_token = Some(Material::File("/nonexistent/token".into())));
         assert!(
             e.starts_with("--prometheus-bearer-token-file /nonexistent/token: cannot read"),

@@ -82,7 +82,7 @@ pub enum ResourceSourceError {
     /// Listing PodMetrics failed: `metrics.k8s.io` not registered or unavailable (no
     /// metrics-server), forbidden by RBAC, a timeout. Carries the API's own error.
     #[error(
-        "unable to get metrics for resource {resource}: unable to fetch metrics from resource metrics API: {source}"
+        "unable to get metrics for resource {resource}: unable to fetch metrics from resource metrics API: {}", crate::api_error::human(.source)
     )]
     MetricsApi {
         /// `cpu` or `memory`.
@@ -109,7 +109,7 @@ pub enum ResourceSourceError {
         message: String,
     },
     /// Listing the target's pods failed.
-    #[error("unable to get pods while calculating replica count: {0}")]
+    #[error("unable to get pods while calculating replica count: {}", crate::api_error::human(.0))]
     Pods(kube::Error),
     /// The target's scale subresource has no label selector.
     #[error(

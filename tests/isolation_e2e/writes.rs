@@ -27,7 +27,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -219,17 +218,10 @@ async fn forward(
 
 // ------------------------------------------------------------------ daemons
 
-/// A `kscale run` child process, killed on drop.
+/// A `kscale run` child process (killed on drop) and its log.
 struct Daemon {
-    child: Child,
+    controller: support::controller::Controller,
     log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_daemon(
@@ -237,38 +229,20 @@ fn start_daemon(
     kubeconfig: &Path,
     namespace: &str,
     identity: &str,
-    extra: &[&str],
 ) -> Daemon {
     let log = support::repo_root().join(format!(
         "target/isolation-writes-{identity}-{}.log",
         std::process::id()
     ));
-    let file = std::fs::File::create(&log).expect("daemon log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args([
-            "run",
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", support::free_port()),
-            "--watch-namespace",
-            namespace,
-            "--leader-election-namespace",
-            namespace,
-            "--instance",
-            identity,
-            "--leader-lease-duration",
-            "4s",
-            "--leader-renew",
-            "1s",
-        ])
-        .args(extra)
-        .env("KUBECONFIG", kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
-        .env("RUST_LOG", "kscale=debug,info")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("kscale run starts");
-    Daemon { child, log }
+    let controller = support::controller::start_controller(
+        env,
+        kubeconfig,
+        &log,
+        support::free_port(),
+        namespace,
+        identity,
+    );
+    Daemon { controller, log }
 }
 
 // ------------------------------------------------------------------ scenario
@@ -527,13 +501,7 @@ async fn a_manual_scale_between_read_and_write_is_not_overwritten() {
     support::wait_for_ready_pods(&client, &ns, "app=web", 2, Duration::from_secs(60)).await;
 
     let proxy = ApiProxy::start(client.clone()).await;
-    let daemon = start_daemon(
-        env,
-        &proxy.kubeconfig(&format!("race-{ns}")),
-        &ns,
-        "race",
-        &[],
-    );
+    let daemon = start_daemon(env, &proxy.kubeconfig(&format!("race-{ns}")), &ns, "race");
     support::wait_until(
         "web's first evaluation",
         Duration::from_secs(30),
@@ -693,7 +661,7 @@ async fn the_rate_limit_holds_when_status_writes_are_denied() {
         "the chart grants scalingpolicies/status in one rule"
     );
 
-    let daemon = start_daemon(env, &kubeconfig, &ns, "rbac", &[]);
+    let daemon = start_daemon(env, &kubeconfig, &ns, "rbac");
     // The daemon runs, but cannot write any status.
     support::wait_until("a denied status write", Duration::from_secs(30), || async {
         let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
@@ -743,7 +711,6 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         &proxy_a.kubeconfig(&format!("lease-a-{ns}")),
         &ns,
         "replica-a",
-        &[],
     );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = || async {
@@ -768,7 +735,6 @@ async fn two_daemons_whose_leases_overlap_never_both_write() {
         &proxy_b.kubeconfig(&format!("lease-b-{ns}")),
         &ns,
         "replica-b",
-        &[],
     );
     // replica-a writes: demand moves, web follows.
     sc.set("web", 20.0);
@@ -871,7 +837,7 @@ async fn one_writer_whether_or_not_the_target_names_its_api_version() {
     sc.wait_visible(env, "calm", 10.0).await;
 
     let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
-    let daemon = start_daemon(env, &kubeconfig, &ns, "writer", &[]);
+    let daemon = start_daemon(env, &kubeconfig, &ns, "writer");
     sc.wait_replicas("web", 4, Duration::from_secs(30), &daemon.log)
         .await;
     support::wait_until(
@@ -939,7 +905,7 @@ async fn a_forged_status_history_is_saturated() {
     let sc = Scenario::web_and_calm(env, &client, "iso-forged", ONE_POD_PER_600S).await;
     let ns = sc.ns.name.clone();
     let (kubeconfig, _guard) = support::service_account_kubeconfig(env, &client, &ns).await;
-    let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged", &[]);
+    let mut daemon = start_daemon(env, &kubeconfig, &ns, "forged");
     support::wait_until(
         "web's first evaluation",
         Duration::from_secs(30),
@@ -975,7 +941,12 @@ async fn a_forged_status_history_is_saturated() {
     sc.stays("web", 3, Duration::from_secs(4), &daemon.log)
         .await;
     assert!(
-        daemon.child.try_wait().expect("daemon status").is_none(),
+        daemon
+            .controller
+            .0
+            .try_wait()
+            .expect("daemon status")
+            .is_none(),
         "the daemon must survive a forged status; {}",
         support::log_tail(&daemon.log)
     );

@@ -48,26 +48,77 @@ pub fn start_controller_at(
     identity: &str,
     prometheus_url: &str,
 ) -> Controller {
+    start_controller_with(
+        kubeconfig,
+        log,
+        admin_port,
+        namespace,
+        identity,
+        Some(prometheus_url),
+        Lease::Flag(namespace),
+    )
+}
+
+/// Where [`start_controller_with`]'s daemon is told its Lease lives.
+pub enum Lease<'a> {
+    /// `--leader-election-namespace`.
+    Flag(&'a str),
+    /// No flag; `POD_NAMESPACE` as the chart's downward API sets it.
+    PodNamespace(&'a str),
+}
+
+/// The controller for `namespace` with `prometheus_url` as its default Prometheus (none when
+/// `None`: the variable is removed from its environment) and its Lease placed by `lease`.
+pub fn start_controller_with(
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+    prometheus_url: Option<&str>,
+    lease: Lease<'_>,
+) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_kscale"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kscale"));
+    command
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{admin_port}")])
-        .args([
-            "--watch-namespace",
-            namespace,
-            "--leader-election-namespace",
-            namespace,
-            "--instance",
-            identity,
-        ])
+        .args(["--watch-namespace", namespace, "--instance", identity])
         .args(["--leader-lease-duration", "4s", "--leader-renew", "1s"])
+        .env_remove("POD_NAMESPACE")
+        .env_remove("KSCALE_PROMETHEUS_URL")
         .env("KUBECONFIG", kubeconfig)
-        .env("KSCALE_PROMETHEUS_URL", prometheus_url)
         .env("RUST_LOG", "kscale=debug,info")
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("kscale run starts");
-    Controller(child)
+        .stderr(log);
+    match lease {
+        Lease::Flag(ns) => command.args(["--leader-election-namespace", ns]),
+        Lease::PodNamespace(ns) => command.env("POD_NAMESPACE", ns),
+    };
+    if let Some(url) = prometheus_url {
+        command.env("KSCALE_PROMETHEUS_URL", url);
+    }
+    Controller(command.spawn().expect("kscale run starts"))
+}
+
+/// `kscale dry-run` of `policy` (written to `target/<file_name>-<pid>.yaml`) as the cluster
+/// admin, with the test Prometheus as its default: whether it succeeded, and stdout then stderr.
+pub fn dry_run(env: &super::TestEnv, policy: &ScalingPolicy, file_name: &str) -> (bool, String) {
+    let file = super::repo_root().join(format!("target/{file_name}-{}.yaml", std::process::id()));
+    std::fs::write(&file, serde_yaml::to_string(policy).expect("yaml")).expect("write policy");
+    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
+        .args(["dry-run", "--policy", file.to_str().expect("utf-8 path")])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KSCALE_PROMETHEUS_URL", &env.prometheus_url)
+        .output()
+        .expect("kscale dry-run runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A controller for `namespace`, running as the ServiceAccount bound to the shipped RBAC and
@@ -278,4 +329,34 @@ pub async fn scale_by_hand(api: &Api<Deployment>, name: &str, n: i32) {
     )
     .await
     .expect("manual scale");
+}
+
+/// A cell of `kubectl get sp <name>`: the apiserver's Table for the policy, whose columns are
+/// the CRD's additionalPrinterColumns (`None`: an empty cell). Panics on an unknown column.
+pub async fn printer_column(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    column: &str,
+) -> Option<String> {
+    let request = http::Request::get(format!(
+        "/apis/kscale.dev/v1alpha1/namespaces/{namespace}/scalingpolicies/{name}"
+    ))
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .expect("request builds");
+    let table: serde_json::Value = client.request(request).await.expect("table read");
+    let columns = table["columnDefinitions"].as_array().expect("columns");
+    let i = columns
+        .iter()
+        .position(|c| c["name"] == column)
+        .unwrap_or_else(|| panic!("no {column} column"));
+    match &table["rows"][0]["cells"][i] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => panic!("the {column} cell is {other}"),
+    }
 }

@@ -1,6 +1,15 @@
 //! Reading ScalingPolicies from YAML files (several documents per file), with errors that name
-//! the file, the document and the field.
+//! the file, the document, the field and its line.
+//!
+//! A document goes through three checks, and reports what all of them find in one run: the
+//! structure against the CRD's schema ([`shape`]: unknown fields with a suggestion, types,
+//! required fields, enum values), serde, and the semantic checks of `policy::compile` over
+//! what remains.
 
+mod lines;
+mod shape;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -46,6 +55,16 @@ pub struct LoadedPolicy {
     pub name: Option<String>,
     /// The compiled policy, or every problem found.
     pub result: Result<(ScalingPolicy, CompiledPolicy), Vec<FieldError>>,
+    /// The 1-based line of each field path in the file.
+    lines: HashMap<String, usize>,
+}
+
+impl LoadedPolicy {
+    /// The line in the file of the field a problem names (of its closest enclosing field for a
+    /// missing one), when known.
+    pub fn line_of(&self, problem: &FieldError) -> Option<usize> {
+        lines::line_of(&self.lines, &problem.path)
+    }
 }
 
 /// Reads every ScalingPolicy in `path`. Documents of other kinds are skipped; a file with none is
@@ -62,7 +81,9 @@ pub fn load_policies(path: &Path) -> Result<Vec<LoadedPolicy>, LoadError> {
 /// [`load_policies`] does.
 pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<LoadedPolicy>, LoadError> {
     let mut out = Vec::new();
+    let mut lines = lines::field_lines(text).into_iter();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc_lines = lines.next().unwrap_or_default();
         let document = i + 1;
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| LoadError::Yaml {
             path: path.to_path_buf(),
@@ -87,6 +108,7 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<LoadedPolicy>, Load
             document,
             name,
             result,
+            lines: doc_lines,
         });
     }
     if out.is_empty() {
@@ -111,7 +133,10 @@ fn parse_one(
             ),
         });
     }
-    let policy: ScalingPolicy = match serde_path_to_error::deserialize(value.clone()) {
+    let shape = shape::check(value);
+    let structural = shape.errors;
+    errors.extend(structural.iter().cloned());
+    let policy: ScalingPolicy = match serde_path_to_error::deserialize(shape.cleaned) {
         Ok(p) => p,
         Err(e) => {
             let path = e.path().to_string();
@@ -126,57 +151,16 @@ fn parse_one(
             return Err(errors);
         }
     };
-    // Fields serde ignored (typos such as `minReplica`) would silently change the policy.
-    if let Ok(round_trip) = serde_yaml::to_value(&policy) {
-        unknown_fields(value, &round_trip, String::new(), &mut errors);
-    }
     match CompiledPolicy::from_resource(&policy) {
         Ok(c) if errors.is_empty() => Ok((policy, c)),
         Ok(_) => Err(errors),
         Err(e) => {
-            errors.extend(e.0);
+            errors.extend(
+                e.0.into_iter()
+                    .filter(|found| !shape::is_consequence(found, &structural)),
+            );
             Err(errors)
         }
-    }
-}
-
-/// Keys present in `original` but absent after a parse and re-serialization are unknown fields.
-fn unknown_fields(
-    original: &serde_yaml::Value,
-    parsed: &serde_yaml::Value,
-    path: String,
-    errors: &mut Vec<FieldError>,
-) {
-    use serde_yaml::Value;
-    match (original, parsed) {
-        (Value::Mapping(o), Value::Mapping(p)) => {
-            for (k, v) in o {
-                let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
-                let child = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match p.get(k) {
-                    Some(pv) => unknown_fields(v, pv, child, errors),
-                    None if v.is_null() => {}
-                    None if path == "metadata"
-                        || path.starts_with("metadata.")
-                        || path == "status"
-                        || path.starts_with("status") => {}
-                    None => errors.push(FieldError {
-                        path: child,
-                        message: "unknown field".into(),
-                    }),
-                }
-            }
-        }
-        (Value::Sequence(o), Value::Sequence(p)) => {
-            for (i, (ov, pv)) in o.iter().zip(p).enumerate() {
-                unknown_fields(ov, pv, format!("{path}[{i}]"), errors);
-            }
-        }
-        _ => {}
     }
 }
 
@@ -237,7 +221,10 @@ spec:
         let bad = GOOD.replace("minReplicas: 3", "minReplica: 3");
         let p = load(&bad).unwrap();
         let errs = p[0].result.as_ref().unwrap_err();
-        assert_eq!(errs[0].to_string(), "spec.minReplica: unknown field");
+        assert_eq!(
+            errs[0].to_string(),
+            "spec.minReplica: unknown field; did you mean minReplicas?"
+        );
     }
 
     #[test]
@@ -245,12 +232,9 @@ spec:
         let bad = GOOD.replace("maxReplicas: 10", "maxReplicas: ten");
         let p = load(&bad).unwrap();
         let errs = p[0].result.as_ref().unwrap_err();
-        assert!(
-            errs[0]
-                .to_string()
-                .starts_with("spec.maxReplicas: invalid type"),
-            "{}",
-            errs[0]
+        assert_eq!(
+            errs[0].to_string(),
+            "spec.maxReplicas: must be an integer, got the string \"ten\""
         );
     }
 
