@@ -170,21 +170,24 @@ pub struct Fitted {
 }
 
 /// A surprise waiting to be told a level shift or a burst: its error's sequence number in
-/// `recent`, its (deseasonalised) value and the prediction it missed, and how many buckets
-/// since have stayed nearer the value than the prediction.
+/// `recent` and the error itself, its (deseasonalised) value and the prediction it missed, and
+/// how many buckets since have stayed nearer the value than the prediction.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Shift {
     seq: u64,
+    error: f32,
     value: f64,
     predicted: f64,
     held: usize,
 }
 
-/// The surprises of the last few buckets. One whose new level holds for [`CONFIRM`] buckets
-/// (each nearer its value than the prediction it missed) was a level shift, a step or the end
-/// of a ramp: the model follows the new level, so that error does not recur and is forgiven
-/// (counted as 0) in the window the headroom is taken from. A burst that comes back is not a
-/// shift, and its error stays. So one step does not set the headroom for a whole history.
+/// The surprises of the last few buckets, each counted as 0 in the window the headroom is taken
+/// from until it is known what it was. One whose new level holds for [`CONFIRM`] buckets (each
+/// nearer its value than the prediction it missed) was a level shift, a step or the end of a
+/// ramp: the model follows the new level, so that error does not recur, and it stays 0. One
+/// that comes back was a burst, which may come again: its error enters the window at the first
+/// bucket that comes back. So one step neither sets the headroom for a whole history nor scales
+/// the target up to its ceiling while it is being told apart.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Shifts {
     pending: VecDeque<Shift>,
@@ -194,38 +197,31 @@ impl Shifts {
     /// At most this many surprises wait at once (a run of them is one change).
     const MAX: usize = 8;
 
-    fn surprise(&mut self, seq: u64, value: f64, predicted: f64) {
-        if self.pending.len() == Self::MAX {
-            self.pending.pop_front();
-        }
-        self.pending.push_back(Shift {
-            seq,
-            value,
-            predicted,
-            held: 0,
-        });
+    /// A new surprise; returns the oldest one if it had to make room (its error is admitted).
+    fn surprise(&mut self, shift: Shift) -> Option<Shift> {
+        let out = (self.pending.len() == Self::MAX)
+            .then(|| self.pending.pop_front())
+            .flatten();
+        self.pending.push_back(shift);
+        out
     }
 
-    /// The next bucket's deseasonalised value (`None`: a gap, which tells nothing); returns the
-    /// sequence numbers of the errors now known to be level shifts.
-    fn next(&mut self, plain: Option<f64>) -> Vec<u64> {
+    /// The next bucket's deseasonalised value (`None`: a gap, which tells nothing, so every
+    /// waiting error is admitted); returns the surprises now known to be bursts.
+    fn next(&mut self, plain: Option<f64>) -> Vec<Shift> {
         let Some(y) = plain else {
-            self.pending.clear();
-            return Vec::new();
+            return self.pending.drain(..).collect();
         };
-        let mut shifts = Vec::new();
+        let mut bursts = Vec::new();
         self.pending.retain_mut(|s| {
             if (y - s.value).abs() >= (y - s.predicted).abs() {
+                bursts.push(*s);
                 return false;
             }
             s.held += 1;
-            if s.held >= CONFIRM {
-                shifts.push(s.seq);
-                return false;
-            }
-            true
+            s.held < CONFIRM
         });
-        shifts
+        bursts
     }
 }
 
@@ -342,8 +338,8 @@ impl Fitted {
     fn observe_bucket(&mut self, y: Option<f64>, p: f64) -> bool {
         let e = self.update(y);
         let plain = e.and(self.last_plain);
-        for seq in self.shifts.next(plain) {
-            self.forgive(seq);
+        for burst in self.shifts.next(plain) {
+            self.admit(burst);
         }
         let (Some(e), Some(y)) = (e, y.map(|y| y / self.scale)) else {
             return false;
@@ -353,10 +349,28 @@ impl Fitted {
             return false;
         }
         let surprise = f64::from(r) > SURPRISE.max(self.error_quantile(p));
+        let mut counted = r;
         if let (true, Some(value)) = (surprise, plain) {
-            self.shifts.surprise(self.seen, value, value - e);
+            // Counted as 0 until it is known to be a burst (see [`Shifts`]).
+            counted = 0.0;
+            let shift = Shift {
+                seq: self.seen,
+                error: r,
+                value,
+                predicted: value - e,
+                held: 0,
+            };
+            if let Some(old) = self.shifts.surprise(shift) {
+                self.admit(old);
+            }
         }
         self.seen += 1;
+        self.push_error(counted);
+        surprise
+    }
+
+    /// Adds a relative error to the sliding window (the oldest leaves a full one).
+    fn push_error(&mut self, r: f32) {
         self.recent.push_back(r);
         self.recent_sum += f64::from(r);
         let at = self.rel_errors.partition_point(|x| x.total_cmp(&r).is_lt());
@@ -372,28 +386,30 @@ impl Fitted {
                 }
             }
         }
-        surprise
     }
 
-    /// Counts the error of sequence number `seq`, a level shift, as 0 (see [`Shifts`]).
-    fn forgive(&mut self, seq: u64) {
+    /// Puts a burst's error, counted as 0 while it waited, into the window (if still there).
+    fn admit(&mut self, burst: Shift) {
         let oldest = self.seen - self.recent.len() as u64;
-        let Some(r) = seq
+        let Some(slot) = burst
+            .seq
             .checked_sub(oldest)
             .and_then(|k| usize::try_from(k).ok())
             .and_then(|k| self.recent.get_mut(k))
         else {
             return;
         };
-        let old = std::mem::replace(r, 0.0);
-        self.recent_sum -= f64::from(old);
-        let at = self
+        let r = burst.error;
+        *slot = r;
+        self.recent_sum += f64::from(r);
+        let zero = self
             .rel_errors
-            .partition_point(|x| x.total_cmp(&old).is_lt());
-        if at < self.rel_errors.len() {
-            self.rel_errors.remove(at);
-            self.rel_errors.insert(0, 0.0);
+            .partition_point(|x| x.total_cmp(&0.0).is_lt());
+        if zero < self.rel_errors.len() {
+            self.rel_errors.remove(zero);
         }
+        let at = self.rel_errors.partition_point(|x| x.total_cmp(&r).is_lt());
+        self.rel_errors.insert(at, r);
     }
 
     /// Point forecast `h ≥ 1` buckets after the last one fed, in the series' units.
@@ -614,60 +630,25 @@ pub fn fit(
             }
         }
     }
-    let (_, mut best) = best?;
-    // The chosen model's own one-step errors, replayed once, give the empirical quantiles. The
-    // window is sized once for the whole history (no doubling slack: it is the bulk of the state).
-    // The level shifts among them are forgiven as a running model forgives them (see
-    // [`Shifts`]), a surprise being an error beyond the `confidence` quantile of them all.
-    best.recent.reserve_exact(best.window + 1);
-    let mut replayed: Vec<(f32, Option<(f64, f64)>)> = Vec::with_capacity(scaled.len());
-    if let Some(mut m) = initial(&scaled, first, season, best.params) {
-        let warm = if seasonal { season } else { 1 };
-        for (i, y) in scaled.iter().enumerate() {
-            let e = m.update(*y);
-            let plain = e.and(m.last_plain).map(|v| (v, v - e.unwrap_or(0.0)));
-            if let (Some(e), true, Some(y)) = (e, i >= warm, y) {
-                let r = relative_error(e, *y) as f32;
-                if r.is_finite() {
-                    replayed.push((r, plain));
-                    continue;
-                }
-            }
-            replayed.push((f32::NAN, plain));
+    let (_, best) = best?;
+    // The chosen model's own one-step errors, replayed once through the code a running model
+    // feeds each bucket to, give the empirical quantiles (the level shifts among them as a
+    // running model tells them: see [`Shifts`]). The window is sized once for the whole history
+    // (no doubling slack: it is the bulk of the state).
+    let mut m = initial(&scaled, first, season, best.params)?;
+    m.recent.reserve_exact(m.window + 1);
+    m.rel_errors = Vec::with_capacity(m.window + 1);
+    let warm = if seasonal { season } else { 1 };
+    for (i, y) in scaled.iter().enumerate() {
+        if i < warm {
+            m.update(*y);
+        } else {
+            m.observe_bucket(*y, confidence);
         }
     }
-    let mut sorted: Vec<f32> = replayed
-        .iter()
-        .map(|(r, _)| *r)
-        .filter(|r| r.is_finite())
-        .collect();
-    sorted.sort_by(f32::total_cmp);
-    let q = quantile(&sorted, confidence);
-    let mut shifts = Shifts::default();
-    for (r, plain) in replayed {
-        for seq in shifts.next(plain.map(|(v, _)| v)) {
-            if let Some(r) = usize::try_from(seq)
-                .ok()
-                .and_then(|k| best.recent.get_mut(k))
-            {
-                *r = 0.0;
-            }
-        }
-        if !r.is_finite() {
-            continue;
-        }
-        if let (true, Some((value, predicted))) = (f64::from(r) > SURPRISE.max(q), plain) {
-            shifts.surprise(best.recent.len() as u64, value, predicted);
-        }
-        best.recent.push_back(r);
-    }
-    best.seen = best.recent.len() as u64;
-    best.shifts = shifts;
-    best.recent_sum = best.recent.iter().map(|r| f64::from(*r)).sum();
-    best.rel_errors = Vec::with_capacity(best.window + 1);
-    best.rel_errors.extend(best.recent.iter().copied());
-    best.rel_errors.sort_by(f32::total_cmp);
-    Some(best)
+    m.sigma = best.sigma;
+    m.scale = best.scale;
+    Some(m)
 }
 
 /// A one-step error `e` of the value `y` (both scaled) relative to the prediction `y - e`.
@@ -1432,6 +1413,42 @@ mod tests {
                 assert_eq!((p.upper / 70.0).ceil(), 6.0, "at {}s: {p:?}", t - step_at);
             }
         }
+    }
+
+    /// The same step in a young history (the e2e test's timescale: 5 s buckets, 4 minutes of
+    /// history, 30 s of it flat): the step's error is counted as 0 while it is being told apart
+    /// from a burst, so the upper bound never leaves 400 (it read 2874.874 → 42 for the three
+    /// buckets after the step, scaling the target to its ceiling). A burst that comes back is
+    /// told apart at once, and its error raises the headroom.
+    #[test]
+    fn a_step_in_a_young_history_is_a_new_level_and_a_burst_raises_the_headroom() {
+        let s = ForecastSettings {
+            history: TimeDelta::minutes(4),
+            step: TimeDelta::seconds(5),
+            refit: TimeDelta::minutes(1),
+            horizon: TimeDelta::seconds(10),
+            confidence: 0.999,
+            ..settings(ModelKind::Trend)
+        };
+        let run = |value: &dyn Fn(i64) -> f64| {
+            let mut f = Forecaster::new(s, 70.0);
+            let t0 = 1_700_000_040i64;
+            (0..240)
+                .map(|k| {
+                    let now = DateTime::from_timestamp(t0 + k, 0).expect("time");
+                    f.observe(now, value(k));
+                    (k, f.forecast(now))
+                })
+                .collect::<Vec<_>>()
+        };
+        for (k, p) in run(&|k| if k < 30 { 50.0 } else { 400.0 }) {
+            if let Some(p) = p {
+                assert!(p.upper <= 400.0 + 1e-6, "at {k}s: {p:?}");
+            }
+        }
+        let burst = run(&|k| if (30..35).contains(&k) { 300.0 } else { 100.0 });
+        let after = burst[60].1.expect("a forecast");
+        assert!(after.upper > 150.0, "{after:?}");
     }
 
     /// The forecast is a function of the history and the time, not of when the forecaster
