@@ -99,9 +99,11 @@ async fn a_step_to_a_flat_rate_holds_the_replicas_it_needs_and_dry_run_agrees() 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Status is written when a decision changes it, so not at every evaluation: a few
+    // distinct evaluation times show the daemon kept deciding through the watch.
     assert!(
-        evaluations.len() > 60,
-        "the daemon evaluated {} times in {watch:?}",
+        evaluations.len() >= 10,
+        "the daemon's status shows {} evaluations in {watch:?}",
         evaluations.len()
     );
     let live = sc.policies.get("web").await.expect("policy");
