@@ -167,6 +167,8 @@ pub struct Fitted {
     seen: u64,
     /// Surprises not yet known to be level shifts.
     shifts: Shifts,
+    /// The sequence number of the last error forgiven as a level shift.
+    last_shift: Option<u64>,
 }
 
 /// A surprise waiting to be told a level shift or a burst: its error's sequence number in
@@ -184,10 +186,11 @@ struct Shift {
 /// The surprises of the last few buckets, each counted as 0 in the window the headroom is taken
 /// from until it is known what it was. One whose new level holds for [`CONFIRM`] buckets (each
 /// nearer its value than the prediction it missed) was a level shift, a step or the end of a
-/// ramp: the model follows the new level, so that error does not recur, and it stays 0. One
-/// that comes back was a burst, which may come again: its error enters the window at the first
-/// bucket that comes back. So one step neither sets the headroom for a whole history nor scales
-/// the target up to its ceiling while it is being told apart.
+/// ramp: the model follows the new level, so that error does not recur, and it stays 0, as
+/// long as such shifts are rare (see [`Fitted::observe_bucket`]). One that comes back was a
+/// burst, which may come again: its error enters the window at the first bucket that comes
+/// back. So one step neither sets the headroom for a whole history nor scales the target up to
+/// its ceiling while it is being told apart.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Shifts {
     pending: VecDeque<Shift>,
@@ -207,21 +210,26 @@ impl Shifts {
     }
 
     /// The next bucket's deseasonalised value (`None`: a gap, which tells nothing, so every
-    /// waiting error is admitted); returns the surprises now known to be bursts.
-    fn next(&mut self, plain: Option<f64>) -> Vec<Shift> {
+    /// waiting error is a burst); returns the surprises now known to be bursts and those now
+    /// known to be level shifts.
+    fn next(&mut self, plain: Option<f64>) -> (Vec<Shift>, Vec<Shift>) {
         let Some(y) = plain else {
-            return self.pending.drain(..).collect();
+            return (self.pending.drain(..).collect(), Vec::new());
         };
-        let mut bursts = Vec::new();
+        let (mut bursts, mut shifts) = (Vec::new(), Vec::new());
         self.pending.retain_mut(|s| {
             if (y - s.value).abs() >= (y - s.predicted).abs() {
                 bursts.push(*s);
                 return false;
             }
             s.held += 1;
-            s.held < CONFIRM
+            if s.held >= CONFIRM {
+                shifts.push(*s);
+                return false;
+            }
+            true
         });
-        bursts
+        (bursts, shifts)
     }
 }
 
@@ -338,8 +346,24 @@ impl Fitted {
     fn observe_bucket(&mut self, y: Option<f64>, p: f64) -> bool {
         let e = self.update(y);
         let plain = e.and(self.last_plain);
-        for burst in self.shifts.next(plain) {
+        let (bursts, shifts) = self.shifts.next(plain);
+        for burst in bursts {
             self.admit(burst);
+        }
+        for shift in shifts {
+            // A level shift stays 0 only as rarely as the quantile could not have supported
+            // it: one run of them per `1 / (1 − p)` buckets. Where shifts are the series'
+            // habit (a jump every few minutes) they are errors the model makes again.
+            let spacing = (1.0 / (1.0 - p).max(1e-6)).ceil() as u64;
+            let rare = self.last_shift.is_none_or(|l| {
+                let since = shift.seq.saturating_sub(l);
+                since <= CONFIRM as u64 || since >= spacing
+            });
+            if rare {
+                self.last_shift = Some(shift.seq);
+            } else {
+                self.admit(shift);
+            }
         }
         let (Some(e), Some(y)) = (e, y.map(|y| y / self.scale)) else {
             return false;
@@ -557,6 +581,7 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         scale: 1.0,
         seen: 0,
         shifts: Shifts::default(),
+        last_shift: None,
     })
 }
 
@@ -1449,6 +1474,31 @@ mod tests {
         let burst = run(&|k| if (30..35).contains(&k) { 300.0 } else { 100.0 });
         let after = burst[60].1.expect("a forecast");
         assert!(after.upper > 150.0, "{after:?}");
+    }
+
+    /// Level shifts that are the series' habit (the web-service trace's 5-minute samples jump
+    /// several-fold every few minutes) are errors the model makes again: after the first, they
+    /// count in the headroom, which then covers the next jump.
+    #[test]
+    fn frequent_level_shifts_count_in_the_headroom() {
+        let mut f = trend_defaults();
+        let t0 = 1_700_000_040i64;
+        let value = |t: i64| {
+            if ((t - t0) / 300) % 2 == 0 {
+                50.0
+            } else {
+                400.0
+            }
+        };
+        let mut last = None;
+        for k in 0..(6 * 60 * 4) {
+            let t = t0 + 15 * k;
+            let now = DateTime::from_timestamp(t, 0).expect("time");
+            f.observe(now, value(t));
+            last = f.forecast(now);
+        }
+        let p = last.expect("a forecast");
+        assert!(p.upper > p.point + 100.0, "{p:?}");
     }
 
     /// The forecast is a function of the history and the time, not of when the forecaster
