@@ -5,7 +5,7 @@
 //! - `deploy/examples/scalable-backend/README.md`'s backtest table holds the figures the shell
 //!   block above it prints, rounded as the table prints them.
 //!
-//! Debug build: the trace table replays about 2.7 million evaluations per policy (nyc_taxi alone
+//! Debug build: the trace table replays about 2 million evaluations per policy (nyc_taxi alone
 //! 1.2 million); both tests took 133 s here, on a shared, loaded two-core machine.
 
 use std::path::{Path, PathBuf};
