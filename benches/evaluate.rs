@@ -157,7 +157,15 @@ fn bench_forecast(c: &mut Criterion) {
     let mut group = c.benchmark_group("forecast");
     group.sample_size(10);
     group.bench_function("refit-holt-winters-7d-1m", |b| {
-        b.iter(|| black_box(fit(black_box(&series), 0, ModelKind::HoltWinters, 1440)))
+        b.iter(|| {
+            black_box(fit(
+                black_box(&series),
+                0,
+                ModelKind::HoltWinters,
+                1440,
+                0.999,
+            ))
+        })
     });
     let settings = ForecastSettings {
         model: ModelKind::HoltWinters,

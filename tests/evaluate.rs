@@ -376,7 +376,10 @@ fn a_forecast_raises_the_proposal_and_names_itself_in_the_reason() {
     let d = evaluate(&p, &o, &PolicyState::default(), t(0));
     assert_eq!(d.replicas, 9);
     let reason = d.reason(&p);
-    assert!(reason.contains("Trend forecast 900 in 60s → 9"), "{reason}");
+    assert!(
+        reason.contains("Trend forecast 900 in 60s, upper bound 900 → 9"),
+        "{reason}"
+    );
 }
 
 #[test]

@@ -82,11 +82,13 @@ impl Forecasts {
                 // never more than `MAX_HISTORY_STEPS` points, the bound validation checks on
                 // `history / step`: `interval: 1s, history: 60d` would otherwise ask for over
                 // five million points per metric.
-                let start = now - settings.history;
+                // The held history: a fit's window and the buckets since the last scheduled
+                // fit, so the model is fitted where a controller running all along fitted it.
+                let start = now - settings.held();
                 let end = now - policy.interval;
                 let resolution = policy
                     .interval
-                    .max(settings.history / MAX_HISTORY_STEPS as i32)
+                    .max(settings.held() / MAX_HISTORY_STEPS as i32)
                     .max(TimeDelta::seconds(1));
                 match backend
                     .query_range(query.clone(), start, end, resolution)

@@ -126,14 +126,16 @@ pub struct MetricOutcome {
 }
 
 impl MetricOutcome {
-    /// The forecast as reasons show it: `HoltWinters forecast 530 in 60s → 6`.
+    /// The forecast as reasons show it, the point forecast and the upper bound sized for
+    /// (the point plus the headroom): `HoltWinters forecast 480 in 60s, upper bound 530 → 6`.
     pub fn forecast_note(&self) -> Option<String> {
         self.forecast.map(|(f, p)| {
             format!(
-                "{} forecast {} in {}s → {p}",
+                "{} forecast {} in {}s, upper bound {} → {p}",
                 f.model.as_str(),
-                Num(f.upper),
-                f.horizon.num_seconds()
+                Num(f.point),
+                f.horizon.num_seconds(),
+                Num(f.upper)
             )
         })
     }
