@@ -113,23 +113,7 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
     // The real HPA controller settles: desired = current = the Deployment's count, pods ready.
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
     for (name, want) in SETTLED {
-        support::wait_until(
-            &format!("HPA {name} settled at {want}"),
-            Duration::from_secs(120),
-            || async {
-                let h = hpas.get(name).await.map_err(|e| e.to_string())?;
-                let s = h.status.ok_or("no status")?;
-                if s.desired_replicas == want && s.current_replicas == Some(want) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "desired {} current {:?}",
-                        s.desired_replicas, s.current_replicas
-                    ))
-                }
-            },
-        )
-        .await;
+        support::wait_hpa_settled(&hpas, name, want).await;
         support::wait_for_ready_pods(
             &client,
             &ns.name,

@@ -57,23 +57,6 @@ fn policy(ns: &str, name: &str, query: &str, action: &str) -> ScalingPolicy {
     )
 }
 
-async fn wait_hpa_settled(hpas: &Api<HorizontalPodAutoscaler>, name: &str, want: i32) {
-    support::wait_until(
-        &format!("HPA {name} settled at {want}"),
-        Duration::from_secs(120),
-        || async {
-            let h = hpas.get(name).await.map_err(|e| e.to_string())?;
-            let s = h.status.ok_or("no status")?;
-            if s.desired_replicas == want && s.current_replicas == Some(want) {
-                Ok(())
-            } else {
-                Err(format!("{:?}", (s.desired_replicas, s.current_replicas)))
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_policy_takes_over_from_an_hpa_without_a_jump_and_hands_back() {
     let Some(env) = support::testenv() else {
@@ -89,8 +72,8 @@ async fn a_policy_takes_over_from_an_hpa_without_a_jump_and_hands_back() {
     support::apply_yaml(&client, &ns.name, &hpa_yaml("web", 25, 4)).await;
     support::apply_yaml(&client, &ns.name, &hpa_yaml("api", 50, 4)).await;
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    wait_hpa_settled(&hpas, "web-cpu", 4).await;
-    wait_hpa_settled(&hpas, "api-cpu", 2).await;
+    support::wait_hpa_settled(&hpas, "web-cpu", 4).await;
+    support::wait_hpa_settled(&hpas, "api-cpu", 2).await;
     support::wait_for_ready_pods(&client, &ns.name, "app=web", 4, Duration::from_secs(60)).await;
 
     // The load kscale scales on, at 5 per replica: web's 5 wants 1 replica where its HPA runs 4,
@@ -135,6 +118,31 @@ async fn a_policy_takes_over_from_an_hpa_without_a_jump_and_hands_back() {
         )
         .await
         .expect("api created");
+    // What the chart's takeover=true adds to kscale's grants.
+    support::apply_yaml(
+        &client,
+        &ns.name,
+        &format!(
+            r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: kscale-takeover}}
+rules:
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, patch, delete]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: kscale-takeover}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: kscale-takeover}}
+subjects:
+- {{kind: ServiceAccount, name: kscale, namespace: {}}}
+"#,
+            ns.name
+        ),
+    )
+    .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let running =
         support::controller::run_controller(env, &client, &ns.name, "takeover", "takeover").await;

@@ -83,7 +83,7 @@ pub async fn take_over(
     }
     let write_error = |what: &str, e: kube::Error| {
         failed(format!(
-            "{what} the HPA: {} (the policy needs {} on horizontalpodautoscalers)",
+            "{what} the HPA: {} (kscale needs {} on horizontalpodautoscalers: the chart's takeover=true grants it)",
             crate::api_error::human(&e),
             what_verb(action)
         ))

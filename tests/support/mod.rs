@@ -1650,3 +1650,29 @@ pub fn write_adapter_certificate(dir: &Path, namespace: &str) -> String {
     std::fs::write(dir.join("tls.key"), &key_pem).expect("key");
     ca_pem
 }
+
+/// Waits until HPA `name` has settled at `want`: `status.desiredReplicas` and
+/// `status.currentReplicas` both `want`.
+pub async fn wait_hpa_settled(
+    hpas: &Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>,
+    name: &str,
+    want: i32,
+) {
+    wait_until(
+        &format!("HPA {name} settled at {want}"),
+        Duration::from_secs(120),
+        || async {
+            let h = hpas.get(name).await.map_err(|e| e.to_string())?;
+            let s = h.status.ok_or("no status")?;
+            if s.desired_replicas == want && s.current_replicas == Some(want) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "desired {} current {:?}",
+                    s.desired_replicas, s.current_replicas
+                ))
+            }
+        },
+    )
+    .await;
+}
