@@ -495,6 +495,8 @@ pub async fn evaluate_live(
     }
     ctx.scale_events
         .remember_activity(resource, decision.state.last_active_time);
+    ctx.scale_events
+        .remember_recommendations(resource, &decision.state);
     Ok(Evaluated {
         policy,
         scale,

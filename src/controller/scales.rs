@@ -141,6 +141,15 @@ impl KindWatch {
         (copy.resource_version.as_ref() == Some(seen)).then(|| copy.clone())
     }
 
+    /// Stops serving copies until the next complete list.
+    fn invalidate(&self) {
+        let mut versions = match self.versions.write() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *versions = None;
+    }
+
     /// Takes in one watch event.
     fn apply(
         &self,
@@ -152,7 +161,12 @@ impl KindWatch {
             Err(poisoned) => poisoned.into_inner(),
         };
         match event {
-            watcher::Event::Init => *relist = Some(HashMap::new()),
+            // A relist: until it is complete no copy can be trusted (an update may have been
+            // missed while the watch was down).
+            watcher::Event::Init => {
+                *relist = Some(HashMap::new());
+                *versions = None;
+            }
             watcher::Event::InitApply((key, Some(rv))) => {
                 if let Some(list) = relist.as_mut() {
                     list.insert(key, rv);
@@ -231,6 +245,9 @@ async fn watch(
                 kind.apply(versions_of(event), &mut relist);
             }
             Err(e) => {
+                // Broken: updates may be missed from here on, so no copy is served until the
+                // watch has listed again.
+                kind.invalidate();
                 if !std::mem::replace(&mut failing, true) {
                     warn!(kind = %resource.kind, error = %crate::api_error::human_watch(&e), "watching the targets' metadata failed: their scale is read at every evaluation meanwhile (grant list and watch on the kind to spare those reads; retrying with backoff)");
                 }
@@ -297,5 +314,31 @@ mod tests {
         kind.apply(watcher::Event::Init, &mut relist);
         kind.apply(watcher::Event::InitDone, &mut relist);
         assert!(lock(&kind.scales).is_empty());
+    }
+
+    /// A review's finding: a watch that broke (an error, or the relist after it) may have
+    /// missed an update, so no copy is served until the list is complete again.
+    #[test]
+    fn a_broken_watch_serves_no_copy_until_it_has_listed_again() {
+        let kind = KindWatch::default();
+        let mut relist = None;
+        kind.apply(watcher::Event::Init, &mut relist);
+        kind.apply(
+            watcher::Event::InitApply((key("web"), Some("7".into()))),
+            &mut relist,
+        );
+        kind.apply(watcher::Event::InitDone, &mut relist);
+        lock(&kind.scales).insert(key("web"), scale("7"));
+        assert_eq!(kind.fresh(&key("web")), Some(scale("7")));
+        kind.invalidate();
+        assert_eq!(kind.fresh(&key("web")), None, "after a watch error");
+        kind.apply(watcher::Event::Init, &mut relist);
+        assert_eq!(kind.fresh(&key("web")), None, "while relisting");
+        kind.apply(
+            watcher::Event::InitApply((key("web"), Some("7".into()))),
+            &mut relist,
+        );
+        kind.apply(watcher::Event::InitDone, &mut relist);
+        assert_eq!(kind.fresh(&key("web")), Some(scale("7")));
     }
 }

@@ -44,14 +44,43 @@ impl ScaleMemory {
             && *uid == p.metadata.uid
         {
             history.merge_scale_events(remembered);
+            // The stabilization windows count every evaluation's recommendation, but status is
+            // written only when more than the time changed: this replica's memory holds the
+            // ones not written. The newer list wins (another leader may have written since).
+            let newest = |s: &PolicyState| s.recommendations.iter().map(|r| r.time).max();
+            if !remembered.recommendations.is_empty() && newest(remembered) >= newest(&history) {
+                history.recommendations = remembered.recommendations.clone();
+            }
         }
         history
     }
 
-    /// Remembers the scale events of `state`, the history after a scale write of `p`.
+    /// Remembers the scale events of `state`, the history after a scale write of `p` (the
+    /// remembered recommendations stay).
     pub fn remember(&self, p: &ScalingPolicy, state: &PolicyState) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(key(p), (p.metadata.uid.clone(), state.scale_events_only()));
+            let mut kept = state.scale_events_only();
+            if let Some((uid, old)) = entries.get(&key(p))
+                && *uid == p.metadata.uid
+            {
+                kept.recommendations = old.recommendations.clone();
+            }
+            entries.insert(key(p), (p.metadata.uid.clone(), kept));
+        }
+    }
+
+    /// Remembers the recommendations of `state` (the windows' memory after an evaluation of
+    /// `p`), after every evaluation: a status whose only news is the time is not written at
+    /// once, and a window must not lose the recommendations it did not write.
+    pub fn remember_recommendations(&self, p: &ScalingPolicy, state: &PolicyState) {
+        if let Ok(mut entries) = self.entries.lock() {
+            let entry = entries
+                .entry(key(p))
+                .or_insert_with(|| (p.metadata.uid.clone(), PolicyState::default()));
+            if entry.0 != p.metadata.uid {
+                *entry = (p.metadata.uid.clone(), PolicyState::default());
+            }
+            entry.1.recommendations = state.recommendations.clone();
         }
     }
 
@@ -152,5 +181,46 @@ mod tests {
         p.status = serde_json::from_value(json).unwrap();
         let h = ScaleMemory::default().history(&p, at(0));
         assert_eq!(h.consecutive_failures, 2);
+    }
+
+    /// A review's finding: status is not written while only the time changes, so the
+    /// recommendations of those evaluations live in memory; the window counts them, or a
+    /// scale-down comes up to a refresh period early.
+    #[test]
+    fn recommendations_not_written_still_count_in_the_window() {
+        use crate::policy::state::Recommendation;
+        let memory = ScaleMemory::default();
+        let mut p = policy("u1");
+        let rec = |replicas, s| Recommendation {
+            replicas,
+            time: at(s),
+        };
+        // Status, last written at 0, has 4@0; the evaluations since said 4 at 100 and 200.
+        let mut status = crate::crd::ScalingPolicyStatus::default();
+        status.history.recommendations = vec![rec(4, 0)];
+        p.status = Some(status);
+        let evaluated = PolicyState {
+            recommendations: vec![rec(4, 0), rec(4, 100), rec(4, 200)],
+            ..PolicyState::default()
+        };
+        memory.remember_recommendations(&p, &evaluated);
+        assert_eq!(
+            memory.history(&p, at(201)).recommendations,
+            evaluated.recommendations
+        );
+        // A scale write keeps them.
+        memory.remember(&p, &PolicyState::default());
+        assert_eq!(
+            memory.history(&p, at(201)).recommendations,
+            evaluated.recommendations
+        );
+        // A newer status (another leader wrote since) wins over older memory.
+        let mut newer = crate::crd::ScalingPolicyStatus::default();
+        newer.history.recommendations = vec![rec(2, 300)];
+        p.status = Some(newer);
+        assert_eq!(
+            memory.history(&p, at(301)).recommendations,
+            vec![rec(2, 300)]
+        );
     }
 }
