@@ -1231,6 +1231,9 @@ fn status_changed(
                 .iter()
                 .map(|m| (m.name.clone(), m.state.clone()))
                 .collect::<Vec<_>>(),
+            // A takeover is done once: its record must not wait (the next evaluation would
+            // take over again).
+            s.takeover.clone(),
         )
     };
     decision(old) != decision(new)

@@ -54,17 +54,7 @@ pub async fn take_over(
         Ok(Some(hpa)) => hpa,
         // Already gone (deleted by hand, or by an earlier attempt whose status was lost).
         Ok(None) => return Ok(record("Absent")),
-        Err(e) => {
-            return Err(failed(format!(
-                "reading the HPA: {}",
-                crate::controller::permissions::explain(
-                    &e,
-                    crate::controller::permissions::Access::Hpas {
-                        namespace: target.namespace()
-                    }
-                )
-            )));
-        }
+        Err(e) => return Err(failed(api_message("reading", "get", &e))),
     };
     let drives = target
         .driving_hpa(client, Some(kinds), std::iter::once(&hpa))
@@ -81,13 +71,7 @@ pub async fn take_over(
     if crate::actuate::is_inert(&hpa) {
         return Ok(record("Disable"));
     }
-    let write_error = |what: &str, e: kube::Error| {
-        failed(format!(
-            "{what} the HPA: {} (kscale needs {} on horizontalpodautoscalers: the chart's takeover=true grants it)",
-            crate::api_error::human(&e),
-            what_verb(action)
-        ))
-    };
+    let write_error = |what: &str, e: kube::Error| failed(api_message(what, what_verb(action), &e));
     match action {
         TakeoverAction::Delete => {
             api.delete(&spec.hpa, &DeleteParams::default())
@@ -133,6 +117,17 @@ pub async fn take_over(
     }
 }
 
+/// What failed, and for a 403 the grant to add (the chart's `takeover=true`).
+fn api_message(what: &str, verb: &str, e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "{what} the HPA is forbidden: kscale needs {verb} on horizontalpodautoscalers (install the chart with --set takeover=true, which grants get, patch and delete): {}",
+            crate::api_error::human(e)
+        ),
+        _ => format!("{what} the HPA: {}", crate::api_error::human(e)),
+    }
+}
+
 fn what_verb(action: TakeoverAction) -> &'static str {
     match action {
         TakeoverAction::Disable => "patch",
@@ -151,4 +146,35 @@ pub fn describe(t: &TakeoverStatus) -> String {
         "took over from HPA {} ({what}), carrying on from {} replicas with the scale-down window full of that count",
         t.hpa, t.replicas
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A review's finding: with the chart's default (`takeover: false`) the first call, a GET,
+    /// is refused; the message names the verb and the chart value, not the HPA watch's grant.
+    #[test]
+    fn a_forbidden_takeover_names_the_chart_value() {
+        let forbidden = kube::Error::Api(
+            kube::core::Status::failure("horizontalpodautoscalers is forbidden", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        );
+        let m = api_message("reading", "get", &forbidden);
+        assert!(
+            m.starts_with("reading the HPA is forbidden: kscale needs get on horizontalpodautoscalers (install the chart with --set takeover=true"),
+            "{m}"
+        );
+        let conflict = kube::Error::Api(
+            kube::core::Status::failure("the object has been modified", "Conflict")
+                .with_code(409)
+                .boxed(),
+        );
+        let m = api_message("disabling", "patch", &conflict);
+        assert!(
+            m.starts_with("disabling the HPA: ") && !m.contains("takeover=true"),
+            "{m}"
+        );
+    }
 }
