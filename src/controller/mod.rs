@@ -1232,8 +1232,9 @@ fn status_changed(
                 .map(|m| (m.name.clone(), m.state.clone()))
                 .collect::<Vec<_>>(),
             // A takeover is done once: its record must not wait (the next evaluation would
-            // take over again).
-            s.takeover.clone(),
+            // take over again). The pause events are edge-triggered from the stored
+            // `status.paused`: a pause written late would be announced again meanwhile.
+            (s.takeover.clone(), s.paused.clone()),
         )
     };
     decision(old) != decision(new)
