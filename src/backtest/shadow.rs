@@ -104,7 +104,8 @@ pub fn summarize(
         end: last.0,
         step,
         samples: both.len(),
-        unmatched: kscale.len() + hpa.len() - 2 * both.len(),
+        // Saturating: a series with repeated timestamps can match more than once.
+        unmatched: (kscale.len() + hpa.len()).saturating_sub(2 * both.len()),
         kscale_replica_hours: both.iter().map(|(_, k, _)| k * hours).sum(),
         hpa_replica_hours: both.iter().map(|(_, _, h)| h * hours).sum(),
         kscale_below_minutes: both.iter().filter(|(_, k, h)| k < h).count() as f64 * minutes,
