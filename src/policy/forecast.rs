@@ -1291,16 +1291,7 @@ mod tests {
     /// defaults `spec.forecast: {model: Trend}` compiles to (1m buckets, 1d of history,
     /// confidence 99.9, no `minHeadroom`).
     fn walkthrough() -> Vec<(i64, f64, Option<Prediction>)> {
-        let mut f = Forecaster::new(
-            ForecastSettings {
-                history: TimeDelta::days(1),
-                step: TimeDelta::minutes(1),
-                refit: TimeDelta::hours(6),
-                confidence: 0.999,
-                ..settings(ModelKind::Trend)
-            },
-            70.0,
-        );
+        let mut f = trend_defaults();
         let t0 = 1_700_000_040i64; // a multiple of a minute
         let value = |minute: i64| match minute {
             ..10 => 50.0,
