@@ -810,6 +810,9 @@ fn dry_run(args: &DryRunArgs, out: &mut dyn Write) -> Result<(), CliError> {
         if let Some(conflict) = &e.hpa_conflict {
             writeln!(out, "conflict  {conflict}").map_err(io)?;
         }
+        if let Some(pending) = &e.takeover_pending {
+            writeln!(out, "takeover  {pending}").map_err(io)?;
+        }
         if let Some((hpa, hpa_desired)) = &e.shadow {
             writeln!(
                 out,

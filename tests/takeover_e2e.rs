@@ -7,6 +7,9 @@
 //!   the takeover, then it does; the hand-back (the restore patch applied as the README says)
 //!   gives the HPA its settings back.
 //! - `Delete`: the HPA is deleted and the count stays.
+//! - A takeover waits for valid metrics: while db's query returns nothing, its HPA keeps
+//!   driving it and the policy's `Ready` says `TakeoverPending`; once the metric is there, the
+//!   takeover happens.
 //! - Admission refuses `spec.takeover` outside mode Controller, naming the field.
 
 mod support;
@@ -69,11 +72,14 @@ async fn a_policy_takes_over_from_an_hpa_without_a_jump_and_hands_back() {
     // 50 % target, 2.
     support::create_kwok_deployment(&client, &ns.name, "web", 2, "100m", "50m").await;
     support::create_kwok_deployment(&client, &ns.name, "api", 2, "100m", "50m").await;
+    support::create_kwok_deployment(&client, &ns.name, "db", 2, "100m", "50m").await;
     support::apply_yaml(&client, &ns.name, &hpa_yaml("web", 25, 4)).await;
     support::apply_yaml(&client, &ns.name, &hpa_yaml("api", 50, 4)).await;
+    support::apply_yaml(&client, &ns.name, &hpa_yaml("db", 50, 4)).await;
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
     support::wait_hpa_settled(&hpas, "web-cpu", 4).await;
     support::wait_hpa_settled(&hpas, "api-cpu", 2).await;
+    support::wait_hpa_settled(&hpas, "db-cpu", 2).await;
     support::wait_for_ready_pods(&client, &ns.name, "app=web", 4, Duration::from_secs(60)).await;
 
     // The load kscale scales on, at 5 per replica: web's 5 wants 1 replica where its HPA runs 4,
@@ -118,6 +124,14 @@ async fn a_policy_takes_over_from_an_hpa_without_a_jump_and_hands_back() {
         )
         .await
         .expect("api created");
+    // db's metric is not exported yet: its query returns nothing.
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(&ns.name, "db", &query("db"), "Delete"),
+        )
+        .await
+        .expect("db created");
     // What the chart's takeover=true adds to kscale's grants.
     support::apply_yaml(
         &client,
@@ -207,6 +221,40 @@ subjects:
         assert_eq!(support::replicas_of(&deployments, "api").await, 2);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // db: no valid metric, so no takeover; its HPA stays and still drives it.
+    let db = policies.get("db").await.expect("db");
+    let status = db.status.expect("db's status");
+    assert!(status.takeover.is_none(), "{:?}", status.takeover);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.reason, "TakeoverPending", "{}", ready.message);
+    assert!(
+        ready
+            .message
+            .contains("takeover of HPA db-cpu waits: metric queue is missing"),
+        "{}",
+        ready.message
+    );
+    assert!(hpas.get_opt("db-cpu").await.expect("get").is_some());
+    // Once the metric is there, the takeover goes ahead, from the HPA's 2.
+    exporter.set("kscale_takeover_queue", &[("app", "db")], 10.0);
+    let t = support::wait_until("db's takeover", Duration::from_secs(60), || async {
+        let p = policies.get("db").await.map_err(|e| e.to_string())?;
+        p.status
+            .and_then(|s| s.takeover)
+            .ok_or_else(|| "no status.takeover yet".to_string())
+    })
+    .await;
+    assert_eq!(
+        (t.hpa.as_str(), t.action.as_str(), t.replicas),
+        ("db-cpu", "Delete", 2)
+    );
+    assert!(hpas.get_opt("db-cpu").await.expect("get").is_none());
+    assert_eq!(support::replicas_of(&deployments, "db").await, 2);
+
     // Disable: the HPA is inert and keeps its settings for the hand-back; Delete: it is gone.
     let web_hpa = hpas.get("web-cpu").await.expect("the disabled HPA stays");
     assert!(kscale::actuate::is_inert(&web_hpa), "{:?}", web_hpa.spec);

@@ -219,6 +219,9 @@ pub struct Evaluated {
     pub shadow: Option<(String, i32)>,
     /// `spec.takeover` carried out at this evaluation, for `status.takeover`.
     pub took_over: Option<crate::crd::TakeoverStatus>,
+    /// `spec.takeover` not carried out yet, and why (it waits for valid metrics, or this is a
+    /// dry run), for the reason and `kscale dry-run`.
+    pub takeover_pending: Option<String>,
 }
 
 /// The PromQL queries of a policy's Prometheus metrics.
@@ -273,42 +276,10 @@ pub async fn evaluate_live(
     .await
     .map_err(target_err)?;
     let mut scale = ctx.scales.read(&target).await.map_err(target_err)?;
-    // spec.takeover, once, by the leader, before the one-writer rule looks at the HPA.
-    let took_over = match &resource.spec.takeover {
-        Some(spec)
-            if write
-                && policy.mode == Mode::Controller
-                && resource
-                    .status
-                    .as_ref()
-                    .is_none_or(|s| s.takeover.is_none()) =>
-        {
-            ctx.leadership
-                .check()
-                .map_err(|e| target_err(target.not_leader(e)))?;
-            Some(
-                takeover::take_over(
-                    &ctx.client,
-                    &ctx.kinds,
-                    &name,
-                    spec,
-                    &target,
-                    scale.spec_replicas,
-                    now,
-                )
-                .await
-                .map_err(target_err)?,
-            )
-        }
-        _ => None,
-    };
+    // spec.takeover waits for this evaluation's metrics: it is carried out below, once every
+    // metric is valid, so a policy whose metrics fail never stops a working HPA.
+    let pending = pending_takeover(resource, &policy);
     let mut hpa_conflict = hpa_conflict(ctx, &name, &policy, &target).await;
-    // The HPA just deleted may still be in the watch's store.
-    if let (Some(ActuateError::HpaConflict { hpa, .. }), Some(t)) = (&hpa_conflict, &took_over)
-        && *hpa == t.hpa
-    {
-        hpa_conflict = None;
-    }
     let shadow = shadow_of(ctx, &name, &policy, &target).await;
 
     // The target's pods, read once for the readiness count and every resource metric.
@@ -401,29 +372,76 @@ pub async fn evaluate_live(
     // Status values are checked and saturated, and merged with the scale events this replica
     // applied (a failed status write does not lose them).
     let mut history = ctx.scale_events.history(resource, now);
-    if let Some(t) = &took_over {
-        // The HPA's recommendations are lost with it: the scale-down window starts full of the
-        // count taken over, so nothing goes down before it has passed.
-        history
-            .recommendations
-            .push(crate::policy::state::Recommendation {
-                replicas: t.replicas,
-                time: now,
-            });
-    }
     let generation = resource.metadata.generation;
     // A formula runs off the async workers under its run-time budget.
     let (mut policy, mut decision) = ctx
         .formulas
         .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
         .await;
+    let mut took_over = None;
+    let mut takeover_pending = None;
+    if let Some(spec) = pending {
+        let other_writer = writers
+            .and_then(|w| w.get(&target.key))
+            .filter(|w| **w != name);
+        match (takeover_blocker(&policy, &decision, other_writer), write) {
+            (Some(why), _) => {
+                takeover_pending = Some(format!("takeover of HPA {} waits: {why}", spec.hpa));
+            }
+            (None, false) => {
+                takeover_pending = Some(format!(
+                    "dry run: the daemon takes HPA {} over ({:?}) at this evaluation",
+                    spec.hpa,
+                    spec.action.unwrap_or_default()
+                ));
+            }
+            (None, true) => {
+                ctx.leadership
+                    .check()
+                    .map_err(|e| target_err(target.not_leader(e)))?;
+                let t = takeover::take_over(
+                    &ctx.client,
+                    &ctx.kinds,
+                    &name,
+                    spec,
+                    &target,
+                    scale.spec_replicas,
+                    now,
+                )
+                .await
+                .map_err(target_err)?;
+                // The HPA just deleted or disabled may still be in the watch's store.
+                if let Some(ActuateError::HpaConflict { hpa, .. }) = &hpa_conflict
+                    && *hpa == t.hpa
+                {
+                    hpa_conflict = None;
+                }
+                // The HPA's recommendations are lost with it: the scale-down window starts full
+                // of the count taken over, so nothing goes down before it has passed.
+                history
+                    .recommendations
+                    .push(crate::policy::state::Recommendation {
+                        replicas: t.replicas,
+                        time: now,
+                    });
+                (policy, decision) = ctx
+                    .formulas
+                    .evaluate(&name, generation, policy, obs.clone(), history.clone(), now)
+                    .await;
+                took_over = Some(t);
+            }
+        }
+    }
     let mut wrote = false;
     let mut not_written = None;
     let mut conflicts = 0u32;
     let first_read = scale.spec_replicas;
     while decision.replicas != decision.current {
         if let Some(conflict) = &hpa_conflict {
-            not_written = Some(conflict.to_string());
+            not_written = Some(match &takeover_pending {
+                Some(pending) => format!("{conflict}; {pending}"),
+                None => conflict.to_string(),
+            });
             break;
         }
         match policy.mode {
@@ -508,6 +526,52 @@ pub async fn evaluate_live(
         hpa_conflict,
         shadow,
         took_over,
+        takeover_pending,
+    })
+}
+
+/// The policy's `spec.takeover` when it is still to be carried out: a Controller policy whose
+/// status records no takeover of that HPA (none yet, or one of another HPA before the spec
+/// named this one).
+fn pending_takeover<'a>(
+    resource: &'a ScalingPolicy,
+    policy: &CompiledPolicy,
+) -> Option<&'a crate::crd::TakeoverSpec> {
+    let spec = resource.spec.takeover.as_ref()?;
+    let done = resource
+        .status
+        .as_ref()
+        .and_then(|s| s.takeover.as_ref())
+        .is_some_and(|t| t.hpa == spec.hpa);
+    (policy.mode == Mode::Controller && !done).then_some(spec)
+}
+
+/// Why a pending takeover must wait, if it must: a failing metric or formula (kscale would
+/// stop a working HPA and then only hold the count), or another policy that writes the target.
+/// `None` when it may go ahead.
+fn takeover_blocker(
+    policy: &CompiledPolicy,
+    decision: &crate::policy::Decision,
+    other_writer: Option<&String>,
+) -> Option<String> {
+    if let Some(other) = other_writer {
+        return Some(format!("policy {other} writes this target"));
+    }
+    if let Some(e) = &decision.formula_error {
+        return Some(format!("the formula failed ({e})"));
+    }
+    let failing: Vec<String> = policy
+        .metrics
+        .iter()
+        .zip(&decision.metrics)
+        .filter(|(_, o)| o.state.is_failure() || o.state == crate::policy::MetricState::Partial)
+        .map(|(m, o)| format!("metric {} {}", m.name, o.state.described()))
+        .collect();
+    (!failing.is_empty()).then(|| {
+        format!(
+            "{}, and kscale takes over only on valid metrics",
+            failing.join(", ")
+        )
     })
 }
 
@@ -844,7 +908,8 @@ fn failure_status(
 pub struct ReadyCondition {
     /// True: kscale scales the target on valid metrics as the policy says.
     pub status: bool,
-    /// `Evaluated`, `ConflictingHPA` or `MetricsUnavailable`.
+    /// `Evaluated`, `ConflictingHPA`, `TakeoverPending` (the HPA that `spec.takeover` names
+    /// still drives the target) or `MetricsUnavailable`.
     pub reason: &'static str,
     /// Why, naming the HPA or each failing metric and its cause.
     pub message: String,
@@ -859,10 +924,17 @@ pub struct ReadyCondition {
 pub fn ready_condition(e: &Evaluated) -> ReadyCondition {
     use crate::policy::MetricState;
     if let Some(conflict) = &e.hpa_conflict {
-        return ReadyCondition {
-            status: false,
-            reason: conflict.kind_label(),
-            message: conflict.to_string(),
+        return match &e.takeover_pending {
+            Some(pending) => ReadyCondition {
+                status: false,
+                reason: "TakeoverPending",
+                message: format!("{conflict}; {pending}"),
+            },
+            None => ReadyCondition {
+                status: false,
+                reason: conflict.kind_label(),
+                message: conflict.to_string(),
+            },
         };
     }
     let failing: Vec<String> = e
@@ -991,6 +1063,10 @@ pub async fn reconcile(
                     crate::status::MAX_SHORT_REASON_CHARS,
                 ));
                 reason = format!("{reason}; not written: {conflict}");
+                status.reason = Some(reason.clone());
+            }
+            if let Some(pending) = &e.takeover_pending {
+                reason = format!("{reason}; {pending}");
                 status.reason = Some(reason.clone());
             }
             if let Some(t) = &e.took_over {
@@ -2277,6 +2353,7 @@ mod tests {
                 hpa_conflict: None,
                 shadow: None,
                 took_over: None,
+                takeover_pending: None,
             }
         };
         let valid = evaluated(Sample::Series {

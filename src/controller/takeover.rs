@@ -1,6 +1,8 @@
 //! `spec.takeover`: a Controller policy replaces the HPA that drives its target today.
 //!
-//! At the first evaluation as leader (no `status.takeover` yet), kscale reads the named HPA,
+//! At the first evaluation as leader whose metrics are all valid (no `status.takeover` of that
+//! HPA yet; with a failing metric or formula, or another policy writing the target, it waits,
+//! so kscale never stops a working HPA only to hold the count), kscale reads the named HPA,
 //! checks that it drives the policy's target, and stops it:
 //! - `Disable` leaves the HPA in place but inert ([`crate::actuate::is_inert`]): both
 //!   directions' `selectPolicy: Disabled`, bounds 1 and 2147483647. Its previous bounds and
@@ -88,11 +90,16 @@ pub async fn take_over(
                     "behavior": hpa.spec.behavior,
                 }
             });
+            // The resourceVersion read makes the patch conditional: an edit in between (whose
+            // settings the restore patch would miss) is a 409, and the next evaluation reads again.
             let patch = serde_json::json!({
-                "metadata": {"annotations": {
-                    TAKEN_OVER_BY: policy,
-                    RESTORE_PATCH: restore.to_string(),
-                }},
+                "metadata": {
+                    "resourceVersion": hpa.metadata.resource_version,
+                    "annotations": {
+                        TAKEN_OVER_BY: policy,
+                        RESTORE_PATCH: restore.to_string(),
+                    },
+                },
                 "spec": {
                     "minReplicas": INERT_MIN_REPLICAS,
                     "maxReplicas": INERT_MAX_REPLICAS,
@@ -123,6 +130,9 @@ fn api_message(what: &str, verb: &str, e: &kube::Error) -> String {
         kube::Error::Api(s) if s.code == 403 => format!(
             "{what} the HPA is forbidden: kscale needs {verb} on horizontalpodautoscalers (install the chart with --set takeover=true, which grants get, patch and delete): {}",
             crate::api_error::human(e)
+        ),
+        kube::Error::Api(s) if s.code == 409 => format!(
+            "{what} the HPA: it changed after kscale read it (409 Conflict), so nothing was changed; the takeover is tried again at the next evaluation"
         ),
         _ => format!("{what} the HPA: {}", crate::api_error::human(e)),
     }
@@ -173,7 +183,8 @@ mod tests {
         );
         let m = api_message("disabling", "patch", &conflict);
         assert!(
-            m.starts_with("disabling the HPA: ") && !m.contains("takeover=true"),
+            m.starts_with("disabling the HPA: it changed after kscale read it (409 Conflict)")
+                && !m.contains("takeover=true"),
             "{m}"
         );
     }
