@@ -3,6 +3,7 @@
 //! `/metrics` (OpenMetrics text), `/healthz` (the process serves), `/readyz` (true only after
 //! the first ScalingPolicy watch sync and the first evaluation tick).
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -125,6 +126,19 @@ pub struct Metrics {
     ready: AtomicBool,
     /// Settings that leave the daemon running but some policies failing; `/readyz` lists them.
     warnings: std::sync::Mutex<Vec<String>>,
+    /// The label sets recorded per policy, so a deleted policy's series can be removed.
+    exported: std::sync::Mutex<HashMap<PolicyLabels, Exported>>,
+}
+
+/// The label sets one policy's series were recorded under, beyond the policy's own.
+#[derive(Debug, Default)]
+struct Exported {
+    /// Metric names (`MetricLabels::metric`).
+    metrics: HashSet<String>,
+    /// `(direction, rule)` of `DecisionLabels`.
+    decisions: HashSet<(String, String)>,
+    /// Source error label sets.
+    source_errors: HashSet<SourceErrorLabels>,
 }
 
 impl Default for Metrics {
@@ -158,6 +172,7 @@ impl Metrics {
             forwarded: Family::default(),
             ready: AtomicBool::new(false),
             warnings: std::sync::Mutex::new(Vec::new()),
+            exported: std::sync::Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         registry.register("evaluations", "Policy evaluations", m.evaluations.clone());
@@ -327,6 +342,13 @@ impl Metrics {
                 rule: rule.into(),
             })
             .inc();
+        let mut exported = self.exported.lock().ok();
+        let mut exported = exported
+            .as_mut()
+            .map(|e| e.entry(labels.clone()).or_default());
+        if let Some(e) = exported.as_mut() {
+            e.decisions.insert((direction.into(), rule.into()));
+        }
         self.desired_replicas
             .get_or_create(&labels)
             .set(i64::from(decision.replicas));
@@ -349,6 +371,9 @@ impl Metrics {
                 .get_or_create(&ml)
                 .set(o.proposal.map_or(-1, i64::from));
             self.metric_target.get_or_create(&ml).set(m.target.value());
+            if let Some(e) = exported.as_mut() {
+                e.metrics.insert(m.name.clone());
+            }
             if policy.forecast.is_some()
                 && matches!(m.source, crate::policy::MetricSource::Prometheus { .. })
             {
@@ -367,17 +392,103 @@ impl Metrics {
                     ),
                     crate::policy::MetricSource::Resource { .. } => ("resource", "metrics.k8s.io"),
                 };
-                self.source_errors
-                    .get_or_create(&SourceErrorLabels {
-                        namespace: labels.namespace.clone(),
-                        policy: labels.policy.clone(),
-                        server: server.into(),
-                        source: source.into(),
-                        kind: o.state.as_str().to_lowercase(),
-                    })
-                    .inc();
+                let error = SourceErrorLabels {
+                    namespace: labels.namespace.clone(),
+                    policy: labels.policy.clone(),
+                    server: server.into(),
+                    source: source.into(),
+                    kind: o.state.as_str().to_lowercase(),
+                };
+                self.source_errors.get_or_create(&error).inc();
+                if let Some(e) = exported.as_mut() {
+                    e.source_errors.insert(error);
+                }
             }
         }
+    }
+
+    /// `kscale_policy_ready` of a policy: 1 while its `Ready` condition is True.
+    pub fn record_ready(&self, namespace: &str, name: &str, ready: bool) {
+        let labels = PolicyLabels {
+            namespace: namespace.to_string(),
+            policy: name.to_string(),
+        };
+        self.policy_ready
+            .get_or_create(&labels)
+            .set(i64::from(ready));
+        if let Ok(mut e) = self.exported.lock() {
+            e.entry(labels).or_default();
+        }
+    }
+
+    /// Removes every series of the policies `is_live` (given `namespace/name`) says are gone:
+    /// a deleted policy leaves no frozen gauge and no counter behind (the label sets stay
+    /// bounded by the live policies).
+    pub fn retain_policies(&self, is_live: impl Fn(&str) -> bool) {
+        let gone: Vec<(PolicyLabels, Exported)> = match self.exported.lock() {
+            Ok(mut exported) => {
+                let dead: Vec<PolicyLabels> = exported
+                    .keys()
+                    .filter(|l| !is_live(&format!("{}/{}", l.namespace, l.policy)))
+                    .cloned()
+                    .collect();
+                dead.into_iter()
+                    .filter_map(|l| exported.remove_entry(&l))
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        for (labels, e) in gone {
+            for family in [
+                &self.desired_replicas,
+                &self.current_replicas,
+                &self.policy_ready,
+                &self.shadow_hpa_desired_replicas,
+                &self.shadow_divergence_replicas,
+            ] {
+                family.remove(&labels);
+            }
+            self.evaluations.remove(&labels);
+            self.scale_writes.remove(&labels);
+            for (direction, rule) in e.decisions {
+                self.decisions.remove(&DecisionLabels {
+                    namespace: labels.namespace.clone(),
+                    policy: labels.policy.clone(),
+                    direction,
+                    rule,
+                });
+            }
+            for metric in e.metrics {
+                let ml = MetricLabels {
+                    namespace: labels.namespace.clone(),
+                    policy: labels.policy.clone(),
+                    metric,
+                };
+                self.metric_value.remove(&ml);
+                self.metric_target.remove(&ml);
+                self.metric_proposal.remove(&ml);
+                self.metric_forecast.remove(&ml);
+            }
+            for error in e.source_errors {
+                self.source_errors.remove(&error);
+            }
+        }
+    }
+
+    /// Removes the per-policy gauges (desired and current replicas, metric values, targets,
+    /// proposals and forecasts, readiness, shadow mode), when this replica stops leading: they
+    /// describe decisions it no longer makes, and a frozen copy beside the new leader's would
+    /// mislead `max()` on a dashboard. Counters stay: they count what this replica did.
+    pub fn forget_decisions(&self) {
+        self.desired_replicas.clear();
+        self.current_replicas.clear();
+        self.metric_value.clear();
+        self.metric_target.clear();
+        self.metric_proposal.clear();
+        self.metric_forecast.clear();
+        self.policy_ready.clear();
+        self.shadow_hpa_desired_replicas.clear();
+        self.shadow_divergence_replicas.clear();
     }
 
     /// Marks the daemon ready (first watch sync and first tick done).
@@ -489,6 +600,92 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, limits: crate::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A review's finding: a deleted policy's series stayed, frozen, and a former leader's
+    /// gauges stayed beside the new leader's, so `max()` on a dashboard picked stale values.
+    #[test]
+    fn a_deleted_policys_series_and_a_former_leaders_gauges_are_removed() {
+        let m = Metrics::new();
+        let policy = |name: &str| {
+            let yaml = format!(
+                r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: {name}}}
+  minReplicas: 1
+  maxReplicas: 10
+  metrics:
+  - name: q
+    prometheus: {{query: 'sum(q)'}}
+    target: {{type: AverageValue, averageValue: "5"}}
+"#
+            );
+            let p: crate::crd::ScalingPolicy = serde_yaml::from_str(&yaml).expect("policy");
+            CompiledPolicy::from_resource(&p).expect("compiles")
+        };
+        for name in ["kept", "gone"] {
+            let c = policy(name);
+            let obs = crate::model::Observation {
+                spec_replicas: 2,
+                status_replicas: 2,
+                ready_replicas: 2,
+                pods: 2,
+                forecasts: vec![],
+                samples: vec![crate::model::Sample::Error {
+                    message: "down".into(),
+                }],
+            };
+            let d = crate::policy::evaluate(
+                &c,
+                &obs,
+                &crate::policy::state::PolicyState::default(),
+                chrono::Utc::now(),
+            );
+            m.record("shop", &c, name, &d, false);
+            m.record_ready("shop", name, false);
+            m.record_shadow("shop", name, Some((3, -1)));
+        }
+        let text = m.encode().expect("encode");
+        assert!(text.contains(r#"policy="gone""#), "{text}");
+        m.retain_policies(|key| key == "shop/kept");
+        let text = m.encode().expect("encode");
+        assert!(!text.contains(r#"policy="gone""#), "{text}");
+        for family in [
+            "kscale_desired_replicas{",
+            "kscale_metric_value{",
+            "kscale_source_errors_total{",
+            "kscale_decisions_total{",
+            "kscale_policy_ready{",
+            "kscale_shadow_divergence_replicas{",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(family) && l.contains(r#"policy="kept""#)),
+                "{family} of the live policy\n{text}"
+            );
+        }
+        // Leadership lost: the gauges go, the counters stay.
+        m.forget_decisions();
+        let text = m.encode().expect("encode");
+        for gauge in [
+            "kscale_desired_replicas{",
+            "kscale_metric_value{",
+            "kscale_policy_ready{",
+            "kscale_shadow_divergence_replicas{",
+        ] {
+            assert!(
+                !text.lines().any(|l| l.starts_with(gauge)),
+                "{gauge}\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("kscale_evaluations_total{") && l.contains("kept")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn readyz_lists_the_warnings_and_source_errors_name_the_policy_and_server() {

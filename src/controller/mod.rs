@@ -1171,12 +1171,7 @@ pub async fn reconcile(
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     ctx.metrics
-        .policy_ready
-        .get_or_create(&crate::telemetry::PolicyLabels {
-            namespace: p.namespace().unwrap_or_default(),
-            policy: p.name_any(),
-        })
-        .set(i64::from(ready));
+        .record_ready(&p.namespace().unwrap_or_default(), &p.name_any(), ready);
     let compiled = result.as_ref().ok().map(|e| &e.policy);
     if status_changed(p.status.as_ref(), &status, status_refresh(compiled, ready)) {
         write_status(ctx, p, &status).await?;
@@ -1395,6 +1390,10 @@ pub async fn run(
         if is_leader && !state.leading {
             // A new leader evaluates every policy at once.
             state.schedule.clear();
+        }
+        if !is_leader && state.leading {
+            // The new leader exports the decisions from now on.
+            ctx.metrics.forget_decisions();
         }
         state.leading = is_leader;
         if !state.needs_tick(
@@ -1876,6 +1875,7 @@ async fn run_tick(
         ctx.forecasts.retain(is_live);
         ctx.scale_events.retain(is_live);
         ctx.reported.retain_policies(is_live);
+        ctx.metrics.retain_policies(is_live);
         state.forgot = Some(std::time::Instant::now());
     }
     state.deferred.clear();
