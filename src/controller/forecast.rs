@@ -4,7 +4,8 @@
 //! history at the policy's interval, the same values the evaluations would have fed, or coarser
 //! when that would exceed `MAX_HISTORY_STEPS` points. So the
 //! forecast survives a restart without storing the model anywhere. The models themselves are
-//! pure ([`crate::policy::forecast`]).
+//! pure ([`crate::policy::forecast`]); their fits run on tokio's blocking pool, off the async
+//! workers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -68,6 +69,8 @@ impl Forecasts {
                 }
             }
         };
+        // The histories read now; fitting them (and every fit after) runs off the async workers.
+        let mut loaded = Vec::new();
         // `now < read_at - RETRY`: the clock went back; try rather than wait for it.
         if !entry.unread.is_empty() && (now >= entry.read_at || now < entry.read_at - RETRY) {
             let mut failed = Vec::new();
@@ -96,7 +99,7 @@ impl Forecasts {
                 {
                     Ok(points) => {
                         info!(policy = key, metric = %m.name, points = points.len(), "forecast history read");
-                        entry.state.load_history(i, points);
+                        loaded.push((i, points));
                     }
                     Err(message) => {
                         warn!(policy = key, metric = %m.name, %message, retry_in_s = RETRY.num_seconds(), "reading the forecast history failed; forecasting from the samples seen so far until it is read");
@@ -107,9 +110,29 @@ impl Forecasts {
             entry.unread = failed;
             entry.read_at = now + RETRY;
         }
-        let forecasts = entry.state.observe_and_forecast(samples, now);
-        self.lock().insert(key.to_string(), entry);
-        forecasts
+        // Loading a history replays its fits, and a surprise refits over the whole window
+        // (a grid of parameter sets times the history): CPU-bound work that must not hold an
+        // async worker, where the lease renewals and the other policies' reads run.
+        let samples = samples.to_vec();
+        let fitted = tokio::task::spawn_blocking(move || {
+            for (i, points) in loaded {
+                entry.state.load_history(i, points);
+            }
+            let forecasts = entry.state.observe_and_forecast(&samples, now);
+            (entry, forecasts)
+        })
+        .await;
+        match fitted {
+            Ok((entry, forecasts)) => {
+                self.lock().insert(key.to_string(), entry);
+                forecasts
+            }
+            Err(e) => {
+                // The state is lost with the task: it is rebuilt from the history next time.
+                warn!(policy = key, error = %e, "the forecast's fit failed; this evaluation goes without a forecast");
+                Vec::new()
+            }
+        }
     }
 
     /// Drops a policy's state (deleted, or no longer forecasting).
