@@ -392,14 +392,28 @@ where
 
 /// Starts the release `kscale run` (no leader election) against the test environment, with
 /// `args` added, `/metrics` on 127.0.0.1:`admin_port` and its log in `log`.
+///
+/// `BENCH_DAEMON_WRAPPER` (words split on white space, such as `heaptrack -o target/kscale`)
+/// runs the daemon under a profiler; the resident memory the bench reads is then the
+/// wrapper's, not the daemon's, so only the profiler's figures count.
 pub fn start_kscale(
     env: &support::TestEnv,
     args: &[&str],
     admin_port: u16,
     log: &std::path::Path,
 ) -> support::ChildGuard {
+    let wrapper = std::env::var("BENCH_DAEMON_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut command = match wrapper.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(wrapper).arg(env!("CARGO_BIN_EXE_kscale"));
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_kscale")),
+    };
     support::ChildGuard(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kscale"))
+        command
             .args(["run", "--leader-elect", "false"])
             .args(args)
             .args(["--metrics-addr", &format!("127.0.0.1:{admin_port}")])
