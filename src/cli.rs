@@ -42,7 +42,7 @@ pub enum Command {
     /// Replay a recorded trace through a policy and report what it would have done.
     Backtest(BacktestArgs),
     /// Run the controller: watch ScalingPolicies, evaluate them every interval, scale targets.
-    /// Boxed: the daemon's flags are many times the size of the other commands'.
+    // Boxed: the daemon's flags are many times the size of the other commands'.
     Run(Box<RunArgs>),
     /// Evaluate a policy once against the live cluster and Prometheus; never writes anything.
     DryRun(DryRunArgs),

@@ -104,14 +104,31 @@ pub fn short_reason(policy: &CompiledPolicy, decision: &Decision) -> String {
         Rule::PausedAtZero => "zero set by another",
         Rule::Idle => "idle",
     };
-    let mut out = format!("{verb} {}→{} by {by}", decision.current, decision.replicas);
+    // A bound that clipped the count decided it, whatever proposed before: say which bound
+    // (`at minReplicas 3`, `at schedule working-hours floor 5`), not the rule it overrode.
+    let schedule = |i: Option<usize>| i.and_then(|i| policy.schedules.get(i));
+    let bound = decision.normalized.and_then(|n| match n.limit {
+        Limit::TooFewReplicas => Some(match schedule(decision.schedule.floor) {
+            Some(s) => format!("at schedule {} floor {}", s.label, decision.min_replicas),
+            None => format!("at minReplicas {}", decision.min_replicas),
+        }),
+        Limit::TooManyReplicas => Some(match schedule(decision.schedule.ceiling) {
+            Some(s) => format!("at schedule {} ceiling {}", s.label, decision.max_replicas),
+            None => format!("at maxReplicas {}", decision.max_replicas),
+        }),
+        _ => None,
+    });
+    let mut out = match &bound {
+        Some(bound) => format!("{verb} {}→{} {bound}", decision.current, decision.replicas),
+        None => format!("{verb} {}→{} by {by}", decision.current, decision.replicas),
+    };
     if let Some(n) = decision.normalized {
         match n.stabilization {
             Stabilization::ScaleUpStabilized => out.push_str(", ScaleUpStabilized"),
             Stabilization::ScaleDownStabilized => out.push_str(", ScaleDownStabilized"),
             Stabilization::ReadyForNewScale => {}
         }
-        if n.limit != Limit::DesiredWithinRange {
+        if bound.is_none() && n.limit != Limit::DesiredWithinRange {
             out.push_str(", ");
             out.push_str(n.limit.reason());
         }
@@ -271,6 +288,56 @@ spec:
         );
         assert_eq!(s3.metrics[0].state, "Error");
         assert_eq!(s3.metrics[0].message.as_deref(), Some("timeout"));
+    }
+
+    /// A new user's finding: `hold 5→5 by formula, ScaleDownStabilized, TooFewReplicas` where a
+    /// schedule's floor of 5 decided. The bound that decided is named, with its value.
+    #[test]
+    fn the_short_reason_names_the_bound_that_decided() {
+        let policy = |extra: &str| {
+            let p: ScalingPolicy = serde_yaml::from_str(&format!(
+                r#"
+apiVersion: kscale.dev/v1alpha1
+kind: ScalingPolicy
+metadata: {{name: p, namespace: d}}
+spec:
+  targetRef: {{kind: Deployment, name: web}}
+  minReplicas: 2
+  maxReplicas: 4
+  metrics:
+  - name: rps
+    prometheus: {{query: 'sum(rps)'}}
+    target: {{type: AverageValue, averageValue: "100"}}
+  behavior: {{scaleDown: {{stabilizationWindowSeconds: 0}}}}
+{extra}"#
+            ))
+            .unwrap();
+            CompiledPolicy::from_resource(&p).unwrap()
+        };
+        let t0 = "2026-11-30T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let rps = |v: f64| {
+            Observation::steady(
+                3,
+                vec![Sample::Series {
+                    values: vec![v],
+                    timestamp: t0,
+                }],
+            )
+        };
+        let reason = |p: &CompiledPolicy, v: f64| {
+            short_reason(p, &evaluate(p, &rps(v), &PolicyState::default(), t0))
+        };
+        let plain = policy("");
+        assert_eq!(reason(&plain, 100.0), "scale down 3→2 at minReplicas 2");
+        assert_eq!(reason(&plain, 900.0), "scale up 3→4 at maxReplicas 4");
+        assert_eq!(reason(&plain, 300.0), "hold 3→3 by rps");
+        let scheduled = policy(
+            "  schedules:\n  - {name: working-hours, cron: '0 8 * * *', duration: 10h, minReplicas: 3}\n",
+        );
+        assert_eq!(
+            reason(&scheduled, 100.0),
+            "hold 3→3 at schedule working-hours floor 3"
+        );
     }
 
     #[test]

@@ -764,7 +764,7 @@ spec:
             &[
                 "hold 5→5",
                 "rps stale",
-                "absent from the formula because they failed: rps",
+                "formula reads metric rps, which has no value at this evaluation (rps failed)",
                 "failure 1 of 2: the fallback applies at 2, holding until then",
             ],
         ),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::QueryBackend;
 use crate::model::Sample;
@@ -30,6 +30,8 @@ struct Entry {
     /// state has gathered meanwhile ([`ForecastState::load_history`]), so nothing is lost.
     unread: Vec<usize>,
     read_at: DateTime<Utc>,
+    /// The last read failure logged per metric, so a failure that lasts is logged once.
+    warned: HashMap<usize, String>,
 }
 
 /// Every policy's forecasting state, by `namespace/name`.
@@ -66,6 +68,7 @@ impl Forecasts {
                     unread: state.forecast_metrics().collect(),
                     state,
                     read_at: now,
+                    warned: HashMap::new(),
                 }
             }
         };
@@ -99,10 +102,16 @@ impl Forecasts {
                 {
                     Ok(points) => {
                         info!(policy = key, metric = %m.name, points = points.len(), "forecast history read");
+                        entry.warned.remove(&i);
                         loaded.push((i, points));
                     }
                     Err(message) => {
-                        warn!(policy = key, metric = %m.name, %message, retry_in_s = RETRY.num_seconds(), "reading the forecast history failed; forecasting from the samples seen so far until it is read");
+                        if entry.warned.get(&i) != Some(&message) {
+                            warn!(policy = key, metric = %m.name, %message, retry_in_s = RETRY.num_seconds(), "reading the forecast history failed; forecasting from the samples seen so far until it is read (logged once while the same failure lasts)");
+                            entry.warned.insert(i, message);
+                        } else {
+                            debug!(policy = key, metric = %m.name, %message, "reading the forecast history failed again");
+                        }
                         failed.push(i);
                     }
                 }

@@ -699,6 +699,16 @@ fn absent_note(error: String, policy: &CompiledPolicy, present: &[Option<(i32, f
     if absent.is_empty() {
         return error;
     }
+    // The usual case: the formula read a metric that failed. Say that, not the CEL error.
+    if let Some(name) = absent
+        .iter()
+        .find(|n| error.contains(&format!("Undeclared reference to '{n}'")))
+    {
+        return format!(
+            "reads metric {name}, which has no value at this evaluation ({} failed), so the fallback decides; a formula that tests has(values.{name}) can go on without it",
+            absent.join(", ")
+        );
+    }
     format!(
         "{error} (absent from the formula because they failed: {}; test them with has(values.<name>))",
         absent.join(", ")
