@@ -423,6 +423,7 @@ pub struct PodsMetricSource {
 /// `metrics[].object`: a metric of one object in the policy's namespace from
 /// `custom.metrics.k8s.io/v1beta2`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.describedObject.kind != '' && self.describedObject.name != ''").message("object.describedObject needs a kind and a name").field_path(".describedObject"))]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMetricSource {
     /// The object the metric describes (`apiVersion` defaults to `v1`, the core group), in the
