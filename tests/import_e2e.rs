@@ -4,18 +4,18 @@
 //! each HPA's `status.desiredReplicas` once the real HPA controller has settled. Run beside
 //! their HPAs in shadow mode (DryRun), they diverge by 0 (status, reason, `/metrics`) and write
 //! nothing. An HPA with a metric kscale cannot carry is named on standard error, field by
-//! field, and left out.
+//! field, and left out. (`sources_e2e.rs` does the same for Pods, Object and External metrics.)
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kscale::crd::{Mode, ScalingPolicy, ShadowStatus};
+use kscale::crd::{Mode, ScalingPolicy};
 use kube::api::Api;
 use support::controller::{Lease, start_controller_with};
+use support::import::{decision, kscale, policies_of, wait_shadow_agrees};
 
 /// Each HPA, its target and the count it settles at. The kwok pods request 100m cpu and 64Mi
 /// memory and use 50m and 32Mi (50 % each), and start at 2 replicas.
@@ -59,33 +59,6 @@ spec:
 /// What each HPA settles at: cpu-v2 at its target (2); cpu-v1 wants 2 × 50/40 → 3, then
 /// 3 × 1.25 → 4, clipped to 3; mem-container wants 2 × 32Mi/16Mi = 4, its maximum.
 const SETTLED: [(&str, i32); 3] = [("cpu-v2", 2), ("cpu-v1", 3), ("mem-container", 4)];
-
-fn kscale(args: &[&str], env: &support::TestEnv) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args(args)
-        .env("KUBECONFIG", &env.kubeconfig)
-        .output()
-        .expect("kscale runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn policies_of(yaml: &str) -> Vec<ScalingPolicy> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| {
-            <ScalingPolicy as serde::Deserialize>::deserialize(d).expect("a ScalingPolicy document")
-        })
-        .collect()
-}
-
-/// The `decision  N replicas` of a dry-run's output.
-fn decision(text: &str) -> Option<i32> {
-    let line = text.lines().find(|l| l.starts_with("decision "))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 #[tokio::test]
 async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_named() {
@@ -175,37 +148,7 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
         Lease::Flag(&ns.name),
     );
     for (name, want) in SETTLED {
-        support::wait_until(
-            &format!("{name}'s shadow status"),
-            Duration::from_secs(60),
-            || async {
-                let p = policies.get(name).await.map_err(|e| e.to_string())?;
-                let s = p.status.ok_or("no status yet")?;
-                let shadow = s
-                    .shadow
-                    .clone()
-                    .ok_or(format!("no shadow: {:?}", s.reason))?;
-                if shadow
-                    == (ShadowStatus {
-                        hpa: name.to_string(),
-                        hpa_desired_replicas: want,
-                        divergence: 0,
-                    })
-                    && s.desired_replicas == Some(want)
-                    && s.reason.as_deref().is_some_and(|r| {
-                        r.ends_with(&format!("; shadow: HPA {name} wants {want} (kscale +0)"))
-                    })
-                {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{shadow:?} desired {:?} {:?}",
-                        s.desired_replicas, s.reason
-                    ))
-                }
-            },
-        )
-        .await;
+        wait_shadow_agrees(&policies, name, want).await;
     }
     let (_, metrics) =
         support::http_get(&format!("http://127.0.0.1:{port}"), "/metrics").expect("/metrics");
@@ -298,8 +241,8 @@ spec:
   scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: queue-worker}
   maxReplicas: 5
   metrics:
-  - type: External
-    external: {metric: {name: queue_depth}, target: {type: AverageValue, averageValue: "30"}}
+  - type: Resource
+    resource: {name: ephemeral-storage, target: {type: AverageValue, averageValue: 1Gi}}
 "#,
     )
     .await;
@@ -307,7 +250,7 @@ spec:
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
         stderr.contains(&format!(
-            "not imported: {}/queue: spec.metrics[0].type: External: kscale has no external.metrics.k8s.io source yet",
+            "not imported: {}/queue: spec.metrics[0].resource.name: resource \"ephemeral-storage\": kscale reads cpu and memory only",
             ns.name
         )),
         "{stderr}"
