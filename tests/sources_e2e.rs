@@ -184,7 +184,13 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
     let ns = support::create_namespace(env, &client, "sources").await;
     let log = support::repo_root().join(format!("target/sources-{}.log", std::process::id()));
 
-    let provider = MetricsProvider::start(&env.kubeconfig);
+    let provider = MetricsProvider::start(
+        &env.kubeconfig,
+        vec![
+            format!("test-custom-metrics.{}.svc", ns.name),
+            format!("test-external-metrics.{}.svc", ns.name),
+        ],
+    );
     serve(&provider);
     let _custom = support::register_api_service(
         env,

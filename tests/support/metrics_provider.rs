@@ -65,9 +65,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MetricsProvider {
-    /// Starts serving on its own thread and runtime; pods are listed with `kubeconfig`.
-    pub fn start(kubeconfig: &Path) -> MetricsProvider {
-        let (listener, acceptor, ca_pem) = https_listener();
+    /// Starts serving on its own thread and runtime with a certificate for `names` (the
+    /// `<service>.<namespace>.svc` names the aggregator verifies) and loopback; pods are listed
+    /// with `kubeconfig`.
+    pub fn start(kubeconfig: &Path, names: Vec<String>) -> MetricsProvider {
+        let (listener, acceptor, ca_pem) = https_listener(names);
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
             kubeconfig: kubeconfig.to_path_buf(),

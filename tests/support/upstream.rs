@@ -70,7 +70,7 @@ impl Upstream {
     /// `127.0.0.1`; with `token`, every request must carry `Authorization: Bearer <token>`. It
     /// runs on a thread and runtime of its own, so it answers whatever the test's runtime does.
     pub fn start(token: Option<&str>) -> Upstream {
-        let (listener, acceptor, ca_pem) = https_listener();
+        let (listener, acceptor, ca_pem) = https_listener(Vec::new());
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
             token: token.map(str::to_string),
@@ -151,12 +151,15 @@ impl Drop for Upstream {
 }
 
 /// A listener on a free port of 127.0.0.1 (non-blocking, for tokio) and a TLS acceptor with a
-/// certificate for `localhost` and `127.0.0.1`; the CA's PEM.
-pub fn https_listener() -> (std::net::TcpListener, tokio_rustls::TlsAcceptor, String) {
+/// certificate for `localhost`, `127.0.0.1` and `names`; the CA's PEM.
+pub fn https_listener(
+    names: Vec<String>,
+) -> (std::net::TcpListener, tokio_rustls::TlsAcceptor, String) {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let (ca_pem, cert_pem, key_pem) =
-        crate::support::serving_certificate(vec!["localhost".into(), "127.0.0.1".into()]);
+    let mut names = names;
+    names.extend(["localhost".into(), "127.0.0.1".into()]);
+    let (ca_pem, cert_pem, key_pem) = crate::support::serving_certificate(names);
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("certificate PEM");
