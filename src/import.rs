@@ -181,28 +181,20 @@ fn metric(m: &v2::MetricSpec, path: &str) -> Result<MetricSpec, (String, String)
     };
     match m.type_.as_str() {
         "Resource" => {
-            let r = m.resource.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.resource"),
-                    "missing for type Resource".to_string(),
-                )
-            })?;
+            let r = required(m.resource.as_ref(), path, "resource", "Resource")?;
             resource(&r.name, None, &r.target, "resource")
         }
         "ContainerResource" => {
-            let r = m.container_resource.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.containerResource"),
-                    "missing for type ContainerResource".to_string(),
-                )
-            })?;
+            let r = required(
+                m.container_resource.as_ref(),
+                path,
+                "containerResource",
+                "ContainerResource",
+            )?;
             resource(&r.name, Some(&r.container), &r.target, "containerResource")
         }
         "Pods" => {
-            let p = m
-                .pods
-                .as_ref()
-                .ok_or_else(|| (format!("{path}.pods"), "missing for type Pods".to_string()))?;
+            let p = required(m.pods.as_ref(), path, "pods", "Pods")?;
             let metric = identifier_of(&p.metric, &format!("{path}.pods.metric"))?;
             Ok(MetricSpec {
                 pods: Some(PodsMetricSource { metric }),
@@ -210,12 +202,7 @@ fn metric(m: &v2::MetricSpec, path: &str) -> Result<MetricSpec, (String, String)
             })
         }
         "Object" => {
-            let o = m.object.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.object"),
-                    "missing for type Object".to_string(),
-                )
-            })?;
+            let o = required(m.object.as_ref(), path, "object", "Object")?;
             let metric = identifier_of(&o.metric, &format!("{path}.object.metric"))?;
             Ok(MetricSpec {
                 object: Some(ObjectMetricSource {
@@ -226,12 +213,7 @@ fn metric(m: &v2::MetricSpec, path: &str) -> Result<MetricSpec, (String, String)
             })
         }
         "External" => {
-            let e = m.external.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.external"),
-                    "missing for type External".to_string(),
-                )
-            })?;
+            let e = required(m.external.as_ref(), path, "external", "External")?;
             let metric = identifier_of(&e.metric, &format!("{path}.external.metric"))?;
             Ok(MetricSpec {
                 external: Some(ExternalMetricSource { metric }),
@@ -245,6 +227,21 @@ fn metric(m: &v2::MetricSpec, path: &str) -> Result<MetricSpec, (String, String)
             ),
         )),
     }
+}
+
+/// The source field of metric type `type_`, or the field that is missing.
+fn required<'a, T>(
+    source: Option<&'a T>,
+    path: &str,
+    field: &str,
+    type_: &str,
+) -> Result<&'a T, (String, String)> {
+    source.ok_or_else(|| {
+        (
+            format!("{path}.{field}"),
+            format!("missing for type {type_}"),
+        )
+    })
 }
 
 /// A kscale metric named after a metrics-API metric, with the HPA's target and no source yet.

@@ -472,29 +472,37 @@ impl Case {
                 let pods = container_pod_samples(r);
                 resource_answer(r, &pods)
             }
-            Case::Resource(r) => {
-                let pods: Vec<PodSample> = r
-                    .pods
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| PodSample {
-                        name: format!("p{i}"),
-                        phase: p.phase,
-                        deleting: p.deleting,
-                        ready: p.ready.map(|(s, a)| (s, ago(a))),
-                        start_time: p.start_age_ms.map(ago),
-                        request_milli: p.requests.iter().copied().sum(),
-                        usage: p.usage.map(|(milli, a, w)| PodUsage {
-                            milli,
-                            timestamp: ago(a),
-                            window_seconds: w,
-                        }),
-                    })
-                    .collect();
-                resource_answer(r, &pods)
-            }
+            Case::Resource(r) => resource_answer(r, &r.pod_samples(true)),
             Case::Normalize(n) => n.kscale(),
         }
+    }
+}
+
+impl ResourceCase {
+    /// The generated pods as samples; with `requests`, the sum of the containers' requests (a
+    /// pods metric's source reads none).
+    fn pod_samples(&self, requests: bool) -> Vec<PodSample> {
+        self.pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PodSample {
+                name: format!("p{i}"),
+                phase: p.phase,
+                deleting: p.deleting,
+                ready: p.ready.map(|(s, a)| (s, ago(a))),
+                start_time: p.start_age_ms.map(ago),
+                request_milli: if requests {
+                    p.requests.iter().copied().sum()
+                } else {
+                    None
+                },
+                usage: p.usage.map(|(milli, a, w)| PodUsage {
+                    milli,
+                    timestamp: ago(a),
+                    window_seconds: w,
+                }),
+            })
+            .collect()
     }
 }
 
@@ -675,24 +683,7 @@ fn pods_via_policy(r: &ResourceCase) -> Answer {
         unreachable!("pods cases have AverageValue targets")
     };
     let policy = policy_with("pods: {metric: {name: m}}", "AverageValue", target, r.tol);
-    let pods: Vec<PodSample> = r
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PodSample {
-            name: format!("p{i}"),
-            phase: p.phase,
-            deleting: p.deleting,
-            ready: p.ready.map(|(s, a)| (s, ago(a))),
-            start_time: p.start_age_ms.map(ago),
-            request_milli: None,
-            usage: p.usage.map(|(milli, a, w)| PodUsage {
-                milli,
-                timestamp: ago(a),
-                window_seconds: w,
-            }),
-        })
-        .collect();
+    let pods = r.pod_samples(false);
     let obs = Observation {
         spec_replicas: r.current,
         status_replicas: r.current,

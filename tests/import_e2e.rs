@@ -11,11 +11,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kscale::crd::{Mode, ScalingPolicy};
 use kube::api::Api;
-use support::controller::{Lease, start_controller_with};
-use support::import::{decision, kscale, policies_of, wait_shadow_agrees};
+use support::import::{import_and_dry_run, kscale, policies_of, shadow_beside};
 
 /// Each HPA, its target and the count it settles at. The kwok pods request 100m cpu and 64Mi
 /// memory and use 50m and 32Mi (50 % each), and start at 2 replicas.
@@ -84,39 +82,12 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
     support::apply_yaml(&client, &ns.name, HPAS).await;
 
     // The real HPA controller settles: desired = current = the Deployment's count, pods ready.
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    for (name, want) in SETTLED {
-        support::wait_hpa_settled(&hpas, name, want).await;
-        support::wait_for_ready_pods(
-            &client,
-            &ns.name,
-            &format!("app={name}"),
-            usize::try_from(want).expect("positive"),
-            Duration::from_secs(60),
-        )
-        .await;
-    }
-
-    let (code, stdout, stderr) = kscale(&["import", "-n", &ns.name], env);
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    let imported = policies_of(&stdout);
+    support::import::wait_settled(&client, &ns.name, &SETTLED).await;
+    let imported = import_and_dry_run(env, &ns.name, &SETTLED);
     let by_name: BTreeMap<String, &ScalingPolicy> = imported
         .iter()
         .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
         .collect();
-    assert_eq!(by_name.len(), 3, "{stdout}");
-    for (name, want) in SETTLED {
-        let p = by_name[name];
-        assert_eq!(p.spec.mode, Mode::DryRun, "the default mode");
-        assert_eq!(p.spec.target_ref.name, name);
-        let (ok, text) = support::controller::dry_run(env, p, &format!("import-{name}"));
-        assert!(ok, "{text}");
-        assert_eq!(
-            decision(&text),
-            Some(want),
-            "{name}: kscale's dry-run of the imported policy against the HPA's desiredReplicas\n{text}"
-        );
-    }
     // The behavior is carried as it is (the apiserver filled in the HPA's defaults).
     let down = by_name["cpu-v2"]
         .spec
@@ -128,28 +99,8 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
 
     // Shadow mode: the imported DryRun policies run beside their HPAs and record, at every
     // evaluation, what each HPA wanted; a faithful import diverges by 0.
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    for p in &imported {
-        policies
-            .create(&Default::default(), p)
-            .await
-            .expect("an imported policy is admitted");
-    }
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    let log = support::repo_root().join(format!("target/import-shadow-{}.log", std::process::id()));
-    let port = support::free_port();
-    let _controller = start_controller_with(
-        &kubeconfig,
-        &log,
-        port,
-        &ns.name,
-        "import-shadow",
-        Some(&env.prometheus_url),
-        Lease::Flag(&ns.name),
-    );
-    for (name, want) in SETTLED {
-        wait_shadow_agrees(&policies, name, want).await;
-    }
+    let shadow = shadow_beside(env, &client, &ns.name, &imported, &SETTLED, "import-shadow").await;
+    let port = shadow.port;
     let (_, metrics) =
         support::http_get(&format!("http://127.0.0.1:{port}"), "/metrics").expect("/metrics");
     for (name, want) in SETTLED {

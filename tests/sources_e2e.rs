@@ -20,102 +20,86 @@ mod upstream;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kscale::crd::{Mode, ScalingPolicy};
-use kube::api::Api;
 use metrics_provider::MetricsProvider;
-use support::controller::{Lease, start_controller_with, wait_condition};
-use support::import::{decision, kscale, policies_of, wait_shadow_agrees};
+use support::controller::wait_condition;
+use support::import::{import_and_dry_run, shadow_beside};
+
+/// An HPA `name` on Deployment `name` (1 to 8 replicas) with one metric (`metric`, the YAML
+/// of an autoscaling/v2 `MetricSpec` without its type, indented for the list item) of `type_`;
+/// with `down_now`, no scale-down stabilization.
+fn hpa(name: &str, type_: &str, metric: &str, down_now: bool) -> String {
+    let behavior = if down_now {
+        "\n  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: {name}}}\nspec:\n  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: {name}}}\n  minReplicas: 1\n  maxReplicas: 8\n  metrics:\n  - type: {type_}\n{metric}{behavior}\n---\n"
+    )
+}
 
 /// One HPA per metric type on its own Deployment. Values (see [`serve`]): the Pods metric is a
 /// total of 600 shared by the pods; the Object metrics are 400m and 9; the External ones are
 /// two series each (750m + 750m, 5 + 2).
-const HPAS: &str = r#"
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: pods-avg}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: pods-avg}
-  minReplicas: 1
-  maxReplicas: 8
-  metrics:
-  - type: Pods
-    pods:
-      metric: {name: http_requests, selector: {matchLabels: {verb: GET}}}
-      target: {type: AverageValue, averageValue: "100"}
----
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: object-value}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: object-value}
-  minReplicas: 1
-  maxReplicas: 8
-  metrics:
-  - type: Object
-    object:
-      describedObject: {apiVersion: v1, kind: Service, name: front}
-      metric: {name: latency_seconds}
-      target: {type: Value, value: "1"}
-  behavior:
-    scaleDown: {stabilizationWindowSeconds: 0}
----
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: object-avg}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: object-avg}
-  minReplicas: 1
-  maxReplicas: 8
-  metrics:
-  - type: Object
-    object:
-      describedObject: {apiVersion: v1, kind: Service, name: front}
-      metric: {name: "queue:length"}
-      target: {type: AverageValue, averageValue: "2"}
----
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: external-value}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: external-value}
-  minReplicas: 1
-  maxReplicas: 8
-  metrics:
-  - type: External
-    external:
-      metric: {name: error-rate}
-      target: {type: Value, value: "2"}
-  behavior:
-    scaleDown: {stabilizationWindowSeconds: 0}
----
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {name: external-avg}
-spec:
-  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: external-avg}
-  minReplicas: 1
-  maxReplicas: 8
-  metrics:
-  - type: External
-    external:
-      metric: {name: queue_depth, selector: {matchExpressions: [{key: queue, operator: In, values: [orders, returns]}]}}
-      target: {type: AverageValue, averageValue: "2"}
-"#;
+fn hpas() -> String {
+    let object = |metric: &str, target: &str| {
+        format!(
+            "    object:\n      describedObject: {{apiVersion: v1, kind: Service, name: front}}\n      metric: {{name: \"{metric}\"}}\n      target: {target}"
+        )
+    };
+    [
+        hpa(
+            "pods-avg",
+            "Pods",
+            "    pods:\n      metric: {name: http_requests, selector: {matchLabels: {verb: GET}}}\n      target: {type: AverageValue, averageValue: \"100\"}",
+            false,
+        ),
+        hpa(
+            "object-value",
+            "Object",
+            &object("latency_seconds", "{type: Value, value: \"1\"}"),
+            true,
+        ),
+        hpa(
+            "object-avg",
+            "Object",
+            &object("queue:length", "{type: AverageValue, averageValue: \"2\"}"),
+            false,
+        ),
+        hpa(
+            "external-value",
+            "External",
+            "    external:\n      metric: {name: error-rate}\n      target: {type: Value, value: \"2\"}",
+            true,
+        ),
+        hpa(
+            "external-avg",
+            "External",
+            "    external:\n      metric: {name: queue_depth, selector: {matchExpressions: [{key: queue, operator: In, values: [orders, returns]}]}}\n      target: {type: AverageValue, averageValue: \"2\"}",
+            false,
+        ),
+    ]
+    .concat()
+}
 
-/// Each HPA: the replicas its Deployment starts with, and where the HPA settles.
+/// Each HPA and where it settles (its Deployment starts at [`start`]).
 /// - pods-avg: 600 over 2 pods is 300 each, 3× the target → 6; over 6 pods, 100 each: at target.
 /// - object-value: 400m against 1 → ceil(0.4 × 2) = 1, and ceil(0.4 × 1) = 1.
 /// - object-avg: ceil(9 / 2) = 5; 9 / (2 × 5) = 0.9 is within the tolerance.
 /// - external-value: 1.5 against 2 → ceil(0.75 × 4) = 3, then ceil(0.75 × 3) = 3.
 /// - external-avg: 7 / 2 → 4; 7 / (2 × 4) = 0.875 is outside the tolerance, ceil(3.5) = 4 again.
-const SETTLED: [(&str, i32, i32); 5] = [
-    ("pods-avg", 2, 6),
-    ("object-value", 2, 1),
-    ("object-avg", 2, 5),
-    ("external-value", 4, 3),
-    ("external-avg", 2, 4),
+const SETTLED: [(&str, i32); 5] = [
+    ("pods-avg", 6),
+    ("object-value", 1),
+    ("object-avg", 5),
+    ("external-value", 3),
+    ("external-avg", 4),
 ];
+
+/// The replicas each Deployment starts with.
+fn start(name: &str) -> i32 {
+    if name == "external-value" { 4 } else { 2 }
+}
 
 /// What the provider serves.
 fn serve(provider: &MetricsProvider) {
@@ -211,73 +195,40 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
     )
     .await;
 
-    for (name, start, _) in SETTLED {
-        support::create_kwok_deployment(&client, &ns.name, name, start, "100m", "50m").await;
+    for (name, _) in SETTLED {
+        support::create_kwok_deployment(&client, &ns.name, name, start(name), "100m", "50m").await;
     }
-    support::apply_yaml(&client, &ns.name, HPAS).await;
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    for (name, _, want) in SETTLED {
-        support::wait_hpa_settled(&hpas, name, want).await;
-        support::wait_for_ready_pods(
-            &client,
-            &ns.name,
-            &format!("app={name}"),
-            usize::try_from(want).expect("positive"),
-            Duration::from_secs(60),
-        )
-        .await;
-    }
+    support::apply_yaml(&client, &ns.name, &hpas()).await;
+    support::import::wait_settled(&client, &ns.name, &SETTLED).await;
 
     // Until now only the HPA controller has read metrics.
     let kscale_sa = format!("system:serviceaccount:{}:kscale", ns.name);
     let by_hpa = metric_requests(&provider.seen(), &ns.name, |_| true);
 
-    // Import: each HPA becomes one policy, metric for metric.
-    let (code, stdout, stderr) = kscale(&["import", "-n", &ns.name], env);
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    let imported = policies_of(&stdout);
-    let by_name: BTreeMap<String, &ScalingPolicy> = imported
-        .iter()
-        .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
-        .collect();
-    assert_eq!(by_name.len(), SETTLED.len(), "{stdout}");
-    assert!(by_name["pods-avg"].spec.metrics[0].pods.is_some());
-    assert!(by_name["object-value"].spec.metrics[0].object.is_some());
-    assert!(by_name["external-avg"].spec.metrics[0].external.is_some());
-    for (name, _, want) in SETTLED {
-        let p = by_name[name];
-        assert_eq!(p.spec.mode, Mode::DryRun);
-        let (ok, text) = support::controller::dry_run(env, p, &format!("sources-{name}"));
-        assert!(ok, "{text}");
-        assert_eq!(
-            decision(&text),
-            Some(want),
-            "{name}: kscale's dry-run of the imported policy against the HPA's desiredReplicas\n{text}"
-        );
-    }
+    // Import: each HPA becomes one policy, metric for metric, deciding as the HPA does.
+    let imported = import_and_dry_run(env, &ns.name, &SETTLED);
+    let source_of = |name: &str| {
+        let p = imported
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .expect("imported");
+        p.spec.metrics[0].clone()
+    };
+    assert!(source_of("pods-avg").pods.is_some());
+    assert!(source_of("object-value").object.is_some());
+    assert!(source_of("external-avg").external.is_some());
 
     // Shadow mode beside each HPA, as the shipped RBAC's ServiceAccount: divergence 0.
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    for p in &imported {
-        policies
-            .create(&Default::default(), p)
-            .await
-            .expect("an imported policy is admitted");
-    }
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    let port = support::free_port();
-    let _controller = start_controller_with(
-        &kubeconfig,
-        &log,
-        port,
+    let shadow = shadow_beside(
+        env,
+        &client,
         &ns.name,
+        &imported,
+        &SETTLED,
         "sources-shadow",
-        Some(&env.prometheus_url),
-        Lease::Flag(&ns.name),
-    );
-    for (name, _, want) in SETTLED {
-        wait_shadow_agrees(&policies, name, want).await;
-    }
+    )
+    .await;
+    let policies = &shadow.policies;
 
     // kscale asked the provider what the HPA controller asked, request for request.
     let by_kscale = metric_requests(&provider.seen(), &ns.name, |u| u == kscale_sa);
@@ -290,7 +241,11 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
     }
 
     // A metric the provider does not serve: 404, named in status; the policy holds.
-    let mut missing = by_name["external-avg"].clone();
+    let mut missing = imported
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("external-avg"))
+        .expect("imported")
+        .clone();
     missing.metadata.name = Some("missing".into());
     missing.metadata.annotations = None;
     if let Some(e) = missing.spec.metrics[0].external.as_mut() {
@@ -301,7 +256,7 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
         .await
         .expect("admitted");
     wait_condition(
-        &policies,
+        policies,
         "missing",
         "Ready",
         "the missing metric in Ready",
@@ -312,6 +267,29 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
                 && c.message
                     .contains("external.metrics.k8s.io answered HTTP 404")
                 && s.desired_replicas == Some(4)
+        },
+    )
+    .await;
+
+    // The provider gone: its APIServices are unavailable (the aggregator answers 503, or
+    // holds the request past kscale's 10s bound, depending on how the connection fails), every
+    // such metric fails by name and each policy holds where it was.
+    provider.stop();
+    wait_condition(
+        policies,
+        "object-avg",
+        "Ready",
+        "the unavailable APIService in Ready",
+        Duration::from_secs(60),
+        |c, s| {
+            c.status == "False"
+                && c.message.contains("queue:length")
+                && (c
+                    .message
+                    .contains("custom.metrics.k8s.io answered HTTP 503")
+                    || c.message
+                        .contains("custom.metrics.k8s.io: the request failed"))
+                && s.desired_replicas == Some(5)
         },
     )
     .await;

@@ -74,3 +74,101 @@ pub async fn wait_shadow_agrees(policies: &Api<ScalingPolicy>, name: &str, want:
     )
     .await;
 }
+
+/// Waits until each HPA `(name, want)` of `namespace` has settled at `want` and its pods
+/// (`app=<name>`) are all ready.
+pub async fn wait_settled(client: &kube::Client, namespace: &str, settled: &[(&str, i32)]) {
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+        Api::namespaced(client.clone(), namespace);
+    for (name, want) in settled {
+        super::wait_hpa_settled(&hpas, name, *want).await;
+        super::wait_for_ready_pods(
+            client,
+            namespace,
+            &format!("app={name}"),
+            usize::try_from(*want).expect("positive"),
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+}
+
+/// `kscale import -n NAMESPACE`: one DryRun policy per HPA of `settled`, each of whose
+/// `kscale dry-run` decisions equals the count its HPA settled at. The policies, in print order.
+pub fn import_and_dry_run(
+    env: &TestEnv,
+    namespace: &str,
+    settled: &[(&str, i32)],
+) -> Vec<ScalingPolicy> {
+    let (code, stdout, stderr) = kscale(&["import", "-n", namespace], env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let imported = policies_of(&stdout);
+    assert_eq!(imported.len(), settled.len(), "{stdout}");
+    for (name, want) in settled {
+        let p = imported
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{name} was not imported: {stdout}"));
+        assert_eq!(p.spec.mode, kscale::crd::Mode::DryRun, "the default mode");
+        assert_eq!(p.spec.target_ref.name, *name);
+        let (ok, text) = super::controller::dry_run(env, p, &format!("import-{name}"));
+        assert!(ok, "{text}");
+        assert_eq!(
+            decision(&text),
+            Some(*want),
+            "{name}: kscale's dry-run of the imported policy against the HPA's desiredReplicas\n{text}"
+        );
+    }
+    imported
+}
+
+/// Imported DryRun policies running beside their HPAs under a controller that runs as the
+/// shipped RBAC's ServiceAccount; stops (and unbinds) when dropped.
+pub struct Shadow {
+    /// The policies' API.
+    pub policies: Api<ScalingPolicy>,
+    /// The controller's `/metrics` port.
+    pub port: u16,
+    _controller: super::controller::Controller,
+    _binding: super::BindingGuard,
+}
+
+/// Creates `imported` in `namespace`, starts the controller (`identity`, its log in
+/// `target/<identity>-<pid>.log`) and waits until each policy of `settled` agrees with its HPA.
+pub async fn shadow_beside(
+    env: &TestEnv,
+    client: &kube::Client,
+    namespace: &str,
+    imported: &[ScalingPolicy],
+    settled: &[(&str, i32)],
+    identity: &str,
+) -> Shadow {
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), namespace);
+    for p in imported {
+        policies
+            .create(&Default::default(), p)
+            .await
+            .expect("an imported policy is admitted");
+    }
+    let (kubeconfig, binding) = super::service_account_kubeconfig(env, client, namespace).await;
+    let log = super::repo_root().join(format!("target/{identity}-{}.log", std::process::id()));
+    let port = super::free_port();
+    let controller = super::controller::start_controller_with(
+        &kubeconfig,
+        &log,
+        port,
+        namespace,
+        identity,
+        Some(&env.prometheus_url),
+        super::controller::Lease::Flag(namespace),
+    );
+    for (name, want) in settled {
+        wait_shadow_agrees(&policies, name, *want).await;
+    }
+    Shadow {
+        policies,
+        port,
+        _controller: controller,
+        _binding: binding,
+    }
+}
