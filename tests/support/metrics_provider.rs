@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
@@ -27,7 +27,7 @@ use hyper::{Request, Response};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
-use crate::upstream::{https_listener, reply, serve_https, status};
+use crate::upstream::{https_listener, lock, reply, serve_https, status, stop_server};
 
 const CUSTOM: &str = "/apis/custom.metrics.k8s.io/v1beta2";
 const EXTERNAL: &str = "/apis/external.metrics.k8s.io/v1beta1";
@@ -58,10 +58,6 @@ pub struct MetricsProvider {
     pub ca_pem: String,
     state: Arc<State>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl MetricsProvider {
@@ -140,11 +136,7 @@ impl MetricsProvider {
 
     /// Closes the listener and every connection, and waits until they are closed.
     pub fn stop(&self) {
-        self.state.stop.store(true, Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(thread) = lock(&self.thread).take() {
-            let _ = thread.join();
-        }
+        stop_server(self.addr, &self.state.stop, &self.thread);
     }
 }
 

@@ -59,7 +59,7 @@ pub struct Upstream {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -135,12 +135,22 @@ impl Upstream {
 
     /// Closes the listener and every connection, and waits until they are closed.
     pub fn stop(&self) {
-        self.state.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(thread) = lock(&self.thread).take() {
-            let _ = thread.join();
-        }
+        stop_server(self.addr, &self.state.stop, &self.thread);
+    }
+}
+
+/// Stops a [`serve_https`] loop listening on `addr` with flag `stop`, running on `thread`:
+/// the listener and every connection close, and this waits until they have.
+pub fn stop_server(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    thread: &Mutex<Option<std::thread::JoinHandle<()>>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    // Wake the accept loop.
+    let _ = std::net::TcpStream::connect(addr);
+    if let Some(thread) = lock(thread).take() {
+        let _ = thread.join();
     }
 }
 
