@@ -330,6 +330,24 @@ pub async fn target_key(
     Ok(key_of(&ar, namespace, &reference.name))
 }
 
+/// The served resource (plural and group) of `reference`'s kind, through discovery and
+/// `cache`: what an `object` metric's path names. A missing `apiVersion` means `v1` here (the
+/// core group), as an HPA's `describedObject` reads.
+pub async fn described_resource(
+    client: &Client,
+    cache: Option<&KindCache>,
+    namespace: &str,
+    reference: &CrossVersionObjectReference,
+) -> Result<ApiResource, ActuateError> {
+    let mut reference = reference.clone();
+    if reference.api_version.as_deref().is_none_or(str::is_empty) {
+        reference.api_version = Some("v1".into());
+    }
+    discover(client, cache, namespace, &reference)
+        .await
+        .map(|(ar, _, _)| ar)
+}
+
 fn key_of(ar: &ApiResource, namespace: &str, name: &str) -> TargetKey {
     TargetKey {
         namespace: namespace.to_string(),

@@ -9,7 +9,7 @@
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscalerBehavior, MetricTarget,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -272,13 +272,14 @@ pub struct ForecastSpec {
 
 /// One signal of a policy.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.prometheus) != has(self.resource)").message("exactly one of prometheus or resource must be set"))]
+#[x_kube(validation = Rule::new("(has(self.prometheus) ? 1 : 0) + (has(self.resource) ? 1 : 0) + (has(self.pods) ? 1 : 0) + (has(self.object) ? 1 : 0) + (has(self.external) ? 1 : 0) == 1").message("exactly one of prometheus, resource, pods, object or external must be set"))]
 #[x_kube(validation = Rule::new("self.target.type in ['Value', 'AverageValue', 'Utilization']").message("target.type must be one of Value, AverageValue, Utilization").field_path(".target.type"))]
 #[x_kube(validation = Rule::new("self.target.type != 'Value' || has(self.target.value)").message("target.value is required when target.type is Value").field_path(".target"))]
 #[x_kube(validation = Rule::new("self.target.type != 'AverageValue' || has(self.target.averageValue)").message("target.averageValue is required when target.type is AverageValue").field_path(".target"))]
 #[x_kube(validation = Rule::new("self.target.type != 'Utilization' || has(self.target.averageUtilization)").message("target.averageUtilization is required when target.type is Utilization").field_path(".target"))]
 #[x_kube(validation = Rule::new("self.target.type != 'Utilization' || has(self.resource)").message("target.type Utilization is only valid for resource metrics").field_path(".target.type"))]
 #[x_kube(validation = Rule::new("!has(self.resource) || self.target.type != 'Value'").message("resource metrics take a Utilization or AverageValue target").field_path(".target.type"))]
+#[x_kube(validation = Rule::new("!has(self.pods) || self.target.type == 'AverageValue'").message("pods metrics take an AverageValue target").field_path(".target.type"))]
 #[serde(rename_all = "camelCase")]
 pub struct MetricSpec {
     /// Name of the metric, used in the formula, status and exported metrics.
@@ -290,6 +291,20 @@ pub struct MetricSpec {
     /// A resource metric of the target's pods from `metrics.k8s.io`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<ResourceSource>,
+    /// A metric of each of the target's pods from `custom.metrics.k8s.io` (the HPA's `Pods`
+    /// source): averaged over the pods, with the HPA's missing- and unready-pod rules. Takes an
+    /// `AverageValue` target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsMetricSource>,
+    /// A metric describing one object of the policy's namespace from `custom.metrics.k8s.io`
+    /// (the HPA's `Object` source). Takes a `Value` or an `AverageValue` target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectMetricSource>,
+    /// A metric from `external.metrics.k8s.io` (the HPA's `External` source): the values of
+    /// every series matching the selector are summed. Takes a `Value` or an `AverageValue`
+    /// target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalMetricSource>,
     /// The target value, exactly the HPA's `MetricTarget`.
     pub target: MetricTarget,
     /// A quantity in the metric's own units (percent for a `Utilization` target; default 0;
@@ -379,6 +394,51 @@ pub struct ResourceSource {
     /// Only this container's usage and requests count (like `ContainerResource`); all when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+}
+
+/// A metric of a metrics API, by name and label selector (`autoscaling/v2`'s
+/// `MetricIdentifier`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricIdentifier {
+    /// The metric's name in the metrics API: letters, digits and `_ . : | -`, at most 253
+    /// characters, not `.` or `..` (it is a segment of the request path).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9_.:|-]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("metric.name must not be . or .."))]
+    pub name: String,
+    /// Selects among the metric's series (passed to the metrics API as its label selector);
+    /// all series when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// `metrics[].pods`: a metric of each of the target's pods from `custom.metrics.k8s.io/v1beta2`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodsMetricSource {
+    /// The metric and its selector.
+    pub metric: MetricIdentifier,
+}
+
+/// `metrics[].object`: a metric of one object in the policy's namespace from
+/// `custom.metrics.k8s.io/v1beta2`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.describedObject.kind != '' && self.describedObject.name != ''").message("object.describedObject needs a kind and a name").field_path(".describedObject"))]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMetricSource {
+    /// The object the metric describes (`apiVersion` defaults to `v1`, the core group), in the
+    /// policy's namespace.
+    pub described_object: CrossVersionObjectReference,
+    /// The metric and its selector.
+    pub metric: MetricIdentifier,
+}
+
+/// `metrics[].external`: a metric from `external.metrics.k8s.io/v1beta1`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalMetricSource {
+    /// The metric and its selector.
+    pub metric: MetricIdentifier,
 }
 
 /// A time window that overrides the replica bounds.

@@ -17,7 +17,10 @@ use std::fmt;
 use k8s_openapi::api::autoscaling::{v1, v2};
 use serde_yaml::Value;
 
-use crate::crd::{MetricSpec, Mode, ResourceSource, ScalingPolicy, ScalingPolicySpec};
+use crate::crd::{
+    ExternalMetricSource, MetricIdentifier, MetricSpec, Mode, ObjectMetricSource, PodsMetricSource,
+    ResourceSource, ScalingPolicy, ScalingPolicySpec,
+};
 
 /// The annotation naming the HPA a policy was imported from (`autoscaling/v2
 /// HorizontalPodAutoscaler shop/backend`).
@@ -70,17 +73,18 @@ pub fn from_v2(
     match spec.metrics.as_deref() {
         None | Some([]) => metrics.push(MetricSpec {
             name: "cpu".into(),
-            prometheus: None,
             resource: Some(ResourceSource {
                 name: "cpu".into(),
                 container: None,
             }),
-            target: v2::MetricTarget {
-                type_: "Utilization".into(),
-                average_utilization: Some(HPA_DEFAULT_CPU_UTILIZATION),
-                ..Default::default()
-            },
-            activation_threshold: None,
+            ..custom_metric(
+                "",
+                &v2::MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(HPA_DEFAULT_CPU_UTILIZATION),
+                    ..Default::default()
+                },
+            )
         }),
         Some(list) => {
             for (i, m) in list.iter().enumerate() {
@@ -168,55 +172,111 @@ fn metric(m: &v2::MetricSpec, path: &str) -> Result<MetricSpec, (String, String)
         };
         Ok(MetricSpec {
             name: metric_name,
-            prometheus: None,
             resource: Some(ResourceSource {
                 name: name.to_string(),
                 container: container.map(str::to_string),
             }),
-            target: target.clone(),
-            activation_threshold: None,
+            ..custom_metric("", target)
         })
     };
     match m.type_.as_str() {
         "Resource" => {
-            let r = m.resource.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.resource"),
-                    "missing for type Resource".to_string(),
-                )
-            })?;
+            let r = required(m.resource.as_ref(), path, "resource", "Resource")?;
             resource(&r.name, None, &r.target, "resource")
         }
         "ContainerResource" => {
-            let r = m.container_resource.as_ref().ok_or_else(|| {
-                (
-                    format!("{path}.containerResource"),
-                    "missing for type ContainerResource".to_string(),
-                )
-            })?;
-            resource(
-                &r.name,
-                Some(&r.container),
-                &r.target,
+            let r = required(
+                m.container_resource.as_ref(),
+                path,
                 "containerResource",
-            )
+                "ContainerResource",
+            )?;
+            resource(&r.name, Some(&r.container), &r.target, "containerResource")
         }
-        "Pods" | "Object" => Err((
-            format!("{path}.type"),
-            format!(
-                "{}: kscale has no custom.metrics.k8s.io source yet; write the metric as a prometheus query, or keep this HPA",
-                m.type_
-            ),
-        )),
-        "External" => Err((
-            format!("{path}.type"),
-            "External: kscale has no external.metrics.k8s.io source yet; write the metric as a prometheus query, or keep this HPA".to_string(),
-        )),
+        "Pods" => {
+            let p = required(m.pods.as_ref(), path, "pods", "Pods")?;
+            let metric = identifier_of(&p.metric, &format!("{path}.pods.metric"))?;
+            Ok(MetricSpec {
+                pods: Some(PodsMetricSource { metric }),
+                ..custom_metric(&p.metric.name, &p.target)
+            })
+        }
+        "Object" => {
+            let o = required(m.object.as_ref(), path, "object", "Object")?;
+            let metric = identifier_of(&o.metric, &format!("{path}.object.metric"))?;
+            Ok(MetricSpec {
+                object: Some(ObjectMetricSource {
+                    described_object: o.described_object.clone(),
+                    metric,
+                }),
+                ..custom_metric(&o.metric.name, &o.target)
+            })
+        }
+        "External" => {
+            let e = required(m.external.as_ref(), path, "external", "External")?;
+            let metric = identifier_of(&e.metric, &format!("{path}.external.metric"))?;
+            Ok(MetricSpec {
+                external: Some(ExternalMetricSource { metric }),
+                ..custom_metric(&e.metric.name, &e.target)
+            })
+        }
         other => Err((
             format!("{path}.type"),
-            format!("unknown metric type {other:?} (expected Resource, ContainerResource, Pods, Object or External)"),
+            format!(
+                "unknown metric type {other:?} (expected Resource, ContainerResource, Pods, Object or External)"
+            ),
         )),
     }
+}
+
+/// The source field of metric type `type_`, or the field that is missing.
+fn required<'a, T>(
+    source: Option<&'a T>,
+    path: &str,
+    field: &str,
+    type_: &str,
+) -> Result<&'a T, (String, String)> {
+    source.ok_or_else(|| {
+        (
+            format!("{path}.{field}"),
+            format!("missing for type {type_}"),
+        )
+    })
+}
+
+/// A kscale metric named after a metrics-API metric, with the HPA's target and no source yet.
+fn custom_metric(name: &str, target: &v2::MetricTarget) -> MetricSpec {
+    MetricSpec {
+        name: identifier(name),
+        prometheus: None,
+        resource: None,
+        pods: None,
+        object: None,
+        external: None,
+        target: target.clone(),
+        activation_threshold: None,
+    }
+}
+
+/// An HPA's `MetricIdentifier` as kscale's, or the field if its name is not one kscale can put
+/// in a request path.
+fn identifier_of(
+    m: &v2::MetricIdentifier,
+    path: &str,
+) -> Result<MetricIdentifier, (String, String)> {
+    if !crate::policy::compile::is_api_metric_name(&m.name) {
+        return Err((
+            format!("{path}.name"),
+            format!(
+                "{:?}: kscale reads metric names of letters, digits and _ . : | - only",
+                m.name
+            ),
+        ));
+    }
+    Ok(MetricIdentifier {
+        name: m.name.clone(),
+        selector: m.selector.clone(),
+    })
 }
 
 /// `text` as a metric name (`^[a-z_][a-z0-9_]*$`, at most 63 characters).
@@ -514,7 +574,7 @@ spec:
   - type: Resource
     resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
   - type: External
-    external: {metric: {name: queue}, target: {type: AverageValue, averageValue: "30"}}
+    external: {metric: {name: "queue/depth"}, target: {type: AverageValue, averageValue: "30"}}
   - type: Resource
     resource: {name: ephemeral-storage, target: {type: AverageValue, averageValue: 1Gi}}
 "#)
@@ -522,7 +582,7 @@ spec:
         let text: Vec<String> = e.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 2, "{text:?}");
         assert!(
-            text[0].starts_with("shop/q: spec.metrics[1].type: External: kscale has no external.metrics.k8s.io source yet"),
+            text[0].starts_with("shop/q: spec.metrics[1].external.metric.name: \"queue/depth\""),
             "{text:?}"
         );
         assert!(
@@ -541,6 +601,59 @@ spec:
                 .starts_with("t.yaml document 1: apiVersion \"autoscaling/v2beta1\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pods_object_and_external_metrics_are_carried_one_to_one() {
+        let p = one(r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: q, namespace: shop}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: q}
+  maxReplicas: 9
+  metrics:
+  - type: Pods
+    pods: {metric: {name: http_requests, selector: {matchLabels: {verb: GET}}}, target: {type: AverageValue, averageValue: 500m}}
+  - type: Object
+    object:
+      describedObject: {apiVersion: networking.k8s.io/v1, kind: Ingress, name: main}
+      metric: {name: requests-per-second}
+      target: {type: Value, value: 2k}
+  - type: External
+    external: {metric: {name: queue_depth, selector: {matchExpressions: [{key: queue, operator: In, values: [orders]}]}}, target: {type: AverageValue, averageValue: "30"}}
+"#)
+        .unwrap();
+        let m = &p.spec.metrics;
+        assert_eq!(
+            m.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["http_requests", "requests_per_second", "queue_depth"]
+        );
+        let pods = m[0].pods.as_ref().unwrap();
+        assert_eq!(pods.metric.name, "http_requests");
+        assert_eq!(
+            pods.metric
+                .selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["verb"],
+            "GET"
+        );
+        assert_eq!(m[0].target.average_value.as_ref().unwrap().0, "500m");
+        let o = m[1].object.as_ref().unwrap();
+        assert_eq!(o.described_object.kind, "Ingress");
+        assert_eq!(o.metric.name, "requests-per-second");
+        assert_eq!(m[1].target.type_, "Value");
+        assert!(m[2].external.as_ref().unwrap().metric.selector.is_some());
+        let compiled = CompiledPolicy::from_resource(&p).expect("an imported policy compiles");
+        match &compiled.metrics[2].source {
+            crate::policy::MetricSource::External { metric } => {
+                assert_eq!(metric.selector, "queue in (orders)");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

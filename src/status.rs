@@ -155,7 +155,11 @@ pub fn targets(policy: &CompiledPolicy, decision: &Decision) -> String {
                     // External AverageValue (the total at 0 replicas). A resource value is
                     // already an average over pods.
                     let per_replica = |v: f64| match m.source {
-                        MetricSource::Prometheus { .. } if decision.current > 0 => {
+                        MetricSource::Prometheus { .. }
+                        | MetricSource::Object { .. }
+                        | MetricSource::External { .. }
+                            if decision.current > 0 =>
+                        {
                             v / f64::from(decision.current)
                         }
                         _ => v,

@@ -391,6 +391,13 @@ impl Metrics {
                             .map_or("default", |p| p.url.as_str()),
                     ),
                     crate::policy::MetricSource::Resource { .. } => ("resource", "metrics.k8s.io"),
+                    crate::policy::MetricSource::Pods { .. } => ("pods", "custom.metrics.k8s.io"),
+                    crate::policy::MetricSource::Object { .. } => {
+                        ("object", "custom.metrics.k8s.io")
+                    }
+                    crate::policy::MetricSource::External { .. } => {
+                        ("external", "external.metrics.k8s.io")
+                    }
                 };
                 let error = SourceErrorLabels {
                     namespace: labels.namespace.clone(),

@@ -308,20 +308,37 @@ items:
     maxReplicas: 10
     metrics:
     - type: Pods
+      pods: {metric: {name: "jobs/sec"}, target: {type: AverageValue, averageValue: "5"}}
+- apiVersion: autoscaling/v2
+  kind: HorizontalPodAutoscaler
+  metadata: {name: queue, namespace: shop}
+  spec:
+    scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: queue}
+    maxReplicas: 10
+    metrics:
+    - type: Pods
       pods: {metric: {name: jobs}, target: {type: AverageValue, averageValue: "5"}}
+    - type: External
+      external: {metric: {name: queue_depth, selector: {matchLabels: {queue: orders}}}, target: {type: Value, value: "30"}}
 "#,
     );
     let o = kscale(&["import", "-f", hpas.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr.contains("not imported: shop/worker: spec.metrics[0].type: Pods: kscale has no custom.metrics.k8s.io source yet"),
+        stderr.contains("not imported: shop/worker: spec.metrics[0].pods.metric.name: \"jobs/sec\": kscale reads metric names of letters, digits and _ . : | - only"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 3 HorizontalPodAutoscalers not imported"),
         "{stderr}"
     );
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(stdout.contains("name: backend"), "{stdout}");
     assert!(stdout.contains("averageUtilization: 50"), "{stdout}");
     assert!(stdout.contains("mode: DryRun"), "{stdout}");
+    assert!(stdout.contains("name: queue_depth"), "{stdout}");
+    assert!(stdout.contains("queue: orders"), "{stdout}");
     assert!(
         stdout.contains(
             "kscale.dev/imported-from: autoscaling/v1 HorizontalPodAutoscaler shop/backend"

@@ -121,7 +121,10 @@ async fn admission_rejects_bad_policies_naming_the_field() {
                     container: None,
                 })
             },
-            &["spec.metrics[0]", "exactly one of prometheus or resource"],
+            &[
+                "spec.metrics[0]",
+                "exactly one of prometheus, resource, pods, object or external",
+            ],
         ),
         (
             "duplicate-names",
@@ -224,6 +227,135 @@ async fn admission_rejects_bad_policies_naming_the_field() {
                 })
             },
             &["spec.forecast.minHeadroom"],
+        ),
+    ];
+    expect_rejections(&api, &base, cases).await;
+}
+
+/// A metrics-API metric named `name`, for the admission cases below.
+fn api_metric(name: &str) -> kscale::crd::MetricIdentifier {
+    kscale::crd::MetricIdentifier {
+        name: name.into(),
+        selector: None,
+    }
+}
+
+/// `metrics[0]` of `p` turned from a prometheus metric into a metrics-API one.
+fn to_external(p: &mut ScalingPolicy, name: &str) {
+    p.spec.metrics[0].prometheus = None;
+    p.spec.metrics[0].external = Some(kscale::crd::ExternalMetricSource {
+        metric: api_metric(name),
+    });
+}
+
+#[tokio::test]
+async fn admission_checks_the_metrics_api_sources() {
+    let Some(env) = support::testenv() else {
+        return;
+    };
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = support::create_namespace(env, &client, "crd-sources").await;
+    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let base = example("examples/backend-rps.yaml", &ns.name);
+
+    // Each source, with the target types it takes, is admitted.
+    let mut ok = base.clone();
+    ok.metadata.name = Some("sources-ok".into());
+    let mut pods = ok.spec.metrics[0].clone();
+    pods.name = "per_pod".into();
+    pods.prometheus = None;
+    pods.pods = Some(kscale::crd::PodsMetricSource {
+        metric: kscale::crd::MetricIdentifier {
+            name: "http_requests".into(),
+            selector: Some(
+                serde_json::from_value(serde_json::json!({"matchLabels": {"verb": "GET"}}))
+                    .unwrap(),
+            ),
+        },
+    });
+    let mut object = ok.spec.metrics[0].clone();
+    object.name = "hits".into();
+    object.prometheus = None;
+    object.target.type_ = "Value".into();
+    object.target.value = object.target.average_value.take();
+    object.object = Some(kscale::crd::ObjectMetricSource {
+        described_object: k8s_openapi::api::autoscaling::v2::CrossVersionObjectReference {
+            api_version: Some("networking.k8s.io/v1".into()),
+            kind: "Ingress".into(),
+            name: "main".into(),
+        },
+        metric: api_metric("requests-per-second"),
+    });
+    to_external(&mut ok, "queue:depth");
+    ok.spec.metrics.extend([pods, object]);
+    CompiledPolicy::from_resource(&ok).expect("kscale validate accepts it too");
+    create(&api, &ok).await.unwrap_or_else(|e| {
+        panic!("a policy with pods, object and external metrics was rejected: {e}")
+    });
+
+    let cases: Vec<(&str, Mutation, &[&str])> = vec![
+        (
+            "pods-value-target",
+            |p| {
+                p.spec.metrics[0].prometheus = None;
+                p.spec.metrics[0].pods = Some(kscale::crd::PodsMetricSource {
+                    metric: api_metric("rps"),
+                });
+                p.spec.metrics[0].target.type_ = "Value".into();
+                p.spec.metrics[0].target.value = Some(
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into()),
+                );
+            },
+            &[
+                "spec.metrics[0].target.type",
+                "pods metrics take an AverageValue target",
+            ],
+        ),
+        (
+            "external-utilization",
+            |p| {
+                to_external(p, "queue");
+                p.spec.metrics[0].target.type_ = "Utilization".into();
+                p.spec.metrics[0].target.average_utilization = Some(50);
+            },
+            &["target.type Utilization is only valid for resource metrics"],
+        ),
+        (
+            "external-and-prometheus",
+            |p| {
+                p.spec.metrics[0].external = Some(kscale::crd::ExternalMetricSource {
+                    metric: api_metric("queue"),
+                })
+            },
+            &[
+                "spec.metrics[0]",
+                "exactly one of prometheus, resource, pods, object or external",
+            ],
+        ),
+        (
+            "metric-name-with-slash",
+            |p| to_external(p, "../../secrets"),
+            &["spec.metrics[0].external.metric.name"],
+        ),
+        (
+            "metric-name-dot-dot",
+            |p| to_external(p, ".."),
+            &[
+                "spec.metrics[0].external.metric.name",
+                "must not be . or ..",
+            ],
+        ),
+        (
+            "object-without-described-object-name",
+            |p| {
+                p.spec.metrics[0].prometheus = None;
+                p.spec.metrics[0].object = Some(kscale::crd::ObjectMetricSource {
+                    described_object: Default::default(),
+                    metric: api_metric("hits"),
+                });
+            },
+            &["spec.metrics[0].object.describedObject"],
         ),
     ];
     expect_rejections(&api, &base, cases).await;

@@ -10,7 +10,12 @@
 //! 2. Resource metrics (CPU/memory, `Utilization` and raw `AverageValue`) over 1-12 pods with
 //!    mixed phases, deletions, readiness, start times around the CPU initialization period,
 //!    missing metrics: the replica count, the utilization/average, and error-vs-ok.
-//! 3. Normalization with `behavior` (stabilization, rate policies, bounds) and without (legacy):
+//! 3. Pods metrics (`GetMetricReplicas`: the plain average with the missing- and unready-pod
+//!    rules), Object metrics (`Value` and `AverageValue`) and External metrics written as
+//!    policies, each through `policy::evaluate` (the metric's proposal), and ContainerResource
+//!    metrics read for container `c0` through `source::resource::pod_samples` from Pod and
+//!    PodMetrics objects, as the controller reads them.
+//! 4. Normalization with `behavior` (stabilization, rate policies, bounds) and without (legacy):
 //!    final and stabilized replicas, the AbleToScale/ScalingLimited reasons, and the stored
 //!    recommendations and scale events afterwards.
 //!
@@ -39,11 +44,12 @@
 //!
 //! One is a deliberate, documented difference:
 //!
-//! 4. External `Value` from zero replicas with a ratio above MaxInt32: the HPA's
+//! 4. External or Object `Value` from zero replicas, or an `AverageValue` target (whose count
+//!    is `ceil(usage/target)` at any replica count), with a ratio above MaxInt32: the HPA's
 //!    `int32(math.Ceil(r))` is implementation-dependent in Go (amd64 gives MinInt32, so the HPA
 //!    stays at its floor; arm64 saturates). kscale saturates to MaxInt32 (then `maxReplicas`),
 //!    as the HPA on arm64 does. The check accepts exactly that: the HPA's MinInt32 against
-//!    kscale's MaxInt32 for a `Value` case from zero.
+//!    kscale's MaxInt32 for those cases, nothing else.
 //!
 //! And one lies outside what the harness can feed the HPA (its inputs are `int64` milli-values):
 //!
@@ -59,6 +65,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use kscale::model::{Observation, Sample};
 use kscale::model::{PodPhase, PodSample, PodUsage};
 use kscale::policy::behavior::{
     Behavior, Limit, RateKind, RatePolicy, Rules, SelectPolicy, Stabilization, normalize_legacy,
@@ -69,11 +76,15 @@ use kscale::policy::replicas::{
     sum_milli_average, sum_milli_value,
 };
 use kscale::policy::state::{PolicyState, Recommendation, ScaleEvent};
+use kscale::policy::{CompiledPolicy, evaluate};
 use serde_json::{Value, json};
 
 const SEED: u64 = 0x6b73_6361_6c65_2031;
 const EXTERNAL_CASES: usize = 1500;
 const RESOURCE_CASES: usize = 2000;
+const API_CASES: usize = 1500;
+const PODS_CASES: usize = 1000;
+const CONTAINER_CASES: usize = 1000;
 const NORMALIZE_CASES: usize = 2000;
 /// Distance kept between an age and any window the HPA compares it with using `time.Now()`.
 const GUARD_MS: i64 = 1500;
@@ -155,12 +166,42 @@ enum Case {
         tol: Tolerances,
     },
     Resource(ResourceCase),
+    /// A `pods` metric (custom.metrics.k8s.io): the pods' values as `ResourceCase` pods (cpu
+    /// false, an `AverageMilli` target), through `policy::evaluate`.
+    Pods(ResourceCase),
+    /// An `object` or `external` metric through `policy::evaluate`.
+    Api(ApiCase),
     Normalize(NormalizeCase),
+}
+
+/// Which metrics-API source an [`ApiCase`] reads, and its target type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApiKind {
+    ObjectValue,
+    ObjectAverage,
+    ExternalValue,
+    ExternalAverage,
+}
+
+/// An `object` (one value) or `external` (series) metric, evaluated by kscale as a policy.
+#[derive(Debug, Clone)]
+struct ApiCase {
+    kind: ApiKind,
+    series: Vec<i64>,
+    target: i64,
+    spec: i32,
+    status: i32,
+    ready: i32,
+    other: i32,
+    tol: Tolerances,
 }
 
 #[derive(Debug, Clone)]
 struct ResourceCase {
     cpu: bool,
+    /// ContainerResource: only container `c0` counts (kscale reads the pods through
+    /// `source::resource::pod_samples`, as the controller does).
+    container: bool,
     target: ResourceTarget,
     current: i32,
     tol: Tolerances,
@@ -285,7 +326,15 @@ impl Case {
         match self {
             Case::ExtValue { .. } => "ext_value",
             Case::ExtAverage { .. } => "ext_average",
+            Case::Resource(r) if r.container => "container_resource",
             Case::Resource(_) => "resource",
+            Case::Pods(_) => "pods",
+            Case::Api(a) => match a.kind {
+                ApiKind::ObjectValue => "object_value",
+                ApiKind::ObjectAverage => "object_average",
+                ApiKind::ExternalValue => "external_value_policy",
+                ApiKind::ExternalAverage => "external_average_policy",
+            },
             Case::Normalize(n) => match (n.behavior.is_some(), n.step2) {
                 (true, false) => "normalize",
                 (true, true) => "normalize_step2",
@@ -318,7 +367,18 @@ impl Case {
                 "kind": "ext_average", "series": series_json(series), "target": target,
                 "status": status, "tol_down": tol.down, "tol_up": tol.up,
             }),
-            Case::Resource(r) => {
+            Case::Api(a) => json!({
+                "kind": match a.kind {
+                    ApiKind::ObjectValue => "object_value",
+                    ApiKind::ObjectAverage => "object_average",
+                    ApiKind::ExternalValue => "ext_value",
+                    ApiKind::ExternalAverage => "ext_average",
+                },
+                "series": series_json(&a.series), "target": a.target,
+                "spec": a.spec, "status": a.status, "ready_pods": a.ready, "other_pods": a.other,
+                "tol_down": a.tol.down, "tol_up": a.tol.up,
+            }),
+            Case::Resource(r) | Case::Pods(r) => {
                 let (utilization, target) = match r.target {
                     ResourceTarget::Utilization(p) => (true, i64::from(p)),
                     ResourceTarget::AverageMilli(m) => (false, m),
@@ -340,7 +400,9 @@ impl Case {
                     })
                     .collect();
                 json!({
-                    "kind": "resource", "cpu": r.cpu, "utilization": utilization,
+                    "kind": if matches!(self, Case::Pods(_)) { "pods" } else { "resource" },
+                    "container": if r.container { "c0" } else { "" },
+                    "cpu": r.cpu, "utilization": utilization,
                     "target": target, "current": r.current,
                     "tol_down": r.tol.down, "tol_up": r.tol.up,
                     "cpu_init_s": r.settings.cpu_initialization.num_seconds(),
@@ -404,42 +466,236 @@ impl Case {
                 *status,
                 *tol,
             )),
-            Case::Resource(r) => {
-                let pods: Vec<PodSample> = r
-                    .pods
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| PodSample {
-                        name: format!("p{i}"),
-                        phase: p.phase,
-                        deleting: p.deleting,
-                        ready: p.ready.map(|(s, a)| (s, ago(a))),
-                        start_time: p.start_age_ms.map(ago),
-                        request_milli: p.requests.iter().copied().sum(),
-                        usage: p.usage.map(|(milli, a, w)| PodUsage {
-                            milli,
-                            timestamp: ago(a),
-                            window_seconds: w,
-                        }),
-                    })
-                    .collect();
-                match resource(&pods, r.cpu, r.target, r.current, r.tol, now(), r.settings) {
-                    Err(_) => Answer {
-                        error: true,
-                        ..Answer::replicas(0)
-                    },
-                    Ok(p) => Answer {
-                        // The HPA reports integer percent, or the average in milli-units.
-                        value: Some(match r.target {
-                            ResourceTarget::Utilization(_) => p.value as i64,
-                            ResourceTarget::AverageMilli(_) => (p.value * 1000.0).round() as i64,
-                        }),
-                        ..Answer::replicas(p.replicas)
-                    },
-                }
+            Case::Api(a) => a.kscale(),
+            Case::Pods(r) => pods_via_policy(r),
+            Case::Resource(r) if r.container => {
+                let pods = container_pod_samples(r);
+                resource_answer(r, &pods)
             }
+            Case::Resource(r) => resource_answer(r, &r.pod_samples(true)),
             Case::Normalize(n) => n.kscale(),
         }
+    }
+}
+
+impl ResourceCase {
+    /// The generated pods as samples; with `requests`, the sum of the containers' requests (a
+    /// pods metric's source reads none).
+    fn pod_samples(&self, requests: bool) -> Vec<PodSample> {
+        self.pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PodSample {
+                name: format!("p{i}"),
+                phase: p.phase,
+                deleting: p.deleting,
+                ready: p.ready.map(|(s, a)| (s, ago(a))),
+                start_time: p.start_age_ms.map(ago),
+                request_milli: if requests {
+                    p.requests.iter().copied().sum()
+                } else {
+                    None
+                },
+                usage: p.usage.map(|(milli, a, w)| PodUsage {
+                    milli,
+                    timestamp: ago(a),
+                    window_seconds: w,
+                }),
+            })
+            .collect()
+    }
+}
+
+fn resource_answer(r: &ResourceCase, pods: &[PodSample]) -> Answer {
+    match resource(pods, r.cpu, r.target, r.current, r.tol, now(), r.settings) {
+        Err(_) => Answer {
+            error: true,
+            ..Answer::replicas(0)
+        },
+        Ok(p) => Answer {
+            // The HPA reports integer percent, or the average in milli-units.
+            value: Some(match r.target {
+                ResourceTarget::Utilization(_) => p.value as i64,
+                ResourceTarget::AverageMilli(_) => (p.value * 1000.0).round() as i64,
+            }),
+            ..Answer::replicas(p.replicas)
+        },
+    }
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A ContainerResource case's pods as the controller reads them: Pod and PodMetrics objects
+/// through `pod_samples` with container `c0` (the containers are `c0`, `c1`, ...; only `c0`
+/// has usage, and the PodMetrics of a pod without usage is left out).
+fn container_pod_samples(r: &ResourceCase) -> Vec<PodSample> {
+    let res = if r.cpu { "cpu" } else { "memory" };
+    let pods: Vec<k8s_openapi::api::core::v1::Pod> = r
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let containers: Vec<Value> = p
+                .requests
+                .iter()
+                .enumerate()
+                .map(|(c, req)| match req {
+                    Some(m) => json!({"name": format!("c{c}"), "resources": {"requests": {res: format!("{m}m")}}}),
+                    None => json!({"name": format!("c{c}")}),
+                })
+                .collect();
+            let mut status = json!({"phase": format!("{:?}", p.phase)});
+            if let Some((ok, a)) = p.ready {
+                status["conditions"] = json!([{"type": "Ready",
+                    "status": if ok { "True" } else { "False" },
+                    "lastTransitionTime": rfc3339(ago(a))}]);
+            }
+            if let Some(a) = p.start_age_ms {
+                status["startTime"] = json!(rfc3339(ago(a)));
+            }
+            let mut metadata = json!({"name": format!("p{i}")});
+            if p.deleting {
+                metadata["deletionTimestamp"] = json!(rfc3339(ago(1000)));
+            }
+            serde_json::from_value(json!({"metadata": metadata,
+                "spec": {"containers": containers}, "status": status}))
+            .expect("a pod")
+        })
+        .collect();
+    let metrics: Vec<kscale::source::resource::PodMetrics> = r
+        .pods
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let (milli, a, w) = p.usage?;
+            Some(
+                serde_json::from_value(json!({
+                    "metadata": {"name": format!("p{i}")},
+                    "timestamp": rfc3339(ago(a)),
+                    "window": format!("{w}s"),
+                    "containers": [{"name": "c0", "usage": {res: format!("{milli}m")}}],
+                }))
+                .expect("pod metrics"),
+            )
+        })
+        .collect();
+    if metrics.is_empty() {
+        // The HPA's fake metrics client answers an empty map, which the calculator reports as
+        // "did not receive metrics"; pod_samples would stop earlier with its own error. Both
+        // are errors; the pods without usage give the calculator's.
+        return r
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(i, _)| PodSample {
+                usage: None,
+                ..kscale::source::resource::pod_sample(&pods[i], None, None)
+            })
+            .collect();
+    }
+    kscale::source::resource::pod_samples(
+        &pods,
+        &metrics,
+        kscale::source::resource::ResourceName::from_cpu_flag(r.cpu),
+        Some("c0"),
+    )
+    .expect("generated pod metrics are readable")
+}
+
+/// A one-metric policy with `source` (YAML) and `target` (milli-units), and the case's
+/// tolerances; its per-metric proposal is what the HPA's replica calculator answers.
+fn policy_with(
+    source: &str,
+    target_type: &str,
+    target_milli: i64,
+    tol: Tolerances,
+) -> CompiledPolicy {
+    let field = if target_type == "Value" {
+        "value"
+    } else {
+        "averageValue"
+    };
+    let yaml = format!(
+        "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: ns}}\nspec:\n  targetRef: {{kind: Deployment, name: t}}\n  maxReplicas: 1000\n  behavior: {{scaleUp: {{tolerance: \"{}\"}}, scaleDown: {{tolerance: \"{}\"}}}}\n  metrics:\n  - name: m\n    {source}\n    target: {{type: {target_type}, {field}: \"{target_milli}m\"}}\n",
+        tol.up, tol.down
+    );
+    let p: kscale::crd::ScalingPolicy = serde_yaml::from_str(&yaml).expect("policy YAML");
+    let compiled = CompiledPolicy::from_resource(&p).expect("the case's policy compiles");
+    assert_eq!(
+        compiled.tolerances, tol,
+        "the tolerances survive the quantity"
+    );
+    compiled
+}
+
+/// The first metric's outcome of `policy` on `obs`: its proposal, or an error.
+fn proposal_of(policy: &CompiledPolicy, obs: &Observation) -> (Answer, Option<f64>) {
+    let d = evaluate(policy, obs, &PolicyState::default(), now());
+    let m = &d.metrics[0];
+    match m.proposal {
+        Some(p) if !m.state.is_failure() => (Answer::replicas(p), m.value),
+        _ => (
+            Answer {
+                error: true,
+                ..Answer::replicas(0)
+            },
+            None,
+        ),
+    }
+}
+
+impl ApiCase {
+    fn kscale(&self) -> Answer {
+        let (source, target_type) = match self.kind {
+            ApiKind::ObjectValue => (
+                "object: {describedObject: {kind: Service, name: svc}, metric: {name: m}}",
+                "Value",
+            ),
+            ApiKind::ObjectAverage => (
+                "object: {describedObject: {kind: Service, name: svc}, metric: {name: m}}",
+                "AverageValue",
+            ),
+            ApiKind::ExternalValue => ("external: {metric: {name: m}}", "Value"),
+            ApiKind::ExternalAverage => ("external: {metric: {name: m}}", "AverageValue"),
+        };
+        let policy = policy_with(source, target_type, self.target, self.tol);
+        let obs = Observation {
+            spec_replicas: self.spec,
+            status_replicas: self.status,
+            ready_replicas: self.ready,
+            pods: self.ready + self.other,
+            samples: vec![Sample::Series {
+                values: kscale_values(&self.series),
+                timestamp: now(),
+            }],
+            forecasts: Vec::new(),
+        };
+        proposal_of(&policy, &obs).0
+    }
+}
+
+/// A pods metric through `policy::evaluate`: the pods as the custom metrics source gives them
+/// (no requests).
+fn pods_via_policy(r: &ResourceCase) -> Answer {
+    let ResourceTarget::AverageMilli(target) = r.target else {
+        unreachable!("pods cases have AverageValue targets")
+    };
+    let policy = policy_with("pods: {metric: {name: m}}", "AverageValue", target, r.tol);
+    let pods = r.pod_samples(false);
+    let obs = Observation {
+        spec_replicas: r.current,
+        status_replicas: r.current,
+        ready_replicas: r.current,
+        pods: r.pods.len() as i32,
+        samples: vec![Sample::Pods(pods)],
+        forecasts: Vec::new(),
+    };
+    let (answer, value) = proposal_of(&policy, &obs);
+    Answer {
+        value: value.map(|v| (v * 1000.0).round() as i64),
+        ..answer
     }
 }
 
@@ -577,7 +833,7 @@ fn go_answer(case: &Case, v: &Value) -> Answer {
             value: Some(int("value")),
             ..base
         },
-        Case::Resource(_) if !error => Answer {
+        Case::Resource(_) | Case::Pods(_) if !error => Answer {
             value: Some(int("value")),
             ..base
         },
@@ -782,11 +1038,95 @@ fn gen_resource(rng: &mut Rng) -> Case {
         .collect();
     Case::Resource(ResourceCase {
         cpu,
+        container: false,
         target,
         current: rng.range(1, 15) as i32,
         tol: tolerances(rng),
         settings,
         pods,
+    })
+}
+
+/// A ContainerResource case: a resource case read for container `c0`.
+fn gen_container_resource(rng: &mut Rng) -> Case {
+    match gen_resource(rng) {
+        Case::Resource(r) => Case::Resource(ResourceCase {
+            container: true,
+            ..r
+        }),
+        other => other,
+    }
+}
+
+/// A pods-metric case: a resource case's pods with a plain average target.
+fn gen_pods(rng: &mut Rng) -> Case {
+    match gen_resource(rng) {
+        Case::Resource(r) => Case::Pods(ResourceCase {
+            cpu: false,
+            target: match r.target {
+                ResourceTarget::AverageMilli(m) => ResourceTarget::AverageMilli(m),
+                ResourceTarget::Utilization(p) => ResourceTarget::AverageMilli(i64::from(p) * 10),
+            },
+            ..r
+        }),
+        other => other,
+    }
+}
+
+/// An object or external metric case, from the external generator's shapes; an object metric
+/// is one value.
+fn gen_api(rng: &mut Rng) -> Case {
+    let object = rng.chance(60);
+    let case = match gen_external(rng) {
+        Case::ExtValue {
+            series,
+            target,
+            spec,
+            ready,
+            other,
+            tol,
+        } => ApiCase {
+            kind: if object {
+                ApiKind::ObjectValue
+            } else {
+                ApiKind::ExternalValue
+            },
+            series,
+            target,
+            spec,
+            status: spec,
+            ready,
+            other,
+            tol,
+        },
+        Case::ExtAverage {
+            series,
+            target,
+            status,
+            tol,
+        } => ApiCase {
+            kind: if object {
+                ApiKind::ObjectAverage
+            } else {
+                ApiKind::ExternalAverage
+            },
+            series,
+            target,
+            spec: status,
+            status,
+            ready: status,
+            other: 0,
+            tol,
+        },
+        _ => unreachable!("gen_external makes external cases"),
+    };
+    Case::Api(ApiCase {
+        series: if object {
+            vec![case.series.iter().sum()]
+        } else {
+            case.series.clone()
+        },
+        ..case
     })
 }
 
@@ -1143,7 +1483,11 @@ fn ask_hpa(bin: &Path, cases: &[Case]) -> Vec<Value> {
 /// Go's float-to-int32 conversion implementation-dependent; amd64 gives MinInt32, kscale
 /// saturates to MaxInt32 as arm64 does. Nothing else is accepted.
 fn implementation_dependent_overflow(case: &Case, theirs: &Answer, ours: &Answer) -> bool {
-    matches!(case, Case::ExtValue { spec: 0, .. })
+    (matches!(
+        case,
+        Case::ExtValue { spec: 0, .. } | Case::ExtAverage { .. }
+    ) || matches!(case, Case::Api(a) if a.spec == 0
+            || matches!(a.kind, ApiKind::ObjectAverage | ApiKind::ExternalAverage)))
         && !theirs.error
         && theirs.replicas == i32::MIN
         && ours.replicas == i32::MAX
@@ -1171,7 +1515,7 @@ impl Tally {
         entry.0 += 1;
         *self.errors.entry(case.kind()).or_default() += usize::from(theirs.error);
         let current = match case {
-            Case::Resource(r) => Some(r.current),
+            Case::Resource(r) | Case::Pods(r) => Some(r.current),
             Case::Normalize(n) => Some(n.current),
             _ => None,
         };
@@ -1207,6 +1551,10 @@ fn kscale_matches_the_hpa_controller() {
     cases.extend((0..EXTERNAL_CASES).map(|_| gen_external(&mut rng)));
     cases.extend((0..RESOURCE_CASES).map(|_| gen_resource(&mut rng)));
     cases.extend((0..NORMALIZE_CASES).map(|_| gen_normalize(&mut rng)));
+    // Drawn last, so the cases above stay those of earlier runs of a seed.
+    cases.extend((0..API_CASES).map(|_| gen_api(&mut rng)));
+    cases.extend((0..PODS_CASES).map(|_| gen_pods(&mut rng)));
+    cases.extend((0..CONTAINER_CASES).map(|_| gen_container_resource(&mut rng)));
 
     let started = Instant::now();
     let results = ask_hpa(&bin, &cases);

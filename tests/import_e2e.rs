@@ -4,18 +4,16 @@
 //! each HPA's `status.desiredReplicas` once the real HPA controller has settled. Run beside
 //! their HPAs in shadow mode (DryRun), they diverge by 0 (status, reason, `/metrics`) and write
 //! nothing. An HPA with a metric kscale cannot carry is named on standard error, field by
-//! field, and left out.
+//! field, and left out. (`sources_e2e.rs` does the same for Pods, Object and External metrics.)
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kscale::crd::{Mode, ScalingPolicy, ShadowStatus};
+use kscale::crd::{Mode, ScalingPolicy};
 use kube::api::Api;
-use support::controller::{Lease, start_controller_with};
+use support::import::{import_and_dry_run, kscale, policies_of, shadow_beside};
 
 /// Each HPA, its target and the count it settles at. The kwok pods request 100m cpu and 64Mi
 /// memory and use 50m and 32Mi (50 % each), and start at 2 replicas.
@@ -60,33 +58,6 @@ spec:
 /// 3 × 1.25 → 4, clipped to 3; mem-container wants 2 × 32Mi/16Mi = 4, its maximum.
 const SETTLED: [(&str, i32); 3] = [("cpu-v2", 2), ("cpu-v1", 3), ("mem-container", 4)];
 
-fn kscale(args: &[&str], env: &support::TestEnv) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kscale"))
-        .args(args)
-        .env("KUBECONFIG", &env.kubeconfig)
-        .output()
-        .expect("kscale runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn policies_of(yaml: &str) -> Vec<ScalingPolicy> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| {
-            <ScalingPolicy as serde::Deserialize>::deserialize(d).expect("a ScalingPolicy document")
-        })
-        .collect()
-}
-
-/// The `decision  N replicas` of a dry-run's output.
-fn decision(text: &str) -> Option<i32> {
-    let line = text.lines().find(|l| l.starts_with("decision "))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 #[tokio::test]
 async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_named() {
     let Some(env) = support::testenv() else {
@@ -111,39 +82,12 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
     support::apply_yaml(&client, &ns.name, HPAS).await;
 
     // The real HPA controller settles: desired = current = the Deployment's count, pods ready.
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    for (name, want) in SETTLED {
-        support::wait_hpa_settled(&hpas, name, want).await;
-        support::wait_for_ready_pods(
-            &client,
-            &ns.name,
-            &format!("app={name}"),
-            usize::try_from(want).expect("positive"),
-            Duration::from_secs(60),
-        )
-        .await;
-    }
-
-    let (code, stdout, stderr) = kscale(&["import", "-n", &ns.name], env);
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    let imported = policies_of(&stdout);
+    support::import::wait_settled(&client, &ns.name, &SETTLED).await;
+    let imported = import_and_dry_run(env, &ns.name, &SETTLED);
     let by_name: BTreeMap<String, &ScalingPolicy> = imported
         .iter()
         .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
         .collect();
-    assert_eq!(by_name.len(), 3, "{stdout}");
-    for (name, want) in SETTLED {
-        let p = by_name[name];
-        assert_eq!(p.spec.mode, Mode::DryRun, "the default mode");
-        assert_eq!(p.spec.target_ref.name, name);
-        let (ok, text) = support::controller::dry_run(env, p, &format!("import-{name}"));
-        assert!(ok, "{text}");
-        assert_eq!(
-            decision(&text),
-            Some(want),
-            "{name}: kscale's dry-run of the imported policy against the HPA's desiredReplicas\n{text}"
-        );
-    }
     // The behavior is carried as it is (the apiserver filled in the HPA's defaults).
     let down = by_name["cpu-v2"]
         .spec
@@ -155,58 +99,8 @@ async fn imported_policies_decide_as_each_hpa_and_what_cannot_be_carried_is_name
 
     // Shadow mode: the imported DryRun policies run beside their HPAs and record, at every
     // evaluation, what each HPA wanted; a faithful import diverges by 0.
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
-    for p in &imported {
-        policies
-            .create(&Default::default(), p)
-            .await
-            .expect("an imported policy is admitted");
-    }
-    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
-    let log = support::repo_root().join(format!("target/import-shadow-{}.log", std::process::id()));
-    let port = support::free_port();
-    let _controller = start_controller_with(
-        &kubeconfig,
-        &log,
-        port,
-        &ns.name,
-        "import-shadow",
-        Some(&env.prometheus_url),
-        Lease::Flag(&ns.name),
-    );
-    for (name, want) in SETTLED {
-        support::wait_until(
-            &format!("{name}'s shadow status"),
-            Duration::from_secs(60),
-            || async {
-                let p = policies.get(name).await.map_err(|e| e.to_string())?;
-                let s = p.status.ok_or("no status yet")?;
-                let shadow = s
-                    .shadow
-                    .clone()
-                    .ok_or(format!("no shadow: {:?}", s.reason))?;
-                if shadow
-                    == (ShadowStatus {
-                        hpa: name.to_string(),
-                        hpa_desired_replicas: want,
-                        divergence: 0,
-                    })
-                    && s.desired_replicas == Some(want)
-                    && s.reason.as_deref().is_some_and(|r| {
-                        r.ends_with(&format!("; shadow: HPA {name} wants {want} (kscale +0)"))
-                    })
-                {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{shadow:?} desired {:?} {:?}",
-                        s.desired_replicas, s.reason
-                    ))
-                }
-            },
-        )
-        .await;
-    }
+    let shadow = shadow_beside(env, &client, &ns.name, &imported, &SETTLED, "import-shadow").await;
+    let port = shadow.port;
     let (_, metrics) =
         support::http_get(&format!("http://127.0.0.1:{port}"), "/metrics").expect("/metrics");
     for (name, want) in SETTLED {
@@ -298,8 +192,8 @@ spec:
   scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: queue-worker}
   maxReplicas: 5
   metrics:
-  - type: External
-    external: {metric: {name: queue_depth}, target: {type: AverageValue, averageValue: "30"}}
+  - type: Resource
+    resource: {name: ephemeral-storage, target: {type: AverageValue, averageValue: 1Gi}}
 "#,
     )
     .await;
@@ -307,7 +201,7 @@ spec:
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
         stderr.contains(&format!(
-            "not imported: {}/queue: spec.metrics[0].type: External: kscale has no external.metrics.k8s.io source yet",
+            "not imported: {}/queue: spec.metrics[0].resource.name: resource \"ephemeral-storage\": kscale reads cpu and memory only",
             ns.name
         )),
         "{stderr}"

@@ -372,7 +372,10 @@ fn sample_time(
             }
             _ => None,
         },
-        MetricSource::Resource { .. } => None,
+        MetricSource::Resource { .. }
+        | MetricSource::Pods { .. }
+        | MetricSource::Object { .. }
+        | MetricSource::External { .. } => None,
     }
 }
 

@@ -134,6 +134,8 @@ enum Feed {
     Column(usize),
     /// A trace column, as the utilization percent of every ready pod.
     Utilization(usize),
+    /// A trace column, as the value of a pods metric on every ready pod.
+    PodValue(usize),
     /// Derived from demand and capacity.
     Derived,
 }
@@ -341,8 +343,11 @@ fn resolve_feeds(
         };
         let c = column(col, format!("--metric {metric}={col}"))?;
         feeds[i] = Some(match policy.metrics[i].source {
-            MetricSource::Prometheus { .. } => Feed::Column(c),
+            MetricSource::Prometheus { .. }
+            | MetricSource::Object { .. }
+            | MetricSource::External { .. } => Feed::Column(c),
             MetricSource::Resource { .. } => Feed::Utilization(c),
+            MetricSource::Pods { .. } => Feed::PodValue(c),
         });
     }
     let prometheus_count = policy
@@ -355,7 +360,19 @@ fn resolve_feeds(
             continue;
         }
         feeds[i] = Some(match m.source {
-            MetricSource::Prometheus { .. } => {
+            MetricSource::Pods { .. } => match trace.column(&m.name) {
+                Some(c) => Feed::PodValue(c),
+                None => {
+                    return Err(BacktestError::UnmappedMetric {
+                        policy: policy.name.clone(),
+                        metric: m.name.clone(),
+                        known: known_columns(),
+                    });
+                }
+            },
+            MetricSource::Prometheus { .. }
+            | MetricSource::Object { .. }
+            | MetricSource::External { .. } => {
                 if let Some(c) = trace.column(&m.name) {
                     Feed::Column(c)
                 } else if trace.columns.len() == 1 && prometheus_count == 1 {
@@ -462,7 +479,9 @@ pub fn run(
     let mut cursors: Vec<Option<Cursor>> = feeds
         .iter()
         .map(|f| match f {
-            Feed::Column(c) | Feed::Utilization(c) => Some(Cursor::new(trace, *c)),
+            Feed::Column(c) | Feed::Utilization(c) | Feed::PodValue(c) => {
+                Some(Cursor::new(trace, *c))
+            }
             Feed::Derived => None,
         })
         .collect();
@@ -554,6 +573,13 @@ pub fn run(
                 (Feed::Utilization(_), Some((v, ts))) => {
                     pods_sample(replicas, ready, &births, ts, (v * 10.0).round() as i64)
                 }
+                (Feed::PodValue(_), Some((v, ts))) => pods_sample(
+                    replicas,
+                    ready,
+                    &births,
+                    ts,
+                    (v * config.scale * 1000.0).round() as i64,
+                ),
                 (Feed::Derived, _) => match (demand, config.capacity) {
                     (Some(d), Some(c)) if ready > 0 => {
                         let per_pod_milli = (1000.0 * d / (f64::from(ready) * c)).round() as i64;

@@ -25,6 +25,7 @@ pub mod leader;
 pub mod permissions;
 pub mod scales;
 pub mod servers;
+pub mod sources;
 pub mod takeover;
 pub mod writes;
 
@@ -228,7 +229,7 @@ pub struct Evaluated {
 pub fn queries_of(policy: &CompiledPolicy) -> impl Iterator<Item = &str> {
     policy.metrics.iter().filter_map(|m| match &m.source {
         MetricSource::Prometheus { query } => Some(query.as_str()),
-        MetricSource::Resource { .. } => None,
+        _ => None,
     })
 }
 
@@ -311,19 +312,16 @@ pub async fn evaluate_live(
     let mut samples = Vec::with_capacity(policy.metrics.len());
     for m in &policy.metrics {
         let sample = match &m.source {
-            MetricSource::Prometheus { query } => match (&pods_unknown, m.target) {
-                (Some(why), crate::policy::Target::Value(_)) => Sample::Error {
-                    message: format!(
-                        "{why}; a Value target multiplies by the ready pods, which kscale does not make up"
-                    ),
-                },
-                _ => prometheus
-                    .get(query.as_str())
-                    .cloned()
-                    .unwrap_or(Sample::Missing {
-                        reason: "the query was not run this tick".into(),
-                    }),
-            },
+            MetricSource::Prometheus { query } => {
+                sources::value_needs_pods(&pods_unknown, m.target).unwrap_or_else(|| {
+                    prometheus
+                        .get(query.as_str())
+                        .cloned()
+                        .unwrap_or(Sample::Missing {
+                            reason: "the query was not run this tick".into(),
+                        })
+                })
+            }
             MetricSource::Resource { cpu, container } => match (&scale.selector, &pods) {
                 (Some(selector), Some(Ok(list))) => {
                     resource_sample(
@@ -342,6 +340,18 @@ pub async fn evaluate_live(
                         .unwrap_or_else(|| "the target's pods are unknown".into()),
                 },
             },
+            other => {
+                let list = match &pods {
+                    Some(Ok(list)) => Some(list.as_slice()),
+                    _ => None,
+                };
+                let needs = (scale.selector.as_deref(), list, &pods_unknown);
+                sources::sample(ctx, &namespace, other, m.target, needs)
+                    .await
+                    .unwrap_or(Sample::Missing {
+                        reason: "no source read this metric".into(),
+                    })
+            }
         };
         samples.push(sample);
     }
@@ -811,6 +821,9 @@ fn metric_failure_reason(source: &crate::policy::MetricSource) -> &'static str {
     match source {
         crate::policy::MetricSource::Prometheus { .. } => "FailedGetExternalMetric",
         crate::policy::MetricSource::Resource { .. } => "FailedGetResourceMetric",
+        crate::policy::MetricSource::Pods { .. } => "FailedGetPodsMetric",
+        crate::policy::MetricSource::Object { .. } => "FailedGetObjectMetric",
+        crate::policy::MetricSource::External { .. } => "FailedGetExternalMetric",
     }
 }
 

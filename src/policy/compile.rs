@@ -72,6 +72,194 @@ pub enum MetricSource {
         /// Only this container, if set.
         container: Option<String>,
     },
+    /// A metric of each of the target's pods from custom.metrics.k8s.io (the HPA's `Pods`).
+    Pods {
+        /// The metric.
+        metric: MetricRef,
+    },
+    /// A metric of one object from custom.metrics.k8s.io (the HPA's `Object`).
+    Object {
+        /// The described object's `apiVersion` (`v1` when the spec leaves it out).
+        api_version: String,
+        /// Its kind.
+        kind: String,
+        /// Its name, in the policy's namespace.
+        name: String,
+        /// The metric.
+        metric: MetricRef,
+    },
+    /// A metric from external.metrics.k8s.io (the HPA's `External`).
+    External {
+        /// The metric.
+        metric: MetricRef,
+    },
+}
+
+impl MetricSource {
+    /// Whether the value is measured on the target's pods (resource and pods metrics): nothing
+    /// to read at 0 replicas, and the HPA's missing- and unready-pod rules apply.
+    pub fn per_pod(&self) -> bool {
+        matches!(
+            self,
+            MetricSource::Resource { .. } | MetricSource::Pods { .. }
+        )
+    }
+}
+
+/// A metric of a metrics API, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricRef {
+    /// The metric's name (a path segment, checked against [`is_api_metric_name`]).
+    pub name: String,
+    /// The selector as label-selector text (`a=b,c in (x,y)`, sorted by key as Kubernetes
+    /// renders one); empty for all series.
+    pub selector: String,
+}
+
+/// Whether `name` may name a metric of a metrics API: 1 to 253 characters of letters, digits
+/// and `_ . : | -`, and not `.` or `..` (the name is a segment of the request path). The CRD
+/// has the same pattern.
+pub fn is_api_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '|' | '-'))
+}
+
+/// A label key (`[prefix/]name`: a DNS subdomain prefix of at most 253 characters, a name of 1
+/// to 63 characters of alphanumerics and `-_.`, starting and ending alphanumeric).
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    }) && !name.is_empty()
+        && is_label_value(name)
+}
+
+/// A label value: empty, or at most 63 alphanumerics and `-_.`, starting and ending
+/// alphanumeric.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// A `LabelSelector` as label-selector text, as Kubernetes' `LabelSelectorAsSelector` renders
+/// it (requirements sorted by key), each key, operator and value checked; errors name the field.
+pub fn selector_text(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> String {
+    let Some(selector) = selector else {
+        return String::new();
+    };
+    let mut requirements: Vec<(String, String)> = Vec::new();
+    for (k, v) in selector.match_labels.iter().flatten() {
+        let field = format!("{path}.matchLabels");
+        if !is_label_key(k) {
+            errors.push(err(field, format!("{k:?} is not a valid label key")));
+        } else if !is_label_value(v) {
+            errors.push(err(
+                format!("{field}.{k}"),
+                format!("{v:?} is not a valid label value"),
+            ));
+        } else {
+            requirements.push((k.clone(), format!("{k}={v}")));
+        }
+    }
+    for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
+        let field = format!("{path}.matchExpressions[{i}]");
+        if !is_label_key(&e.key) {
+            errors.push(err(
+                format!("{field}.key"),
+                format!("{:?} is not a valid label key", e.key),
+            ));
+            continue;
+        }
+        let values = e.values.as_deref().unwrap_or_default();
+        if let Some(bad) = values.iter().find(|v| !is_label_value(v)) {
+            errors.push(err(
+                format!("{field}.values"),
+                format!("{bad:?} is not a valid label value"),
+            ));
+            continue;
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort();
+        let text = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                errors.push(err(
+                    format!("{field}.values"),
+                    format!("must not be empty for operator {}", e.operator),
+                ));
+                continue;
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                errors.push(err(
+                    format!("{field}.values"),
+                    format!("must be empty for operator {}", e.operator),
+                ));
+                continue;
+            }
+            "In" => format!("{} in ({})", e.key, sorted.join(",")),
+            "NotIn" => format!("{} notin ({})", e.key, sorted.join(",")),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => {
+                errors.push(err(
+                    format!("{field}.operator"),
+                    unknown_value(other, &["In", "NotIn", "Exists", "DoesNotExist"]),
+                ));
+                continue;
+            }
+        };
+        requirements.push((e.key.clone(), text));
+    }
+    requirements.sort_by(|a, b| a.0.cmp(&b.0));
+    requirements
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn metric_ref(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    m: &crate::crd::MetricIdentifier,
+) -> MetricRef {
+    if !is_api_metric_name(&m.name) {
+        errors.push(err(
+            format!("{path}.name"),
+            format!(
+                "{:?} is not a valid metric name (1 to 253 letters, digits and _ . : | -, not . or ..)",
+                m.name
+            ),
+        ));
+    }
+    MetricRef {
+        name: m.name.clone(),
+        selector: selector_text(errors, &format!("{path}.selector"), m.selector.as_ref()),
+    }
 }
 
 /// A metric target in milli-units, as the HPA compares them (exact: 128 bits hold every
@@ -396,12 +584,145 @@ fn positive_quantity(
     }
 }
 
+/// What a target is checked against: resource metrics take Utilization or AverageValue, pods
+/// metrics AverageValue, the others Value or AverageValue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    Resource,
+    Pods,
+    Other,
+}
+
+/// The one source of a metric; errors name the field.
+fn compile_source(
+    errors: &mut Vec<FieldError>,
+    path: &str,
+    m: &crate::crd::MetricSpec,
+) -> Option<MetricSource> {
+    let set: Vec<&str> = [
+        ("prometheus", m.prometheus.is_some()),
+        ("resource", m.resource.is_some()),
+        ("pods", m.pods.is_some()),
+        ("object", m.object.is_some()),
+        ("external", m.external.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, s)| s.then_some(n))
+    .collect();
+    if set.len() != 1 {
+        errors.push(err(
+            path.to_string(),
+            if set.is_empty() {
+                "sets no source; set one of prometheus, resource, pods, object or external".into()
+            } else {
+                format!("sets {}; set exactly one source", set.join(" and "))
+            },
+        ));
+        return None;
+    }
+    if let Some(p) = &m.prometheus {
+        if p.query.trim().is_empty() {
+            errors.push(err(
+                format!("{path}.prometheus.query"),
+                "must not be empty".into(),
+            ));
+        } else if let Err(message) = super::promql::check(&p.query) {
+            errors.push(err(format!("{path}.prometheus.query"), message));
+        }
+        return Some(MetricSource::Prometheus {
+            query: p.query.clone(),
+        });
+    }
+    if let Some(r) = &m.resource {
+        return match r.name.as_str() {
+            "cpu" | "memory" => Some(MetricSource::Resource {
+                cpu: r.name == "cpu",
+                container: r.container.clone(),
+            }),
+            other => {
+                errors.push(err(
+                    format!("{path}.resource.name"),
+                    unknown_value(other, &["cpu", "memory"]),
+                ));
+                None
+            }
+        };
+    }
+    if let Some(p) = &m.pods {
+        return Some(MetricSource::Pods {
+            metric: metric_ref(errors, &format!("{path}.pods.metric"), &p.metric),
+        });
+    }
+    if let Some(o) = &m.object {
+        let field = format!("{path}.object.describedObject");
+        let d = &o.described_object;
+        let api_version = d
+            .api_version
+            .clone()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "v1".into());
+        let segments: Vec<&str> = api_version.split('/').collect();
+        if segments.len() > 2 || segments.iter().any(|s| s.is_empty()) {
+            errors.push(err(
+                format!("{field}.apiVersion"),
+                format!("{api_version:?} is not GROUP/VERSION or VERSION"),
+            ));
+        }
+        if d.kind.is_empty() || !d.kind.chars().all(|c| c.is_ascii_alphanumeric()) {
+            errors.push(err(
+                format!("{field}.kind"),
+                format!("{:?} is not a kind (letters and digits)", d.kind),
+            ));
+        }
+        if !is_object_name(&d.name) {
+            errors.push(err(
+                format!("{field}.name"),
+                format!(
+                    "{:?} is not an object name (1 to 253 lowercase letters, digits, - and .)",
+                    d.name
+                ),
+            ));
+        }
+        return Some(MetricSource::Object {
+            api_version,
+            kind: d.kind.clone(),
+            name: d.name.clone(),
+            metric: metric_ref(errors, &format!("{path}.object.metric"), &o.metric),
+        });
+    }
+    m.external.as_ref().map(|e| MetricSource::External {
+        metric: metric_ref(errors, &format!("{path}.external.metric"), &e.metric),
+    })
+}
+
+/// A DNS-subdomain object name (and never `.` or `..`: it is a segment of the request path).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 fn compile_target(
     errors: &mut Vec<FieldError>,
     path: &str,
     target: &MetricTarget,
-    is_resource: bool,
+    kind: SourceKind,
 ) -> Option<Target> {
+    let is_resource = kind == SourceKind::Resource;
+    if kind == SourceKind::Pods && target.type_ != "AverageValue" {
+        errors.push(err(
+            format!("{path}.type"),
+            format!(
+                "{:?} is not valid for a pods metric; use AverageValue",
+                target.type_
+            ),
+        ));
+        return None;
+    }
     match target.type_.as_str() {
         "Value" => {
             if is_resource {
@@ -419,7 +740,7 @@ fn compile_target(
             let path = format!("{path}.averageValue");
             let milli =
                 positive_quantity(errors, path.clone(), &target.average_value, "AverageValue")?;
-            if is_resource && i64::try_from(milli).is_err() {
+            if kind != SourceKind::Other && i64::try_from(milli).is_err() {
                 // Pod usages and requests are the HPA's i64 milli-values.
                 errors.push(err(
                     path,
@@ -710,54 +1031,15 @@ pub fn compile_spec(
                 ),
             ));
         }
-        let source = match (&m.prometheus, &m.resource) {
-            (Some(p), None) => {
-                if p.query.trim().is_empty() {
-                    errors.push(err(
-                        format!("{path}.prometheus.query"),
-                        "must not be empty".into(),
-                    ));
-                } else if let Err(message) = super::promql::check(&p.query) {
-                    errors.push(err(format!("{path}.prometheus.query"), message));
-                }
-                Some(MetricSource::Prometheus {
-                    query: p.query.clone(),
-                })
-            }
-            (None, Some(r)) => match r.name.as_str() {
-                "cpu" | "memory" => Some(MetricSource::Resource {
-                    cpu: r.name == "cpu",
-                    container: r.container.clone(),
-                }),
-                other => {
-                    errors.push(err(
-                        format!("{path}.resource.name"),
-                        unknown_value(other, &["cpu", "memory"]),
-                    ));
-                    None
-                }
-            },
-            (Some(_), Some(_)) => {
-                errors.push(err(
-                    path.clone(),
-                    "sets both prometheus and resource; set exactly one".into(),
-                ));
-                None
-            }
-            (None, None) => {
-                errors.push(err(
-                    path.clone(),
-                    "sets no source; set prometheus or resource".into(),
-                ));
-                None
-            }
+        let source = compile_source(&mut errors, &path, m);
+        let kind = if m.resource.is_some() {
+            SourceKind::Resource
+        } else if m.pods.is_some() {
+            SourceKind::Pods
+        } else {
+            SourceKind::Other
         };
-        let target = compile_target(
-            &mut errors,
-            &format!("{path}.target"),
-            &m.target,
-            m.resource.is_some() && m.prometheus.is_none(),
-        );
+        let target = compile_target(&mut errors, &format!("{path}.target"), &m.target, kind);
         if let (Some(source), Some(target)) = (source, target) {
             metrics.push(CompiledMetric {
                 name: m.name.clone(),
@@ -1250,6 +1532,119 @@ fn unknown_value(other: &str, allowed: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn compile_metric(metric: &str) -> Result<CompiledPolicy, ValidationErrors> {
+        let yaml = format!(
+            "apiVersion: kscale.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {{name: p, namespace: n}}\nspec:\n  targetRef: {{kind: Deployment, name: web}}\n  maxReplicas: 5\n  metrics:\n  - {metric}\n"
+        );
+        let p: ScalingPolicy = serde_yaml::from_str(&yaml).unwrap();
+        CompiledPolicy::from_resource(&p)
+    }
+
+    fn paths(r: Result<CompiledPolicy, ValidationErrors>) -> Vec<String> {
+        r.unwrap_err().0.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn metrics_api_sources_compile_with_their_selectors_rendered() {
+        let p = compile_metric(
+            "{name: rps, pods: {metric: {name: http_requests, selector: {matchLabels: {verb: GET, code: '200'}, matchExpressions: [{key: path, operator: NotIn, values: [/b, /a]}, {key: canary, operator: DoesNotExist}]}}}, target: {type: AverageValue, averageValue: 500m}}",
+        );
+        // A value with `/` is not a label value.
+        assert_eq!(
+            paths(p),
+            [
+                "spec.metrics[0].pods.metric.selector.matchExpressions[0].values: \"/b\" is not a valid label value"
+            ]
+        );
+        let p = compile_metric(
+            "{name: rps, pods: {metric: {name: http_requests, selector: {matchLabels: {verb: GET, code: '200'}, matchExpressions: [{key: path, operator: NotIn, values: [b, a]}, {key: canary, operator: DoesNotExist}]}}}, target: {type: AverageValue, averageValue: 500m}}",
+        )
+        .unwrap();
+        assert_eq!(
+            p.metrics[0].source,
+            MetricSource::Pods {
+                metric: MetricRef {
+                    name: "http_requests".into(),
+                    selector: "!canary,code=200,path notin (a,b),verb=GET".into(),
+                }
+            }
+        );
+        let p = compile_metric(
+            "{name: hits, object: {describedObject: {kind: Service, name: web}, metric: {name: 'hits:total'}}, target: {type: Value, value: '10'}}",
+        )
+        .unwrap();
+        assert_eq!(
+            p.metrics[0].source,
+            MetricSource::Object {
+                api_version: "v1".into(),
+                kind: "Service".into(),
+                name: "web".into(),
+                metric: MetricRef {
+                    name: "hits:total".into(),
+                    selector: String::new(),
+                },
+            }
+        );
+        assert_eq!(p.metrics[0].target, Target::Value(10_000));
+        compile_metric(
+            "{name: q, external: {metric: {name: queue}}, target: {type: AverageValue, averageValue: '30'}}",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn metrics_api_sources_name_each_mistake() {
+        assert_eq!(
+            paths(compile_metric(
+                "{name: rps, pods: {metric: {name: rps}}, target: {type: Value, value: '1'}}"
+            )),
+            [
+                "spec.metrics[0].target.type: \"Value\" is not valid for a pods metric; use AverageValue"
+            ]
+        );
+        assert_eq!(
+            paths(compile_metric(
+                "{name: q, external: {metric: {name: q}}, target: {type: Utilization, averageUtilization: 50}}"
+            )),
+            [
+                "spec.metrics[0].target.type: Utilization is only valid for resource metrics; use Value or AverageValue"
+            ]
+        );
+        assert_eq!(
+            paths(compile_metric(
+                "{name: q, external: {metric: {name: ..}}, target: {type: Value, value: '1'}}"
+            )),
+            [
+                "spec.metrics[0].external.metric.name: \"..\" is not a valid metric name (1 to 253 letters, digits and _ . : | -, not . or ..)"
+            ]
+        );
+        assert_eq!(
+            paths(compile_metric(
+                "{name: q, external: {metric: {name: 'a/b'}}, object: {describedObject: {kind: Service, name: web}, metric: {name: x}}, target: {type: Value, value: '1'}}"
+            )),
+            ["spec.metrics[0]: sets object and external; set exactly one source"]
+        );
+        assert_eq!(
+            paths(compile_metric(
+                "{name: o, object: {describedObject: {apiVersion: a/b/c, kind: 'Se/rvice', name: ../x}, metric: {name: x, selector: {matchExpressions: [{key: k, operator: Has}]}}}, target: {type: Value, value: '1'}}"
+            )),
+            [
+                "spec.metrics[0].object.describedObject.apiVersion: \"a/b/c\" is not GROUP/VERSION or VERSION",
+                "spec.metrics[0].object.describedObject.kind: \"Se/rvice\" is not a kind (letters and digits)",
+                "spec.metrics[0].object.describedObject.name: \"../x\" is not an object name (1 to 253 lowercase letters, digits, - and .)",
+                "spec.metrics[0].object.metric.selector.matchExpressions[0].operator: unknown value \"Has\" (expected In, NotIn, Exists or DoesNotExist)",
+            ]
+        );
+        assert_eq!(
+            paths(compile_metric(
+                "{name: q, target: {type: Value, value: '1'}}"
+            )),
+            [
+                "spec.metrics[0]: sets no source; set one of prometheus, resource, pods, object or external"
+            ]
+        );
+    }
 
     /// A review's input: a near-miss enum value gets the same suggestion as a near-miss field.
     #[test]

@@ -306,10 +306,16 @@ fn metric_outcome(
                 (MetricSource::Resource { cpu, .. }, Target::Utilization(u)) => {
                     (*cpu, ResourceTarget::Utilization(u))
                 }
-                (MetricSource::Resource { cpu, .. }, Target::AverageValue(v)) => {
-                    // compile.rs keeps resource targets within the pods' i64 milli-values.
+                (
+                    source @ (MetricSource::Resource { .. } | MetricSource::Pods { .. }),
+                    Target::AverageValue(v),
+                ) => {
+                    // compile.rs keeps per-pod targets within the pods' i64 milli-values. A pods
+                    // metric follows the HPA's GetMetricReplicas: the plain average with the
+                    // missing- and unready-pod rules, no CPU readiness rules.
+                    let cpu = matches!(source, MetricSource::Resource { cpu: true, .. });
                     match i64::try_from(v) {
-                        Ok(v) => (*cpu, ResourceTarget::AverageMilli(v)),
+                        Ok(v) => (cpu, ResourceTarget::AverageMilli(v)),
                         Err(_) => {
                             return MetricOutcome::failed(
                                 MetricState::Invalid,
@@ -321,7 +327,7 @@ fn metric_outcome(
                 }
                 _ => return MetricOutcome::failed(
                     MetricState::Invalid,
-                    "pod samples need a resource metric with a Utilization or AverageValue target"
+                    "pod samples need a resource metric (Utilization or AverageValue target) or a pods metric (AverageValue)"
                         .into(),
                 ),
             };
@@ -387,8 +393,14 @@ fn series_outcome(
             obs.pods,
             tol,
         ),
+        // An Object metric is one value: the HPA's GetObjectPerPodMetricReplicas has no
+        // overflow rule for a negative one (the External sum's).
         Target::AverageValue(t) => Ok(replicas::external_average(
-            replicas::sum_milli_average(values)?,
+            if matches!(metric.source, MetricSource::Object { .. }) {
+                replicas::sum_milli_value(values)?
+            } else {
+                replicas::sum_milli_average(values)?
+            },
             t,
             obs.status_replicas,
             tol,
@@ -498,7 +510,7 @@ fn evaluate_metrics(
     let mut metrics = metrics;
     if current == 0 {
         for (m, o) in policy.metrics.iter().zip(metrics.iter_mut()) {
-            if matches!(m.source, MetricSource::Resource { .. }) {
+            if m.source.per_pod() {
                 *o = MetricOutcome::failed(
                     MetricState::NoPods,
                     "no pods to measure at 0 replicas".into(),

@@ -1,6 +1,7 @@
 //! Metric sources: where samples come from. Each returns typed [`crate::model::Sample`]s with
 //! timestamps; missing data is a value, never a zero.
 
+pub mod custom;
 pub mod history;
 pub mod pods;
 pub mod prometheus;

@@ -238,29 +238,39 @@ pub fn pod_samples(
                 })?,
                 None => None,
             };
-            let status = pod.status.as_ref();
-            let ready = status
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| {
-                    (
-                        c.status != "False",
-                        c.last_transition_time
-                            .as_ref()
-                            .map_or_else(go_zero_time, chrono_time),
-                    )
-                });
-            Ok(PodSample {
-                phase: pod_phase(status.and_then(|s| s.phase.as_deref())),
-                deleting: pod.metadata.deletion_timestamp.is_some(),
-                ready,
-                start_time: status.and_then(|s| s.start_time.as_ref()).map(chrono_time),
-                request_milli: pod_request_milli(pod, resource, container),
+            Ok(pod_sample(
+                pod,
+                pod_request_milli(pod, resource, container),
                 usage,
-                name,
-            })
+            ))
         })
         .collect()
+}
+
+/// One pod as the HPA's pod grouping sees it (phase, deletion, the `Ready` condition, start
+/// time), with the request and usage given: shared by the resource and the pods metrics.
+pub fn pod_sample(pod: &Pod, request_milli: Option<i64>, usage: Option<PodUsage>) -> PodSample {
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| {
+            (
+                c.status != "False",
+                c.last_transition_time
+                    .as_ref()
+                    .map_or_else(go_zero_time, chrono_time),
+            )
+        });
+    PodSample {
+        phase: pod_phase(status.and_then(|s| s.phase.as_deref())),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+        ready,
+        start_time: status.and_then(|s| s.start_time.as_ref()).map(chrono_time),
+        request_milli,
+        usage,
+        name: pod.metadata.name.clone().unwrap_or_default(),
+    }
 }
 
 fn pod_phase(phase: Option<&str>) -> PodPhase {
@@ -275,7 +285,7 @@ fn pod_phase(phase: Option<&str>) -> PodPhase {
 
 /// A pod quantity in the HPA's `i64` milli-units: one past that range is an error, not a
 /// saturated value.
-fn milli_of(q: &K8sQuantity) -> Result<i64, String> {
+pub(crate) fn milli_of(q: &K8sQuantity) -> Result<i64, String> {
     let milli = Quantity::parse(&q.0).map_err(|e| e.to_string())?.milli();
     i64::try_from(milli).map_err(|_| {
         format!(

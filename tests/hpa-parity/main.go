@@ -71,7 +71,7 @@ type timed struct {
 }
 
 type testCase struct {
-	Kind string `json:"kind"` // ext_value | ext_average | resource | normalize
+	Kind string `json:"kind"` // ext_value | ext_average | object_value | object_average | pods | resource | normalize
 
 	// External metrics.
 	Series    []int64 `json:"series"`
@@ -84,12 +84,13 @@ type testCase struct {
 	TolUp     float64 `json:"tol_up"`
 
 	// Resource metrics.
-	CPU         bool  `json:"cpu"`
-	Utilization bool  `json:"utilization"`
-	Current     int32 `json:"current"`
-	CPUInitS    int64 `json:"cpu_init_s"`
-	ReadyDelayS int64 `json:"ready_delay_s"`
-	Pods        []pod `json:"pods"`
+	CPU         bool   `json:"cpu"`
+	Utilization bool   `json:"utilization"`
+	Current     int32  `json:"current"`
+	Container   string `json:"container"` // ContainerResource: the container whose usage and request count
+	CPUInitS    int64  `json:"cpu_init_s"`
+	ReadyDelayS int64  `json:"ready_delay_s"`
+	Pods        []pod  `json:"pods"`
 
 	// Normalization.
 	Behavior    *behavior `json:"behavior"`
@@ -118,22 +119,27 @@ type result struct {
 type fakeMetrics struct {
 	pods     metricsclient.PodMetricsInfo
 	external []int64
+	object   int64
 }
 
-func (f *fakeMetrics) GetResourceMetric(_ context.Context, _ v1.ResourceName, _ string, _ labels.Selector, _ string) (metricsclient.PodMetricsInfo, time.Time, error) {
+func (f *fakeMetrics) podsCopy() metricsclient.PodMetricsInfo {
 	out := make(metricsclient.PodMetricsInfo, len(f.pods)) // the calculator edits the map
 	for k, v := range f.pods {
 		out[k] = v
 	}
-	return out, time.Time{}, nil
+	return out
+}
+
+func (f *fakeMetrics) GetResourceMetric(_ context.Context, _ v1.ResourceName, _ string, _ labels.Selector, _ string) (metricsclient.PodMetricsInfo, time.Time, error) {
+	return f.podsCopy(), time.Time{}, nil
 }
 
 func (f *fakeMetrics) GetRawMetric(string, string, labels.Selector, labels.Selector) (metricsclient.PodMetricsInfo, time.Time, error) {
-	return nil, time.Time{}, fmt.Errorf("not used")
+	return f.podsCopy(), time.Time{}, nil
 }
 
 func (f *fakeMetrics) GetObjectMetric(string, string, *autoscalingv2.CrossVersionObjectReference, labels.Selector) (int64, time.Time, error) {
-	return 0, time.Time{}, fmt.Errorf("not used")
+	return f.object, time.Time{}, nil
 }
 
 func (f *fakeMetrics) GetExternalMetric(string, string, labels.Selector) ([]int64, time.Time, error) {
@@ -259,6 +265,28 @@ func run(c *testCase) result {
 		if err != nil {
 			out.Error = err.Error()
 		}
+	case "object_value", "object_average":
+		calc := podautoscaler.NewReplicaCalculator(&fakeMetrics{object: c.Series[0]}, lister(externalPods(c.ReadyPods, c.OtherPods)), 0, 0)
+		ref := &autoscalingv2.CrossVersionObjectReference{Kind: "Service", Name: "svc", APIVersion: "v1"}
+		var err error
+		if c.Kind == "object_value" {
+			out.Replicas, out.Value, _, err = calc.GetObjectMetricReplicas(c.Spec, c.Target, "m", tol, namespace, ref, labels.Everything(), labels.Everything())
+		} else {
+			out.Replicas, out.Value, _, err = calc.GetObjectPerPodMetricReplicas(c.Status, c.Target, "m", tol, namespace, ref, labels.Everything())
+		}
+		if err != nil {
+			out.Error = err.Error()
+		}
+	case "pods":
+		now := time.Now()
+		pods, info := resourcePods(now, c, v1.ResourceMemory)
+		calc := podautoscaler.NewReplicaCalculator(&fakeMetrics{pods: info}, lister(pods),
+			time.Duration(c.CPUInitS)*time.Second, time.Duration(c.ReadyDelayS)*time.Second)
+		var err error
+		out.Replicas, out.Value, _, err = calc.GetMetricReplicas(c.Current, c.Target, "m", tol, namespace, labels.Everything(), labels.Everything())
+		if err != nil {
+			out.Error = err.Error()
+		}
 	case "resource":
 		res := v1.ResourceMemory
 		if c.CPU {
@@ -271,10 +299,10 @@ func run(c *testCase) result {
 		var err error
 		if c.Utilization {
 			var util int32
-			out.Replicas, util, _, _, err = calc.GetResourceReplicas(ctx, c.Current, int32(c.Target), res, tol, namespace, labels.Everything(), "")
+			out.Replicas, util, _, _, err = calc.GetResourceReplicas(ctx, c.Current, int32(c.Target), res, tol, namespace, labels.Everything(), c.Container)
 			out.Value = int64(util)
 		} else {
-			out.Replicas, out.Value, _, err = calc.GetRawResourceReplicas(ctx, c.Current, c.Target, res, tol, namespace, labels.Everything(), "")
+			out.Replicas, out.Value, _, err = calc.GetRawResourceReplicas(ctx, c.Current, c.Target, res, tol, namespace, labels.Everything(), c.Container)
 		}
 		if err != nil {
 			out.Error = err.Error()

@@ -27,6 +27,7 @@ use kube::discovery::{self, Scope};
 use kube::{Client, Config};
 
 pub mod controller;
+pub mod import;
 
 /// A namespaced CustomResourceDefinition `<plural>.<group>` (version `v1`) whose `scale`
 /// subresource reads `.spec.replicas` and `.status.replicas`, as YAML. With `selector`, the scale
@@ -1482,14 +1483,15 @@ pub fn external_metric_values(body: &str) -> Result<Vec<String>, String> {
 }
 
 /// Deletes `v1beta1.external.metrics.k8s.io` on drop.
-pub struct ApiServiceGuard(PathBuf);
+pub struct ApiServiceGuard(PathBuf, String);
 
 impl Drop for ApiServiceGuard {
     fn drop(&mut self) {
         use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+        let name = self.1.clone();
         cleanup_blocking(&self.0, move |client| async move {
             let _ = Api::<APIService>::all(client)
-                .delete("v1beta1.external.metrics.k8s.io", &Default::default())
+                .delete(&name, &Default::default())
                 .await;
         });
     }
@@ -1530,8 +1532,32 @@ pub async fn register_external_metrics_service(
     ca_pem: &str,
     log: &Path,
 ) -> ApiServiceGuard {
+    register_api_service(
+        env,
+        client,
+        ("external.metrics.k8s.io", "v1beta1"),
+        (namespace, service, port),
+        ca_pem,
+        log,
+    )
+    .await
+}
+
+/// Registers the server on 127.0.0.1:`port` as the APIService of `group`/`version` (an
+/// ExternalName Service `service` in `namespace` to loopback, the APIService trusting `ca_pem`)
+/// and waits until it is Available (`log` for the failure message). The guard deletes the
+/// APIService.
+pub async fn register_api_service(
+    env: &TestEnv,
+    client: &Client,
+    (group, version): (&str, &str),
+    (namespace, service, port): (&str, &str, u16),
+    ca_pem: &str,
+    log: &Path,
+) -> ApiServiceGuard {
     use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-    let guard = ApiServiceGuard(env.kubeconfig.clone());
+    let name = format!("{version}.{group}");
+    let guard = ApiServiceGuard(env.kubeconfig.clone(), name.clone());
     let ca_bundle = serde_json::to_string(&k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()))
         .expect("base64");
     apply_yaml(
@@ -1545,10 +1571,10 @@ spec: {{type: ExternalName, externalName: 127.0.0.1}}
 ---
 apiVersion: apiregistration.k8s.io/v1
 kind: APIService
-metadata: {{name: v1beta1.external.metrics.k8s.io}}
+metadata: {{name: {name}}}
 spec:
-  group: external.metrics.k8s.io
-  version: v1beta1
+  group: {group}
+  version: {version}
   service: {{name: {service}, namespace: {namespace}, port: {port}}}
   caBundle: {ca_bundle}
   groupPriorityMinimum: 100
@@ -1560,10 +1586,7 @@ spec:
     let apiservices: Api<APIService> = Api::all(client.clone());
     let start = Instant::now();
     loop {
-        let s = apiservices
-            .get("v1beta1.external.metrics.k8s.io")
-            .await
-            .expect("APIService");
+        let s = apiservices.get(&name).await.expect("APIService");
         let available = s
             .status
             .as_ref()
@@ -1574,7 +1597,10 @@ spec:
             return guard;
         }
         if start.elapsed() > Duration::from_secs(60) {
-            panic!("APIService not Available: {available:?}\n{}", log_tail(log));
+            panic!(
+                "APIService {name} not Available: {available:?}\n{}",
+                log_tail(log)
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -59,7 +59,7 @@ pub struct Upstream {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -70,25 +70,7 @@ impl Upstream {
     /// `127.0.0.1`; with `token`, every request must carry `Authorization: Bearer <token>`. It
     /// runs on a thread and runtime of its own, so it answers whatever the test's runtime does.
     pub fn start(token: Option<&str>) -> Upstream {
-        use rustls_pki_types::pem::PemObject as _;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let (ca_pem, cert_pem, key_pem) =
-            crate::support::serving_certificate(vec!["localhost".into(), "127.0.0.1".into()]);
-        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("certificate PEM");
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key PEM");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("non-blocking");
+        let (listener, acceptor, ca_pem) = https_listener(Vec::new());
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
             token: token.map(str::to_string),
@@ -104,7 +86,19 @@ impl Upstream {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(serve(listener, acceptor, served));
+            runtime.block_on(async move {
+                let flags = served.clone();
+                serve_https(
+                    listener,
+                    acceptor,
+                    (&flags.stop, &flags.connections),
+                    move |req| {
+                        let state = served.clone();
+                        async move { answer(&state, req).await }
+                    },
+                )
+                .await
+            });
         });
         Upstream {
             addr,
@@ -141,12 +135,22 @@ impl Upstream {
 
     /// Closes the listener and every connection, and waits until they are closed.
     pub fn stop(&self) {
-        self.state.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(thread) = lock(&self.thread).take() {
-            let _ = thread.join();
-        }
+        stop_server(self.addr, &self.state.stop, &self.thread);
+    }
+}
+
+/// Stops a [`serve_https`] loop listening on `addr` with flag `stop`, running on `thread`:
+/// the listener and every connection close, and this waits until they have.
+pub fn stop_server(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    thread: &Mutex<Option<std::thread::JoinHandle<()>>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    // Wake the accept loop.
+    let _ = std::net::TcpStream::connect(addr);
+    if let Some(thread) = lock(thread).take() {
+        let _ = thread.join();
     }
 }
 
@@ -156,12 +160,49 @@ impl Drop for Upstream {
     }
 }
 
-/// Accepts until [`Upstream::stop`]; the connections end with it.
-async fn serve(
+/// A listener on a free port of 127.0.0.1 (non-blocking, for tokio) and a TLS acceptor with a
+/// certificate for `localhost`, `127.0.0.1` and `names`; the CA's PEM.
+pub fn https_listener(
+    names: Vec<String>,
+) -> (std::net::TcpListener, tokio_rustls::TlsAcceptor, String) {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut names = names;
+    names.extend(["localhost".into(), "127.0.0.1".into()]);
+    let (ca_pem, cert_pem, key_pem) = crate::support::serving_certificate(names);
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key PEM");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("non-blocking");
+    (
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        ca_pem,
+    )
+}
+
+/// Accepts HTTPS connections and answers each request with `handler` until `stop` is set (and a
+/// connection wakes the accept loop); the connections end with it. `connections` counts those
+/// accepted.
+pub async fn serve_https<H, Fut>(
     listener: std::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    state: Arc<State>,
-) {
+    (stop, connections_seen): (&AtomicBool, &AtomicUsize),
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     // Dropped (and so every connection aborted) when this function returns.
     let mut connections = tokio::task::JoinSet::new();
@@ -169,19 +210,19 @@ async fn serve(
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        if state.stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             return;
         }
-        state.connections.fetch_add(1, Ordering::SeqCst);
+        connections_seen.fetch_add(1, Ordering::SeqCst);
         let acceptor = acceptor.clone();
-        let state = state.clone();
+        let handler = handler.clone();
         connections.spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&state, req).await) }
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
@@ -191,7 +232,7 @@ async fn serve(
     }
 }
 
-fn reply(code: u16, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+pub fn reply(code: u16, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(code)
         .header("content-type", content_type)
@@ -199,7 +240,7 @@ fn reply(code: u16, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> 
         .expect("response")
 }
 
-fn status(code: u16, message: &str) -> Response<Full<Bytes>> {
+pub fn status(code: u16, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "code": code});
     reply(code, "application/json", body.to_string().into_bytes())
