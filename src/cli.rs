@@ -966,6 +966,9 @@ fn import(args: &ImportArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     for (version, hpa) in &hpas {
         match crate::import::from_v2(hpa, version, args.mode.into()) {
             Ok(policy) => {
+                for note in crate::import::notes(hpa) {
+                    writeln!(err, "note: {note}").map_err(io)?;
+                }
                 let yaml = serde_yaml::to_string(&policy)
                     .map_err(|e| CliError::Config(format!("writing YAML: {e}")))?;
                 if !first {

@@ -96,13 +96,31 @@ pub fn from_v2(
         }
     }
     // Names are the formula's identifiers and must be unique: `cpu`, then `cpu_2`.
-    let mut seen = std::collections::HashMap::<String, u32>::new();
-    for m in &mut metrics {
-        let n = seen.entry(m.name.clone()).or_insert(0);
-        *n += 1;
-        if *n > 1 {
+    // At minReplicas 0 a resource metric keeps the HPA's meaning: pods that use any cpu or
+    // memory propose at least one replica, so the target stays up (kscale asks for the
+    // threshold to be written out: it is what keeps a target from ever going idle).
+    if spec.min_replicas == Some(0) {
+        for m in metrics.iter_mut().filter(|m| m.resource.is_some()) {
+            m.activation_threshold.get_or_insert_with(|| {
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("0".into())
+            });
+        }
+    }
+    // A renamed one skips any name taken, a later metric's own included (`cpu`, `cpu`,
+    // `cpu_2` become `cpu`, `cpu_3`, `cpu_2`).
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let own: Vec<String> = metrics.iter().map(|m| m.name.clone()).collect();
+    for (i, m) in metrics.iter_mut().enumerate() {
+        if taken.contains(&m.name) {
+            let mut n = 2;
+            while taken.contains(&format!("{}_{n}", m.name))
+                || own[i + 1..].contains(&format!("{}_{n}", m.name))
+            {
+                n += 1;
+            }
             m.name = format!("{}_{n}", m.name);
         }
+        taken.insert(m.name.clone());
     }
     if !problems.is_empty() {
         return Err(problems);
@@ -121,7 +139,16 @@ pub fn from_v2(
         },
     );
     policy.metadata.namespace = namespace;
-    policy.metadata.labels = hpa.metadata.labels.clone();
+    // A deploy tool's tracking labels stay behind: the policy is not that tool's object
+    // until it is in the tool's source ([`notes`] names each one left).
+    policy.metadata.labels = hpa.metadata.labels.as_ref().and_then(|labels| {
+        let kept: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(k, _)| !is_tracking_label(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    });
     policy.metadata.annotations = Some(
         [(
             IMPORTED_FROM.to_string(),
@@ -130,6 +157,55 @@ pub fn from_v2(
         .into(),
     );
     Ok(policy)
+}
+
+/// Labels by which a deploy tool (Helm, Argo CD, Flux) recognises its own objects. Copied onto
+/// an imported policy, they would make the tool treat the policy as its own and prune it, or
+/// report it out of sync.
+pub const TRACKING_LABELS: &[&str] = &[
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+    "argocd.argoproj.io/instance",
+    "helm.sh/chart",
+    "kustomize.toolkit.fluxcd.io/name",
+    "kustomize.toolkit.fluxcd.io/namespace",
+    "helm.toolkit.fluxcd.io/name",
+    "helm.toolkit.fluxcd.io/namespace",
+];
+
+fn is_tracking_label(key: &str) -> bool {
+    TRACKING_LABELS.contains(&key)
+}
+
+/// What an import of `hpa` carries differently from the HPA, each named by field, for standard
+/// error beside the policy written: the tracking labels left behind, and a `minReplicas: 0`
+/// (kscale goes to 0 after every metric was inactive for `spec.cooldown`, the HPA as soon as
+/// its proposal is 0).
+pub fn notes(hpa: &v2::HorizontalPodAutoscaler) -> Vec<NotCarried> {
+    let shown = match (&hpa.metadata.namespace, &hpa.metadata.name) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (_, name) => name.clone().unwrap_or_default(),
+    };
+    let mut out: Vec<NotCarried> = hpa
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| is_tracking_label(k))
+        .map(|(k, _)| NotCarried {
+            hpa: shown.clone(),
+            field: format!("metadata.labels[{k}]"),
+            why: "not copied: a deploy tool's tracking label (add the policy to that tool's source to have it managed)".into(),
+        })
+        .collect();
+    if hpa.spec.min_replicas == Some(0) {
+        out.push(NotCarried {
+            hpa: shown,
+            field: "spec.minReplicas".into(),
+            why: "0 carried: kscale goes to 0 once every metric has been at or under its activationThreshold (0; written out on resource metrics, so running pods that use any cpu or memory keep the target up, as in the HPA) for spec.cooldown (default 5m), the HPA as soon as every proposal is 0".into(),
+        });
+    }
+    out
 }
 
 /// A spec with nothing set, for struct update syntax.
@@ -501,6 +577,58 @@ spec:
         );
         assert!(b.scale_up.as_ref().unwrap().tolerance.is_some());
         CompiledPolicy::from_resource(&p).expect("an imported policy compiles");
+    }
+
+    /// A review's findings: tracking labels were copied, `minReplicas: 0` went without a word,
+    /// and a renamed duplicate could take a later metric's own name.
+    #[test]
+    fn tracking_labels_stay_behind_and_zero_and_renames_are_accounted_for() {
+        let yaml = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: worker
+  namespace: jobs
+  labels: {app: worker, app.kubernetes.io/managed-by: Helm, app.kubernetes.io/instance: jobs}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: worker}
+  minReplicas: 0
+  maxReplicas: 20
+  metrics:
+  - type: External
+    external: {metric: {name: queue}, target: {type: AverageValue, averageValue: "10"}}
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 60}}
+  - type: ContainerResource
+    containerResource: {name: cpu, container: "2", target: {type: Utilization, averageUtilization: 70}}
+"#;
+        let p = one(yaml).unwrap();
+        assert_eq!(
+            p.metadata.labels,
+            Some([("app".to_string(), "worker".to_string())].into())
+        );
+        let names: Vec<&str> = p.spec.metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["queue", "cpu", "cpu_3", "cpu_2"]);
+        assert_eq!(p.spec.min_replicas, Some(0));
+        CompiledPolicy::from_resource(&p).expect("an external metric wakes it from 0");
+        let hpas = hpas_of_yaml("t.yaml", yaml).unwrap();
+        let notes: Vec<String> = notes(&hpas[0].1).iter().map(|n| n.to_string()).collect();
+        assert_eq!(notes.len(), 3, "{notes:#?}");
+        assert!(notes[0].starts_with("jobs/worker: metadata.labels[app.kubernetes.io/instance]: not copied: a deploy tool's tracking label"), "{notes:#?}");
+        assert!(
+            notes[1].starts_with(
+                "jobs/worker: metadata.labels[app.kubernetes.io/managed-by]: not copied"
+            ),
+            "{notes:#?}"
+        );
+        assert!(
+            notes[2].starts_with(
+                "jobs/worker: spec.minReplicas: 0 carried: kscale goes to 0 once every metric"
+            ),
+            "{notes:#?}"
+        );
     }
 
     #[test]

@@ -591,7 +591,7 @@ async fn admission_and_compile_check_the_zero_fields() {
             },
             &[
                 "spec.minReplicas",
-                "needs a prometheus metric to wake the target",
+                "needs a prometheus, object or external metric to wake the target",
             ],
             "spec.minReplicas",
         ),
@@ -601,7 +601,7 @@ async fn admission_and_compile_check_the_zero_fields() {
                 p.spec.idle_replicas = Some(0);
                 cpu_only(p);
             },
-            &["needs a prometheus metric to wake the target"],
+            &["needs a prometheus, object or external metric to wake the target"],
             "spec.idleReplicas",
         ),
         (
@@ -662,6 +662,18 @@ async fn admission_and_compile_check_the_zero_fields() {
             p.spec.metrics.push(cpu);
             cpu_only_at(p, 1);
             p.spec.metrics[1].activation_threshold = quantity("20");
+        }),
+        // An External metric wakes it too, as it does the HPA's minReplicas 0.
+        ("to-zero-on-an-external-metric", |p| {
+            p.spec.min_replicas = Some(0);
+            let m = &mut p.spec.metrics[0];
+            m.prometheus = None;
+            m.external = Some(kscale::crd::ExternalMetricSource {
+                metric: kscale::crd::MetricIdentifier {
+                    name: "queue_depth".into(),
+                    selector: None,
+                },
+            });
         }),
     ];
     expect_admitted(&api, &base, goods).await;

@@ -1321,7 +1321,12 @@ fn compile_zero(
         return None;
     }
     let idle = idle?;
-    if idle == 0 && !spec.metrics.iter().any(|m| m.prometheus.is_some()) {
+    if idle == 0
+        && !spec
+            .metrics
+            .iter()
+            .any(|m| m.prometheus.is_some() || m.object.is_some() || m.external.is_some())
+    {
         let field = if min_replicas == 0 {
             "spec.minReplicas"
         } else {
@@ -1329,7 +1334,7 @@ fn compile_zero(
         };
         errors.push(err(
             field,
-            "0 needs a prometheus metric to wake the target: resource metrics (cpu, memory) have no pods to read at 0 replicas".into(),
+            "0 needs a prometheus, object or external metric to wake the target: resource and pods metrics have no pods to read at 0 replicas".into(),
         ));
     }
     // A running pod always uses some CPU and memory: with the default threshold of 0 such a
