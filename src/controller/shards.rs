@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use futures::FutureExt;
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -187,9 +188,6 @@ impl Campaign {
             leases.into_iter().map(|l| (l.name_any(), l)).collect();
         let member_name = member_lease_name(&self.cfg.name, &self.cfg.identity);
         let own = by_name.remove(&member_name);
-        if !self.member.acquire_from(own).await? {
-            debug!(lease = %member_name, "the membership lease was not renewed this round");
-        }
         let mut live: HashSet<String> = HashSet::from([self.cfg.identity.clone()]);
         let member_prefix = format!("{}-member-", self.cfg.name);
         let members: Vec<Lease> = by_name
@@ -231,29 +229,76 @@ impl Campaign {
             current.push(lease);
         }
         let plan = plan(&self.cfg.identity, &holders, live.len(), self.start);
-        let mut now_held = HashSet::new();
         for i in plan.release.iter().copied() {
             // Stop writing first, then hand the Lease over.
             self.leadership.lose(i);
-            if let Some(lease) = current[i as usize].take() {
-                super::leader::release_lease(&self.api, &self.cfg.identity, lease).await;
-            }
-            info!(shard = i, live = live.len(), fair_share = fair_share(self.cfg.shards, live.len()), "released a shard beyond this replica's fair share");
         }
-        for i in plan.renew.iter().chain(&plan.acquire).copied() {
-            let lease = current[i as usize].take();
-            if self.shards[i as usize].acquire_from(lease).await? {
-                self.leadership
-                    .hold_until(i, started + self.cfg.renew_deadline);
-                now_held.insert(i);
-            } else {
-                self.leadership.lose(i);
+        // Every write of the round at once (the membership Lease, the releases, the renewals
+        // and the attempts), so a slow apiserver delays a renewal by one request, not by the
+        // sum of them.
+        let Campaign {
+            api,
+            cfg,
+            shards,
+            member,
+            ..
+        } = self;
+        let releases: Vec<_> = plan
+            .release
+            .iter()
+            .filter_map(|i| {
+                let lease = current[*i as usize].take()?;
+                let (api, identity) = (&*api, cfg.identity.as_str());
+                Some(async move { super::leader::release_lease(api, identity, lease).await })
+            })
+            .collect();
+        let wanted: HashSet<u32> = plan.renew.iter().chain(&plan.acquire).copied().collect();
+        let attempts = shards
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, elector)| {
+                let i = u32::try_from(i).ok()?;
+                wanted.contains(&i).then_some((i, elector))
+            })
+            .map(|(i, elector)| {
+                let lease = current[i as usize].take();
+                async move { (i, elector.acquire_from(lease).await) }
+            });
+        let (renewed, results, ()) = futures::join!(
+            member.acquire_from(own),
+            futures::future::join_all(attempts),
+            futures::future::join_all(releases).map(|_| ()),
+        );
+        if !plan.release.is_empty() {
+            info!(shards = ?plan.release, live = live.len(), fair_share = fair_share(cfg.shards, live.len()), "released shards beyond this replica's fair share");
+        }
+        let mut now_held = HashSet::new();
+        let mut failed = None;
+        for (i, result) in results {
+            match result {
+                Ok(true) => {
+                    self.leadership
+                        .hold_until(i, started + self.cfg.renew_deadline);
+                    now_held.insert(i);
+                }
+                Ok(false) => self.leadership.lose(i),
+                Err(e) => {
+                    // Not renewed this round: held until its renew deadline lapses, as with
+                    // one Lease.
+                    if self.held.contains(&i) {
+                        now_held.insert(i);
+                    }
+                    failed = Some(e);
+                }
             }
         }
-        for i in 0..self.cfg.shards {
-            if !now_held.contains(&i) {
-                self.leadership.lose(i);
-            }
+        for i in (0..self.cfg.shards).filter(|i| !wanted.contains(i)) {
+            self.leadership.lose(i);
+        }
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => debug!(lease = %member_name, "the membership lease was not renewed this round"),
+            Err(e) => failed = Some(e),
         }
         for i in now_held.difference(&self.held) {
             info!(identity = %self.cfg.identity, shard = i, lease = %shard_lease_name(&self.cfg.name, *i), "took a shard");
@@ -263,8 +308,9 @@ impl Campaign {
                 warn!(identity = %self.cfg.identity, shard = i, "lost a shard to another instance");
             }
         }
+        debug!(elapsed = ?started.elapsed(), held = ?now_held, live = live.len(), "shard round");
         self.held = now_held;
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Deletes the expired membership Lease `name`, conditionally on the version read.
@@ -317,7 +363,9 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                 "shard lease round took longer than --leader-renew-deadline; abandoned"
             ),
         }
-        tokio::time::sleep(cfg.renew).await;
+        // Rounds start every retry period (at once after one that took longer), so a slow
+        // round does not push the next renewal towards the renew deadline.
+        tokio::time::sleep_until((started + cfg.renew).into()).await;
     }
 }
 
