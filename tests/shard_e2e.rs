@@ -133,7 +133,7 @@ fn evaluations(daemon: &'static str, log: &Path) -> Vec<Evaluated> {
 fn all_evaluations(d: &Daemons) -> Vec<Evaluated> {
     d.logs
         .iter()
-        .map(|log| {
+        .flat_map(|log| {
             let name = DAEMONS
                 .iter()
                 .find(|n| {
@@ -144,7 +144,6 @@ fn all_evaluations(d: &Daemons) -> Vec<Evaluated> {
                 .expect("a daemon's log");
             evaluations(name, log)
         })
-        .flatten()
         .collect()
 }
 
@@ -165,7 +164,12 @@ fn target(i: usize) -> String {
 }
 
 /// Waits until every target has `want` replicas; how long it took for the last one.
-async fn wait_all(deployments: &Api<Deployment>, want: i32, timeout: Duration, what: &str) -> Duration {
+async fn wait_all(
+    deployments: &Api<Deployment>,
+    want: i32,
+    timeout: Duration,
+    what: &str,
+) -> Duration {
     let start = Instant::now();
     support::wait_until(what, timeout, || async {
         let list = deployments
@@ -181,7 +185,11 @@ async fn wait_all(deployments: &Api<Deployment>, want: i32, timeout: Duration, w
         if behind.is_empty() && list.items.len() == POLICIES {
             Ok(())
         } else {
-            Err(format!("{} of {} not at {want}: {behind:?}", behind.len(), list.items.len()))
+            Err(format!(
+                "{} of {} not at {want}: {behind:?}",
+                behind.len(),
+                list.items.len()
+            ))
         }
     })
     .await;
@@ -235,8 +243,7 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     exporter.set(metric, &[], 5.0);
     support::wait_prometheus_value(env, &query, 5.0).await;
 
-    let (kubeconfig, _binding) =
-        support::service_account_kubeconfig(env, &client, &ns.name).await;
+    let (kubeconfig, _binding) = support::service_account_kubeconfig(env, &client, &ns.name).await;
     let mut d = Daemons {
         kubeconfig,
         namespace: ns.name.clone(),
@@ -284,10 +291,15 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
 
     // Demand doubles: every target goes to 2, each written by its shard's holder alone.
     exporter.set(metric, &[], 10.0);
-    wait_all(&deployments, 2, Duration::from_secs(60), "every target at 2").await;
-    let owner = |name: &str, held: &BTreeMap<u32, String>| {
-        held[&shard_of(&ns.name, name, SHARDS)].clone()
-    };
+    wait_all(
+        &deployments,
+        2,
+        Duration::from_secs(60),
+        "every target at 2",
+    )
+    .await;
+    let owner =
+        |name: &str, held: &BTreeMap<u32, String>| held[&shard_of(&ns.name, name, SHARDS)].clone();
     let evals = all_evaluations(&d);
     for i in 0..POLICIES {
         let name = target(i);
@@ -305,7 +317,10 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     }
     let once = writes_of(&evals, 1, 2);
     assert_eq!(once.len(), POLICIES, "{once:?}");
-    assert!(once.values().all(|w| w.len() == 1), "double writes: {once:?}");
+    assert!(
+        once.values().all(|w| w.len() == 1),
+        "double writes: {once:?}"
+    );
 
     // Demand rises again and a daemon dies at once, without releasing its Leases.
     let victim = 2;
@@ -317,7 +332,13 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     exporter.set(metric, &[], 15.0);
     d.running[victim] = None;
     let killed = Instant::now();
-    wait_all(&deployments, 3, Duration::from_secs(60), "every target at 3 after the kill").await;
+    wait_all(
+        &deployments,
+        3,
+        Duration::from_secs(60),
+        "every target at 3 after the kill",
+    )
+    .await;
     let failover = killed.elapsed();
     eprintln!(
         "after the kill, all {POLICIES} targets ({} of the dead daemon's) reached 3 in {failover:?} (lease 4s, renew 1s, interval 1s)",
@@ -327,22 +348,44 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
         failover <= Duration::from_secs(20),
         "the dead daemon's policies took {failover:?}"
     );
-    let after = wait_balanced(&leases, &DAEMONS[..2], "the survivors to hold three shards each").await;
+    let after = wait_balanced(
+        &leases,
+        &DAEMONS[..2],
+        "the survivors to hold three shards each",
+    )
+    .await;
     eprintln!("shards after the kill: {after:?}");
     let evals = all_evaluations(&d);
     let once = writes_of(&evals, 2, 3);
     assert_eq!(once.len(), POLICIES, "{once:?}");
-    assert!(once.values().all(|w| w.len() == 1), "double writes: {once:?}");
+    assert!(
+        once.values().all(|w| w.len() == 1),
+        "double writes: {once:?}"
+    );
     for name in &victims {
-        assert_ne!(once[name][0], DAEMONS[victim], "{name}: written after the kill by the dead daemon");
+        assert_ne!(
+            once[name][0], DAEMONS[victim],
+            "{name}: written after the kill by the dead daemon"
+        );
     }
 
     // The daemon comes back and takes its share back; the others release what exceeds theirs.
     d.start(victim, 1);
-    let back = wait_balanced(&leases, &DAEMONS, "the restarted daemon to take two shards back").await;
+    let back = wait_balanced(
+        &leases,
+        &DAEMONS,
+        "the restarted daemon to take two shards back",
+    )
+    .await;
     eprintln!("shards after the restart: {back:?}");
     exporter.set(metric, &[], 20.0);
-    wait_all(&deployments, 4, Duration::from_secs(60), "every target at 4 after the restart").await;
+    wait_all(
+        &deployments,
+        4,
+        Duration::from_secs(60),
+        "every target at 4 after the restart",
+    )
+    .await;
     let evals = all_evaluations(&d);
     let once = writes_of(&evals, 3, 4);
     assert_eq!(once.len(), POLICIES, "{once:?}");
@@ -354,7 +397,10 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
         .filter(|(_, by)| by[0] == DAEMONS[victim])
         .map(|(n, _)| n)
         .collect();
-    assert!(!restarted.is_empty(), "the restarted daemon wrote nothing: {once:?}");
+    assert!(
+        !restarted.is_empty(),
+        "the restarted daemon wrote nothing: {once:?}"
+    );
 
     stop.store(true, Ordering::Relaxed);
     let flaps = flaps.await.expect("the flap watch");

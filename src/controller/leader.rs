@@ -362,7 +362,10 @@ impl Elector {
 
     /// One attempt to acquire or renew the Lease, `existing` as just read (`None`: it does not
     /// exist). Returns whether this instance holds the Lease afterwards.
-    pub(super) async fn acquire_from(&mut self, existing: Option<Lease>) -> Result<bool, kube::Error> {
+    pub(super) async fn acquire_from(
+        &mut self,
+        existing: Option<Lease>,
+    ) -> Result<bool, kube::Error> {
         let duration_s = self.cfg.duration_seconds();
         let Some(mut lease) = existing else {
             let lease = Lease {
@@ -567,7 +570,13 @@ mod tests {
         l.hold_until(4, Instant::now());
         assert_eq!(l.check_for(2), Ok(()));
         let e = l.check_for(4).unwrap_err();
-        assert_eq!(e, NotLeader { shard: Some((4, 6)) }, "its deadline passed");
+        assert_eq!(
+            e,
+            NotLeader {
+                shard: Some((4, 6))
+            },
+            "its deadline passed"
+        );
         assert!(e.to_string().contains("shard 4 of 6 (--shards)"), "{e}");
         assert!(l.check_for(6).is_err(), "no such shard");
         assert_eq!(l.held(), vec![false, false, true, false, false, false]);

@@ -24,10 +24,10 @@ pub mod forecast;
 pub mod formula_budget;
 pub mod hpas;
 pub mod leader;
-pub mod shards;
 pub mod permissions;
 pub mod scales;
 pub mod servers;
+pub mod shards;
 pub mod takeover;
 pub mod writes;
 
@@ -685,7 +685,11 @@ async fn publish_fact(ctx: &Context, p: &ScalingPolicy, reason: &str, note: Stri
     };
     let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
     // Right before the write: this replica still holds the valid Lease of the policy's shard.
-    if ctx.leadership.check_policy(&namespace, &p.name_any()).is_err() {
+    if ctx
+        .leadership
+        .check_policy(&namespace, &p.name_any())
+        .is_err()
+    {
         debug!(
             reason,
             "event not published: this replica is not the leader"
@@ -1596,7 +1600,11 @@ impl TickState {
     /// Whether this replica held the shard of `key` at the last tick.
     fn leads(&self, key: &PolicyRef) -> bool {
         let shards = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
-        let shard = shards::shard_of(key.namespace.as_deref().unwrap_or_default(), &key.name, shards);
+        let shard = shards::shard_of(
+            key.namespace.as_deref().unwrap_or_default(),
+            &key.name,
+            shards,
+        );
         self.held.get(shard as usize).copied().unwrap_or(false)
     }
 
@@ -2064,22 +2072,36 @@ mod tests {
             .map(|i| ObjectRef::new(&format!("p{i}")).within("ns"))
             .collect();
         for r in &refs {
-            state.schedule.insert(r.clone(), (later, Some(1), true, TEN_S));
+            state
+                .schedule
+                .insert(r.clone(), (later, Some(1), true, TEN_S));
         }
         let shard = |r: &PolicyRef| shards::shard_of("ns", &r.name, 6);
         state.take_shards(vec![true, false, false, false, false, false]);
-        assert!(state.schedule.keys().all(|r| shard(r) != 0), "shard 0's policies are due");
-        assert!(refs.iter().filter(|r| shard(r) != 0).all(|r| state.schedule.contains_key(r)));
+        assert!(
+            state.schedule.keys().all(|r| shard(r) != 0),
+            "shard 0's policies are due"
+        );
+        assert!(
+            refs.iter()
+                .filter(|r| shard(r) != 0)
+                .all(|r| state.schedule.contains_key(r))
+        );
         assert!(state.leads(&refs.iter().find(|r| shard(r) == 0).unwrap().clone()));
         assert!(!state.leads(&refs.iter().find(|r| shard(r) == 3).unwrap().clone()));
         let before = state.schedule.len();
         state.take_shards(vec![true, false, false, false, false, false]);
-        assert_eq!(state.schedule.len(), before, "nothing new held: nothing rescheduled");
+        assert_eq!(
+            state.schedule.len(),
+            before,
+            "nothing new held: nothing rescheduled"
+        );
         state.take_shards(vec![false, false, false, true, false, false]);
         assert!(state.schedule.keys().all(|r| shard(r) != 3));
         // One Lease: leading again evaluates every policy.
         let mut one = TickState::default();
-        one.schedule.insert(refs[0].clone(), (later, Some(1), true, TEN_S));
+        one.schedule
+            .insert(refs[0].clone(), (later, Some(1), true, TEN_S));
         one.take_shards(vec![false]);
         assert_eq!(one.schedule.len(), 1);
         one.take_shards(vec![true]);

@@ -30,9 +30,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
+use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
-use futures::FutureExt;
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -160,9 +160,8 @@ impl Campaign {
             },
             Some(labels(&cfg.name, "member")),
         );
-        let start =
-            u32::try_from(fnv1a64(cfg.identity.as_bytes()) % u64::from(cfg.shards.max(1)))
-                .unwrap_or(0);
+        let start = u32::try_from(fnv1a64(cfg.identity.as_bytes()) % u64::from(cfg.shards.max(1)))
+            .unwrap_or(0);
         Campaign {
             api,
             cfg,
@@ -218,10 +217,13 @@ impl Campaign {
                 &self.cfg.name,
                 u32::try_from(i).unwrap_or(u32::MAX),
             ));
-            let holder = lease.as_ref().and_then(|l| l.spec.as_ref()).and_then(|spec| {
-                let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
-                (holder == self.cfg.identity || !elector.expired(spec)).then_some(holder)
-            });
+            let holder = lease
+                .as_ref()
+                .and_then(|l| l.spec.as_ref())
+                .and_then(|spec| {
+                    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+                    (holder == self.cfg.identity || !elector.expired(spec)).then_some(holder)
+                });
             if let Some(h) = &holder {
                 live.insert(h.clone());
             }
@@ -297,7 +299,9 @@ impl Campaign {
         }
         match renewed {
             Ok(true) => {}
-            Ok(false) => debug!(lease = %member_name, "the membership lease was not renewed this round"),
+            Ok(false) => {
+                debug!(lease = %member_name, "the membership lease was not renewed this round")
+            }
             Err(e) => failed = Some(e),
         }
         for i in now_held.difference(&self.held) {
@@ -327,7 +331,9 @@ impl Campaign {
                 info!(lease = %name, holder = ?lease.spec.as_ref().and_then(|s| s.holder_identity.clone()), "a replica stopped renewing its membership lease; removed");
                 self.others.remove(name);
             }
-            Err(e) => debug!(lease = %name, error = %crate::api_error::human(&e), "removing an expired membership lease failed"),
+            Err(e) => {
+                debug!(lease = %name, error = %crate::api_error::human(&e), "removing an expired membership lease failed")
+            }
         }
     }
 }
@@ -413,15 +419,24 @@ mod tests {
         for i in 0..6000 {
             counts[shard_of("ns", &format!("policy-{i}"), 6) as usize] += 1;
         }
-        assert!(counts.iter().all(|c| (800..=1200).contains(c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|c| (800..=1200).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
     fn lease_names() {
         assert_eq!(shard_lease_name("kscale-leader", 5), "kscale-leader-5");
         let m = member_lease_name("kscale-leader", "Pod_Name/ÿ");
-        assert!(m.starts_with("kscale-leader-member-") && m.len() == 21 + 16, "{m}");
-        assert!(m.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert!(
+            m.starts_with("kscale-leader-member-") && m.len() == 21 + 16,
+            "{m}"
+        );
+        assert!(
+            m.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
     }
 
     #[test]
