@@ -627,7 +627,7 @@ fn run_refuses_a_renew_deadline_not_shorter_than_the_lease() {
 fn run_refuses_shards_out_of_bounds_or_without_election() {
     // Checked before anything connects: no cluster is needed for the refusal.
     for bad in ["0", "257", "-1", "many"] {
-        let o = kscale(&["run", "--shards", bad]);
+        let o = kscale(&["run", &format!("--shards={bad}")]);
         assert!(!o.status.success(), "--shards {bad}");
         let t = text(&o);
         assert!(t.contains("--shards"), "--shards {bad}: {t}");
