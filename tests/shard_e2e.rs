@@ -196,6 +196,26 @@ async fn wait_all(
     start.elapsed()
 }
 
+/// Waits until every target went from `want - 1` to `want` replicas, and checks that each
+/// policy's write of that step was made once, by one daemon: that daemon per policy, and how
+/// long the last target took.
+async fn step_to(
+    deployments: &Api<Deployment>,
+    d: &Daemons,
+    want: i32,
+    what: &str,
+) -> (Duration, BTreeMap<String, &'static str>) {
+    let took = wait_all(deployments, want, Duration::from_secs(60), what).await;
+    let once = writes_of(&all_evaluations(d), want - 1, want);
+    assert_eq!(once.len(), POLICIES, "{what}: {once:?}");
+    assert!(
+        once.values().all(|w| w.len() == 1),
+        "{what}: double writes: {once:?}"
+    );
+    let writers = once.into_iter().map(|(p, w)| (p, w[0])).collect();
+    (took, writers)
+}
+
 /// Polls every target's replicas until stopped; a count that ever goes down is recorded.
 fn watch_for_flaps(
     deployments: Api<Deployment>,
@@ -291,13 +311,7 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
 
     // Demand doubles: every target goes to 2, each written by its shard's holder alone.
     exporter.set(metric, &[], 10.0);
-    wait_all(
-        &deployments,
-        2,
-        Duration::from_secs(60),
-        "every target at 2",
-    )
-    .await;
+    step_to(&deployments, &d, 2, "every target at 2").await;
     let owner =
         |name: &str, held: &BTreeMap<u32, String>| held[&shard_of(&ns.name, name, SHARDS)].clone();
     let evals = all_evaluations(&d);
@@ -315,13 +329,6 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
             shard_of(&ns.name, &name, SHARDS)
         );
     }
-    let once = writes_of(&evals, 1, 2);
-    assert_eq!(once.len(), POLICIES, "{once:?}");
-    assert!(
-        once.values().all(|w| w.len() == 1),
-        "double writes: {once:?}"
-    );
-
     // Demand rises again and a daemon dies at once, without releasing its Leases.
     let victim = 2;
     let victims: Vec<String> = (0..POLICIES)
@@ -332,13 +339,7 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     exporter.set(metric, &[], 15.0);
     d.running[victim] = None;
     let killed = Instant::now();
-    wait_all(
-        &deployments,
-        3,
-        Duration::from_secs(60),
-        "every target at 3 after the kill",
-    )
-    .await;
+    let (_, writers) = step_to(&deployments, &d, 3, "every target at 3 after the kill").await;
     let failover = killed.elapsed();
     eprintln!(
         "after the kill, all {POLICIES} targets ({} of the dead daemon's) reached 3 in {failover:?} (lease 4s, renew 1s, interval 1s)",
@@ -355,16 +356,9 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     )
     .await;
     eprintln!("shards after the kill: {after:?}");
-    let evals = all_evaluations(&d);
-    let once = writes_of(&evals, 2, 3);
-    assert_eq!(once.len(), POLICIES, "{once:?}");
-    assert!(
-        once.values().all(|w| w.len() == 1),
-        "double writes: {once:?}"
-    );
     for name in &victims {
         assert_ne!(
-            once[name][0], DAEMONS[victim],
+            writers[name], DAEMONS[victim],
             "{name}: written after the kill by the dead daemon"
         );
     }
@@ -379,27 +373,18 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     .await;
     eprintln!("shards after the restart: {back:?}");
     exporter.set(metric, &[], 20.0);
-    wait_all(
-        &deployments,
-        4,
-        Duration::from_secs(60),
-        "every target at 4 after the restart",
-    )
-    .await;
-    let evals = all_evaluations(&d);
-    let once = writes_of(&evals, 3, 4);
-    assert_eq!(once.len(), POLICIES, "{once:?}");
-    for (name, by) in &once {
-        assert_eq!(by.len(), 1, "{name} written by {by:?}");
+    let (_, writers) = step_to(&deployments, &d, 4, "every target at 4 after the restart").await;
+    for (name, by) in &writers {
+        assert_eq!(
+            *by,
+            owner(name, &back),
+            "{name} (shard {}) written by {by}",
+            shard_of(&ns.name, name, SHARDS)
+        );
     }
-    let restarted: Vec<&String> = once
-        .iter()
-        .filter(|(_, by)| by[0] == DAEMONS[victim])
-        .map(|(n, _)| n)
-        .collect();
     assert!(
-        !restarted.is_empty(),
-        "the restarted daemon wrote nothing: {once:?}"
+        writers.values().any(|by| *by == DAEMONS[victim]),
+        "the restarted daemon wrote nothing: {writers:?}"
     );
 
     stop.store(true, Ordering::Relaxed);

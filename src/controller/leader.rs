@@ -444,6 +444,24 @@ pub(super) async fn release_lease(api: &Api<Lease>, identity: &str, mut lease: L
     }
 }
 
+/// Logs a failed Lease update once while the same failure lasts (a 403 names the grant to
+/// add), then at debug.
+pub(super) fn lease_failed(
+    reported: &super::permissions::Once,
+    cfg: &LeaderConfig,
+    e: &kube::Error,
+) {
+    let access = super::permissions::Access::Lease {
+        namespace: &cfg.namespace,
+    };
+    let error = super::permissions::explain(e, access);
+    if reported.first("lease", &error) {
+        warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "lease update failed (reported once while it lasts)");
+    } else {
+        debug!(%error, "lease update failed again");
+    }
+}
+
 /// Keeps trying to lead; `leadership` holds until the renew deadline after each successful
 /// renewal's start. An attempt that takes longer than the renew deadline is abandoned (the
 /// leadership has lapsed by then anyway). Runs until the task is dropped.
@@ -453,9 +471,6 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
     let mut was_leader = false;
     // A failure that repeats every renewal is logged once (then at debug), with what to change.
     let reported = super::permissions::Once::default();
-    let access = super::permissions::Access::Lease {
-        namespace: &cfg.namespace,
-    };
     loop {
         let started = Instant::now();
         let attempt = tokio::time::timeout(cfg.renew_deadline, elector.try_acquire()).await;
@@ -475,14 +490,7 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                     warn!(identity = %cfg.identity, "lost the lease to another instance");
                 }
             }
-            Ok(Err(e)) => {
-                let error = super::permissions::explain(&e, access);
-                if reported.first("lease", &error) {
-                    warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "lease update failed (reported once while it lasts)");
-                } else {
-                    debug!(%error, "lease update failed again");
-                }
-            }
+            Ok(Err(e)) => lease_failed(&reported, &cfg, &e),
             Err(_) => warn!(
                 deadline = ?cfg.renew_deadline,
                 "lease update took longer than --leader-renew-deadline; abandoned"

@@ -345,9 +345,6 @@ impl Campaign {
 pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership) {
     let mut campaign = Campaign::new(client, cfg.clone(), leadership);
     let reported = super::permissions::Once::default();
-    let access = super::permissions::Access::Lease {
-        namespace: &cfg.namespace,
-    };
     loop {
         let started = Instant::now();
         match tokio::time::timeout(cfg.renew_deadline, campaign.round(started)).await {
@@ -356,14 +353,7 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                     info!(lease = %cfg.name, "lease update works again");
                 }
             }
-            Ok(Err(e)) => {
-                let error = super::permissions::explain(&e, access);
-                if reported.first("lease", &error) {
-                    warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "shard lease update failed (reported once while it lasts)");
-                } else {
-                    debug!(%error, "shard lease update failed again");
-                }
-            }
+            Ok(Err(e)) => super::leader::lease_failed(&reported, &cfg, &e),
             Err(_) => warn!(
                 deadline = ?cfg.renew_deadline,
                 "shard lease round took longer than --leader-renew-deadline; abandoned"
