@@ -1827,6 +1827,10 @@ fn live_names(live: &HashSet<PolicyRef>) -> HashSet<String> {
         .collect()
 }
 
+/// How far ahead a policy this replica never evaluates is scheduled (a malformed one, or one of
+/// another replica's shard).
+const NEVER_DUE: chrono::TimeDelta = chrono::TimeDelta::days(3650);
+
 /// Per policy: when it is next due, the generation last seen, whether it compiled, and its
 /// interval.
 type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool, chrono::TimeDelta)>;
@@ -1870,9 +1874,22 @@ async fn run_tick(
         let key = ObjectRef::from_obj(obj.as_ref());
         let leading = state.leads(&key);
         if !leading && ctx.external_metrics.is_none() {
-            // Another replica's shard: nothing to publish either. Forgotten, so that it is
-            // evaluated at once if this replica takes the shard.
-            state.schedule.remove(&key);
+            // Another replica's shard, and nothing to publish: never due here. Its validity is
+            // kept per generation for the one-writer rule ([`writers`]) without compiling it
+            // every tick; taking the shard removes the entry, so it is evaluated at once.
+            let generation = obj.meta().generation;
+            let known = state
+                .schedule
+                .get(&key)
+                .filter(|(_, g, _, _)| *g == generation)
+                .map(|(_, _, valid, interval)| (*valid, *interval));
+            let (valid, interval) = known.unwrap_or_else(|| {
+                let valid = matches!(&obj.0, Ok(p) if CompiledPolicy::from_resource(p).is_ok());
+                (valid, ctx.default_interval)
+            });
+            state
+                .schedule
+                .insert(key, (now + NEVER_DUE, generation, valid, interval));
             continue;
         }
         let Some(fresh) = state.take_due(&key, obj.meta().generation, now) else {
@@ -1921,12 +1938,7 @@ async fn run_tick(
                 // Malformed objects are reported once per generation and never stop the others.
                 state.schedule.insert(
                     key,
-                    (
-                        now + chrono::TimeDelta::days(3650),
-                        generation,
-                        false,
-                        ctx.default_interval,
-                    ),
+                    (now + NEVER_DUE, generation, false, ctx.default_interval),
                 );
                 let meta = &invalid.metadata;
                 warn!(policy = %format!("{}/{}", meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
