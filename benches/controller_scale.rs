@@ -20,6 +20,10 @@
 //! Run: `scripts/testenv up && cargo bench --bench controller_scale`
 //! (`BENCH_POLICIES`, `BENCH_QUERIES`, `BENCH_ROUNDS`, `BENCH_INTERVAL_S` change the sizes;
 //! `BENCH_FIRST_EVAL_S` bounds the wait for every policy's first evaluation).
+//!
+//! The sharded row: `BENCH_SHARDS=6` runs `BENCH_DAEMONS` (default 3) daemons with
+//! `--shards 6` and leader election; memory is then their sum, and each daemon's shards held
+//! are reported.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -98,11 +102,40 @@ async fn main() {
 
     let writes = Writes::watch(&targets);
 
-    let admin_port = support::free_port();
-    let log = support::repo_root().join("target/bench-controller-scale.log");
-    let daemon =
-        scale_targets::start_kscale(env, &["--watch-namespace", &ns.name], admin_port, &log);
-    let pid = daemon.0.id();
+    let shards = env_usize("BENCH_SHARDS", 1);
+    let daemon_count = if shards > 1 {
+        env_usize("BENCH_DAEMONS", 3)
+    } else {
+        1
+    };
+    let shards_flag = shards.to_string();
+    let daemons: Vec<(support::ChildGuard, u16, std::path::PathBuf)> = (0..daemon_count)
+        .map(|i| {
+            let admin_port = support::free_port();
+            let log = support::repo_root().join(if daemon_count == 1 {
+                "target/bench-controller-scale.log".to_string()
+            } else {
+                format!("target/bench-controller-scale-{i}.log")
+            });
+            let instance = format!("bench-{i}");
+            let mut args = vec!["--watch-namespace", ns.name.as_str()];
+            if shards > 1 {
+                args.extend([
+                    "--leader-elect",
+                    "true",
+                    "--leader-election-namespace",
+                    ns.name.as_str(),
+                    "--shards",
+                    shards_flag.as_str(),
+                    "--instance",
+                    instance.as_str(),
+                ]);
+            }
+            let daemon = scale_targets::start_kscale(env, &args, admin_port, &log);
+            (daemon, admin_port, log)
+        })
+        .collect();
+    let (admin_port, log) = (daemons[0].1, daemons[0].2.clone());
 
     // Every policy evaluated once.
     let policies_typed: Api<kscale::crd::ScalingPolicy> = Api::namespaced(client.clone(), &ns.name);
@@ -157,8 +190,27 @@ async fn main() {
         log.display()
     );
 
-    let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
-    let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let rss: u64 = daemons
+        .iter()
+        .map(|(d, _, _)| proc_status_kib(d.0.id(), "VmRSS:").unwrap_or(0))
+        .sum();
+    let hwm: u64 = daemons
+        .iter()
+        .map(|(d, _, _)| proc_status_kib(d.0.id(), "VmHWM:").unwrap_or(0))
+        .sum();
+    let held: Vec<String> = daemons
+        .iter()
+        .map(|(_, port, _)| {
+            support::http_get(&format!("http://127.0.0.1:{port}"), "/metrics")
+                .ok()
+                .and_then(|(_, m)| {
+                    m.lines()
+                        .find(|l| l.starts_with("kscale_shards_held "))
+                        .map(|l| l.trim_start_matches("kscale_shards_held ").to_string())
+                })
+                .unwrap_or_else(|| "?".into())
+        })
+        .collect();
     let (_, metrics) = support::http_get(&format!("http://127.0.0.1:{admin_port}"), "/metrics")
         .unwrap_or((0, String::new()));
     let eval_line = |name: &str| {
@@ -176,6 +228,12 @@ async fn main() {
     println!(
         "controller_scale: {policies} policies, {queries} distinct queries, interval {interval_s}s, real kube-apiserver and Prometheus"
     );
+    if shards > 1 {
+        println!(
+            "  sharded: {daemon_count} daemons, --shards {shards}; shards held per daemon at the end: {}",
+            held.join(", ")
+        );
+    }
     println!(
         "  Prometheus queries per interval (steady state): {per_interval:.1} (target {queries})"
     );
@@ -199,10 +257,15 @@ async fn main() {
         interval_s * 1000 + slack_ms
     );
     println!(
-        "  kscale resident memory: {:.1} MiB now, {:.1} MiB peak (target < {memory_mib} MiB)",
+        "  kscale resident memory{}: {:.1} MiB now, {:.1} MiB peak (target < {memory_mib} MiB)",
+        if daemon_count > 1 {
+            " (sum of the daemons)"
+        } else {
+            ""
+        },
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
     println!("  mean evaluation (read scale, evaluate, write, status): {eval_mean_ms:.1} ms");
-    drop(daemon);
+    drop(daemons);
 }

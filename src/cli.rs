@@ -205,6 +205,12 @@ pub struct RunArgs {
     /// replica may take the Lease over.
     #[arg(long, env = "KSCALE_LEADER_RENEW_DEADLINE", value_parser = parse_std_duration)]
     pub leader_renew_deadline: Option<std::time::Duration>,
+    /// Spread the policies over this many shards, one Lease each (`<lease>-0` ..), which the
+    /// replicas share out: each holds at most ceil(shards / live replicas) and evaluates and
+    /// writes only those shards' policies. 1 (the default) is the one leader Lease. Above 1 it
+    /// needs --leader-elect.
+    #[arg(long, env = "KSCALE_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::controller::shards::MAX_SHARDS)))]
+    pub shards: u32,
     /// How many times a scale write that lost a race (409 Conflict: the target's scale changed
     /// between kscale's read and its write) is re-read, re-decided and retried within one
     /// evaluation; after that the policy reports ScaleConflict and tries again next interval.
@@ -572,13 +578,24 @@ fn run_daemon(args: &RunArgs) -> Result<(), CliError> {
                 )
             }),
             renew: args.leader_renew,
+            shards: args.shards,
         });
+    if args.shards > 1 && election.is_none() {
+        return Err(CliError::Config(format!(
+            "--shards {} needs --leader-elect (each shard is a Lease the replicas share out); use --shards 1 with --leader-elect=false",
+            args.shards
+        )));
+    }
     if let Some(cfg) = &election {
         cfg.validate()
             .map_err(|e| CliError::Config(e.to_string()))?;
     }
     if let Some(cfg) = &election {
-        tracing::info!(namespace = %cfg.namespace, lease = %cfg.name, identity = %cfg.identity, "leader election through this Lease (--leader-election-namespace, --leader-election-lease)");
+        if cfg.shards > 1 {
+            tracing::info!(namespace = %cfg.namespace, leases = %format!("{}-0..{}-{}", cfg.name, cfg.name, cfg.shards - 1), identity = %cfg.identity, shards = cfg.shards, "sharded through these Leases (--shards, --leader-election-namespace, --leader-election-lease)");
+        } else {
+            tracing::info!(namespace = %cfg.namespace, lease = %cfg.name, identity = %cfg.identity, "leader election through this Lease (--leader-election-namespace, --leader-election-lease)");
+        }
     }
     let backend = args.prometheus.backend()?;
     runtime()?.block_on(async {

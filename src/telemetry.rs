@@ -72,6 +72,13 @@ pub struct SourceErrorLabels {
     pub kind: String,
 }
 
+/// Labels of a shard's gauge (`--shards`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    /// The shard's number, 0 to `--shards` - 1.
+    pub shard: String,
+}
+
 /// Labels of a request the external metrics adapter forwarded to
 /// `--external-metrics-upstream`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,8 +118,13 @@ pub struct Metrics {
     pub evaluation_seconds: Histogram,
     /// Time for one server's Prometheus queries of one tick.
     pub prometheus_seconds: Histogram,
-    /// 1 while this instance is the one that evaluates and writes.
+    /// 1 while this instance is the one that evaluates and writes (with `--shards`: holds at
+    /// least one shard).
     pub leader: Gauge,
+    /// How many shards' Leases this instance holds (`--shards`; 1 or 0 with one Lease).
+    pub shards_held: Gauge,
+    /// Per shard, 1 while this instance holds its Lease and writes its policies.
+    pub shard_leading: Family<ShardLabels, Gauge>,
     /// 1 while the policy's `Ready` condition is True, 0 while it is False (what to alert on).
     pub policy_ready: Family<PolicyLabels, Gauge>,
     /// 1 when the daemon has a default Prometheus (`--prometheus-url`), 0 when it has none.
@@ -165,6 +177,8 @@ impl Metrics {
             evaluation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             prometheus_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
+            shards_held: Gauge::default(),
+            shard_leading: Family::default(),
             policy_ready: Family::default(),
             default_prometheus: Gauge::default(),
             shadow_hpa_desired_replicas: Family::default(),
@@ -236,6 +250,16 @@ impl Metrics {
             "leader",
             "1 while this instance evaluates and writes",
             m.leader.clone(),
+        );
+        registry.register(
+            "shards_held",
+            "Shards (--shards) whose Lease this instance holds",
+            m.shards_held.clone(),
+        );
+        registry.register(
+            "shard_leading",
+            "1 while this instance holds the shard's Lease and writes its policies",
+            m.shard_leading.clone(),
         );
         registry.register(
             "shadow_hpa_desired_replicas",
@@ -496,6 +520,21 @@ impl Metrics {
         self.policy_ready.clear();
         self.shadow_hpa_desired_replicas.clear();
         self.shadow_divergence_replicas.clear();
+    }
+
+    /// Records which shards this instance holds (`held`, one entry per shard):
+    /// `kscale_shards_held` and, per shard, `kscale_shard_leading`.
+    pub fn record_shards(&self, held: &[bool]) {
+        let count = held.iter().filter(|h| **h).count();
+        self.shards_held
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        for (i, h) in held.iter().enumerate() {
+            self.shard_leading
+                .get_or_create(&ShardLabels {
+                    shard: i.to_string(),
+                })
+                .set(i64::from(*h));
+        }
     }
 
     /// Marks the daemon ready (first watch sync and first tick done).

@@ -640,6 +640,24 @@ fn run_refuses_a_renew_deadline_not_shorter_than_the_lease() {
     );
 }
 
+#[test]
+fn run_refuses_shards_out_of_bounds_or_without_election() {
+    // Checked before anything connects: no cluster is needed for the refusal.
+    for bad in ["0", "257", "-1", "many"] {
+        let o = kscale(&["run", &format!("--shards={bad}")]);
+        assert!(!o.status.success(), "--shards {bad}");
+        let t = text(&o);
+        assert!(t.contains("--shards"), "--shards {bad}: {t}");
+    }
+    let o = kscale(&["run", "--shards", "3", "--leader-elect=false"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("--shards 3") && t.contains("--leader-elect"),
+        "{t}"
+    );
+}
+
 /// `depth` comprehensions over ten elements nested inside each other (issue 13, kind 1).
 fn nested_formula(depth: usize) -> String {
     let mut s = "rps > 0".to_string();

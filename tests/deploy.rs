@@ -594,6 +594,28 @@ fn rendered_deployment_is_locked_down() {
         env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
         "{env:?}"
     );
+    // Sharding (`shards`) is set with replicaCount; one leader Lease by default.
+    let shards = c["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "KSCALE_SHARDS")
+        .expect("KSCALE_SHARDS");
+    assert_eq!(shards["value"], "1");
+    // The Lease Role is about Leases alone (list and delete serve the shards' membership).
+    let lease_role = docs
+        .iter()
+        .find(|v| {
+            v["kind"] == "Role"
+                && v["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-leader-election"))
+        })
+        .expect("the leader-election Role");
+    for rule in lease_role["rules"].as_sequence().expect("rules") {
+        assert_eq!(rule["resources"][0], "leases", "{rule:?}");
+        assert_eq!(rule["resources"].as_sequence().map(Vec::len), Some(1));
+    }
     // Off by default: only one provider may own v1beta1.external.metrics.k8s.io.
     assert!(!docs.iter().any(|v| v["kind"] == "APIService"));
     // The ClusterRole grants no Secrets and no write beyond /scale, status and events.

@@ -414,7 +414,13 @@ pub fn start_kscale(
     };
     support::ChildGuard(
         command
-            .args(["run", "--leader-elect", "false"])
+            .arg("run")
+            // One daemon alone, unless the caller elects (a sharded row).
+            .args(if args.contains(&"--leader-elect") {
+                &[][..]
+            } else {
+                &["--leader-elect", "false"][..]
+            })
             .args(args)
             .args(["--metrics-addr", &format!("127.0.0.1:{admin_port}")])
             .env("KUBECONFIG", &env.kubeconfig)

@@ -8,16 +8,19 @@
 //!   its own wall clock, so clock skew between nodes cannot shorten it);
 //! - the renew deadline (`--leader-renew-deadline`, shorter than the lease duration): the
 //!   holder counts itself the leader only until this long after the start of its last
-//!   successful renewal, by its own monotonic clock ([`Leadership::check`]). A renewal that
+//!   successful renewal, by its own monotonic clock ([`Leadership::check_for`]). A renewal that
 //!   stalls therefore ends this replica's leadership before any other replica can take the
 //!   Lease over;
 //! - the retry period (`--leader-renew`): how often the holder renews and candidates retry.
 //!
 //! Every write of the Lease carries its resourceVersion, so two candidates cannot both win. The
-//! controller checks [`Leadership::check`] right before each write it makes (the scale, the
+//! controller checks [`Leadership::check_policy`] right before each write it makes (the scale, the
 //! status, events), so a replica that lost the Lease in the middle of a tick stops writing at
 //! once. On shutdown the holder releases the Lease (empty holder), so a successor takes over at
 //! once.
+//!
+//! With `--shards N` above 1 there is one such Lease per shard (`<lease>-<i>`), campaigned for
+//! by [`super::shards::campaign`]; [`Leadership`] then answers per shard.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,6 +68,9 @@ pub struct LeaderConfig {
     /// How often the holder renews, and a candidate retries (`--leader-renew`); shorter than
     /// `renew_deadline`.
     pub renew: Duration,
+    /// How many shards the policies are spread over (`--shards`): 1 is the one leader Lease
+    /// `name`; above 1, one Lease `<name>-<i>` per shard ([`super::shards`]).
+    pub shards: u32,
 }
 
 /// Election settings that cannot work; each names the flags at fault.
@@ -130,23 +136,35 @@ impl LeaderConfig {
     }
 }
 
-/// A write refused because this replica does not hold a valid Lease.
+/// A write refused because this replica does not hold a valid Lease (with `--shards`, the
+/// Lease of the policy's shard).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "not written: this replica does not hold the leader Lease (or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed)"
-)]
-pub struct NotLeader;
+#[error("{}", not_leader_message(*.shard))]
+pub struct NotLeader {
+    /// The shard and the shard count, with `--shards` above 1; `None` with one Lease.
+    pub shard: Option<(u32, u32)>,
+}
+
+fn not_leader_message(shard: Option<(u32, u32)>) -> String {
+    match shard {
+        None => "not written: this replica does not hold the leader Lease (or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed)".to_string(),
+        Some((i, n)) => format!(
+            "not written: this replica does not hold the Lease of shard {i} of {n} (--shards), or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed"
+        ),
+    }
+}
 
 #[derive(Debug)]
 enum Held {
     /// No election: this replica is the only writer.
     Always,
-    /// Elected: leading until this instant (by this replica's monotonic clock), if ever.
-    Until(Option<Instant>),
+    /// Elected: per shard (one entry without sharding), leading until this instant (by this
+    /// replica's monotonic clock), if ever.
+    Until(Vec<Option<Instant>>),
 }
 
-/// Whether this replica may write now. Cheap to clone and to check; the election campaign
-/// updates it and every writer checks it right before writing.
+/// Whether this replica may write now, per shard. Cheap to clone and to check; the election
+/// campaign updates it and every writer checks it right before writing.
 #[derive(Debug, Clone)]
 pub struct Leadership(Arc<Mutex<Held>>);
 
@@ -162,47 +180,91 @@ impl Leadership {
         Leadership(Arc::new(Mutex::new(Held::Always)))
     }
 
-    /// With election: not the leader until [`campaign`] acquires the Lease.
+    /// With election through one Lease: not the leader until [`campaign`] acquires it.
     pub fn elected() -> Leadership {
-        Leadership(Arc::new(Mutex::new(Held::Until(None))))
+        Leadership(Arc::new(Mutex::new(Held::Until(vec![None]))))
     }
 
-    /// Turns an "always" leadership into an elected one (not leading until the Lease is held).
-    pub fn start_election(&self) {
+    /// Turns an "always" leadership into an elected one over `shards` Leases (1: the one
+    /// leader Lease), none held until the campaign acquires them.
+    pub fn start_election(&self, shards: u32) {
         if let Ok(mut held) = self.0.lock() {
-            *held = Held::Until(None);
+            *held = Held::Until(vec![None; shards.max(1) as usize]);
         }
     }
 
-    /// Whether this replica is the leader at this instant.
+    /// How many shards the policies are spread over (1 without election or sharding).
+    pub fn shards(&self) -> u32 {
+        match self.0.lock().as_deref() {
+            Ok(Held::Until(v)) => u32::try_from(v.len()).unwrap_or(u32::MAX),
+            _ => 1,
+        }
+    }
+
+    /// The shard of the policy `namespace/name` ([`super::shards::shard_of`]).
+    pub fn shard_of(&self, namespace: &str, name: &str) -> u32 {
+        super::shards::shard_of(namespace, name, self.shards())
+    }
+
+    /// Whether this replica leads at least one shard at this instant (with one Lease: whether
+    /// it is the leader).
     pub fn is_leader(&self) -> bool {
-        self.check().is_ok()
+        self.held().iter().any(|h| *h)
     }
 
-    /// `Ok` while this replica may write: no election, or a Lease renewed recently enough (its
-    /// held-until deadline, by this replica's own clock, is still ahead).
-    pub fn check(&self) -> Result<(), NotLeader> {
+    /// Per shard, whether this replica may write its policies at this instant.
+    pub fn held(&self) -> Vec<bool> {
         let Ok(held) = self.0.lock() else {
-            return Err(NotLeader);
+            return vec![false];
         };
-        match *held {
-            Held::Always => Ok(()),
-            Held::Until(Some(until)) if Instant::now() < until => Ok(()),
-            Held::Until(_) => Err(NotLeader),
+        match &*held {
+            Held::Always => vec![true],
+            Held::Until(v) => {
+                let now = Instant::now();
+                v.iter().map(|u| u.is_some_and(|u| now < u)).collect()
+            }
         }
     }
 
-    fn hold_until(&self, until: Instant) {
+    /// `Ok` while this replica may write the policies of `shard`: no election, or that shard's
+    /// Lease renewed recently enough (its held-until deadline, by this replica's own clock, is
+    /// still ahead).
+    pub fn check_for(&self, shard: u32) -> Result<(), NotLeader> {
+        let Ok(held) = self.0.lock() else {
+            return Err(NotLeader { shard: None });
+        };
+        match &*held {
+            Held::Always => Ok(()),
+            Held::Until(v) => {
+                let n = u32::try_from(v.len()).unwrap_or(u32::MAX);
+                let named = (n > 1).then_some((shard, n));
+                match v.get(shard as usize) {
+                    Some(Some(until)) if Instant::now() < *until => Ok(()),
+                    _ => Err(NotLeader { shard: named }),
+                }
+            }
+        }
+    }
+
+    /// [`Leadership::check_for`] the shard of the policy `namespace/name`: what every write
+    /// for a policy (its scale, status, events) checks right before it is made.
+    pub fn check_policy(&self, namespace: &str, name: &str) -> Result<(), NotLeader> {
+        self.check_for(self.shard_of(namespace, name))
+    }
+
+    pub(super) fn hold_until(&self, shard: u32, until: Instant) {
         if let Ok(mut held) = self.0.lock()
-            && let Held::Until(t) = &mut *held
+            && let Held::Until(v) = &mut *held
+            && let Some(t) = v.get_mut(shard as usize)
         {
             *t = Some(until);
         }
     }
 
-    fn lose(&self) {
+    pub(super) fn lose(&self, shard: u32) {
         if let Ok(mut held) = self.0.lock()
-            && let Held::Until(t) = &mut *held
+            && let Held::Until(v) = &mut *held
+            && let Some(t) = v.get_mut(shard as usize)
         {
             *t = None;
         }
@@ -233,45 +295,84 @@ impl Record {
     }
 }
 
-/// One candidate's view of the Lease.
-struct Elector {
-    api: Api<Lease>,
-    cfg: LeaderConfig,
-    /// The last record seen, and when (this replica's monotonic clock) it was first seen.
-    observed: Option<(Record, Instant)>,
-}
+/// When a Lease's record was last seen to change, by this replica's monotonic clock.
+#[derive(Debug, Default)]
+pub(super) struct Observation(Option<(Record, Instant)>);
 
-impl Elector {
-    /// Whether the holder of `spec` has not renewed for its lease duration, as this replica has
-    /// watched it.
-    fn expired(&mut self, spec: &LeaseSpec) -> bool {
+impl Observation {
+    /// Whether the holder of `spec` has not renewed for its lease duration (`default` when the
+    /// Lease says none), as this replica has watched it: an empty holder or renew time counts
+    /// as expired at once.
+    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration) -> bool {
         let record = Record::of(spec);
         if record.holder.is_empty() || record.renew_time.is_none() {
             return true;
         }
         let now = Instant::now();
-        let since = match &self.observed {
+        let since = match &self.0 {
             Some((seen, at)) if *seen == record => *at,
             _ => {
-                self.observed = Some((record, now));
+                self.0 = Some((record, now));
                 now
             }
         };
-        let duration = spec.lease_duration_seconds.map_or(self.cfg.duration, |s| {
+        let duration = spec.lease_duration_seconds.map_or(default, |s| {
             Duration::from_secs(u64::try_from(s).unwrap_or(0))
         });
         now.duration_since(since) > duration
     }
+}
+
+/// One candidate's view of one Lease.
+pub(super) struct Elector {
+    api: Api<Lease>,
+    cfg: LeaderConfig,
+    /// The last record seen, and when it was first seen.
+    observed: Observation,
+    /// Labels a Lease this candidate creates carries (none for the one leader Lease).
+    labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl Elector {
+    /// A candidate for the Lease `cfg.name` in `cfg.namespace`, creating it with `labels`.
+    pub(super) fn new(
+        api: Api<Lease>,
+        cfg: LeaderConfig,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Elector {
+        Elector {
+            api,
+            cfg,
+            observed: Observation::default(),
+            labels,
+        }
+    }
+
+    /// Whether the holder of `spec` has not renewed for its lease duration, as this replica has
+    /// watched it.
+    pub(super) fn expired(&mut self, spec: &LeaseSpec) -> bool {
+        self.observed.expired(spec, self.cfg.duration)
+    }
 
     /// One attempt to acquire or renew. Returns whether this instance holds the Lease afterwards.
     async fn try_acquire(&mut self) -> Result<bool, kube::Error> {
-        let duration_s = self.cfg.duration_seconds();
         let existing = self.api.get_opt(&self.cfg.name).await?;
+        self.acquire_from(existing).await
+    }
+
+    /// One attempt to acquire or renew the Lease, `existing` as just read (`None`: it does not
+    /// exist). Returns whether this instance holds the Lease afterwards.
+    pub(super) async fn acquire_from(
+        &mut self,
+        existing: Option<Lease>,
+    ) -> Result<bool, kube::Error> {
+        let duration_s = self.cfg.duration_seconds();
         let Some(mut lease) = existing else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.cfg.name.clone()),
                     namespace: Some(self.cfg.namespace.clone()),
+                    labels: self.labels.clone(),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -318,22 +419,46 @@ impl Elector {
 /// Releases the Lease if this instance holds it.
 pub async fn release(client: &Client, cfg: &LeaderConfig) {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else {
-        return;
-    };
+    if let Ok(Some(lease)) = api.get_opt(&cfg.name).await {
+        release_lease(&api, &cfg.identity, lease).await;
+    }
+}
+
+/// Empties the holder of `lease` (as just read) if it is `identity`, conditionally on its
+/// resourceVersion, so a candidate takes it over at once.
+pub(super) async fn release_lease(api: &Api<Lease>, identity: &str, mut lease: Lease) {
+    let name = lease.name_any();
     let Some(spec) = lease.spec.as_mut() else {
         return;
     };
-    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+    if spec.holder_identity.as_deref() != Some(identity) {
         return;
     }
     spec.holder_identity = None;
     spec.renew_time = None;
-    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
-        Ok(_) => info!(lease = %cfg.name, "leadership released"),
+    match api.replace(&name, &PostParams::default(), &lease).await {
+        Ok(_) => info!(lease = %name, "leadership released"),
         Err(e) => {
-            warn!(lease = %cfg.name, error = %crate::api_error::human(&e), "releasing the lease failed")
+            warn!(lease = %name, error = %crate::api_error::human(&e), "releasing the lease failed")
         }
+    }
+}
+
+/// Logs a failed Lease update once while the same failure lasts (a 403 names the grant to
+/// add), then at debug.
+pub(super) fn lease_failed(
+    reported: &super::permissions::Once,
+    cfg: &LeaderConfig,
+    e: &kube::Error,
+) {
+    let access = super::permissions::Access::Lease {
+        namespace: &cfg.namespace,
+    };
+    let error = super::permissions::explain(e, access);
+    if reported.first("lease", &error) {
+        warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "lease update failed (reported once while it lasts)");
+    } else {
+        debug!(%error, "lease update failed again");
     }
 }
 
@@ -342,23 +467,16 @@ pub async fn release(client: &Client, cfg: &LeaderConfig) {
 /// leadership has lapsed by then anyway). Runs until the task is dropped.
 pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let mut elector = Elector {
-        api,
-        cfg: cfg.clone(),
-        observed: None,
-    };
+    let mut elector = Elector::new(api, cfg.clone(), None);
     let mut was_leader = false;
     // A failure that repeats every renewal is logged once (then at debug), with what to change.
     let reported = super::permissions::Once::default();
-    let access = super::permissions::Access::Lease {
-        namespace: &cfg.namespace,
-    };
     loop {
         let started = Instant::now();
         let attempt = tokio::time::timeout(cfg.renew_deadline, elector.try_acquire()).await;
         match attempt {
             Ok(Ok(true)) => {
-                leadership.hold_until(started + cfg.renew_deadline);
+                leadership.hold_until(0, started + cfg.renew_deadline);
                 if reported.clear("lease") {
                     info!(lease = %cfg.name, "lease update works again");
                 }
@@ -367,19 +485,12 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                 }
             }
             Ok(Ok(false)) => {
-                leadership.lose();
+                leadership.lose(0);
                 if was_leader {
                     warn!(identity = %cfg.identity, "lost the lease to another instance");
                 }
             }
-            Ok(Err(e)) => {
-                let error = super::permissions::explain(&e, access);
-                if reported.first("lease", &error) {
-                    warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), %error, "lease update failed (reported once while it lasts)");
-                } else {
-                    debug!(%error, "lease update failed again");
-                }
-            }
+            Ok(Err(e)) => lease_failed(&reported, &cfg, &e),
             Err(_) => warn!(
                 deadline = ?cfg.renew_deadline,
                 "lease update took longer than --leader-renew-deadline; abandoned"
@@ -406,6 +517,7 @@ mod tests {
             duration: Duration::from_secs(duration),
             renew_deadline: Duration::from_millis(deadline_ms),
             renew: Duration::from_millis(renew_ms),
+            shards: 1,
         }
     }
 
@@ -455,16 +567,57 @@ mod tests {
     }
 
     #[test]
+    fn each_shard_is_checked_on_its_own() {
+        let l = Leadership::always();
+        assert_eq!(l.shards(), 1);
+        assert_eq!(l.check_for(3), Ok(()), "no election: every write goes");
+        l.start_election(6);
+        assert_eq!(l.shards(), 6);
+        assert!(!l.is_leader());
+        l.hold_until(2, Instant::now() + Duration::from_secs(60));
+        l.hold_until(4, Instant::now());
+        assert_eq!(l.check_for(2), Ok(()));
+        let e = l.check_for(4).unwrap_err();
+        assert_eq!(
+            e,
+            NotLeader {
+                shard: Some((4, 6))
+            },
+            "its deadline passed"
+        );
+        assert!(e.to_string().contains("shard 4 of 6 (--shards)"), "{e}");
+        assert!(l.check_for(6).is_err(), "no such shard");
+        assert_eq!(l.held(), vec![false, false, true, false, false, false]);
+        assert!(l.is_leader());
+        // A policy's writes are checked against its own shard.
+        let (ns, name) = (0..100)
+            .map(|i| ("shop".to_string(), format!("p{i}")))
+            .find(|(ns, n)| l.shard_of(ns, n) == 2)
+            .unwrap();
+        assert_eq!(l.check_policy(&ns, &name), Ok(()));
+        let other = (0..100)
+            .map(|i| format!("q{i}"))
+            .find(|n| l.shard_of("shop", n) != 2)
+            .unwrap();
+        assert!(l.check_policy("shop", &other).is_err());
+        l.lose(2);
+        assert!(!l.is_leader());
+        // One Lease: the message is today's.
+        let one = Leadership::elected();
+        assert!(!one.check_for(0).unwrap_err().to_string().contains("shard"));
+    }
+
+    #[test]
     fn leadership_lapses_at_its_deadline() {
         assert!(Leadership::always().is_leader());
         let l = Leadership::elected();
-        assert_eq!(l.check(), Err(NotLeader));
-        l.hold_until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(l.check_for(0), Err(NotLeader { shard: None }));
+        l.hold_until(0, Instant::now() + Duration::from_secs(60));
         assert!(l.is_leader());
-        l.hold_until(Instant::now());
+        l.hold_until(0, Instant::now());
         assert!(!l.is_leader(), "a deadline that passed is not leadership");
-        l.hold_until(Instant::now() + Duration::from_secs(60));
-        l.lose();
+        l.hold_until(0, Instant::now() + Duration::from_secs(60));
+        l.lose(0);
         assert!(!l.is_leader());
     }
 }

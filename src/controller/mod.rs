@@ -17,6 +17,8 @@
 //!
 //! With leader election ([`leader`]), every replica keeps the watch warm but only the Lease
 //! holder evaluates and writes; a new leader starts from the history in each policy's status.
+//! With `--shards N` ([`shards`]) each replica evaluates and writes the policies of the shards
+//! whose Leases it holds, and takes a shard over from the history in status in the same way.
 
 pub mod forecast;
 pub mod formula_budget;
@@ -25,6 +27,7 @@ pub mod leader;
 pub mod permissions;
 pub mod scales;
 pub mod servers;
+pub mod shards;
 pub mod sources;
 pub mod takeover;
 pub mod writes;
@@ -407,7 +410,7 @@ pub async fn evaluate_live(
             }
             (None, true) => {
                 ctx.leadership
-                    .check()
+                    .check_policy(&namespace, &resource.name_any())
                     .map_err(|e| target_err(target.not_leader(e)))?;
                 let t = takeover::take_over(
                     &ctx.client,
@@ -471,9 +474,10 @@ pub async fn evaluate_live(
                     .check_no_hpa(&ctx.client, Some(&ctx.kinds))
                     .await
                     .map_err(target_err)?;
-                // Right before the write: this replica still holds a valid Lease.
+                // Right before the write: this replica still holds the valid Lease of the
+                // policy's shard.
                 ctx.leadership
-                    .check()
+                    .check_policy(&namespace, &resource.name_any())
                     .map_err(|e| target_err(target.not_leader(e)))?;
                 let written = target.write(decision.replicas, &scale).await;
                 // Whatever came of it, the next read asks the apiserver.
@@ -678,8 +682,15 @@ async fn publish_on(
     action: &str,
     note: String,
 ) {
-    // Right before the write: this replica still holds a valid Lease.
-    if ctx.leadership.check().is_err() {
+    // Right before the write: this replica still holds the valid Lease of the policy's shard.
+    if ctx
+        .leadership
+        .check_policy(
+            regarding.namespace.as_deref().unwrap_or_default(),
+            regarding.name.as_deref().unwrap_or_default(),
+        )
+        .is_err()
+    {
         debug!(
             reason,
             "event not published: this replica is not the leader"
@@ -747,8 +758,12 @@ async fn publish_fact(ctx: &Context, p: &ScalingPolicy, reason: &str, note: Stri
         ..Default::default()
     };
     let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &namespace);
-    // Right before the write: this replica still holds a valid Lease.
-    if ctx.leadership.check().is_err() {
+    // Right before the write: this replica still holds the valid Lease of the policy's shard.
+    if ctx
+        .leadership
+        .check_policy(&namespace, &p.name_any())
+        .is_err()
+    {
         debug!(
             reason,
             "event not published: this replica is not the leader"
@@ -770,9 +785,9 @@ async fn write_status(
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
     let body = serde_json::json!({"apiVersion": "kscale.dev/v1alpha1", "kind": "ScalingPolicy", "status": status});
     let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-    // Right before the write: this replica still holds a valid Lease.
+    // Right before the write: this replica still holds the valid Lease of the policy's shard.
     ctx.leadership
-        .check()
+        .check_policy(&p.namespace().unwrap_or_default(), &p.name_any())
         .map_err(|source| PolicyError::NotLeader {
             policy: name.clone(),
             source,
@@ -1331,15 +1346,23 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     election: Option<leader::LeaderConfig>,
 ) -> Result<(), watcher::Error> {
-    if election.is_some() {
-        ctx.leadership.start_election();
+    if let Some(cfg) = &election {
+        ctx.leadership.start_election(cfg.shards);
     }
     let campaign = election.clone().map(|cfg| {
-        tokio::spawn(leader::campaign(
-            ctx.client.clone(),
-            cfg,
-            ctx.leadership.clone(),
-        ))
+        if cfg.shards > 1 {
+            tokio::spawn(shards::campaign(
+                ctx.client.clone(),
+                cfg,
+                ctx.leadership.clone(),
+            ))
+        } else {
+            tokio::spawn(leader::campaign(
+                ctx.client.clone(),
+                cfg,
+                ctx.leadership.clone(),
+            ))
+        }
     });
     let api: Api<DeserializeGuard<ScalingPolicy>> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -1398,17 +1421,14 @@ pub async fn run(
             }
             _ = &mut shutdown => break,
         }
-        let is_leader = ctx.leadership.is_leader();
+        let held = ctx.leadership.held();
+        let is_leader = held.iter().any(|h| *h);
         ctx.metrics.leader.set(i64::from(is_leader));
-        if is_leader && !state.leading {
-            // A new leader evaluates every policy at once.
-            state.schedule.clear();
-        }
-        if !is_leader && state.leading {
-            // The new leader exports the decisions from now on.
+        ctx.metrics.record_shards(&held);
+        if state.take_shards(held) {
+            // A shard lost: its policies' decisions are exported by its new holder from now on.
             ctx.metrics.forget_decisions();
         }
-        state.leading = is_leader;
         if !state.needs_tick(
             changes.load(std::sync::atomic::Ordering::Relaxed),
             Utc::now(),
@@ -1447,8 +1467,10 @@ pub async fn run(
     if let Some(c) = campaign {
         c.abort();
     }
-    if let Some(cfg) = &election {
-        leader::release(&ctx.client, cfg).await;
+    match &election {
+        Some(cfg) if cfg.shards > 1 => shards::release_all(&ctx.client, cfg).await,
+        Some(cfg) => leader::release(&ctx.client, cfg).await,
+        None => {}
     }
     info!("controller stopped");
     Ok(())
@@ -1570,7 +1592,7 @@ struct Pending {
     writers: Arc<HashMap<TargetKey, String>>,
     /// The tick's time.
     now: DateTime<Utc>,
-    /// Whether this replica led at the tick.
+    /// Whether this replica held the policy's shard (with one Lease: led) at the tick.
     leading: bool,
 }
 
@@ -1606,8 +1628,9 @@ const FORGET_QUERY: Duration = Duration::from_secs(3600);
 #[derive(Default)]
 struct TickState {
     schedule: Schedule,
-    /// Whether this replica led at the last tick: only the leader writes.
-    leading: bool,
+    /// Per shard, whether this replica held its Lease at the last tick (one entry without
+    /// sharding): a policy's writes are its shard holder's.
+    held: Vec<bool>,
     /// Each query's last values (and when it was last answered), to put the policies whose
     /// inputs changed first.
     last: HashMap<(servers::ServerKey, String), LastAnswer>,
@@ -1634,6 +1657,47 @@ struct TickState {
 }
 
 impl TickState {
+    /// Takes in which shards this replica holds now. A shard newly held has its policies
+    /// evaluated at once (with one Lease: a new leader evaluates every policy at once), from the
+    /// history in their status. Returns whether a shard held before was lost.
+    fn take_shards(&mut self, held: Vec<bool>) -> bool {
+        let lost =
+            (0..self.held.len()).any(|i| self.held[i] && !held.get(i).copied().unwrap_or(false));
+        let gained: Vec<u32> = (0..held.len())
+            .filter(|i| held[*i] && !self.held.get(*i).copied().unwrap_or(false))
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        if held.len() <= 1 {
+            if !gained.is_empty() {
+                self.schedule.clear();
+            }
+        } else if !gained.is_empty() {
+            let shards = u32::try_from(held.len()).unwrap_or(u32::MAX);
+            self.schedule.retain(|k, _| {
+                !gained.contains(&shards::shard_of(
+                    k.namespace.as_deref().unwrap_or_default(),
+                    &k.name,
+                    shards,
+                ))
+            });
+            // The next wake-up scans the store even when nothing else is due.
+            self.store_changes = None;
+        }
+        self.held = held;
+        lost
+    }
+
+    /// Whether this replica held the shard of `key` at the last tick.
+    fn leads(&self, key: &PolicyRef) -> bool {
+        let shards = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
+        let shard = shards::shard_of(
+            key.namespace.as_deref().unwrap_or_default(),
+            &key.name,
+            shards,
+        );
+        self.held.get(shard as usize).copied().unwrap_or(false)
+    }
+
     /// How long the loop may sleep: until the next due policy that is not waiting for a busy
     /// server or evaluation, and at most [`POLL`].
     fn next_wait(&self) -> Duration {
@@ -1853,6 +1917,10 @@ fn live_names(live: &HashSet<PolicyRef>) -> HashSet<String> {
         .collect()
 }
 
+/// How far ahead a policy this replica never evaluates is scheduled (a malformed one, or one of
+/// another replica's shard).
+const NEVER_DUE: chrono::TimeDelta = chrono::TimeDelta::days(3650);
+
 /// Per policy: when it is next due, the generation last seen, whether it compiled, and its
 /// interval.
 type Schedule = HashMap<PolicyRef, (DateTime<Utc>, Option<i64>, bool, chrono::TimeDelta)>;
@@ -1869,7 +1937,6 @@ async fn run_tick(
     state: &mut TickState,
     inflight: &mut InFlight,
 ) {
-    let leading = state.leading;
     let now = Utc::now();
     let all = reader.state();
     let live: HashSet<_> = all
@@ -1896,6 +1963,26 @@ async fn run_tick(
     let mut malformed = Vec::new();
     for obj in &all {
         let key = ObjectRef::from_obj(obj.as_ref());
+        let leading = state.leads(&key);
+        if !leading && ctx.external_metrics.is_none() {
+            // Another replica's shard, and nothing to publish: never due here. Its validity is
+            // kept per generation for the one-writer rule ([`writers`]) without compiling it
+            // every tick; taking the shard removes the entry, so it is evaluated at once.
+            let generation = obj.meta().generation;
+            let known = state
+                .schedule
+                .get(&key)
+                .filter(|(_, g, _, _)| *g == generation)
+                .map(|(_, _, valid, interval)| (*valid, *interval));
+            let (valid, interval) = known.unwrap_or_else(|| {
+                let valid = matches!(&obj.0, Ok(p) if CompiledPolicy::from_resource(p).is_ok());
+                (valid, ctx.default_interval)
+            });
+            state
+                .schedule
+                .insert(key, (now + NEVER_DUE, generation, valid, interval));
+            continue;
+        }
         let Some(fresh) = state.take_due(&key, obj.meta().generation, now) else {
             continue;
         };
@@ -1942,12 +2029,7 @@ async fn run_tick(
                 // Malformed objects are reported once per generation and never stop the others.
                 state.schedule.insert(
                     key,
-                    (
-                        now + chrono::TimeDelta::days(3650),
-                        generation,
-                        false,
-                        ctx.default_interval,
-                    ),
+                    (now + NEVER_DUE, generation, false, ctx.default_interval),
                 );
                 let meta = &invalid.metadata;
                 warn!(policy = %format!("{}/{}", meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default()), error = %invalid.error, "malformed ScalingPolicy ignored");
@@ -2081,6 +2163,53 @@ mod tests {
         let soon = Utc::now() + chrono::TimeDelta::milliseconds(50);
         state.schedule.insert(other, (soon, Some(1), true, TEN_S));
         assert!(state.next_wait() <= Duration::from_millis(50));
+    }
+
+    /// Issue 17 (sharding): a shard newly held has its policies evaluated at once, the others
+    /// keep their schedule; with one Lease a new leader evaluates everything at once.
+    #[test]
+    fn a_shard_taken_over_is_evaluated_at_once() {
+        let mut state = TickState::default();
+        let later = Utc::now() + chrono::TimeDelta::seconds(30);
+        let refs: Vec<PolicyRef> = (0..40)
+            .map(|i| ObjectRef::new(&format!("p{i}")).within("ns"))
+            .collect();
+        for r in &refs {
+            state
+                .schedule
+                .insert(r.clone(), (later, Some(1), true, TEN_S));
+        }
+        let shard = |r: &PolicyRef| shards::shard_of("ns", &r.name, 6);
+        state.take_shards(vec![true, false, false, false, false, false]);
+        assert!(
+            state.schedule.keys().all(|r| shard(r) != 0),
+            "shard 0's policies are due"
+        );
+        assert!(
+            refs.iter()
+                .filter(|r| shard(r) != 0)
+                .all(|r| state.schedule.contains_key(r))
+        );
+        assert!(state.leads(&refs.iter().find(|r| shard(r) == 0).unwrap().clone()));
+        assert!(!state.leads(&refs.iter().find(|r| shard(r) == 3).unwrap().clone()));
+        let before = state.schedule.len();
+        state.take_shards(vec![true, false, false, false, false, false]);
+        assert_eq!(
+            state.schedule.len(),
+            before,
+            "nothing new held: nothing rescheduled"
+        );
+        state.take_shards(vec![false, false, false, true, false, false]);
+        assert!(state.schedule.keys().all(|r| shard(r) != 3));
+        // One Lease: leading again evaluates every policy.
+        let mut one = TickState::default();
+        one.schedule
+            .insert(refs[0].clone(), (later, Some(1), true, TEN_S));
+        one.take_shards(vec![false]);
+        assert_eq!(one.schedule.len(), 1);
+        one.take_shards(vec![true]);
+        assert!(one.schedule.is_empty());
+        assert!(one.leads(&refs[0]));
     }
 
     /// Issue 17: a daemon that falls behind never queues a policy twice. A policy due while

@@ -78,6 +78,30 @@ pub fn start_controller_with(
     prometheus_url: Option<&str>,
     lease: Lease<'_>,
 ) -> Controller {
+    start_controller_args(
+        kubeconfig,
+        log,
+        admin_port,
+        namespace,
+        identity,
+        prometheus_url,
+        lease,
+        &[],
+    )
+}
+
+/// [`start_controller_with`] with `extra` flags after the common ones (e.g. `--shards 6`).
+#[allow(clippy::too_many_arguments)]
+pub fn start_controller_args(
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+    admin_port: u16,
+    namespace: &str,
+    identity: &str,
+    prometheus_url: Option<&str>,
+    lease: Lease<'_>,
+    extra: &[&str],
+) -> Controller {
     let log = std::fs::File::create(log).expect("controller log file");
     let mut command = Command::new(env!("CARGO_BIN_EXE_kscale"));
     command
@@ -97,6 +121,7 @@ pub fn start_controller_with(
     if let Some(url) = prometheus_url {
         command.env("KSCALE_PROMETHEUS_URL", url);
     }
+    command.args(extra);
     Controller(command.spawn().expect("kscale run starts"))
 }
 
