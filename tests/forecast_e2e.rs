@@ -15,7 +15,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::controller::{Scenario, dry_run, run_controller};
+use support::controller::{Running, Scenario, dry_run, run_controller};
 
 /// Per-replica target of the request rate.
 const TARGET: f64 = 70.0;
@@ -60,7 +60,8 @@ fn assert_dry_run_decides(
     needed: i32,
     reason: &str,
 ) {
-    let (ok, text) = dry_run(env, live, "forecast-e2e-step");
+    let namespace = live.metadata.namespace.as_deref().unwrap_or_default();
+    let (ok, text) = dry_run(env, live, &format!("forecast-e2e-{namespace}"));
     assert!(ok, "{text}");
     assert_eq!(
         dry_run_decision(&text),
@@ -77,23 +78,44 @@ fn assert_dry_run_decides(
     );
 }
 
+/// A scenario `name` of [`policy_spec`] on a flat `value` that Prometheus has shown for 30 s
+/// before the daemon starts (so its history read is a flat series, as the walkthrough's was),
+/// and the daemon once it runs the replicas `value` needs.
+async fn start_on_a_flat(
+    env: &'static support::TestEnv,
+    client: &kube::Client,
+    name: &str,
+    value: f64,
+    max_replicas: i32,
+    scale_down_window: u32,
+) -> (Scenario, Running) {
+    let sc = Scenario::start_with(env, client, &format!("fc{name}"), 1, value, |query| {
+        policy_spec(query, max_replicas, scale_down_window)
+    })
+    .await;
+    sc.wait_visible(env, value).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (log, identity) = (format!("forecast-e2e-{name}"), format!("forecast-{name}"));
+    let running = run_controller(env, client, &sc.ns.name, &log, &identity).await;
+    let needed = (value / TARGET).ceil() as i32;
+    support::wait_replicas(
+        &sc.deployments,
+        needed,
+        Duration::from_secs(60),
+        &running.log,
+    )
+    .await;
+    (sc, running)
+}
+
 #[tokio::test]
 async fn a_step_to_a_flat_rate_holds_the_replicas_it_needs_and_dry_run_agrees() {
     let Some(env) = support::testenv() else {
         return;
     };
     let client = env.client().await;
-    let sc = Scenario::start_with(env, &client, "fcstep", 1, 50.0, |query| {
-        policy_spec(query, 10, 0)
-    })
-    .await;
+    let (sc, running) = start_on_a_flat(env, &client, "step", 50.0, 10, 0).await;
     let ns = sc.ns.name.clone();
-    // A flat 50 in Prometheus before the daemon starts, so its history read is a flat series
-    // (the walkthrough's daemon fitted its model on one).
-    sc.wait_visible(env, 50.0).await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let running = run_controller(env, &client, &ns, "forecast-e2e-step", "forecast-step").await;
-    support::wait_replicas(&sc.deployments, 1, Duration::from_secs(60), &running.log).await;
 
     // The step: 400/70 needs 6.
     sc.set(400.0);
@@ -165,16 +187,8 @@ async fn a_step_down_brings_the_count_down_and_never_up_and_dry_run_agrees() {
     };
     let client = env.client().await;
     // 800/70 needs 12; the scale-down window of 30 s holds it that long after the fall.
-    let sc = Scenario::start_with(env, &client, "fcdown", 1, 800.0, |query| {
-        policy_spec(query, 15, 30)
-    })
-    .await;
-    let ns = sc.ns.name.clone();
-    sc.wait_visible(env, 800.0).await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let running = run_controller(env, &client, &ns, "forecast-e2e-down", "forecast-down").await;
+    let (sc, running) = start_on_a_flat(env, &client, "down", 800.0, 15, 30).await;
     let high = (800.0 / TARGET).ceil() as i32;
-    support::wait_replicas(&sc.deployments, high, Duration::from_secs(60), &running.log).await;
     // A minute of the flat 800, so the fall meets a forecaster with a history of it.
     tokio::time::sleep(Duration::from_secs(60)).await;
 
