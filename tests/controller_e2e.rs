@@ -963,7 +963,7 @@ impl Drop for Ramp {
 }
 
 /// What a decision's reason says about the `queue` metric of a 5-per-replica policy:
-/// `scale up 6→9: queue=27 (target 5/replica) → 9 (Trend forecast 40 in 60s, upper bound 44.1 → 9)`.
+/// `scale up 6→9: queue=27 (target 5/replica) → 9 (upper bound 44.1 of the Trend forecast 40 in 60s → 9)`.
 #[derive(Debug)]
 struct QueueReason {
     current: i32,

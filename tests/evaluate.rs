@@ -382,6 +382,37 @@ fn a_forecast_raises_the_proposal_and_names_itself_in_the_reason() {
     );
 }
 
+/// Issue 16: at a flat 800 the reason read `rps=799.254 → 15 (Trend forecast 604.826 in 60s,
+/// upper bound 1006.576 → 15)`, a point forecast below the value and no word that the upper
+/// bound decided. Where it decides, the reason leads with it; where the current value decides,
+/// the forecast is shown as before, with what it alone would need.
+#[test]
+fn a_reason_says_when_the_upper_bound_of_a_forecast_decided() {
+    let p = policy("  forecast: {model: Trend}");
+    let forecast = |point: f64, upper: f64| {
+        Some(kscale::policy::forecast::Prediction {
+            point,
+            upper,
+            ..prediction(upper).expect("a prediction")
+        })
+    };
+    let mut o = obs(6, Some(800.0), Some(10.0), t(0));
+    o.forecasts = vec![forecast(604.8, 1006.6), None];
+    let d = evaluate(&p, &o, &PolicyState::default(), t(0));
+    assert_eq!(d.replicas, 11);
+    let reason = d.reason(&p);
+    assert!(
+        reason.contains("(upper bound 1006.6 of the Trend forecast 604.8 in 60s → 11)"),
+        "{reason}"
+    );
+    o.forecasts = vec![forecast(300.0, 500.0), None];
+    let reason = evaluate(&p, &o, &PolicyState::default(), t(0)).reason(&p);
+    assert!(
+        reason.contains("(Trend forecast 300 in 60s, upper bound 500 → 5)"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn a_forecast_never_scales_below_current_demand() {
     let p = policy("  forecast: {model: Trend}");

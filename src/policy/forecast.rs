@@ -24,14 +24,15 @@
 //! A forecast is made from inside the current bucket (its values so far smooth the state
 //! provisionally) for the bucket holding `now + horizon`, `h` buckets on: the point forecast `ŷ`
 //! plus the headroom `max(q · g · max(ŷ, 0.2 · peak) · √h, min_headroom · target)`. Here `q` is
-//! the `confidence` quantile of the model's relative one-step errors over the last history's
-//! worth of buckets (`|e| / max(prediction, 0.2 · peak)`: empirical, since demand errors have
-//! heavy tails, and relative, since they grow with the level), `g` 1 where the window holds
-//! enough errors to support that quantile and otherwise follows the last three errors against
-//! the window's mean (see [`Fitted::recency`]: a young history's headroom decays once the model
-//! predicts well again, instead of lasting a history after one surprise), `peak` the fitted
-//! history's largest value, and `min_headroom · target` a floor for bursts the history has not
-//! shown.
+//! the `confidence` quantile of the model's relative one-step under-forecasts over the last
+//! history's worth of buckets (`max(e, 0) / max(prediction, 0.2 · peak)`: an upper bound covers
+//! values above the forecast, so a value below it, a fall or a step down, counts 0; empirical,
+//! since demand errors have heavy tails, and relative, since they grow with the level), `g` 1
+//! where the window holds enough errors to support that quantile and otherwise follows the last
+//! three under-forecasts against the window's mean (see [`Fitted::recency`]: a young history's
+//! headroom decays once the model predicts well again, instead of lasting a history after one
+//! surprise, and a value below its forecast never raises it), `peak` the fitted history's
+//! largest value, and `min_headroom · target` a floor for bursts the history has not shown.
 //!
 //! The trend is extrapolated only as far as the last three bucket-to-bucket changes of the
 //! deseasonalised value confirm it (all of its sign; no steeper than the gentlest): a step or
@@ -129,16 +130,23 @@ pub struct Fitted {
     next: i64,
     /// Root-mean-square one-step error (scaled units).
     sigma: f64,
-    /// The relative one-step errors `|e| / max(prediction, REL_FLOOR)` of the last `window`
-    /// buckets (the fitted history, then each bucket as it completes), ascending. `f32`: a
+    /// The relative one-step under-forecasts `max(e, 0) / max(prediction, REL_FLOOR)` of the
+    /// last `window` buckets (the fitted history, then each bucket as it completes), ascending:
+    /// the errors the upper bound must cover (a value below its prediction counts 0). `f32`: a
     /// quantile needs no more precision, and the window is as long as the history.
     rel_errors: Vec<f32>,
-    /// The same errors in time order, oldest first.
+    /// The same buckets' relative errors in time order, oldest first, signed: an under-forecast
+    /// as in `rel_errors` (0 while a surprise waits), an over-forecast negative.
     recent: VecDeque<f32>,
     /// How many errors are kept: the history's length in buckets.
     window: usize,
-    /// The sum of `recent`, for the window's mean relative error.
+    /// The sum of `recent`'s under-forecasts (its positive part), for their window mean.
     recent_sum: f64,
+    /// The sum of `recent`'s sizes (under- and over-forecasts alike), for their window mean.
+    size_sum: f64,
+    /// The share of the quantile the recent errors call for (see [`Fitted::recency`]), as of
+    /// the last bucket fed.
+    share: f64,
     /// The last value fed, less its season (scaled); `None` after a gap.
     last_plain: Option<f64>,
     /// The last [`CONFIRM`] bucket-to-bucket changes of that value, oldest first.
@@ -151,6 +159,9 @@ pub struct Fitted {
     shifts: Shifts,
     /// The sequence number of the last error forgiven as a level shift.
     last_shift: Option<u64>,
+    /// The last value more than [`SURPRISE`] below its prediction (a fall): its error's
+    /// sequence number, its (deseasonalised) value and the prediction it missed.
+    fall: Option<(u64, f64, f64)>,
 }
 
 /// A surprise waiting to be told a level shift or a burst: its error's sequence number in
@@ -326,6 +337,23 @@ impl Fitted {
     /// once rather than at the next refit. Returns whether the bucket was a surprise: its
     /// relative error above both the `p` quantile of the errors before it and [`SURPRISE`].
     fn observe_bucket(&mut self, y: Option<f64>, p: f64) -> bool {
+        let (surprise, under_forecast) = self.observe_error(y, p);
+        // The share follows the recent under-forecasts; a bucket the model did not
+        // under-forecast (a value at or below its prediction, or a gap) may hold it where it
+        // was, as far as the recent sizes of the errors either way still call for it (the lag
+        // after a burst), but never raise it.
+        let under = self.recent_ratio(under_part, self.recent_sum);
+        self.share = if under_forecast {
+            under
+        } else {
+            under.max(self.share.min(self.recent_ratio(f32::abs, self.size_sum)))
+        };
+        surprise
+    }
+
+    /// [`Fitted::observe_bucket`]'s error bookkeeping: returns whether the bucket was a surprise
+    /// and whether its value was above its prediction.
+    fn observe_error(&mut self, y: Option<f64>, p: f64) -> (bool, bool) {
         let e = self.update(y);
         let plain = e.and(self.last_plain);
         let (bursts, shifts) = self.shifts.next(plain);
@@ -348,15 +376,32 @@ impl Fitted {
             }
         }
         let (Some(e), Some(y)) = (e, y.map(|y| y / self.scale)) else {
-            return false;
+            return (false, false);
         };
         let r = relative_error(e, y) as f32;
         if !r.is_finite() {
-            return false;
+            return (false, false);
         }
+        // A surprise either way refits (a fall is a new regime too), but only a value above
+        // its prediction is an error the upper bound must cover: an over-forecast enters the
+        // window as a negative error, which the quantile counts as 0.
         let surprise = f64::from(r) > SURPRISE.max(self.error_quantile(p));
-        let mut counted = r;
-        if let (true, Some(value)) = (surprise, plain) {
+        let under_forecast = e > 0.0;
+        let mut counted = if under_forecast { r } else { -r };
+        if let (false, true, Some(value)) = (under_forecast, f64::from(r) > SURPRISE, plain) {
+            self.fall = Some((self.seen, value, value - e));
+        }
+        // A value above its prediction but, within [`CONFIRM`] buckets of a fall, nearer the
+        // fall's value than what the fall missed is the fall ending (the trend extrapolated past
+        // the new level), not demand the upper bound missed: it counts 0.
+        let fall_ends = self.fall.zip(plain).is_some_and(|((seq, low, high), y)| {
+            under_forecast
+                && self.seen - seq <= CONFIRM as u64
+                && (y - low).abs() < (y - high).abs()
+        });
+        if fall_ends {
+            counted = 0.0;
+        } else if let (true, true, Some(value)) = (surprise, under_forecast, plain) {
             // Counted as 0 until it is known to be a burst (see [`Shifts`]).
             counted = 0.0;
             let shift = Shift {
@@ -372,18 +417,23 @@ impl Fitted {
         }
         self.seen += 1;
         self.push_error(counted);
-        surprise
+        (surprise, under_forecast)
     }
 
-    /// Adds a relative error to the sliding window (the oldest leaves a full one).
-    fn push_error(&mut self, r: f32) {
-        self.recent.push_back(r);
+    /// Adds a signed relative error to the sliding window (the oldest leaves a full one); the
+    /// quantile's sorted errors get its under-forecast part.
+    fn push_error(&mut self, signed: f32) {
+        self.recent.push_back(signed);
+        let r = under_part(signed);
         self.recent_sum += f64::from(r);
+        self.size_sum += f64::from(signed.abs());
         let at = self.rel_errors.partition_point(|x| x.total_cmp(&r).is_lt());
         self.rel_errors.insert(at, r);
         while self.recent.len() > self.window.max(1) {
-            if let Some(old) = self.recent.pop_front() {
+            if let Some(signed) = self.recent.pop_front() {
+                let old = under_part(signed);
                 self.recent_sum -= f64::from(old);
+                self.size_sum -= f64::from(signed.abs());
                 let at = self
                     .rel_errors
                     .partition_point(|x| x.total_cmp(&old).is_lt());
@@ -408,6 +458,7 @@ impl Fitted {
         let r = burst.error;
         *slot = r;
         self.recent_sum += f64::from(r);
+        self.size_sum += f64::from(r);
         let zero = self
             .rel_errors
             .partition_point(|x| x.total_cmp(&0.0).is_lt());
@@ -466,12 +517,25 @@ impl Fitted {
     /// `n` errors expected beyond it (at 99.9 %, full trust from 1,000 errors on). Below that
     /// the quantile is the window's largest error or close to it, one surprise (the step of a
     /// new workload, say) that would otherwise set the headroom for a whole history; there the
-    /// rest follows the recent errors: `g = min(1, mean of the last RECENT errors / the window's
-    /// mean)`, and the factor is `g + (1 − g) · t`. So a young history's headroom decays as soon
-    /// as the model predicts well again, and a burst raises it at once.
+    /// rest follows the recent errors, and the factor is `g + (1 − g) · t`. At a bucket the
+    /// model under-forecast `g = min(1, mean of the last RECENT under-forecasts / their window
+    /// mean)`; at any other bucket `g` is at most what it was, held only as far as the same
+    /// ratio of the errors' sizes either way calls for (the model still off, as after a burst),
+    /// and at least the under-forecasts' ratio. So a young history's headroom decays as soon as
+    /// the model predicts well again, a burst raises it at once, and a value below its forecast
+    /// (a fall, a step down) never raises it.
     pub fn recency(&self, p: f64) -> f64 {
         let n = self.recent.len();
-        let mean = self.recent_sum / n.max(1) as f64;
+        let g = self.share.clamp(0.0, 1.0);
+        let trust = (n as f64 * (1.0 - p.clamp(0.0, 1.0))).clamp(0.0, 1.0);
+        g + (1.0 - g) * trust
+    }
+
+    /// `min(1, mean of the last RECENT errors / the window's mean)` of the errors' `part`, whose
+    /// window sum is `sum`; 1 while there are too few errors or the mean is 0.
+    fn recent_ratio(&self, part: fn(f32) -> f32, sum: f64) -> f64 {
+        let n = self.recent.len();
+        let mean = sum / n.max(1) as f64;
         if n < RECENT || mean.is_nan() || mean <= f64::EPSILON {
             return 1.0;
         }
@@ -480,11 +544,9 @@ impl Fitted {
             .iter()
             .rev()
             .take(RECENT)
-            .map(|r| f64::from(*r))
+            .map(|r| f64::from(part(*r)))
             .sum();
-        let g = (last / RECENT as f64 / mean).clamp(0.0, 1.0);
-        let trust = (n as f64 * (1.0 - p.clamp(0.0, 1.0))).clamp(0.0, 1.0);
-        g + (1.0 - g) * trust
+        (last / RECENT as f64 / mean).clamp(0.0, 1.0)
     }
 
     /// Root-mean-square one-step error, in the series' units.
@@ -558,12 +620,15 @@ fn initial(series: &[Option<f64>], first: i64, season: usize, params: Params) ->
         recent: VecDeque::new(),
         window: series.len(),
         recent_sum: 0.0,
+        size_sum: 0.0,
+        share: 1.0,
         last_plain: None,
         slopes: VecDeque::with_capacity(CONFIRM + 1),
         scale: 1.0,
         seen: 0,
         shifts: Shifts::default(),
         last_shift: None,
+        fall: None,
     })
 }
 
@@ -658,7 +723,14 @@ pub fn fit(
     Some(m)
 }
 
-/// A one-step error `e` of the value `y` (both scaled) relative to the prediction `y - e`.
+/// The under-forecast part of a signed relative error: itself if positive, else +0 (never -0,
+/// which the sorted errors' `total_cmp` would order apart from 0).
+fn under_part(signed: f32) -> f32 {
+    if signed > 0.0 { signed } else { 0.0 }
+}
+
+/// The size of a one-step error `e` of the value `y` (both scaled) relative to the prediction
+/// `y - e`, either way.
 fn relative_error(e: f64, y: f64) -> f64 {
     e.abs() / (y - e).max(REL_FLOOR)
 }
@@ -1291,22 +1363,84 @@ mod tests {
     /// defaults `spec.forecast: {model: Trend}` compiles to (1m buckets, 1d of history,
     /// confidence 99.9, no `minHeadroom`).
     fn walkthrough() -> Vec<(i64, f64, Option<Prediction>)> {
-        let mut f = trend_defaults();
-        let t0 = 1_700_000_040i64; // a multiple of a minute
         let value = |minute: i64| match minute {
             ..10 => 50.0,
             10..15 => 50.0 + 70.0 * (minute - 9) as f64,
             15..30 => 400.0,
             _ => 50.0,
         };
-        (0..45 * 4)
-            .map(|k| {
-                let minute = k / 4;
-                let now = DateTime::from_timestamp(t0 + 15 * k, 0).expect("time");
-                f.observe(now, value(minute));
-                (minute, value(minute), f.forecast(now))
+        evaluations(45 * 60, |t| value(t / 60))
+            .into_iter()
+            .map(|(t, v, p)| (t / 60, v, p))
+            .collect()
+    }
+
+    /// `value(t)` at every 15 s evaluation over `seconds` (t from 0, a multiple of a minute),
+    /// fed to [`trend_defaults`]: `(t, value, forecast)` at each.
+    fn evaluations(
+        seconds: i64,
+        value: impl Fn(i64) -> f64,
+    ) -> Vec<(i64, f64, Option<Prediction>)> {
+        let mut f = trend_defaults();
+        let t0 = 1_700_000_040i64; // a multiple of a minute
+        (0..seconds)
+            .step_by(15)
+            .map(|t| {
+                let now = DateTime::from_timestamp(t0 + t, 0).expect("time");
+                f.observe(now, value(t));
+                (t, value(t), f.forecast(now))
             })
             .collect()
+    }
+
+    /// A request rate as Prometheus' `rate(...[1m])` reports it: the mean over the last
+    /// minute (here at 5 s resolution) of a demand that changes in steps.
+    fn rate_1m(demand: impl Fn(i64) -> f64, t: i64) -> f64 {
+        (0..12).map(|i| demand(t - 5 * i)).sum::<f64>() / 12.0
+    }
+
+    /// Issue 16, the walkthrough's step DOWN, at the example policy's settings (Trend, 1m
+    /// buckets, 1d of history, 99.9 %, 60 s ahead, evaluated every 15 s, 70 req/s a replica):
+    /// the walkthrough's ramp from 50 to a flat 400 (see [`walkthrough`]), a step to a flat 800
+    /// a quarter of an hour later (a second level shift within the hour, so its error counts in
+    /// the headroom: see `frequent_level_shifts_count_in_the_headroom`), and twenty minutes
+    /// later a fall from 800 to a flat 400, each step as `rate(...[1m])` shows one:
+    /// over a minute, with noise of ±0.5 %. Wherever in the minute the fall starts, the replicas
+    /// the upper bound needs never go up after it, and they are the 6 that 400 needs from the
+    /// first whole minute's bucket at the new rate on (two minutes after the fall began; the
+    /// bucket being filled averages what it has seen, the last of the fall included). (The values below the forecast during the fall used to enter
+    /// the headroom as errors as large as those above it: the upper bound read 582, 9
+    /// replicas, for four minutes; in the walkthrough 716 then 874, clipped at 10.)
+    #[test]
+    fn a_step_down_never_raises_the_upper_bound() {
+        for offset in [0, 5, 20, 35, 50] {
+            let fall = 50 * 60 + offset;
+            let demand = |t: i64| match t / 60 {
+                ..10 => 50.0,
+                m @ 10..15 => 50.0 + 70.0 * (m - 9) as f64,
+                15..30 => 400.0,
+                _ if t < fall => 800.0,
+                _ => 400.0,
+            };
+            let noise = |t: i64| ((t / 15).wrapping_mul(2_654_435_761) % 1000) as f64 / 1e5;
+            let run = evaluations(fall + 20 * 60, |t| rate_1m(demand, t) * (0.995 + noise(t)));
+            let mut before = f64::INFINITY;
+            for (t, value, p) in run.into_iter().filter(|(t, _, _)| *t >= fall) {
+                let p = p.expect("a forecast");
+                let (at, replicas) = (t - fall, (p.upper / 70.0).ceil());
+                assert!(
+                    replicas <= before,
+                    "fall at {offset}s into a minute, {at}s after: {value} → {p:?}, up from {before}"
+                );
+                before = replicas;
+                if at >= 120 {
+                    assert_eq!(
+                        replicas, 6.0,
+                        "fall at {offset}s into a minute, {at}s after: {value} → {p:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// A ramp that stops at a flat 400 req/s is a new level, not a lasting trend: within a few
@@ -1536,6 +1670,42 @@ mod tests {
         assert_eq!(confirmed_trend(5.0, [1.0, -2.0, 3.0].into_iter()), 0.0);
         assert_eq!(confirmed_trend(5.0, [1.0, 2.0].into_iter()), 0.0);
         assert_eq!(confirmed_trend(-5.0, [1.0, 2.0, 3.0].into_iter()), 0.0);
+    }
+
+    /// A value below its prediction never raises what the headroom takes: the quantile of the
+    /// errors and the recent share are no higher after it than both before it and after a value
+    /// the model predicted exactly (noisy history with a burst, so both are above 0).
+    #[test]
+    fn an_over_forecast_never_raises_the_headroom() {
+        let series = some((0..120).map(|i| {
+            let noise = ((i * 37) % 11) as f64 - 5.0;
+            if i == 100 { 300.0 } else { 100.0 + noise }
+        }));
+        let before = fit(&series, 0, ModelKind::Trend, 0, 0.999).expect("fits");
+        let predicted = before.predict(1);
+        let after = |y: f64| {
+            let mut f = before.clone();
+            f.observe_bucket(Some(y), 0.999);
+            f
+        };
+        let exact = after(predicted);
+        assert!(before.error_quantile(0.999) > 1.0 && before.recency(1.0) > 0.0);
+        for share in [0.99, 0.9, 0.5, 0.1, 0.0] {
+            let over = after(predicted * share);
+            for p in [0.9, 0.999, 1.0] {
+                assert!(
+                    over.error_quantile(p) <= before.error_quantile(p).min(exact.error_quantile(p)),
+                    "{share} of the prediction, p {p}"
+                );
+            }
+            assert!(
+                over.recency(1.0) <= before.recency(1.0).max(exact.recency(1.0)),
+                "{share} of the prediction: {} vs {} and {}",
+                over.recency(1.0),
+                before.recency(1.0),
+                exact.recency(1.0)
+            );
+        }
     }
 
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {

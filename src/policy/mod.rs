@@ -128,15 +128,18 @@ pub struct MetricOutcome {
 impl MetricOutcome {
     /// The forecast as reasons show it, the point forecast and the upper bound sized for
     /// (the point plus the headroom): `HoltWinters forecast 480 in 60s, upper bound 530 → 6`.
+    /// Where the forecast decided the metric's proposal and its headroom is above 0, the upper
+    /// bound decided, not the point forecast (which may be below the current value), and the
+    /// note leads with it: `upper bound 530 of the HoltWinters forecast 480 in 60s → 6`.
     pub fn forecast_note(&self) -> Option<String> {
         self.forecast.map(|(f, p)| {
-            format!(
-                "{} forecast {} in {}s, upper bound {} → {p}",
-                f.model.as_str(),
-                Num(f.point),
-                f.horizon.num_seconds(),
-                Num(f.upper)
-            )
+            let (model, point, upper) = (f.model.as_str(), Num(f.point), Num(f.upper));
+            let horizon = f.horizon.num_seconds();
+            if self.proposal == Some(p) && f.upper > f.point {
+                format!("upper bound {upper} of the {model} forecast {point} in {horizon}s → {p}")
+            } else {
+                format!("{model} forecast {point} in {horizon}s, upper bound {upper} → {p}")
+            }
         })
     }
 
