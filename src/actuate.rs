@@ -153,7 +153,7 @@ pub enum ActuateError {
         /// Name.
         name: String,
         /// Why.
-        source: crate::controller::leader::NotLeader,
+        source: NotLeader,
     },
     /// `spec.takeover` could not be carried out.
     #[error("{kind} {namespace}/{name}: spec.takeover.hpa {hpa}: {message}")]
@@ -191,7 +191,7 @@ pub enum ActuateError {
 /// An API error, with what to change when it is a 403: the HPA list of the one-writer rule, or
 /// the target kind's `/scale`.
 fn api_message(what: &str, kind: &str, namespace: &str, source: &kube::Error) -> String {
-    use crate::controller::permissions::{Access, explain};
+    use crate::permissions::{Access, explain};
     let access = if what.contains("HorizontalPodAutoscalers") {
         Access::Hpas { namespace }
     } else {
@@ -527,7 +527,7 @@ impl ScaleTarget {
     }
 
     /// [`ActuateError::NotLeader`] for this target.
-    pub fn not_leader(&self, source: crate::controller::leader::NotLeader) -> ActuateError {
+    pub fn not_leader(&self, source: NotLeader) -> ActuateError {
         ActuateError::NotLeader {
             kind: self.reference.kind.clone(),
             namespace: self.namespace.clone(),
@@ -619,6 +619,24 @@ impl ScaleTarget {
             }
         }
         None
+    }
+}
+
+/// A write refused because this replica does not hold a valid Lease (with `--shards`, the
+/// Lease of the policy's shard).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{}", not_leader_message(*.shard))]
+pub struct NotLeader {
+    /// The shard and the shard count, with `--shards` above 1; `None` with one Lease.
+    pub shard: Option<(u32, u32)>,
+}
+
+fn not_leader_message(shard: Option<(u32, u32)>) -> String {
+    match shard {
+        None => "not written: this replica does not hold the leader Lease (or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed)".to_string(),
+        Some((i, n)) => format!(
+            "not written: this replica does not hold the Lease of shard {i} of {n} (--shards), or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed"
+        ),
     }
 }
 

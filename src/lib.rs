@@ -29,6 +29,7 @@ pub mod import;
 pub mod listener;
 pub mod load;
 pub mod model;
+pub mod permissions;
 pub mod policy;
 pub mod source;
 pub mod status;

@@ -29,6 +29,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
+
+pub use crate::actuate::NotLeader;
 use tracing::{debug, info, warn};
 
 /// Where a pod finds its own namespace when nothing else says it.
@@ -133,24 +135,6 @@ impl LeaderConfig {
     fn duration_seconds(&self) -> i32 {
         let secs = self.duration.as_secs() + u64::from(self.duration.subsec_nanos() > 0);
         i32::try_from(secs).unwrap_or(i32::MAX)
-    }
-}
-
-/// A write refused because this replica does not hold a valid Lease (with `--shards`, the
-/// Lease of the policy's shard).
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{}", not_leader_message(*.shard))]
-pub struct NotLeader {
-    /// The shard and the shard count, with `--shards` above 1; `None` with one Lease.
-    pub shard: Option<(u32, u32)>,
-}
-
-fn not_leader_message(shard: Option<(u32, u32)>) -> String {
-    match shard {
-        None => "not written: this replica does not hold the leader Lease (or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed)".to_string(),
-        Some((i, n)) => format!(
-            "not written: this replica does not hold the Lease of shard {i} of {n} (--shards), or its renew deadline, --leader-renew-deadline, passed before the Lease was renewed"
-        ),
     }
 }
 

@@ -24,7 +24,7 @@ pub mod forecast;
 pub mod formula_budget;
 pub mod hpas;
 pub mod leader;
-pub mod permissions;
+pub use crate::permissions;
 pub mod scales;
 pub mod servers;
 pub mod shards;
