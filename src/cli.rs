@@ -336,9 +336,7 @@ pub enum LogFormat {
     Json,
 }
 
-pub(crate) fn parse_std_duration(s: &str) -> Result<std::time::Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+pub(crate) use crate::units::parse_std_duration;
 
 /// Output format of a backtest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -32,6 +32,7 @@ pub mod model;
 pub mod permissions;
 pub mod policy;
 pub mod source;
+pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod units;

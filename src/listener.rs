@@ -63,7 +63,7 @@ pub struct ListenerArgs {
     /// Bound on a TLS handshake, on reading a request's head, and on an idle keep-alive
     /// connection waiting for its next request (Go-style duration).
     #[arg(long, env = "KSCALE_REQUEST_HEADER_TIMEOUT", default_value = "30s",
-          value_parser = crate::cli::parse_std_duration)]
+          value_parser = crate::units::parse_std_duration)]
     pub request_header_timeout: Duration,
     /// Connections the `/metrics` listener holds at most (see the external metrics adapter's
     /// `--external-metrics-max-connections` for what happens beyond it).

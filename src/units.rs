@@ -257,6 +257,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// [`parse_duration`] as a clap value parser: the error as text.
+pub fn parse_std_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// A duration written back in the compact Go style (`90s` → `1m30s`).
 pub struct GoDuration(pub Duration);
 

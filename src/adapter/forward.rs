@@ -129,7 +129,7 @@ pub struct UpstreamArgs {
     pub external_metrics_upstream_bearer_token_file: Option<std::path::PathBuf>,
     /// Bound on one upstream request, connection included (Go-style duration).
     #[arg(long, env = "KSCALE_EXTERNAL_METRICS_UPSTREAM_TIMEOUT",
-          value_parser = crate::cli::parse_std_duration)]
+          value_parser = crate::units::parse_std_duration)]
     pub external_metrics_upstream_timeout: Option<Duration>,
     /// The largest upstream answer read, in bytes (default that of
     /// --prometheus-max-response-bytes, 8 MiB); reading stops there and the request is a 503.

@@ -426,13 +426,14 @@ impl CompiledPolicy {
         // Names published by the external metrics adapter must not collide across policies.
         if let Some(n) = &policy.metadata.name {
             for (i, m) in policy.spec.metrics.iter().enumerate() {
-                if let Some(owner) = crate::adapter::cache::decision_name_owner(n, &m.name) {
+                if let Some(owner) = crate::policy::external_names::decision_name_owner(n, &m.name)
+                {
                     errors.push(err(
                         format!("spec.metrics[{i}].name"),
                         format!(
                             "{:?} in a policy named {n:?} would publish the external metric {:?}, the name of policy {owner:?}'s decision (<policy>-desired-replicas); rename the metric",
                             m.name,
-                            crate::adapter::cache::external_name(n, &m.name)
+                            crate::policy::external_names::external_name(n, &m.name)
                         ),
                     ));
                 }

@@ -11,13 +11,14 @@ pub mod behavior;
 pub mod compile;
 #[cfg(test)]
 mod controls_tests;
+pub mod external_names;
 pub mod forecast;
 pub mod formula;
 pub mod formula_cost;
 pub mod promql;
 pub mod replicas;
 pub mod schedule;
-pub mod state;
+pub use crate::state;
 pub mod zero;
 
 use std::fmt::{self, Write as _};
