@@ -142,14 +142,7 @@ async fn a_step_to_a_flat_rate_holds_the_replicas_it_needs_and_dry_run_agrees() 
     };
     let logged_before = evaluations_logged();
     while start.elapsed() < watch {
-        let replicas = support::replicas(&sc.deployments).await;
-        let status = sc
-            .policies
-            .get("web")
-            .await
-            .expect("policy")
-            .status
-            .unwrap_or_default();
+        let (replicas, status) = observe(&sc).await;
         assert!(
             replicas <= needed && status.desired_replicas.is_none_or(|d| d <= needed),
             "{:?} into the flat 400: {replicas} replicas, desired {:?}: {}\n{}",
@@ -201,14 +194,7 @@ async fn a_step_down_brings_the_count_down_and_never_up_and_dry_run_agrees() {
     let start = Instant::now();
     let mut least = high;
     while start.elapsed() < watch {
-        let replicas = support::replicas(&sc.deployments).await;
-        let status = sc
-            .policies
-            .get("web")
-            .await
-            .expect("policy")
-            .status
-            .unwrap_or_default();
+        let (replicas, status) = observe(&sc).await;
         let desired = status.desired_replicas.unwrap_or(least);
         assert!(
             replicas <= least && desired <= least,
@@ -236,4 +222,17 @@ async fn a_step_down_brings_the_count_down_and_never_up_and_dry_run_agrees() {
     let reason = status.reason.unwrap_or_default();
     assert_dry_run_decides(env, &live, needed, &reason);
     drop(running);
+}
+
+/// The backend's replica count and the policy's status, read now.
+async fn observe(sc: &Scenario) -> (i32, kscale::crd::ScalingPolicyStatus) {
+    let replicas = support::replicas(&sc.deployments).await;
+    let status = sc
+        .policies
+        .get("web")
+        .await
+        .expect("policy")
+        .status
+        .unwrap_or_default();
+    (replicas, status)
 }
