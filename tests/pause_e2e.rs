@@ -175,6 +175,9 @@ async fn pause_pin_and_freezes_on_a_deployment() {
         serde_json::json!({"pausedReplicas": null, "pausedScaleIn": true}),
     )
     .await;
+    // The transition is evaluated on the metric it was made at (its event says queue=20); only
+    // then does the metric move, so the event's note does not depend on which comes first.
+    wait_status(policies, Some("ScaleIn frozen"), &["hold 4→4", "queue=20"]).await;
     sc.set(10.0);
     sc.wait_visible(env, 10.0).await;
     wait_status(
@@ -198,6 +201,7 @@ async fn pause_pin_and_freezes_on_a_deployment() {
         serde_json::json!({"pausedScaleIn": null, "pausedScaleOut": true}),
     )
     .await;
+    wait_status(policies, Some("ScaleOut frozen"), &["hold 8→8", "queue=40"]).await;
     sc.set(60.0);
     sc.wait_visible(env, 60.0).await;
     wait_status(
