@@ -58,10 +58,7 @@ pub fn from_v2(
 ) -> Result<ScalingPolicy, Vec<NotCarried>> {
     let name = hpa.metadata.name.clone().unwrap_or_default();
     let namespace = hpa.metadata.namespace.clone();
-    let shown = match &namespace {
-        Some(ns) => format!("{ns}/{name}"),
-        None => name.clone(),
-    };
+    let shown = shown(hpa);
     let not_carried = |field: String, why: String| NotCarried {
         hpa: shown.clone(),
         field,
@@ -112,13 +109,10 @@ pub fn from_v2(
     let own: Vec<String> = metrics.iter().map(|m| m.name.clone()).collect();
     for (i, m) in metrics.iter_mut().enumerate() {
         if taken.contains(&m.name) {
-            let mut n = 2;
-            while taken.contains(&format!("{}_{n}", m.name))
-                || own[i + 1..].contains(&format!("{}_{n}", m.name))
-            {
-                n += 1;
-            }
-            m.name = format!("{}_{n}", m.name);
+            m.name = (2..)
+                .map(|n| format!("{}_{n}", m.name))
+                .find(|c| !taken.contains(c) && !own[i + 1..].contains(c))
+                .unwrap_or_default();
         }
         taken.insert(m.name.clone());
     }
@@ -182,10 +176,7 @@ fn is_tracking_label(key: &str) -> bool {
 /// (kscale goes to 0 after every metric was inactive for `spec.cooldown`, the HPA as soon as
 /// its proposal is 0).
 pub fn notes(hpa: &v2::HorizontalPodAutoscaler) -> Vec<NotCarried> {
-    let shown = match (&hpa.metadata.namespace, &hpa.metadata.name) {
-        (Some(ns), Some(name)) => format!("{ns}/{name}"),
-        (_, name) => name.clone().unwrap_or_default(),
-    };
+    let shown = shown(hpa);
     let mut out: Vec<NotCarried> = hpa
         .metadata
         .labels
@@ -206,6 +197,15 @@ pub fn notes(hpa: &v2::HorizontalPodAutoscaler) -> Vec<NotCarried> {
         });
     }
     out
+}
+
+/// How an HPA is named in what import reports: `namespace/name`, or the name alone.
+fn shown(hpa: &v2::HorizontalPodAutoscaler) -> String {
+    let name = hpa.metadata.name.clone().unwrap_or_default();
+    match &hpa.metadata.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
+    }
 }
 
 /// A spec with nothing set, for struct update syntax.
