@@ -198,6 +198,14 @@ async fn pods_object_and_external_hpas_import_and_shadow_with_zero_divergence() 
     for (name, _) in SETTLED {
         support::create_kwok_deployment(&client, &ns.name, name, start(name), "100m", "50m").await;
     }
+    // Every pod Ready before any HPA reads: for a Value target the HPA multiplies by the ready
+    // pods, so a first sync that caught 1 of external-value's 4 ready settles at 1, not 3.
+    for (name, _) in SETTLED {
+        let selector = format!("app={name}");
+        let count = usize::try_from(start(name)).expect("positive");
+        support::wait_for_ready_pods(&client, &ns.name, &selector, count, Duration::from_secs(60))
+            .await;
+    }
     support::apply_yaml(&client, &ns.name, &hpas()).await;
     support::import::wait_settled(&client, &ns.name, &SETTLED).await;
 

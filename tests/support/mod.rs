@@ -1693,9 +1693,25 @@ pub async fn wait_hpa_settled(
             if s.desired_replicas == want && s.current_replicas == Some(want) {
                 Ok(())
             } else {
+                let conditions: Vec<String> = s
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        format!(
+                            "{}={} {}: {}",
+                            c.type_,
+                            c.status,
+                            c.reason.as_deref().unwrap_or("-"),
+                            c.message.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect();
                 Err(format!(
-                    "desired {} current {:?}",
-                    s.desired_replicas, s.current_replicas
+                    "desired {} current {:?}; currentMetrics {}; conditions {conditions:?}",
+                    s.desired_replicas,
+                    s.current_replicas,
+                    serde_json::to_string(&s.current_metrics).unwrap_or_default()
                 ))
             }
         },
