@@ -155,11 +155,23 @@ fn config() -> BacktestConfig {
     }
 }
 
-fn replay(policy: &CompiledPolicy, trace: &Trace) -> Run {
-    match run(policy, trace, &config(), &mut |_, _| {}) {
+/// Replays `policy` (described by `label`) on `trace`; each replay's wall time goes to stderr as
+/// it ends, so a long run shows where it is.
+fn replay(policy: &CompiledPolicy, label: &str, trace: &Trace) -> Run {
+    let started = std::time::Instant::now();
+    let r = match run(policy, trace, &config(), &mut |_, _| {}) {
         Ok(r) => r,
         Err(e) => panic!("{}: {e}", trace.path.display()),
-    }
+    };
+    eprintln!(
+        "{}: {label}: {:.1} s",
+        trace
+            .path
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+        started.elapsed().as_secs_f64()
+    );
+    r
 }
 
 fn violations(r: &Run) -> f64 {
@@ -170,13 +182,20 @@ fn violations(r: &Run) -> f64 {
 fn tune_hpa(trace: &Trace) -> (f64, Run) {
     let (mut lo, mut hi) = (0.02, 1.0);
     let mut best = None;
-    let top = replay(&policy("hpa", hi * CAPACITY, ""), trace);
+    let hpa = |u: f64| {
+        replay(
+            &policy("hpa", u * CAPACITY, ""),
+            &format!("HPA u={u:.3}"),
+            trace,
+        )
+    };
+    let top = hpa(hi);
     if violations(&top) == 0.0 {
         return (hi, top);
     }
     while hi - lo > 0.005 {
         let mid = (lo + hi) / 2.0;
-        let r = replay(&policy("hpa", mid * CAPACITY, ""), trace);
+        let r = hpa(mid);
         if violations(&r) == 0.0 {
             lo = mid;
             best = Some((mid, r));
@@ -186,7 +205,7 @@ fn tune_hpa(trace: &Trace) -> (f64, Run) {
     }
     match best {
         Some(b) => b,
-        None => (lo, replay(&policy("hpa", lo * CAPACITY, ""), trace)),
+        None => (lo, hpa(lo)),
     }
 }
 
@@ -213,7 +232,10 @@ fn hindsight(trace: &Trace) -> Option<(Setting, Run)> {
     let mut best: Option<(Setting, Run)> = None;
     for u in HINDSIGHT_TARGETS {
         for confidence in HINDSIGHT_CONFIDENCES {
-            let at = |h: f64| replay(&forecast_policy(h, confidence, u), trace);
+            let at = |h: f64| {
+                let label = format!("hindsight u={u} confidence={confidence} minHeadroom={h}");
+                replay(&forecast_policy(h, confidence, u), &label, trace)
+            };
             let zero = at(0.0);
             let found = if violations(&zero) == 0.0 {
                 Some((0.0, zero))
@@ -274,7 +296,8 @@ fn measure(file: &std::path::Path) -> Report {
         .chain(SENSITIVITY)
         .map(|h| {
             let started = std::time::Instant::now();
-            let r = replay(&forecast_policy(h, CONFIDENCE, 1.0), &trace);
+            let label = format!("forecast minHeadroom={h}");
+            let r = replay(&forecast_policy(h, CONFIDENCE, 1.0), &label, &trace);
             (h, r, started.elapsed().as_secs_f64())
         })
         .collect();

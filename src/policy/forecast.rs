@@ -247,6 +247,8 @@ const SURPRISE: f64 = 0.05;
 /// Scores within this relative margin are a tie, which the more responsive parameters win
 /// (see [`fit`]); the margin is far above rounding noise and far below any real difference.
 const TIE: f64 = 1e-9;
+/// A fit checks every this many scored buckets whether a parameter set can still win.
+const BOUND_EVERY: usize = 64;
 
 /// The trend a forecast extrapolates: `trend` as far as the recent changes `slopes` confirm it
 /// (all of the same sign as the trend, [`CONFIRM`] of them), and no steeper than the gentlest.
@@ -658,12 +660,47 @@ pub fn fit(
         && scaled[..season].iter().flatten().next().is_some()
         && scaled[season..2 * season].iter().flatten().next().is_some();
     let season = if seasonal { season } else { 0 };
-    let gammas: &[f64] = if seasonal { &GAMMAS } else { &[0.0] };
-    let mut best: Option<(f64, Fitted)> = None;
-    // The most responsive level first, the least trend and the strongest damping first: where
-    // the history cannot tell parameters apart (a flat series scores 0 with every one) the fit
-    // is the naive forecast, the last value, and not a level that takes an hour to follow a
-    // step. A later set wins only by more than the [`TIE`] margin.
+    let warm = if seasonal { season } else { 1 };
+    let (params, sigma) = best_params(&scaled, first, season, true)?;
+    // The chosen model's own one-step errors, replayed once through the code a running model
+    // feeds each bucket to, give the empirical quantiles (the level shifts among them as a
+    // running model tells them: see [`Shifts`]). The window is sized once for the whole history
+    // (no doubling slack: it is the bulk of the state).
+    let mut m = initial(&scaled, first, season, params)?;
+    m.recent.reserve_exact(m.window + 1);
+    m.rel_errors = Vec::with_capacity(m.window + 1);
+    for (i, y) in scaled.iter().enumerate() {
+        if i < warm {
+            m.update(*y);
+        } else {
+            m.observe_bucket(*y, confidence);
+        }
+    }
+    m.sigma = sigma;
+    m.scale = scale;
+    Some(m)
+}
+
+/// The grid's parameter set with the least mean squared one-step error on `scaled` (the
+/// series divided by its peak, starting at bucket `first`; `season` 0 for no season), scored
+/// after the initialisation window (the first season, or the first value), and its RMS error.
+/// The most responsive level first, the least trend and the strongest damping first: where the
+/// history cannot tell parameters apart (a flat series scores 0 with every one) the fit is the
+/// naive forecast, the last value, and not a level that takes an hour to follow a step. A later
+/// set wins only by more than the [`TIE`] margin. With `bound`, a set is dropped as soon as the
+/// squared errors so far, which only grow, already reach the score it must beat: the same
+/// winner as scoring every set whole (branch and bound), found sooner.
+fn best_params(
+    scaled: &[Option<f64>],
+    first: i64,
+    season: usize,
+    bound: bool,
+) -> Option<(Params, f64)> {
+    let gammas: &[f64] = if season > 0 { &GAMMAS } else { &[0.0] };
+    let warm = if season > 0 { season } else { 1 };
+    // Every parameter set scores the same buckets: those after `warm` with a value.
+    let scored = scaled.iter().skip(warm).flatten().count();
+    let mut best: Option<(f64, Params, f64)> = None;
     for &alpha in ALPHAS.iter().rev() {
         for &beta in &BETAS {
             for &gamma in gammas {
@@ -674,53 +711,47 @@ pub fn fit(
                         gamma,
                         phi,
                     };
-                    let mut m = initial(&scaled, first, season, params)?;
-                    // Score after the initialisation window (the first season, or first value).
-                    let warm = if seasonal { season } else { 1 };
+                    let mut m = initial(scaled, first, season, params)?;
+                    let bar = best
+                        .as_ref()
+                        .map(|(b, ..)| *b)
+                        .filter(|b| bound && b.is_finite())
+                        .map(|b| b - TIE * b.abs());
                     let (mut sse, mut n) = (0.0, 0usize);
+                    let mut beaten = false;
                     for (i, y) in scaled.iter().enumerate() {
                         if let Some(e) = m.update(*y)
                             && i >= warm
                         {
                             sse += e * e;
                             n += 1;
+                            if n % BOUND_EVERY == 0
+                                && bar.is_some_and(|bar| sse / scored as f64 >= bar)
+                            {
+                                beaten = true;
+                                break;
+                            }
                         }
                     }
-                    m.sigma = if n > 0 { (sse / n as f64).sqrt() } else { 0.0 };
-                    m.scale = scale;
+                    if beaten {
+                        continue;
+                    }
+                    let sigma = if n > 0 { (sse / n as f64).sqrt() } else { 0.0 };
                     let score = if n > 0 { sse / n as f64 } else { 0.0 };
                     if score.is_finite()
                         && best
                             .as_ref()
-                            .is_none_or(|(b, _)| !b.is_finite() || score < *b - TIE * b.abs())
+                            .is_none_or(|(b, ..)| !b.is_finite() || score < *b - TIE * b.abs())
                     {
-                        best = Some((score, m));
+                        best = Some((score, params, sigma));
                     } else if best.is_none() {
-                        best = Some((f64::INFINITY, m));
+                        best = Some((f64::INFINITY, params, sigma));
                     }
                 }
             }
         }
     }
-    let (_, best) = best?;
-    // The chosen model's own one-step errors, replayed once through the code a running model
-    // feeds each bucket to, give the empirical quantiles (the level shifts among them as a
-    // running model tells them: see [`Shifts`]). The window is sized once for the whole history
-    // (no doubling slack: it is the bulk of the state).
-    let mut m = initial(&scaled, first, season, best.params)?;
-    m.recent.reserve_exact(m.window + 1);
-    m.rel_errors = Vec::with_capacity(m.window + 1);
-    let warm = if seasonal { season } else { 1 };
-    for (i, y) in scaled.iter().enumerate() {
-        if i < warm {
-            m.update(*y);
-        } else {
-            m.observe_bucket(*y, confidence);
-        }
-    }
-    m.sigma = best.sigma;
-    m.scale = best.scale;
-    Some(m)
+    best.map(|(_, params, sigma)| (params, sigma))
 }
 
 /// The under-forecast part of a signed relative error: itself if positive, else +0 (never -0,
@@ -1746,6 +1777,48 @@ mod tests {
                     prop_assert!(p.is_finite(), "{p}");
                     prop_assert!(f.sigma().is_finite());
                 }
+            }
+        }
+
+        #[test]
+        fn the_bound_picks_what_scoring_every_set_whole_picks(
+            series in series_strategy(),
+            season in prop_oneof![Just(0usize), 2usize..40],
+        ) {
+            let peak = series.iter().flatten().filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs()));
+            let scale = if peak > 0.0 { peak } else { 1.0 };
+            let scaled: Vec<Option<f64>> =
+                series.iter().map(|v| v.filter(|v| v.is_finite()).map(|v| v / scale)).collect();
+            let season = if scaled.len() >= 2 * season { season } else { 0 };
+            let whole = best_params(&scaled, 3, season, false);
+            let bounded = best_params(&scaled, 3, season, true);
+            prop_assert_eq!(
+                whole.map(|(p, s)| (p, s.to_bits())),
+                bounded.map(|(p, s)| (p, s.to_bits()))
+            );
+        }
+
+        #[test]
+        fn the_bound_keeps_the_winner_on_noisy_seasonal_demand(
+            noise in prop::collection::vec(-0.3f64..0.3, 600),
+            bursts in prop::collection::vec((0usize..600, 1.0f64..4.0), 0..6),
+        ) {
+            let mut series: Vec<Option<f64>> = noise
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Some(1.0 + (i as f64 / 48.0 * std::f64::consts::TAU).sin() * 0.5 + n))
+                .collect();
+            for (at, size) in bursts {
+                series[at] = series[at].map(|v| v * size);
+            }
+            let scaled: Vec<Option<f64>> = series.iter().map(|v| v.map(|v| v / 6.0)).collect();
+            for season in [0, 48] {
+                let whole = best_params(&scaled, 0, season, false);
+                let bounded = best_params(&scaled, 0, season, true);
+                prop_assert_eq!(
+                    whole.map(|(p, s)| (p, s.to_bits())),
+                    bounded.map(|(p, s)| (p, s.to_bits()))
+                );
             }
         }
 
