@@ -43,7 +43,7 @@ pub enum Mode {
     shortname = "sp",
     namespaced,
     status = "ScalingPolicyStatus",
-    printcolumn = r#"{"name":"Reference","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Reference","type":"string","jsonPath":".status.reference"}"#,
     printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".status.targets"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minReplicas"}"#,
@@ -543,6 +543,10 @@ pub struct ScalingPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 120))]
     pub targets: Option<String>,
+    /// The target as the HPA's `REFERENCE` column shows it, `<kind>/<name>`, such as
+    /// `Deployment/backend` (the `Reference` column of `kubectl get sp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// Per-metric values and proposals of the last evaluation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricStatus>,

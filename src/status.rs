@@ -2,6 +2,7 @@
 //! `kscale dry-run` report, and the history a restart resumes from.
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::autoscaling::v2::CrossVersionObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MetricStatus, ScalingPolicyStatus};
@@ -71,6 +72,8 @@ pub fn status_from_decision(
         reason: Some(decision.reason(policy)),
         short_reason: Some(short_reason(policy, decision)),
         targets: Some(targets(policy, decision)),
+        // Set by the controller from `spec.targetRef`, which the compiled policy does not keep.
+        reference: None,
         paused: decision.paused.map(|p| p.pause.label()),
         metrics,
         conditions,
@@ -80,6 +83,11 @@ pub fn status_from_decision(
         takeover: previous.and_then(|p| p.takeover.clone()),
         history: decision.state.clone().capped(),
     }
+}
+
+/// `status.reference`: the target as the HPA's `REFERENCE` column shows it, `<kind>/<name>`.
+pub fn reference(target: &CrossVersionObjectReference) -> String {
+    format!("{}/{}", target.kind, target.name)
 }
 
 /// `status.shortReason`: the change, what decided it and the limit that clipped it, in at

@@ -1,5 +1,6 @@
-//! Issue 16: `kubectl get sp` shows each metric against its target (the `Targets` column, as
-//! the HPA's TARGETS) and a short reason (the `Reason` column), both from the live status the
+//! Issue 16: `kubectl get sp` shows its target as `<kind>/<name>` (the `Reference` column, as
+//! the HPA's REFERENCE), each metric against its target (the `Targets` column, as the HPA's
+//! TARGETS) and a short reason (the `Reason` column), both from the live status the
 //! controller writes; the whole reason stays in `-o wide`'s `Detail` column.
 
 mod support;
@@ -38,6 +39,13 @@ async fn kubectl_shows_targets_and_a_short_reason() {
         || cells("5/5 (queue)", "hold 2→2 by queue"),
     )
     .await;
+    // The target as the HPA's REFERENCE column shows it.
+    assert_eq!(
+        printer_column(&client, &ns, "web", "Reference")
+            .await
+            .as_deref(),
+        Some("Deployment/web")
+    );
     // Queue 40: 8 replicas at 5 each, reached under the default scale-up rate.
     sc.set(40.0);
     support::wait_until(

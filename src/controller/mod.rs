@@ -1194,6 +1194,8 @@ pub async fn reconcile(
             failure_status(p, label, message, now)
         }
     };
+    let mut status = status;
+    status.reference = Some(crate::status::reference(&p.spec.target_ref));
     let ready = status
         .conditions
         .iter()
