@@ -69,6 +69,11 @@ pub struct PrometheusArgs {
     /// The default Prometheus, e.g. http://prometheus.monitoring:9090.
     #[arg(long, env = "KSCALE_PROMETHEUS_URL")]
     pub prometheus_url: Option<String>,
+    /// Where `prometheus_url` came from when not from `--prometheus-url` itself
+    /// (`KSCALE_PROMETHEUS_URL`, or the config file's key), so its errors name what to fix;
+    /// set by [`crate::config::parse`].
+    #[arg(skip)]
+    pub prometheus_url_source: Option<String>,
     /// Bound on one query (Go-style duration).
     #[arg(long, env = "KSCALE_PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = parse_std_duration)]
     pub prometheus_timeout: std::time::Duration,
@@ -138,6 +143,10 @@ impl PrometheusArgs {
         };
         let config = PrometheusConfig {
             url: url.clone(),
+            url_setting: self
+                .prometheus_url_source
+                .clone()
+                .map_or(std::borrow::Cow::Borrowed("--prometheus-url"), Into::into),
             timeout: self.prometheus_timeout,
             bearer_token: self
                 .prometheus_bearer_token_file
@@ -1012,7 +1021,7 @@ fn shadow_report(args: &ShadowReportArgs, out: &mut dyn Write) -> Result<(), Cli
     let source = PrometheusSource::new(&PrometheusConfig {
         url: args.prometheus.clone(),
         timeout: std::time::Duration::from_secs(120),
-        url_setting: "--prometheus",
+        url_setting: "--prometheus".into(),
         ..PrometheusConfig::default()
     })
     .map_err(|e| CliError::Config(e.to_string()))?;
@@ -1323,7 +1332,7 @@ fn prometheus_history(
         url: url.to_string(),
         timeout: std::time::Duration::from_secs(120),
         limits,
-        url_setting: "--prometheus",
+        url_setting: "--prometheus".into(),
         ..PrometheusConfig::default()
     })
     .map_err(|e| CliError::Config(e.to_string()))?;

@@ -49,14 +49,46 @@ pub enum ConfigError {
 }
 
 /// Parses `argv` into a [`Cli`]; for `kscale run` with `--config` or `KSCALE_CONFIG`, the config
-/// file supplies every value that neither a flag nor an environment variable gave.
+/// file supplies every value that neither a flag nor an environment variable gave. Where the
+/// Prometheus URL came from (its environment variable or the file's key) is noted, so its errors
+/// name what to fix.
 pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
     let matches = Cli::command().try_get_matches_from(&argv)?;
+    let (matches, file) = with_config_file(argv, matches)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let from_file = file
+        .as_ref()
+        .filter(|(_, extra)| extra.iter().any(|a| a.to_str() == Some("--prometheus-url")));
+    let source = match (from_file, matches.subcommand()) {
+        (Some((path, _)), _) => Some(format!("prometheus-url (config file {})", path.display())),
+        (None, Some((_, sub))) => sub
+            .try_get_raw("prometheus_url")
+            .ok()
+            .flatten()
+            .and_then(|_| sub.value_source("prometheus_url"))
+            .filter(|s| *s == ValueSource::EnvVariable)
+            .map(|_| "KSCALE_PROMETHEUS_URL".to_string()),
+        (None, None) => None,
+    };
+    match &mut cli.command {
+        crate::cli::Command::Run(run) => run.prometheus.prometheus_url_source = source,
+        crate::cli::Command::DryRun(dry) => dry.prometheus.prometheus_url_source = source,
+        _ => {}
+    }
+    Ok(cli)
+}
+
+/// `matches` again with `kscale run`'s config file applied, and the file with the flags it
+/// stood for (`None` without a file, or when it gave nothing).
+fn with_config_file(
+    argv: Vec<OsString>,
+    matches: clap::ArgMatches,
+) -> Result<(clap::ArgMatches, Option<(PathBuf, Vec<OsString>)>), ConfigError> {
     let Some(("run", run)) = matches.subcommand() else {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return Ok((matches, None));
     };
     let Some(path) = run.get_one::<PathBuf>("config").cloned() else {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return Ok((matches, None));
     };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
         path: path.clone(),
@@ -66,18 +98,18 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
         matches!(run.value_source(id), None | Some(ValueSource::DefaultValue))
     })?;
     if extra.is_empty() {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return Ok((matches, None));
     }
     // The file's values are appended as flags, so clap parses and checks them like any flag.
     let mut full = argv;
-    full.extend(extra);
+    full.extend(extra.iter().cloned());
     let matches = Cli::command()
         .try_get_matches_from(&full)
         .map_err(|e| ConfigError::Invalid {
             path: path.clone(),
             message: e.to_string().trim_end().to_string(),
         })?;
-    Ok(Cli::from_arg_matches(&matches)?)
+    Ok((matches, Some((path, extra))))
 }
 
 /// The flags a config file stands for: `--key value` for each key whose flag `unset(id)` says

@@ -658,6 +658,52 @@ fn run_refuses_shards_out_of_bounds_or_without_election() {
     );
 }
 
+#[test]
+fn a_bad_prometheus_url_names_where_it_came_from() {
+    // Checked before anything connects: no cluster is needed for the refusal.
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kscale"));
+        c.args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("KUBECONFIG", "/nonexistent")
+            .env_remove("KSCALE_PROMETHEUS_URL");
+        if let Some(url) = env {
+            c.env("KSCALE_PROMETHEUS_URL", url);
+        }
+        let o = c.output().expect("kscale runs");
+        assert!(!o.status.success(), "{args:?}");
+        text(&o)
+    };
+    let t = run(&["run", "--prometheus-url", "ftp://prom:9090"], None);
+    assert!(
+        t.contains("--prometheus-url ftp://prom:9090: scheme \"ftp\" is not http or https"),
+        "{t}"
+    );
+    let t = run(&["run"], Some("ftp://prom:9090"));
+    assert!(
+        t.contains("KSCALE_PROMETHEUS_URL ftp://prom:9090: scheme \"ftp\""),
+        "{t}"
+    );
+    let t = run(
+        &["dry-run", "-p", "examples/backend-recommended.yaml"],
+        Some("prom:9090"),
+    );
+    assert!(
+        t.contains("KSCALE_PROMETHEUS_URL prom:9090: has no scheme"),
+        "{t}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "kscale.yaml", "prometheus-url: prom:9090\n");
+    let t = run(&["run", "--config", file.to_str().unwrap()], None);
+    assert!(
+        t.contains(&format!(
+            "prometheus-url (config file {}) prom:9090: has no scheme",
+            file.display()
+        )),
+        "{t}"
+    );
+}
+
 /// `depth` comprehensions over ten elements nested inside each other (issue 13, kind 1).
 fn nested_formula(depth: usize) -> String {
     let mut s = "rps > 0".to_string();

@@ -438,7 +438,7 @@ pub fn config_for(
         client_cert: key("tls.crt"),
         client_key: key("tls.key"),
         headers: server.headers.clone(),
-        url_setting: "spec.prometheus.url",
+        url_setting: "spec.prometheus.url".into(),
         timeout_setting: if server.timeout.is_some() {
             "spec.prometheus.timeout"
         } else {

@@ -66,8 +66,24 @@ impl Formula {
         // variable, `values.exists(m, ...)`, is not a metric).
         let unknown = estimate.unknown;
         if !unknown.is_empty() {
+            // A near miss of a metric or built-in name is suggested (`rsp` → `rps`).
+            let near: Vec<String> = unknown
+                .iter()
+                .filter_map(|u| {
+                    let known = metric_names.iter().chain(&BUILTIN_VARIABLES).copied();
+                    super::compile::suggest(u, known).map(|s| match unknown.len() {
+                        1 => format!("{s:?}"),
+                        _ => format!("{s:?} for {u:?}"),
+                    })
+                })
+                .collect();
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!("; did you mean {}?", near.join(", "))
+            };
             return Err(format!(
-                "names unknown {} {}; known metrics: {}; built-ins: {}",
+                "names unknown {} {}; known metrics: {}; built-ins: {}{hint}",
                 if unknown.len() == 1 {
                     "metric"
                 } else {
@@ -405,6 +421,23 @@ mod tests {
         // Only tests of `values` count.
         let f = Formula::compile("has({'rps': 1}.rps) ? rps : 1", &["rps"]).unwrap();
         assert!(!f.tests_presence_of("rps"));
+    }
+
+    #[test]
+    fn an_unknown_name_near_a_known_one_gets_a_did_you_mean() {
+        let e = Formula::compile("max(rsp, cpu)", &["rps", "cpu"]).unwrap_err();
+        assert!(
+            e.ends_with("names unknown metric \"rsp\"; known metrics: rps, cpu; built-ins: values, current, ready; did you mean \"rps\"?"),
+            "{e}"
+        );
+        let e = Formula::compile("max(rsp, curent, latency)", &["rps", "cpu"]).unwrap_err();
+        assert!(
+            e.ends_with("did you mean \"current\" for \"curent\", \"rps\" for \"rsp\"?"),
+            "{e}"
+        );
+        // Nothing near: no suggestion.
+        let e = Formula::compile("max(rps, latency)", &["rps", "cpu"]).unwrap_err();
+        assert!(!e.contains("did you mean"), "{e}");
     }
 
     #[test]

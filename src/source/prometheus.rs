@@ -68,6 +68,7 @@
 //! per tick), so a rotated token (a projected service-account token, for instance) is picked
 //! up without a restart. Basic auth and extra headers are fixed at construction.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -178,8 +179,9 @@ pub struct PrometheusConfig {
     /// The caps on every answer (`--prometheus-max-response-bytes`, `--prometheus-max-series`).
     pub limits: AnswerLimits,
     /// The setting that gave [`url`](Self::url), named in its errors (`--prometheus-url`,
-    /// `--prometheus` for the backtest, `spec.prometheus.url` for a policy's own server).
-    pub url_setting: &'static str,
+    /// `--prometheus` for the backtest, `spec.prometheus.url` for a policy's own server;
+    /// `KSCALE_PROMETHEUS_URL` or the config file's key when the value came from there).
+    pub url_setting: Cow<'static, str>,
     /// The setting that gave [`timeout`](Self::timeout), named in timeout errors
     /// (`--prometheus-timeout`, or `spec.prometheus.timeout` for a policy's own server).
     pub timeout_setting: &'static str,
@@ -229,7 +231,7 @@ impl Default for PrometheusConfig {
             headers: Vec::new(),
             max_concurrency: 8,
             limits: AnswerLimits::default(),
-            url_setting: "--prometheus-url",
+            url_setting: Cow::Borrowed("--prometheus-url"),
             timeout_setting: "--prometheus-timeout",
         }
     }
@@ -243,7 +245,7 @@ pub enum SourceError {
     #[error("{setting} {url}: {message}")]
     Url {
         /// The flag or field that gave the URL (`PrometheusConfig::url_setting`).
-        setting: &'static str,
+        setting: Cow<'static, str>,
         /// The URL, without credentials.
         url: String,
         /// What is wrong.
@@ -311,7 +313,7 @@ pub enum SourceError {
     #[error("{setting} {url}: cannot build the HTTP client: {message}")]
     Client {
         /// The flag or field that gave the URL.
-        setting: &'static str,
+        setting: Cow<'static, str>,
         /// The URL, without credentials.
         url: String,
         /// The error.
@@ -476,7 +478,7 @@ fn tls_config(cfg: &PrometheusConfig) -> Result<rustls::ClientConfig, SourceErro
             client_key: cfg.client_key.as_ref(),
         },
         &PROMETHEUS_FLAGS,
-        cfg.url_setting,
+        &cfg.url_setting,
         &cfg.url,
     )
 }
@@ -498,7 +500,7 @@ pub struct ClientTls<'a> {
 pub fn client_tls(
     tls: ClientTls<'_>,
     flags: &CredentialFlags,
-    url_setting: &'static str,
+    url_setting: &str,
     url: &str,
 ) -> Result<rustls::ClientConfig, SourceError> {
     let (ca_flag, cert_flag, key_flag) = (flags.ca, flags.client_cert, flags.client_key);
@@ -533,7 +535,7 @@ pub fn client_tls(
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SourceError::Client {
-            setting: url_setting,
+            setting: Cow::Owned(url_setting.to_string()),
             url: strip_userinfo(url),
             message: e.to_string(),
         })?
@@ -581,19 +583,19 @@ impl PrometheusSource {
         let shown_url = strip_userinfo(&cfg.url);
         if let Some(fix) = crate::policy::compile::missing_scheme(&shown_url) {
             return Err(SourceError::Url {
-                setting: cfg.url_setting,
+                setting: cfg.url_setting.clone(),
                 url: shown_url,
                 message: fix,
             });
         }
         let parsed = reqwest::Url::parse(&cfg.url).map_err(|e| SourceError::Url {
-            setting: cfg.url_setting,
+            setting: cfg.url_setting.clone(),
             url: shown_url.clone(),
             message: e.to_string(),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(SourceError::Url {
-                setting: cfg.url_setting,
+                setting: cfg.url_setting.clone(),
                 url: shown_url,
                 message: format!("scheme {:?} is not http or https", parsed.scheme()),
             });
@@ -667,13 +669,13 @@ impl PrometheusSource {
             .default_headers(headers)
             .build()
             .map_err(|e| SourceError::Client {
-                setting: cfg.url_setting,
+                setting: cfg.url_setting.clone(),
                 url: shown_url.clone(),
                 message: error_chain(&e),
             })?;
         let client =
             prometheus_http_query::Client::from(http, &cfg.url).map_err(|e| SourceError::Url {
-                setting: cfg.url_setting,
+                setting: cfg.url_setting.clone(),
                 url: shown_url.clone(),
                 message: error_chain(&e),
             })?;
@@ -1582,7 +1584,7 @@ spec:
         );
         let e = cfg(|c| {
             c.url = "thanos".into();
-            c.url_setting = "spec.prometheus.url";
+            c.url_setting = "spec.prometheus.url".into();
         });
         assert!(
             e.starts_with("spec.prometheus.url thanos: has no scheme"),
