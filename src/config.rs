@@ -78,12 +78,15 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
     Ok(cli)
 }
 
+/// A config file and the flags it stood for.
+type Applied = (PathBuf, Vec<OsString>);
+
 /// `matches` again with `kscale run`'s config file applied, and the file with the flags it
 /// stood for (`None` without a file, or when it gave nothing).
 fn with_config_file(
     argv: Vec<OsString>,
     matches: clap::ArgMatches,
-) -> Result<(clap::ArgMatches, Option<(PathBuf, Vec<OsString>)>), ConfigError> {
+) -> Result<(clap::ArgMatches, Option<Applied>), ConfigError> {
     let Some(("run", run)) = matches.subcommand() else {
         return Ok((matches, None));
     };
