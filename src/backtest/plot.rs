@@ -400,9 +400,13 @@ fn draw_panel<DB: DrawingBackend>(
         t1 = t0 + TimeDelta::minutes(1);
     }
     let span = t1 - t0;
-    let mut chart = ChartBuilder::on(area)
-        .caption(&panel.title, (FONT, 15).into_font().color(&READY))
-        .margin(10)
+    // The title and the legend sit above the chart, so the legend never covers data.
+    let (head, body) = area.split_vertically(PANEL_HEAD);
+    let mut chart = ChartBuilder::on(&body)
+        .margin_left(10)
+        .margin_right(10)
+        .margin_bottom(6)
+        .margin_top(4)
         .x_label_area_size(26)
         .y_label_area_size(48)
         .build_cartesian_2d(t0..t1, 0.0..panel.y_max)
@@ -441,12 +445,18 @@ fn draw_panel<DB: DrawingBackend>(
         .label_style((FONT, 12).into_font().color(&TEXT))
         .draw()
         .map_err(e)?;
-    let columns = area.dim_in_pixel().0.max(1) as usize;
+    let columns = body.dim_in_pixel().0.max(1) as usize;
+    // Where a pixel column would hold many evaluations (the whole run of a long replay), the
+    // series are drawn per bin of a few columns: the mean as a line and the range as a band,
+    // instead of a step line that swings across the band in every column (a barcode).
+    let bins = dense_bins(w.to - w.from, columns);
+    let per_bin = bins.map(|b| bin_label(span / i32::try_from(b).unwrap_or(i32::MAX)));
+    let mut legend = Vec::new();
 
     let Some(run_index) = panel.run else {
         // Demand alone, on its own axis (no capacity to turn it into replicas).
-        draw_demand(&mut chart, data, w, columns, 1.0)?;
-        return finish_legend(&mut chart);
+        legend.push(draw_demand(&mut chart, data, w, columns, bins, 1.0)?);
+        return draw_head(&head, &panel.title, &legend);
     };
     let run = &data.runs[run_index];
     let colour = RUN_COLOURS[run_index % RUN_COLOURS.len()];
@@ -468,43 +478,192 @@ fn draw_panel<DB: DrawingBackend>(
         })
         .collect();
     if !bands.is_empty() {
-        chart
-            .draw_series(bands)
-            .map_err(e)?
-            .label("demand above ready capacity")
-            .legend(|(x, y)| {
-                Rectangle::new([(x, y - 5), (x + 14, y + 5)], VIOLATION.mix(0.35).filled())
-            });
+        chart.draw_series(bands).map_err(e)?;
+        legend.push((
+            Swatch::Band(VIOLATION.mix(0.35)),
+            "demand above ready capacity".to_string(),
+        ));
     }
     if let Some(c) = data.capacity {
-        draw_demand(&mut chart, data, w, columns, 1.0 / c)?;
+        legend.push(draw_demand(&mut chart, data, w, columns, bins, 1.0 / c)?);
     }
-    let lines = [
-        (&run.ready, READY, 1, "ready replicas".to_string()),
-        (
-            &run.replicas,
-            colour,
-            2,
-            format!("replicas ({})", run.label),
-        ),
-    ];
-    for (values, colour, width, label) in lines {
-        let segments = steps(reduce(&data.times, w.from, w.to, columns, |i| {
-            Some(f64::from(values[i]))
-        }));
-        chart
-            .draw_series(
-                segments
-                    .into_iter()
-                    .map(|s| PathElement::new(s, colour.stroke_width(width))),
-            )
-            .map_err(e)?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(width))
+    match (bins, per_bin) {
+        (Some(bins), Some(per_bin)) => {
+            // Ready replicas follow replicas within a pod start-up, which no bin this wide
+            // shows apart: the replicas alone, as their range and mean.
+            let binned = bin_stats(&data.times, w.from, w.to, bins, |i| {
+                Some(f64::from(run.replicas[i]))
             });
+            chart
+                .draw_series(binned.iter().map(|b| {
+                    Rectangle::new([(b.start, b.max), (b.end, b.min)], colour.mix(0.2).filled())
+                }))
+                .map_err(e)?;
+            legend.push((
+                Swatch::Band(colour.mix(0.3)),
+                format!("replicas, range per {per_bin}"),
+            ));
+            let mean = steps(vec![binned.iter().map(|b| (b.start, b.mean)).collect()]);
+            chart
+                .draw_series(
+                    mean.into_iter()
+                        .map(|s| PathElement::new(s, colour.stroke_width(2))),
+                )
+                .map_err(e)?;
+            legend.push((
+                Swatch::Line(colour, 2),
+                format!("replicas, mean per {per_bin} ({})", run.label),
+            ));
+        }
+        _ => {
+            let lines = [
+                (&run.ready, READY, 1, "ready replicas".to_string()),
+                (
+                    &run.replicas,
+                    colour,
+                    2,
+                    format!("replicas ({})", run.label),
+                ),
+            ];
+            for (values, colour, width, label) in lines {
+                let segments = steps(reduce(&data.times, w.from, w.to, columns, |i| {
+                    Some(f64::from(values[i]))
+                }));
+                chart
+                    .draw_series(
+                        segments
+                            .into_iter()
+                            .map(|s| PathElement::new(s, colour.stroke_width(width))),
+                    )
+                    .map_err(e)?;
+                legend.push((Swatch::Line(colour, width), label));
+            }
+        }
     }
-    finish_legend(&mut chart)
+    draw_head(&head, &panel.title, &legend)
+}
+
+/// Height of a panel's heading: its title, then its legend.
+const PANEL_HEAD: u32 = 46;
+
+/// How a legend entry is drawn.
+#[derive(Debug, Clone, Copy)]
+enum Swatch {
+    /// A filled square (an area or a band).
+    Band(RGBAColor),
+    /// A line of this width.
+    Line(RGBColor, u32),
+}
+
+/// A panel's heading: the title on the first line, the legend's entries side by side on the
+/// second.
+fn draw_head<DB: DrawingBackend>(
+    head: &DrawingArea<DB, Shift>,
+    title: &str,
+    legend: &[(Swatch, String)],
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    head.draw_text(title, &(FONT, 15).into_font().color(&READY), (58, 6))
+        .map_err(e)?;
+    let font = (FONT, 12).into_font().color(&TEXT);
+    let (mut x, y) = (58i32, 32i32);
+    for (swatch, label) in legend {
+        match *swatch {
+            Swatch::Band(c) => head
+                .draw(&Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()))
+                .map_err(e)?,
+            Swatch::Line(c, width) => head
+                .draw(&PathElement::new(
+                    [(x, y), (x + 14, y)],
+                    c.stroke_width(width),
+                ))
+                .map_err(e)?,
+        }
+        head.draw_text(label, &font, (x + 20, y - 7)).map_err(e)?;
+        // The text's width as the back end measures it (a per-character guess without fonts).
+        let width = head
+            .estimate_text_size(label, &font)
+            .map_or(label.chars().count() as u32 * 7, |(w, _)| w);
+        x += 20 + i32::try_from(width).unwrap_or(0) + 22;
+    }
+    Ok(())
+}
+
+/// The number of bins to draw `points` evaluations in over `columns` pixel columns: `None` when
+/// a column holds few enough evaluations to draw each one's step, otherwise one bin per
+/// [`BIN_COLUMNS`] columns.
+fn dense_bins(points: usize, columns: usize) -> Option<usize> {
+    (points > DENSE_PER_COLUMN * columns.max(1)).then(|| (columns / BIN_COLUMNS).max(1))
+}
+
+/// More evaluations than this per pixel column draw as bins (see [`dense_bins`]).
+const DENSE_PER_COLUMN: usize = 8;
+/// Pixel columns per bin.
+const BIN_COLUMNS: usize = 4;
+
+/// A bin's width in words: `67 min`, `2.5 h`.
+fn bin_label(width: TimeDelta) -> String {
+    let minutes = width.num_seconds() as f64 / 60.0;
+    if minutes < 90.0 {
+        format!("{minutes:.0} min")
+    } else {
+        format!("{:.1} h", minutes / 60.0)
+    }
+}
+
+/// One bin of [`bin_stats`]: its time span and the lowest, mean and highest value in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bin {
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    min: f64,
+    mean: f64,
+    max: f64,
+}
+
+/// The evaluations `[from, to)` in `bins` equal spans of time, each with the lowest, mean and
+/// highest of `value` (evaluations without a value left out; a bin without any is left out).
+fn bin_stats(
+    times: &[DateTime<Utc>],
+    from: usize,
+    to: usize,
+    bins: usize,
+    value: impl Fn(usize) -> Option<f64>,
+) -> Vec<Bin> {
+    let (Some(&t0), Some(&t1)) = (times.get(from), times.get(to.saturating_sub(1))) else {
+        return Vec::new();
+    };
+    let bins = i32::try_from(bins.max(1)).unwrap_or(i32::MAX);
+    let width = ((t1 - t0) / bins).max(TimeDelta::milliseconds(1));
+    let mut out: Vec<Bin> = Vec::new();
+    let mut count = 0usize;
+    for i in from..to {
+        let Some(v) = value(i).filter(|v| v.is_finite()) else {
+            continue;
+        };
+        let k = ((times[i] - t0).num_milliseconds() / width.num_milliseconds())
+            .min(i64::from(bins) - 1);
+        let start = t0 + width * i32::try_from(k).unwrap_or(0);
+        match out.last_mut() {
+            Some(b) if b.start == start => {
+                b.min = b.min.min(v);
+                b.max = b.max.max(v);
+                b.mean += (v - b.mean) / (count + 1) as f64;
+                count += 1;
+            }
+            _ => {
+                out.push(Bin {
+                    start,
+                    end: start + width,
+                    min: v,
+                    mean: v,
+                    max: v,
+                });
+                count = 1;
+            }
+        }
+    }
+    out
 }
 
 type Chart<'a, DB> = ChartContext<
@@ -516,48 +675,60 @@ type Chart<'a, DB> = ChartContext<
     >,
 >;
 
-/// Demand times `factor` as a filled area, one per stretch without gaps.
+/// Demand times `factor` as a filled area, one per stretch without gaps; with `bins`, each
+/// bin's peak (see [`dense_bins`]). Returns its legend entry.
 fn draw_demand<'a, DB: DrawingBackend + 'a>(
     chart: &mut Chart<'a, DB>,
     data: &PlotData,
     w: &Window,
     columns: usize,
+    bins: Option<usize>,
     factor: f64,
-) -> Result<(), String> {
+) -> Result<(Swatch, String), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
-    let segments = reduce(&data.times, w.from, w.to, columns, |i| {
-        data.demand[i].map(|d| d * factor)
-    });
-    let mut first = true;
+    let value = |i: usize| data.demand[i].map(|d| d * factor);
+    let mut label = if data.capacity.is_some() {
+        "demand ÷ capacity".to_string()
+    } else {
+        "demand".to_string()
+    };
+    let segments = match bins {
+        Some(bins) => {
+            let binned = bin_stats(&data.times, w.from, w.to, bins, value);
+            if let (Some(first), Some(last)) = (binned.first(), binned.last()) {
+                let per_bin = bin_label(first.end - first.start);
+                label = format!("{label}, peak per {per_bin}");
+                // One area per run of adjacent bins: a bin without demand is a gap.
+                let mut runs: Vec<Vec<(DateTime<Utc>, f64)>> = Vec::new();
+                let mut previous: Option<&Bin> = None;
+                for b in &binned {
+                    match (runs.last_mut(), previous) {
+                        (Some(run), Some(p)) if p.end == b.start => run.push((b.start, b.max)),
+                        (run, p) => {
+                            if let (Some(run), Some(p)) = (run, p) {
+                                run.push((p.end, p.max));
+                            }
+                            runs.push(vec![(b.start, b.max)]);
+                        }
+                    }
+                    previous = Some(b);
+                }
+                if let Some(run) = runs.last_mut() {
+                    run.push((last.end.min(data.times[w.to - 1]), last.max));
+                }
+                steps(runs)
+            } else {
+                Vec::new()
+            }
+        }
+        None => reduce(&data.times, w.from, w.to, columns, value),
+    };
     for segment in segments {
-        let series = chart
+        chart
             .draw_series(AreaSeries::new(segment, 0.0, DEMAND.mix(0.45)).border_style(DEMAND))
             .map_err(e)?;
-        if first {
-            series
-                .label(if data.capacity.is_some() {
-                    "demand ÷ capacity"
-                } else {
-                    "demand"
-                })
-                .legend(|(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], DEMAND.mix(0.6).filled())
-                });
-            first = false;
-        }
     }
-    Ok(())
-}
-
-fn finish_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> Result<(), String> {
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(GRID)
-        .label_font((FONT, 12).into_font().color(&TEXT))
-        .draw()
-        .map_err(|e| e.to_string())
+    Ok((Swatch::Band(DEMAND.mix(0.6)), label))
 }
 
 /// The points of `value` over `[from, to)` reduced to `columns` pixel columns: each column keeps
@@ -838,6 +1009,35 @@ mod tests {
         let seg = reduce(&d.times, 0, d.times.len(), 1000, |i| d.demand[i]);
         assert!(seg.iter().flatten().any(|(_, v)| *v == 4000.0));
         assert!(seg.iter().map(Vec::len).sum::<usize>() <= 4 * 1000 + 8);
+    }
+
+    #[test]
+    fn a_long_run_is_drawn_per_bin_with_its_range_mean_and_peak() {
+        // Two weeks a minute apart on 1,280 pixels: many evaluations per column, in bins of 4.
+        let d = data(14 * 24 * 60);
+        let texts = texts(&render_svg(&d).expect("svg"));
+        for label in [
+            "replicas, mean per 63 min (web)",
+            "replicas, range per 63 min",
+            "demand ÷ capacity, peak per 63 min",
+        ] {
+            assert!(texts.iter().any(|t| t == label), "no {label:?}: {texts:?}");
+        }
+        // The busiest day is drawn evaluation by evaluation.
+        assert!(texts.iter().any(|t| t == "ready replicas"), "{texts:?}");
+        assert_eq!(dense_bins(4 * 24 * 60, 1212), None);
+        assert_eq!(dense_bins(14 * 24 * 60, 1212), Some(303));
+        // Each bin: its lowest, mean and highest value; a bin without values is left out.
+        let times: Vec<_> = (0..8)
+            .map(|i| t("2014-07-01T00:00:00Z") + TimeDelta::minutes(i))
+            .collect();
+        let values = [1.0, 3.0, 2.0, 6.0, f64::NAN, f64::NAN, 5.0, 5.0];
+        let bins = bin_stats(&times, 0, 8, 3, |i| Some(values[i]));
+        let stats: Vec<_> = bins.iter().map(|b| (b.min, b.mean, b.max)).collect();
+        assert_eq!(stats, [(1.0, 2.0, 3.0), (6.0, 6.0, 6.0), (5.0, 5.0, 5.0)]);
+        assert_eq!(bins[0].end, bins[1].start);
+        assert_eq!(bin_label(TimeDelta::minutes(67)), "67 min");
+        assert_eq!(bin_label(TimeDelta::minutes(150)), "2.5 h");
     }
 
     #[test]

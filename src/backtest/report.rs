@@ -194,7 +194,10 @@ pub fn render_html(input: &ReportInput<'_>) -> Result<String, String> {
          <span><i class=\"swatch\" style=\"background:#cbd5e1\"></i>demand (÷ capacity: the replicas it needs)</span>\
          <span><i class=\"swatch\" style=\"background:#111827;height:2px\"></i>ready replicas</span>\
          <span><i class=\"swatch\" style=\"background:#1d4ed8;height:3px\"></i>replicas</span>\
-         <span><i class=\"swatch\" style=\"background:#fca5a5\"></i>demand above ready capacity</span></p>\n",
+         <span><i class=\"swatch\" style=\"background:#fca5a5\"></i>demand above ready capacity</span><br>\
+         Where a panel spans too many evaluations to draw each one (the whole run of a long replay), it shows bins \
+         of equal time: the replicas' mean as a line and their range as a band, and demand's peak; each panel's \
+         legend names the bin's width.</p>\n",
     );
     let mut section = None;
     for panel in panels(data) {
