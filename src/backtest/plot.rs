@@ -637,12 +637,12 @@ fn bin_stats(
     let width = ((t1 - t0) / bins).max(TimeDelta::milliseconds(1));
     let mut out: Vec<Bin> = Vec::new();
     let mut count = 0usize;
-    for i in from..to {
+    for (i, time) in times.iter().enumerate().take(to).skip(from) {
         let Some(v) = value(i).filter(|v| v.is_finite()) else {
             continue;
         };
-        let k = ((times[i] - t0).num_milliseconds() / width.num_milliseconds())
-            .min(i64::from(bins) - 1);
+        let k =
+            ((*time - t0).num_milliseconds() / width.num_milliseconds()).min(i64::from(bins) - 1);
         let start = t0 + width * i32::try_from(k).unwrap_or(0);
         match out.last_mut() {
             Some(b) if b.start == start => {
