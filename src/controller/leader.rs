@@ -261,49 +261,106 @@ fn now_micro() -> MicroTime {
 
 /// What a candidate compares to see whether the holder renewed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Record {
+pub(super) struct Record {
     holder: String,
     renew_time: Option<String>,
     acquire_time: Option<String>,
     transitions: Option<i32>,
+    duration_seconds: Option<i32>,
 }
 
 impl Record {
-    fn of(spec: &LeaseSpec) -> Record {
+    pub(super) fn of(spec: &LeaseSpec) -> Record {
         Record {
             holder: spec.holder_identity.clone().unwrap_or_default(),
             renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
             acquire_time: spec.acquire_time.as_ref().map(|t| t.0.to_string()),
             transitions: spec.lease_transitions,
+            duration_seconds: spec.lease_duration_seconds,
         }
+    }
+
+    /// Whether the record names no holder or no renewal: a free Lease.
+    fn free(&self) -> bool {
+        self.holder.is_empty() || self.renew_time.is_none()
+    }
+
+    /// The lease duration the record states (`default` when it states none).
+    fn duration(&self, default: Duration) -> Duration {
+        self.duration_seconds.map_or(default, |s| {
+            Duration::from_secs(u64::try_from(s).unwrap_or(0))
+        })
     }
 }
 
-/// When a Lease's record was last seen to change, by this replica's monotonic clock.
+/// When a Lease's record was first seen, by this replica's monotonic clock.
+///
+/// Every sighting is of a record already written, so the time kept for the record the Lease
+/// holds now is never before its write: a candidate that judges it expired (unchanged for the
+/// lease duration since) is at least the lease duration past the holder's renewal, whatever
+/// the holder's clock says. Sightings may come late or out of order (a LIST and a watch race);
+/// a late one only delays the expiry.
 #[derive(Debug, Default)]
 pub(super) struct Observation(Option<(Record, Instant)>);
 
 impl Observation {
-    /// Whether the holder of `spec` has not renewed for its lease duration (`default` when the
-    /// Lease says none), as this replica has watched it: an empty holder or renew time counts
-    /// as expired at once.
-    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration) -> bool {
+    /// Takes in that `record` was seen at `at`: the same record keeps its earliest sighting; a
+    /// different one replaces it unless it was seen before the one kept (a stale sighting).
+    pub(super) fn seen(&mut self, record: Record, at: Instant) {
+        match &mut self.0 {
+            Some((kept, since)) if *kept == record => *since = (*since).min(at),
+            Some((_, since)) if at < *since => {}
+            _ => self.0 = Some((record, at)),
+        }
+    }
+
+    /// Takes in `other`'s sighting (made elsewhere, e.g. by a watch), as [`Observation::seen`].
+    pub(super) fn merge(&mut self, other: Observation) {
+        if let Some((record, at)) = other.0 {
+            self.seen(record, at);
+        }
+    }
+
+    /// Whether the holder of `spec`, seen at `now`, has not renewed for its lease duration
+    /// (`default` when the Lease says none), as this replica has watched it: an empty holder or
+    /// renew time counts as expired at once.
+    pub(super) fn expired_at(&mut self, spec: &LeaseSpec, default: Duration, now: Instant) -> bool {
         let record = Record::of(spec);
-        if record.holder.is_empty() || record.renew_time.is_none() {
+        if record.free() {
+            self.seen(record, now);
             return true;
         }
-        let now = Instant::now();
-        let since = match &self.0 {
-            Some((seen, at)) if *seen == record => *at,
-            _ => {
-                self.0 = Some((record, now));
-                now
-            }
-        };
-        let duration = spec.lease_duration_seconds.map_or(default, |s| {
-            Duration::from_secs(u64::try_from(s).unwrap_or(0))
-        });
-        now.duration_since(since) > duration
+        self.seen(record.clone(), now);
+        match &self.0 {
+            Some((kept, since)) if *kept == record => now > *since + record.duration(default),
+            // A later sighting of another record: not this one's expiry to judge.
+            _ => false,
+        }
+    }
+
+    /// [`Observation::expired_at`] now.
+    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration) -> bool {
+        self.expired_at(spec, default, Instant::now())
+    }
+
+    /// From when the Lease may be taken as far as this replica has seen it: a free one from
+    /// when it was seen free, a held one strictly after its lease duration from when its record
+    /// was first seen (`None`: nothing seen).
+    pub(super) fn due(&self, default: Duration) -> Option<Instant> {
+        let (record, since) = self.0.as_ref()?;
+        Some(if record.free() {
+            *since
+        } else {
+            *since + record.duration(default)
+        })
+    }
+
+    /// The holder of the record kept (`None`: nothing seen, or a free Lease).
+    pub(super) fn holder(&self) -> Option<&str> {
+        self.0
+            .as_ref()
+            .filter(|(r, _)| !r.free())
+            .map(|(r, _)| r.holder.as_str())
     }
 }
 
@@ -336,6 +393,16 @@ impl Elector {
     /// watched it.
     pub(super) fn expired(&mut self, spec: &LeaseSpec) -> bool {
         self.observed.expired(spec, self.cfg.duration)
+    }
+
+    /// What this replica has seen of the Lease, and when.
+    pub(super) fn observed(&mut self) -> &mut Observation {
+        &mut self.observed
+    }
+
+    /// [`Elector::observed`], to read.
+    pub(super) fn observation(&self) -> &Observation {
+        &self.observed
     }
 
     /// One attempt to acquire or renew. Returns whether this instance holds the Lease afterwards.
