@@ -372,6 +372,9 @@ pub(super) struct Elector {
     observed: Observation,
     /// Labels a Lease this candidate creates carries (none for the one leader Lease).
     labels: Option<std::collections::BTreeMap<String, String>>,
+    /// The Lease as this candidate's last successful write left it (`None` after a conflict):
+    /// what it renews from without reading the Lease first ([`Elector::renew_held`]).
+    written: Option<Lease>,
 }
 
 impl Elector {
@@ -386,7 +389,25 @@ impl Elector {
             cfg,
             observed: Observation::default(),
             labels,
+            written: None,
         }
+    }
+
+    /// Renews the Lease from the copy this candidate's last write returned, without reading it
+    /// first: `None` when there is no such copy, or it is not held by this candidate. The write
+    /// carries that copy's resourceVersion, so a Lease changed since (taken over, released)
+    /// is not overwritten: the conflict answers `Ok(false)`, and the copy is dropped.
+    pub(super) async fn renew_held(&mut self) -> Option<Result<bool, kube::Error>> {
+        let lease = self.written.clone().filter(|l| {
+            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                == Some(self.cfg.identity.as_str())
+        })?;
+        Some(self.acquire_from(Some(lease)).await)
+    }
+
+    /// The copy of the Lease this candidate's last write returned, given up (to release it).
+    pub(super) fn take_written(&mut self) -> Option<Lease> {
+        self.written.take()
     }
 
     /// Whether the holder of `spec` has not renewed for its lease duration, as this replica has
@@ -436,8 +457,14 @@ impl Elector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Ok(created) => {
+                    self.written = Some(created);
+                    Ok(true)
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    self.written = None;
+                    Ok(false)
+                }
                 Err(e) => Err(e),
             };
         };
@@ -445,6 +472,7 @@ impl Elector {
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.cfg.identity;
         if !ours && !self.expired(spec) {
+            self.written = None;
             return Ok(false);
         }
         if !ours {
@@ -460,8 +488,14 @@ impl Elector {
             .replace(&lease.name_any(), &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(replaced) => {
+                self.written = Some(replaced);
+                Ok(true)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                self.written = None;
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

@@ -14,15 +14,24 @@
 //!   identity>` ([`member_lease_name`]), so a replica that holds no shard yet is seen. The live
 //!   replicas are the holders of the member and shard Leases this replica has seen renewed
 //!   within their lease duration, itself included.
-//! - Every retry period (`--leader-renew`) a replica lists the Leases of its group (one LIST,
-//!   label `kscale.dev/lease-group=<lease>`), renews what it holds up to its fair share,
+//! - Every retry period (`--leader-renew`) a replica runs a round: it renews the Leases it
+//!   held from the copies its own last writes returned (conditional on their resourceVersion,
+//!   without waiting for a read), lists the Leases of its group (one LIST, label
+//!   `kscale.dev/lease-group=<lease>`), keeps what it holds up to its fair share,
 //!   `ceil(N / live replicas)` ([`fair_share`]), releases the rest (emptying the holder, so
-//!   another replica takes them at its next round), and takes free or expired shards while under
-//!   its share ([`plan`]), starting from an offset of its own so that replicas starting together
-//!   do not all race for shard 0. A dead replica's shards expire after the lease duration and
-//!   are taken at the next round: failover within lease duration + retry period. A replica
-//!   that comes back is seen through its membership Lease; the others' fair share falls and
-//!   they release what exceeds it.
+//!   another replica takes them), and takes free or expired shards while under its share
+//!   ([`plan`]), starting from an offset of its own so that replicas starting together do not
+//!   all race for shard 0 (one that loses a race runs its next round at once).
+//! - Failover: a replica also watches the group's Leases, so it sees each renewal when it is
+//!   made, not at its next LIST, and times the Lease from then (a sighting is never earlier than
+//!   the write, so the judgement stays on this replica's own clock and only a late sighting can
+//!   shift it, later). It wakes for a round as soon as a Lease it watches expires or is released
+//!   ([`first_due`]), so a dead replica's shards are taken about the lease duration after its
+//!   last renewal, plus one round's requests, rather than up to a retry period and a round
+//!   later. Without the watch (it retries with backoff), rounds still see everything through
+//!   their LIST, up to a retry period later. A replica that comes back is seen through its
+//!   membership Lease; the others' fair share falls and they release what exceeds it, which
+//!   the returning replica sees at once.
 //! - [`super::leader::Leadership`] holds, per shard, until the renew deadline after the start
 //!   of the round that last renewed it; every write for a policy checks its shard right before
 //!   it is made ([`super::leader::Leadership::check_policy`]).
@@ -293,11 +302,48 @@ impl Campaign {
     async fn round(&mut self, started: Instant) -> Result<bool, kube::Error> {
         // Whatever comes of the LIST, what was due by now is not waited for again.
         self.judged = Some(started);
-        let leases = self
-            .api
-            .list(&ListParams::default().labels(&group_selector(&self.cfg.name)))
-            .await?
-            .items;
+        // What this replica held is renewed from the copies its last writes returned while the
+        // LIST is under way, so a slow LIST does not eat into the renew deadline.
+        let params = ListParams::default().labels(&group_selector(&self.cfg.name));
+        let Campaign {
+            api,
+            shards,
+            member,
+            held,
+            leadership,
+            cfg,
+            ..
+        } = self;
+        let (leadership, until) = (&*leadership, started + cfg.renew_deadline);
+        let renewals = shards
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, elector)| {
+                let i = u32::try_from(i).ok()?;
+                held.contains(&i).then_some((i, elector))
+            })
+            .map(|(i, elector)| async move {
+                let renewed = elector.renew_held().await;
+                if matches!(renewed, Some(Ok(true))) {
+                    // Held at once, not when the LIST is back.
+                    leadership.hold_until(i, until);
+                }
+                (i, renewed)
+            });
+        let (listed, renewed_early, member_renewed) = futures::join!(
+            api.list(&params),
+            futures::future::join_all(renewals),
+            member.renew_held(),
+        );
+        // Renewed: held until the renew deadline. Anything else is tried again below from the
+        // Lease as listed.
+        let renewed_early: HashSet<u32> = renewed_early
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Some(Ok(true))))
+            .map(|(i, _)| i)
+            .collect();
+        let member_renewed = matches!(member_renewed, Some(Ok(true)));
+        let leases = listed?.items;
         let now = Instant::now();
         let listed = now.duration_since(started);
         self.judged = Some(now);
@@ -368,7 +414,9 @@ impl Campaign {
             .release
             .iter()
             .filter_map(|i| {
-                let lease = current[*i as usize].take()?;
+                // The copy this round's renewal returned is newer than the one listed.
+                let written = shards.get_mut(*i as usize)?.take_written();
+                let lease = written.or_else(|| current[*i as usize].take())?;
                 let (api, identity) = (&*api, cfg.identity.as_str());
                 Some(async move { super::leader::release_lease(api, identity, lease).await })
             })
@@ -380,14 +428,21 @@ impl Campaign {
             .enumerate()
             .filter_map(|(i, elector)| {
                 let i = u32::try_from(i).ok()?;
-                wanted.contains(&i).then_some((i, elector))
+                (wanted.contains(&i) && !renewed_early.contains(&i)).then_some((i, elector))
             })
             .map(|(i, elector)| {
                 let lease = current[i as usize].take();
                 async move { (i, elector.acquire_from(lease).await) }
             });
+        let member_renewal = async {
+            if member_renewed {
+                Ok(true)
+            } else {
+                member.acquire_from(own).await
+            }
+        };
         let (renewed, results, (), removed) = futures::join!(
-            member.acquire_from(own),
+            member_renewal,
             futures::future::join_all(attempts),
             futures::future::join_all(releases).map(|_| ()),
             futures::future::join_all(removals),
@@ -398,7 +453,11 @@ impl Campaign {
         if !plan.release.is_empty() {
             info!(shards = ?plan.release, live = live.len(), fair_share = fair_share(self.cfg.shards, live.len()), "released shards beyond this replica's fair share");
         }
-        let mut now_held = HashSet::new();
+        let mut now_held: HashSet<u32> = renewed_early
+            .iter()
+            .filter(|i| wanted.contains(i))
+            .copied()
+            .collect();
         let mut failed = None;
         let mut lost_race = false;
         for (i, result) in results {
