@@ -26,10 +26,12 @@
 //!   made, not at its next LIST, and times the Lease from then (a sighting is never earlier than
 //!   the write, so the judgement stays on this replica's own clock and only a late sighting can
 //!   shift it, later). It wakes for a round as soon as a Lease it watches expires or is released
-//!   ([`first_due`]), so a dead replica's shards are taken about the lease duration after its
-//!   last renewal, plus one round's requests, rather than up to a retry period and a round
-//!   later. Without the watch (it retries with backoff), rounds still see everything through
-//!   their LIST, up to a retry period later. A replica that comes back is seen through its
+//!   ([`first_due`]), and that round runs from the watch's copies of the Leases instead of a
+//!   LIST (its writes carry the resourceVersions read, so a stale copy costs a conflict and a
+//!   round, never a second holder), so a dead replica's shards are taken the lease duration
+//!   after its last renewal plus one write, rather than up to a retry period and a round later.
+//!   Without the watch (it retries with backoff), rounds still see everything through their
+//!   LIST, up to a retry period later. A replica that comes back is seen through its
 //!   membership Lease; the others' fair share falls and they release what exceeds it, which
 //!   the returning replica sees at once.
 //! - [`super::leader::Leadership`] holds, per shard, until the renew deadline after the start
@@ -43,7 +45,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -147,6 +149,9 @@ struct Sightings {
     seen: std::sync::Mutex<HashMap<String, Observation>>,
     /// Wakes the campaign when something was seen.
     changed: tokio::sync::Notify,
+    /// Whether the watch listed the group and has not failed since: its copies of the Leases
+    /// are then complete enough for a round to run from them.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Sightings {
@@ -171,10 +176,16 @@ impl Sightings {
 /// made rather than at this replica's next round, and a dead replica's Leases are judged
 /// expired on time. Runs for ever (the watch retries with backoff); while it fails, rounds
 /// still see every Lease through their own LIST, later.
-async fn watch_group(api: Api<Lease>, cfg: LeaderConfig, sightings: Arc<Sightings>) {
+async fn watch_group(
+    api: Api<Lease>,
+    cfg: LeaderConfig,
+    sightings: Arc<Sightings>,
+    copies: reflector::store::Writer<Lease>,
+) {
+    use std::sync::atomic::Ordering;
     let lease = cfg.name;
     let config = watcher::Config::default().labels(&group_selector(&lease));
-    let stream = watcher(api, config).default_backoff();
+    let stream = reflector::reflector(copies, watcher(api, config).default_backoff());
     futures::pin_mut!(stream);
     let reported = super::permissions::Once::default();
     while let Some(event) = stream.next().await {
@@ -188,8 +199,10 @@ async fn watch_group(api: Api<Lease>, cfg: LeaderConfig, sightings: Arc<Sighting
                     info!(%lease, "watching the shard leases works again");
                 }
             }
+            Ok(watcher::Event::InitDone) => sightings.synced.store(true, Ordering::Relaxed),
             Ok(_) => {}
             Err(e) => {
+                sightings.synced.store(false, Ordering::Relaxed);
                 let error = match &e {
                     watcher::Error::InitialListFailed(k)
                     | watcher::Error::WatchStartFailed(k)
@@ -299,7 +312,11 @@ impl Campaign {
     /// count the live replicas, then renew, release and acquire shards by [`plan`]. Returns
     /// whether an attempt to take a shard lost to another replica (the shard it will try next
     /// may be free: the next round need not wait).
-    async fn round(&mut self, started: Instant) -> Result<bool, kube::Error> {
+    async fn round(
+        &mut self,
+        started: Instant,
+        watched: Option<Vec<Lease>>,
+    ) -> Result<bool, kube::Error> {
         // Whatever comes of the LIST, what was due by now is not waited for again.
         self.judged = Some(started);
         // What this replica held is renewed from the copies its last writes returned while the
@@ -330,8 +347,14 @@ impl Campaign {
                 }
                 (i, renewed)
             });
+        let list = async {
+            match watched {
+                Some(items) => Ok(items),
+                None => api.list(&params).await.map(|l| l.items),
+            }
+        };
         let (listed, renewed_early, member_renewed) = futures::join!(
-            api.list(&params),
+            list,
             futures::future::join_all(renewals),
             member.renew_held(),
         );
@@ -343,7 +366,7 @@ impl Campaign {
             .map(|(i, _)| i)
             .collect();
         let member_renewed = matches!(member_renewed, Some(Ok(true)));
-        let leases = listed?.items;
+        let leases = listed?;
         let now = Instant::now();
         let listed = now.duration_since(started);
         self.judged = Some(now);
@@ -559,18 +582,28 @@ const DUE_MARGIN: Duration = Duration::from_millis(5);
 pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership) {
     let sightings = Arc::new(Sightings::default());
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let watch = watch_group(api, cfg.clone(), sightings.clone());
+    let (copies, writer) = reflector::store();
+    let watch = watch_group(api, cfg.clone(), sightings.clone(), writer);
     let rounds = async {
         let mut campaign = Campaign::new(client, cfg.clone(), leadership);
         let reported = super::permissions::Once::default();
         // Rounds started at once in a row after lost races: each lost race is another
         // replica's gain, so they end; bounded all the same.
         let mut retries = 0;
+        // Whether the round was woken by a Lease becoming takeable.
+        let mut woken = false;
         loop {
             let started = Instant::now();
             campaign.take_sightings(&sightings);
+            // Woken by a Lease becoming takeable, a round runs from the watch's copies of the
+            // group's Leases (when the watch is synced) rather than waiting for a LIST: the
+            // copies are at least as fresh as what told it to wake, and every write carries
+            // the resourceVersion it read, so a stale copy costs a conflict, never a double
+            // holder. Other rounds LIST.
+            let watched = (woken && sightings.synced.load(std::sync::atomic::Ordering::Relaxed))
+                .then(|| copies.state().iter().map(|l| Lease::clone(l)).collect());
             let mut again = false;
-            match tokio::time::timeout(cfg.renew_deadline, campaign.round(started)).await {
+            match tokio::time::timeout(cfg.renew_deadline, campaign.round(started, watched)).await {
                 Ok(Ok(lost_race)) => {
                     if reported.clear("lease") {
                         info!(lease = %cfg.name, "lease update works again");
@@ -583,6 +616,7 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
                     "shard lease round took longer than --leader-renew-deadline; abandoned"
                 ),
             }
+            woken = false;
             if again {
                 retries += 1;
                 continue;
@@ -594,11 +628,14 @@ pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership)
             let regular = started + cfg.renew;
             loop {
                 campaign.take_sightings(&sightings);
-                let wake = campaign
-                    .next_due()
-                    .map_or(regular, |due| regular.min(due + DUE_MARGIN));
+                let due = campaign.next_due().map(|due| due + DUE_MARGIN);
+                let wake = due.map_or(regular, |due| due.min(regular));
                 tokio::select! {
-                    () = tokio::time::sleep_until(wake.into()) => break,
+                    () = tokio::time::sleep_until(wake.into()) => {
+                        // A Lease became takeable first (or both are past: a slow round).
+                        woken = due.is_some_and(|due| due <= regular);
+                        break;
+                    }
                     () = sightings.changed.notified() => {}
                 }
             }
