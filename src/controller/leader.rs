@@ -456,17 +456,8 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(created) => {
-                    self.written = Some(created);
-                    Ok(true)
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    self.written = None;
-                    Ok(false)
-                }
-                Err(e) => Err(e),
-            };
+            let created = self.api.create(&PostParams::default(), &lease).await;
+            return self.wrote(created);
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
@@ -483,13 +474,19 @@ impl Elector {
         spec.renew_time = Some(now_micro());
         spec.lease_duration_seconds = Some(duration_s);
         // replace carries metadata.resourceVersion: a concurrent writer gets 409 and loses.
-        match self
+        let replaced = self
             .api
             .replace(&lease.name_any(), &PostParams::default(), &lease)
-            .await
-        {
-            Ok(replaced) => {
-                self.written = Some(replaced);
+            .await;
+        self.wrote(replaced)
+    }
+
+    /// What a write of the Lease came to: held (its copy kept for the next renewal), lost to
+    /// another writer (409: the copy dropped), or failed.
+    fn wrote(&mut self, result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+        match result {
+            Ok(lease) => {
+                self.written = Some(lease);
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {

@@ -765,9 +765,7 @@ mod tests {
     /// The clock is faked by passing instants.
     #[test]
     fn a_shard_is_due_a_lease_duration_after_the_renewal_was_seen() {
-        let d = Duration::from_secs(4);
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (d, at) = (Duration::from_secs(4), clock());
         let renewed = spec("c", "2026-11-30T14:00:00Z");
         // The watch saw c's last renewal at 0 ms; the campaign takes the sighting in.
         let sightings = Sightings::default();
@@ -794,9 +792,7 @@ mod tests {
 
     #[test]
     fn a_late_or_stale_sighting_only_delays_an_expiry() {
-        let d = Duration::from_secs(4);
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (d, at) = (Duration::from_secs(4), clock());
         let first = spec("c", "2026-11-30T14:00:00Z");
         let second = spec("c", "2026-11-30T14:00:01Z");
         let mut o = Observation::default();
@@ -829,9 +825,7 @@ mod tests {
 
     #[test]
     fn a_released_shard_is_due_when_seen_free() {
-        let d = Duration::from_secs(4);
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (d, at) = (Duration::from_secs(4), clock());
         let mut o = Observation::default();
         assert!(!o.expired_at(&spec("a", "2026-11-30T14:00:00Z"), d, at(0)));
         // The watch sees it released at 300 ms, after the round at 100 ms: wake at once.
@@ -848,6 +842,12 @@ mod tests {
             first_due([&late, &o], "c", d, Some(at(301))),
             Some(at(4200))
         );
+    }
+
+    /// A fake clock: the instant `ms` milliseconds after the test's start.
+    fn clock() -> impl Fn(u64) -> Instant {
+        let t0 = Instant::now();
+        move |ms| t0 + Duration::from_millis(ms)
     }
 
     fn observed(spec: &LeaseSpec, at: Instant) -> Observation {
