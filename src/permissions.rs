@@ -13,7 +13,7 @@ use std::sync::Mutex;
 /// A request of the daemon that RBAC governs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access<'a> {
-    /// get, create and update on the leader-election Lease (and list and delete with `--shards`).
+    /// get, create and update on the leader-election Lease (and list, watch and delete with `--shards`).
     Lease {
         /// The Lease's namespace.
         namespace: &'a str,
@@ -50,7 +50,7 @@ pub fn is_forbidden(e: &kube::Error) -> bool {
 pub fn hint(access: Access<'_>) -> String {
     match access {
         Access::Lease { namespace } => format!(
-            "the daemon's ServiceAccount may not get, create or update Leases (coordination.k8s.io), or with --shards list and delete them, in namespace {namespace}: the Helm chart grants them in the release namespace only, so set --leader-election-namespace (POD_NAMESPACE, the daemon's own namespace by default) to that namespace, or grant a Role on leases there, or turn election off with --leader-elect=false (one replica only)"
+            "the daemon's ServiceAccount may not get, create or update Leases (coordination.k8s.io), or with --shards list, watch and delete them, in namespace {namespace}: the Helm chart grants them in the release namespace only, so set --leader-election-namespace (POD_NAMESPACE, the daemon's own namespace by default) to that namespace, or grant a Role on leases there, or turn election off with --leader-elect=false (one replica only)"
         ),
         Access::Scale { kind } => format!(
             "the daemon's ServiceAccount may not read or write the scale subresource of {kind}: add the kind's API group and plural resource to the Helm chart's scaleTargets (a ClusterRole rule on <resource>/scale with verbs get, patch, update)"

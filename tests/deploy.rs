@@ -602,7 +602,8 @@ fn rendered_deployment_is_locked_down() {
         .find(|e| e["name"] == "KSCALE_SHARDS")
         .expect("KSCALE_SHARDS");
     assert_eq!(shards["value"], "1");
-    // The Lease Role is about Leases alone (list and delete serve the shards' membership).
+    // The Lease Role is about Leases alone (list, watch and delete serve the shards: the
+    // group's Leases are watched, a dead replica's membership Lease removed).
     let lease_role = docs
         .iter()
         .find(|v| {
@@ -615,6 +616,8 @@ fn rendered_deployment_is_locked_down() {
     for rule in lease_role["rules"].as_sequence().expect("rules") {
         assert_eq!(rule["resources"][0], "leases", "{rule:?}");
         assert_eq!(rule["resources"].as_sequence().map(Vec::len), Some(1));
+        let verbs = rule["verbs"].as_sequence().expect("verbs");
+        assert!(verbs.iter().any(|v| v == "watch"), "{rule:?}");
     }
     // Off by default: only one provider may own v1beta1.external.metrics.k8s.io.
     assert!(!docs.iter().any(|v| v["kind"] == "APIService"));

@@ -95,6 +95,43 @@ async fn wait_balanced(leases: &Api<Lease>, live: &[&str], what: &str) -> BTreeM
     .await
 }
 
+/// How long until every shard of `shards` has a holder other than `dead` (polled every 50 ms;
+/// at most a minute, after which the caller's own wait reports what is behind).
+async fn taken_over(leases: &Api<Lease>, shards: &[u32], dead: &str) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok(h) = holders(leases).await
+            && shards
+                .iter()
+                .all(|i| h.get(i).is_some_and(|by| !by.is_empty() && by != dead))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+/// How long until every target of `names` has `want` replicas (polled every 50 ms; at most a
+/// minute, after which the caller's own wait reports what is behind).
+async fn reached(deployments: &Api<Deployment>, names: &[String], want: i32) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok(list) = deployments.list(&ListParams::default()).await
+            && names.iter().all(|n| {
+                list.items.iter().any(|d| {
+                    d.metadata.name.as_ref() == Some(n)
+                        && d.spec.as_ref().and_then(|s| s.replicas) == Some(want)
+                })
+            })
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
 /// One `evaluated` line of a daemon's log.
 #[derive(Debug, Clone)]
 struct Evaluated {
@@ -345,10 +382,23 @@ async fn three_daemons_share_six_shards_and_take_a_dead_ones_over() {
     exporter.set(metric, &[], 15.0);
     d.running[victim] = None;
     let killed = Instant::now();
-    let (_, writers) = step_to(&deployments, &d, 3, "every target at 3 after the kill").await;
+    let dead_shards: Vec<u32> = held
+        .iter()
+        .filter(|(_, h)| *h == DAEMONS[victim])
+        .map(|(i, _)| *i)
+        .collect();
+    let survivors: Vec<String> = (0..POLICIES)
+        .map(target)
+        .filter(|n| !victims.contains(n))
+        .collect();
+    let (taken, others, (_, writers)) = tokio::join!(
+        taken_over(&leases, &dead_shards, DAEMONS[victim]),
+        reached(&deployments, &survivors, 3),
+        step_to(&deployments, &d, 3, "every target at 3 after the kill"),
+    );
     let failover = killed.elapsed();
     eprintln!(
-        "after the kill, all {POLICIES} targets ({} of the dead daemon's) reached 3 in {failover:?} (lease 4s, renew 1s, interval 1s)",
+        "after the kill: the dead daemon's shards {dead_shards:?} taken over in {taken:?}; all {POLICIES} targets ({} of the dead daemon's) at 3 in {failover:?}, the live daemons' own in {others:?} (lease 4s + interval 1s = 5s; renew 1s)",
         victims.len()
     );
     assert!(

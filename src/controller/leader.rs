@@ -261,49 +261,106 @@ fn now_micro() -> MicroTime {
 
 /// What a candidate compares to see whether the holder renewed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Record {
+pub(super) struct Record {
     holder: String,
     renew_time: Option<String>,
     acquire_time: Option<String>,
     transitions: Option<i32>,
+    duration_seconds: Option<i32>,
 }
 
 impl Record {
-    fn of(spec: &LeaseSpec) -> Record {
+    pub(super) fn of(spec: &LeaseSpec) -> Record {
         Record {
             holder: spec.holder_identity.clone().unwrap_or_default(),
             renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
             acquire_time: spec.acquire_time.as_ref().map(|t| t.0.to_string()),
             transitions: spec.lease_transitions,
+            duration_seconds: spec.lease_duration_seconds,
         }
+    }
+
+    /// Whether the record names no holder or no renewal: a free Lease.
+    fn free(&self) -> bool {
+        self.holder.is_empty() || self.renew_time.is_none()
+    }
+
+    /// The lease duration the record states (`default` when it states none).
+    fn duration(&self, default: Duration) -> Duration {
+        self.duration_seconds.map_or(default, |s| {
+            Duration::from_secs(u64::try_from(s).unwrap_or(0))
+        })
     }
 }
 
-/// When a Lease's record was last seen to change, by this replica's monotonic clock.
+/// When a Lease's record was first seen, by this replica's monotonic clock.
+///
+/// Every sighting is of a record already written, so the time kept for the record the Lease
+/// holds now is never before its write: a candidate that judges it expired (unchanged for the
+/// lease duration since) is at least the lease duration past the holder's renewal, whatever
+/// the holder's clock says. Sightings may come late or out of order (a LIST and a watch race);
+/// a late one only delays the expiry.
 #[derive(Debug, Default)]
 pub(super) struct Observation(Option<(Record, Instant)>);
 
 impl Observation {
-    /// Whether the holder of `spec` has not renewed for its lease duration (`default` when the
-    /// Lease says none), as this replica has watched it: an empty holder or renew time counts
-    /// as expired at once.
-    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration) -> bool {
+    /// Takes in that `record` was seen at `at`: the same record keeps its earliest sighting; a
+    /// different one replaces it unless it was seen before the one kept (a stale sighting).
+    pub(super) fn seen(&mut self, record: Record, at: Instant) {
+        match &mut self.0 {
+            Some((kept, since)) if *kept == record => *since = (*since).min(at),
+            Some((_, since)) if at < *since => {}
+            _ => self.0 = Some((record, at)),
+        }
+    }
+
+    /// Takes in `other`'s sighting (made elsewhere, e.g. by a watch), as [`Observation::seen`].
+    pub(super) fn merge(&mut self, other: Observation) {
+        if let Some((record, at)) = other.0 {
+            self.seen(record, at);
+        }
+    }
+
+    /// Whether the holder of `spec`, seen at `now`, has not renewed for its lease duration
+    /// (`default` when the Lease says none), as this replica has watched it: an empty holder or
+    /// renew time counts as expired at once.
+    pub(super) fn expired_at(&mut self, spec: &LeaseSpec, default: Duration, now: Instant) -> bool {
         let record = Record::of(spec);
-        if record.holder.is_empty() || record.renew_time.is_none() {
+        if record.free() {
+            self.seen(record, now);
             return true;
         }
-        let now = Instant::now();
-        let since = match &self.0 {
-            Some((seen, at)) if *seen == record => *at,
-            _ => {
-                self.0 = Some((record, now));
-                now
-            }
-        };
-        let duration = spec.lease_duration_seconds.map_or(default, |s| {
-            Duration::from_secs(u64::try_from(s).unwrap_or(0))
-        });
-        now.duration_since(since) > duration
+        self.seen(record.clone(), now);
+        match &self.0 {
+            Some((kept, since)) if *kept == record => now > *since + record.duration(default),
+            // A later sighting of another record: not this one's expiry to judge.
+            _ => false,
+        }
+    }
+
+    /// [`Observation::expired_at`] now.
+    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration) -> bool {
+        self.expired_at(spec, default, Instant::now())
+    }
+
+    /// From when the Lease may be taken as far as this replica has seen it: a free one from
+    /// when it was seen free, a held one strictly after its lease duration from when its record
+    /// was first seen (`None`: nothing seen).
+    pub(super) fn due(&self, default: Duration) -> Option<Instant> {
+        let (record, since) = self.0.as_ref()?;
+        Some(if record.free() {
+            *since
+        } else {
+            *since + record.duration(default)
+        })
+    }
+
+    /// The holder of the record kept (`None`: nothing seen, or a free Lease).
+    pub(super) fn holder(&self) -> Option<&str> {
+        self.0
+            .as_ref()
+            .filter(|(r, _)| !r.free())
+            .map(|(r, _)| r.holder.as_str())
     }
 }
 
@@ -315,6 +372,9 @@ pub(super) struct Elector {
     observed: Observation,
     /// Labels a Lease this candidate creates carries (none for the one leader Lease).
     labels: Option<std::collections::BTreeMap<String, String>>,
+    /// The Lease as this candidate's last successful write left it (`None` after a conflict):
+    /// what it renews from without reading the Lease first ([`Elector::renew_held`]).
+    written: Option<Lease>,
 }
 
 impl Elector {
@@ -329,13 +389,41 @@ impl Elector {
             cfg,
             observed: Observation::default(),
             labels,
+            written: None,
         }
+    }
+
+    /// Renews the Lease from the copy this candidate's last write returned, without reading it
+    /// first: `None` when there is no such copy, or it is not held by this candidate. The write
+    /// carries that copy's resourceVersion, so a Lease changed since (taken over, released)
+    /// is not overwritten: the conflict answers `Ok(false)`, and the copy is dropped.
+    pub(super) async fn renew_held(&mut self) -> Option<Result<bool, kube::Error>> {
+        let lease = self.written.clone().filter(|l| {
+            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                == Some(self.cfg.identity.as_str())
+        })?;
+        Some(self.acquire_from(Some(lease)).await)
+    }
+
+    /// The copy of the Lease this candidate's last write returned, given up (to release it).
+    pub(super) fn take_written(&mut self) -> Option<Lease> {
+        self.written.take()
     }
 
     /// Whether the holder of `spec` has not renewed for its lease duration, as this replica has
     /// watched it.
     pub(super) fn expired(&mut self, spec: &LeaseSpec) -> bool {
         self.observed.expired(spec, self.cfg.duration)
+    }
+
+    /// What this replica has seen of the Lease, and when.
+    pub(super) fn observed(&mut self) -> &mut Observation {
+        &mut self.observed
+    }
+
+    /// [`Elector::observed`], to read.
+    pub(super) fn observation(&self) -> &Observation {
+        &self.observed
     }
 
     /// One attempt to acquire or renew. Returns whether this instance holds the Lease afterwards.
@@ -368,16 +456,14 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
-            };
+            let created = self.api.create(&PostParams::default(), &lease).await;
+            return self.wrote(created);
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.cfg.identity;
         if !ours && !self.expired(spec) {
+            self.written = None;
             return Ok(false);
         }
         if !ours {
@@ -388,13 +474,25 @@ impl Elector {
         spec.renew_time = Some(now_micro());
         spec.lease_duration_seconds = Some(duration_s);
         // replace carries metadata.resourceVersion: a concurrent writer gets 409 and loses.
-        match self
+        let replaced = self
             .api
             .replace(&lease.name_any(), &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            .await;
+        self.wrote(replaced)
+    }
+
+    /// What a write of the Lease came to: held (its copy kept for the next renewal), lost to
+    /// another writer (409: the copy dropped), or failed.
+    fn wrote(&mut self, result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+        match result {
+            Ok(lease) => {
+                self.written = Some(lease);
+                Ok(true)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                self.written = None;
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

@@ -14,29 +14,42 @@
 //!   identity>` ([`member_lease_name`]), so a replica that holds no shard yet is seen. The live
 //!   replicas are the holders of the member and shard Leases this replica has seen renewed
 //!   within their lease duration, itself included.
-//! - Every retry period (`--leader-renew`) a replica lists the Leases of its group (one LIST,
-//!   label `kscale.dev/lease-group=<lease>`), renews what it holds up to its fair share,
+//! - Every retry period (`--leader-renew`) a replica runs a round: it renews the Leases it
+//!   held from the copies its own last writes returned (conditional on their resourceVersion,
+//!   without waiting for a read), lists the Leases of its group (one LIST, label
+//!   `kscale.dev/lease-group=<lease>`), keeps what it holds up to its fair share,
 //!   `ceil(N / live replicas)` ([`fair_share`]), releases the rest (emptying the holder, so
-//!   another replica takes them at its next round), and takes free or expired shards while under
-//!   its share ([`plan`]), starting from an offset of its own so that replicas starting together
-//!   do not all race for shard 0. A dead replica's shards expire after the lease duration and
-//!   are taken at the next round: failover within lease duration + retry period. A replica
-//!   that comes back is seen through its membership Lease; the others' fair share falls and
-//!   they release what exceeds it.
+//!   another replica takes them), and takes free or expired shards while under its share
+//!   ([`plan`]), starting from an offset of its own so that replicas starting together do not
+//!   all race for shard 0 (one that loses a race runs its next round at once).
+//! - Failover: a replica also watches the group's Leases, so it sees each renewal when it is
+//!   made, not at its next LIST, and times the Lease from then (a sighting is never earlier than
+//!   the write, so the judgement stays on this replica's own clock and only a late sighting can
+//!   shift it, later). It wakes for a round as soon as a Lease it watches expires or is released
+//!   ([`first_due`]), and that round runs from the watch's copies of the Leases instead of a
+//!   LIST (its writes carry the resourceVersions read, so a stale copy costs a conflict and a
+//!   round, never a second holder), so a dead replica's shards are taken the lease duration
+//!   after its last renewal plus one write, rather than up to a retry period and a round later.
+//!   Without the watch (it retries with backoff), rounds still see everything through their
+//!   LIST, up to a retry period later. A replica that comes back is seen through its
+//!   membership Lease; the others' fair share falls and they release what exceeds it, which
+//!   the returning replica sees at once.
 //! - [`super::leader::Leadership`] holds, per shard, until the renew deadline after the start
 //!   of the round that last renewed it; every write for a policy checks its shard right before
 //!   it is made ([`super::leader::Leadership::check_policy`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use futures::FutureExt;
-use k8s_openapi::api::coordination::v1::Lease;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::leader::{Elector, LeaderConfig, Leadership, Observation};
+use super::leader::{Elector, LeaderConfig, Leadership, Observation, Record};
 
 /// The most shards `--shards` accepts.
 pub const MAX_SHARDS: u32 = 256;
@@ -123,6 +136,94 @@ fn labels(lease: &str, role: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The label selector of the group's Leases: `kscale.dev/lease-group=<lease>`.
+fn group_selector(lease: &str) -> String {
+    format!("{GROUP_LABEL}={lease}")
+}
+
+/// The group's Leases as this replica's watch delivers them, between two looks of the
+/// campaign: per Lease name, the last record and when it was first seen (at most one entry per
+/// Lease of the group).
+#[derive(Default)]
+struct Sightings {
+    seen: std::sync::Mutex<HashMap<String, Observation>>,
+    /// Wakes the campaign when something was seen.
+    changed: tokio::sync::Notify,
+    /// Whether the watch listed the group and has not failed since: its copies of the Leases
+    /// are then complete enough for a round to run from them.
+    synced: std::sync::atomic::AtomicBool,
+}
+
+impl Sightings {
+    /// The Lease `name` was seen holding `spec` at `at`.
+    fn record(&self, name: String, spec: &LeaseSpec, at: Instant) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.entry(name).or_default().seen(Record::of(spec), at);
+        }
+        self.changed.notify_one();
+    }
+
+    /// What was seen since the last call.
+    fn take(&self) -> HashMap<String, Observation> {
+        self.seen
+            .lock()
+            .map(|mut seen| std::mem::take(&mut *seen))
+            .unwrap_or_default()
+    }
+}
+
+/// Watches the group's Leases, so that each renewal (and each release) is seen when it is
+/// made rather than at this replica's next round, and a dead replica's Leases are judged
+/// expired on time. Runs for ever (the watch retries with backoff); while it fails, rounds
+/// still see every Lease through their own LIST, later.
+async fn watch_group(
+    api: Api<Lease>,
+    cfg: LeaderConfig,
+    sightings: Arc<Sightings>,
+    copies: reflector::store::Writer<Lease>,
+) {
+    use std::sync::atomic::Ordering;
+    let lease = cfg.name;
+    let config = watcher::Config::default().labels(&group_selector(&lease));
+    let stream = reflector::reflector(copies, watcher(api, config).default_backoff());
+    futures::pin_mut!(stream);
+    let reported = super::permissions::Once::default();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
+                let at = Instant::now();
+                if let Some(spec) = l.spec.as_ref() {
+                    sightings.record(l.name_any(), spec, at);
+                }
+                if reported.clear("watch") {
+                    info!(%lease, "watching the shard leases works again");
+                }
+            }
+            Ok(watcher::Event::InitDone) => sightings.synced.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => {
+                sightings.synced.store(false, Ordering::Relaxed);
+                let error = match &e {
+                    watcher::Error::InitialListFailed(k)
+                    | watcher::Error::WatchStartFailed(k)
+                    | watcher::Error::WatchFailed(k) => super::permissions::explain(
+                        k,
+                        super::permissions::Access::Lease {
+                            namespace: &cfg.namespace,
+                        },
+                    ),
+                    other => crate::api_error::human_watch(other).to_string(),
+                };
+                if reported.first("watch", &error) {
+                    warn!(%lease, %error, "watching the shard leases failed: a dead replica's shards are taken over up to a retry period (--leader-renew) later meanwhile (retrying with backoff)");
+                } else {
+                    debug!(%error, "watching the shard leases failed again");
+                }
+            }
+        }
+    }
+}
+
 /// One replica's campaign for its share of the shards.
 struct Campaign {
     api: Api<Lease>,
@@ -138,6 +239,8 @@ struct Campaign {
     start: u32,
     /// The shards this replica held after the last round (for the log).
     held: HashSet<u32>,
+    /// When the last round judged the Leases it listed (when it started, if its LIST failed).
+    judged: Option<Instant>,
 }
 
 impl Campaign {
@@ -171,18 +274,102 @@ impl Campaign {
             others: HashMap::new(),
             start,
             held: HashSet::new(),
+            judged: None,
         }
     }
 
+    /// Takes in what the watch saw since the last look: each shard Lease's and each other
+    /// replica's membership Lease's records, at the instants they were seen.
+    fn take_sightings(&mut self, sightings: &Sightings) {
+        let member_prefix = format!("{}-member-", self.cfg.name);
+        let own = member_lease_name(&self.cfg.name, &self.cfg.identity);
+        for (name, seen) in sightings.take() {
+            if let Some(i) = name
+                .strip_prefix(&format!("{}-", self.cfg.name))
+                .and_then(|i| i.parse::<usize>().ok())
+                && let Some(elector) = self.shards.get_mut(i)
+            {
+                elector.observed().merge(seen);
+            } else if name.starts_with(&member_prefix) && name != own {
+                self.others.entry(name).or_default().merge(seen);
+            }
+        }
+    }
+
+    /// The first instant, after the last round judged the Leases, from which one of them may
+    /// be taken or stops counting as live, as far as this replica has seen: another replica's
+    /// shard or membership Lease expiring, or a shard seen released. `None`: nothing due.
+    fn next_due(&self) -> Option<Instant> {
+        let observed = self
+            .shards
+            .iter()
+            .map(Elector::observation)
+            .chain(self.others.values());
+        first_due(observed, &self.cfg.identity, self.cfg.duration, self.judged)
+    }
+
     /// One round, started at `started`: list the group's Leases, renew the membership Lease,
-    /// count the live replicas, then renew, release and acquire shards by [`plan`].
-    async fn round(&mut self, started: Instant) -> Result<(), kube::Error> {
-        let selector = format!("{GROUP_LABEL}={}", self.cfg.name);
-        let leases = self
-            .api
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items;
+    /// count the live replicas, then renew, release and acquire shards by [`plan`]. Returns
+    /// whether an attempt to take a shard lost to another replica (the shard it will try next
+    /// may be free: the next round need not wait).
+    async fn round(
+        &mut self,
+        started: Instant,
+        watched: Option<Vec<Lease>>,
+    ) -> Result<bool, kube::Error> {
+        // Whatever comes of the LIST, what was due by now is not waited for again.
+        self.judged = Some(started);
+        // What this replica held is renewed from the copies its last writes returned while the
+        // LIST is under way, so a slow LIST does not eat into the renew deadline.
+        let params = ListParams::default().labels(&group_selector(&self.cfg.name));
+        let Campaign {
+            api,
+            shards,
+            member,
+            held,
+            leadership,
+            cfg,
+            ..
+        } = self;
+        let (leadership, until) = (&*leadership, started + cfg.renew_deadline);
+        let renewals = shards
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, elector)| {
+                let i = u32::try_from(i).ok()?;
+                held.contains(&i).then_some((i, elector))
+            })
+            .map(|(i, elector)| async move {
+                let renewed = elector.renew_held().await;
+                if matches!(renewed, Some(Ok(true))) {
+                    // Held at once, not when the LIST is back.
+                    leadership.hold_until(i, until);
+                }
+                (i, renewed)
+            });
+        let list = async {
+            match watched {
+                Some(items) => Ok(items),
+                None => api.list(&params).await.map(|l| l.items),
+            }
+        };
+        let (listed, renewed_early, member_renewed) = futures::join!(
+            list,
+            futures::future::join_all(renewals),
+            member.renew_held(),
+        );
+        // Renewed: held until the renew deadline. Anything else is tried again below from the
+        // Lease as listed.
+        let renewed_early: HashSet<u32> = renewed_early
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Some(Ok(true))))
+            .map(|(i, _)| i)
+            .collect();
+        let member_renewed = matches!(member_renewed, Some(Ok(true)));
+        let leases = listed?;
+        let now = Instant::now();
+        let listed = now.duration_since(started);
+        self.judged = Some(now);
         let mut by_name: HashMap<String, Lease> =
             leases.into_iter().map(|l| (l.name_any(), l)).collect();
         let member_name = member_lease_name(&self.cfg.name, &self.cfg.identity);
@@ -196,16 +383,16 @@ impl Campaign {
             .collect();
         self.others
             .retain(|n, _| members.iter().any(|l| l.name_any() == *n));
+        // A replica that stopped renewing is gone: its membership Lease is removed (only as
+        // read; one that came back recreates its own).
+        let mut gone = Vec::new();
         for lease in members {
-            let name = lease.name_any();
             let Some(spec) = lease.spec.as_ref() else {
                 continue;
             };
-            let observed = self.others.entry(name.clone()).or_default();
-            if observed.expired(spec, self.cfg.duration) {
-                // A replica that stopped renewing is gone: its membership Lease is removed
-                // (only as read; one that came back recreates its own).
-                self.forget_member(&name, &lease).await;
+            let observed = self.others.entry(lease.name_any()).or_default();
+            if observed.expired_at(spec, self.cfg.duration, now) {
+                gone.push(lease);
             } else if let Some(holder) = spec.holder_identity.clone() {
                 live.insert(holder);
             }
@@ -221,8 +408,9 @@ impl Campaign {
                 .as_ref()
                 .and_then(|l| l.spec.as_ref())
                 .and_then(|spec| {
+                    let expired = elector.observed().expired_at(spec, self.cfg.duration, now);
                     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
-                    (holder == self.cfg.identity || !elector.expired(spec)).then_some(holder)
+                    (holder == self.cfg.identity || !expired).then_some(holder)
                 });
             if let Some(h) = &holder {
                 live.insert(h.clone());
@@ -235,9 +423,9 @@ impl Campaign {
             // Stop writing first, then hand the Lease over.
             self.leadership.lose(i);
         }
-        // Every write of the round at once (the membership Lease, the releases, the renewals
-        // and the attempts), so a slow apiserver delays a renewal by one request, not by the
-        // sum of them.
+        // Every write of the round at once (the membership Lease, the removals of dead
+        // replicas' membership Leases, the releases, the renewals and the attempts), so a slow
+        // apiserver delays a renewal or a takeover by one request, not by the sum of them.
         let Campaign {
             api,
             cfg,
@@ -249,33 +437,52 @@ impl Campaign {
             .release
             .iter()
             .filter_map(|i| {
-                let lease = current[*i as usize].take()?;
+                // The copy this round's renewal returned is newer than the one listed.
+                let written = shards.get_mut(*i as usize)?.take_written();
+                let lease = written.or_else(|| current[*i as usize].take())?;
                 let (api, identity) = (&*api, cfg.identity.as_str());
                 Some(async move { super::leader::release_lease(api, identity, lease).await })
             })
             .collect();
+        let removals = gone.iter().map(|lease| forget_member(api, lease));
         let wanted: HashSet<u32> = plan.renew.iter().chain(&plan.acquire).copied().collect();
         let attempts = shards
             .iter_mut()
             .enumerate()
             .filter_map(|(i, elector)| {
                 let i = u32::try_from(i).ok()?;
-                wanted.contains(&i).then_some((i, elector))
+                (wanted.contains(&i) && !renewed_early.contains(&i)).then_some((i, elector))
             })
             .map(|(i, elector)| {
                 let lease = current[i as usize].take();
                 async move { (i, elector.acquire_from(lease).await) }
             });
-        let (renewed, results, ()) = futures::join!(
-            member.acquire_from(own),
+        let member_renewal = async {
+            if member_renewed {
+                Ok(true)
+            } else {
+                member.acquire_from(own).await
+            }
+        };
+        let (renewed, results, (), removed) = futures::join!(
+            member_renewal,
             futures::future::join_all(attempts),
             futures::future::join_all(releases).map(|_| ()),
+            futures::future::join_all(removals),
         );
-        if !plan.release.is_empty() {
-            info!(shards = ?plan.release, live = live.len(), fair_share = fair_share(cfg.shards, live.len()), "released shards beyond this replica's fair share");
+        for name in removed.into_iter().flatten() {
+            self.others.remove(&name);
         }
-        let mut now_held = HashSet::new();
+        if !plan.release.is_empty() {
+            info!(shards = ?plan.release, live = live.len(), fair_share = fair_share(self.cfg.shards, live.len()), "released shards beyond this replica's fair share");
+        }
+        let mut now_held: HashSet<u32> = renewed_early
+            .iter()
+            .filter(|i| wanted.contains(i))
+            .copied()
+            .collect();
         let mut failed = None;
+        let mut lost_race = false;
         for (i, result) in results {
             match result {
                 Ok(true) => {
@@ -283,7 +490,10 @@ impl Campaign {
                         .hold_until(i, started + self.cfg.renew_deadline);
                     now_held.insert(i);
                 }
-                Ok(false) => self.leadership.lose(i),
+                Ok(false) => {
+                    self.leadership.lose(i);
+                    lost_race |= plan.acquire.contains(&i);
+                }
                 Err(e) => {
                     // Not renewed this round: held until its renew deadline lapses, as with
                     // one Lease.
@@ -312,57 +522,127 @@ impl Campaign {
                 warn!(identity = %self.cfg.identity, shard = i, "lost a shard to another instance");
             }
         }
-        debug!(elapsed = ?started.elapsed(), held = ?now_held, live = live.len(), "shard round");
+        debug!(?listed, elapsed = ?started.elapsed(), held = ?now_held, live = live.len(), "shard round");
         self.held = now_held;
-        failed.map_or(Ok(()), Err)
+        failed.map_or(Ok(lost_race), Err)
     }
+}
 
-    /// Deletes the expired membership Lease `name`, conditionally on the version read.
-    async fn forget_member(&mut self, name: &str, lease: &Lease) {
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: lease.resource_version(),
-                uid: lease.uid(),
-            }),
-            ..DeleteParams::default()
-        };
-        match self.api.delete(name, &params).await {
-            Ok(_) => {
-                info!(lease = %name, holder = ?lease.spec.as_ref().and_then(|s| s.holder_identity.clone()), "a replica stopped renewing its membership lease; removed");
-                self.others.remove(name);
-            }
-            Err(e) => {
-                debug!(lease = %name, error = %crate::api_error::human(&e), "removing an expired membership lease failed")
-            }
+/// The first instant after `judged` from which one of the Leases `observed` (none held by `me`)
+/// may be taken or stops counting as live, their lease duration being `duration` unless they
+/// state one ([`Observation::due`]). Instants up to `judged` were judged by a round already.
+fn first_due<'a>(
+    observed: impl IntoIterator<Item = &'a Observation>,
+    me: &str,
+    duration: Duration,
+    judged: Option<Instant>,
+) -> Option<Instant> {
+    observed
+        .into_iter()
+        .filter(|o| o.holder() != Some(me))
+        .filter_map(|o| o.due(duration))
+        .filter(|due| judged.is_none_or(|judged| *due > judged))
+        .min()
+}
+
+/// Deletes the expired membership Lease `lease` (as read), conditionally on the version read;
+/// its name when it is gone.
+async fn forget_member(api: &Api<Lease>, lease: &Lease) -> Option<String> {
+    let name = lease.name_any();
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: lease.resource_version(),
+            uid: lease.uid(),
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => {
+            info!(lease = %name, holder = ?lease.spec.as_ref().and_then(|s| s.holder_identity.clone()), "a replica stopped renewing its membership lease; removed");
+            Some(name)
+        }
+        Err(e) => {
+            debug!(lease = %name, error = %crate::api_error::human(&e), "removing an expired membership lease failed");
+            None
         }
     }
 }
 
-/// Keeps this replica at its fair share of `cfg.shards` shards, one round every `cfg.renew`;
-/// `leadership` holds each shard until the renew deadline after the start of the round that
-/// renewed it. A round that takes longer than the renew deadline is abandoned (what it would
-/// have renewed has lapsed by then). Runs until the task is dropped.
+/// How long after a Lease's expiry the campaign wakes to take it: its expiry is strict (past
+/// the lease duration), and a timer may fire a little early.
+const DUE_MARGIN: Duration = Duration::from_millis(5);
+
+/// Keeps this replica at its fair share of `cfg.shards` shards; `leadership` holds each shard
+/// until the renew deadline after the start of the round that renewed it. A round runs every
+/// retry period (`cfg.renew`), and also as soon as a Lease becomes takeable as the watch of the
+/// group's Leases saw it (another replica's expiring, one released), and at once after an
+/// attempt that lost a shard to another replica. A round that takes longer than the renew
+/// deadline is abandoned (what it would have renewed has lapsed by then). Runs until the task
+/// is dropped.
 pub async fn campaign(client: Client, cfg: LeaderConfig, leadership: Leadership) {
-    let mut campaign = Campaign::new(client, cfg.clone(), leadership);
-    let reported = super::permissions::Once::default();
-    loop {
-        let started = Instant::now();
-        match tokio::time::timeout(cfg.renew_deadline, campaign.round(started)).await {
-            Ok(Ok(())) => {
-                if reported.clear("lease") {
-                    info!(lease = %cfg.name, "lease update works again");
+    let sightings = Arc::new(Sightings::default());
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let (copies, writer) = reflector::store();
+    let watch = watch_group(api, cfg.clone(), sightings.clone(), writer);
+    let rounds = async {
+        let mut campaign = Campaign::new(client, cfg.clone(), leadership);
+        let reported = super::permissions::Once::default();
+        // Rounds started at once in a row after lost races: each lost race is another
+        // replica's gain, so they end; bounded all the same.
+        let mut retries = 0;
+        // Whether the round was woken by a Lease becoming takeable.
+        let mut woken = false;
+        loop {
+            let started = Instant::now();
+            campaign.take_sightings(&sightings);
+            // Woken by a Lease becoming takeable, a round runs from the watch's copies of the
+            // group's Leases (when the watch is synced) rather than waiting for a LIST: the
+            // copies are at least as fresh as what told it to wake, and every write carries
+            // the resourceVersion it read, so a stale copy costs a conflict, never a double
+            // holder. Other rounds LIST.
+            let watched = (woken && sightings.synced.load(std::sync::atomic::Ordering::Relaxed))
+                .then(|| copies.state().iter().map(|l| Lease::clone(l)).collect());
+            let mut again = false;
+            match tokio::time::timeout(cfg.renew_deadline, campaign.round(started, watched)).await {
+                Ok(Ok(lost_race)) => {
+                    if reported.clear("lease") {
+                        info!(lease = %cfg.name, "lease update works again");
+                    }
+                    again = lost_race && retries < cfg.shards;
+                }
+                Ok(Err(e)) => super::leader::lease_failed(&reported, &cfg, &e),
+                Err(_) => warn!(
+                    deadline = ?cfg.renew_deadline,
+                    "shard lease round took longer than --leader-renew-deadline; abandoned"
+                ),
+            }
+            woken = false;
+            if again {
+                retries += 1;
+                continue;
+            }
+            retries = 0;
+            // Rounds start every retry period (at once after one that took longer), so a slow
+            // round does not push the next renewal towards the renew deadline; earlier when a
+            // Lease becomes takeable.
+            let regular = started + cfg.renew;
+            loop {
+                campaign.take_sightings(&sightings);
+                let due = campaign.next_due().map(|due| due + DUE_MARGIN);
+                let wake = due.map_or(regular, |due| due.min(regular));
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake.into()) => {
+                        // A Lease became takeable first (or both are past: a slow round).
+                        woken = due.is_some_and(|due| due <= regular);
+                        break;
+                    }
+                    () = sightings.changed.notified() => {}
                 }
             }
-            Ok(Err(e)) => super::leader::lease_failed(&reported, &cfg, &e),
-            Err(_) => warn!(
-                deadline = ?cfg.renew_deadline,
-                "shard lease round took longer than --leader-renew-deadline; abandoned"
-            ),
         }
-        // Rounds start every retry period (at once after one that took longer), so a slow
-        // round does not push the next renewal towards the renew deadline.
-        tokio::time::sleep_until((started + cfg.renew).into()).await;
-    }
+    };
+    // The watch never ends, nor do the rounds: both run until the task is dropped.
+    futures::join!(watch, rounds);
 }
 
 /// Releases every shard Lease this replica holds and deletes its membership Lease, so the
@@ -466,6 +746,114 @@ mod tests {
         let h = holders(&[Some("a"), Some("a"), Some("b"), Some("b"), None, None]);
         let p = plan("c", &h, 3, 0);
         assert_eq!(p.acquire, vec![4, 5]);
+    }
+
+    fn spec(holder: &str, renewed: &str) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.to_string()).filter(|h| !h.is_empty()),
+            renew_time: (!holder.is_empty()).then(|| {
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renewed.parse().unwrap())
+            }),
+            lease_duration_seconds: Some(4),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Issue 17 (failover within lease duration + interval): a renewal the watch saw when it
+    /// was made is judged from then, however late a round's LIST sees it, so a dead replica's
+    /// shard is due its lease duration after its last renewal, and the campaign wakes then.
+    /// The clock is faked by passing instants.
+    #[test]
+    fn a_shard_is_due_a_lease_duration_after_the_renewal_was_seen() {
+        let (d, at) = (Duration::from_secs(4), clock());
+        let renewed = spec("c", "2026-11-30T14:00:00Z");
+        // The watch saw c's last renewal at 0 ms; the campaign takes the sighting in.
+        let sightings = Sightings::default();
+        sightings.record("l-4".into(), &renewed, at(0));
+        let mut shard = Observation::default();
+        for (name, seen) in sightings.take() {
+            assert_eq!(name, "l-4");
+            shard.merge(seen);
+        }
+        assert!(sightings.take().is_empty(), "taken once");
+        // A round lists 900 ms later: the same record keeps its first sighting.
+        assert!(!shard.expired_at(&renewed, d, at(900)));
+        assert_eq!(shard.due(d), Some(at(4000)));
+        // Due strictly after the lease duration.
+        assert!(!shard.expired_at(&renewed, d, at(4000)));
+        assert!(shard.expired_at(&renewed, d, at(4001)));
+        // The campaign wakes then (a round at 900 ms judged what was due by then), and not
+        // again once a round judged it.
+        assert_eq!(first_due([&shard], "a", d, Some(at(900))), Some(at(4000)));
+        assert_eq!(first_due([&shard], "a", d, Some(at(4001))), None);
+        // Its own Leases are never waited on.
+        assert_eq!(first_due([&shard], "c", d, Some(at(900))), None);
+    }
+
+    #[test]
+    fn a_late_or_stale_sighting_only_delays_an_expiry() {
+        let (d, at) = (Duration::from_secs(4), clock());
+        let first = spec("c", "2026-11-30T14:00:00Z");
+        let second = spec("c", "2026-11-30T14:00:01Z");
+        let mut o = Observation::default();
+        // A round saw the first record, then the watch the renewal: the clock restarts.
+        assert!(!o.expired_at(&first, d, at(0)));
+        o.merge(observed(&second, at(1000)));
+        assert_eq!(o.due(d), Some(at(5000)));
+        // A sighting of the first record made before the renewal's is stale: ignored.
+        o.merge(observed(&first, at(500)));
+        assert_eq!(o.due(d), Some(at(5000)));
+        // An earlier sighting of the same record (the watch's, taken in after a LIST's) wins.
+        o.merge(observed(&second, at(800)));
+        assert_eq!(o.due(d), Some(at(4800)));
+        // A LIST that returns an older record later than the watch saw the newer one (it read
+        // before the renewal) restarts the clock: later, never earlier.
+        assert!(!o.expired_at(&first, d, at(1200)));
+        assert_eq!(o.due(d), Some(at(5200)));
+        // Judging a record other than the one kept (seen later) never says expired.
+        let mut o = Observation::default();
+        o.merge(observed(&second, at(9000)));
+        assert!(!o.expired_at(&first, d, at(8000)));
+        // The lease duration the Lease states is used.
+        let mut long = spec("c", "2026-11-30T14:00:00Z");
+        long.lease_duration_seconds = Some(10);
+        let mut o = Observation::default();
+        assert!(!o.expired_at(&long, d, at(0)));
+        assert!(!o.expired_at(&long, d, at(9000)));
+        assert!(o.expired_at(&long, d, at(10_001)));
+    }
+
+    #[test]
+    fn a_released_shard_is_due_when_seen_free() {
+        let (d, at) = (Duration::from_secs(4), clock());
+        let mut o = Observation::default();
+        assert!(!o.expired_at(&spec("a", "2026-11-30T14:00:00Z"), d, at(0)));
+        // The watch sees it released at 300 ms, after the round at 100 ms: wake at once.
+        o.merge(observed(&spec("", ""), at(300)));
+        assert_eq!(o.holder(), None);
+        assert_eq!(first_due([&o], "c", d, Some(at(100))), Some(at(300)));
+        assert!(o.expired_at(&spec("", ""), d, at(301)), "free: takeable");
+        assert_eq!(first_due([&o], "c", d, Some(at(301))), None);
+        // Of several, the first.
+        let mut late = Observation::default();
+        late.merge(observed(&spec("b", "2026-11-30T14:00:00Z"), at(200)));
+        assert_eq!(first_due([&late, &o], "c", d, Some(at(100))), Some(at(300)));
+        assert_eq!(
+            first_due([&late, &o], "c", d, Some(at(301))),
+            Some(at(4200))
+        );
+    }
+
+    /// A fake clock: the instant `ms` milliseconds after the test's start.
+    fn clock() -> impl Fn(u64) -> Instant {
+        let t0 = Instant::now();
+        move |ms| t0 + Duration::from_millis(ms)
+    }
+
+    fn observed(spec: &LeaseSpec, at: Instant) -> Observation {
+        let mut o = Observation::default();
+        o.seen(Record::of(spec), at);
+        o
     }
 
     #[test]
