@@ -1586,16 +1586,26 @@ type PolicyRef = ObjectRef<DeserializeGuard<ScalingPolicy>>;
 /// A due policy of a tick, until it is evaluated.
 struct Pending {
     key: PolicyRef,
-    policy: ScalingPolicy,
+    /// The store's object, shared rather than copied: a daemon that falls behind has every
+    /// policy queued, and a copy each would hold the store a second time.
+    object: Arc<DeserializeGuard<ScalingPolicy>>,
     compiled: Result<CompiledPolicy, crate::policy::ValidationErrors>,
     /// New, or its spec changed: it goes first.
     fresh: bool,
-    /// The writing policy of each normalized target, as of the tick.
+    /// The writing policy of each normalized target, as of the tick; one map shared by every
+    /// tick until an owner changes ([`TickState::share_writers`]).
     writers: Arc<HashMap<TargetKey, String>>,
     /// The tick's time.
     now: DateTime<Utc>,
     /// Whether this replica held the policy's shard (with one Lease: led) at the tick.
     leading: bool,
+}
+
+impl Pending {
+    /// The policy; only well-formed ones are queued.
+    fn policy(&self) -> Option<&ScalingPolicy> {
+        self.object.0.as_ref().ok()
+    }
 }
 
 /// An evaluation ready to start, with its server's answers.
@@ -1638,6 +1648,9 @@ struct TickState {
     last: HashMap<(servers::ServerKey, String), LastAnswer>,
     /// Each Controller policy's normalized target key.
     keys: KeyCache,
+    /// The writing policy of each target as of the last tick that changed it
+    /// ([`TickState::share_writers`]).
+    writers: Arc<HashMap<TargetKey, String>>,
     /// When `last` was last pruned.
     pruned: Option<std::time::Instant>,
     /// When the per-policy memory of deleted policies was last forgotten ([`PRUNE_EVERY`]).
@@ -1760,6 +1773,20 @@ impl TickState {
         Some(fresh)
     }
 
+    /// The map of writers for this tick's policies: the one the queued policies already share
+    /// while no owner changed. A daemon that falls behind has every policy queued across many
+    /// ticks; a map per tick (one entry per target) held by each tick's queued policies grew
+    /// with the policies times the ticks they waited.
+    fn share_writers(
+        &mut self,
+        now: HashMap<TargetKey, String>,
+    ) -> Arc<HashMap<TargetKey, String>> {
+        if *self.writers != now {
+            self.writers = Arc::new(now);
+        }
+        self.writers.clone()
+    }
+
     fn enqueue(&mut self, urgent: bool, job: Job) {
         if urgent {
             self.urgent.push_back(job);
@@ -1836,16 +1863,28 @@ impl TickState {
             let ctx = ctx.clone();
             inflight.push(Box::pin(async move {
                 let Job { pending, samples } = job;
-                let p = &pending.policy;
+                let Pending {
+                    key,
+                    object,
+                    compiled,
+                    writers,
+                    now,
+                    leading,
+                    ..
+                } = pending;
+                let Ok(p) = &object.0 else {
+                    // Only well-formed policies are queued.
+                    return Done::Evaluated(key);
+                };
                 let span = info_span!("evaluate", policy = %p.name_any(), namespace = %p.namespace().unwrap_or_default(), target = %p.spec.target_ref.name);
                 if let Err(e) = reconcile(
                     &ctx,
                     p,
-                    pending.compiled,
+                    compiled,
                     &samples,
-                    pending.now,
-                    Some(&pending.writers),
-                    pending.leading,
+                    now,
+                    Some(&writers),
+                    leading,
                 )
                 .instrument(span)
                 .await
@@ -1860,7 +1899,7 @@ impl TickState {
                 } else {
                     ctx.reported.clear(&evaluation_key(p));
                 }
-                Done::Evaluated(pending.key)
+                Done::Evaluated(key)
             }));
         }
     }
@@ -1947,7 +1986,7 @@ async fn run_tick(
         .collect();
     state.schedule.retain(|k, _| live.contains(k));
     let keys = target_keys(ctx, &all, &mut state.keys).await;
-    let writers = Arc::new(writers(&all, &state.schedule, &keys));
+    let writers = state.share_writers(writers(&all, &state.schedule, &keys));
     // What the daemon remembers per policy (forecasts, applied scale events, failures already
     // logged) is forgotten for deleted policies every PRUNE_EVERY: one set of names, one lookup
     // per entry.
@@ -2019,7 +2058,7 @@ async fn run_tick(
                 );
                 due.push(Pending {
                     key,
-                    policy: p.clone(),
+                    object: obj.clone(),
                     compiled,
                     fresh,
                     writers: writers.clone(),
@@ -2070,7 +2109,10 @@ async fn run_tick(
         state.busy.insert(pending.key.clone());
         let server = pending.compiled.as_ref().ok().and_then(|c| {
             queries_of(c).next().map(|_| {
-                servers::Servers::key_of(&pending.policy.namespace().unwrap_or_default(), c)
+                let namespace = pending
+                    .policy()
+                    .and_then(|p| p.metadata.namespace.as_deref());
+                servers::Servers::key_of(namespace.unwrap_or_default(), c)
             })
         });
         match server {
@@ -2087,7 +2129,9 @@ async fn run_tick(
     let groups = servers::Servers::groups(waiting.values().flatten().filter_map(|w| {
         w.compiled.as_ref().ok().map(|c| {
             (
-                w.policy.metadata.namespace.as_deref().unwrap_or_default(),
+                w.policy()
+                    .and_then(|p| p.metadata.namespace.as_deref())
+                    .unwrap_or_default(),
                 c,
             )
         })
@@ -2251,6 +2295,31 @@ mod tests {
             .schedule
             .insert(p.clone(), (at(20), Some(2), true, TEN_S));
         assert_eq!(state.take_due(&p, Some(2), at(20)), Some(false));
+    }
+
+    /// Issue 17 (memory at 10,000 policies): the policies queued over many ticks share one map
+    /// of writers until an owner changes, rather than holding a map per tick.
+    #[test]
+    fn queued_policies_share_one_map_of_writers_until_an_owner_changes() {
+        let mut state = TickState::default();
+        let target = |n: &str| TargetKey {
+            namespace: "ns".into(),
+            group: "apps".into(),
+            kind: "Deployment".into(),
+            name: n.into(),
+        };
+        let owned_by = |owner: &str| HashMap::from([(target("web"), owner.to_string())]);
+        let first = state.share_writers(owned_by("ns/a"));
+        let again = state.share_writers(owned_by("ns/a"));
+        assert!(Arc::ptr_eq(&first, &again), "nothing changed: one map");
+        let changed = state.share_writers(owned_by("ns/b"));
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert_eq!(changed[&target("web")], "ns/b");
+        assert_eq!(
+            first[&target("web")],
+            "ns/a",
+            "the policies queued before keep the map of their tick"
+        );
     }
 
     /// Issue 17: the loop wakes at least every 100 ms, but scans the policies only when one is
