@@ -15,8 +15,8 @@
 //! factors that minimise the one-step-ahead squared error; on a tie the most responsive) on the
 //! last `history` of buckets, at fixed points of the history itself: the last bucket before each
 //! multiple of `refit` in absolute time, the buckets at which a young history has doubled, and
-//! every surprise (a completed bucket whose error is beyond the `confidence` quantile, a new
-//! regime); between fits each completed bucket only updates the model's state (O(1)) and its
+//! a surprise (a completed bucket whose error is beyond the `confidence` quantile, a new
+//! regime) an hour or more after the last surprise that refitted; between fits each completed bucket only updates the model's state (O(1)) and its
 //! sliding window of errors. So the forecast is a function of the history and the time alone:
 //! the controller running for days, the controller just restarted (a history read), `dry-run`
 //! and the backtest forecast alike from the same values.
@@ -81,6 +81,16 @@ impl ForecastSettings {
     fn refit_buckets(&self) -> usize {
         let refit = self.refit.num_milliseconds() / self.step.num_milliseconds().max(1);
         (refit.max(1) as usize).min(self.history_buckets())
+    }
+
+    /// The fewest buckets between two refits that surprises make: an hour's worth, at least one
+    /// and at most the scheduled period. A run of surprises (a noisy stretch, a new regime
+    /// arriving over several buckets) then costs one fit an hour, not one a bucket: a fit scores
+    /// every parameter set over the whole history, so this bounds the CPU a policy's forecast
+    /// can take to about `24 + 24h / refit` fits a day whatever its metric does.
+    fn surprise_refit_gap(&self) -> i64 {
+        let hour = TimeDelta::hours(1).num_milliseconds() / self.step.num_milliseconds().max(1);
+        hour.clamp(1, self.refit_buckets() as i64)
     }
 
     /// Buckets of history kept: a fit's history, plus the buckets since the last scheduled fit
@@ -779,6 +789,9 @@ pub struct Forecaster {
     fitted: Option<Fitted>,
     /// The bucket the scheduled fit of `fitted` ended at (see [`Forecaster::anchor`]).
     anchor: Option<i64>,
+    /// The bucket of the last refit a surprise made since that scheduled fit: the next one
+    /// waits [`ForecastSettings::surprise_refit_gap`] buckets after it.
+    surprise_fit: Option<i64>,
     /// The least headroom, in the series' units.
     floor: f64,
 }
@@ -809,6 +822,7 @@ impl Forecaster {
             current: None,
             fitted: None,
             anchor: None,
+            surprise_fit: None,
             floor,
         }
     }
@@ -873,14 +887,20 @@ impl Forecaster {
     /// that bucket; a surprise refits it on the history up to `b`, so a new regime (a step,
     /// the end of a ramp) gets parameters that follow it at once instead of at the next
     /// scheduled fit, and its headroom is the new model's errors, not the lag of the old one.
+    /// Surprises within [`ForecastSettings::surprise_refit_gap`] buckets of the last refit one
+    /// made only update the model (their errors still enter the headroom as any bucket's do).
+    /// The gap counts from the scheduled fit's replay on, so it is a function of the history
+    /// alone, as the forecast is.
     fn advance(&mut self, b: i64, value: Option<f64>) {
         let p = self.settings.confidence;
         let surprise = match self.fitted.as_mut() {
             Some(f) if f.next == b => f.observe_bucket(value, p),
             _ => return,
         };
-        if surprise {
+        let gap = self.settings.surprise_refit_gap();
+        if surprise && self.surprise_fit.is_none_or(|last| b - last >= gap) {
             self.fitted = self.fit_ending(b);
+            self.surprise_fit = Some(b);
         }
     }
 
@@ -927,6 +947,7 @@ impl Forecaster {
     fn refit_at(&mut self, anchor: i64, last: i64) {
         self.fitted = self.fit_ending(anchor);
         self.anchor = Some(anchor);
+        self.surprise_fit = None;
         let front = last + 1 - self.buckets.len() as i64;
         for b in anchor + 1..=last {
             let Some(v) = usize::try_from(b - front)
@@ -1676,6 +1697,77 @@ mod tests {
             }
         }
         assert!(compared > 30, "{compared}");
+    }
+
+    /// A metric that surprises the model every few minutes (bursts at random heights) costs at
+    /// most one surprise refit an hour, not one a burst; and the forecast stays a function of
+    /// the history (a forecaster started from a history read agrees with the running one).
+    #[test]
+    fn surprises_refit_at_most_once_an_hour() {
+        let s = ForecastSettings {
+            history: TimeDelta::hours(6),
+            step: TimeDelta::minutes(1),
+            refit: TimeDelta::hours(6),
+            confidence: 0.9,
+            ..settings(ModelKind::Trend)
+        };
+        assert_eq!(s.surprise_refit_gap(), 60);
+        let t0 = 1_700_000_040i64;
+        let value = |t: i64| {
+            let minute = (t - t0) / 60;
+            let hash = (minute.wrapping_mul(2_654_435_761) % 997) as f64;
+            if minute % 7 == 3 {
+                100.0 + hash
+            } else {
+                100.0 + hash / 100.0
+            }
+        };
+        let mut running = Forecaster::new(s, 10.0);
+        let (mut refits, mut anchors) = (Vec::new(), Vec::new());
+        for k in 0..(5 * 60 * 4) {
+            let t = t0 + 15 * k;
+            let now = DateTime::from_timestamp(t, 0).expect("time");
+            running.observe(now, value(t));
+            let _ = running.forecast(now);
+            if let Some(b) = running.surprise_fit
+                && refits.last() != Some(&b)
+            {
+                refits.push(b);
+                anchors.push(running.anchor);
+            }
+        }
+        // Five hours of a burst every 7 minutes: about 40 surprises. Each scheduled fit (here
+        // also the young history's doublings) starts the hour afresh; within one, at most one
+        // refit an hour.
+        let mut scheduled = anchors.clone();
+        scheduled.dedup();
+        assert!(refits.len() >= 2, "{refits:?}");
+        assert!(
+            refits.len() <= scheduled.len() + 5,
+            "{refits:?} under {scheduled:?}"
+        );
+        for (pair, anchor) in refits.windows(2).zip(anchors.windows(2)) {
+            assert!(
+                pair[1] - pair[0] >= 60 || anchor[0] != anchor[1],
+                "surprise refits at buckets {pair:?} under one scheduled fit"
+            );
+        }
+        let t = t0 + 15 * (5 * 60 * 4 - 1);
+        let now = DateTime::from_timestamp(t, 0).expect("time");
+        let mut fresh = Forecaster::new(s, 10.0);
+        let read: Vec<_> = read_history(&fresh, t, 15, value)
+            .into_iter()
+            .filter(|(at, _)| at.timestamp() >= t0)
+            .collect();
+        fresh.reload(read);
+        fresh.observe(now, value(t));
+        let (a, b) = (running.forecast(now), fresh.forecast(now));
+        let (a, b) = (a.expect("running forecast"), b.expect("started forecast"));
+        assert!(
+            (a.point - b.point).abs() <= 1e-6 * a.point.abs().max(1.0)
+                && (a.upper - b.upper).abs() <= 1e-6 * a.upper.abs().max(1.0),
+            "running {a:?}, started {b:?}"
+        );
     }
 
     /// A single step among flat buckets is not extrapolated; a ramp is, once three buckets in a
