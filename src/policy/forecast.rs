@@ -1559,6 +1559,31 @@ mod tests {
             .collect()
     }
 
+    /// The forecast at `t` of a forecaster started then (as after a restart, or `dry-run`): a
+    /// history read of `value` since `t0`, every 15 s, then the value at `t`.
+    fn started_at(
+        s: ForecastSettings,
+        t0: i64,
+        t: i64,
+        value: impl Fn(i64) -> f64,
+    ) -> Option<Prediction> {
+        let now = DateTime::from_timestamp(t, 0).expect("time");
+        let mut fresh = Forecaster::new(s, 10.0);
+        let read: Vec<_> = read_history(&fresh, t, 15, &value)
+            .into_iter()
+            .filter(|(at, _)| at.timestamp() >= t0)
+            .collect();
+        fresh.reload(read);
+        fresh.observe(now, value(t));
+        fresh.forecast(now)
+    }
+
+    /// Whether two forecasts agree to within rounding.
+    fn same_forecast(a: &Prediction, b: &Prediction) -> bool {
+        (a.point - b.point).abs() <= 1e-6 * a.point.abs().max(1.0)
+            && (a.upper - b.upper).abs() <= 1e-6 * a.upper.abs().max(1.0)
+    }
+
     /// Issue 16, F11: the controller starts on a day of a flat 50 req/s (its history read),
     /// then the rate steps to a flat 400. The fit on the flat day could not tell parameters
     /// apart; it used to keep the slowest level, whose lag errors grew the headroom on the flat
@@ -1675,19 +1700,10 @@ mod tests {
             if k % 29 != 5 {
                 continue;
             }
-            let mut fresh = Forecaster::new(s, 10.0);
-            let read: Vec<_> = read_history(&fresh, t, 15, value)
-                .into_iter()
-                .filter(|(at, _)| at.timestamp() >= t0)
-                .collect();
-            fresh.reload(read);
-            fresh.observe(now, value(t));
-            let started = fresh.forecast(now);
-            match (live, started) {
+            match (live, started_at(s, t0, t, value)) {
                 (Some(a), Some(b)) => {
                     assert!(
-                        (a.point - b.point).abs() <= 1e-6 * a.point.abs().max(1.0)
-                            && (a.upper - b.upper).abs() <= 1e-6 * a.upper.abs().max(1.0),
+                        same_forecast(&a, &b),
                         "at {}s: running {a:?}, started {b:?}",
                         t - t0
                     );
@@ -1754,20 +1770,9 @@ mod tests {
         }
         let t = t0 + 15 * (5 * 60 * 4 - 1);
         let now = DateTime::from_timestamp(t, 0).expect("time");
-        let mut fresh = Forecaster::new(s, 10.0);
-        let read: Vec<_> = read_history(&fresh, t, 15, value)
-            .into_iter()
-            .filter(|(at, _)| at.timestamp() >= t0)
-            .collect();
-        fresh.reload(read);
-        fresh.observe(now, value(t));
-        let (a, b) = (running.forecast(now), fresh.forecast(now));
-        let (a, b) = (a.expect("running forecast"), b.expect("started forecast"));
-        assert!(
-            (a.point - b.point).abs() <= 1e-6 * a.point.abs().max(1.0)
-                && (a.upper - b.upper).abs() <= 1e-6 * a.upper.abs().max(1.0),
-            "running {a:?}, started {b:?}"
-        );
+        let a = running.forecast(now).expect("running forecast");
+        let b = started_at(s, t0, t, value).expect("started forecast");
+        assert!(same_forecast(&a, &b), "running {a:?}, started {b:?}");
     }
 
     /// A single step among flat buckets is not extrapolated; a ramp is, once three buckets in a
