@@ -2,7 +2,8 @@
 //!
 //! Pure like the rest of `policy/`: the history comes in as arguments (each evaluation's metric
 //! value, or a Prometheus `query_range` after a restart) and every time is a parameter; nothing
-//! here reads a clock or does I/O.
+//! here reads a clock or does I/O. The one state shared between calls is a memo of the fit's grid
+//! search keyed by the history's content (see [`memo`]): it saves CPU and never changes a result.
 //!
 //! Two models, written here rather than taken from a crate (the forecasting crates on crates.io
 //! bring large dependency trees, fit with numeric optimisers whose results change between
@@ -671,7 +672,7 @@ pub fn fit(
         && scaled[season..2 * season].iter().flatten().next().is_some();
     let season = if seasonal { season } else { 0 };
     let warm = if seasonal { season } else { 1 };
-    let (params, sigma) = best_params(&scaled, first, season, true)?;
+    let (params, sigma) = memo::best_params(&scaled, first, season)?.0;
     // The chosen model's own one-step errors, replayed once through the code a running model
     // feeds each bucket to, give the empirical quantiles (the level shifts among them as a
     // running model tells them: see [`Shifts`]). The window is sized once for the whole history
@@ -762,6 +763,96 @@ fn best_params(
         }
     }
     best.map(|(_, params, sigma)| (params, sigma))
+}
+
+/// A process-wide memo of the grid search ([`best_params`]), by content: the same history gives
+/// the same smoothing factors, so a fit whose buckets were already searched (another policy
+/// forecasting the same query, the other policy of a `backtest --compare`, or the next replay of
+/// a benchmark's sweep, since a forecaster's fits depend on the metric alone) costs one pass over
+/// the history instead of one per parameter set. Results are identical with or without it.
+///
+/// Key: the SHA-256 of the scaled series' bits, its first bucket and the season. Memory is
+/// bounded: two generations of at most [`memo::GENERATION`] entries (about 100 bytes each); when
+/// the newer fills it replaces the older, so what was used in the last generation stays.
+mod memo {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex, PoisonError};
+
+    use super::Params;
+
+    /// Entries in one generation.
+    pub(super) const GENERATION: usize = 32_768;
+
+    type Key = [u8; 32];
+    type Found = (Params, f64);
+
+    #[derive(Default)]
+    struct Generations {
+        newer: HashMap<Key, Found>,
+        older: HashMap<Key, Found>,
+    }
+
+    static MEMO: LazyLock<Mutex<Generations>> = LazyLock::new(Mutex::default);
+
+    fn key(scaled: &[Option<f64>], first: i64, season: usize) -> Key {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&first.to_le_bytes());
+        ctx.update(&(season as u64).to_le_bytes());
+        ctx.update(&(scaled.len() as u64).to_le_bytes());
+        for v in scaled {
+            match v {
+                Some(v) => {
+                    ctx.update(&[1]);
+                    ctx.update(&v.to_bits().to_le_bytes());
+                }
+                None => ctx.update(&[0]),
+            }
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// [`super::best_params`] (bounded), and whether the memo already held it.
+    pub(super) fn best_params(
+        scaled: &[Option<f64>],
+        first: i64,
+        season: usize,
+    ) -> Option<(Found, bool)> {
+        let key = key(scaled, first, season);
+        {
+            // A panic elsewhere while the lock was held cannot leave an entry half-written (each
+            // is one insert of a finished value), so a poisoned memo is still sound.
+            let mut memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+            let found = memo.newer.get(&key).copied();
+            if let Some(found) = found {
+                return Some((found, true));
+            }
+            if let Some(found) = memo.older.remove(&key) {
+                insert(&mut memo, key, found);
+                return Some((found, true));
+            }
+        }
+        // The search runs outside the lock: two fits of the same history at once both search.
+        let found = super::best_params(scaled, first, season, true)?;
+        let mut memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+        insert(&mut memo, key, found);
+        Some((found, false))
+    }
+
+    /// The entries held.
+    #[cfg(test)]
+    pub(super) fn len() -> usize {
+        let memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+        memo.newer.len() + memo.older.len()
+    }
+
+    fn insert(memo: &mut Generations, key: Key, found: Found) {
+        if memo.newer.len() >= GENERATION {
+            memo.older = std::mem::take(&mut memo.newer);
+        }
+        memo.newer.insert(key, found);
+    }
 }
 
 /// The under-forecast part of a signed relative error: itself if positive, else +0 (never -0,
@@ -1836,6 +1927,40 @@ mod tests {
         }
     }
 
+    /// A second fit of the same history takes the grid search from the memo and is the same
+    /// model; a history that differs in one bucket, its first bucket or its season is searched
+    /// anew.
+    #[test]
+    fn a_history_searched_once_is_not_searched_again() {
+        // Values no other test fits, so the first search is this test's own.
+        let series: Vec<Option<f64>> = (0..200)
+            .map(|i| Some(0.3 + 0.2 * (f64::from(i) * 0.37).sin() + 1.0e-7 * std::f64::consts::E))
+            .collect();
+        let (first, hit) = memo::best_params(&series, 11, 0).expect("a fit");
+        assert!(!hit, "the first search of a new history is not in the memo");
+        let (again, hit) = memo::best_params(&series, 11, 0).expect("a fit");
+        assert!(hit);
+        assert_eq!((first.0, first.1.to_bits()), (again.0, again.1.to_bits()));
+        let mut other = series.clone();
+        other[150] = other[150].map(|v| v + 1e-12);
+        assert!(!memo::best_params(&other, 11, 0).expect("a fit").1);
+        assert!(!memo::best_params(&series, 12, 0).expect("a fit").1);
+        assert!(!memo::best_params(&series, 11, 50).expect("a fit").1);
+        let fitted =
+            |series: &[Option<f64>]| fit(series, 11, ModelKind::Trend, 0, 99.0).expect("a fit");
+        assert_eq!(fitted(&series), fitted(&series));
+    }
+
+    /// The memo never holds more than two generations, however many histories are fitted.
+    #[test]
+    fn the_memo_is_bounded() {
+        for i in 0..2 * memo::GENERATION + 10 {
+            let series = [Some(0.5), Some(i as f64 / 1.0e6 + 0.25), Some(0.75)];
+            memo::best_params(&series, -7, 0).expect("a fit");
+            assert!(memo::len() <= 2 * memo::GENERATION);
+        }
+    }
+
     fn series_strategy() -> impl Strategy<Value = Vec<Option<f64>>> {
         prop_oneof![
             Just(Vec::new()),
@@ -1893,6 +2018,14 @@ mod tests {
                 whole.map(|(p, s)| (p, s.to_bits())),
                 bounded.map(|(p, s)| (p, s.to_bits()))
             );
+            // The memo returns the same search, the first time and when it holds it.
+            for _ in 0..2 {
+                let memoised = memo::best_params(&scaled, 3, season).map(|(found, _)| found);
+                prop_assert_eq!(
+                    whole.map(|(p, s)| (p, s.to_bits())),
+                    memoised.map(|(p, s)| (p, s.to_bits()))
+                );
+            }
         }
 
         #[test]
