@@ -786,10 +786,37 @@ mod memo {
     type Key = [u8; 32];
     type Found = (Params, f64);
 
+    /// At most `2 · GENERATION` entries: the newer generation, and the older one it replaced.
     #[derive(Default)]
-    struct Generations {
+    pub(super) struct Generations {
         newer: HashMap<Key, Found>,
         older: HashMap<Key, Found>,
+    }
+
+    impl Generations {
+        /// The entry for `key`; one found in the older generation moves to the newer.
+        fn get(&mut self, key: &Key) -> Option<Found> {
+            if let Some(found) = self.newer.get(key) {
+                return Some(*found);
+            }
+            let found = self.older.remove(key)?;
+            self.insert(*key, found);
+            Some(found)
+        }
+
+        /// Adds an entry; a full newer generation first replaces the older.
+        pub(super) fn insert(&mut self, key: Key, found: Found) {
+            if self.newer.len() >= GENERATION {
+                self.older = std::mem::take(&mut self.newer);
+            }
+            self.newer.insert(key, found);
+        }
+
+        /// The entries held.
+        #[cfg(test)]
+        pub(super) fn len(&self) -> usize {
+            self.newer.len() + self.older.len()
+        }
     }
 
     static MEMO: LazyLock<Mutex<Generations>> = LazyLock::new(Mutex::default);
@@ -820,38 +847,21 @@ mod memo {
         season: usize,
     ) -> Option<(Found, bool)> {
         let key = key(scaled, first, season);
-        {
-            // A panic elsewhere while the lock was held cannot leave an entry half-written (each
-            // is one insert of a finished value), so a poisoned memo is still sound.
-            let mut memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
-            let found = memo.newer.get(&key).copied();
-            if let Some(found) = found {
-                return Some((found, true));
-            }
-            if let Some(found) = memo.older.remove(&key) {
-                insert(&mut memo, key, found);
-                return Some((found, true));
-            }
+        // A panic elsewhere while the lock was held cannot leave an entry half-written (each is
+        // one insert of a finished value), so a poisoned memo is still sound.
+        let held = MEMO
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key);
+        if let Some(found) = held {
+            return Some((found, true));
         }
         // The search runs outside the lock: two fits of the same history at once both search.
         let found = super::best_params(scaled, first, season, true)?;
-        let mut memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
-        insert(&mut memo, key, found);
+        MEMO.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, found);
         Some((found, false))
-    }
-
-    /// The entries held.
-    #[cfg(test)]
-    pub(super) fn len() -> usize {
-        let memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
-        memo.newer.len() + memo.older.len()
-    }
-
-    fn insert(memo: &mut Generations, key: Key, found: Found) {
-        if memo.newer.len() >= GENERATION {
-            memo.older = std::mem::take(&mut memo.newer);
-        }
-        memo.newer.insert(key, found);
     }
 }
 
@@ -1951,13 +1961,22 @@ mod tests {
         assert_eq!(fitted(&series), fitted(&series));
     }
 
-    /// The memo never holds more than two generations, however many histories are fitted.
+    /// The memo never holds more than two generations, however many histories are fitted. (Its
+    /// own instance, so the process-wide memo other tests read is not flushed meanwhile.)
     #[test]
     fn the_memo_is_bounded() {
+        let mut held = memo::Generations::default();
+        let params = Params {
+            alpha: 1.0,
+            beta: 0.01,
+            gamma: 0.0,
+            phi: 0.9,
+        };
         for i in 0..2 * memo::GENERATION + 10 {
-            let series = [Some(0.5), Some(i as f64 / 1.0e6 + 0.25), Some(0.75)];
-            memo::best_params(&series, -7, 0).expect("a fit");
-            assert!(memo::len() <= 2 * memo::GENERATION);
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            held.insert(key, (params, 0.0));
+            assert!(held.len() <= 2 * memo::GENERATION);
         }
     }
 
